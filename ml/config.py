@@ -1,0 +1,237 @@
+"""Frozen run configuration: YAML files in ``conf/`` plus ``--set key.path=value`` overrides.
+
+Every job takes one :class:`Config`. Sections are dataclasses validated in ``__post_init__``;
+an unknown or invalid key raises :class:`ConfigError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or has a value outside its allowed set."""
+
+
+def _check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _check_positive(key: str, value: Optional[float], allow_none: bool = False, allow_zero=False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be a number {bound}")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: Optional[str] = "local[2]"  # ignored when a session is already active (cluster, notebook)
+    app_name: str = "spark-i2i"
+    driver_memory: str = "4g"  # local mode only: the driver is the executor
+    shuffle_partitions: int = 8  # small for a laptop; set to ~2-3x total cores on a cluster
+    log_level: str = "WARN"
+    conf: Mapping[str, str] = field(default_factory=dict)  # extra spark.* settings passed verbatim
+
+    def __post_init__(self) -> None:
+        _check_positive("spark.shuffle_partitions", self.shuffle_partitions)
+        _check_choice("spark.log_level", self.log_level, ["ALL", "DEBUG", "INFO", "WARN", "ERROR", "OFF"])
+
+
+@dataclass(frozen=True)
+class IOConfig:
+    # auto: native format("delta") when the Delta jars are on the classpath, else delta-rs commits
+    delta_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("io.delta_mode", self.delta_mode, ["auto", "native", "delta-rs"])
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Synthetic action log with power-law users/items, skewed categories and planted sessions."""
+
+    num_users: int = 20_000
+    num_items: int = 5_000
+    num_categories: int = 30
+    actions_per_user: float = 50.0  # mean; the activity distribution is a power law around it
+    activity_alpha: float = 1.5  # Pareto shape of user activity: smaller = heavier tail
+    max_actions_per_user: int = 50_000  # cap for the heaviest users
+    min_actions_per_user: int = 3
+    cluster_size: int = 25  # items per planted cluster; a session walks forward through one cluster
+    session_length: int = 8  # mean actions per session
+    stay_prob: float = 0.8  # chance the next action continues the session's walk (else a popular item)
+    popularity_exponent: float = 1.2  # skew of cluster / noise-item popularity (higher = more skewed)
+    bad_row_fraction: float = 0.0  # share of deliberately broken rows (to exercise ingestion)
+    duplicate_fraction: float = 0.0  # share of exact duplicate events
+    partitions: int = 8
+    table: str = "raw_actions"  # table under the warehouse the generator writes
+
+    def __post_init__(self) -> None:
+        for key in ("num_users", "num_items", "num_categories", "actions_per_user", "cluster_size",
+                    "session_length", "max_actions_per_user", "partitions", "activity_alpha",
+                    "popularity_exponent"):
+            _check_positive(f"generate.{key}", getattr(self, key))
+        _check_positive("generate.min_actions_per_user", self.min_actions_per_user, allow_zero=True)
+        for key in ("stay_prob", "bad_row_fraction", "duplicate_fraction"):
+            v = getattr(self, key)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"generate.{key}={v!r} must be in [0, 1]")
+        if self.num_items < self.cluster_size:
+            raise ConfigError("generate.num_items must be >= generate.cluster_size")
+
+
+INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
+CANONICAL_FIELDS = ("user_id", "item_id", "ts", "behavior", "category_id")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Raw logs -> ``actions``. ``path`` is a file, a directory or a table, by ``format``."""
+
+    format: str = "delta"
+    path: Optional[str] = None  # None: the generator's table under the warehouse
+    # canonical field -> source column (csv/parquet/delta). Unmapped optional fields become null.
+    columns: Mapping[str, str] = field(default_factory=dict)
+    csv_header: bool = True
+    csv_sep: str = ","
+    csv_schema: Optional[list] = None  # column names of a header-less CSV, in file order
+    allow_extra_columns: bool = False  # source columns not in the mapping: error unless True
+    ts_unit: str = "s"  # numeric ts: s or ms since epoch; "string" parses ts_format
+    ts_format: str = "yyyy-MM-dd HH:mm:ss"
+    behaviors: Optional[list] = None  # allowed behaviour values; None accepts any
+    min_ts: Optional[int] = None  # seconds; rows outside [min_ts, max_ts] are rejected
+    max_ts: Optional[int] = None
+    # sasrec: companions for categories (ids map + movies.dat); resolved next to `path` if None
+    sasrec_item_map: Optional[str] = None
+    sasrec_movies: Optional[str] = None
+    ml1m_users: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("ingest.format", self.format, INPUT_FORMATS)
+        _check_choice("ingest.ts_unit", self.ts_unit, ["s", "ms", "string"])
+        for k in self.columns:
+            _check_choice(f"ingest.columns key {k!r}", k, CANONICAL_FIELDS)
+        if self.format in ("csv", "parquet") and not self.path:
+            raise ConfigError(f"ingest.path is required for ingest.format={self.format!r}")
+
+
+@dataclass(frozen=True)
+class SequencesConfig:
+    """``actions`` -> per-user training ``sequences`` + leave-last-out ``eval_targets``."""
+
+    min_length: int = 2  # users with fewer actions are excluded (and counted in the log)
+    max_length: Optional[int] = None  # keep the most recent items of the training part
+    collapse_repeats: bool = False  # drop an item equal to the one right before it
+    behaviors: Optional[list] = None  # keep only these behaviours (None: all)
+
+    def __post_init__(self) -> None:
+        if self.min_length < 2:
+            raise ConfigError(f"sequences.min_length={self.min_length} must be >= 2 (trigger + target)")
+        _check_positive("sequences.max_length", self.max_length, allow_none=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    warehouse: str = "warehouse"  # directory (or URI) under which every table lives
+    seed: int = 42
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    sequences: SequencesConfig = field(default_factory=SequencesConfig)
+
+    def table_path(self, name: str) -> str:
+        """Location of table ``name`` under the warehouse."""
+        return os.path.join(self.warehouse, name) if "://" not in self.warehouse else (
+            self.warehouse.rstrip("/") + "/" + name)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {prefix}{key!r}; allowed keys: {sorted(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value or {}, f"{prefix}{key}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict:
+    """``["a.b=3", "c=x"]`` -> nested dict with YAML-typed values."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_path(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return out
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: typing.Iterable[str] = (),
+                extra: Optional[Mapping] = None) -> Config:
+    """Load ``path`` (YAML; may name ``base:`` files to inherit from) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        data = _load_yaml(Path(path))
+    if extra:
+        data = _merge(data, extra)
+    data = _merge(data, parse_overrides(overrides))
+    return _build(Config, data, "")
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    bases = data.pop("base", None)
+    if bases:
+        merged: dict = {}
+        for b in [bases] if isinstance(bases, str) else bases:
+            merged = _merge(merged, _load_yaml(path.parent / b))
+        data = _merge(merged, data)
+    return data
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,345 @@
+"""Delta table I/O: the only module that knows how tables are stored.
+
+Two ways to the same real Delta tables:
+
+* **native** — ``format("delta")`` when the Delta jars are on the JVM classpath (Databricks, or a
+  cluster started with ``--packages io.delta:delta-spark_2.13:...``).
+* **delta-rs** — no jars needed. Spark writes Parquet into a fresh directory inside the table and
+  the driver commits those files in one Delta transaction with delta-rs (``deltalake``). Reads ask
+  delta-rs for the files of a version and hand them to ``spark.read.parquet``. A failed or killed
+  write commits nothing: readers never see its files (``vacuum`` removes them later).
+
+Both are readable by delta-rs, Spark with Delta, and each other. Callers use :func:`read_table`,
+:func:`write_table` and :func:`table_version` with a path, a mode, an optional partition
+predicate (``replace_where={"model": "natm"}``) and an optional version.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Optional, Sequence
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake.transaction import AddAction, create_table_with_add_actions
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+from pyspark.sql.types import StructType
+
+log = logging.getLogger(__name__)
+
+WRITE_MODES = ("append", "overwrite")
+
+
+class TableNotFoundError(FileNotFoundError):
+    """No Delta table at the given path (or not at the requested version)."""
+
+
+class SchemaMismatchError(ValueError):
+    """The DataFrame's columns do not match the table's."""
+
+
+def table_uri(path: str) -> str:
+    """Absolute local path or the URI unchanged (s3://, abfss://, dbfs:/, file:/...)."""
+    if "://" in path or path.startswith("dbfs:"):
+        return path.rstrip("/")
+    return os.path.abspath(path)
+
+
+def has_delta_jars(spark: SparkSession) -> bool:
+    """True when ``format("delta")`` works in this session (Delta classes on the JVM classpath)."""
+    try:
+        jvm = spark._jvm  # None / missing under Spark Connect, where Delta is the platform's own
+    except Exception:  # noqa: BLE001 - pyspark raises various errors under Connect
+        return True
+    if jvm is None:
+        return True
+    try:
+        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        return True
+    except Exception:  # noqa: BLE001 - Py4JJavaError: ClassNotFoundException
+        return False
+
+
+def use_native(spark: SparkSession, delta_mode: str = "auto") -> bool:
+    if delta_mode == "native":
+        return True
+    if delta_mode == "delta-rs":
+        return False
+    return has_delta_jars(spark)
+
+
+def table_exists(path: str) -> bool:
+    return DeltaTable.is_deltatable(table_uri(path))
+
+
+def table_version(path: str) -> int:
+    """Latest committed version of the table at ``path``."""
+    _require_table(path)
+    return DeltaTable(table_uri(path)).version()
+
+
+def _require_table(path: str) -> None:
+    if not table_exists(path):
+        raise TableNotFoundError(f"no Delta table at {table_uri(path)} (has its producing job run?)")
+
+
+def _delta_table(path: str, version: Optional[int]) -> DeltaTable:
+    _require_table(path)
+    uri = table_uri(path)
+    try:
+        return DeltaTable(uri, version=version) if version is not None else DeltaTable(uri)
+    except Exception as e:  # noqa: BLE001 - delta-rs raises DeltaError/TableNotFoundError per case
+        raise TableNotFoundError(f"Delta table {uri} has no readable version {version}: {e}") from e
+
+
+def table_schema(path: str) -> StructType:
+    """Spark schema of the latest version of the table."""
+    return _spark_schema(_delta_table(path, None))
+
+
+def _spark_schema(dt: DeltaTable) -> StructType:
+    return from_arrow_schema(pa.schema(dt.schema().to_arrow()), prefer_timestamp_ntz=False)
+
+
+def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
+               delta_mode: str = "auto") -> DataFrame:
+    """Read the latest (or a given) version of the Delta table at ``path``."""
+    uri = table_uri(path)
+    if use_native(spark, delta_mode):
+        _require_table(path) if "://" not in uri else None
+        reader = spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(uri)
+    dt = _delta_table(path, version)
+    schema = _spark_schema(dt)
+    partition_cols = list(dt.metadata().partition_columns)
+    data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
+    files = dt.file_uris()
+    if not files:
+        return spark.createDataFrame([], schema)
+    df = spark.read.schema(data_schema).parquet(*files)
+    if partition_cols:
+        df = _attach_partition_values(spark, df, dt, schema, partition_cols)
+    return df.select(*[f.name for f in schema.fields])
+
+
+def _attach_partition_values(spark: SparkSession, df: DataFrame, dt: DeltaTable, schema: StructType,
+                             partition_cols: Sequence[str]) -> DataFrame:
+    """Join each row's file with its partition values from the Delta log (one small broadcast).
+
+    Files are matched by their full path with scheme and percent-encoding removed on both sides,
+    so any layout works, not only Hive-style ``col=value`` directories.
+    """
+    adds = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+    root = table_uri(dt.table_uri)
+    rows = []
+    for i, p in enumerate(adds["path"]):
+        full = p if "://" in p else f"{root}/{p}"
+        rows.append([_normalise_path(full)] + [adds[f"partition.{c}"][i] for c in partition_cols])
+    files = spark.createDataFrame(rows, ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
+    for i, c in enumerate(partition_cols):
+        files = files.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
+    path = F.regexp_replace(F.url_decode(F.col("_metadata.file_path")), _SCHEME_RE, "")
+    df = df.withColumn("_file", path)
+    return df.join(F.broadcast(files), "_file").drop("_file")
+
+
+_SCHEME_RE = r"^([a-zA-Z][a-zA-Z0-9+.-]*:)?/*"
+
+
+def _normalise_path(p: str) -> str:
+    return re.sub(_SCHEME_RE, "", unquote(p) if "://" in p else p)
+
+
+def _check_schema(df_schema: StructType, table: StructType, path: str) -> None:
+    have = {f.name: f.dataType for f in df_schema.fields}
+    want = {f.name: f.dataType for f in table.fields}
+    missing = [c for c in want if c not in have]
+    extra = [c for c in have if c not in want]
+    wrong = [f"{c}: table has {want[c].simpleString()}, data has {have[c].simpleString()}"
+             for c in want if c in have and have[c].simpleString() != want[c].simpleString()]
+    if missing or extra or wrong:
+        raise SchemaMismatchError(
+            f"schema mismatch writing {path}: missing columns {missing}, extra columns {extra}, "
+            f"type differences {wrong}")
+
+
+def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "overwrite",
+                partition_by: Optional[Sequence[str]] = None,
+                replace_where: Optional[Mapping[str, object]] = None,
+                delta_mode: str = "auto", overwrite_schema: bool = False) -> int:
+    """Write ``df`` as a new version of the Delta table at ``path``; return that version.
+
+    mode: ``append`` or ``overwrite``. ``replace_where`` (overwrite only) replaces just the rows of
+    the given partition values (every column in it must be a partition column), leaving the rest
+    of the table untouched. The first write creates the table. The schema must match an existing
+    table's unless ``overwrite_schema`` (full overwrite only).
+    """
+    if mode not in WRITE_MODES:
+        raise ValueError(f"mode={mode!r}; expected one of {list(WRITE_MODES)}")
+    partition_by = list(partition_by or [])
+    if replace_where:
+        if mode != "overwrite":
+            raise ValueError("replace_where needs mode='overwrite'")
+        not_part = [c for c in replace_where if c not in partition_by]
+        if not_part:
+            raise ValueError(f"replace_where columns {not_part} are not partition columns {partition_by}")
+        df = df.filter(_predicate_column(replace_where))
+    uri = table_uri(path)
+    exists = table_exists(path)
+    if exists and not (overwrite_schema and mode == "overwrite" and not replace_where):
+        _check_schema(df.schema, table_schema(path), uri)
+        existing_parts = list(DeltaTable(uri).metadata().partition_columns)
+        if existing_parts != partition_by:
+            raise SchemaMismatchError(
+                f"table {uri} is partitioned by {existing_parts}, the write asks for {partition_by}")
+    if use_native(spark, delta_mode):
+        return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
+    return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema)
+
+
+def _predicate_column(replace_where: Mapping[str, object]):
+    cond = None
+    for c, v in replace_where.items():
+        term = F.col(c).isNull() if v is None else (F.col(c) == F.lit(v))
+        cond = term if cond is None else cond & term
+    return cond
+
+
+def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema) -> int:
+    writer = df.write.format("delta").mode(mode)
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    if replace_where:
+        sql = " AND ".join(f"`{c}` IS NULL" if v is None else f"`{c}` = {_sql_literal(v)}"
+                           for c, v in replace_where.items())
+        writer = writer.option("replaceWhere", sql)
+    if overwrite_schema:
+        writer = writer.option("overwriteSchema", "true")
+    writer.save(uri)
+    from delta.tables import DeltaTable as SparkDeltaTable  # only importable with the jars present
+
+    return int(SparkDeltaTable.forPath(spark, uri).history(1).select("version").first()[0])
+
+
+def _sql_literal(v: object) -> str:
+    if isinstance(v, (int, float)):
+        return str(v)
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
+                    replace_where: Optional[Mapping[str, object]], exists: bool,
+                    overwrite_schema: bool) -> int:
+    write_id = f"data-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+    staging = f"{uri}/{write_id}"
+    writer = df.write.mode("error")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    try:
+        writer.parquet(staging)
+    except BaseException:
+        _remove_dir(staging)  # best effort; uncommitted files are invisible to readers anyway
+        raise
+    arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
+    adds = _add_actions(uri, write_id, partition_by)
+    if not exists:
+        from deltalake import Schema
+
+        create_table_with_add_actions(uri, Schema.from_arrow(arrow_schema), adds, mode="error",
+                                      partition_by=partition_by or None)
+    else:
+        dt = DeltaTable(uri)
+        filters = None
+        if replace_where:
+            filters = [(c, "=", None if v is None else str(v)) for c, v in replace_where.items()]
+        dt.create_write_transaction(adds, mode=mode, schema=arrow_schema,
+                                    partition_by=partition_by or None, partition_filters=filters)
+    version = DeltaTable(uri).version()
+    log.info("committed %d files to %s as version %d (%s)", len(adds), uri, version, mode)
+    return version
+
+
+def _filesystem(uri: str):
+    return pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+
+
+def _remove_dir(uri: str) -> None:
+    try:
+        fs, root = _filesystem(uri)
+        fs.delete_dir(root)
+    except Exception:  # noqa: BLE001 - cleanup of invisible files must not mask the real error
+        log.warning("could not remove uncommitted files under %s", uri)
+
+
+def _add_actions(table: str, write_id: str, partition_by: list) -> list:
+    fs, root = _filesystem(f"{table}/{write_id}")
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        stats = list(pool.map(lambda i: _file_stats(fs, i.path), infos))
+    adds = []
+    for info, st in zip(infos, stats):
+        rel = write_id + "/" + os.path.relpath(info.path, root).replace(os.sep, "/")
+        adds.append(AddAction(path=rel, size=info.size, partition_values=_partition_values(rel, partition_by),
+                              modification_time=int(info.mtime.timestamp() * 1000), data_change=True,
+                              stats=st))
+    return adds
+
+
+def _partition_values(rel_path: str, partition_by: list) -> dict:
+    values = {}
+    for seg in rel_path.split("/")[:-1]:
+        if "=" in seg:
+            k, v = seg.split("=", 1)
+            if k in partition_by:
+                v = unquote(v)
+                values[k] = None if v == "__HIVE_DEFAULT_PARTITION__" else v
+    missing = [c for c in partition_by if c not in values]
+    if missing:
+        raise RuntimeError(f"file {rel_path} has no directory for partition columns {missing}")
+    return values
+
+
+_NUMERIC = (pa.types.is_integer, pa.types.is_floating)
+
+
+def _file_stats(fs, path: str) -> str:
+    """Delta ``stats`` JSON from the Parquet footer: numRecords, nullCount, numeric min/max."""
+    md = pq.ParquetFile(fs.open_input_file(path)).metadata
+    schema = md.schema.to_arrow_schema()
+    stats = {"numRecords": md.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for ci in range(md.num_columns):
+        col = md.row_group(0).column(ci) if md.num_row_groups else None
+        if col is None or "." in col.path_in_schema:
+            continue  # nested leaves: leave to readers; stats are optional in Delta
+        name = col.path_in_schema
+        t = schema.field(name).type
+        nulls, lo, hi, ok = 0, None, None, True
+        for rg in range(md.num_row_groups):
+            s = md.row_group(rg).column(ci).statistics
+            if s is None:
+                ok = False
+                break
+            nulls += s.null_count or 0
+            if s.has_min_max and any(p(t) for p in _NUMERIC):
+                lo = s.min if lo is None else min(lo, s.min)
+                hi = s.max if hi is None else max(hi, s.max)
+        if not ok:
+            continue
+        stats["nullCount"][name] = nulls
+        if lo is not None and not (isinstance(lo, float) and (lo != lo or hi != hi)):
+            stats["minValues"][name] = lo
+            stats["maxValues"][name] = hi
+    return json.dumps(stats)

@@ -1,0 +1,50 @@
+"""The one place that builds (or reuses) the SparkSession."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from ml.config import SparkConfig
+
+log = logging.getLogger(__name__)
+
+
+def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
+    """Return the active session (cluster, notebook, spark-submit) or build a local one from ``cfg``.
+
+    Local sessions: UTC, console progress bar off, Arrow on, shuffle partitions from config.
+    An active session is reused untouched apart from the log level: its owner configured it.
+    """
+    cfg = cfg or SparkConfig()
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    # Executors (python workers) must run the same interpreter as the driver in local mode.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.app_name)
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    settings = {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.skewJoin.enabled": "true",
+        "spark.driver.memory": cfg.driver_memory,
+        "spark.sql.parquet.compression.codec": "snappy",
+        # Without Hadoop's native libs on a laptop, Spark logs a warning per job otherwise.
+        "spark.hadoop.parquet.summary.metadata.level": "NONE",
+    }
+    settings.update({k: str(v) for k, v in cfg.conf.items()})
+    for k, v in settings.items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
+    return spark

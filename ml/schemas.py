@@ -1,0 +1,99 @@
+"""Column names and schemas of every table (the table contracts of README.md)."""
+from __future__ import annotations
+
+from pyspark.sql.types import (ArrayType, IntegerType, LongType, MapType, StringType, StructField,
+                               StructType)
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+TS = "ts"  # BIGINT seconds since epoch (or the position in the source, for position-only formats)
+BEHAVIOR = "behavior"
+CATEGORY_ID = "category_id"
+CATEGORY_NAME = "category_name"
+TITLE = "title"
+FEATURES = "features"
+REASON = "reason"
+RAW_RECORD = "raw_record"
+SOURCE = "source"
+ITEMS = "items"
+TIMESTAMPS = "timestamps"
+LENGTH = "length"
+TRIGGER_ITEM = "trigger_item"
+TARGET_ITEM = "target_item"
+TARGET_TS = "target_ts"
+HISTORY_LENGTH = "history_length"
+NEIGHBOR_ID = "neighbor_id"
+WEIGHT = "weight"
+SCORE = "score"
+RANK = "rank"
+MODEL = "model"
+
+ACTIONS = StructType([
+    StructField(USER_ID, LongType(), False),
+    StructField(ITEM_ID, LongType(), False),
+    StructField(TS, LongType(), False),
+    StructField(BEHAVIOR, StringType(), True),
+    StructField(CATEGORY_ID, LongType(), True),
+])
+
+# Rejected rows keep every source value as text so nothing is lost, plus why they were rejected.
+ACTIONS_REJECTED = StructType([
+    StructField(USER_ID, StringType(), True),
+    StructField(ITEM_ID, StringType(), True),
+    StructField(TS, StringType(), True),
+    StructField(BEHAVIOR, StringType(), True),
+    StructField(CATEGORY_ID, StringType(), True),
+    StructField(RAW_RECORD, StringType(), True),
+    StructField(REASON, StringType(), False),
+])
+
+ITEMS_TABLE = StructType([
+    StructField(ITEM_ID, LongType(), False),
+    StructField(CATEGORY_ID, LongType(), True),
+    StructField(CATEGORY_NAME, StringType(), True),
+    StructField(TITLE, StringType(), True),
+    StructField(FEATURES, MapType(StringType(), StringType()), True),
+])
+
+USERS_TABLE = StructType([
+    StructField(USER_ID, LongType(), False),
+    StructField(FEATURES, MapType(StringType(), StringType()), True),
+])
+
+SEQUENCES = StructType([
+    StructField(USER_ID, LongType(), False),
+    StructField(ITEMS, ArrayType(LongType(), False), False),
+    StructField(TIMESTAMPS, ArrayType(LongType(), False), False),
+    StructField(LENGTH, IntegerType(), False),
+])
+
+EVAL_TARGETS = StructType([
+    StructField(USER_ID, LongType(), False),
+    StructField(TRIGGER_ITEM, LongType(), False),
+    StructField(TARGET_ITEM, LongType(), False),
+    StructField(TARGET_TS, LongType(), False),
+    StructField(HISTORY_LENGTH, IntegerType(), False),
+])
+
+# Canonical table names under the warehouse.
+T_ACTIONS = "actions"
+T_ACTIONS_REJECTED = "actions_rejected"
+T_ITEMS = "items"
+T_USERS = "users"
+T_SEQUENCES = "sequences"
+T_EVAL_TARGETS = "eval_targets"
+
+
+def check_columns(df_schema: StructType, expected: StructType, what: str) -> None:
+    """Raise ValueError naming missing columns or type mismatches of ``df_schema`` vs ``expected``."""
+    have = {f.name: f.dataType for f in df_schema.fields}
+    missing = [f.name for f in expected.fields if f.name not in have]
+    wrong = [f"{f.name}: expected {f.dataType.simpleString()}, got {have[f.name].simpleString()}"
+             for f in expected.fields if f.name in have and have[f.name] != f.dataType]
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if wrong:
+            parts.append("wrong types [" + "; ".join(wrong) + "]")
+        raise ValueError(f"{what}: " + ", ".join(parts))
