@@ -1,0 +1,47 @@
+"""Shared command-line plumbing: ``--conf FILE [--set key=value ...]``, logging, the session."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from ml.config import Config, ConfigError, load_config
+
+log = logging.getLogger("jobs")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "py4j.clientserver", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--conf", help="YAML config (conf/*.yaml); defaults apply when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set warehouse=/tmp/wh --set spark.master=local[4]")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def parse(description: str, argv: Optional[Sequence[str]] = None,
+          extra: Optional[Callable[[argparse.ArgumentParser], None]] = None):
+    p = parser(description)
+    if extra:
+        extra(p)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    return cfg, args
+
+
+def print_tables(cfg: Config, names: Sequence[str]) -> None:
+    """Tell the user where the job's output tables are."""
+    for n in names:
+        print(f"  {n:<18} {cfg.table_path(n)}")

@@ -1,0 +1,73 @@
+"""Raw logs -> ``actions`` (+ ``actions_rejected``, ``items``, ``users`` where the source has them).
+
+    python -m jobs.ingest --conf conf/ml1m_natm.yaml
+    python -m jobs.ingest --set ingest.format=taobao --set ingest.path=UserBehavior.csv
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from pyspark import StorageLevel
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import Config
+from ml.data import io
+from ml.data.formats import read_source
+from ml.data.ingest import good_actions, items_from_actions, rejected_actions, validate_actions
+from ml.data.session import get_spark
+
+from jobs._cli import parse, print_tables
+
+log = logging.getLogger("jobs.ingest")
+
+
+def run(cfg: Config, spark=None) -> dict:
+    """Ingest ``cfg.ingest``; return counts (input rows, actions, rejected by reason, users, items)."""
+    spark = spark or get_spark(cfg.spark)
+    ic, mode = cfg.ingest, cfg.io.delta_mode
+    src = read_source(spark, ic, cfg.table_path(cfg.generate.table), mode)
+    validated = validate_actions(src.actions, behaviors=src.behaviors, ts_unit=src.ts_unit,
+                                 ts_format=ic.ts_format, min_ts=ic.min_ts, max_ts=ic.max_ts)
+    validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        actions = good_actions(validated)
+        io.write_table(spark, actions, cfg.table_path(S.T_ACTIONS), mode="overwrite", delta_mode=mode,
+                       overwrite_schema=True)
+        io.write_table(spark, rejected_actions(validated), cfg.table_path(S.T_ACTIONS_REJECTED),
+                       mode="overwrite", delta_mode=mode, overwrite_schema=True)
+    finally:
+        validated.unpersist()
+    actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
+    items = src.items if src.items is not None else items_from_actions(actions)
+    io.write_table(spark, items.select(*[F.col(f.name).cast(f.dataType) for f in S.ITEMS_TABLE.fields]),
+                   cfg.table_path(S.T_ITEMS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS]
+    if src.users is not None:
+        io.write_table(spark, src.users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
+                       cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+        tables.append(S.T_USERS)
+    stats = actions.agg(F.count("*").alias("n"), F.countDistinct(S.USER_ID).alias("u"),
+                        F.countDistinct(S.ITEM_ID).alias("i")).first()
+    rejected = {r[S.REASON]: r["count"] for r in io.read_table(
+        spark, cfg.table_path(S.T_ACTIONS_REJECTED), delta_mode=mode).groupBy(S.REASON).count().collect()}
+    out = {"actions": stats["n"], "users": stats["u"], "items": stats["i"], "rejected": rejected,
+           "input_rows": stats["n"] + sum(rejected.values()), "tables": tables}
+    log.info("ingested %s: %d input rows -> %d actions (%d users, %d items); rejected %s",
+             ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg, _ = parse(__doc__, argv)
+    out = run(cfg)
+    print(f"{out['input_rows']:,} input rows -> {out['actions']:,} actions "
+          f"({out['users']:,} users, {out['items']:,} items)")
+    for reason, n in sorted(out["rejected"].items()):
+        print(f"  rejected {reason:<18} {n:,}")
+    print_tables(cfg, out["tables"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The main job: run the stages for one config, every table under ``warehouse``.
+
+    python -m jobs.pipeline --conf conf/synthetic.yaml [--set warehouse=DIR]
+
+Stages so far: generate (synthetic configs only) -> ingest -> sequences.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional, Sequence
+
+from ml.config import Config
+from ml.data.session import get_spark
+
+from jobs import generate, ingest, sequences
+from jobs._cli import parse, print_tables
+
+log = logging.getLogger("jobs.pipeline")
+
+STAGES = ("generate", "ingest", "sequences")
+
+
+def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
+    spark = spark or get_spark(cfg.spark)
+    stages = list(STAGES)
+    # generate only when ingest reads the generator's table
+    if not (cfg.ingest.format == "delta" and not cfg.ingest.path):
+        stages.remove("generate")
+    if start_from:
+        stages = stages[stages.index(start_from):]
+    results = {}
+    for stage in stages:
+        t = time.time()
+        log.info("stage %s ...", stage)
+        results[stage] = {"generate": generate, "ingest": ingest, "sequences": sequences}[stage].run(cfg, spark)
+        log.info("stage %s done in %.1fs", stage, time.time() - t)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    def extra(p):
+        p.add_argument("--from", dest="start_from", choices=STAGES, help="start at this stage")
+
+    cfg, args = parse(__doc__, argv, extra)
+    t = time.time()
+    res = run(cfg, start_from=args.start_from)
+    ing, seq = res.get("ingest"), res.get("sequences")
+    print(f"\npipeline finished in {time.time() - t:.0f}s")
+    if ing:
+        print(f"ingest: {ing['input_rows']:,} rows -> {ing['actions']:,} actions, {ing['users']:,} users, "
+              f"{ing['items']:,} items; rejected {ing['rejected'] or 'none'}")
+    if seq:
+        print(f"sequences: {seq['users']:,} users, {seq['train_actions']:,} training actions")
+    print("tables:")
+    print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets"])
+
+
+if __name__ == "__main__":
+    main()

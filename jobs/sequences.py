@@ -1,0 +1,53 @@
+"""``actions`` -> ``sequences`` (training part) + ``eval_targets`` (each user's last item).
+
+    python -m jobs.sequences --conf conf/ml1m_natm.yaml
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import Config
+from ml.data import io
+from ml.data.sequences import build_sequences
+from ml.data.session import get_spark
+
+from jobs._cli import parse, print_tables
+
+log = logging.getLogger("jobs.sequences")
+
+
+def run(cfg: Config, spark=None) -> dict:
+    spark = spark or get_spark(cfg.spark)
+    mode = cfg.io.delta_mode
+    actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
+    sequences, targets = build_sequences(actions, cfg.sequences)
+    io.write_table(spark, sequences, cfg.table_path(S.T_SEQUENCES), mode="overwrite", delta_mode=mode,
+                   overwrite_schema=True)
+    io.write_table(spark, targets, cfg.table_path(S.T_EVAL_TARGETS), mode="overwrite", delta_mode=mode,
+                   overwrite_schema=True)
+    seq = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
+    s = seq.agg(F.count("*").alias("users"), F.sum(S.LENGTH).alias("actions"),
+                F.max(S.LENGTH).alias("max_len"), F.avg(S.LENGTH).alias("avg_len")).first()
+    all_users = actions.select(S.USER_ID).distinct().count()
+    out = {"users": s["users"], "train_actions": s["actions"] or 0, "max_length": s["max_len"],
+           "avg_length": float(s["avg_len"] or 0.0), "excluded_users": all_users - s["users"]}
+    log.info("sequences: %d users (%d excluded: fewer than %d actions), %d training actions, "
+             "avg length %.1f, max %s; %d eval targets", out["users"], out["excluded_users"],
+             cfg.sequences.min_length, out["train_actions"], out["avg_length"], out["max_length"], out["users"])
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg, _ = parse(__doc__, argv)
+    out = run(cfg)
+    print(f"{out['users']:,} users, {out['train_actions']:,} training actions, "
+          f"{out['excluded_users']:,} users excluded (< {cfg.sequences.min_length} actions)")
+    print_tables(cfg, [S.T_SEQUENCES, S.T_EVAL_TARGETS])
+
+
+if __name__ == "__main__":
+    main()

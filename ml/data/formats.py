@@ -1,0 +1,239 @@
+"""Input formats -> raw action rows, every value still text.
+
+Each reader returns a :class:`RawSource`: ``actions`` with string columns ``user_id, item_id, ts,
+behavior, category_id, raw_record`` (``raw_record`` is set only for lines that could not be split
+into fields) plus, where the source has them, ``items`` and ``users`` DataFrames in the canonical
+schemas. Validation and typing happen in :mod:`ml.data.ingest`, so every format gets the same
+bad-row handling.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StringType, StructField, StructType
+
+from ml import schemas as S
+from ml.config import CANONICAL_FIELDS, IngestConfig
+from ml.data import io
+
+log = logging.getLogger(__name__)
+
+RAW_COLUMNS = list(CANONICAL_FIELDS) + [S.RAW_RECORD]
+_CORRUPT = "_corrupt_record"
+
+# ML-1M genres in the order of its README; category_id = position + 1.
+ML1M_GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+               "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+               "Thriller", "War", "Western"]
+TAOBAO_COLUMNS = ["user_id", "item_id", "category_id", "behavior", "ts"]
+TAOBAO_BEHAVIORS = ["pv", "buy", "cart", "fav"]
+
+
+class SourceSchemaError(ValueError):
+    """The source's columns do not match the configured mapping."""
+
+
+@dataclass
+class RawSource:
+    actions: DataFrame
+    items: Optional[DataFrame] = None
+    users: Optional[DataFrame] = None
+    behaviors: Optional[list] = None  # allowed behaviour values imposed by the format
+    ts_unit: str = "s"
+
+
+def _raw_select(df: DataFrame, mapping: dict, corrupt_col: Optional[str] = None) -> DataFrame:
+    cols = []
+    for f in CANONICAL_FIELDS:
+        src = mapping.get(f)
+        cols.append((F.col(f"`{src}`").cast("string") if src else F.lit(None).cast("string")).alias(f))
+    raw = F.col(corrupt_col) if corrupt_col else F.lit(None).cast("string")
+    return df.select(*cols, raw.alias(S.RAW_RECORD))
+
+
+def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: str) -> None:
+    missing = [f"{canon}->{src}" for canon, src in mapping.items() if src not in source_cols]
+    for req in ("user_id", "item_id", "ts"):
+        if req not in mapping:
+            raise SourceSchemaError(f"{where}: ingest.columns has no mapping for required field {req!r}")
+    extra = [c for c in source_cols if c not in mapping.values()]
+    if missing or (extra and not allow_extra):
+        msg = f"{where}: columns do not match ingest.columns; source has {source_cols}"
+        if missing:
+            msg += f"; missing mapped columns {missing}"
+        if extra and not allow_extra:
+            msg += f"; extra columns {extra} (map them or set ingest.allow_extra_columns=true)"
+        raise SourceSchemaError(msg)
+
+
+def read_csv_lines(spark: SparkSession, path: str, columns: list, sep: str, header: bool,
+                   encoding: str = "UTF-8") -> DataFrame:
+    """All-string CSV read; lines with the wrong number of fields land in ``_corrupt_record``."""
+    schema = StructType([StructField(c, StringType()) for c in columns] + [StructField(_CORRUPT, StringType())])
+    return (spark.read.schema(schema)
+            .option("header", header).option("sep", sep).option("encoding", encoding)
+            .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", _CORRUPT)
+            .option("enforceSchema", False)
+            .csv(path))
+
+
+def _first_line_fields(spark: SparkSession, path: str, sep: str) -> list:
+    first = spark.read.text(path).first()
+    if first is None:
+        raise SourceSchemaError(f"{path}: the file is empty")
+    return first[0].split(sep)
+
+
+def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
+    mapping = dict(cfg.columns)
+    if cfg.csv_header:
+        columns = spark.read.option("header", True).option("sep", cfg.csv_sep).csv(cfg.path).columns
+    else:
+        if not cfg.csv_schema:
+            raise SourceSchemaError("ingest.csv_schema (column names in file order) is required when "
+                                    "ingest.csv_header=false")
+        columns = list(cfg.csv_schema)
+        n = len(_first_line_fields(spark, cfg.path, cfg.csv_sep))
+        if n != len(columns):
+            what = (f"extra columns at positions {list(range(len(columns) + 1, n + 1))}" if n > len(columns)
+                    else f"missing columns {columns[n:]}")
+            raise SourceSchemaError(f"{cfg.path}: first line has {n} fields, ingest.csv_schema names "
+                                    f"{len(columns)} {columns}: {what}")
+    _check_mapping(columns, mapping, cfg.allow_extra_columns, cfg.path)
+    df = read_csv_lines(spark, cfg.path, columns, cfg.csv_sep, cfg.csv_header)
+    return RawSource(_raw_select(df, mapping, _CORRUPT), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
+
+
+def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
+                      delta_mode: str = "auto") -> RawSource:
+    df = io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta" else spark.read.parquet(path)
+    mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
+    _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
+    return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
+
+
+def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:
+    """Taobao UserBehavior CSV: ``user_id,item_id,category_id,behavior,timestamp``, no header."""
+    n = len(_first_line_fields(spark, cfg.path, ","))
+    if n != len(TAOBAO_COLUMNS):
+        raise SourceSchemaError(f"{cfg.path}: Taobao UserBehavior has {len(TAOBAO_COLUMNS)} columns "
+                                f"{TAOBAO_COLUMNS}, the first line has {n}")
+    df = read_csv_lines(spark, cfg.path, TAOBAO_COLUMNS, ",", header=False)
+    actions = _raw_select(df, {c: c for c in TAOBAO_COLUMNS}, _CORRUPT)
+    return RawSource(actions, behaviors=cfg.behaviors or TAOBAO_BEHAVIORS, ts_unit="s")
+
+
+def _ml1m_movies(spark: SparkSession, path: str) -> DataFrame:
+    """movies.dat -> (movie_id, title, genres array). Latin-1, ``::``-separated."""
+    df = read_csv_lines(spark, path, ["movie_id", "title", "genres"], "::", header=False, encoding="ISO-8859-1")
+    return df.select(F.col("movie_id").cast(LongType()).alias("movie_id"), "title",
+                     F.split("genres", r"\|").alias("genres")).where(F.col("movie_id").isNotNull())
+
+
+def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
+    """Items with one primary genre each: the item's **rarest** genre across the catalogue.
+
+    ML-1M lists genres alphabetically, so "first genre" would make Action/Adventure/Animation
+    swallow most films; the rarest genre is the most specific one (Toy Story -> Animation, not
+    Comedy). Ties go to the earlier genre in ML-1M's list. Input needs ``item_id, title, genres``.
+    """
+    genre_ids = spark.createDataFrame([(g, i + 1) for i, g in enumerate(ML1M_GENRES)], "genre string, gid long")
+    exploded = movies.select(S.ITEM_ID, F.explode("genres").alias("genre"))
+    freq = exploded.groupBy("genre").count()
+    ranked = (exploded.join(freq, "genre").join(F.broadcast(genre_ids), "genre", "left")
+              .groupBy(S.ITEM_ID)
+              .agg(F.min(F.struct("count", "gid", "genre")).alias("p")))
+    return (movies.join(ranked, S.ITEM_ID, "left")
+            .select(F.col(S.ITEM_ID).cast(LongType()),
+                    F.col("p.gid").alias(S.CATEGORY_ID),
+                    F.col("p.genre").alias(S.CATEGORY_NAME),
+                    F.col("title").alias(S.TITLE),
+                    F.create_map(F.lit("genres"), F.array_join("genres", "|")).alias(S.FEATURES)))
+
+
+def _ml1m_users(spark: SparkSession, path: str) -> DataFrame:
+    cols = ["user_id", "gender", "age", "occupation", "zip"]
+    df = read_csv_lines(spark, path, cols, "::", header=False, encoding="ISO-8859-1")
+    return df.select(F.col("user_id").cast(LongType()).alias("orig_user_id"),
+                     F.create_map(*[x for c in cols[1:] for x in (F.lit(c), F.col(c))]).alias(S.FEATURES)
+                     ).where(F.col("orig_user_id").isNotNull())
+
+
+def _with_item_categories(actions: DataFrame, items: DataFrame) -> DataFrame:
+    cats = items.select(F.col(S.ITEM_ID).cast("string").alias("_iid"), F.col(S.CATEGORY_ID).cast("string").alias("_cid"))
+    return (actions.join(cats, actions[S.ITEM_ID] == cats["_iid"], "left")
+            .withColumn(S.CATEGORY_ID, F.coalesce(S.CATEGORY_ID, "_cid")).drop("_iid", "_cid")
+            .select(*RAW_COLUMNS))
+
+
+def read_ml1m(spark: SparkSession, cfg: IngestConfig) -> RawSource:
+    """Original MovieLens-1M: ``path`` is the folder with ratings.dat, movies.dat, users.dat."""
+    folder = cfg.path
+    ratings = os.path.join(folder, "ratings.dat")
+    df = read_csv_lines(spark, ratings, ["user_id", "item_id", "rating", "ts"], "::", header=False,
+                        encoding="ISO-8859-1")
+    actions = df.select("user_id", "item_id", "ts", F.col("rating").alias(S.BEHAVIOR),
+                        F.lit(None).cast("string").alias(S.CATEGORY_ID), F.col(_CORRUPT).alias(S.RAW_RECORD))
+    movies = _ml1m_movies(spark, os.path.join(folder, "movies.dat")).withColumnRenamed("movie_id", S.ITEM_ID)
+    items = items_from_movies(spark, movies)
+    users = None
+    users_path = cfg.ml1m_users or os.path.join(folder, "users.dat")
+    if os.path.exists(users_path) or "://" in users_path:
+        users = _ml1m_users(spark, users_path).withColumnRenamed("orig_user_id", S.USER_ID)
+    return RawSource(_with_item_categories(actions, items), items=items, users=users,
+                     behaviors=cfg.behaviors, ts_unit="s")
+
+
+def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
+    """SASRec text: line n = user n's items in time order, space separated.
+
+    Item ids are kept exactly as in the file; user id = 1-based line number; ts = 0-based position
+    in the line (the format has no clock). Categories come from ``sas_to_original_items.txt`` +
+    ``movies.dat`` next to the file (or ``ingest.sasrec_item_map`` / ``ingest.sasrec_movies``).
+    """
+    lines = spark.sparkContext.textFile(cfg.path).zipWithIndex()  # order-preserving, distributed
+    df = lines.toDF(["line", "idx"])
+    df = df.select((F.col("idx") + 1).cast("string").alias(S.USER_ID),
+                   F.posexplode(F.split(F.trim("line"), r"\s+")).alias("pos", S.ITEM_ID))
+    actions = df.where(F.col(S.ITEM_ID) != "").select(
+        S.USER_ID, S.ITEM_ID, F.col("pos").cast("string").alias(S.TS),
+        F.lit(None).cast("string").alias(S.BEHAVIOR), F.lit(None).cast("string").alias(S.CATEGORY_ID),
+        F.lit(None).cast("string").alias(S.RAW_RECORD))
+    folder = os.path.dirname(cfg.path)
+    item_map = cfg.sasrec_item_map or os.path.join(folder, "sas_to_original_items.txt")
+    movies_path = cfg.sasrec_movies or os.path.join(folder, "movies.dat")
+    items = users = None
+    if os.path.exists(item_map) and os.path.exists(movies_path):
+        imap = _id_map(spark, item_map, "sas_id", "movie_id")
+        movies = _ml1m_movies(spark, movies_path)
+        joined = imap.join(movies, "movie_id", "left").select(F.col("sas_id").alias(S.ITEM_ID), "title", "genres")
+        items = items_from_movies(spark, joined)
+        actions = _with_item_categories(actions, items)
+    else:
+        log.warning("no %s / %s: SASRec items get no categories", item_map, movies_path)
+    user_map = os.path.join(folder, "sas_to_original_users.txt")
+    users_path = cfg.ml1m_users or os.path.join(folder, "users.dat")
+    if os.path.exists(user_map) and os.path.exists(users_path):
+        umap = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
+        users = umap.join(_ml1m_users(spark, users_path), "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
+    return RawSource(actions, items=items, users=users, behaviors=cfg.behaviors, ts_unit="s")
+
+
+def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:
+    df = read_csv_lines(spark, path, [left, right], " ", header=False)
+    return df.select(F.col(left).cast(LongType()).alias(left), F.col(right).cast(LongType()).alias(right))
+
+
+def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str = "auto") -> RawSource:
+    """Dispatch on ``cfg.format``; ``default_path`` is used for delta/parquet when ``cfg.path`` is unset."""
+    if cfg.format in ("delta", "parquet"):
+        return read_table_source(spark, cfg, cfg.path or default_path, cfg.format, delta_mode)
+    if not cfg.path:
+        raise SourceSchemaError(f"ingest.path is required for ingest.format={cfg.format!r}")
+    readers = {"csv": read_csv, "taobao": read_taobao, "ml1m": read_ml1m, "sasrec": read_sasrec}
+    return readers[cfg.format](spark, cfg)

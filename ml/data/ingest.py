@@ -1,0 +1,101 @@
+"""Raw action rows (all text) -> typed ``actions`` + ``actions_rejected`` with a reason per row."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import LongType
+
+from ml import schemas as S
+
+# Rejection reasons, checked in this order (the first that applies is recorded).
+MALFORMED = "malformed_row"
+MISSING_USER = "missing_user_id"
+BAD_USER = "bad_user_id"
+MISSING_ITEM = "missing_item_id"
+BAD_ITEM = "bad_item_id"
+MISSING_TS = "missing_ts"
+BAD_TS = "bad_ts"
+TS_OUT_OF_RANGE = "ts_out_of_range"
+BAD_BEHAVIOR = "unknown_behavior"
+BAD_CATEGORY = "bad_category_id"
+DUPLICATE = "duplicate"
+
+_INT_RE = r"^\s*[+-]?[0-9]+\s*$"
+
+
+def _blank(c):
+    return F.col(c).isNull() | (F.trim(F.col(c)) == "")
+
+
+def _to_long(c):
+    """Text -> BIGINT only for whole numbers that fit (no silent truncation of 12.7 or overflow)."""
+    text = F.trim(F.col(c))
+    return F.when(text.rlike(_INT_RE), F.expr(f"try_cast(trim(`{c}`) as bigint)")).cast(LongType())
+
+
+def _to_seconds(ts_unit: str, ts_format: str):
+    if ts_unit == "string":
+        return F.unix_timestamp(F.to_timestamp(F.trim(F.col(S.TS)), ts_format))
+    secs = _to_long(S.TS)
+    return F.floor(secs / 1000).cast(LongType()) if ts_unit == "ms" else secs
+
+
+def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, ts_unit: str = "s",
+                     ts_format: str = "yyyy-MM-dd HH:mm:ss", min_ts: Optional[int] = None,
+                     max_ts: Optional[int] = None) -> DataFrame:
+    """Type and check raw rows; return them with typed columns ``_u, _i, _t, _c`` and ``reason``.
+
+    ``reason`` is null for a good row. Exact duplicates of a good event (same user, item, ts,
+    behaviour and category) keep one copy; the others get reason ``duplicate``.
+    """
+    df = raw.select(*[F.col(c) for c in raw.columns],
+                    _to_long(S.USER_ID).alias("_u"), _to_long(S.ITEM_ID).alias("_i"),
+                    _to_seconds(ts_unit, ts_format).alias("_t"), _to_long(S.CATEGORY_ID).alias("_c"),
+                    F.trim(S.BEHAVIOR).alias("_b"))
+    ts_ok = F.lit(True)
+    if min_ts is not None:
+        ts_ok = ts_ok & (F.col("_t") >= min_ts)
+    if max_ts is not None:
+        ts_ok = ts_ok & (F.col("_t") <= max_ts)
+    behavior_ok = F.lit(True) if not behaviors else (F.col("_b").isNull() | F.col("_b").isin(list(behaviors)))
+    reason = (F.when(F.col(S.RAW_RECORD).isNotNull(), MALFORMED)
+              .when(_blank(S.USER_ID), MISSING_USER).when(F.col("_u").isNull(), BAD_USER)
+              .when(_blank(S.ITEM_ID), MISSING_ITEM).when(F.col("_i").isNull(), BAD_ITEM)
+              .when(_blank(S.TS), MISSING_TS).when(F.col("_t").isNull(), BAD_TS)
+              .when(~ts_ok, TS_OUT_OF_RANGE)
+              .when(~behavior_ok, BAD_BEHAVIOR)
+              .when(~_blank(S.CATEGORY_ID) & F.col("_c").isNull(), BAD_CATEGORY))
+    df = df.withColumn(S.REASON, reason)
+    # One copy of each exact duplicate survives; the key is the whole event, so a hot item or a
+    # power user does not concentrate rows in one task (duplicates of one event are few).
+    key = ["_u", "_i", "_t", "_b", "_c"]
+    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(F.lit(1)))
+    df = df.withColumn(S.REASON, F.when(F.col(S.REASON).isNull() & (dup_rank > 1), F.lit(DUPLICATE))
+                       .otherwise(F.col(S.REASON)))
+    return df
+
+
+def good_actions(validated: DataFrame) -> DataFrame:
+    return validated.where(F.col(S.REASON).isNull()).select(
+        F.col("_u").alias(S.USER_ID), F.col("_i").alias(S.ITEM_ID), F.col("_t").alias(S.TS),
+        F.when(F.col("_b") == "", None).otherwise(F.col("_b")).alias(S.BEHAVIOR), F.col("_c").alias(S.CATEGORY_ID))
+
+
+def rejected_actions(validated: DataFrame) -> DataFrame:
+    return validated.where(F.col(S.REASON).isNotNull()).select(
+        *[F.col(f.name).cast(f.dataType) for f in S.ACTIONS_REJECTED.fields])
+
+
+def items_from_actions(actions: DataFrame) -> DataFrame:
+    """One row per item; category = the item's most frequent category (ties: smallest id)."""
+    counts = actions.where(F.col(S.CATEGORY_ID).isNotNull()).groupBy(S.ITEM_ID, S.CATEGORY_ID).count()
+    best = counts.groupBy(S.ITEM_ID).agg(
+        F.min(F.struct(-F.col("count"), F.col(S.CATEGORY_ID))).alias("b"))
+    all_items = actions.select(S.ITEM_ID).distinct()
+    return all_items.join(best, S.ITEM_ID, "left").select(
+        S.ITEM_ID, F.col(f"b.{S.CATEGORY_ID}").alias(S.CATEGORY_ID),
+        F.col(f"b.{S.CATEGORY_ID}").cast("string").alias(S.CATEGORY_NAME),
+        F.lit(None).cast("string").alias(S.TITLE),
+        F.lit(None).cast("map<string,string>").alias(S.FEATURES))
