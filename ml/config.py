@@ -70,7 +70,7 @@ class GenerateConfig:
     cluster_size: int = 25  # items per planted cluster; a session walks forward through one cluster
     session_length: int = 8  # mean actions per session
     stay_prob: float = 0.8  # chance the next action continues the session's walk (else a popular item)
-    popularity_exponent: float = 1.2  # skew of cluster / noise-item popularity (higher = more skewed)
+    popularity_exponent: float = 2.0  # skew of cluster / noise-item popularity (higher = more skewed)
     bad_row_fraction: float = 0.0  # share of deliberately broken rows (to exercise ingestion)
     duplicate_fraction: float = 0.0  # share of exact duplicate events
     partitions: int = 8
@@ -164,7 +164,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown key {prefix}{key!r}; allowed keys: {sorted(names)}")
+            raise ConfigError(f"unknown key '{prefix}{key}'; allowed keys: {sorted(names)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value or {}, f"{prefix}{key}.")

@@ -37,7 +37,7 @@ def _to_long(c):
 
 def _to_seconds(ts_unit: str, ts_format: str):
     if ts_unit == "string":
-        return F.unix_timestamp(F.to_timestamp(F.trim(F.col(S.TS)), ts_format))
+        return F.unix_timestamp(F.try_to_timestamp(F.trim(F.col(S.TS)), F.lit(ts_format)))
     secs = _to_long(S.TS)
     return F.floor(secs / 1000).cast(LongType()) if ts_unit == "ms" else secs
 

@@ -1,0 +1,167 @@
+"""Every input format -> the same typed actions; bad rows kept with a reason; nothing lost."""
+import pytest
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import IngestConfig
+from ml.data import ingest as I
+from ml.data.formats import SourceSchemaError, items_from_movies, read_source
+
+
+def _run(spark, cfg: IngestConfig):
+    src = read_source(spark, cfg, default_path="unused", delta_mode="delta-rs")
+    v = I.validate_actions(src.actions, behaviors=src.behaviors, ts_unit=src.ts_unit, ts_format=cfg.ts_format,
+                           min_ts=cfg.min_ts, max_ts=cfg.max_ts)
+    good = sorted(tuple(r) for r in I.good_actions(v).collect())
+    bad = sorted((r[S.REASON], r[S.USER_ID], r[S.ITEM_ID], r[S.RAW_RECORD]) for r in I.rejected_actions(v).collect())
+    return src, good, bad
+
+
+def _write(tmp_path, name, text, encoding="utf-8"):
+    p = tmp_path / name
+    p.write_bytes(text.encode(encoding))
+    return str(p)
+
+
+def test_csv_with_header_mapping_and_every_bad_row_kind(spark, tmp_path):
+    path = _write(tmp_path, "log.csv", "\n".join([
+        "uid,iid,when,act,cat",
+        "1,10,100,pv,7",
+        "1,11,101,buy,7",
+        "1,11,101,buy,7",          # exact duplicate -> one copy kept
+        ",12,102,pv,7",            # missing user
+        "x1,12,102,pv,7",          # bad user id
+        "2,12.5,102,pv,7",         # fractional item id is not an id
+        "2,13,yesterday,pv,7",     # bad ts
+        "2,14,103,teleport,7",     # unknown behaviour
+        "2,15,104,pv,seven",       # bad category
+        "2,16,105,pv,",            # no category: fine
+        "3,17",                    # too few fields
+        "99999999999999999999,1,1,pv,1",  # overflows bigint
+    ]) + "\n")
+    cfg = IngestConfig(format="csv", path=path, behaviors=["pv", "buy"],
+                       columns={"user_id": "uid", "item_id": "iid", "ts": "when", "behavior": "act",
+                                "category_id": "cat"})
+    _, good, bad = _run(spark, cfg)
+    assert good == [(1, 10, 100, "pv", 7), (1, 11, 101, "buy", 7), (2, 16, 105, "pv", None)]
+    reasons = sorted(r[0] for r in bad)
+    assert reasons == sorted([I.DUPLICATE, I.MISSING_USER, I.BAD_USER, I.BAD_ITEM, I.BAD_TS, I.BAD_BEHAVIOR,
+                              I.BAD_CATEGORY, I.MALFORMED, I.BAD_USER])
+    malformed = [r for r in bad if r[0] == I.MALFORMED][0]
+    assert malformed[3] == "3,17"  # the raw line is kept
+    # nothing lost: every data line is either an action or a rejected row
+    assert len(good) + len(bad) == 12
+
+
+def test_csv_missing_and_extra_columns_fail_at_once(spark, tmp_path):
+    path = _write(tmp_path, "log.csv", "user,item,time,rating\n1,2,3,5\n")
+    with pytest.raises(SourceSchemaError, match=r"missing mapped columns \['ts->ts'\]"):
+        read_source(spark, IngestConfig(format="csv", path=path,
+                                        columns={"user_id": "user", "item_id": "item", "ts": "ts"}), "")
+    with pytest.raises(SourceSchemaError, match=r"extra columns \['rating'\].*allow_extra_columns"):
+        read_source(spark, IngestConfig(format="csv", path=path,
+                                        columns={"user_id": "user", "item_id": "item", "ts": "time"}), "")
+    ok = read_source(spark, IngestConfig(format="csv", path=path, allow_extra_columns=True,
+                                         columns={"user_id": "user", "item_id": "item", "ts": "time"}), "")
+    assert ok.actions.select(S.USER_ID, S.ITEM_ID, S.TS).first() == ("1", "2", "3")
+    with pytest.raises(SourceSchemaError, match="no mapping for required field 'ts'"):
+        read_source(spark, IngestConfig(format="csv", path=path, allow_extra_columns=True,
+                                        columns={"user_id": "user", "item_id": "item"}), "")
+
+
+def test_headerless_csv_field_count_mismatch(spark, tmp_path):
+    path = _write(tmp_path, "log.csv", "1;2;3;x\n")
+    with pytest.raises(SourceSchemaError, match=r"first line has 4 fields.*extra columns at positions \[4\]"):
+        read_source(spark, IngestConfig(format="csv", path=path, csv_header=False, csv_sep=";",
+                                        csv_schema=["u", "i", "t"], columns={"user_id": "u", "item_id": "i", "ts": "t"}), "")
+
+
+def test_millisecond_and_string_timestamps(spark, tmp_path):
+    ms = _write(tmp_path, "ms.csv", "u,i,t\n1,2,1500000000999\n")
+    _, good, _ = _run(spark, IngestConfig(format="csv", path=ms, ts_unit="ms",
+                                          columns={"user_id": "u", "item_id": "i", "ts": "t"}))
+    assert good == [(1, 2, 1500000000, None, None)]
+    st = _write(tmp_path, "st.csv", "u,i,t\n1,2,2020-01-01 00:00:10\n1,3,not a date\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=st, ts_unit="string",
+                                            columns={"user_id": "u", "item_id": "i", "ts": "t"}))
+    assert good == [(1, 2, 1577836810, None, None)] and [b[0] for b in bad] == [I.BAD_TS]
+
+
+def test_parquet_source_with_mapping(spark, tmp_path):
+    path = str(tmp_path / "p")
+    spark.createDataFrame([(1, 5, 10), (2, 6, 11)], "visitor long, sku long, epoch long").write.parquet(path)
+    _, good, _ = _run(spark, IngestConfig(format="parquet", path=path,
+                                          columns={"user_id": "visitor", "item_id": "sku", "ts": "epoch"}))
+    assert good == [(1, 5, 10, None, None), (2, 6, 11, None, None)]
+
+
+TAOBAO = """1,100,7,pv,1511658000
+1,101,7,cart,1511658060
+1,101,7,cart,1511658060
+2,102,8,teleport,1511658000
+,103,8,pv,1511658000
+3,104,9,pv,1000
+3,105,9,pv,soon
+"""
+
+
+def test_taobao_format_with_rejects(spark, tmp_path):
+    path = _write(tmp_path, "ub.csv", TAOBAO)
+    _, good, bad = _run(spark, IngestConfig(format="taobao", path=path, min_ts=1511539200, max_ts=1512316799))
+    assert good == [(1, 100, 1511658000, "pv", 7), (1, 101, 1511658060, "cart", 7)]
+    assert sorted(b[0] for b in bad) == sorted([I.DUPLICATE, I.BAD_BEHAVIOR, I.MISSING_USER, I.TS_OUT_OF_RANGE,
+                                                I.BAD_TS])
+
+
+def test_taobao_wrong_column_count(spark, tmp_path):
+    path = _write(tmp_path, "ub.csv", "1,100,7,pv\n")
+    with pytest.raises(SourceSchemaError, match="has 5 columns.*first line has 4"):
+        read_source(spark, IngestConfig(format="taobao", path=path), "")
+
+
+MOVIES = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Café (1996)::Comedy\n3::Heat (1995)::Action|Crime|Thriller\n"
+
+
+def test_ml1m_original_format(spark, tmp_path):
+    d = tmp_path / "ml"
+    d.mkdir()
+    _write(d, "ratings.dat", "1::1::5::978300760\n1::2::3::978300761\n2::3::4::978300000\n2::x::4::1\n")
+    _write(d, "movies.dat", MOVIES, encoding="latin-1")
+    _write(d, "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n")
+    src, good, bad = _run(spark, IngestConfig(format="ml1m", path=str(d)))
+    assert good == [(1, 1, 978300760, "5", 3), (1, 2, 978300761, "3", 5), (2, 3, 978300000, "4", 1)]
+    assert [b[0] for b in bad] == [I.BAD_ITEM]
+    titles = {r.item_id: (r.title, r.category_name) for r in src.items.collect()}
+    assert titles[2] == ("Café (1996)", "Comedy")  # Latin-1 decoded
+    users = {r.user_id: r.features for r in src.users.collect()}
+    assert users[2]["age"] == "56" and users[1]["gender"] == "F"
+
+
+def test_primary_genre_is_the_rarest(spark):
+    movies = spark.createDataFrame(
+        [(1, "a", ["Comedy", "Animation"]), (2, "b", ["Comedy"]), (3, "c", ["Comedy", "Drama"]),
+         (4, "d", ["Drama"]), (5, "e", ["Animation", "Comedy"])], "item_id long, title string, genres array<string>")
+    got = {r.item_id: r.category_name for r in items_from_movies(spark, movies).collect()}
+    # Comedy x4, Animation x2, Drama x2: Animation vs Drama tie -> earlier in ML-1M's genre list
+    assert got == {1: "Animation", 2: "Comedy", 3: "Drama", 4: "Drama", 5: "Animation"}
+
+
+def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
+    d = tmp_path / "sas"
+    d.mkdir()
+    _write(d, "train_input.txt", "3 1 2\n2 2\n5 4 1 3\n")
+    _write(d, "sas_to_original_items.txt", "1 1\n2 2\n3 3\n4 1\n5 2\n")
+    _write(d, "movies.dat", MOVIES, encoding="latin-1")
+    src, good, bad = _run(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt")))
+    assert bad == []  # user 2 saw item 2 twice, at positions 0 and 1: two events, not duplicates
+    assert good == sorted([(1, 3, 0, None, 1), (1, 1, 1, None, 3), (1, 2, 2, None, 5),
+                           (2, 2, 0, None, 5), (2, 2, 1, None, 5),
+                           (3, 5, 0, None, 5), (3, 4, 1, None, 3), (3, 1, 2, None, 3), (3, 3, 3, None, 1)])
+    assert src.items.count() == 5
+
+
+def test_items_from_actions_takes_most_frequent_category(spark):
+    acts = spark.createDataFrame([(1, 10, 1, None, 5), (2, 10, 2, None, 6), (3, 10, 3, None, 6), (1, 11, 4, None, 9),
+                                  (2, 11, 5, None, 8), (3, 12, 6, None, None)], S.ACTIONS)
+    got = {r.item_id: r.category_id for r in I.items_from_actions(acts).collect()}
+    assert got == {10: 6, 11: 8, 12: None}

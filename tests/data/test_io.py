@@ -1,0 +1,150 @@
+"""Delta tables written here are real Delta tables: delta-rs reads them and we read delta-rs's."""
+import os
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from ml.data import io
+
+ROWS = [(1, "natm", 0.5), (2, "natm", 1.5), (3, "dat", None)]
+SCHEMA = "id bigint, model string, score double"
+
+
+def _sorted(tbl: pa.Table, key="id"):
+    return tbl.sort_by(key).to_pylist()
+
+
+def test_written_table_reads_back_through_delta_rs(spark, warehouse):
+    path = f"{warehouse}/t"
+    v = io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, mode="overwrite", delta_mode="delta-rs")
+    assert v == 0
+    got = _sorted(pa.table(DeltaTable(path).to_pyarrow_table()))
+    assert got == [{"id": 1, "model": "natm", "score": 0.5}, {"id": 2, "model": "natm", "score": 1.5},
+                   {"id": 3, "model": "dat", "score": None}]
+    # the log carries per-file row counts and numeric min/max (data skipping for readers)
+    adds = pa.table(DeltaTable(path).get_add_actions(flatten=True)).to_pydict()
+    assert sum(adds["num_records"]) == 3
+    assert min(v for v in adds["min.id"] if v is not None) == 1
+
+
+def test_partitioned_table_round_trip_both_ways(spark, warehouse):
+    path = f"{warehouse}/p"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    dt = DeltaTable(path)
+    assert list(dt.metadata().partition_columns) == ["model"]
+    assert _sorted(pa.table(dt.to_pyarrow_table())) == [
+        {"id": 1, "model": "natm", "score": 0.5}, {"id": 2, "model": "natm", "score": 1.5},
+        {"id": 3, "model": "dat", "score": None}]
+    assertDataFrameEqual(io.read_table(spark, path, delta_mode="delta-rs"), spark.createDataFrame(ROWS, SCHEMA))
+
+
+def test_table_written_by_delta_rs_reads_here(spark, warehouse):
+    path = f"{warehouse}/rs"
+    data = pa.table({"id": pa.array([5, 6, 7], pa.int64()), "model": ["a", "b", "a"],
+                     "score": pa.array([0.1, None, 0.3])})
+    write_deltalake(path, data, partition_by=["model"])
+    write_deltalake(path, data.slice(0, 1), mode="append", partition_by=["model"])
+    df = io.read_table(spark, path, delta_mode="delta-rs")
+    expected = spark.createDataFrame([(5, "a", 0.1), (6, "b", None), (7, "a", 0.3), (5, "a", 0.1)], SCHEMA)
+    assertDataFrameEqual(df, expected)
+    assertDataFrameEqual(io.read_table(spark, path, version=0, delta_mode="delta-rs"),
+                         spark.createDataFrame([(5, "a", 0.1), (6, "b", None), (7, "a", 0.3)], SCHEMA))
+
+
+def test_versions_stay_readable_after_overwrite_and_append(spark, warehouse):
+    path = f"{warehouse}/v"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+    io.write_table(spark, spark.createDataFrame([(9, "x", 9.0)], SCHEMA), path, mode="overwrite", delta_mode="delta-rs")
+    v2 = io.write_table(spark, spark.createDataFrame([(10, "x", 1.0)], SCHEMA), path, mode="append", delta_mode="delta-rs")
+    assert v2 == 2 and io.table_version(path) == 2
+    assert sorted(r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()) == [9, 10]
+    assert sorted(r.id for r in io.read_table(spark, path, version=1, delta_mode="delta-rs").collect()) == [9]
+    assert sorted(r.id for r in io.read_table(spark, path, version=0, delta_mode="delta-rs").collect()) == [1, 2, 3]
+    with pytest.raises(io.TableNotFoundError, match="version 7"):
+        io.read_table(spark, path, version=7, delta_mode="delta-rs")
+
+
+def test_replace_where_rewrites_one_partition_only(spark, warehouse):
+    path = f"{warehouse}/rw"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    new = spark.createDataFrame([(20, "natm", 2.0)], SCHEMA)
+    io.write_table(spark, new, path, mode="overwrite", partition_by=["model"], replace_where={"model": "natm"},
+                   delta_mode="delta-rs")
+    got = {(r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect()}
+    assert got == {(20, "natm"), (3, "dat")}
+    # delta-rs agrees
+    assert sorted(pa.table(DeltaTable(path).to_pyarrow_table()).column("id").to_pylist()) == [3, 20]
+
+
+def test_replace_where_drops_rows_outside_the_predicate(spark, warehouse):
+    path = f"{warehouse}/rw2"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    io.write_table(spark, spark.createDataFrame([(30, "natm", 1.0), (31, "dat", 1.0)], SCHEMA), path,
+                   mode="overwrite", partition_by=["model"], replace_where={"model": "natm"}, delta_mode="delta-rs")
+    assert {r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()} == {30, 3}
+
+
+def test_schema_mismatch_names_the_columns(spark, warehouse):
+    path = f"{warehouse}/s"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+    bad = spark.createDataFrame([(1, "natm", "high")], "id bigint, model string, grade string")
+    with pytest.raises(io.SchemaMismatchError, match=r"missing columns \['score'\].*extra columns \['grade'\]"):
+        io.write_table(spark, bad, path, mode="append", delta_mode="delta-rs")
+    wrong_type = spark.createDataFrame([(1, "natm", 1)], "id bigint, model string, score int")
+    with pytest.raises(io.SchemaMismatchError, match=r"score: table has double, data has int"):
+        io.write_table(spark, wrong_type, path, mode="append", delta_mode="delta-rs")
+
+
+def test_missing_table_is_a_clear_error(spark, warehouse):
+    with pytest.raises(io.TableNotFoundError, match="no Delta table at"):
+        io.read_table(spark, f"{warehouse}/nope", delta_mode="delta-rs")
+
+
+def test_failed_write_leaves_previous_version_current(spark, warehouse):
+    path = f"{warehouse}/f"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+
+    @F.udf("double")
+    def explode_on_two(i):
+        if i == 2:
+            raise RuntimeError("task failure in the middle of the write")
+        return float(i)
+
+    bad = spark.createDataFrame(ROWS, SCHEMA).withColumn("score", explode_on_two("id"))
+    with pytest.raises(Exception, match="task failure"):
+        io.write_table(spark, bad, path, mode="overwrite", delta_mode="delta-rs")
+    assert io.table_version(path) == 0
+    assert sorted(r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()) == [1, 2, 3]
+    assert _sorted(pa.table(DeltaTable(path).to_pyarrow_table()))[0]["score"] == 0.5
+
+
+def test_uncommitted_files_are_invisible(spark, warehouse):
+    """A job killed after Spark wrote its files but before the commit: readers see the old version."""
+    path = f"{warehouse}/k"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+    spark.createDataFrame([(99, "x", 9.9)], SCHEMA).write.parquet(os.path.join(path, "data-killed-job"))
+    assert sorted(r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()) == [1, 2, 3]
+    assert sorted(pa.table(DeltaTable(path).to_pyarrow_table()).column("id").to_pylist()) == [1, 2, 3]
+
+
+def test_empty_write_and_read(spark, warehouse):
+    path = f"{warehouse}/e"
+    io.write_table(spark, spark.createDataFrame([], SCHEMA), path, delta_mode="delta-rs")
+    df = io.read_table(spark, path, delta_mode="delta-rs")
+    assert df.count() == 0 and df.columns == ["id", "model", "score"]
+
+
+def test_auto_mode_without_jars_uses_delta_rs(spark):
+    assert io.has_delta_jars(spark) is False
+    assert io.use_native(spark, "auto") is False
+
+
+def test_bad_arguments(spark, warehouse):
+    df = spark.createDataFrame(ROWS, SCHEMA)
+    with pytest.raises(ValueError, match="mode='upsert'"):
+        io.write_table(spark, df, f"{warehouse}/b", mode="upsert")
+    with pytest.raises(ValueError, match="not partition columns"):
+        io.write_table(spark, df, f"{warehouse}/b", replace_where={"model": "a"})

@@ -1,0 +1,49 @@
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import SequencesConfig
+from ml.data.sequences import build_sequences
+
+
+def _acts(spark, rows):
+    return spark.createDataFrame([(u, i, t, "pv", None) for u, i, t in rows], S.ACTIONS)
+
+
+def _collect(spark, rows, **kw):
+    seq, tgt = build_sequences(_acts(spark, rows), SequencesConfig(**kw))
+    return ({r.user_id: (r["items"], r.timestamps, r.length) for r in seq.collect()},
+            {r.user_id: (r.trigger_item, r.target_item, r.target_ts, r.history_length) for r in tgt.collect()})
+
+
+def test_time_order_tie_break_and_leave_last_out(spark):
+    rows = [(1, 30, 3), (1, 10, 1), (1, 25, 2), (1, 20, 2),  # 20 and 25 share ts 2 -> item id order
+            (2, 7, 5), (2, 8, 6),
+            (3, 9, 1)]  # one action: no trigger, excluded
+    seq, tgt = _collect(spark, rows)
+    assert seq == {1: ([10, 20, 25], [1, 2, 2], 3), 2: ([7], [5], 1)}
+    assert tgt == {1: (25, 30, 3, 3), 2: (7, 8, 6, 1)}
+
+
+def test_eval_target_never_in_training_sequence_and_ids_unchanged(spark):
+    rows = [(5, 1000000000001, t) for t in range(3)] + [(5, 42, 10)]
+    seq, tgt = _collect(spark, rows)
+    assert 42 not in seq[5][0] and tgt[5][1] == 42 and seq[5][0][0] == 1000000000001
+
+
+def test_max_length_keeps_most_recent_and_min_length(spark):
+    rows = [(1, i, i) for i in range(10)] + [(2, 1, 1), (2, 2, 2)]
+    seq, tgt = _collect(spark, rows, max_length=4, min_length=3)
+    assert seq == {1: ([5, 6, 7, 8], [5, 6, 7, 8], 4)}
+    assert tgt == {1: (8, 9, 9, 9)}
+
+
+def test_collapse_repeats(spark):
+    rows = [(1, 5, 1), (1, 5, 2), (1, 6, 3), (1, 6, 4), (1, 5, 5)]
+    seq, tgt = _collect(spark, rows, collapse_repeats=True)
+    assert seq[1][0] == [5, 6] and tgt[1][:2] == (6, 5)
+
+
+def test_contract_schemas(spark):
+    seq, tgt = build_sequences(_acts(spark, [(1, 2, 3), (1, 3, 4)]), SequencesConfig())
+    assert [f.name for f in seq.schema] == [f.name for f in S.SEQUENCES]
+    assert [f.dataType.simpleString() for f in tgt.schema] == [f.dataType.simpleString() for f in S.EVAL_TARGETS]

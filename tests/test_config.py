@@ -1,0 +1,44 @@
+import pytest
+
+from ml.config import Config, ConfigError, load_config, parse_overrides
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["warehouse=/tmp/x", "spark.shuffle_partitions=3", "generate.stay_prob=0.5",
+                             "ingest.behaviors=[pv, buy]"])
+    assert cfg.warehouse == "/tmp/x"
+    assert cfg.spark.shuffle_partitions == 3
+    assert cfg.generate.stay_prob == 0.5
+    assert cfg.ingest.behaviors == ["pv", "buy"]
+    assert cfg.table_path("actions") == "/tmp/x/actions"
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'spark.shuffle_partition'.*shuffle_partitions"):
+        load_config(None, ["spark.shuffle_partition=3"])
+
+
+def test_bad_choice_names_key_and_allowed_values():
+    with pytest.raises(ConfigError, match=r"ingest.format='xls'.*'taobao'"):
+        load_config(None, ["ingest.format=xls"])
+    with pytest.raises(ConfigError, match=r"generate.stay_prob"):
+        load_config(None, ["generate.stay_prob=1.5"])
+
+
+def test_yaml_inherits_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 7\nspark:\n  shuffle_partitions: 5\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\nspark:\n  driver_memory: 1g\n")
+    cfg = load_config(tmp_path / "run.yaml", ["seed=9"])
+    assert (cfg.seed, cfg.spark.shuffle_partitions, cfg.spark.driver_memory) == (9, 5, "1g")
+
+
+def test_configs_shipped_in_conf_load():
+    from pathlib import Path
+
+    for f in sorted((Path(__file__).parents[1] / "conf").glob("*.yaml")):
+        assert isinstance(load_config(f), Config), f
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        parse_overrides(["warehouse"])
