@@ -2,7 +2,8 @@
 
     python -m jobs.pipeline --conf conf/synthetic.yaml [--set warehouse=DIR]
 
-Stages so far: generate (synthetic configs only) -> ingest -> sequences.
+Stages so far: generate (synthetic configs only) -> ingest -> sequences -> graph -> model -> evaluate.
+The model stage runs the configured ``model``; for now the baselines ``pop`` and ``cooc``.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Optional, Sequence
 from ml.config import Config
 from ml.data.session import get_spark
 
-from jobs import generate, ingest, sequences
+from jobs import baseline, evaluate, generate, graph, ingest, sequences
 from jobs._cli import parse, print_tables
 
 log = logging.getLogger("jobs.pipeline")
 
-STAGES = ("generate", "ingest", "sequences")
+STAGES = ("generate", "ingest", "sequences", "graph", "model", "evaluate")
 
 
 def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
@@ -33,7 +34,9 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
     for stage in stages:
         t = time.time()
         log.info("stage %s ...", stage)
-        results[stage] = {"generate": generate, "ingest": ingest, "sequences": sequences}[stage].run(cfg, spark)
+        job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
+               "model": baseline, "evaluate": evaluate}[stage]
+        results[stage] = job.run(cfg, spark)
         log.info("stage %s done in %.1fs", stage, time.time() - t)
     return results
 
@@ -52,8 +55,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f"{ing['items']:,} items; rejected {ing['rejected'] or 'none'}")
     if seq:
         print(f"sequences: {seq['users']:,} users, {seq['train_actions']:,} training actions")
+    if res.get("evaluate"):
+        print(f"\nmetrics over all eval users ({cfg.model}):")
+        print(res["evaluate"]["table"])
     print("tables:")
-    print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets"])
+    print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets", "item_graph",
+                       "item_counts", "i2i_topk", "metrics"])
 
 
 if __name__ == "__main__":

@@ -141,6 +141,51 @@ class SequencesConfig:
 
 
 @dataclass(frozen=True)
+class GraphConfig:
+    """``sequences`` -> ``item_graph``: weighted co-occurrence, top-N neighbours per item."""
+
+    window: int = 3  # b is a neighbour of a when it follows a within this many positions
+    decay: bool = False  # weight each co-occurrence by 1/distance instead of 1
+    symmetric: bool = False  # also count a as a neighbour of b (undirected graph)
+    min_count: int = 1  # drop edges seen fewer times than this (co-occurrence noise filter)
+    top_n: int = 9  # neighbours kept per item (NATM paper's best N = 9)
+    max_user_length: Optional[int] = 5000  # longer sequences keep their most recent items (logged)
+
+    def __post_init__(self) -> None:
+        for k in ("window", "min_count", "top_n"):
+            _check_positive(f"graph.{k}", getattr(self, k))
+        _check_positive("graph.max_user_length", self.max_user_length, allow_none=True)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Non-learned i2i producers: ``pop`` and ``cooc`` (graph neighbours + popularity fill-in)."""
+
+    k: int = 100  # list length written to i2i_topk
+    window: int = 3
+    decay: bool = False
+    symmetric: bool = True
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("k", "window", "min_count"):
+            _check_positive(f"baseline.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple = (1, 5, 10, 50, 100)  # Pre@K (= HitRate@K) cut-offs; MRR uses the whole list
+    per_category: bool = True  # also break metrics down by the target item's category
+
+    def __post_init__(self) -> None:
+        if not self.ks or any((not isinstance(k, int)) or k <= 0 for k in self.ks):
+            raise ConfigError(f"eval.ks={self.ks!r} must be a non-empty list of positive integers")
+
+
+MODELS = ("pop", "cooc", "natm", "dat", "two_tower")
+
+
+@dataclass(frozen=True)
 class Config:
     warehouse: str = "warehouse"  # directory (or URI) under which every table lives
     seed: int = 42
@@ -149,6 +194,13 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     sequences: SequencesConfig = field(default_factory=SequencesConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: str = "cooc"  # which model the pipeline trains/produces and evaluates
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self.model, MODELS)
 
     def table_path(self, name: str) -> str:
         """Location of table ``name`` under the warehouse."""

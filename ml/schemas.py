@@ -1,8 +1,8 @@
 """Column names and schemas of every table (the table contracts of README.md)."""
 from __future__ import annotations
 
-from pyspark.sql.types import (ArrayType, IntegerType, LongType, MapType, StringType, StructField,
-                               StructType)
+from pyspark.sql.types import (ArrayType, DoubleType, IntegerType, LongType, MapType, StringType,
+                               StructField, StructType, TimestampType)
 
 USER_ID = "user_id"
 ITEM_ID = "item_id"
@@ -75,6 +75,44 @@ EVAL_TARGETS = StructType([
     StructField(HISTORY_LENGTH, IntegerType(), False),
 ])
 
+COUNT = "count"
+METRIC = "metric"
+K = "k"
+VALUE = "value"
+N_USERS = "n_users"
+RUN_TS = "run_ts"
+
+ITEM_GRAPH = StructType([
+    StructField(ITEM_ID, LongType(), False),
+    StructField(NEIGHBOR_ID, LongType(), False),
+    StructField(WEIGHT, DoubleType(), False),  # summed (optionally 1/distance-decayed) co-occurrences
+    StructField(COUNT, LongType(), False),  # raw co-occurrence count
+    StructField(RANK, IntegerType(), False),  # 1 = strongest neighbour
+])
+
+ITEM_COUNTS = StructType([
+    StructField(ITEM_ID, LongType(), False),
+    StructField(COUNT, LongType(), False),  # occurrences in training sequences (noise distribution q)
+])
+
+I2I_TOPK = StructType([
+    StructField(ITEM_ID, LongType(), False),
+    StructField(NEIGHBOR_ID, LongType(), False),
+    StructField(SCORE, DoubleType(), False),
+    StructField(RANK, IntegerType(), False),
+    StructField(MODEL, StringType(), False),
+])
+
+METRICS = StructType([
+    StructField(MODEL, StringType(), False),
+    StructField(METRIC, StringType(), False),  # "pre" (= HitRate) or "mrr"
+    StructField(K, IntegerType(), True),  # cut-off for pre; null for mrr
+    StructField(CATEGORY_ID, LongType(), True),  # null = all users; else the target item's category
+    StructField(VALUE, DoubleType(), False),
+    StructField(N_USERS, LongType(), False),
+    StructField(RUN_TS, TimestampType(), False),
+])
+
 # Canonical table names under the warehouse.
 T_ACTIONS = "actions"
 T_ACTIONS_REJECTED = "actions_rejected"
@@ -82,6 +120,10 @@ T_ITEMS = "items"
 T_USERS = "users"
 T_SEQUENCES = "sequences"
 T_EVAL_TARGETS = "eval_targets"
+T_ITEM_GRAPH = "item_graph"
+T_ITEM_COUNTS = "item_counts"
+T_I2I_TOPK = "i2i_topk"
+T_METRICS = "metrics"
 
 
 def check_columns(df_schema: StructType, expected: StructType, what: str) -> None:

@@ -1,0 +1,66 @@
+"""Write a baseline's i2i top-K lists (``model`` = pop or cooc) into ``i2i_topk``.
+
+    python -m jobs.baseline --conf conf/ml1m_natm.yaml --set model=pop
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import Config, ConfigError
+from ml.data import io
+from ml.data.baselines import cooccurrence_topk, popularity_topk
+from ml.data.graph import item_counts
+from ml.data.session import get_spark
+
+from jobs._cli import parse, print_tables
+
+log = logging.getLogger("jobs.baseline")
+BASELINES = ("pop", "cooc")
+
+
+def catalogue(spark, cfg: Config, counts):
+    """Every item that can be a trigger: the items table plus every training item."""
+    items = counts.select(S.ITEM_ID)
+    path = cfg.table_path(S.T_ITEMS)
+    if io.table_exists(path):
+        items = items.unionByName(io.read_table(spark, path, delta_mode=cfg.io.delta_mode).select(S.ITEM_ID))
+    return items.distinct()
+
+
+def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
+    model = model or cfg.model
+    if model not in BASELINES:
+        raise ConfigError(f"model={model!r} is not a baseline; expected one of {list(BASELINES)}")
+    spark = spark or get_spark(cfg.spark)
+    mode = cfg.io.delta_mode
+    seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
+    counts = item_counts(seqs).cache()
+    cat = catalogue(spark, cfg, counts)
+    if model == "pop":
+        topk = popularity_topk(cat, counts, cfg.baseline.k)
+    else:
+        topk = cooccurrence_topk(seqs, cat, counts, cfg.baseline)
+    version = io.write_table(spark, topk, cfg.table_path(S.T_I2I_TOPK), mode="overwrite", partition_by=[S.MODEL],
+                             replace_where={S.MODEL: model}, delta_mode=mode)
+    counts.unpersist()
+    n = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode).where(F.col(S.MODEL) == model).count()
+    log.info("i2i_topk[%s]: %d rows (k=%d), version %d", model, n, cfg.baseline.k, version)
+    return {"model": model, "rows": n, "version": version}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    def extra(p):
+        p.add_argument("--model", choices=BASELINES, help="overrides the config's model")
+
+    cfg, args = parse(__doc__, argv, extra)
+    out = run(cfg, model=args.model)
+    print(f"i2i_topk[{out['model']}]: {out['rows']:,} rows")
+    print_tables(cfg, [S.T_I2I_TOPK])
+
+
+if __name__ == "__main__":
+    main()

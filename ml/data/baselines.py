@@ -1,0 +1,60 @@
+"""Non-learned i2i producers writing the ``i2i_topk`` contract: ``pop`` and ``cooc``."""
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import BaselineConfig
+from ml.data.graph import aggregate_edges, top_n_neighbours, windowed_pairs
+
+
+def most_popular(counts: DataFrame, n: int) -> DataFrame:
+    """The ``n`` most frequent training items as ``(neighbor_id, pop_rank, count)``; ties: smaller id.
+
+    ``n`` is small (a list length), so this global top is a tiny sort-limit, not a full sort.
+    """
+    top = counts.orderBy(F.desc(S.COUNT), F.asc(S.ITEM_ID)).limit(n)
+    w = Window.orderBy(F.desc(S.COUNT), F.asc(S.ITEM_ID))  # over <= n rows
+    return top.select(F.col(S.ITEM_ID).alias(S.NEIGHBOR_ID), F.row_number().over(w).alias("pop_rank"),
+                      F.col(S.COUNT))
+
+
+def _finish(candidates: DataFrame, k: int, model: str) -> DataFrame:
+    """Rank candidates per item by (priority, score desc, neighbour id); drop self; keep k."""
+    order = Window.partitionBy(S.ITEM_ID).orderBy(F.asc("prio"), F.desc(S.SCORE), F.asc(S.NEIGHBOR_ID))
+    ranked = (candidates.where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID))
+              .withColumn(S.RANK, F.row_number().over(order)).where(F.col(S.RANK) <= k))
+    return ranked.select(F.col(S.ITEM_ID).cast("long"), F.col(S.NEIGHBOR_ID).cast("long"),
+                         F.col(S.SCORE).cast("double"), F.col(S.RANK).cast("int"), F.lit(model).alias(S.MODEL))
+
+
+def popularity_topk(catalogue: DataFrame, counts: DataFrame, k: int) -> DataFrame:
+    """Every catalogue item -> the k most popular training items other than itself."""
+    top = most_popular(counts, k + 1)
+    cands = catalogue.select(S.ITEM_ID).distinct().crossJoin(F.broadcast(top)).select(
+        S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.COUNT).cast("double").alias(S.SCORE), F.lit(0).alias("prio"))
+    return _finish(cands, k, "pop")
+
+
+def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFrame, cfg: BaselineConfig) -> DataFrame:
+    """Each item's top-k co-occurrence neighbours, then popular items to fill short lists.
+
+    score = co-occurrence weight for graph neighbours and ``-pop_rank`` for fill-ins, so a
+    filled item always ranks below every real neighbour.
+    """
+    k = cfg.k
+    edges = aggregate_edges(windowed_pairs(sequences, cfg.window, cfg.decay, cfg.symmetric), cfg.min_count)
+    graph = top_n_neighbours(edges, k).select(S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.WEIGHT).alias(S.SCORE),
+                                              F.lit(0).alias("prio"))
+    # Fill-in candidates: enough popular items to complete any list after removing self and overlaps.
+    short = (catalogue.select(S.ITEM_ID).distinct()
+             .join(graph.groupBy(S.ITEM_ID).agg(F.count(F.lit(1)).alias("n")), S.ITEM_ID, "left")
+             .where(F.coalesce(F.col("n"), F.lit(0)) < k).select(S.ITEM_ID))
+    fill = short.crossJoin(F.broadcast(most_popular(counts, 2 * k + 1))).select(
+        S.ITEM_ID, S.NEIGHBOR_ID, (-F.col("pop_rank")).cast("double").alias(S.SCORE), F.lit(1).alias("prio"))
+    cands = graph.unionByName(fill)
+    # an item both in the graph list and in the fill keeps its graph entry
+    best = Window.partitionBy(S.ITEM_ID, S.NEIGHBOR_ID).orderBy(F.asc("prio"))
+    cands = cands.withColumn("_r", F.row_number().over(best)).where("_r = 1").drop("_r")
+    return _finish(cands, k, "cooc")

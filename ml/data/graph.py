@@ -1,0 +1,80 @@
+"""``sequences`` -> weighted item co-occurrence graph with top-N neighbours per item (NATM §2.3).
+
+Cost is O(actions x window): pairs come from sliding each sequence against itself shifted by
+1..window positions, never from a user x user self-join (O(length^2) per user). Pairs are summed
+per (item, neighbour) with map-side partial aggregation, so a hot item's edges are spread over
+many tasks by the pair key; the top-N per item is a window with ``rank <= N`` that Spark plans as
+a per-partition group limit before the shuffle (WindowGroupLimit), so no global sort of edges.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import GraphConfig
+
+
+def cap_sequences(sequences: DataFrame, max_user_length: int | None) -> DataFrame:
+    """Keep the most recent ``max_user_length`` items of pathological (very long) sequences."""
+    if not max_user_length:
+        return sequences
+    n = F.size(S.ITEMS)
+    return sequences.withColumn(S.ITEMS, F.when(n > max_user_length, F.slice(S.ITEMS, n - max_user_length + 1,
+                                                                            max_user_length))
+                                .otherwise(F.col(S.ITEMS)))
+
+
+def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False) -> DataFrame:
+    """Rows ``(item_id, neighbor_id, weight)``: b follows a within ``window`` positions (a != b)."""
+    # For each offset d, zip the sequence with itself shifted by d: O(length) per d, no self-join.
+    pairs = F.expr(f"""
+        flatten(transform(sequence(1, {window}), d ->
+            if(size({S.ITEMS}) > d,
+               transform(sequence(0, size({S.ITEMS}) - d - 1),
+                         i -> named_struct('a', {S.ITEMS}[i], 'b', {S.ITEMS}[i + d], 'd', d)),
+               array())))""")
+    df = sequences.select(F.explode(pairs).alias("p")).select("p.a", "p.b", "p.d").where(F.col("a") != F.col("b"))
+    w = (1.0 / F.col("d")) if decay else F.lit(1.0)
+    directed = df.select(F.col("a").alias(S.ITEM_ID), F.col("b").alias(S.NEIGHBOR_ID), w.alias(S.WEIGHT))
+    if not symmetric:
+        return directed
+    reverse = directed.select(F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), F.col(S.ITEM_ID).alias(S.NEIGHBOR_ID), S.WEIGHT)
+    return directed.unionByName(reverse)
+
+
+def aggregate_edges(pairs: DataFrame, min_count: int = 1) -> DataFrame:
+    """Sum pair rows into edges ``(item_id, neighbor_id, weight, count)``; drop rare edges."""
+    edges = pairs.groupBy(S.ITEM_ID, S.NEIGHBOR_ID).agg(F.sum(S.WEIGHT).alias(S.WEIGHT),
+                                                        F.count(F.lit(1)).alias(S.COUNT))
+    return edges.where(F.col(S.COUNT) >= min_count) if min_count > 1 else edges
+
+
+def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
+    """Keep the ``n`` heaviest neighbours per item, rank 1..n; ties: larger count, then smaller id."""
+    order = Window.partitionBy(S.ITEM_ID).orderBy(F.desc(S.WEIGHT), F.desc(S.COUNT), F.asc(S.NEIGHBOR_ID))
+    ranked = edges.withColumn(S.RANK, F.row_number().over(order)).where(F.col(S.RANK) <= n)
+    return ranked.select(F.col(S.ITEM_ID).cast("long"), F.col(S.NEIGHBOR_ID).cast("long"),
+                         F.col(S.WEIGHT).cast("double"), F.col(S.COUNT).cast("long"), F.col(S.RANK).cast("int"))
+
+
+def build_cooccurrence_graph(sequences: DataFrame, cfg: GraphConfig) -> DataFrame:
+    """``sequences`` -> ``item_graph`` (see module docstring)."""
+    seqs = cap_sequences(sequences, cfg.max_user_length)
+    pairs = windowed_pairs(seqs, cfg.window, cfg.decay, cfg.symmetric)
+    return top_n_neighbours(aggregate_edges(pairs, cfg.min_count), cfg.top_n)
+
+
+def item_counts(sequences: DataFrame) -> DataFrame:
+    """Occurrences of each item in the training sequences (for popularity and q(.) later)."""
+    return (sequences.select(F.explode(S.ITEMS).alias(S.ITEM_ID)).groupBy(S.ITEM_ID)
+            .agg(F.count(F.lit(1)).alias(S.COUNT)))
+
+
+def capped_users(sequences: DataFrame, max_user_length: int | None) -> Tuple[DataFrame, int | None]:
+    """Sequences longer than the cap (for logging: how many users were truncated)."""
+    if not max_user_length:
+        return sequences.limit(0), None
+    return sequences.where(F.col(S.LENGTH) > max_user_length), max_user_length
