@@ -36,6 +36,20 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     assert io.read_table(spark, cfg.table_path(S.T_SEQUENCES), version=0).count() == len(snapshot)
 
 
+def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehouse):
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY])
+    pipeline.run(cfg, spark)  # model = cooc (synthetic.yaml's default)
+    from jobs import baseline, evaluate
+
+    baseline.run(cfg, spark, "pop")
+    rows = evaluate.run(cfg, spark, ["pop", "cooc"])["rows"]
+    pre10 = {r["model"]: r["value"] for r in rows if r["metric"] == "pre" and r["k"] == 10}
+    assert pre10["cooc"] > 2 * pre10["pop"], pre10
+    metrics = io.read_table(spark, cfg.table_path(S.T_METRICS))
+    assert {r.model for r in metrics.select("model").distinct().collect()} == {"pop", "cooc"}
+    assert metrics.where(F.col(S.CATEGORY_ID).isNotNull()).count() > 0  # per-category breakdown
+
+
 def test_pipeline_cli_prints_where_tables_are(tmp_path):
     wh = tmp_path / "wh"
     cmd = [sys.executable, "-m", "jobs.pipeline", "--conf", str(ROOT / "conf" / "synthetic.yaml"),
@@ -45,6 +59,7 @@ def test_pipeline_cli_prints_where_tables_are(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{wh}/sequences" in res.stdout and f"{wh}/actions_rejected" in res.stdout
     assert "training actions" in res.stdout
+    assert "Pre@10" in res.stdout and f"{wh}/metrics" in res.stdout
 
 
 def test_cli_rejects_bad_config_with_the_key_name(tmp_path):

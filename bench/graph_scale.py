@@ -1,0 +1,149 @@
+"""Graph job scale: windowed pairs (ours) vs a naive user self-join (the SARplus way), same run.
+
+    python -m bench.graph_scale --sizes 1e6 1e7 1e8 [--naive-max 1e7] [--timeout 1200]
+
+For each size: generate a synthetic log (timed separately), build sequences, then build the top-N
+graph (window 3, top 9, same user cap) both ways in fresh Spark processes. Prints wall time,
+actions/s and the peak RSS of the whole process tree (JVM included), and the self-join/ours ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of pid and all its descendants, from /proc."""
+    total, stack = 0, [pid]
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        stack += children.get(p, [])
+    return total
+
+
+def run_child(args: list, timeout: float) -> dict:
+    """Run a child step; return its JSON result plus wall time and peak tree RSS (or timeout)."""
+    t = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.graph_scale", "--child", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            time.sleep(0.5)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-9", "-P", str(proc.pid)])
+        proc.kill()
+        return {"timeout": True, "seconds": time.time() - t, "peak_gb": peak[0] / 2**30}
+    th.join(1)
+    res = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.returncode}
+    res.update(seconds=time.time() - t, peak_gb=peak[0] / 2**30)
+    return res
+
+
+def child(step: str, wh: str, size: int) -> None:
+    from ml.config import load_config
+    from ml.data import io
+    from ml.data.session import get_spark
+
+    users = max(1000, size // 50)
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [
+        f"warehouse={wh}", f"generate.num_users={users}", f"generate.num_items={max(5000, size // 200)}",
+        f"generate.partitions={max(2, size // 2_000_000)}", "generate.bad_row_fraction=0",
+        "generate.duplicate_fraction=0", f"spark.shuffle_partitions={max(8, size // 1_000_000)}",
+        "spark.driver_memory=12g", "graph.window=3", "graph.top_n=9", "graph.max_user_length=5000"])
+    spark = get_spark(cfg.spark)
+    t = time.time()
+    if step == "prepare":
+        from ml.data.generate import generate_actions
+        from ml.data.sequences import build_sequences
+
+        io.write_table(spark, generate_actions(spark, cfg.generate, cfg.seed), cfg.table_path("actions"))
+        seqs, _ = build_sequences(io.read_table(spark, cfg.table_path("actions")), cfg.sequences)
+        io.write_table(spark, seqs, cfg.table_path("sequences"))
+        n = io.read_table(spark, cfg.table_path("actions")).count()
+        print(json.dumps({"actions": n, "inner_seconds": time.time() - t}))
+        return
+    from ml.data.graph import build_cooccurrence_graph, cap_sequences, top_n_neighbours
+
+    seqs = io.read_table(spark, cfg.table_path("sequences"))
+    if step == "ours":
+        graph = build_cooccurrence_graph(seqs, cfg.graph)
+    else:  # naive: explode with positions, self-join on user, filter the window: O(length^2) per user
+        from pyspark.sql import functions as F
+
+        pos = cap_sequences(seqs, cfg.graph.max_user_length).select("user_id", F.posexplode("items").alias("p", "i"))
+        a, b = pos.alias("a"), pos.alias("b")
+        pairs = a.join(b, "user_id").where((F.col("b.p") > F.col("a.p")) & (F.col("b.p") - F.col("a.p") <= cfg.graph.window)
+                                           & (F.col("a.i") != F.col("b.i")))
+        edges = pairs.groupBy(F.col("a.i").alias("item_id"), F.col("b.i").alias("neighbor_id")).agg(
+            F.count(F.lit(1)).cast("double").alias("weight"), F.count(F.lit(1)).alias("count"))
+        graph = top_n_neighbours(edges, cfg.graph.top_n)
+    io.write_table(spark, graph, cfg.table_path(f"graph_{step}"), mode="overwrite", overwrite_schema=True)
+    edges = io.read_table(spark, cfg.table_path(f"graph_{step}")).count()
+    print(json.dumps({"edges": edges, "inner_seconds": time.time() - t}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
+    p.add_argument("--naive-max", type=float, default=1e7, help="largest size the self-join is tried on")
+    p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--warehouse", default="/tmp/bench_graph")
+    p.add_argument("--child", nargs=3, metavar=("STEP", "WH", "SIZE"))
+    a = p.parse_args()
+    if a.child:
+        child(a.child[0], a.child[1], int(a.child[2]))
+        return
+    from bench._machine import describe
+
+    print(f"machine: {describe()}")
+    rows = []
+    for size in [int(s) for s in a.sizes]:
+        wh = f"{a.warehouse}/{size}"
+        subprocess.run(["rm", "-rf", wh])
+        prep = run_child(["prepare", wh, str(size)], a.timeout)
+        n = prep.get("actions", size)
+        ours = run_child(["ours", wh, str(size)], a.timeout)
+        naive = run_child(["naive", wh, str(size)], a.timeout) if size <= a.naive_max else {"skipped": True}
+        rows.append((n, prep, ours, naive))
+        print(f"{n:>12,} actions: generate+sequences {prep['seconds']:.0f}s | ours {ours['seconds']:.0f}s "
+              f"({n / ours['seconds']:,.0f} actions/s, peak {ours['peak_gb']:.1f} GB, {ours.get('edges', 0):,} edges) | "
+              + ("self-join skipped" if naive.get("skipped") else "self-join TIMEOUT" if naive.get("timeout") else
+                 f"self-join {naive['seconds']:.0f}s (peak {naive['peak_gb']:.1f} GB) -> ratio {naive['seconds'] / ours['seconds']:.1f}x"),
+              flush=True)
+    if len(rows) > 1:
+        for (n0, _, o0, _), (n1, _, o1, _) in zip(rows, rows[1:]):
+            print(f"scaling {n0:,} -> {n1:,} actions ({n1 / n0:.1f}x data): {o1['seconds'] / o0['seconds']:.1f}x time")
+
+
+if __name__ == "__main__":
+    main()

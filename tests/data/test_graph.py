@@ -1,0 +1,77 @@
+"""Co-occurrence graph on hand-made sequences: every option changes the edges as documented."""
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import GraphConfig
+from ml.data.graph import build_cooccurrence_graph, item_counts, windowed_pairs
+
+
+def _seqs(spark, rows):
+    return spark.createDataFrame([(u, items, list(range(len(items))), len(items)) for u, items in rows], S.SEQUENCES)
+
+
+def _edges(spark, rows, **kw):
+    cfg = GraphConfig(**{"top_n": 100, **kw})
+    return {(r.item_id, r.neighbor_id): (r.weight, r["count"], r.rank)
+            for r in build_cooccurrence_graph(_seqs(spark, rows), cfg).collect()}
+
+
+def test_window_one_directed_counts_adjacent_pairs(spark):
+    e = _edges(spark, [(1, [1, 2, 3]), (2, [1, 2])], window=1)
+    assert e == {(1, 2): (2.0, 2, 1), (2, 3): (1.0, 1, 1)}
+
+
+def test_window_and_decay(spark):
+    e = _edges(spark, [(1, [1, 2, 3, 4])], window=2, decay=True)
+    assert e[(1, 2)][0] == 1.0 and e[(1, 3)][0] == 0.5 and (1, 4) not in e
+    assert e[(1, 2)][2] == 1 and e[(1, 3)][2] == 2
+
+
+def test_symmetric_adds_reverse_edges(spark):
+    e = _edges(spark, [(1, [1, 2])], window=1, symmetric=True)
+    assert set(e) == {(1, 2), (2, 1)}
+
+
+def test_self_pairs_skipped_and_min_count(spark):
+    e = _edges(spark, [(1, [1, 1, 2]), (2, [1, 2]), (3, [3, 4])], window=1, min_count=2)
+    assert e == {(1, 2): (2.0, 2, 1)}
+
+
+def test_top_n_ties_broken_by_count_then_id(spark):
+    # item 1 -> 5, 3, 4 once each (equal weight and count): ranks by neighbour id
+    rows = [(1, [1, 5]), (2, [1, 3]), (3, [1, 4]), (4, [1, 9]), (5, [1, 9])]
+    e = _edges(spark, rows, window=1, top_n=3)
+    assert [k[1] for k, v in sorted(e.items(), key=lambda kv: kv[1][2]) if k[0] == 1] == [9, 3, 4]
+    # decayed weight ties: count decides (2 x 0.5 = 1 x 1.0)
+    e = _edges(spark, [(1, [1, 7, 8]), (2, [1, 6, 8]), (3, [1, 6])], window=2, decay=True, top_n=3)
+    assert e[(1, 6)][2] == 1 and e[(1, 8)][2] == 2 and e[(1, 7)][2] == 3  # 6: 2.0; 8: 1.0 (count 2); 7: 1.0 (count 1)
+
+
+def test_user_cap_keeps_most_recent_items(spark):
+    e = _edges(spark, [(1, [1, 2, 3, 4, 5])], window=1, max_user_length=3)
+    assert set(e) == {(3, 4), (4, 5)}
+
+
+def test_pairs_are_linear_in_length_not_quadratic(spark):
+    n, w = 2000, 3
+    pairs = windowed_pairs(_seqs(spark, [(1, list(range(n)))]), window=w)
+    assert pairs.count() == sum(n - d for d in range(1, w + 1))
+
+
+def test_top_n_uses_group_limit_not_a_global_sort(spark):
+    g = build_cooccurrence_graph(_seqs(spark, [(1, [1, 2, 3])]), GraphConfig(top_n=2))
+    plan = g._jdf.queryExecution().executedPlan().toString()
+    assert "WindowGroupLimit" in plan
+
+
+def test_no_eval_target_leakage(spark, warehouse):
+    """The held-out last item never creates an edge: the graph reads training sequences only."""
+    from ml.config import SequencesConfig
+    from ml.data.sequences import build_sequences
+
+    acts = spark.createDataFrame([(1, 10, 1, None, None), (1, 11, 2, None, None), (1, 99, 3, None, None)], S.ACTIONS)
+    seqs, targets = build_sequences(acts, SequencesConfig())
+    edges = build_cooccurrence_graph(seqs, GraphConfig(window=5, symmetric=True))
+    assert targets.first().target_item == 99
+    assert edges.where((F.col(S.ITEM_ID) == 99) | (F.col(S.NEIGHBOR_ID) == 99)).count() == 0
+    assert {r.item_id: r["count"] for r in item_counts(seqs).collect()} == {10: 1, 11: 1}

@@ -1,0 +1,92 @@
+"""Metrics on a hand-computed example, and the i2i_topk contract of the baselines."""
+import pytest
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import BaselineConfig
+from ml.data import io
+from ml.data.baselines import cooccurrence_topk, popularity_topk
+from ml.data.graph import item_counts
+from ml.eval.metrics import compute_metrics, format_table
+
+
+def _topk(spark, rows, model="m"):
+    return spark.createDataFrame([(i, n, 1.0 / r, r, model) for i, n, r in rows], S.I2I_TOPK)
+
+
+def test_metrics_hand_computed(spark):
+    topk = _topk(spark, [(1, 2, 1), (1, 3, 2), (1, 4, 3), (5, 6, 1), (5, 7, 2)])
+    targets = spark.createDataFrame([
+        (1, 1, 3, 0, 1),   # rank 2
+        (2, 1, 2, 0, 1),   # rank 1
+        (3, 5, 9, 0, 1),   # not in list
+        (4, 8, 2, 0, 1),   # trigger has no list -> a miss, still counted
+    ], S.EVAL_TARGETS)
+    items = spark.createDataFrame([(3, 100, None, None, None), (2, 100, None, None, None), (9, 200, None, None, None)],
+                                  S.ITEMS_TABLE)
+    rows = compute_metrics(targets, topk, [1, 2, 3], "m", items).collect()
+    overall = {(r.metric, r.k): r.value for r in rows if r.category_id is None}
+    assert overall == {("pre", 1): 0.25, ("pre", 2): 0.5, ("pre", 3): 0.5, ("mrr", None): (0.5 + 1.0) / 4}
+    assert {r.n_users for r in rows if r.category_id is None} == {4}
+    cat100 = {(r.metric, r.k): r.value for r in rows if r.category_id == 100}
+    assert cat100[("pre", 1)] == pytest.approx(1 / 3) and cat100[("mrr", None)] == pytest.approx(1.5 / 3)
+    cat200 = {(r.metric, r.k): r.value for r in rows if r.category_id == 200}
+    assert cat200[("pre", 3)] == 0.0
+    text = format_table([r.asDict() for r in rows], [1, 2, 3])
+    assert "0.2500" in text and "0.3750" in text
+
+
+def _seqs(spark, rows):
+    return spark.createDataFrame([(u, items, list(range(len(items))), len(items)) for u, items in rows], S.SEQUENCES)
+
+
+SEQS = [(1, [1, 2, 3, 1, 2]), (2, [2, 3, 4]), (3, [1, 2, 5]), (4, [6, 2])]
+
+
+def _contract(df, k):
+    assert [(f.name, f.dataType.simpleString()) for f in df.schema] == [
+        (f.name, f.dataType.simpleString()) for f in S.I2I_TOPK]
+    rows = df.collect()
+    assert all(r.item_id != r.neighbor_id for r in rows)
+    by_item = {}
+    for r in rows:
+        by_item.setdefault(r.item_id, []).append(r)
+    for lst in by_item.values():
+        ranks = sorted(r.rank for r in lst)
+        assert ranks == list(range(1, len(ranks) + 1)) and len(ranks) <= k
+        assert len({r.neighbor_id for r in lst}) == len(lst)
+        ordered = sorted(lst, key=lambda r: r.rank)
+        assert all(a.score >= b.score for a, b in zip(ordered, ordered[1:]))
+    return by_item
+
+
+def test_pop_baseline_contract(spark):
+    seqs = _seqs(spark, SEQS)
+    counts = item_counts(seqs)
+    cat = counts.select(S.ITEM_ID).union(spark.createDataFrame([(77,)], "item_id long"))
+    by_item = _contract(popularity_topk(cat, counts, 3), 3)
+    # popularity: 2 (x5), 1 (x3), 3 (x2), then 4/5/6 (x1) by id
+    assert [r.neighbor_id for r in sorted(by_item[77], key=lambda r: r.rank)] == [2, 1, 3]
+    assert [r.neighbor_id for r in sorted(by_item[2], key=lambda r: r.rank)] == [1, 3, 4]  # never itself
+
+
+def test_cooc_baseline_graph_first_then_popularity_fill(spark):
+    seqs = _seqs(spark, SEQS)
+    counts = item_counts(seqs)
+    by_item = _contract(cooccurrence_topk(seqs, counts.select(S.ITEM_ID), counts,
+                                          BaselineConfig(k=4, window=1, symmetric=False)), 4)
+    six = [r.neighbor_id for r in sorted(by_item[6], key=lambda r: r.rank)]
+    assert six == [2, 1, 3, 4]  # 6 -> 2 from the graph, then popular items (not 6, not 2 again)
+    one = sorted(by_item[1], key=lambda r: r.rank)
+    assert one[0].neighbor_id == 2 and one[0].score == 3.0  # 1 -> 2 three times
+
+
+def test_rerun_of_one_model_leaves_the_other(spark, warehouse):
+    path = f"{warehouse}/i2i"
+    a = _topk(spark, [(1, 2, 1), (1, 3, 2)], "pop")
+    b = _topk(spark, [(1, 4, 1)], "cooc")
+    for df, m in ((a, "pop"), (b, "cooc")):
+        io.write_table(spark, df, path, partition_by=[S.MODEL], replace_where={S.MODEL: m})
+    io.write_table(spark, _topk(spark, [(1, 9, 1)], "pop"), path, partition_by=[S.MODEL], replace_where={S.MODEL: "pop"})
+    got = sorted((r.model, r.neighbor_id) for r in io.read_table(spark, path).collect())
+    assert got == [("cooc", 4), ("pop", 9)]
