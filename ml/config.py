@@ -182,6 +182,66 @@ class EvalConfig:
             raise ConfigError(f"eval.ks={self.ks!r} must be a non-empty list of positive integers")
 
 
+@dataclass(frozen=True)
+class SamplesConfig:
+    """``sequences`` (+ ``item_graph``, ``items``, ``users``) -> ``samples_natm``, ``samples_dat``."""
+
+    num_negatives: int = 9  # k negatives per NATM positive (paper's best ~9)
+    noise: str = "unigram"  # q(.): "unigram" (count^alpha) or "uniform" over training items
+    alpha: float = 0.75  # unigram exponent
+    dat_negatives: int = 4  # S random negatives per DAT positive
+    dat_max_positives_per_user: Optional[int] = 200  # most recent positives per user (caps power users)
+    stratify: str = "proportional"  # category strategy for DAT positives: proportional | capped | balanced
+    category_cap: float = 0.3  # capped: no category holds more than this share of positives
+
+    def __post_init__(self) -> None:
+        _check_positive("samples.num_negatives", self.num_negatives)
+        _check_positive("samples.dat_negatives", self.dat_negatives)
+        _check_choice("samples.noise", self.noise, ["unigram", "uniform"])
+        _check_choice("samples.stratify", self.stratify, ["proportional", "capped", "balanced"])
+        _check_positive("samples.alpha", self.alpha, allow_zero=True)
+        _check_positive("samples.dat_max_positives_per_user", self.dat_max_positives_per_user, allow_none=True)
+        if not 0 < self.category_cap <= 1:
+            raise ConfigError(f"samples.category_cap={self.category_cap!r} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training entry point for every model (jobs.train)."""
+
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (per rank) if set
+    batch_size: int = 256  # per rank
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 0 over the run)
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = 1.0  # max global grad norm; None disables
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at each epoch end
+    checkpoint_dir: Optional[str] = None  # default: <warehouse>/checkpoints/<model>
+    launcher: str = "local"  # local (one process) | torchrun | distributor (pyspark TorchDistributor)
+    num_processes: int = 1  # DDP world size for torchrun / distributor
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    amp: bool = True  # mixed precision (bf16 autocast) on GPU only
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 10_000  # rows held for shuffling by each reader worker
+    log_every: int = 50  # steps between metric log lines
+    mlflow: bool = False  # also log to MLflow when installed and configured
+
+    def __post_init__(self) -> None:
+        for k in ("epochs", "batch_size", "lr", "checkpoint_every", "num_processes", "log_every", "shuffle_buffer"):
+            _check_positive(f"train.{k}", getattr(self, k))
+        _check_positive("train.max_steps", self.max_steps, allow_none=True)
+        _check_positive("train.grad_clip", self.grad_clip, allow_none=True)
+        _check_positive("train.num_workers", self.num_workers, allow_zero=True)
+        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_choice("train.optimizer", self.optimizer, ["adam", "adamw", "sgd"])
+        _check_choice("train.lr_schedule", self.lr_schedule, ["constant", "cosine", "linear"])
+        _check_choice("train.launcher", self.launcher, ["local", "torchrun", "distributor"])
+        _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
+
+
 MODELS = ("pop", "cooc", "natm", "dat", "two_tower")
 
 
@@ -197,6 +257,8 @@ class Config:
     graph: GraphConfig = field(default_factory=GraphConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     model: str = "cooc"  # which model the pipeline trains/produces and evaluates
 
     def __post_init__(self) -> None:
