@@ -1,0 +1,225 @@
+"""Training sample sets: ``samples_natm`` (trigger, positive, k negatives + q) and ``samples_dat``.
+
+NATM (paper §2.2): positives are adjacent pairs (s, s+) of the training sequences; each gets k
+negatives drawn from the noise distribution q(.) (unigram count^alpha, or uniform, over training
+items), never equal to the positive or the trigger. q of the positive and of every negative is
+stored with the row because the NCE loss needs k·q(s_c).
+
+DAT (paper §2.3): (user, item, label) rows — each positive (a recent item of the user) plus S
+negatives drawn from q(.). Positives are category-stratified (proportional / capped / balanced) and
+rows are written in hash order so any contiguous run of rows — and so every training batch —
+mixes categories, the major one included, as the Category Alignment Loss needs.
+
+Sampling is reproducible: every random draw is a hash of (seed, user, position, draw index),
+computed on executors; the q table (one row per training item) is the only broadcast.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DoubleType, LongType, StructField, StructType
+
+from ml import schemas as S
+from ml.config import SamplesConfig
+
+POSITIVE_ITEM = "positive_item"
+Q_POSITIVE = "q_positive"
+NEGATIVES = "negatives"
+Q_NEGATIVES = "q_negatives"
+LABEL = "label"
+USER_FEATURES = "user_features"
+POSITION = "position"
+
+NATM_SAMPLES = StructType([
+    StructField(S.USER_ID, LongType(), False),
+    StructField(POSITION, LongType(), False),  # index of the trigger in the user's sequence
+    StructField(S.TRIGGER_ITEM, LongType(), False),
+    StructField(POSITIVE_ITEM, LongType(), False),
+    StructField(Q_POSITIVE, DoubleType(), False),
+    StructField(NEGATIVES, ArrayType(LongType(), False), False),
+    StructField(Q_NEGATIVES, ArrayType(DoubleType(), False), False),
+])
+NOISE_Q = StructType([
+    StructField(S.ITEM_ID, LongType(), False),
+    StructField("q", DoubleType(), False),
+])
+T_SAMPLES_NATM = "samples_natm"
+T_SAMPLES_DAT = "samples_dat"
+T_NOISE_Q = "noise_q"
+
+_MASK = 2**52
+
+
+def noise_distribution(counts: DataFrame, noise: str, alpha: float) -> DataFrame:
+    """q(.) over training items: count^alpha normalised (unigram) or 1/N (uniform)."""
+    w = F.pow(F.col(S.COUNT).cast("double"), F.lit(alpha)) if noise == "unigram" else F.lit(1.0)
+    weighted = counts.select(S.ITEM_ID, w.alias("w"))
+    total = weighted.agg(F.sum("w").alias("t"))
+    return weighted.crossJoin(total).select(S.ITEM_ID, (F.col("w") / F.col("t")).alias("q"))
+
+
+def _noise_arrays(q: DataFrame) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids sorted, cumulative q) for inverse-CDF sampling; one row per training item."""
+    pdf = q.orderBy(S.ITEM_ID).toPandas()  # bounded by the catalogue, not by the action count
+    ids = pdf[S.ITEM_ID].to_numpy(np.int64)
+    cdf = np.cumsum(pdf["q"].to_numpy(np.float64))
+    cdf /= cdf[-1]
+    return ids, cdf
+
+
+def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
+    """Array of n deterministic U[0,1) per row from hashes of (seed, salt, cols, j)."""
+    return F.transform(F.sequence(F.lit(0), F.lit(n - 1)),
+                       lambda j: F.pmod(F.xxhash64(F.lit(seed), F.lit(salt), *cols, j), F.lit(_MASK)).cast("double")
+                       / float(_MASK))
+
+
+def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, seed: int, salt: str,
+                   exclude_cols: Tuple[str, ...], key_cols: Tuple[str, ...]) -> DataFrame:
+    """Add ``negatives`` (k ids drawn from q, none equal to any of ``exclude_cols``) and ``q_negatives``.
+
+    2k+4 candidate draws per row (with replacement, as in NCE) come from hashes of ``key_cols``; the
+    first k valid ones are kept. A row left short (only in tiny catalogues) is completed by a
+    per-row seeded generator, uniformly over the allowed items.
+    """
+    ids, cdf = _noise_arrays(q)
+    if len(ids) <= len(exclude_cols):
+        raise ValueError(f"cannot draw negatives: only {len(ids)} training items")
+    qs = np.diff(np.concatenate([[0.0], cdf]))
+    b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, qs))
+    n_draw = 2 * k + 4
+    keys = [F.col(c) for c in key_cols]
+    staged = rows.withColumn("_u", _uniforms(seed, salt, n_draw, *keys)).withColumn(
+        "_rs", F.xxhash64(F.lit(seed), F.lit(salt + "-fallback"), *keys))
+    out_schema = StructType(rows.schema.fields + [StructField(NEGATIVES, ArrayType(LongType(), False), False),
+                                                  StructField(Q_NEGATIVES, ArrayType(DoubleType(), False), False)])
+    names = rows.columns
+
+    def sample(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        ids_, cdf_, q_ = b_ids.value, b_cdf.value, b_q.value
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            u = np.stack(pdf["_u"].to_numpy())  # (B, n_draw)
+            pos = np.minimum(np.searchsorted(cdf_, u, side="right"), len(ids_) - 1)
+            cand = ids_[pos]
+            ok = np.ones_like(cand, dtype=bool)
+            for c in exclude_cols:
+                ok &= cand != pdf[c].to_numpy(np.int64)[:, None]
+            # first k valid draws per row, vectorised: a stable sort brings valid columns to the front
+            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+            sel = np.take_along_axis(pos, order, axis=1)  # (B, k) positions into ids_
+            short = np.flatnonzero(ok.sum(axis=1) < k)
+            for r in short:  # degenerate catalogues only: complete from a per-row seeded generator
+                rng = np.random.default_rng(int(pdf["_rs"].iat[r]) & 0x7FFFFFFFFFFFFFFF)
+                excl = np.isin(ids_, [int(pdf[c].iat[r]) for c in exclude_cols])
+                allowed = np.flatnonzero(~excl)
+                valid = pos[r][ok[r]]
+                sel[r] = np.concatenate([valid, rng.choice(allowed, k - len(valid))])[:k]
+            negs = list(ids_[sel])
+            qn = list(q_[sel])
+            res = pdf[names].copy()
+            res[NEGATIVES] = negs
+            res[Q_NEGATIVES] = qn
+            yield res
+
+    return staged.mapInPandas(sample, out_schema)
+
+
+def adjacent_pairs(sequences: DataFrame) -> DataFrame:
+    """(user_id, position, trigger_item, positive_item) for consecutive items a != b."""
+    pairs = F.expr(f"""
+        if(size({S.ITEMS}) > 1,
+           transform(sequence(0, size({S.ITEMS}) - 2),
+                     i -> named_struct('p', i, 'a', {S.ITEMS}[i], 'b', {S.ITEMS}[i + 1])),
+           array())""")
+    return (sequences.select(S.USER_ID, F.explode(pairs).alias("x"))
+            .select(S.USER_ID, F.col("x.p").cast("long").alias(POSITION), F.col("x.a").alias(S.TRIGGER_ITEM),
+                    F.col("x.b").alias(POSITIVE_ITEM))
+            .where(F.col(S.TRIGGER_ITEM) != F.col(POSITIVE_ITEM)))
+
+
+def build_natm_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, cfg: SamplesConfig,
+                       seed: int) -> DataFrame:
+    """``samples_natm``: adjacent positives, k negatives from q, q recorded for all candidates."""
+    pos = adjacent_pairs(sequences)
+    pos = pos.join(q.select(F.col(S.ITEM_ID).alias(POSITIVE_ITEM), F.col("q").alias(Q_POSITIVE)), POSITIVE_ITEM)
+    pos = pos.select(S.USER_ID, POSITION, S.TRIGGER_ITEM, POSITIVE_ITEM, Q_POSITIVE)
+    out = draw_negatives(spark, pos, q, cfg.num_negatives, seed, "natm", (S.TRIGGER_ITEM, POSITIVE_ITEM),
+                         (S.USER_ID, POSITION))
+    return out.select(*[F.col(f.name) for f in NATM_SAMPLES.fields])
+
+
+def _stratify(pos: DataFrame, cfg: SamplesConfig, seed: int) -> DataFrame:
+    """Down-sample positives of over-represented categories (capped / balanced); keep all otherwise."""
+    if cfg.stratify == "proportional":
+        return pos
+    per_cat = pos.groupBy(S.CATEGORY_ID).agg(F.count(F.lit(1)).alias("_n"))
+    sizes = [r["_n"] for r in per_cat.collect()]  # one row per category, not per sample
+    if cfg.stratify == "capped":
+        limit = F.lit(_cap_limit(sizes, cfg.category_cap))
+    else:  # balanced: every category down to the median category size
+        limit = F.lit(float(np.median(sizes)) if sizes else 1.0)
+    keep = F.least(F.lit(1.0), limit / F.col("_n"))
+    u = F.pmod(F.xxhash64(F.lit(seed), F.lit("stratify"), S.USER_ID, S.ITEM_ID, POSITION), F.lit(_MASK)) / float(_MASK)
+    return pos.join(F.broadcast(per_cat), S.CATEGORY_ID, "left").where(F.col("_n").isNull() | (u < keep)).drop("_n")
+
+
+def _cap_limit(sizes: list, cap: float) -> float:
+    """Largest per-category size L with L <= cap * sum(min(n, L)): after capping every category at L,
+    none holds more than ``cap`` of the positives (water-filling; bisection on a concave function)."""
+    if not sizes:
+        return 1.0
+    if cap * len(sizes) <= 1.0:  # the cap cannot hold for every category: equalise them
+        return float(min(sizes))
+    lo, hi = 0.0, float(max(sizes))
+    if hi <= cap * sum(sizes):
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mid <= cap * sum(min(n, mid) for n in sizes):
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, 1.0)
+
+
+def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, items: DataFrame | None,
+                      users: DataFrame | None, cfg: SamplesConfig, seed: int) -> DataFrame:
+    """``samples_dat``: (user, item, label, category, user features), S negatives per positive."""
+    seqs = sequences
+    if cfg.dat_max_positives_per_user:
+        n = F.size(S.ITEMS)
+        m = cfg.dat_max_positives_per_user
+        seqs = seqs.withColumn(S.ITEMS, F.when(n > m, F.slice(S.ITEMS, n - m + 1, m)).otherwise(F.col(S.ITEMS)))
+    pos = seqs.select(S.USER_ID, F.posexplode(S.ITEMS).alias(POSITION, S.ITEM_ID)).withColumn(
+        POSITION, F.col(POSITION).cast("long"))
+    cats = (items.select(S.ITEM_ID, S.CATEGORY_ID) if items is not None
+            else pos.select(S.ITEM_ID).distinct().withColumn(S.CATEGORY_ID, F.lit(None).cast("long")))
+    pos = pos.join(cats, S.ITEM_ID, "left")
+    pos = _stratify(pos, cfg, seed)
+    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID), q, cfg.dat_negatives, seed,
+                               "dat", (S.ITEM_ID,), (S.USER_ID, POSITION))
+    positives = pos.select(S.USER_ID, POSITION, S.ITEM_ID, F.lit(1.0).alias(LABEL))
+    negatives = with_negs.select(S.USER_ID, POSITION, F.explode(NEGATIVES).alias(S.ITEM_ID)).withColumn(
+        LABEL, F.lit(0.0))
+    rows = positives.unionByName(negatives).join(cats, S.ITEM_ID, "left")
+    if users is not None:
+        rows = rows.join(users.select(S.USER_ID, F.col(S.FEATURES).alias(USER_FEATURES)), S.USER_ID, "left")
+    else:
+        rows = rows.withColumn(USER_FEATURES, F.lit(None).cast("map<string,string>"))
+    # hash order: contiguous rows (and so batches) mix users and categories
+    order = F.xxhash64(F.lit(seed), F.lit("order"), S.USER_ID, POSITION, S.ITEM_ID, LABEL)
+    return (rows.withColumn("_o", order).repartitionByRange("_o").sortWithinPartitions("_o")
+            .select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"), F.col(LABEL).cast("double"),
+                    F.col(S.CATEGORY_ID).cast("long"), USER_FEATURES, POSITION))
+
+
+def category_counts(samples: DataFrame) -> DataFrame:
+    """Positives per category, largest first (logged by the job; the major category is the first)."""
+    return (samples.where(F.col(LABEL) == 1.0).groupBy(S.CATEGORY_ID).agg(F.count(F.lit(1)).alias("positives"))
+            .orderBy(F.desc("positives"), F.asc(S.CATEGORY_ID)))

@@ -1,0 +1,124 @@
+"""Sample sets on hand-made data: counts, exclusions, recorded q, determinism, strata."""
+import pytest
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import SamplesConfig
+from ml.data.graph import item_counts
+from ml.data.samples import (LABEL, NEGATIVES, POSITIVE_ITEM, Q_NEGATIVES, Q_POSITIVE, adjacent_pairs,
+                             build_dat_samples, build_natm_samples, category_counts, noise_distribution)
+
+
+def _seqs(spark, rows):
+    return spark.createDataFrame([(u, items, list(range(len(items))), len(items)) for u, items in rows], S.SEQUENCES)
+
+
+def test_noise_distribution_unigram_and_uniform(spark):
+    counts = spark.createDataFrame([(1, 1), (2, 4)], "item_id long, count long")
+    q = {r.item_id: r.q for r in noise_distribution(counts, "unigram", 0.5).collect()}
+    assert q[1] == pytest.approx(1 / 3) and q[2] == pytest.approx(2 / 3)
+    q = {r.item_id: r.q for r in noise_distribution(counts, "uniform", 0.75).collect()}
+    assert q == {1: 0.5, 2: 0.5}
+
+
+def test_adjacent_pairs_skip_repeats_and_single_action_users(spark):
+    pairs = adjacent_pairs(_seqs(spark, [(1, [1, 2, 3]), (2, [4]), (3, [5, 5, 6])]))
+    assert sorted((r.trigger_item, r.positive_item) for r in pairs.collect()) == [(1, 2), (2, 3), (5, 6)]
+
+
+SEQS = [(u, [(u * 7 + i) % 40 + 1 for i in range(12)]) for u in range(1, 30)]
+
+
+def test_natm_negatives_exclusions_q_and_determinism(spark):
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "unigram", 0.75).cache()
+    qd = {r.item_id: r.q for r in q.collect()}
+    cfg = SamplesConfig(num_negatives=5)
+    rows = build_natm_samples(spark, seqs, q, cfg, seed=3).collect()
+    assert len(rows) == adjacent_pairs(seqs).count()
+    for r in rows:
+        assert len(r[NEGATIVES]) == 5 and len(r[Q_NEGATIVES]) == 5
+        assert r[POSITIVE_ITEM] not in r[NEGATIVES] and r.trigger_item not in r[NEGATIVES]
+        assert r[Q_POSITIVE] == pytest.approx(qd[r[POSITIVE_ITEM]])
+        assert r[Q_NEGATIVES] == pytest.approx([qd[n] for n in r[NEGATIVES]])
+    again = build_natm_samples(spark, seqs, q, cfg, seed=3).collect()
+    key = lambda r: (r.user_id, r.position)  # noqa: E731
+    assert sorted(rows, key=key) == sorted(again, key=key)
+    other = build_natm_samples(spark, seqs, q, cfg, seed=4).collect()
+    assert sorted(rows, key=key) != sorted(other, key=key)
+
+
+def test_negatives_follow_q(spark):
+    seqs = _seqs(spark, [(u, [1, 2] * 20 + [3]) for u in range(1, 40)] + [(99, [4, 5])])
+    q = noise_distribution(item_counts(seqs), "unigram", 1.0)
+    rows = build_natm_samples(spark, seqs, q, SamplesConfig(num_negatives=9), seed=1)
+    freq = rows.select(F.explode(NEGATIVES).alias("n")).groupBy("n").count().collect()
+    freq = {r.n: r["count"] for r in freq}
+    # trigger/positive are 1/2 most of the time, so negatives are mostly 3, 4, 5 with 3 the most common
+    assert freq[3] > freq.get(4, 0) and freq[3] > freq.get(5, 0)
+
+
+def test_tiny_catalogue_still_gets_k_negatives(spark):
+    seqs = _seqs(spark, [(1, [1, 2, 3])])
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    rows = build_natm_samples(spark, seqs, q, SamplesConfig(num_negatives=9), seed=1).collect()
+    for r in rows:
+        assert len(r[NEGATIVES]) == 9 and not {r.trigger_item, r[POSITIVE_ITEM]} & set(r[NEGATIVES])
+
+
+def test_cap_limit_water_filling():
+    from ml.data.samples import _cap_limit
+
+    L = _cap_limit([700, 100, 100, 100], 0.3)
+    assert L == pytest.approx(0.3 * (L + 300))  # after capping, the big category holds exactly 30%
+    assert _cap_limit([10, 10], 0.9) == 10  # nothing to cap
+    assert _cap_limit([50, 5, 5], 0.2) == 5  # 0.2 x 3 categories < 1: equalise
+
+
+def _items(spark, n_items, cat):
+    return spark.createDataFrame([(i, cat(i), None, None, None) for i in range(1, n_items + 1)], S.ITEMS_TABLE)
+
+
+def test_dat_rows_labels_features(spark):
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    users = spark.createDataFrame([(1, {"gender": "F"})], S.USERS_TABLE)
+    cfg = SamplesConfig(dat_negatives=3)
+    df = build_dat_samples(spark, seqs, q, _items(spark, 40, lambda i: i % 4), users, cfg, seed=1).cache()
+    n_pos = sum(len(s[1]) for s in SEQS)
+    assert df.where(F.col(LABEL) == 1.0).count() == n_pos and df.where(F.col(LABEL) == 0.0).count() == 3 * n_pos
+    pos = {(r.user_id, r.position): r.item_id for r in df.where(F.col(LABEL) == 1.0).collect()}
+    for r in df.where(F.col(LABEL) == 0.0).collect():
+        assert r.item_id != pos[(r.user_id, r.position)]
+    assert df.where(F.col(S.USER_ID) == 1).first().user_features == {"gender": "F"}
+    assert df.where(F.col(S.CATEGORY_ID).isNull()).count() == 0
+    df.unpersist()
+
+
+def test_dat_stratification_caps_the_major_category(spark):
+    # category 0 holds 70% of the positives
+    seqs = _seqs(spark, [(u, [1 + (u + i) % 7 if (u + i) % 10 < 7 else 8 + (u + i) % 3 for i in range(30)])
+                         for u in range(1, 60)])
+    items = _items(spark, 10, lambda i: 0 if i <= 7 else i)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    shares = {}
+    for strategy in ("proportional", "capped", "balanced"):
+        cfg = SamplesConfig(stratify=strategy, category_cap=0.3, dat_negatives=1, dat_max_positives_per_user=None)
+        counts = {r.category_id: r.positives
+                  for r in category_counts(build_dat_samples(spark, seqs, q, items, None, cfg, 2)).collect()}
+        shares[strategy] = counts[0] / sum(counts.values())
+    assert shares["proportional"] == pytest.approx(0.7, abs=0.02)
+    assert shares["capped"] == pytest.approx(0.3, abs=0.05) and shares["balanced"] < shares["proportional"]
+
+
+def test_dat_batches_mix_categories(spark):
+    """Rows are written in hash order: any 64 consecutive rows hold several categories incl. the major one."""
+    seqs = _seqs(spark, [(u, sorted((u * 13 + i * 5) % 60 + 1 for i in range(20))) for u in range(1, 80)])
+    items = _items(spark, 60, lambda i: 0 if i <= 30 else i % 6 + 1)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    df = build_dat_samples(spark, seqs, q, items, None, SamplesConfig(dat_negatives=1), 5)
+    cats = [r.category_id for r in df.collect()]  # written order within partitions
+    major = 0
+    for start in range(0, len(cats) - 64, 64):
+        window = set(cats[start:start + 64])
+        assert major in window and len(window) >= 3
