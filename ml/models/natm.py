@@ -1,0 +1,229 @@
+"""NATM — Neighbor-Augmented Transformer-based embedding for retrieval (Alibaba), §2.2–2.4.
+
+An item is encoded together with its top-N co-occurrence neighbours as a "quasi-sequence"
+``[item, n_1, ..., n_N]``. Token embedding = item id embedding (+ category embedding: the paper's
+"multimodal fusion" of side features) + position embedding (neighbour order) + weight embedding
+(bucketised co-occurrence count). A transformer encoder mixes the tokens; the item's output vector
+is its embedding r. Trigger and candidate go through the same encoder (twin) unless
+``separate_encoders``; relevance R = cos(r_trigger, r_candidate).
+
+Items are contiguous indices 1..V (0 = padding); :class:`NeighborTable` holds the graph lookups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD = 0
+
+
+@dataclass(frozen=True)
+class NATMConfig:
+    num_items: int  # V: item indices are 1..V, 0 is padding
+    num_neighbors: int = 9  # N (0 = no neighbour augmentation)
+    num_categories: int = 0  # 0: no category embedding
+    dim: int = 64  # embedding / model width
+    layers: int = 2  # transformer layers (0 = MLP only, the paper's ablation)
+    heads: int = 4
+    ffn_mult: int = 2
+    dropout: float = 0.1
+    weight_buckets: int = 16  # log2 buckets of the co-occurrence count
+    gamma: float = 10.0  # smoothing factor of the NCE relevance exp(gamma * R)
+    mlm_prob: float = 0.15  # share of neighbour tokens masked for the item-level MLM loss
+    mlm_weight: float = 0.1  # lambda of the MLM term
+    mlm_negatives: Optional[int] = None  # None: full softmax over items; else sampled softmax size
+    separate_encoders: bool = False  # different encoders for trigger and candidate (directed graph)
+
+    def __post_init__(self) -> None:
+        if self.num_items <= 0:
+            raise ValueError(f"natm.num_items={self.num_items} must be > 0")
+        if self.layers < 0 or self.num_neighbors < 0:
+            raise ValueError("natm.layers and natm.num_neighbors must be >= 0")
+        if self.layers and self.dim % self.heads:
+            raise ValueError(f"natm.dim={self.dim} must be divisible by natm.heads={self.heads}")
+        if not 0 <= self.mlm_prob < 1:
+            raise ValueError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
+
+
+def bucketize_weights(weights: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Co-occurrence weights -> log2 buckets 1..buckets-1 (0 is reserved for 'no weight')."""
+    b = torch.floor(torch.log2(weights.clamp(min=1.0))).long() + 1
+    return torch.where(weights > 0, b.clamp(1, buckets - 1), torch.zeros_like(b))
+
+
+class NeighborTable(nn.Module):
+    """Per-item top-N neighbours, weight buckets and category, as non-trainable buffers."""
+
+    def __init__(self, neighbors: torch.Tensor, weight_buckets: torch.Tensor, categories: Optional[torch.Tensor]):
+        super().__init__()
+        self.register_buffer("neighbors", neighbors.long(), persistent=True)  # (V+2, N)
+        self.register_buffer("weight_buckets", weight_buckets.long(), persistent=True)  # (V+2, N)
+        if categories is not None:
+            self.register_buffer("categories", categories.long(), persistent=True)  # (V+2,)
+        else:
+            self.categories = None
+
+    def quasi_sequence(self, items: torch.Tensor):
+        """(B,) item indices -> tokens (B, 1+N), weight buckets (B, 1+N)."""
+        nb = self.neighbors[items]  # (B, N)
+        wb = self.weight_buckets[items]  # (B, N)
+        tokens = torch.cat([items[:, None], nb], dim=1)
+        buckets = torch.cat([torch.zeros_like(items)[:, None], wb], dim=1)
+        return tokens, buckets
+
+
+class Encoder(nn.Module):
+    """Quasi-sequence -> item embedding r (and token states for the MLM head)."""
+
+    def __init__(self, cfg: NATMConfig, item_emb: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = item_emb  # shared between encoders and tied to the MLM output
+        self.pos_emb = nn.Embedding(cfg.num_neighbors + 1, cfg.dim)
+        self.weight_emb = nn.Embedding(cfg.weight_buckets, cfg.dim)
+        self.cat_emb = nn.Embedding(cfg.num_categories + 1, cfg.dim, padding_idx=0) if cfg.num_categories else None
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.layers:
+            layer = nn.TransformerEncoderLayer(cfg.dim, cfg.heads, cfg.ffn_mult * cfg.dim, cfg.dropout,
+                                               batch_first=True, norm_first=True, activation="gelu")
+            self.transformer = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+            self.mlp = None
+        else:
+            self.transformer = None
+            self.mlp = nn.Sequential(nn.Linear(2 * cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, tokens: torch.Tensor, buckets: torch.Tensor, categories: Optional[torch.Tensor]):
+        """tokens, buckets: (B, T) with T = 1+N. Returns r (B, D) and token states (B, T, D)."""
+        T = tokens.shape[1]
+        pos = torch.arange(T, device=tokens.device)
+        x = self.item_emb(tokens) + self.pos_emb(pos)[None] + self.weight_emb(buckets)  # (B, T, D)
+        if self.cat_emb is not None and categories is not None:
+            x = x + self.cat_emb(categories)
+        x = self.drop(self.norm(x))
+        pad = tokens == PAD  # (B, T); the item itself (t=0) is never padding
+        if self.transformer is not None:
+            h = self.transformer(x, src_key_padding_mask=pad)  # (B, T, D)
+            r = h[:, 0]
+        else:
+            keep = (~pad[:, 1:]).float()[..., None]  # (B, N, 1)
+            mean_nb = (x[:, 1:] * keep).sum(1) / keep.sum(1).clamp(min=1.0) if T > 1 else torch.zeros_like(x[:, 0])
+            h = x
+            r = self.mlp(torch.cat([x[:, 0], mean_nb], dim=-1))
+        return self.out(r), h
+
+
+class NATM(nn.Module):
+    """Twin transformer encoder over quasi-sequences, NCE + item-level MLM training."""
+
+    def __init__(self, cfg: NATMConfig, table: NeighborTable):
+        super().__init__()
+        self.cfg = cfg
+        self.table = table
+        # two extra rows: 0 = padding, V+1 = [MASK]
+        self.item_emb = nn.Embedding(cfg.num_items + 2, cfg.dim, padding_idx=PAD)
+        self.mask_id = cfg.num_items + 1
+        self.trigger_encoder = Encoder(cfg, self.item_emb)
+        self.candidate_encoder = Encoder(cfg, self.item_emb) if cfg.separate_encoders else self.trigger_encoder
+        self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same scale for every token embedding: N(0,1) position/weight embeddings would swamp the
+        # item ids and make every item look alike at init (cosine ~1, saturated NCE).
+        for enc in {self.trigger_encoder, self.candidate_encoder}:
+            for emb in (enc.pos_emb, enc.weight_emb, enc.cat_emb):
+                if emb is not None:
+                    nn.init.normal_(emb.weight, std=0.1)
+        nn.init.normal_(self.item_emb.weight, std=0.1)
+        with torch.no_grad():
+            self.item_emb.weight[PAD].zero_()
+
+    def _inputs(self, items: torch.Tensor):
+        tokens, buckets = self.table.quasi_sequence(items)
+        cats = self.table.categories[tokens] if self.table.categories is not None else None
+        return tokens, buckets, cats
+
+    def encode(self, items: torch.Tensor, side: str = "trigger") -> torch.Tensor:
+        """(B,) item indices -> L2-normalised embeddings (B, D)."""
+        enc = self.trigger_encoder if side == "trigger" else self.candidate_encoder
+        r, _ = enc(*self._inputs(items))
+        return F.normalize(r, dim=-1)
+
+    def forward(self, trigger: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """trigger (B,), candidates (B, C) -> cosine relevance R (B, C)."""
+        B, C = candidates.shape
+        r_t = self.encode(trigger, "trigger")  # (B, D)
+        r_c = self.encode(candidates.reshape(-1), "candidate").view(B, C, -1)  # (B, C, D)
+        return torch.einsum("bd,bcd->bc", r_t, r_c)
+
+    def mlm_loss(self, items: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Mask neighbour tokens of the items' quasi-sequences and predict their ids (tied output)."""
+        tokens, buckets, cats = self._inputs(items)
+        maskable = tokens[:, 1:] != PAD  # (B, N): only real neighbours
+        if not maskable.any() or self.cfg.mlm_prob == 0:
+            return tokens.new_zeros((), dtype=torch.float32)
+        draw = torch.rand(maskable.shape, device=tokens.device, generator=generator)
+        masked = maskable & (draw < self.cfg.mlm_prob)
+        if not masked.any():
+            return tokens.new_zeros((), dtype=torch.float32)
+        inp = tokens.clone()
+        inp[:, 1:][masked] = self.mask_id
+        _, h = self.trigger_encoder(inp, buckets, cats)
+        states = self.mlm_head(h[:, 1:][masked])  # (M, D)
+        targets = tokens[:, 1:][masked]  # (M,)
+        return mlm_cross_entropy(states, targets, self.item_emb.weight[: self.cfg.num_items + 1],
+                                 self.cfg.mlm_negatives, generator)
+
+
+def mlm_cross_entropy(states: torch.Tensor, targets: torch.Tensor, out_weight: torch.Tensor,
+                      num_sampled: Optional[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Full softmax over items, or sampled softmax: targets + ``num_sampled`` uniform negatives."""
+    if num_sampled is None:
+        logits = states @ out_weight.T  # (M, V+1)
+        logits[:, PAD] = float("-inf")
+        return F.cross_entropy(logits, targets)
+    V = out_weight.shape[0] - 1
+    neg = torch.randint(1, V + 1, (num_sampled,), device=states.device, generator=generator)
+    cand = torch.cat([targets, neg])  # (M + S,)
+    logits = states @ out_weight[cand].T  # (M, M + S)
+    same = targets[:, None] == cand[None, :]
+    eye = torch.zeros_like(same)
+    eye[:, : len(targets)] = torch.eye(len(targets), dtype=torch.bool, device=states.device)
+    logits = logits.masked_fill(same & ~eye, float("-inf"))  # accidental hits of the true id
+    return F.cross_entropy(logits, torch.arange(len(targets), device=states.device))
+
+
+def nce_loss(relevance: torch.Tensor, q: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
+    """NATM's NCE loss. relevance R (B, 1+k): column 0 the positive; q (B, 1+k) noise probabilities.
+
+    p(y=1|s,s_c) = exp(γR) / (exp(γR) + k·q(s_c)); p(y=0|s,s_c) = k·q(s_c) / (exp(γR) + k·q(s_c)).
+    Loss = -mean_b [ log p(y=1|s,s+) + Σ_negatives log p(y=0|s,s-) ], computed stably as softplus.
+    """
+    z = gamma * relevance - torch.log(k * q.clamp(min=1e-30))  # log-odds of "data" vs "noise"
+    pos = F.softplus(-z[:, 0])  # -log sigmoid(z)
+    neg = F.softplus(z[:, 1:]).sum(dim=1)  # -log (1 - sigmoid(z))
+    return (pos + neg).mean()
+
+
+def build_neighbor_table(num_items: int, item_idx: torch.Tensor, neighbor_idx: torch.Tensor, weight: torch.Tensor,
+                         rank: torch.Tensor, n: int, buckets: int, categories: Optional[torch.Tensor] = None,
+                         ) -> NeighborTable:
+    """Dense (V+2, N) lookup from graph rows (item index, neighbour index, weight, rank 1..)."""
+    nb = torch.zeros(num_items + 2, max(n, 0), dtype=torch.long)
+    wb = torch.zeros_like(nb)
+    if n > 0 and len(item_idx):
+        keep = rank <= n
+        i, j = item_idx[keep].long(), (rank[keep] - 1).long()
+        nb[i, j] = neighbor_idx[keep].long()
+        wb[i, j] = bucketize_weights(weight[keep].float(), buckets)
+    cats = None
+    if categories is not None:
+        cats = torch.zeros(num_items + 2, dtype=torch.long)
+        cats[: len(categories)] = categories.long()
+    return NeighborTable(nb, wb, cats)
