@@ -242,6 +242,31 @@ class TrainConfig:
         _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
 
 
+@dataclass(frozen=True)
+class NATMSection:
+    """NATM hyper-parameters (see ml/models/natm.py); the item count comes from the data."""
+
+    num_neighbors: int = 9  # N neighbours in the quasi-sequence (0 = no augmentation)
+    dim: int = 64
+    layers: int = 2  # 0 = MLP only (paper's ablation); paper's best is 4
+    heads: int = 4
+    ffn_mult: int = 2
+    dropout: float = 0.1
+    weight_buckets: int = 16
+    gamma: float = 10.0  # NCE smoothing factor
+    mlm_prob: float = 0.15
+    mlm_weight: float = 0.1
+    mlm_negatives: Optional[int] = None  # None: full softmax; else sampled softmax with this many
+    separate_encoders: bool = False
+    use_categories: bool = True  # add the item's category embedding to every token
+
+    def __post_init__(self) -> None:
+        _check_positive("natm.num_neighbors", self.num_neighbors, allow_zero=True)
+        _check_positive("natm.layers", self.layers, allow_zero=True)
+        for k in ("dim", "heads", "gamma", "weight_buckets"):
+            _check_positive(f"natm.{k}", getattr(self, k))
+
+
 MODELS = ("pop", "cooc", "natm", "dat", "two_tower")
 
 
@@ -259,6 +284,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    natm: NATMSection = field(default_factory=NATMSection)
     model: str = "cooc"  # which model the pipeline trains/produces and evaluates
 
     def __post_init__(self) -> None:

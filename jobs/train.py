@@ -1,0 +1,87 @@
+"""Train the configured model (``model`` = natm | dat | two_tower) from its sample table.
+
+    python -m jobs.train --conf conf/ml1m_natm.yaml [--resume]
+    torchrun --standalone --nproc_per_node=2 -m jobs.train --conf conf/ml1m_natm.yaml --set train.launcher=torchrun
+    python -m jobs.train --conf ... --set train.launcher=distributor --set train.num_processes=2
+
+Rank 0 logs, writes checkpoints under ``train.checkpoint_dir`` (default <warehouse>/checkpoints/<model>),
+per-step metrics as JSON lines, and at the end the model artifact <warehouse>/models/<model>/model.pt
+that the embed job loads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional, Sequence
+
+from ml.config import Config, ConfigError
+
+from jobs._cli import parse
+
+log = logging.getLogger("jobs.train")
+TRAINABLE = ("natm",)
+
+
+def model_dir(cfg: Config) -> str:
+    return cfg.table_path(os.path.join("models", cfg.model))
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    return cfg.train.checkpoint_dir or cfg.table_path(os.path.join("checkpoints", cfg.model))
+
+
+def train_worker(cfg: Config, resume: bool) -> dict:
+    """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
+    from ml.train.distributed import cleanup, init_distributed
+    from ml.train.loop import train
+    from ml.train.natm_task import NATMTrainer, build_natm, natm_batches, save_artifact
+
+    ctx = init_distributed(cfg.train.device)
+    try:
+        model, vocab = build_natm(cfg)
+        make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
+        steps_per_epoch = max(1, ds.num_rows() // (cfg.train.batch_size * ctx.world_size))
+        trainer = NATMTrainer(model, cfg.samples.num_negatives)
+        os.makedirs(model_dir(cfg), exist_ok=True)
+        res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, checkpoint_dir(cfg), resume=resume,
+                    seed=cfg.seed, metrics_path=os.path.join(model_dir(cfg), "train_metrics.jsonl"),
+                    steps_per_epoch=steps_per_epoch)
+        if ctx.is_main:
+            save_artifact(os.path.join(model_dir(cfg), "model.pt"), model, vocab,
+                          extra={"samples_version": ds.version, "steps": res["steps"]})
+            with open(os.path.join(model_dir(cfg), "run.json"), "w") as f:
+                json.dump({"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
+                           "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+        return res
+    finally:
+        cleanup()
+
+
+def run(cfg: Config, resume: bool = False) -> dict:
+    if cfg.model not in TRAINABLE:
+        raise ConfigError(f"model={cfg.model!r} is not trainable here; expected one of {list(TRAINABLE)}")
+    from ml.train.distributed import launch
+
+    t = time.time()
+    res = launch(train_worker, cfg.train, cfg, resume)
+    log.info("trained %s: %s steps in %.0fs (%.0f samples/s)", cfg.model, res["steps"], time.time() - t,
+             res["samples_per_s"])
+    return res
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    def extra(p):
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+    cfg, args = parse(__doc__, argv, extra)
+    res = run(cfg, args.resume)
+    print(f"trained {cfg.model}: {res['steps']} steps, final loss {res['final_loss']:.4f}, "
+          f"{res['samples_per_s']:.0f} samples/s")
+    print(f"  model       {os.path.join(model_dir(cfg), 'model.pt')}")
+
+
+if __name__ == "__main__":
+    main()

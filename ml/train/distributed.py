@@ -1,0 +1,160 @@
+"""Process-group setup and launchers for single-process and DDP training.
+
+This module is the only place that reads ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE``. Those are set
+by ``torchrun`` (``torch.distributed.run``) and by pyspark's ``TorchDistributor`` (which runs
+torchrun underneath); a plain ``python -m jobs.train`` has none of them and trains in one process.
+
+Launchers (``train.launcher``):
+
+- ``local``: ``launch`` calls the training function in this process.
+- ``torchrun``: the job is started by torchrun itself, e.g.
+  ``torchrun --standalone --nproc_per_node=2 -m jobs.train --conf ...``;
+  :func:`torchrun_command` builds that command line with the current interpreter.
+- ``distributor``: ``launch`` hands the function to
+  ``pyspark.ml.torch.distributor.TorchDistributor(num_processes=N, local_mode=True)``, which needs
+  an active SparkSession and pickles the function and its arguments (cloudpickle) into its workers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ml.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job: its ranks, the world size and its torch device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    is_main: bool = True  # rank 0: the only process that logs and writes checkpoints / metrics
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` requires it."""
+    if device_pref not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device_pref!r} is not allowed; expected one of ['auto', 'cpu', 'cuda']")
+    if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch.cuda.is_available() is False")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device_pref: str = "auto", timeout: Optional[timedelta] = None) -> DistContext:
+    """Join the process group when the launcher set ``WORLD_SIZE > 1``; otherwise a 1-process context.
+
+    Backend: nccl on CUDA, gloo on CPU. Rendezvous is ``env://`` (``MASTER_ADDR``/``MASTER_PORT``,
+    set by torchrun and TorchDistributor). Calling it again in an initialised process reuses the group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = resolve_device(device_pref, local_rank)
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank,
+                                    world_size=world_size, **kwargs)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    ctx = DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                      is_main=rank == 0)
+    if ctx.is_main:
+        logger.info("training on %s, world size %d", device, world_size)
+    return ctx
+
+
+def cleanup() -> None:
+    """Leave the process group, if one was joined (safe to call in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N <argv>`` as an argv list.
+
+    ``argv`` is what torchrun runs, e.g. ``["-m", "jobs.train", "--conf", "conf/ml1m_natm.yaml"]``.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *argv]
+
+
+def _under_launcher() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+class _Rank0Output:
+    """Runs ``fn`` and keeps rank 0's return value in ``path``.
+
+    TorchDistributor has every rank pickle its output to the same file, so the value it returns
+    is that of whichever rank finished last; in local mode the driver can read this file instead.
+    """
+
+    def __init__(self, fn: Callable[..., Any], path: str) -> None:
+        self.fn = fn
+        self.path = path
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.fn(*args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(self.path + ".tmp", "wb") as f:
+                pickle.dump(out, f)
+            os.replace(self.path + ".tmp", self.path)
+        return out
+
+
+def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> Any:
+    """Run ``train_fn(*args)`` with ``cfg_train.launcher``; returns what rank 0's call returned.
+
+    ``torchrun`` cannot start itself from inside a running job: under torchrun (``WORLD_SIZE``
+    set) or with ``num_processes == 1`` the function runs in this process, otherwise this raises
+    with the command to use (see :func:`torchrun_command`). ``distributor`` runs locally
+    (``local_mode=True``) on GPUs when CUDA is available, and needs an active SparkSession.
+    """
+    launcher = cfg_train.launcher
+    if launcher == "local":
+        return train_fn(*args)
+    if launcher == "torchrun":
+        if _under_launcher() or cfg_train.num_processes == 1:
+            return train_fn(*args)
+        cmd = torchrun_command(["-m", "jobs.train", *sys.argv[1:]], cfg_train.num_processes)
+        raise RuntimeError("train.launcher=torchrun: start the job under torchrun, e.g. "
+                           + shlex.join(cmd))
+    if launcher == "distributor":
+        # Imported here so that torch-only users (and torchrun workers) never load pyspark.
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        distributor = TorchDistributor(num_processes=cfg_train.num_processes, local_mode=True,
+                                       use_gpu=torch.cuda.is_available())
+        with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
+            path = os.path.join(tmp, "rank0_output.pkl")
+            out = distributor.run(_Rank0Output(train_fn, path), *args)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    out = pickle.load(f)
+        return out
+    raise ValueError(f"train.launcher={launcher!r} is not allowed; "
+                     "expected one of ['local', 'torchrun', 'distributor']")

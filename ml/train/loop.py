@@ -1,0 +1,414 @@
+"""Model-agnostic training loop: one process or DDP, checkpoints, exact resume, metrics.
+
+The caller supplies the model, a batch source and a loss:
+
+- ``make_batches(epoch)`` returns an iterable of dict batches (tensors are moved to the device
+  here). It must yield the same batches for the same epoch (on a given rank) and draw any
+  randomness from its own generator seeded by the epoch, not lazily from the global RNGs. The
+  loop creates the iterator and takes its first batch under a fixed per-(seed, rank, epoch) seed,
+  so a ``DataLoader``'s worker/sampler seeds are reproducible too.
+- ``loss_fn(model, batch)`` returns the loss, or ``(loss, {name: value})`` for extra metrics. Under
+  DDP ``model`` is the DDP wrapper: the forward pass must go through one ``model(...)`` call.
+
+Resume: checkpoints record the epoch in progress and how many of its batches were trained on;
+a resumed run loads the newest one and skips that many batches of that epoch's stream. RNG
+streams are re-seeded from ``(seed, rank, step)`` at every checkpoint step and epoch end (rank 0's
+states are stored in the checkpoint as well), so every rank's RNG state at a checkpoint is known
+without communication and a killed and resumed run reproduces the uninterrupted one bit for bit
+on CPU, in one process or under DDP with the same world size.
+
+DDP with uneven batch counts per rank runs under ``Join``: ranks that run out shadow the
+gradient all-reduce until the last rank finishes. While joined, a rank does not step its
+optimizer, so at each epoch end the optimizer and LR-scheduler state of the rank that trained
+longest is broadcast to the others (DDP itself re-syncs the parameters). Mid-epoch checkpoints are
+written by rank 0 alone, without collectives (a joined peer could not answer one), and only while
+rank 0 is still training; the epoch-end checkpoint is always written.
+
+LR schedule: linear warm-up over ``warmup_steps``, then constant / cosine / linear decay to 0
+over the total number of steps: ``max_steps`` if set, else ``epochs * steps_per_epoch``. When
+neither is known (no ``max_steps`` and no ``steps_per_epoch`` argument), the LR stays constant
+after warm-up whatever ``lr_schedule`` says, and a warning is logged.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from ml.config import TrainConfig
+from ml.train.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint,
+                                 restore_rng_state, save_checkpoint)
+from ml.train.distributed import DistContext
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+LossOutput = Union[torch.Tensor, tuple[torch.Tensor, dict[str, Any]]]
+
+_STEP_STREAM = 0  # seed-derivation tags: training RNG at a step, data RNG of an epoch
+_DATA_STREAM = 1
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``seed`` and the non-negative integer ``keys``."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global generator and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFF_FFFF)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD (momentum 0.9) with ``cfg.lr`` and ``cfg.weight_decay``."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer={cfg.optimizer!r} is not allowed; "
+                     "expected one of ['adam', 'adamw', 'sgd']")
+
+
+def total_training_steps(cfg: TrainConfig, steps_per_epoch: Optional[int] = None) -> Optional[int]:
+    """Optimizer steps the run will take, or None when unknown."""
+    by_epochs = cfg.epochs * steps_per_epoch if steps_per_epoch else None
+    if cfg.max_steps is None:
+        return by_epochs
+    return min(cfg.max_steps, by_epochs) if by_epochs is not None else cfg.max_steps
+
+
+def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: Optional[int]) -> float:
+    """Factor on the base LR for the optimizer step with 0-based index ``step``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"train.lr_schedule={schedule!r} is not allowed; "
+                     "expected one of ['constant', 'cosine', 'linear']")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: Optional[int],
+                    warn: bool = True) -> LambdaLR:
+    """LambdaLR applying :func:`lr_multiplier`; ``warn`` logs a decay schedule without a run length."""
+    if warn and total_steps is None and cfg.lr_schedule != "constant":
+        logger.warning("train.lr_schedule=%s needs the run length (max_steps or steps_per_epoch); "
+                       "using a constant LR after warm-up", cfg.lr_schedule)
+
+    def factor(step: int) -> float:
+        return lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps)
+
+    return LambdaLR(optimizer, factor)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _batch_len(batch: Any) -> int:
+    values = batch.values() if isinstance(batch, dict) else [batch]
+    for v in values:
+        if torch.is_tensor(v) and v.dim() > 0:
+            return int(v.shape[0])
+    return 0
+
+
+_END = object()
+
+
+def _epoch_stream(make_batches: Callable[[int], Iterable[Batch]], epoch: int, data_seed: int,
+                  skip: int) -> Iterator[Batch]:
+    """The epoch's batches, minus the first ``skip``; the training RNG state is left untouched."""
+    saved = capture_rng_state()
+    try:
+        seed_everything(data_seed)
+        it = iter(make_batches(epoch))
+        first = next(it, _END)  # lazily seeded samplers draw their seed here
+    finally:
+        restore_rng_state(saved)
+    if first is _END:
+        return iter(())
+    stream = itertools.chain((first,), it)
+    return itertools.islice(stream, skip, None) if skip else stream
+
+
+def _broadcast_optimizer_state(optimizer: torch.optim.Optimizer, src: int, comm_device: torch.device) -> None:
+    """Make every rank's optimizer state a copy of rank ``src``'s, in place where shapes allow."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    spec: list[Any] = [None]
+    if dist.get_rank() == src:
+        spec[0] = [(i, key, ("tensor", tuple(v.shape), v.dtype, v.device.type) if torch.is_tensor(v)
+                    else ("value", v))
+                   for i, p in enumerate(params) for key, v in optimizer.state.get(p, {}).items()]
+    dist.broadcast_object_list(spec, src=src)
+    for i, key, desc in spec[0]:
+        state = optimizer.state[params[i]]
+        if desc[0] == "value":
+            state[key] = desc[1]
+            continue
+        _, shape, dtype, device_type = desc
+        t = state.get(key)
+        if not (torch.is_tensor(t) and tuple(t.shape) == shape and t.dtype == dtype):
+            device = params[i].device if device_type != "cpu" else torch.device("cpu")
+            t = state[key] = torch.empty(shape, dtype=dtype, device=device)
+        wire = t if t.device == comm_device else t.to(comm_device)
+        dist.broadcast(wire, src=src)
+        if wire is not t:
+            t.copy_(wire)
+
+
+def _sync_ranks(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, ctx: DistContext, step: int,
+                batches_done: int, stopped: bool) -> tuple[int, int, bool]:
+    """After an epoch's Join: agree on step / position / stop, copy optimizer state from the leader."""
+    comm_device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = torch.tensor([step, batches_done, int(stopped)], dtype=torch.int64, device=comm_device)
+    gathered = [torch.zeros_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, local)
+    rows = [g.tolist() for g in gathered]
+    max_step = max(r[0] for r in rows)
+    # the same rank DDP's join hook takes the final parameters from: the highest of the last joiners
+    leader = max(i for i, r in enumerate(rows) if r[0] == max_step)
+    if any(r[0] != max_step for r in rows):
+        _broadcast_optimizer_state(optimizer, leader, comm_device)
+        sched = [scheduler.state_dict() if ctx.rank == leader else None]
+        dist.broadcast_object_list(sched, src=leader)
+        if ctx.rank != leader:
+            scheduler.load_state_dict(sched[0])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+    return max_step, rows[leader][1], any(r[2] for r in rows)
+
+
+class _MetricsSink:
+    """JSON lines (and MLflow when asked for and importable) on rank 0; a no-op elsewhere."""
+
+    def __init__(self, path: Optional[str], use_mlflow: bool, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = path if enabled else None
+        self.mlflow = None
+        if enabled and use_mlflow:
+            try:
+                import mlflow
+                self.mlflow = mlflow
+            except ImportError:
+                logger.warning("train.mlflow=true but mlflow is not installed; logging to JSON lines only")
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.mlflow is not None:
+            prefix = record["event"]
+            numeric = {f"{prefix}/{k}": float(v) for k, v in record.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in ("step", "time")}
+            self.mlflow.log_metrics(numeric, step=record["step"])
+
+
+class _Window:
+    """Running sums over a span of steps, kept as tensors so that no step waits on the device."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.steps = 0
+        self.samples = 0
+        self.t0 = time.time()
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], samples: int) -> None:
+        for k, v in (("loss", loss), *metrics.items()):
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.samples += samples
+
+    def record(self) -> dict[str, Any]:
+        seconds = max(time.time() - self.t0, 1e-9)
+        out = {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+        out["samples_per_s"] = self.samples / seconds
+        return out
+
+
+def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
+          loss_fn: Callable[[nn.Module, Batch], LossOutput], cfg: TrainConfig, ctx: DistContext,
+          checkpoint_dir: str, resume: bool = False, seed: int = 0,
+          metrics_path: Optional[str] = None, *, steps_per_epoch: Optional[int] = None,
+          find_unused_parameters: bool = False, keep_checkpoints: Optional[int] = 3) -> dict[str, Any]:
+    """Train ``model`` in place for ``cfg.epochs`` epochs or ``cfg.max_steps`` steps.
+
+    ``steps_per_epoch`` (an estimate is fine) sizes the cosine/linear LR decay when ``max_steps`` is
+    unset. ``keep_checkpoints`` keeps the newest N checkpoint files (None keeps all).
+    Returns ``{steps, epochs, final_loss, seconds, samples_per_s, checkpoint}``: ``steps`` counts
+    optimizer steps since the start of training (including before a resume), ``epochs`` the
+    completed epochs, ``final_loss`` this rank's last batch loss, ``seconds`` / ``samples_per_s``
+    this call's wall time and throughput summed over ranks, ``checkpoint`` rank 0's last file.
+    """
+    t_start = time.time()
+    device = ctx.device
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model.parameters(), cfg)
+    total_steps = total_training_steps(cfg, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg, total_steps, warn=ctx.is_main)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+
+    step, epoch, batches_done = 0, 0, 0
+    last_loss: Optional[float] = None
+    last_checkpoint: Optional[str] = None
+    seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, 0))
+    if resume:
+        path = latest_checkpoint(checkpoint_dir)
+        if ctx.distributed:  # every rank resumes from the file rank 0 saw
+            shared = [path]
+            dist.broadcast_object_list(shared, src=0)
+            path = shared[0]
+        if path is None:
+            if ctx.is_main:
+                logger.info("resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
+        else:
+            state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    map_location=device)
+            step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
+            last_loss = state["extra"].get("last_loss")
+            last_checkpoint = path
+            seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+            if ctx.is_main:
+                restore_rng_state(state["rng"])
+                saved_world = state["extra"].get("world_size", ctx.world_size)
+                if saved_world != ctx.world_size:
+                    logger.warning("resuming a checkpoint from world size %d with world size %d: "
+                                   "per-rank data positions will not line up", saved_world, ctx.world_size)
+                logger.info("resumed from %s: step %d, epoch %d, %d batches into it",
+                            path, step, epoch, batches_done)
+
+    net: nn.Module = model
+    if ctx.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=find_unused_parameters)
+
+    def checkpoint(epoch_pos: int, batches_pos: int) -> Optional[str]:
+        extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size}
+        return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                               step=step, epoch=epoch_pos, batches_done_in_epoch=batches_pos,
+                               extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)
+
+    sink = _MetricsSink(metrics_path, cfg.mlflow, ctx.is_main)
+    bar = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="train", unit="step",
+               dynamic_ncols=True)
+    samples_seen = 0
+    stopped = cfg.max_steps is not None and step >= cfg.max_steps
+    try:
+        while epoch < cfg.epochs and not stopped:
+            stream = _epoch_stream(make_batches, epoch, derive_seed(seed, ctx.rank, _DATA_STREAM, epoch),
+                                   batches_done)
+            window, epoch_window = _Window(), _Window()
+            last_loss_t: Optional[torch.Tensor] = None
+            with Join([net]) if ctx.distributed else contextlib.nullcontext():
+                for batch in stream:
+                    n = _batch_len(batch)
+                    batch = _to_device(batch, device)
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast():
+                        out = loss_fn(net, batch)
+                    loss, metrics = out if isinstance(out, tuple) else (out, {})
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        metrics = {**metrics, "grad_norm": grad_norm}
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    batches_done += 1
+                    samples_seen += n
+                    last_loss_t = loss.detach()
+                    bar.update(1)
+                    if ctx.is_main:
+                        window.add(loss, metrics, n)
+                        epoch_window.add(loss, metrics, n)
+                        if step % cfg.log_every == 0:
+                            rec = {"event": "step", "epoch": epoch, "step": step, "lr": lr,
+                                   **window.record(), "elapsed_s": time.time() - t_start,
+                                   "time": time.time(), "world_size": ctx.world_size}
+                            sink.emit(rec)
+                            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+                            logger.info("epoch %d step %d loss %.5f lr %.3g %.0f samples/s",
+                                        epoch, step, rec["loss"], lr, rec["samples_per_s"])
+                            window = _Window()
+                    stopped = cfg.max_steps is not None and step >= cfg.max_steps
+                    if stopped:
+                        break
+                    if step % cfg.checkpoint_every == 0:
+                        last_loss = float(last_loss_t)
+                        seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+                        if ctx.is_main:
+                            last_checkpoint = checkpoint(epoch, batches_done)
+            if last_loss_t is not None:
+                last_loss = float(last_loss_t)
+            if ctx.distributed:
+                step, batches_done, stopped = _sync_ranks(optimizer, scheduler, ctx, step, batches_done,
+                                                          stopped)
+                bar.update(step - bar.n)  # rank 0 may have joined early and missed steps
+            if ctx.is_main and epoch_window.steps:
+                rec = {"event": "epoch", "epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                       **epoch_window.record(), "elapsed_s": time.time() - t_start, "time": time.time(),
+                       "world_size": ctx.world_size, "complete": not stopped}
+                sink.emit(rec)
+                logger.info("epoch %d %s at step %d: mean loss %.5f", epoch,
+                            "stopped" if stopped else "done", step, rec["loss"])
+            if not stopped:
+                epoch, batches_done = epoch + 1, 0
+            seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+            saved = checkpoint(epoch, batches_done)
+            last_checkpoint = saved or last_checkpoint
+    finally:
+        bar.close()
+
+    seconds = time.time() - t_start
+    if ctx.distributed:
+        total = torch.tensor([samples_seen], dtype=torch.int64,
+                             device=ctx.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+        samples_seen = int(total.item())
+    result = {"steps": step, "epochs": epoch, "final_loss": last_loss, "seconds": seconds,
+              "samples_per_s": samples_seen / max(seconds, 1e-9), "checkpoint": last_checkpoint}
+    if ctx.is_main:
+        logger.info("training finished: %d steps, %d epochs, final loss %s, %.1f s, %.0f samples/s",
+                    step, epoch, last_loss, seconds, result["samples_per_s"])
+    return result

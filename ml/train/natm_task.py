@@ -1,0 +1,108 @@
+"""NATM training task: tables -> model, batches, loss; the trained model -> item vectors."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from ml.config import Config
+from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
+from ml.train.reader import DeltaBatchDataset, make_loader
+from ml.train.tables import Vocab, load_categories, load_graph, load_vocab
+
+log = logging.getLogger(__name__)
+SAMPLE_COLUMNS = ["trigger_item", "positive_item", "negatives", "q_positive", "q_negatives"]
+
+
+class NATMTrainer(nn.Module):
+    """Wraps NATM so one ``forward(batch)`` computes the whole loss (DDP needs one forward call)."""
+
+    def __init__(self, model: NATM, k: int):
+        super().__init__()
+        self.model = model
+        self.k = k
+
+    def forward(self, batch: dict):
+        cands = torch.cat([batch["positive"][:, None], batch["negatives"]], dim=1)  # (B, 1+k)
+        q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], dim=1)  # (B, 1+k)
+        rel = self.model(batch["trigger"], cands)
+        nce = nce_loss(rel, q.double().float(), self.k, self.model.cfg.gamma)
+        loss = nce
+        metrics = {"nce": float(nce.detach())}
+        if self.model.cfg.mlm_weight > 0 and self.model.cfg.num_neighbors > 0:
+            mlm = self.model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
+            loss = loss + self.model.cfg.mlm_weight * mlm
+            metrics["mlm"] = float(mlm.detach())
+        return loss, metrics
+
+
+def natm_config(cfg: Config, num_items: int, num_categories: int) -> NATMConfig:
+    p = dataclasses.asdict(cfg.natm)
+    p.pop("use_categories")
+    return NATMConfig(num_items=num_items, num_categories=num_categories, **p)
+
+
+def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
+    """Vocabulary, neighbour table and the model, from the warehouse's tables."""
+    vocab = load_vocab(cfg.table_path("noise_q"), cfg.table_path("items"))
+    cats, n_cats = load_categories(cfg.table_path("items"), vocab) if cfg.natm.use_categories else (None, 0)
+    item, nbr, weight, rank = load_graph(cfg.table_path("item_graph"), vocab)
+    table = build_neighbor_table(vocab.size, item, nbr, weight, rank, cfg.natm.num_neighbors,
+                                 cfg.natm.weight_buckets, cats)
+    model = NATM(natm_config(cfg, vocab.size, n_cats), table)
+    log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model, vocab
+
+
+def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version: Optional[int] = None):
+    """``make_batches(epoch)`` for the training loop: reader batches with ids mapped to indices."""
+    ds = DeltaBatchDataset(cfg.table_path("samples_natm"), columns=SAMPLE_COLUMNS, batch_size=cfg.train.batch_size,
+                           shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.seed, version=version, rank=rank,
+                           world_size=world_size)
+
+    def make(epoch: int) -> Iterable[dict]:
+        ds.set_epoch(epoch)
+        for b in make_loader(ds, cfg.train.num_workers):
+            yield {"trigger": vocab.index(b["trigger_item"]), "positive": vocab.index(b["positive_item"]),
+                   "negatives": vocab.index(b["negatives"]), "q_positive": b["q_positive"],
+                   "q_negatives": b["q_negatives"]}
+
+    return make, ds
+
+
+@torch.no_grad()
+def embed_items(model: NATM, index: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Item indices -> (trigger-side vectors, candidate-side vectors), L2-normalised, float32."""
+    model.eval()
+    trig, cand = [], []
+    for chunk in torch.split(index, batch_size):
+        trig.append(model.encode(chunk, "trigger"))
+        cand.append(model.encode(chunk, "candidate"))
+    return torch.cat(trig).float(), torch.cat(cand).float()
+
+
+def save_artifact(path: str, model: NATM, vocab: Vocab, extra: Optional[dict] = None) -> None:
+    """Everything the embed job needs in one file: config, weights (incl. neighbour table), vocab."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"kind": "natm", "config": dataclasses.asdict(model.cfg), "state": model.state_dict(),
+                "vocab": vocab.ids, "extra": extra or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_artifact(path: str) -> tuple[NATM, Vocab, dict]:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = NATMConfig(**blob["config"])
+    st = blob["state"]
+    cats = st.get("table.categories")
+    table = build_neighbor_table(cfg.num_items, torch.tensor([]), torch.tensor([]), torch.tensor([]),
+                                 torch.tensor([]), cfg.num_neighbors, cfg.weight_buckets, cats)
+    model = NATM(cfg, table)
+    model.load_state_dict(st)
+    model.eval()
+    return model, Vocab(blob["vocab"]), blob.get("extra", {})

@@ -1,0 +1,332 @@
+"""Training loop, checkpoints, exact resume, a real 2-process gloo DDP run and deferred init."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from ml.config import TrainConfig
+from ml.train import checkpoint as checkpoint_module
+from ml.train.checkpoint import (capture_rng_state, checkpoint_name, latest_checkpoint, list_checkpoints,
+                                 load_checkpoint, save_checkpoint)
+from ml.train.distributed import DistContext, cleanup, init_distributed, launch, torchrun_command
+from ml.train.init import build_deferred
+from ml.train.loop import lr_multiplier, train
+
+CPU = DistContext()  # rank 0 of a 1-process world on the CPU
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; the machine's 2 cores are shared
+    yield
+    torch.set_num_threads(before)
+
+
+def regression_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    w = torch.randn(8, 1, generator=g)
+    return x, x @ w + 0.01 * torch.randn(n, 1, generator=g)
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0):
+    """make_batches(epoch): a different but reproducible order each epoch."""
+    def make(epoch: int):
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            yield {"x": x[idx], "y": y[idx]}
+    return make
+
+
+def mse_loss(model: nn.Module, batch: dict):
+    pred = model(batch["x"])
+    return nn.functional.mse_loss(pred, batch["y"]), {"mae": (pred - batch["y"]).abs().mean()}
+
+
+def mlp(seed: int, dropout: float = 0.2) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(dropout), nn.Linear(32, 1))
+
+
+def full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        out = nn.functional.mse_loss(model(x), y).item()
+    model.train()
+    return out
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_single_process_regression_loss_falls(tmp_path):
+    x, y = regression_data(240)
+    model = nn.Linear(8, 1)
+    before = full_loss(model, x, y)
+    cfg = TrainConfig(epochs=8, batch_size=16, lr=0.05, log_every=5, checkpoint_every=1000,
+                      device="cpu", amp=False)
+    metrics = tmp_path / "metrics.jsonl"
+    res = train(model, shuffled_batches(x, y, 16), mse_loss, cfg, CPU, str(tmp_path / "ckpt"),
+                metrics_path=str(metrics))
+    after = full_loss(model, x, y)
+    assert after < 0.01 * before
+    assert res["steps"] == 8 * 15 and res["epochs"] == 8
+    assert res["final_loss"] < 0.01 * before and res["samples_per_s"] > 0
+    lines = [json.loads(s) for s in metrics.read_text().splitlines()]
+    steps = [r for r in lines if r["event"] == "step"]
+    epochs = [r for r in lines if r["event"] == "epoch"]
+    assert [r["step"] for r in steps] == list(range(5, 121, 5))
+    assert len(epochs) == 8 and epochs[-1]["step"] == 120
+    expected_keys = {"loss", "lr", "mae", "grad_norm", "epoch", "samples_per_s", "elapsed_s", "time"}
+    assert expected_keys <= steps[0].keys()
+    # one checkpoint per epoch end, the newest 3 kept
+    assert [Path(p).name for p in list_checkpoints(str(tmp_path / "ckpt"))] == \
+        [checkpoint_name(s) for s in (90, 105, 120)]
+
+
+def test_max_steps_stops_and_writes_final_checkpoint(tmp_path):
+    x, y = regression_data(64)
+    cfg = TrainConfig(epochs=5, max_steps=7, batch_size=16, checkpoint_every=100, device="cpu", amp=False)
+    res = train(nn.Linear(8, 1), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, str(tmp_path))
+    assert res["steps"] == 7 and res["epochs"] == 1
+    state = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == (7, 1, 3)
+
+
+# crash in the loss of step `crash_at`; the newest checkpoint is then mid-epoch 0 or mid-epoch 1
+@pytest.mark.parametrize("crash_at,resume_step,resume_pos", [(11, 8, (0, 8)), (23, 20, (1, 5))])
+def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resume_pos):
+    x, y = regression_data(240)
+    make = shuffled_batches(x, y, 16, seed=3)  # 15 batches per epoch
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, optimizer="adamw", weight_decay=0.01,
+                      lr_schedule="cosine", warmup_steps=3, grad_clip=0.5, checkpoint_every=4,
+                      log_every=5, device="cpu", amp=False)
+    kw = dict(seed=7, steps_per_epoch=15)
+
+    uninterrupted = mlp(0)
+    res_a = train(uninterrupted, make, mse_loss, cfg, CPU, str(tmp_path / "a"), **kw)
+    assert res_a["steps"] == 30
+
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise RuntimeError("simulated crash")
+        return mse_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(mlp(0), make, crashing_loss, cfg, CPU, str(tmp_path / "b"), **kw)
+    state = load_checkpoint(latest_checkpoint(str(tmp_path / "b")))
+    assert (state["step"], (state["epoch"], state["batches_done_in_epoch"])) == (resume_step, resume_pos)
+
+    def counted_loss(model, batch):
+        calls["n"] += 1
+        return mse_loss(model, batch)
+
+    calls["n"] = 0
+    resumed = mlp(123)  # different init: the weights must come from the checkpoint
+    res_b = train(resumed, make, counted_loss, cfg, CPU, str(tmp_path / "b"), resume=True, **kw)
+    assert calls["n"] == 30 - resume_step
+    assert res_b["steps"] == 30 and res_b["epochs"] == 2
+    assert_same_weights(uninterrupted.state_dict(), resumed.state_dict())
+    assert res_b["final_loss"] == res_a["final_loss"]
+
+
+# ---------------------------------------------------------------- 2-process DDP (gloo)
+
+DDP_BATCHES = {0: 7, 1: 4}  # uneven on purpose: rank 1 runs out first and must Join
+DDP_BS = 8
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu", timeout=timedelta(seconds=60))
+    try:
+        assert (ctx.rank, ctx.world_size, ctx.is_main) == (rank, world, rank == 0)
+        x, y = regression_data(DDP_BS * sum(DDP_BATCHES.values()), seed=1)
+        start = DDP_BS * sum(DDP_BATCHES[r] for r in range(rank))
+        xs, ys = x[start:start + DDP_BS * DDP_BATCHES[rank]], y[start:start + DDP_BS * DDP_BATCHES[rank]]
+        cfg = TrainConfig(epochs=3, batch_size=DDP_BS, lr=0.01, checkpoint_every=3, log_every=2,
+                          device="cpu", amp=False)
+        make = shuffled_batches(xs, ys, DDP_BS, seed=rank)
+        a, b = os.path.join(out, "a"), os.path.join(out, "b")
+
+        model = mlp(100 + rank)  # different init per rank: DDP must start from rank 0's
+        before = full_loss(model, x, y)
+        res = train(model, make, mse_loss, cfg, ctx, a, seed=5, metrics_path=os.path.join(out, "m.jsonl"),
+                    keep_checkpoints=None)
+        after = full_loss(model, x, y)
+        torch.save(model.state_dict(), os.path.join(out, f"a{rank}.pt"))
+
+        # a run "killed" right after the step-12 checkpoint: rank 0 is 5 batches into epoch 1,
+        # rank 1 has already joined (4 batches); then resumed
+        dist.barrier()
+        if rank == 0:
+            os.makedirs(b)
+            shutil.copy(os.path.join(a, checkpoint_name(12)), b)
+        dist.barrier()
+        resumed = mlp(999 + rank)
+        res_b = train(resumed, make, mse_loss, cfg, ctx, b, resume=True, seed=5)
+        torch.save(resumed.state_dict(), os.path.join(out, f"b{rank}.pt"))
+        with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+            json.dump({"before": before, "after": after, "steps": res["steps"], "steps_b": res_b["steps"],
+                       "epochs": res["epochs"]}, f)
+    finally:
+        cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_uneven_batches(tmp_path):
+    procs = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                               join=False, start_method="spawn")
+    deadline = time.time() + 150
+    while not procs.join(timeout=2):
+        if time.time() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("DDP workers did not finish in 150 s")
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    # 3 epochs of max(7, 4) steps: the step count is the same on both ranks
+    assert r0["steps"] == r1["steps"] == 21 and r0["steps_b"] == r1["steps_b"] == 21
+    assert r0["epochs"] == 3
+    assert r0["after"] < 0.3 * r0["before"]
+    a0, a1 = (torch.load(tmp_path / f"a{r}.pt") for r in (0, 1))
+    assert_same_weights(a0, a1)
+    for r in (0, 1):  # resume reproduces the uninterrupted DDP run on every rank
+        assert_same_weights(torch.load(tmp_path / f"b{r}.pt"), a0)
+    logged = [json.loads(s) for s in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["event"] == "epoch"] == [7, 14, 21]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_restores_model_optimizer_scheduler_rng(tmp_path):
+    model = mlp(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    torch.manual_seed(11)
+    np.random.seed(12)
+    import random
+    random.seed(13)
+    path = save_checkpoint(str(tmp_path), model=model, optimizer=opt, scheduler=sched, step=5, epoch=1,
+                           batches_done_in_epoch=2, extra={"note": "x"})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    other = mlp(1)
+    opt2 = torch.optim.Adam(other.parameters(), lr=0.1)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (s + 1))
+    state = load_checkpoint(path, model=other, optimizer=opt2, scheduler=sched2, restore_rng=True)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+    assert_same_weights(model.state_dict(), other.state_dict())
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    assert sched2.last_epoch == 1 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == (5, 1, 2)
+    assert state["extra"] == {"note": "x"}
+    assert latest_checkpoint(str(tmp_path)) == path
+
+
+def test_checkpoint_of_ddp_wrapper_saves_bare_module_and_other_ranks_do_not_write(tmp_path):
+    model = mlp(0)
+    assert save_checkpoint(str(tmp_path), model=model, step=1, epoch=0, rank=1) is None
+    assert latest_checkpoint(str(tmp_path)) is None
+    wrapped = nn.parallel.DataParallel(model)  # same .module unwrapping as DDP
+    path = save_checkpoint(str(tmp_path), model=wrapped, step=1, epoch=0)
+    assert set(load_checkpoint(path)["model"]) == set(model.state_dict())
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = mlp(0)
+    good = save_checkpoint(str(tmp_path), model=model, step=10, epoch=0)
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), model=model, step=20, epoch=0)
+    assert sorted(os.listdir(tmp_path)) == [checkpoint_name(10)]
+    assert latest_checkpoint(str(tmp_path)) == good
+
+
+def test_rng_capture_is_loadable_weights_only(tmp_path):
+    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    assert set(torch.load(tmp_path / "rng.pt", weights_only=True)) == {"python", "numpy", "torch", "cuda"}
+
+
+# ---------------------------------------------------------------- deferred init, launchers, schedule
+
+def test_deferred_init_materialises_deterministic_embedding():
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Embedding(1000, 16), nn.Linear(16, 4))
+
+    rng_before = torch.get_rng_state()
+    a = build_deferred(factory, "cpu", seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
+    b = build_deferred(factory, "cpu", seed=3)
+    c = build_deferred(factory, "cpu", seed=4)
+    for p in a.parameters():
+        assert p.device.type == "cpu" and not p.is_meta and torch.isfinite(p).all()
+    assert_same_weights(a.state_dict(), b.state_dict())
+    assert not torch.equal(a[0].weight, c[0].weight)
+    assert abs(a[0].weight.std().item() - 1.0) < 0.05  # nn.Embedding's N(0, 1) init really ran
+
+
+def test_deferred_init_rejects_module_without_reset_parameters():
+    class Bare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(10, 4))
+
+    with pytest.raises(ValueError, match="reset_parameters"):
+        build_deferred(Bare, "cpu")
+
+
+def test_single_process_context_and_launchers(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
+    assert launch(lambda a, b: a + b, TrainConfig(launcher="local"), 2, 3) == 5
+    with pytest.raises(RuntimeError, match="torch.distributed.run"):
+        launch(lambda: None, TrainConfig(launcher="torchrun", num_processes=2))
+    assert torchrun_command(["-m", "jobs.train", "--conf", "c.yaml"], 2) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "jobs.train", "--conf", "c.yaml"]
+
+
+def test_lr_schedule_warmup_then_decay():
+    assert lr_multiplier(0, "cosine", 4, 104) == 0.25 and lr_multiplier(3, "cosine", 4, 104) == 1.0
+    assert lr_multiplier(54, "cosine", 4, 104) == pytest.approx(0.5)
+    assert lr_multiplier(104, "linear", 4, 104) == 0.0
+    assert lr_multiplier(1000, "cosine", 0, None) == 1.0  # unknown length: constant after warm-up
