@@ -43,7 +43,7 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_child(args: list, timeout: float) -> dict:
+def run_child(args: list, timeout: float) -> dict:  # args: step, warehouse, size, per-user
     """Run a child step; return its JSON result plus wall time and peak tree RSS (or timeout)."""
     t = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "bench.graph_scale", "--child", *args], cwd=ROOT,
@@ -69,15 +69,15 @@ def run_child(args: list, timeout: float) -> dict:
     return res
 
 
-def child(step: str, wh: str, size: int) -> None:
+def child(step: str, wh: str, size: int, per_user: float) -> None:
     from ml.config import load_config
     from ml.data import io
     from ml.data.session import get_spark
 
-    users = max(1000, size // 50)
+    users = max(1000, int(size // per_user))
     cfg = load_config(ROOT / "conf" / "synthetic.yaml", [
         f"warehouse={wh}", f"generate.num_users={users}", f"generate.num_items={max(5000, size // 200)}",
-        f"generate.partitions={max(2, size // 2_000_000)}", "generate.bad_row_fraction=0",
+        f"generate.partitions={max(2, size // 2_000_000)}", f"generate.actions_per_user={per_user}", "generate.bad_row_fraction=0",
         "generate.duplicate_fraction=0", f"spark.shuffle_partitions={max(8, size // 1_000_000)}",
         "spark.driver_memory=12g", "graph.window=3", "graph.top_n=9", "graph.max_user_length=5000"])
     spark = get_spark(cfg.spark)
@@ -118,22 +118,25 @@ def main() -> None:
     p.add_argument("--naive-max", type=float, default=1e7, help="largest size the self-join is tried on")
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--warehouse", default="/tmp/bench_graph")
-    p.add_argument("--child", nargs=3, metavar=("STEP", "WH", "SIZE"))
+    p.add_argument("--actions-per-user", type=float, default=50.0,
+                   help="mean sequence length (50: short e-commerce sessions; 160: ML-1M-like histories)")
+    p.add_argument("--child", nargs=4, metavar=("STEP", "WH", "SIZE", "PER_USER"))
     a = p.parse_args()
     if a.child:
-        child(a.child[0], a.child[1], int(a.child[2]))
+        child(a.child[0], a.child[1], int(a.child[2]), float(a.child[3]))
         return
     from bench._machine import describe
 
-    print(f"machine: {describe()}")
+    print(f"machine: {describe()}; mean actions per user {a.actions_per_user:g}")
     rows = []
     for size in [int(s) for s in a.sizes]:
         wh = f"{a.warehouse}/{size}"
         subprocess.run(["rm", "-rf", wh])
-        prep = run_child(["prepare", wh, str(size)], a.timeout)
+        pu = str(a.actions_per_user)
+        prep = run_child(["prepare", wh, str(size), pu], a.timeout)
         n = prep.get("actions", size)
-        ours = run_child(["ours", wh, str(size)], a.timeout)
-        naive = run_child(["naive", wh, str(size)], a.timeout) if size <= a.naive_max else {"skipped": True}
+        ours = run_child(["ours", wh, str(size), pu], a.timeout)
+        naive = run_child(["naive", wh, str(size), pu], a.timeout) if size <= a.naive_max else {"skipped": True}
         rows.append((n, prep, ours, naive))
         print(f"{n:>12,} actions: generate+sequences {prep['seconds']:.0f}s | ours {ours['seconds']:.0f}s "
               f"({n / ours['seconds']:,.0f} actions/s, peak {ours['peak_gb']:.1f} GB, {ours.get('edges', 0):,} edges) | "

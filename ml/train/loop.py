@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -329,8 +330,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)
 
     sink = _MetricsSink(metrics_path, cfg.mlflow, ctx.is_main)
+    # in a log file (not a terminal) a bar line every 30 s instead of every step
     bar = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="train", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     samples_seen = 0
     stopped = cfg.max_steps is not None and step >= cfg.max_steps
     try:

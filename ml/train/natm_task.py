@@ -11,6 +11,7 @@ from torch import nn
 
 from ml.config import Config
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
+from ml.train.init import build_deferred
 from ml.train.reader import DeltaBatchDataset, make_loader
 from ml.train.tables import Vocab, load_categories, load_graph, load_vocab
 
@@ -53,7 +54,11 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     item, nbr, weight, rank = load_graph(cfg.table_path("item_graph"), vocab)
     table = build_neighbor_table(vocab.size, item, nbr, weight, rank, cfg.natm.num_neighbors,
                                  cfg.natm.weight_buckets, cats)
-    model = NATM(natm_config(cfg, vocab.size, n_cats), table)
+    mcfg = natm_config(cfg, vocab.size, n_cats)
+    # The (V+2, D) id table is the one that grows with the catalogue: build it on the meta device
+    # and materialise it once (torchdistx's deferred init, which has no wheel for current torch).
+    item_emb = build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu", seed=cfg.seed)
+    model = NATM(mcfg, table, item_emb=item_emb)
     log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model, vocab

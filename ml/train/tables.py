@@ -63,10 +63,10 @@ def load_vocab(noise_q_path: str, items_path: Optional[str] = None) -> Vocab:
 def load_graph(graph_path: str, vocab: Vocab):
     """``item_graph`` -> (item index, neighbour index, weight, rank) tensors, unknown ids dropped."""
     t = read_columns(graph_path, ["item_id", "neighbor_id", "weight", "rank"])
-    item = vocab.index(torch.from_numpy(t.column("item_id").to_numpy()))
-    nbr = vocab.index(torch.from_numpy(t.column("neighbor_id").to_numpy()))
+    item = vocab.index(torch.from_numpy(t.column("item_id").to_numpy().copy()))
+    nbr = vocab.index(torch.from_numpy(t.column("neighbor_id").to_numpy().copy()))
     keep = (item > 0) & (nbr > 0)
-    return (item[keep], nbr[keep], torch.from_numpy(t.column("weight").to_numpy()).float()[keep],
+    return (item[keep], nbr[keep], torch.from_numpy(t.column("weight").to_numpy().copy()).float()[keep],
             torch.from_numpy(t.column("rank").to_numpy().astype(np.int64))[keep])
 
 
@@ -75,7 +75,7 @@ def load_categories(items_path: Optional[str], vocab: Vocab):
     if not items_path or not DeltaTable.is_deltatable(items_path):
         return None, 0
     t = read_columns(items_path, ["item_id", "category_id"])
-    ids = torch.from_numpy(t.column("item_id").to_numpy())
+    ids = torch.from_numpy(t.column("item_id").to_numpy().copy())
     cats = t.column("category_id").to_numpy(zero_copy_only=False)
     cats = np.where(np.equal(cats, None), -1, cats).astype(np.int64) if cats.dtype == object else cats.astype(np.int64)
     known = np.unique(cats[cats >= 0])

@@ -1,0 +1,50 @@
+"""jobs.samples -> jobs.train (NATM) on tiny synthetic data: artifact, metrics, resume, strata per batch."""
+import json
+import os
+
+import torch
+
+from jobs import pipeline, samples, train
+from ml.config import load_config
+from ml.train.natm_task import embed_items, load_artifact
+from ml.train.reader import DeltaBatchDataset
+from tests.conftest import ROOT
+
+TINY = ["generate.num_users=200", "generate.num_items=300", "generate.actions_per_user=15",
+        "generate.num_categories=6", "generate.partitions=2", "natm.dim=16", "natm.layers=1", "natm.heads=2",
+        "train.batch_size=64", "train.log_every=5", "train.checkpoint_every=5", "train.shuffle_buffer=500",
+        "samples.num_negatives=4", "samples.dat_negatives=2"]
+
+
+def test_samples_then_natm_training_and_resume(spark, warehouse):
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY])
+    pipeline.run(cfg, spark)
+    out = samples.run(cfg, spark)
+    assert out["natm"] > 0 and out["dat"] > 0 and len(out["dat_categories"]) >= 3
+
+    natm = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
+                                                          "train.max_steps=8"])
+    res = train.run(natm)
+    assert res["steps"] == 8
+    mdir = train.model_dir(natm)
+    model, vocab, extra = load_artifact(os.path.join(mdir, "model.pt"))
+    vecs, _ = embed_items(model, torch.arange(1, vocab.size + 1))
+    assert vecs.shape == (vocab.size, 16) and torch.isfinite(vecs).all()
+    lines = [json.loads(l) for l in open(os.path.join(mdir, "train_metrics.jsonl"))]
+    assert lines and all("loss" in l for l in lines)
+    run = json.load(open(os.path.join(mdir, "run.json")))
+    assert run["samples_version"] == extra["samples_version"] == 0
+
+    more = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
+                                                          "train.max_steps=12"])
+    assert train.run(more, resume=True)["steps"] == 12  # continued from the step-8 checkpoint
+
+    # DAT samples keep several categories, the major one included, in every reader batch
+    ds = DeltaBatchDataset(cfg.table_path("samples_dat"), columns=["category_id", "label"], batch_size=64,
+                           shuffle_buffer=500, seed=1)
+    major = max(out["dat_categories"], key=out["dat_categories"].get)
+    batches = list(ds)
+    full = [b for b in batches if len(b["label"]) == 64]
+    with_major = sum(int(major in b["category_id"].tolist()) for b in full)
+    assert all(len(set(b["category_id"].tolist())) >= 3 for b in full)
+    assert with_major >= 0.9 * len(full)
