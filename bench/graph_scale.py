@@ -3,8 +3,10 @@
     python -m bench.graph_scale --sizes 1e6 1e7 1e8 [--naive-max 1e7] [--timeout 1200]
 
 For each size: generate a synthetic log (timed separately), build sequences, then build the top-N
-graph (window 3, top 9, same user cap) both ways in fresh Spark processes. Prints wall time,
-actions/s and the peak RSS of the whole process tree (JVM included), and the self-join/ours ratio.
+graph (window 3, top 9) in fresh Spark processes three ways: ours (windowed pairs, user cap), a
+self-join with the same cap (same output), and an uncapped self-join (the SARplus way: every pair
+of a user's items, filtered to the window). Prints wall time, actions/s, the peak RSS of the whole
+process tree (JVM included), and the self-join/ours ratios.
 """
 from __future__ import annotations
 
@@ -100,7 +102,9 @@ def child(step: str, wh: str, size: int, per_user: float) -> None:
     else:  # naive: explode with positions, self-join on user, filter the window: O(length^2) per user
         from pyspark.sql import functions as F
 
-        pos = cap_sequences(seqs, cfg.graph.max_user_length).select("user_id", F.posexplode("items").alias("p", "i"))
+        # "naive": same user cap as ours (same output); "sarplus": no cap, as a user self-join job has
+        capped = cap_sequences(seqs, cfg.graph.max_user_length) if step == "naive" else seqs
+        pos = capped.select("user_id", F.posexplode("items").alias("p", "i"))
         a, b = pos.alias("a"), pos.alias("b")
         pairs = a.join(b, "user_id").where((F.col("b.p") > F.col("a.p")) & (F.col("b.p") - F.col("a.p") <= cfg.graph.window)
                                            & (F.col("a.i") != F.col("b.i")))
@@ -137,11 +141,15 @@ def main() -> None:
         n = prep.get("actions", size)
         ours = run_child(["ours", wh, str(size), pu], a.timeout)
         naive = run_child(["naive", wh, str(size), pu], a.timeout) if size <= a.naive_max else {"skipped": True}
+        sarplus = run_child(["sarplus", wh, str(size), pu], a.timeout) if size <= a.naive_max else {"skipped": True}
         rows.append((n, prep, ours, naive))
         print(f"{n:>12,} actions: generate+sequences {prep['seconds']:.0f}s | ours {ours['seconds']:.0f}s "
               f"({n / ours['seconds']:,.0f} actions/s, peak {ours['peak_gb']:.1f} GB, {ours.get('edges', 0):,} edges) | "
               + ("self-join skipped" if naive.get("skipped") else "self-join TIMEOUT" if naive.get("timeout") else
-                 f"self-join {naive['seconds']:.0f}s (peak {naive['peak_gb']:.1f} GB) -> ratio {naive['seconds'] / ours['seconds']:.1f}x"),
+                 f"self-join {naive['seconds']:.0f}s (peak {naive['peak_gb']:.1f} GB) -> ratio {naive['seconds'] / ours['seconds']:.1f}x")
+              + " | " + ("uncapped self-join skipped" if sarplus.get("skipped") else
+                         f"uncapped self-join TIMEOUT after {sarplus['seconds']:.0f}s" if sarplus.get("timeout") else
+                         f"uncapped self-join {sarplus['seconds']:.0f}s -> ratio {sarplus['seconds'] / ours['seconds']:.1f}x"),
               flush=True)
     if len(rows) > 1:
         for (n0, _, o0, _), (n1, _, o1, _) in zip(rows, rows[1:]):

@@ -2,8 +2,9 @@
 
     python -m jobs.pipeline --conf conf/synthetic.yaml [--set warehouse=DIR]
 
-Stages so far: generate (synthetic configs only) -> ingest -> sequences -> graph -> model -> evaluate.
-The model stage runs the configured ``model``; for now the baselines ``pop`` and ``cooc``.
+Stages: generate (synthetic configs only) -> ingest -> sequences -> graph -> samples -> train -> embed
+-> topk -> evaluate. For the baselines (``model`` = pop | cooc) the topk stage writes their lists and
+samples/train/embed are skipped.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from typing import Optional, Sequence
 from ml.config import Config
 from ml.data.session import get_spark
 
-from jobs import baseline, evaluate, generate, graph, ingest, sequences
+from jobs import baseline, embed, evaluate, generate, graph, ingest, samples, sequences, topk, train
 from jobs._cli import parse, print_tables
 
 log = logging.getLogger("jobs.pipeline")
 
-STAGES = ("generate", "ingest", "sequences", "graph", "model", "evaluate")
+STAGES = ("generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk", "evaluate")
 
 
 def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
@@ -28,15 +29,22 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
     # generate only when ingest reads the generator's table
     if not (cfg.ingest.format == "delta" and not cfg.ingest.path):
         stages.remove("generate")
+    if cfg.model in baseline.BASELINES:
+        stages = [s for s in stages if s not in ("samples", "train", "embed")]
     if start_from:
-        stages = stages[stages.index(start_from):]
+        stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
     results = {}
     for stage in stages:
         t = time.time()
         log.info("stage %s ...", stage)
-        job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
-               "model": baseline, "evaluate": evaluate}[stage]
-        results[stage] = job.run(cfg, spark)
+        if stage == "train":
+            results[stage] = train.run(cfg)  # torch, no Spark; launcher from train.launcher
+        elif stage == "topk" and cfg.model in baseline.BASELINES:
+            results[stage] = baseline.run(cfg, spark)
+        else:
+            job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
+                   "samples": samples, "embed": embed, "topk": topk, "evaluate": evaluate}[stage]
+            results[stage] = job.run(cfg, spark)
         log.info("stage %s done in %.1fs", stage, time.time() - t)
     return results
 
@@ -60,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(res["evaluate"]["table"])
     print("tables:")
     print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets", "item_graph",
-                       "item_counts", "i2i_topk", "metrics"])
+                       "item_counts"] + ([] if cfg.model in baseline.BASELINES else
+                                         ["samples_natm", "samples_dat", "item_embeddings"]) + ["i2i_topk", "metrics"])
 
 
 if __name__ == "__main__":

@@ -39,6 +39,28 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
                                                           "train.max_steps=12"])
     assert train.run(more, resume=True)["steps"] == 12  # continued from the step-8 checkpoint
 
+    # embed in Spark tasks, Faiss top-K, evaluation: the i2i_topk contract for a learned model
+    from jobs import embed, evaluate, topk
+    from ml import schemas as S
+    from ml.data import io
+
+    assert embed.run(more, spark)["items"] == vocab.size
+    topk.run(more, spark, k=10)
+    lists = io.read_table(spark, more.table_path(S.T_I2I_TOPK)).cache()
+    natm_rows = lists.where("model = 'natm'").collect()
+    assert natm_rows and all(r.item_id != r.neighbor_id for r in natm_rows)
+    by_item = {}
+    for r in natm_rows:
+        by_item.setdefault(r.item_id, []).append(r)
+    assert len(by_item) == vocab.size
+    for rows in by_item.values():
+        rows.sort(key=lambda r: r.rank)
+        assert [r.rank for r in rows] == list(range(1, 11))
+        assert all(a.score >= b.score for a, b in zip(rows, rows[1:]))
+    assert lists.where("model = 'cooc'").count() > 0  # the baseline's partition is untouched
+    metrics = evaluate.run(more, spark, ["natm", "cooc"])["rows"]
+    assert {r["model"] for r in metrics} == {"natm", "cooc"}
+
     # DAT samples keep several categories, the major one included, in every reader batch
     ds = DeltaBatchDataset(cfg.table_path("samples_dat"), columns=["category_id", "label"], batch_size=64,
                            shuffle_buffer=500, seed=1)

@@ -1,0 +1,67 @@
+"""Model artifact + catalogue -> ``item_embeddings`` (item_id, model, vector, candidate_vector, run_id).
+
+    python -m jobs.embed --conf conf/ml1m_natm.yaml
+
+Scores every item in Spark tasks (the model is loaded once per executor process); rerunning one
+model replaces only its partition.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, StructField, StructType
+
+from ml import schemas as S
+from ml.config import Config
+from ml.data import io
+from ml.data.session import get_spark
+from ml.index.spark_topk import embed_partitions
+
+from jobs._cli import parse, print_tables
+from jobs.train import model_dir
+
+log = logging.getLogger("jobs.embed")
+T_ITEM_EMBEDDINGS = "item_embeddings"
+ITEM_EMBEDDINGS = StructType([
+    StructField(S.ITEM_ID, LongType(), False),
+    StructField(S.MODEL, StringType(), False),
+    StructField("vector", ArrayType(FloatType(), False), False),  # trigger / query side, L2-normalised
+    StructField("candidate_vector", ArrayType(FloatType(), False), True),  # set when the towers differ
+    StructField("run_id", StringType(), False),
+])
+
+
+def run(cfg: Config, spark=None) -> dict:
+    spark = spark or get_spark(cfg.spark)
+    mode = cfg.io.delta_mode
+    artifact = os.path.join(model_dir(cfg), "model.pt")
+    if not os.path.exists(artifact):
+        raise FileNotFoundError(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
+    run_id = json.load(open(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
+    spark.sparkContext.addFile(artifact)
+    items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)
+    if io.table_exists(cfg.table_path(S.T_ITEMS)):
+        items = items.unionByName(io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.ITEM_ID))
+    items = items.distinct()
+    emb = items.mapInPandas(embed_partitions(os.path.basename(artifact), cfg.model, run_id), ITEM_EMBEDDINGS)
+    io.write_table(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), mode="overwrite", partition_by=[S.MODEL],
+                   replace_where={S.MODEL: cfg.model}, delta_mode=mode)
+    n = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode).where(
+        F.col(S.MODEL) == cfg.model).count()
+    log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
+    return {"items": n, "run_id": run_id}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg, _ = parse(__doc__, argv)
+    out = run(cfg)
+    print(f"item_embeddings[{cfg.model}]: {out['items']:,} items")
+    print_tables(cfg, [T_ITEM_EMBEDDINGS])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``item_embeddings`` -> ``i2i_topk`` with Faiss (exact for small catalogues, IVF for large).
+
+    python -m jobs.topk --conf conf/ml1m_natm.yaml [--set baseline.k=100]
+
+The index is built once from the model's candidate vectors, written to a file and shipped to the
+executors; query items are sharded across Spark tasks, each searching the full index, excluding
+the item itself, ties broken by the smaller item id. Rerunning one model replaces its partition.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import Config
+from ml.data import io
+from ml.data.session import get_spark
+from ml.index.spark_topk import search_partitions
+from ml.index.topk import build_index
+from ml.train.tables import read_columns
+
+from jobs._cli import parse, print_tables
+from jobs.embed import T_ITEM_EMBEDDINGS
+
+log = logging.getLogger("jobs.topk")
+
+
+def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
+    import faiss
+
+    spark = spark or get_spark(cfg.spark)
+    mode, k = cfg.io.delta_mode, k or cfg.baseline.k
+    # The index needs every candidate vector in one place: read the model's partition with delta-rs.
+    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "model", "vector", "candidate_vector"])
+    t = t.filter(pa.compute.equal(t.column("model"), cfg.model))
+    if t.num_rows == 0:
+        raise ValueError(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
+    order = np.argsort(t.column("item_id").to_numpy())
+    ids = t.column("item_id").to_numpy()[order]
+    cand = t.column("candidate_vector")
+    vec_col = cand if cand.null_count == 0 else t.column("vector")
+    vecs = np.asarray(vec_col.combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    vecs = vecs.reshape(t.num_rows, -1)[order]
+    index = build_index(vecs, seed=cfg.seed)
+    tmp = tempfile.mkdtemp(prefix="i2i-index-")
+    index_file, ids_file = os.path.join(tmp, f"{cfg.model}.faiss"), os.path.join(tmp, f"{cfg.model}-ids.npy")
+    faiss.write_index(faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index, index_file)
+    np.save(ids_file, ids)
+    spark.sparkContext.addFile(index_file)
+    spark.sparkContext.addFile(ids_file)
+    queries = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode).where(
+        F.col(S.MODEL) == cfg.model).select(S.ITEM_ID, "vector")
+    topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
+                                                 cfg.model), S.I2I_TOPK)
+    version = io.write_table(spark, topk, cfg.table_path(S.T_I2I_TOPK), mode="overwrite", partition_by=[S.MODEL],
+                             replace_where={S.MODEL: cfg.model}, delta_mode=mode)
+    n = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode).where(F.col(S.MODEL) == cfg.model).count()
+    log.info("i2i_topk[%s]: %d rows for %d items (k=%d), version %d", cfg.model, n, len(ids), k, version)
+    return {"rows": n, "items": len(ids), "version": version}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg, _ = parse(__doc__, argv)
+    out = run(cfg)
+    print(f"i2i_topk[{cfg.model}]: {out['rows']:,} rows")
+    print_tables(cfg, [S.T_I2I_TOPK])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Score items and search top-K inside Spark tasks (Arrow ``mapInPandas``).
+
+The trained model and the Faiss index travel to executors as files (``SparkContext.addFile``) and
+are loaded once per executor Python process, cached by path; batches of rows stream through them.
+Nothing proportional to the catalogue is collected on the driver here.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+_CACHE: dict = {}
+
+
+def _cached(key: str, load):
+    if key not in _CACHE:
+        _CACHE[key] = load()
+    return _CACHE[key]
+
+
+def embed_partitions(artifact_name: str, model_name: str, run_id: str, batch_size: int = 4096):
+    """mapInPandas function: (item_id) rows -> (item_id, model, vector, candidate_vector, run_id)."""
+
+    def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import torch
+        from pyspark import SparkFiles
+
+        from ml.train.natm_task import embed_items, load_artifact
+
+        model, vocab, _ = _cached(artifact_name, lambda: load_artifact(SparkFiles.get(artifact_name)))
+        torch.set_num_threads(1)
+        for pdf in batches:
+            ids = torch.from_numpy(pdf["item_id"].to_numpy(np.int64))
+            idx = vocab.index(ids)
+            known = idx > 0
+            if not known.any():
+                continue
+            trig, cand = embed_items(model, idx[known], batch_size)
+            same = not model.cfg.separate_encoders
+            yield pd.DataFrame({
+                "item_id": ids[known].numpy(), "model": model_name,
+                "vector": list(trig.numpy().astype(np.float32)),
+                "candidate_vector": [None] * int(known.sum()) if same else list(cand.numpy().astype(np.float32)),
+                "run_id": run_id})
+
+    return fn
+
+
+def search_partitions(index_name: str, ids_name: str, k: int, model_name: str):
+    """mapInPandas function: (item_id, vector) query rows -> i2i_topk rows (self excluded)."""
+
+    def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import faiss
+        from pyspark import SparkFiles
+
+        from ml.index.topk import search_topk
+
+        index = _cached(index_name, lambda: faiss.read_index(SparkFiles.get(index_name)))
+        ids = _cached(ids_name, lambda: np.load(SparkFiles.get(ids_name)))
+        faiss.omp_set_num_threads(1)
+        for pdf in batches:
+            q_ids = pdf["item_id"].to_numpy(np.int64)
+            q = np.stack(pdf["vector"].to_numpy()).astype(np.float32)
+            pos_self = np.searchsorted(ids, q_ids)
+            pos_self = np.where((pos_self < len(ids)) & (ids[np.minimum(pos_self, len(ids) - 1)] == q_ids), pos_self, -1)
+            pos, scores = search_topk(index, q, pos_self, k)
+            valid = pos >= 0
+            rows = np.repeat(q_ids, k)[valid.ravel()]
+            yield pd.DataFrame({"item_id": rows, "neighbor_id": ids[pos[valid]],
+                                "score": scores[valid].astype(np.float64),
+                                "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(q_ids))[valid.ravel()],
+                                "model": model_name})
+
+    return fn
