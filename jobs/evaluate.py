@@ -39,7 +39,29 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
         rows += [r.asDict() for r in written.where(F.col(S.CATEGORY_ID).isNull()).collect()]  # <= len(ks)+1 rows
     table = format_table(rows, list(cfg.eval.ks))
     log.info("metrics\n%s", table)
-    return {"rows": rows, "table": table}
+    report = write_evaluation_report(cfg, spark)
+    log.info("report: %s", report)
+    return {"rows": rows, "table": table, "report": report}
+
+
+def write_evaluation_report(cfg: Config, spark) -> str:
+    """Report over every model in the metrics table (they share the eval targets)."""
+    import os
+
+    from ml.eval.report import read_loss_curve, write_report
+
+    mode = cfg.io.delta_mode
+    metrics = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode)
+    all_rows = [r.asDict() for r in metrics.collect()]  # models x metrics x categories: small
+    overall = [r for r in all_rows if r[S.CATEGORY_ID] is None]
+    names = None
+    if io.table_exists(cfg.table_path(S.T_ITEMS)):
+        cats = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.CATEGORY_ID, S.CATEGORY_NAME)
+        names = {r[0]: r[1] for r in cats.where(F.col(S.CATEGORY_ID).isNotNull()).distinct().limit(10_000).collect()}
+    models = sorted({r[S.MODEL] for r in all_rows})
+    curves = {m: read_loss_curve(cfg.table_path(os.path.join("models", m, "train_metrics.jsonl"))) for m in models}
+    return write_report(cfg.table_path("report"), all_rows, list(cfg.eval.ks), format_table(overall, list(cfg.eval.ks)),
+                        curves, names, title=f"spark-i2i evaluation ({cfg.warehouse})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -50,6 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out = run(cfg, models=args.model)
     print(out["table"])
     print_tables(cfg, [S.T_METRICS])
+    print(f"  {'report':<18} {out['report']}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if res.get("evaluate"):
         print(f"\nmetrics over all eval users ({cfg.model}):")
         print(res["evaluate"]["table"])
+        print(f"report: {res['evaluate']['report']}")
     print("tables:")
     print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets", "item_graph",
                        "item_counts"] + ([] if cfg.model in baseline.BASELINES else

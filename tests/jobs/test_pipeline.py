@@ -42,7 +42,17 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     from jobs import baseline, evaluate
 
     baseline.run(cfg, spark, "pop")
-    rows = evaluate.run(cfg, spark, ["pop", "cooc"])["rows"]
+    out = evaluate.run(cfg, spark, ["pop", "cooc"])
+    rows = out["rows"]
+    page = open(out["report"]).read()
+    assert page.count("data:image/png;base64,") >= 2 and "cooc" in page and "Pre@10" in page
+    import base64
+    import os
+
+    for png in ("pre_at_k.png", "per_category.png"):
+        with open(os.path.join(os.path.dirname(out["report"]), png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert base64.b64decode(page.split("data:image/png;base64,")[1].split("'")[0])[:4] == b"\x89PNG"
     pre10 = {r["model"]: r["value"] for r in rows if r["metric"] == "pre" and r["k"] == 10}
     assert pre10["cooc"] > 2 * pre10["pop"], pre10
     metrics = io.read_table(spark, cfg.table_path(S.T_METRICS))

@@ -1,0 +1,115 @@
+"""Evaluation report: metrics table + plots (PNG) in one self-contained HTML page.
+
+Plots: Pre@K curves per model, Pre@50 per target category for each model, training loss curves
+(from each model's ``train_metrics.jsonl``). Inputs are small: metric rows (models × K ×
+categories) and per-step loss records.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_pre_at_k(rows: Sequence[dict]) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in rows}):
+        pts = sorted((r["k"], r["value"]) for r in rows
+                     if r["model"] == model and r["metric"] == "pre" and r["category_id"] is None)
+        ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=model)
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("Pre@K (HitRate@K), all eval users")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_per_category(rows: Sequence[dict], k: int, names: Optional[Dict[int, str]] = None,
+                      max_categories: int = 25) -> Optional[bytes]:
+    cat_rows = [r for r in rows if r["category_id"] is not None and r["metric"] == "pre" and r["k"] == k]
+    if not cat_rows:
+        return None
+    users = {r["category_id"]: r["n_users"] for r in cat_rows}
+    cats = sorted(users, key=lambda c: (-users[c], c))[:max_categories]
+    models = sorted({r["model"] for r in cat_rows})
+    val = {(r["model"], r["category_id"]): r["value"] for r in cat_rows}
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cats) * max(1, len(models)) / 2), 4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        ax.bar([j + i * width for j in range(len(cats))], [val.get((m, c), 0.0) for c in cats], width, label=m)
+    labels = [f"{(names or {}).get(c, c)}\n({users[c]})" for c in cats]
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], labels, rotation=60, fontsize=7)
+    ax.set_ylabel(f"Pre@{k}")
+    ax.set_title(f"Pre@{k} by target category (eval users in brackets)")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_losses(curves: Dict[str, List[dict]]) -> Optional[bytes]:
+    curves = {m: c for m, c in curves.items() if c}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, recs in curves.items():
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=m)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def read_loss_curve(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and "step" in rec:
+                out.append(rec)
+    return out
+
+
+def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_text: str,
+                 loss_curves: Optional[Dict[str, List[dict]]] = None,
+                 category_names: Optional[Dict[int, str]] = None, title: str = "spark-i2i evaluation") -> str:
+    """Write PNGs and ``report.html`` under ``out_dir``; return the HTML path."""
+    os.makedirs(out_dir, exist_ok=True)
+    k_cat = 50 if 50 in ks else max(ks)
+    figures = [("pre_at_k.png", "Pre@K by model", plot_pre_at_k(rows)),
+               ("per_category.png", f"Pre@{k_cat} by target category", plot_per_category(rows, k_cat, category_names)),
+               ("training_loss.png", "Training loss", plot_losses(loss_curves or {}))]
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1100px} pre{background:#f6f6f6;padding:1em}"
+             " img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", "<h2>Metrics over all eval users</h2>",
+             f"<pre>{html.escape(table_text)}</pre>"]
+    for name, caption, png in figures:
+        if png is None:
+            continue
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(png)
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    path = os.path.join(out_dir, "report.html")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
