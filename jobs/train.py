@@ -21,7 +21,7 @@ from ml.config import Config, ConfigError
 from jobs._cli import parse
 
 log = logging.getLogger("jobs.train")
-TRAINABLE = ("natm",)
+TRAINABLE = ("natm", "dat", "two_tower")
 
 
 def model_dir(cfg: Config) -> str:
@@ -36,21 +36,32 @@ def train_worker(cfg: Config, resume: bool) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
     from ml.train.distributed import cleanup, init_distributed
     from ml.train.loop import train
-    from ml.train.natm_task import NATMTrainer, build_natm, natm_batches, save_artifact
 
     ctx = init_distributed(cfg.train.device)
     try:
-        model, vocab = build_natm(cfg)
-        make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
+        if cfg.model == "natm":
+            from ml.train.natm_task import NATMTrainer, build_natm, natm_batches, save_artifact
+
+            model, vocab = build_natm(cfg)
+            make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
+            trainer = NATMTrainer(model, cfg.samples.num_negatives)
+        else:
+            from ml.train.dat_task import DATTrainer, build_dat, dat_batches, save_dat_artifact
+
+            model, users, items = build_dat(cfg)
+            make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size)
+            trainer = DATTrainer(model)
         steps_per_epoch = max(1, ds.num_rows() // (cfg.train.batch_size * ctx.world_size))
-        trainer = NATMTrainer(model, cfg.samples.num_negatives)
         os.makedirs(model_dir(cfg), exist_ok=True)
         res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, checkpoint_dir(cfg), resume=resume,
                     seed=cfg.seed, metrics_path=os.path.join(model_dir(cfg), "train_metrics.jsonl"),
                     steps_per_epoch=steps_per_epoch)
         if ctx.is_main:
-            save_artifact(os.path.join(model_dir(cfg), "model.pt"), model, vocab,
-                          extra={"samples_version": ds.version, "steps": res["steps"]})
+            extra = {"samples_version": ds.version, "steps": res["steps"]}
+            if cfg.model == "natm":
+                save_artifact(os.path.join(model_dir(cfg), "model.pt"), model, vocab, extra=extra)
+            else:
+                save_dat_artifact(os.path.join(model_dir(cfg), "model.pt"), model, users, items, extra=extra)
             with open(os.path.join(model_dir(cfg), "run.json"), "w") as f:
                 json.dump({"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
                            "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},

@@ -267,6 +267,29 @@ class NATMSection:
             _check_positive(f"natm.{k}", getattr(self, k))
 
 
+@dataclass(frozen=True)
+class DATSection:
+    """DAT / two-tower hyper-parameters (see ml/models/dat.py); model=two_tower turns AMM and CAL off."""
+
+    id_dim: int = 32
+    feature_dim: int = 8
+    hidden: tuple = (256, 128, 32)  # paper's FC 256-128-32
+    user_fields: tuple = ("gender", "age", "occupation")  # keys of users.features used as features
+    lambda_u: float = 0.5
+    lambda_v: float = 0.5
+    lambda_ca: float = 1.0
+    use_amm: bool = True
+    use_cal: bool = True
+    cal_min_items: int = 4
+    logit_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        for k in ("id_dim", "feature_dim", "logit_scale", "cal_min_items"):
+            _check_positive(f"dat.{k}", getattr(self, k))
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"dat.hidden={self.hidden!r} must be a non-empty list of positive sizes")
+
+
 MODELS = ("pop", "cooc", "natm", "dat", "two_tower")
 
 
@@ -285,6 +308,7 @@ class Config:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     natm: NATMSection = field(default_factory=NATMSection)
+    dat: DATSection = field(default_factory=DATSection)
     model: str = "cooc"  # which model the pipeline trains/produces and evaluates
 
     def __post_init__(self) -> None:

@@ -1,0 +1,79 @@
+"""DAT vs two-tower vs POP on ML-1M, user-to-item (u2i): HR@50, HR@100, MRR and per-genre HR@100.
+
+    python -m bench.ml1m_dat --warehouse /tmp/wh_ml [--set train.epochs=1 ...]
+
+Needs the warehouse of conf/ml1m_natm.yaml through the samples job. Each model trains on
+samples_dat (training data only); the query is the user tower, the target the user's held-out
+last item, candidates every item (the user's training items are not removed, the same for all).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench._machine import describe
+from jobs import train as train_job
+from jobs._cli import setup_logging
+from ml.config import load_config
+from ml.eval.offline import hit_metrics
+from ml.index.topk import build_index, search_topk
+from ml.train.dat_task import embed, load_dat_artifact
+from ml.train.tables import read_columns
+
+ROOT = Path(__file__).resolve().parents[1]
+KS = (10, 50, 100)
+
+
+def u2i(cfg, artifact: str):
+    model, users, items = load_dat_artifact(artifact)
+    uv = embed(model, torch.arange(1, users.size + 1), "user")
+    iv = embed(model, torch.arange(1, items.size + 1), "item")
+    t = read_columns(cfg.table_path("eval_targets"), ["user_id", "target_item"])
+    u = users.index(torch.from_numpy(t.column("user_id").to_numpy().copy()))
+    target = t.column("target_item").to_numpy()
+    index = build_index(iv.numpy(), kind="flat", use_gpu=False)
+    pos, _ = search_topk(index, uv[u - 1].numpy(), None, 100)
+    return pos, items, target
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--warehouse", default="/tmp/wh_ml")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    a = p.parse_args()
+    setup_logging("WARNING")
+    cats = read_columns(str(Path(a.warehouse) / "items"), ["item_id", "category_name"]).to_pydict()
+    cat_of = dict(zip(cats["item_id"], cats["category_name"]))
+    results = {}
+    for model in ("two_tower", "dat"):
+        cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", [f"warehouse={a.warehouse}", f"model={model}",
+                                                             "train.log_every=1000000", "train.batch_size=1024",
+                                                             "train.lr=0.003", *a.overrides])
+        t = time.time()
+        train_job.run(cfg)
+        secs = time.time() - t
+        pos, items, target = u2i(cfg, str(Path(train_job.model_dir(cfg)) / "model.pt"))
+        topk = items.ids.numpy()[pos]
+        results[model] = (hit_metrics(topk, target, KS), secs, topk)
+    counts = read_columns(str(Path(a.warehouse) / "item_counts"), ["item_id", "count"]).to_pydict()
+    order = np.lexsort((np.array(counts["item_id"]), -np.array(counts["count"])))
+    pop = np.array(counts["item_id"])[order][:100]
+    results["pop"] = (hit_metrics(np.tile(pop, (len(target), 1)), target, KS), 0.0, np.tile(pop, (len(target), 1)))
+    print(f"ML-1M u2i, {len(target)} users; machine: {describe()}")
+    print(f"{'model':<10}" + "".join(f"{'HR@' + str(k):>9}" for k in KS) + f"{'MRR':>9}{'train':>8}")
+    for m, (vals, secs, _) in results.items():
+        print(f"{m:<10}" + "".join(f"{vals[f'Pre@{k}']:>9.4f}" for k in KS) + f"{vals['MRR']:>9.4f}{secs:>7.0f}s")
+    genres = sorted({cat_of.get(int(x)) for x in target if cat_of.get(int(x))})
+    print("per-genre HR@100 (target's primary genre; users):")
+    for g in sorted(genres, key=lambda g: sum(cat_of.get(int(x)) == g for x in target)):
+        mask = np.array([cat_of.get(int(x)) == g for x in target])
+        row = "  ".join(f"{m} {np.mean((res[2][mask] == target[mask, None]).any(1)):.3f}" for m, res in results.items())
+        print(f"  {g:<12} ({mask.sum():>4})  {row}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""DAT / two-tower training task: tables -> model, batches; the model -> user and item vectors."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+from deltalake import DeltaTable
+from torch import nn
+
+from ml.config import Config
+from ml.models.dat import DAT, DATConfig
+from ml.train.reader import DeltaBatchDataset, make_loader
+from ml.train.tables import Vocab, build_vocab, load_categories, load_vocab, read_columns
+
+log = logging.getLogger(__name__)
+
+
+class DATTrainer(nn.Module):
+    def __init__(self, model: DAT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict):
+        return self.model(batch["user"], batch["item"], batch["label"])
+
+
+def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Tensor, tuple]:
+    """(U+1, fields) category indices from ``users.features`` (0 = unknown) and each field's size."""
+    feats = torch.zeros(vocab.size + 1, len(fields), dtype=torch.long)
+    if not fields or not DeltaTable.is_deltatable(users_path):
+        return feats[:, :0], ()
+    t = read_columns(users_path, ["user_id", "features"]).to_pydict()
+    idx = vocab.index(torch.tensor(t["user_id"], dtype=torch.long))
+    sizes = []
+    for j, f in enumerate(fields):
+        values = [dict(m or {}).get(f) for m in t["features"]]
+        levels = sorted({v for v in values if v is not None})
+        code = {v: i + 1 for i, v in enumerate(levels)}
+        col = torch.tensor([code.get(v, 0) for v in values], dtype=torch.long)
+        feats[idx[idx > 0], j] = col[idx > 0]
+        sizes.append(len(levels) + 1)
+    return feats, tuple(sizes)
+
+
+def build_dat(cfg: Config) -> tuple[DAT, Vocab, Vocab]:
+    two_tower = cfg.model == "two_tower"
+    items = load_vocab(cfg.table_path("noise_q"), cfg.table_path("items"))
+    user_ids = read_columns(cfg.table_path("sequences"), ["user_id"]).column("user_id").to_numpy()
+    users = build_vocab(user_ids)
+    cats, n_cats = load_categories(cfg.table_path("items"), items)
+    feats, sizes = load_user_features(cfg.table_path("users"), users, list(cfg.dat.user_fields))
+    d = cfg.dat
+    mcfg = DATConfig(num_users=users.size, num_items=items.size, num_categories=n_cats, user_feature_sizes=sizes,
+                     id_dim=d.id_dim, feature_dim=d.feature_dim, hidden=tuple(d.hidden),
+                     use_amm=d.use_amm and not two_tower, use_cal=d.use_cal and not two_tower,
+                     lambda_u=d.lambda_u, lambda_v=d.lambda_v, lambda_ca=d.lambda_ca, cal_min_items=d.cal_min_items,
+                     logit_scale=d.logit_scale)
+    model = DAT(mcfg, feats if sizes else None, cats)
+    log.info("%s: %d users (%d feature fields), %d items, %d categories", cfg.model, users.size, len(sizes),
+             items.size, n_cats)
+    return model, users, items
+
+
+def dat_batches(cfg: Config, users: Vocab, items: Vocab, rank: int, world_size: int, version: Optional[int] = None):
+    ds = DeltaBatchDataset(cfg.table_path("samples_dat"), columns=["user_id", "item_id", "label"],
+                           batch_size=cfg.train.batch_size, shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.seed,
+                           version=version, rank=rank, world_size=world_size)
+
+    def make(epoch: int) -> Iterable[dict]:
+        ds.set_epoch(epoch)
+        for b in make_loader(ds, cfg.train.num_workers):
+            yield {"user": users.index(b["user_id"]), "item": items.index(b["item_id"]), "label": b["label"]}
+
+    return make, ds
+
+
+def save_dat_artifact(path: str, model: DAT, users: Vocab, items: Vocab, extra: Optional[dict] = None) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"kind": "dat", "config": dataclasses.asdict(model.cfg), "state": model.state_dict(),
+                "users": users.ids, "items": items.ids, "extra": extra or {}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_dat_artifact(path: str) -> tuple[DAT, Vocab, Vocab]:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    c = blob["config"]
+    c["hidden"], c["user_feature_sizes"] = tuple(c["hidden"]), tuple(c["user_feature_sizes"])
+    model = DAT(DATConfig(**c))
+    model.load_state_dict(blob["state"])
+    model.eval()
+    return model, Vocab(blob["users"]), Vocab(blob["items"])
+
+
+@torch.no_grad()
+def embed(model: DAT, index: torch.Tensor, side: str, batch_size: int = 8192) -> torch.Tensor:
+    model.eval()
+    fn = model.user_vectors if side == "user" else model.item_vectors
+    return torch.cat([fn(c) for c in torch.split(index, batch_size)]).float()
