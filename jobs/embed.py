@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
+import uuid
 from typing import Optional, Sequence
 
 from pyspark.sql import functions as F
@@ -42,12 +45,15 @@ def run(cfg: Config, spark=None) -> dict:
     if not os.path.exists(artifact):
         raise FileNotFoundError(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
     run_id = json.load(open(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
-    spark.sparkContext.addFile(artifact)
+    # addFile keeps one file per name for the session's life: ship a uniquely named copy
+    shipped = os.path.join(tempfile.mkdtemp(prefix="i2i-model-"), f"{cfg.model}-{uuid.uuid4().hex[:12]}.pt")
+    shutil.copyfile(artifact, shipped)
+    spark.sparkContext.addFile(shipped)
     items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)
     if io.table_exists(cfg.table_path(S.T_ITEMS)):
         items = items.unionByName(io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.ITEM_ID))
     items = items.distinct()
-    emb = items.mapInPandas(embed_partitions(os.path.basename(artifact), cfg.model, run_id), ITEM_EMBEDDINGS)
+    emb = items.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
     io.write_table(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), mode="overwrite", partition_by=[S.MODEL],
                    replace_where={S.MODEL: cfg.model}, delta_mode=mode)
     n = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode).where(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from typing import Optional, Sequence
 
 import numpy as np
@@ -49,7 +50,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     vecs = vecs.reshape(t.num_rows, -1)[order]
     index = build_index(vecs, seed=cfg.seed)
     tmp = tempfile.mkdtemp(prefix="i2i-index-")
-    index_file, ids_file = os.path.join(tmp, f"{cfg.model}.faiss"), os.path.join(tmp, f"{cfg.model}-ids.npy")
+    tag = f"{cfg.model}-{uuid.uuid4().hex[:12]}"  # addFile keeps one file per name per session
+    index_file, ids_file = os.path.join(tmp, f"{tag}.faiss"), os.path.join(tmp, f"{tag}-ids.npy")
     faiss.write_index(faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index, index_file)
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)

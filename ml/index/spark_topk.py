@@ -27,9 +27,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, batch_siz
         import torch
         from pyspark import SparkFiles
 
-        from ml.train.natm_task import embed_items, load_artifact
-
-        model, vocab, _ = _cached(artifact_name, lambda: load_artifact(SparkFiles.get(artifact_name)))
+        encode, vocab, same = _cached(artifact_name, lambda: load_item_encoder(SparkFiles.get(artifact_name)))
         torch.set_num_threads(1)
         for pdf in batches:
             ids = torch.from_numpy(pdf["item_id"].to_numpy(np.int64))
@@ -37,8 +35,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, batch_siz
             known = idx > 0
             if not known.any():
                 continue
-            trig, cand = embed_items(model, idx[known], batch_size)
-            same = not model.cfg.separate_encoders
+            trig, cand = encode(idx[known], batch_size)
             yield pd.DataFrame({
                 "item_id": ids[known].numpy(), "model": model_name,
                 "vector": list(trig.numpy().astype(np.float32)),
@@ -46,6 +43,29 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, batch_siz
                 "run_id": run_id})
 
     return fn
+
+
+def load_item_encoder(path: str):
+    """Artifact -> (encode(indices, batch) -> (query-side, candidate-side) vectors, vocab, same sides?)."""
+    import torch
+
+    kind = torch.load(path, map_location="cpu", weights_only=False).get("kind")
+    if kind == "natm":
+        from ml.train.natm_task import embed_items, load_artifact
+
+        model, vocab, _ = load_artifact(path)
+        return (lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.cfg.separate_encoders
+    if kind == "dat":
+        from ml.train.dat_task import embed, load_dat_artifact
+
+        model, _, items = load_dat_artifact(path)
+
+        def encode(idx, bs):
+            v = embed(model, idx, "item", bs)
+            return v, v
+
+        return encode, items, True
+    raise ValueError(f"{path}: unknown model artifact kind {kind!r}")
 
 
 def search_partitions(index_name: str, ids_name: str, k: int, model_name: str):

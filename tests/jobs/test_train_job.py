@@ -61,6 +61,20 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     metrics = evaluate.run(more, spark, ["natm", "cooc"])["rows"]
     assert {r["model"] for r in metrics} == {"natm", "cooc"}
 
+    # DAT and the plain two-tower train from samples_dat through the same job
+    from ml.train.dat_task import embed as dat_embed
+    from ml.train.dat_task import load_dat_artifact
+
+    for model in ("dat", "two_tower"):
+        c = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, f"model={model}",
+                                                           "train.max_steps=5", "dat.hidden=[16, 8]"])
+        assert train.run(c)["steps"] == 5
+        m, users, items = load_dat_artifact(os.path.join(train.model_dir(c), "model.pt"))
+        assert m.cfg.use_amm == (model == "dat") and m.cfg.use_cal == (model == "dat")
+        assert dat_embed(m, torch.arange(1, users.size + 1), "user").shape == (users.size, 8)
+    assert embed.run(c, spark)["items"] == items.size  # two_tower's item tower through the embed job
+    assert topk.run(c, spark, k=5)["rows"] == 5 * items.size
+
     # DAT samples keep several categories, the major one included, in every reader batch
     ds = DeltaBatchDataset(cfg.table_path("samples_dat"), columns=["category_id", "label"], batch_size=64,
                            shuffle_buffer=500, seed=1)
