@@ -258,6 +258,7 @@ class NATMSection:
     mlm_weight: float = 0.1
     mlm_negatives: Optional[int] = None  # None: full softmax; else sampled softmax with this many
     separate_encoders: bool = False
+    learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
     use_categories: bool = True  # add the item's category embedding to every token
 
     def __post_init__(self) -> None:

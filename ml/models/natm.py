@@ -37,6 +37,9 @@ class NATMConfig:
     mlm_weight: float = 0.1  # lambda of the MLM term
     mlm_negatives: Optional[int] = None  # None: full softmax over items; else sampled softmax size
     separate_encoders: bool = False  # different encoders for trigger and candidate (directed graph)
+    # NCE normaliser c in exp(gamma*R - c), learned (Mnih & Teh). The paper writes exp(gamma*R):
+    # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
+    learn_nce_offset: bool = True
 
     def __post_init__(self) -> None:
         if self.num_items <= 0:
@@ -134,6 +137,8 @@ class NATM(nn.Module):
         self.trigger_encoder = Encoder(cfg, self.item_emb)
         self.candidate_encoder = Encoder(cfg, self.item_emb) if cfg.separate_encoders else self.trigger_encoder
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
+        # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
+        self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -214,13 +219,15 @@ def mlm_cross_entropy(states: torch.Tensor, targets: torch.Tensor, out_weight: t
     return F.cross_entropy(logits, torch.arange(len(targets), device=states.device))
 
 
-def nce_loss(relevance: torch.Tensor, q: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
+def nce_loss(relevance: torch.Tensor, q: torch.Tensor, k: int, gamma: float,
+             offset: torch.Tensor | float = 0.0) -> torch.Tensor:
     """NATM's NCE loss. relevance R (B, 1+k): column 0 the positive; q (B, 1+k) noise probabilities.
 
-    p(y=1|s,s_c) = exp(γR) / (exp(γR) + k·q(s_c)); p(y=0|s,s_c) = k·q(s_c) / (exp(γR) + k·q(s_c)).
+    p(y=1|s,s_c) = exp(γR - c) / (exp(γR - c) + k·q(s_c)); p(y=0|s,s_c) = k·q(s_c) / (exp(γR - c) + k·q(s_c))
+    with the normaliser c = ``offset`` (0 = the paper's formula).
     Loss = -mean_b [ log p(y=1|s,s+) + Σ_negatives log p(y=0|s,s-) ], computed stably as softplus.
     """
-    z = gamma * relevance - torch.log(k * q.clamp(min=1e-30))  # log-odds of "data" vs "noise"
+    z = gamma * relevance - offset - torch.log(k * q.clamp(min=1e-30))  # log-odds of "data" vs "noise"
     pos = F.softplus(-z[:, 0])  # -log sigmoid(z)
     neg = F.softplus(z[:, 1:]).sum(dim=1)  # -log (1 - sigmoid(z))
     return (pos + neg).mean()

@@ -31,9 +31,9 @@ class NATMTrainer(nn.Module):
         cands = torch.cat([batch["positive"][:, None], batch["negatives"]], dim=1)  # (B, 1+k)
         q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], dim=1)  # (B, 1+k)
         rel = self.model(batch["trigger"], cands)
-        nce = nce_loss(rel, q.double().float(), self.k, self.model.cfg.gamma)
+        nce = nce_loss(rel, q.float(), self.k, self.model.cfg.gamma, self.model.nce_offset)
         loss = nce
-        metrics = {"nce": float(nce.detach())}
+        metrics = {"nce": float(nce.detach()), "nce_offset": float(self.model.nce_offset.detach())}
         if self.model.cfg.mlm_weight > 0 and self.model.cfg.num_neighbors > 0:
             mlm = self.model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
             loss = loss + self.model.cfg.mlm_weight * mlm
