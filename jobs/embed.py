@@ -1,9 +1,10 @@
-"""Model artifact + catalogue -> ``item_embeddings`` (item_id, model, vector, candidate_vector, run_id).
+"""Model artifact + catalogue -> ``item_embeddings`` (item_id, model, vector, candidate_vector, run_id);
+for DAT / two-tower also ``user_embeddings`` (user_id, model, vector, run_id) from the query tower.
 
     python -m jobs.embed --conf conf/ml1m_natm.yaml
 
-Scores every item in Spark tasks (the model is loaded once per executor process); rerunning one
-model replaces only its partition.
+Scores every item (and user) in Spark tasks (the model is loaded once per executor process);
+rerunning one model replaces only its partition.
 """
 from __future__ import annotations
 
@@ -28,12 +29,20 @@ from jobs._cli import parse, print_tables
 from jobs.train import model_dir
 
 log = logging.getLogger("jobs.embed")
-T_ITEM_EMBEDDINGS = "item_embeddings"
+T_ITEM_EMBEDDINGS = S.T_ITEM_EMBEDDINGS
+T_USER_EMBEDDINGS = S.T_USER_EMBEDDINGS
+USER_MODELS = ("dat", "two_tower")  # models with a query (user) tower
 ITEM_EMBEDDINGS = StructType([
     StructField(S.ITEM_ID, LongType(), False),
     StructField(S.MODEL, StringType(), False),
     StructField("vector", ArrayType(FloatType(), False), False),  # trigger / query side, L2-normalised
     StructField("candidate_vector", ArrayType(FloatType(), False), True),  # set when the towers differ
+    StructField("run_id", StringType(), False),
+])
+USER_EMBEDDINGS = StructType([
+    StructField(S.USER_ID, LongType(), False),
+    StructField(S.MODEL, StringType(), False),
+    StructField("vector", ArrayType(FloatType(), False), False),  # query tower, L2-normalised
     StructField("run_id", StringType(), False),
 ])
 
@@ -59,14 +68,26 @@ def run(cfg: Config, spark=None) -> dict:
     n = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode).where(
         F.col(S.MODEL) == cfg.model).count()
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
-    return {"items": n, "run_id": run_id}
+    out = {"items": n, "run_id": run_id}
+    if cfg.model in USER_MODELS:
+        users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
+        uemb = users.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id, side="user"),
+                                 USER_EMBEDDINGS)
+        io.write_table(spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), mode="overwrite", partition_by=[S.MODEL],
+                       replace_where={S.MODEL: cfg.model}, delta_mode=mode)
+        out["users"] = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode).where(
+            F.col(S.MODEL) == cfg.model).count()
+        log.info("user_embeddings[%s]: %d users (run %s)", cfg.model, out["users"], run_id)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)
     print(f"item_embeddings[{cfg.model}]: {out['items']:,} items")
-    print_tables(cfg, [T_ITEM_EMBEDDINGS])
+    if "users" in out:
+        print(f"user_embeddings[{cfg.model}]: {out['users']:,} users")
+    print_tables(cfg, [T_ITEM_EMBEDDINGS] + ([T_USER_EMBEDDINGS] if "users" in out else []))
 
 
 if __name__ == "__main__":

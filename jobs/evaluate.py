@@ -1,9 +1,11 @@
-"""``i2i_topk`` + ``eval_targets`` -> ``metrics`` (Pre@K and MRR over all eval users; per category).
+"""``i2i_topk`` + ``eval_targets`` -> ``metrics`` (Pre@K and MRR over all eval users; per category);
+``u2i_topk`` too for models that have one (DAT / two-tower: HR@K and MRR of the user's last item).
 
     python -m jobs.evaluate --conf conf/ml1m_natm.yaml --model pop --model cooc
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import List, Optional, Sequence
 
@@ -29,10 +31,17 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
     items = None
     if cfg.eval.per_category and io.table_exists(cfg.table_path(S.T_ITEMS)):
         items = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode)
+    u2i_all = None
+    if io.table_exists(cfg.table_path(S.T_U2I_TOPK)):
+        u2i_all = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK), delta_mode=mode)
+    run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     rows = []
     for m in models:
         topk = topk_all.where(F.col(S.MODEL) == m)
-        metrics = compute_metrics(targets, topk, list(cfg.eval.ks), m, items)
+        metrics = compute_metrics(targets, topk, list(cfg.eval.ks), m, items, run_ts)
+        if u2i_all is not None and u2i_all.where(F.col(S.MODEL) == m).limit(1).count():
+            metrics = metrics.unionByName(compute_metrics(targets, u2i_all.where(F.col(S.MODEL) == m),
+                                                          list(cfg.eval.ks), m, items, run_ts, kind="u2i"))
         io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
                        replace_where={S.MODEL: m}, delta_mode=mode)
         written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(F.col(S.MODEL) == m)

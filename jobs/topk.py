@@ -1,10 +1,11 @@
-"""``item_embeddings`` -> ``i2i_topk`` with Faiss (exact for small catalogues, IVF for large).
+"""``item_embeddings`` -> ``i2i_topk`` with Faiss (exact for small catalogues, IVF for large);
+for DAT / two-tower also ``user_embeddings`` -> ``u2i_topk`` against the same item index.
 
     python -m jobs.topk --conf conf/ml1m_natm.yaml [--set baseline.k=100]
 
 The index is built once from the model's candidate vectors, written to a file and shipped to the
 executors; query items are sharded across Spark tasks, each searching the full index, excluding
-the item itself, ties broken by the smaller item id. Rerunning one model replaces its partition.
+the item itself (i2i), ties broken by the smaller item id. Rerunning one model replaces its partition.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ml.index.topk import build_index
 from ml.train.tables import read_columns
 
 from jobs._cli import parse, print_tables
-from jobs.embed import T_ITEM_EMBEDDINGS
+from jobs.embed import T_ITEM_EMBEDDINGS, T_USER_EMBEDDINGS, USER_MODELS
 
 log = logging.getLogger("jobs.topk")
 
@@ -64,14 +65,27 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
                              replace_where={S.MODEL: cfg.model}, delta_mode=mode)
     n = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode).where(F.col(S.MODEL) == cfg.model).count()
     log.info("i2i_topk[%s]: %d rows for %d items (k=%d), version %d", cfg.model, n, len(ids), k, version)
-    return {"rows": n, "items": len(ids), "version": version}
+    out = {"rows": n, "items": len(ids), "version": version}
+    if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
+        users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode).where(
+            F.col(S.MODEL) == cfg.model).select(S.USER_ID, "vector")
+        u2i = users.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
+                                                  cfg.model, side="user"), S.U2I_TOPK)
+        io.write_table(spark, u2i, cfg.table_path(S.T_U2I_TOPK), mode="overwrite", partition_by=[S.MODEL],
+                       replace_where={S.MODEL: cfg.model}, delta_mode=mode)
+        out["u2i_rows"] = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK), delta_mode=mode).where(
+            F.col(S.MODEL) == cfg.model).count()
+        log.info("u2i_topk[%s]: %d rows (k=%d)", cfg.model, out["u2i_rows"], k)
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)
     print(f"i2i_topk[{cfg.model}]: {out['rows']:,} rows")
-    print_tables(cfg, [S.T_I2I_TOPK])
+    if "u2i_rows" in out:
+        print(f"u2i_topk[{cfg.model}]: {out['u2i_rows']:,} rows")
+    print_tables(cfg, [S.T_I2I_TOPK] + ([S.T_U2I_TOPK] if "u2i_rows" in out else []))
 
 
 if __name__ == "__main__":

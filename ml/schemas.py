@@ -103,9 +103,19 @@ I2I_TOPK = StructType([
     StructField(MODEL, StringType(), False),
 ])
 
+# DAT / two-tower only: the user (query) tower's top-K items for every user. No items are removed
+# (the user's history included): a serving layer filters what it has already shown.
+U2I_TOPK = StructType([
+    StructField(USER_ID, LongType(), False),
+    StructField(ITEM_ID, LongType(), False),
+    StructField(SCORE, DoubleType(), False),
+    StructField(RANK, IntegerType(), False),
+    StructField(MODEL, StringType(), False),
+])
+
 METRICS = StructType([
     StructField(MODEL, StringType(), False),
-    StructField(METRIC, StringType(), False),  # "pre" (= HitRate) or "mrr"
+    StructField(METRIC, StringType(), False),  # "pre" (= HitRate) or "mrr" (i2i); "u2i_hr" or "u2i_mrr" (u2i)
     StructField(K, IntegerType(), True),  # cut-off for pre; null for mrr
     StructField(CATEGORY_ID, LongType(), True),  # null = all users; else the target item's category
     StructField(VALUE, DoubleType(), False),
@@ -124,6 +134,9 @@ T_ITEM_GRAPH = "item_graph"
 T_ITEM_COUNTS = "item_counts"
 T_I2I_TOPK = "i2i_topk"
 T_METRICS = "metrics"
+T_ITEM_EMBEDDINGS = "item_embeddings"
+T_USER_EMBEDDINGS = "user_embeddings"
+T_U2I_TOPK = "u2i_topk"
 
 
 def check_columns(df_schema: StructType, expected: StructType, what: str) -> None:

@@ -20,33 +20,46 @@ def _cached(key: str, load):
     return _CACHE[key]
 
 
-def embed_partitions(artifact_name: str, model_name: str, run_id: str, batch_size: int = 4096):
-    """mapInPandas function: (item_id) rows -> (item_id, model, vector, candidate_vector, run_id)."""
+def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str = "item", batch_size: int = 4096):
+    """mapInPandas function.
+
+    side="item": (item_id) rows -> (item_id, model, vector, candidate_vector, run_id);
+    side="user" (DAT / two-tower): (user_id) rows -> (user_id, model, vector, run_id), the query tower.
+    Ids the model never saw in training are skipped (their count is the input minus the output).
+    """
+    key = "item_id" if side == "item" else "user_id"
 
     def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
         from pyspark import SparkFiles
 
-        encode, vocab, same = _cached(artifact_name, lambda: load_item_encoder(SparkFiles.get(artifact_name)))
+        encoders = _cached(artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
+        if side not in encoders:
+            raise ValueError(f"{artifact_name}: this model has no {side} tower")
+        encode, vocab, same = encoders[side]
         torch.set_num_threads(1)
         for pdf in batches:
-            ids = torch.from_numpy(pdf["item_id"].to_numpy(np.int64))
+            ids = torch.from_numpy(pdf[key].to_numpy(np.int64))
             idx = vocab.index(ids)
             known = idx > 0
             if not known.any():
                 continue
             trig, cand = encode(idx[known], batch_size)
-            yield pd.DataFrame({
-                "item_id": ids[known].numpy(), "model": model_name,
-                "vector": list(trig.numpy().astype(np.float32)),
-                "candidate_vector": [None] * int(known.sum()) if same else list(cand.numpy().astype(np.float32)),
-                "run_id": run_id})
+            out = {key: ids[known].numpy(), "model": model_name, "vector": list(trig.numpy().astype(np.float32))}
+            if side == "item":
+                out["candidate_vector"] = ([None] * int(known.sum()) if same
+                                           else list(cand.numpy().astype(np.float32)))
+            out["run_id"] = run_id
+            yield pd.DataFrame(out)
 
     return fn
 
 
-def load_item_encoder(path: str):
-    """Artifact -> (encode(indices, batch) -> (query-side, candidate-side) vectors, vocab, same sides?)."""
+def load_encoders(path: str) -> dict:
+    """Artifact -> {side: (encode(indices, batch) -> (query-side, candidate-side) vectors, vocab, same sides?)}.
+
+    Every model has the "item" side; DAT / two-tower also the "user" side (query tower).
+    """
     import torch
 
     kind = torch.load(path, map_location="cpu", weights_only=False).get("kind")
@@ -54,22 +67,28 @@ def load_item_encoder(path: str):
         from ml.train.natm_task import embed_items, load_artifact
 
         model, vocab, _ = load_artifact(path)
-        return (lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.cfg.separate_encoders
+        return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.cfg.separate_encoders)}
     if kind == "dat":
         from ml.train.dat_task import embed, load_dat_artifact
 
-        model, _, items = load_dat_artifact(path)
+        model, users, items = load_dat_artifact(path)
 
-        def encode(idx, bs):
-            v = embed(model, idx, "item", bs)
-            return v, v
+        def tower(side):
+            def encode(idx, bs):
+                v = embed(model, idx, side, bs)
+                return v, v
+            return encode
 
-        return encode, items, True
+        return {"item": (tower("item"), items, True), "user": (tower("user"), users, True)}
     raise ValueError(f"{path}: unknown model artifact kind {kind!r}")
 
 
-def search_partitions(index_name: str, ids_name: str, k: int, model_name: str):
-    """mapInPandas function: (item_id, vector) query rows -> i2i_topk rows (self excluded)."""
+def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, side: str = "item"):
+    """mapInPandas function.
+
+    side="item": (item_id, vector) query rows -> i2i_topk rows, the item itself excluded;
+    side="user": (user_id, vector) query rows -> u2i_topk rows (user_id, item_id, score, rank, model).
+    """
 
     def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import faiss
@@ -81,14 +100,20 @@ def search_partitions(index_name: str, ids_name: str, k: int, model_name: str):
         ids = _cached(ids_name, lambda: np.load(SparkFiles.get(ids_name)))
         faiss.omp_set_num_threads(1)
         for pdf in batches:
-            q_ids = pdf["item_id"].to_numpy(np.int64)
+            if pdf.empty:
+                continue
+            q_ids = pdf["item_id" if side == "item" else "user_id"].to_numpy(np.int64)
             q = np.stack(pdf["vector"].to_numpy()).astype(np.float32)
-            pos_self = np.searchsorted(ids, q_ids)
-            pos_self = np.where((pos_self < len(ids)) & (ids[np.minimum(pos_self, len(ids) - 1)] == q_ids), pos_self, -1)
+            pos_self = None
+            if side == "item":
+                pos_self = np.searchsorted(ids, q_ids)
+                pos_self = np.where((pos_self < len(ids)) & (ids[np.minimum(pos_self, len(ids) - 1)] == q_ids),
+                                    pos_self, -1)
             pos, scores = search_topk(index, q, pos_self, k)
             valid = pos >= 0
             rows = np.repeat(q_ids, k)[valid.ravel()]
-            yield pd.DataFrame({"item_id": rows, "neighbor_id": ids[pos[valid]],
+            cols = ("item_id", "neighbor_id") if side == "item" else ("user_id", "item_id")
+            yield pd.DataFrame({cols[0]: rows, cols[1]: ids[pos[valid]],
                                 "score": scores[valid].astype(np.float64),
                                 "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(q_ids))[valid.ravel()],
                                 "model": model_name})

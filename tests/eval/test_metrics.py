@@ -36,6 +36,21 @@ def test_metrics_hand_computed(spark):
     assert "0.2500" in text and "0.3750" in text
 
 
+def test_u2i_metrics_hand_computed(spark):
+    u2i = spark.createDataFrame([(1, 3, 0.9, 1, "m"), (1, 7, 0.8, 2, "m"), (2, 5, 0.9, 1, "m"), (2, 2, 0.5, 2, "m")],
+                                S.U2I_TOPK)
+    targets = spark.createDataFrame([
+        (1, 9, 7, 0, 1),   # user 1: target at rank 2 (the trigger plays no part in u2i)
+        (2, 9, 5, 0, 1),   # user 2: rank 1
+        (3, 9, 5, 0, 1),   # user 3 has no list -> a miss, still counted
+    ], S.EVAL_TARGETS)
+    rows = compute_metrics(targets, u2i, [1, 2], "m", kind="u2i").collect()
+    got = {(r.metric, r.k): r.value for r in rows}
+    assert got == {("u2i_hr", 1): pytest.approx(1 / 3), ("u2i_hr", 2): pytest.approx(2 / 3),
+                   ("u2i_mrr", None): pytest.approx(1.5 / 3)}
+    assert "m u2i" in format_table([r.asDict() for r in rows], [1, 2])
+
+
 def _seqs(spark, rows):
     return spark.createDataFrame([(u, items, list(range(len(items))), len(items)) for u, items in rows], S.SEQUENCES)
 

@@ -72,8 +72,30 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
         m, users, items = load_dat_artifact(os.path.join(train.model_dir(c), "model.pt"))
         assert m.cfg.use_amm == (model == "dat") and m.cfg.use_cal == (model == "dat")
         assert dat_embed(m, torch.arange(1, users.size + 1), "user").shape == (users.size, 8)
-    assert embed.run(c, spark)["items"] == items.size  # two_tower's item tower through the embed job
-    assert topk.run(c, spark, k=5)["rows"] == 5 * items.size
+    emb = embed.run(c, spark)  # two_tower's item and user towers through the embed job
+    assert emb["items"] == items.size and emb["users"] == users.size
+    res = topk.run(c, spark, k=5)
+    assert res["rows"] == 5 * items.size and res["u2i_rows"] == 5 * users.size
+
+    # user_embeddings = the query tower; u2i_topk = exact top-5 items by inner product, ranks 1..5
+    import numpy as np
+
+    uv = dat_embed(m, torch.arange(1, users.size + 1), "user").numpy()
+    iv = dat_embed(m, torch.arange(1, items.size + 1), "item").numpy()
+    ue = {r.user_id: np.array(r.vector) for r in io.read_table(spark, c.table_path(S.T_USER_EMBEDDINGS))
+          .where("model = 'two_tower'").collect()}
+    assert set(ue) == set(users.ids.tolist())
+    u0 = int(users.ids[0])
+    np.testing.assert_allclose(ue[u0], uv[0], atol=1e-5)
+    u2i = io.read_table(spark, c.table_path(S.T_U2I_TOPK)).where(f"model = 'two_tower' AND user_id = {u0}")
+    got = [r.item_id for r in sorted(u2i.collect(), key=lambda r: r.rank)]
+    scores = iv @ uv[0]
+    want = items.ids.numpy()[np.lexsort((np.arange(items.size), -scores))[:5]]
+    assert got == want.tolist()
+    rows = evaluate.run(c, spark, ["two_tower"])["rows"]
+    u2i_rows = [r for r in rows if r["metric"].startswith("u2i_")]
+    assert {r["metric"] for r in u2i_rows} == {"u2i_hr", "u2i_mrr"}
+    assert all(r["n_users"] == rows[0]["n_users"] for r in u2i_rows)
 
     # DAT samples keep several categories, the major one included, in every reader batch
     ds = DeltaBatchDataset(cfg.table_path("samples_dat"), columns=["category_id", "label"], batch_size=64,
