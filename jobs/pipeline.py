@@ -5,14 +5,24 @@
 Stages: generate (synthetic configs only) -> ingest -> sequences -> graph -> samples -> train -> embed
 -> topk -> evaluate. For the baselines (``model`` = pop | cooc) the topk stage writes their lists and
 samples/train/embed are skipped.
+
+A stage is skipped when its config, its inputs (Delta table versions, source files) and its outputs
+are what they were when it last finished: the state lives in ``<warehouse>/_pipeline/``. ``--from
+STAGE`` reruns from that stage on, ``--force`` reruns everything; evaluate always runs.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from typing import Optional, Sequence
 
+from ml import schemas as S
 from ml.config import Config
+from ml.data import io
 from ml.data.session import get_spark
 
 from jobs import baseline, embed, evaluate, generate, graph, ingest, samples, sequences, topk, train
@@ -23,7 +33,88 @@ log = logging.getLogger("jobs.pipeline")
 STAGES = ("generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk", "evaluate")
 
 
-def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
+PER_MODEL = ("train", "embed", "topk")
+
+
+def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
+    """(config keys, inputs, outputs) of a stage; inputs/outputs are table names or file paths."""
+    model_dir = os.path.join("models", cfg.model)
+    learned = cfg.model not in baseline.BASELINES
+    samples_table = "samples_natm" if cfg.model == "natm" else "samples_dat"
+    return {
+        "generate": (["seed", "generate"], [], [cfg.generate.table]),
+        "ingest": (["ingest", "generate.table"], ["@source"], [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS]),
+        "sequences": (["sequences"], [S.T_ACTIONS], [S.T_SEQUENCES, S.T_EVAL_TARGETS]),
+        "graph": (["graph"], [S.T_SEQUENCES], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS]),
+        "samples": (["seed", "samples"], [S.T_SEQUENCES, S.T_ITEM_GRAPH, S.T_ITEM_COUNTS, S.T_ITEMS],
+                    ["samples_natm", "samples_dat"]),
+        "train": (["seed", "model", "train", "natm" if cfg.model == "natm" else "dat"],
+                  [samples_table, S.T_ITEM_GRAPH, S.T_ITEMS], [os.path.join(model_dir, "model.pt")]),
+        "embed": (["model"], [os.path.join(model_dir, "model.pt")], [S.T_ITEM_EMBEDDINGS]),
+        "topk": ((["model", "baseline"], [S.T_ITEM_EMBEDDINGS], [S.T_I2I_TOPK]) if learned else
+                 (["model", "baseline", "graph.top_n"], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS], [S.T_I2I_TOPK])),
+    }[stage]
+
+
+def _state(cfg: Config, name: str) -> object:
+    """What a table or file is now: Delta version, or (size, mtime) of files; None when absent."""
+    if name == "@source":
+        return _state(cfg, cfg.generate.table) if not cfg.ingest.path else _path_state(cfg.ingest.path)
+    path = name if os.path.isabs(name) else cfg.table_path(name)
+    if io.table_exists(path):
+        return io.table_version(path)
+    return _path_state(path)
+
+
+def _path_state(path: str) -> object:
+    if not os.path.exists(path):
+        return None
+    if os.path.isfile(path):  # format readers may use files beside it (ML-1M's movies.dat): list them too
+        path = os.path.dirname(os.path.abspath(path))
+    stats = []
+    for root, _, files in os.walk(path):
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            stats.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
+
+
+def _fingerprint(cfg: Config, stage: str) -> dict:
+    keys, inputs, _ = _stage_io(cfg, stage)
+    conf = dataclasses.asdict(cfg)
+    picked = {}
+    for k in keys:
+        v = conf
+        for part in k.split("."):
+            v = v[part]
+        picked[k] = v
+    return {"config": picked, "inputs": {i: _state(cfg, i) for i in inputs}}
+
+
+def _state_file(cfg: Config, stage: str) -> str:
+    return cfg.table_path(os.path.join("_pipeline", f"{stage}-{cfg.model}.json" if stage in PER_MODEL else f"{stage}.json"))
+
+
+def _up_to_date(cfg: Config, stage: str) -> bool:
+    try:
+        saved = json.load(open(_state_file(cfg, stage)))
+    except (OSError, ValueError):
+        return False
+    outputs = _stage_io(cfg, stage)[2]
+    return (saved.get("fingerprint") == json.loads(json.dumps(_fingerprint(cfg, stage)))
+            and saved.get("outputs") == {o: _state(cfg, o) for o in outputs})
+
+
+def _record(cfg: Config, stage: str, fingerprint: dict) -> None:
+    path = _state_file(cfg, stage)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"fingerprint": fingerprint, "outputs": {o: _state(cfg, o) for o in _stage_io(cfg, stage)[2]},
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool = False) -> dict:
     spark = spark or get_spark(cfg.spark)
     stages = list(STAGES)
     # generate only when ingest reads the generator's table
@@ -34,8 +125,15 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
     if start_from:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
     results = {}
+    skipped = []
     for stage in stages:
         t = time.time()
+        forced = force or (start_from is not None and STAGES.index(stage) >= STAGES.index(start_from))
+        if stage != "evaluate" and not forced and _up_to_date(cfg, stage):
+            log.info("stage %s: inputs, config and outputs unchanged - skipped", stage)
+            skipped.append(stage)
+            continue
+        fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
         log.info("stage %s ...", stage)
         if stage == "train":
             results[stage] = train.run(cfg)  # torch, no Spark; launcher from train.launcher
@@ -45,19 +143,25 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None) -> dict:
             job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
                    "samples": samples, "embed": embed, "topk": topk, "evaluate": evaluate}[stage]
             results[stage] = job.run(cfg, spark)
+        if fingerprint is not None:
+            _record(cfg, stage, fingerprint)
         log.info("stage %s done in %.1fs", stage, time.time() - t)
+    results["skipped"] = skipped
     return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
-        p.add_argument("--from", dest="start_from", choices=STAGES, help="start at this stage")
+        p.add_argument("--from", dest="start_from", choices=STAGES, help="rerun from this stage on")
+        p.add_argument("--force", action="store_true", help="rerun every stage, changed or not")
 
     cfg, args = parse(__doc__, argv, extra)
     t = time.time()
-    res = run(cfg, start_from=args.start_from)
+    res = run(cfg, start_from=args.start_from, force=args.force)
     ing, seq = res.get("ingest"), res.get("sequences")
     print(f"\npipeline finished in {time.time() - t:.0f}s")
+    if res["skipped"]:
+        print(f"skipped (unchanged): {', '.join(res['skipped'])}")
     if ing:
         print(f"ingest: {ing['input_rows']:,} rows -> {ing['actions']:,} actions, {ing['users']:,} users, "
               f"{ing['items']:,} items; rejected {ing['rejected'] or 'none'}")

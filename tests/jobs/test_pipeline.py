@@ -26,7 +26,18 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     snapshot = seq_v0.collect()
     assert first["sequences"]["users"] == io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS)).count()
 
-    pipeline.run(cfg, spark)
+    # unchanged config and inputs: every stage but evaluate is skipped, no table gets a new version
+    again_run = pipeline.run(cfg, spark)
+    assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "topk"]
+    assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == 0
+    # a graph setting changed: graph and what depends on it rerun, the stages before it do not
+    wider = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "graph.window=2"])
+    assert pipeline.run(wider, spark)["skipped"] == ["generate", "ingest", "sequences"]
+    # an output rewritten behind the pipeline's back is not trusted: its stage reruns
+    io.write_table(spark, io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH)), cfg.table_path(S.T_ITEM_GRAPH))
+    assert "graph" not in pipeline.run(wider, spark)["skipped"]
+
+    pipeline.run(cfg, spark, force=True)  # a forced rerun gives the same tables
     v = io.table_version(cfg.table_path(S.T_SEQUENCES))
     assert v == 1
     again = io.read_table(spark, cfg.table_path(S.T_SEQUENCES))
