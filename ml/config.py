@@ -133,11 +133,15 @@ class SequencesConfig:
     max_length: Optional[int] = None  # keep the most recent items of the training part
     collapse_repeats: bool = False  # drop an item equal to the one right before it
     behaviors: Optional[list] = None  # keep only these behaviours (None: all)
+    # 1: leave-last-out (the test protocol). 2: drop each user's last action entirely and hold out the
+    # one before it - a validation split carved from training data, for choosing hyper-parameters.
+    holdout: int = 1
 
     def __post_init__(self) -> None:
         if self.min_length < 2:
             raise ConfigError(f"sequences.min_length={self.min_length} must be >= 2 (trigger + target)")
         _check_positive("sequences.max_length", self.max_length, allow_none=True)
+        _check_positive("sequences.holdout", self.holdout)
 
 
 @dataclass(frozen=True)
@@ -259,11 +263,13 @@ class NATMSection:
     mlm_negatives: Optional[int] = None  # None: full softmax; else sampled softmax with this many
     separate_encoders: bool = False
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
+    loss: str = "nce"  # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected)
     use_categories: bool = True  # add the item's category embedding to every token
 
     def __post_init__(self) -> None:
         _check_positive("natm.num_neighbors", self.num_neighbors, allow_zero=True)
         _check_positive("natm.layers", self.layers, allow_zero=True)
+        _check_choice("natm.loss", self.loss, ["nce", "softmax"])
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
 

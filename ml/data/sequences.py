@@ -16,7 +16,8 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
     Returns ``(sequences, eval_targets)``. ``sequences`` holds the training part only (every
     action but the last, the most recent ``max_length`` of them when set); ``eval_targets`` holds
     (user, trigger = the item before the last, target = the last item). Users with fewer than
-    ``min_length`` actions (after ``collapse_repeats``) appear in neither.
+    ``min_length`` actions (after ``collapse_repeats``) appear in neither. ``holdout=2`` first drops
+    every user's last action (a validation split from training data: tune on it, test on holdout=1).
     """
     if cfg.behaviors:
         actions = actions.where(F.col(S.BEHAVIOR).isin(list(cfg.behaviors)))
@@ -26,6 +27,8 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
                    .alias("ev")))
     if cfg.collapse_repeats:
         events = events.withColumn("ev", F.expr("filter(ev, (x, k) -> k = 0 OR x.i != ev[k - 1].i)"))
+    if cfg.holdout > 1:  # validation split: the last holdout-1 actions are never seen
+        events = events.withColumn("ev", F.expr(f"slice(ev, 1, greatest(size(ev) - {cfg.holdout - 1}, 0))"))
     events = events.withColumn("n", F.size("ev")).where(F.col("n") >= cfg.min_length)
     train = F.slice("ev", 1, F.col("n") - 1)
     if cfg.max_length:

@@ -40,8 +40,14 @@ class NATMConfig:
     # NCE normaliser c in exp(gamma*R - c), learned (Mnih & Teh). The paper writes exp(gamma*R):
     # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
     learn_nce_offset: bool = True
+    # "nce": the paper's loss over (positive, k sampled negatives). "softmax": a sampled softmax over
+    # every candidate in the batch (all rows' positives and negatives, logQ-corrected, the
+    # trigger itself masked): the same samples, B*(1+k) negatives per row instead of k.
+    loss: str = "nce"
 
     def __post_init__(self) -> None:
+        if self.loss not in ("nce", "softmax"):
+            raise ValueError(f"natm.loss={self.loss!r}; expected nce or softmax")
         if self.num_items <= 0:
             raise ValueError(f"natm.num_items={self.num_items} must be > 0")
         if self.layers < 0 or self.num_neighbors < 0:
@@ -177,6 +183,23 @@ class NATM(nn.Module):
             r_all = self._encode_unique(torch.cat([trigger, candidates.reshape(-1)]), "trigger")  # (B + B*C, D)
             r_t, r_c = r_all[:B], r_all[B:].view(B, C, -1)
         return torch.einsum("bd,bcd->bc", r_t, r_c)
+
+    def batch_softmax_loss(self, trigger: torch.Tensor, candidates: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax: each trigger vs every distinct candidate of the batch; column 0 of
+        ``candidates`` (B, C) is the row's positive. Logits γ·R - log q(c) (the logQ correction of
+        sampled softmax), the trigger's own item masked, accidental hits impossible (distinct ids).
+        """
+        B = len(trigger)
+        uniq, inv = torch.unique(candidates.reshape(-1), return_inverse=True)
+        q_u = torch.zeros(len(uniq), dtype=q.dtype, device=q.device).scatter_(0, inv, q.reshape(-1))
+        if self.cfg.separate_encoders:
+            r_t, r_c = self._encode_unique(trigger, "trigger"), self.encode(uniq, "candidate")
+        else:
+            r_all = self._encode_unique(torch.cat([trigger, uniq]), "trigger")
+            r_t, r_c = r_all[:B], r_all[B:]
+        logits = self.cfg.gamma * (r_t @ r_c.T) - torch.log(q_u.clamp(min=1e-30))[None, :]
+        logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
+        return F.cross_entropy(logits, inv.view(B, -1)[:, 0])
 
     def _encode_unique(self, items: torch.Tensor, side: str) -> torch.Tensor:
         uniq, inverse = torch.unique(items, return_inverse=True)

@@ -30,10 +30,14 @@ class NATMTrainer(nn.Module):
     def forward(self, batch: dict):
         cands = torch.cat([batch["positive"][:, None], batch["negatives"]], dim=1)  # (B, 1+k)
         q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], dim=1)  # (B, 1+k)
-        rel = self.model(batch["trigger"], cands)
-        nce = nce_loss(rel, q.float(), self.k, self.model.cfg.gamma, self.model.nce_offset)
+        if self.model.cfg.loss == "softmax":
+            nce = self.model.batch_softmax_loss(batch["trigger"], cands, q.float())
+            metrics = {"softmax": float(nce.detach())}
+        else:
+            rel = self.model(batch["trigger"], cands)
+            nce = nce_loss(rel, q.float(), self.k, self.model.cfg.gamma, self.model.nce_offset)
+            metrics = {"nce": float(nce.detach()), "nce_offset": float(self.model.nce_offset.detach())}
         loss = nce
-        metrics = {"nce": float(nce.detach()), "nce_offset": float(self.model.nce_offset.detach())}
         if self.model.cfg.mlm_weight > 0 and self.model.cfg.num_neighbors > 0:
             mlm = self.model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
             loss = loss + self.model.cfg.mlm_weight * mlm

@@ -37,6 +37,13 @@ def test_max_length_keeps_most_recent_and_min_length(spark):
     assert tgt == {1: (8, 9, 9, 9)}
 
 
+def test_validation_holdout_never_sees_the_test_item(spark):
+    rows = [(1, 10, 1), (1, 20, 2), (1, 30, 3), (1, 40, 4), (2, 7, 5), (2, 8, 6)]
+    seq, tgt = _collect(spark, rows, holdout=2)
+    # user 1: 40 (the test target) is gone; 30 is the validation target, 20 its trigger
+    assert seq == {1: ([10, 20], [1, 2], 2)} and tgt == {1: (20, 30, 3, 2)}  # user 2 is too short now
+
+
 def test_collapse_repeats(spark):
     rows = [(1, 5, 1), (1, 5, 2), (1, 6, 3), (1, 6, 4), (1, 5, 5)]
     seq, tgt = _collect(spark, rows, collapse_repeats=True)

@@ -47,6 +47,24 @@ def test_nce_loss_matches_hand_computation():
     assert nce_loss(R, q, k, g).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_batch_softmax_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0, loss="softmax")
+    model = NATM(cfg, _toy_table(cats=False)).eval()
+    trigger = torch.tensor([1, 2])
+    cands = torch.tensor([[2, 3], [3, 1]])  # row 0: positive 2, negative 3; row 1: positive 3, negative 1
+    q = torch.tensor([[0.2, 0.3], [0.3, 0.5]])
+    r = model.encode(torch.tensor([1, 2, 3]))
+    R = (r @ r.T).tolist()
+    g = cfg.gamma
+    # candidates of the batch: items 1, 2, 3 with q 0.5, 0.2, 0.3; each row's trigger item is masked
+    row0 = [g * R[0][1] - math.log(0.2), g * R[0][2] - math.log(0.3)]  # trigger 1, target item 2
+    row1 = [g * R[1][0] - math.log(0.5), g * R[1][2] - math.log(0.3)]  # trigger 2, target item 3
+    expected = (-(row0[0] - math.log(sum(math.exp(x) for x in row0)))
+                - (row1[1] - math.log(sum(math.exp(x) for x in row1)))) / 2
+    assert model.batch_softmax_loss(trigger, cands, q).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_weight_buckets_are_log2():
     assert bucketize_weights(torch.tensor([0.0, 1.0, 2.0, 3.0, 8.0, 1e9]), 16).tolist() == [0, 1, 2, 2, 4, 15]
 

@@ -1,0 +1,32 @@
+"""Entry file for ``spark-submit``: run one job module with its usual arguments.
+
+    spark-submit [spark options] jobs/submit.py pipeline --conf conf/synthetic.yaml --set warehouse=...
+
+spark-submit needs a Python *file*; this one runs ``jobs.<name>`` as ``python -m jobs.<name>``
+would, from the installed package (the wheel in the packed environment or on ``--py-files``), so
+the same module code serves the CLI, spark-submit and notebooks.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+JOBS = ("generate", "ingest", "sequences", "graph", "baseline", "evaluate", "samples", "train", "embed", "topk",
+        "pipeline")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in JOBS:
+        raise SystemExit(f"usage: spark-submit ... {os.path.basename(__file__)} JOB [job options]; "
+                         f"JOB is one of {', '.join(JOBS)} (got {argv[0] if argv else 'nothing'!r})")
+    here = os.path.dirname(os.path.abspath(__file__))
+    # run as a script, this file's folder is sys.path[0]: drop it so ``jobs`` resolves to the package
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.argv = [f"jobs.{argv[0]}", *argv[1:]]
+    runpy.run_module(f"jobs.{argv[0]}", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
