@@ -23,7 +23,7 @@ from ml.index.topk import build_index, search_topk
 NOISE = 0.1  # default per-dimension noise: norm ~0.8 around a unit centre (--noise)
 
 
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+def clustered(n: int, dim: int, seed: int, noise: float = NOISE) -> np.ndarray:
     rng = np.random.default_rng(seed)
     n_clusters = max(1, n // 1000)
     centres = rng.standard_normal((n_clusters, dim), dtype=np.float32)
@@ -32,7 +32,7 @@ def clustered(n: int, dim: int, seed: int) -> np.ndarray:
     step = 1_000_000
     for s in range(0, n, step):  # in chunks: the noise for 10M x 64 at once would double the memory
         m = min(step, n - s)
-        x[s:s + m] = centres[rng.integers(0, n_clusters, m)] + NOISE * rng.standard_normal((m, dim), dtype=np.float32)
+        x[s:s + m] = centres[rng.integers(0, n_clusters, m)] + noise * rng.standard_normal((m, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -51,14 +51,15 @@ def main() -> None:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--nprobe", nargs="+", type=int, default=[8, 16, 32, 64])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=float, default=NOISE, help="per-dimension noise around the cluster centres")
     a = p.parse_args()
     print(f"machine: {describe()}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads", flush=True)
     rows = []
     for size in a.sizes:
         n = int(size)
         t = time.perf_counter()
-        x = clustered(n, a.dim, a.seed)
-        print(f"\nn={n:,} d={a.dim}: vectors generated in {time.perf_counter() - t:.1f}s", flush=True)
+        x = clustered(n, a.dim, a.seed, a.noise)
+        print(f"\nn={n:,} d={a.dim} noise={a.noise}: vectors generated in {time.perf_counter() - t:.1f}s", flush=True)
         qpos = np.random.default_rng(a.seed + 1).choice(n, size=a.queries, replace=False)
         q = x[qpos]
 

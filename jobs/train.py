@@ -44,7 +44,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
 
             model, vocab = build_natm(cfg)
             make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
-            trainer = NATMTrainer(model, cfg.samples.num_negatives)
+            trainer = NATMTrainer(model, cfg.natm.negatives or cfg.samples.num_negatives)
         else:
             from ml.train.dat_task import DATTrainer, build_dat, dat_batches, save_dat_artifact
 

@@ -264,12 +264,14 @@ class NATMSection:
     separate_encoders: bool = False
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
     loss: str = "nce"  # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected)
+    negatives: Optional[int] = None  # train on the first n of each sample's negatives (None: all of samples.num_negatives)
     use_categories: bool = True  # add the item's category embedding to every token
 
     def __post_init__(self) -> None:
         _check_positive("natm.num_neighbors", self.num_neighbors, allow_zero=True)
         _check_positive("natm.layers", self.layers, allow_zero=True)
         _check_choice("natm.loss", self.loss, ["nce", "softmax"])
+        _check_positive("natm.negatives", self.negatives, allow_none=True)
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
 
@@ -320,6 +322,9 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
+        if self.natm.negatives is not None and self.natm.negatives > self.samples.num_negatives:
+            raise ConfigError(f"natm.negatives={self.natm.negatives} must be <= samples.num_negatives="
+                              f"{self.samples.num_negatives} (the negatives stored with each sample)")
 
     def table_path(self, name: str) -> str:
         """Location of table ``name`` under the warehouse."""

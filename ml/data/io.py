@@ -79,6 +79,8 @@ def use_native(spark: SparkSession, delta_mode: str = "auto") -> bool:
 
 
 def table_exists(path: str) -> bool:
+    if "://" not in path and os.path.isfile(path):  # a local file is never a table (delta-rs errors on it)
+        return False
     return DeltaTable.is_deltatable(table_uri(path))
 
 

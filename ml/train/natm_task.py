@@ -28,8 +28,9 @@ class NATMTrainer(nn.Module):
         self.k = k
 
     def forward(self, batch: dict):
-        cands = torch.cat([batch["positive"][:, None], batch["negatives"]], dim=1)  # (B, 1+k)
-        q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], dim=1)  # (B, 1+k)
+        negs, q_negs = batch["negatives"][:, : self.k], batch["q_negatives"][:, : self.k]  # first k of the stored
+        cands = torch.cat([batch["positive"][:, None], negs], dim=1)  # (B, 1+k)
+        q = torch.cat([batch["q_positive"][:, None], q_negs], dim=1)  # (B, 1+k)
         if self.model.cfg.loss == "softmax":
             nce = self.model.batch_softmax_loss(batch["trigger"], cands, q.float())
             metrics = {"softmax": float(nce.detach())}
@@ -48,6 +49,7 @@ class NATMTrainer(nn.Module):
 def natm_config(cfg: Config, num_items: int, num_categories: int) -> NATMConfig:
     p = dataclasses.asdict(cfg.natm)
     p.pop("use_categories")
+    p.pop("negatives")
     return NATMConfig(num_items=num_items, num_categories=num_categories, **p)
 
 
