@@ -49,7 +49,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     vec_col = cand if cand.null_count == 0 else t.column("vector")
     vecs = np.asarray(vec_col.combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     vecs = vecs.reshape(t.num_rows, -1)[order]
-    index = build_index(vecs, seed=cfg.seed)
+    b = cfg.baseline
+    index = build_index(vecs, kind=b.index, exact_max=b.exact_max, nlist=b.nlist, nprobe=b.nprobe, seed=cfg.seed)
     tmp = tempfile.mkdtemp(prefix="i2i-index-")
     tag = f"{cfg.model}-{uuid.uuid4().hex[:12]}"  # addFile keeps one file per name per session
     index_file, ids_file = os.path.join(tmp, f"{tag}.faiss"), os.path.join(tmp, f"{tag}-ids.npy")

@@ -170,10 +170,17 @@ class BaselineConfig:
     decay: bool = False
     symmetric: bool = True
     min_count: int = 1
+    # Faiss index of the topk job (learned models): auto = exact up to exact_max items, else IVF
+    index: str = "auto"  # auto | flat | ivf
+    exact_max: int = 200_000
+    nlist: Optional[int] = None  # IVF lists (None: 4*sqrt(n))
+    nprobe: int = 32  # IVF lists searched per query: raise it for embeddings that are not well clustered
 
     def __post_init__(self) -> None:
-        for key in ("k", "window", "min_count"):
+        for key in ("k", "window", "min_count", "exact_max", "nprobe"):
             _check_positive(f"baseline.{key}", getattr(self, key))
+        _check_positive("baseline.nlist", self.nlist, allow_none=True)
+        _check_choice("baseline.index", self.index, ["auto", "flat", "ivf"])
 
 
 @dataclass(frozen=True)
