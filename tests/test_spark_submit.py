@@ -1,11 +1,19 @@
-"""The cluster recipe, run for real: wheel + venv-pack'ed environment + spark-submit --master local[2].
+"""The cluster recipe, run for real: wheel + venv-pack'ed environment + spark-submit.
 
-Executors get their Python from the packed environment (``--archives env.tar#environment``) and
-the project's code from the wheel (``--py-files``), not from this checkout; the driver runs
+Executors get their Python from the packed environment (``--archives env.zip#environment``) and
+the project's code from the wheel (``--py-files``, under a .zip name), not from this checkout; the driver runs
 ``jobs/submit.py pipeline`` as a cluster's client-mode driver would.
+
+The master is ``local-cluster[1,2,1024]``: one standalone worker with its own executor JVM and
+working directory, on this machine. Under ``local[N]`` the executor shares the driver's working
+directory, so the ``./environment/bin/python`` every cluster recipe uses cannot resolve there (and
+local mode needs no packed environment). The archive is a zip because Spark's tar unpacking drops
+the executable bits and misplaces a venv's relative symlinks; venv-pack's zip stores the files
+the links point to, with their modes.
 """
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,25 +39,43 @@ print("WORKERS", sorted(set(spark.sparkContext.parallelize(range(2), 2).mapParti
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
+    import time
+
+    start = time.time() - 1
     out = tmp_path_factory.mktemp("submit")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(out / "dist"), str(ROOT)], check=True, timeout=300)
     wheel = glob.glob(str(out / "dist" / "spark_i2i-*.whl"))
     assert len(wheel) == 1
-    env_tar = out / "env.tar"
+    # --py-files puts .zip/.egg/.py files on the executors' PYTHONPATH, not .whl: a pure-Python wheel
+    # is a zip of the packages, so the same bytes under a .zip name import as they are
+    code_zip = str(out / "dist" / "spark_i2i.zip")
+    shutil.copyfile(wheel[0], code_zip)
+    env_zip = out / "env.zip"
     # the test environment minus this checkout's editable install: the code must come from the wheel
-    subprocess.run([os.path.join(sys.prefix, "bin", "venv-pack"), "-p", sys.prefix, "-o", str(env_tar),
-                    "--format", "tar", "--quiet", "--exclude", "*__editable__*",
-                    "--exclude", "*spark_i2i-*.dist-info*"], check=True, timeout=600)
-    return out, wheel[0], env_tar
+    subprocess.run([os.path.join(sys.prefix, "bin", "venv-pack"), "-p", sys.prefix, "-o", str(env_zip),
+                    "--quiet", "--exclude", "*__editable__*", "--exclude", "*spark_i2i-*.dist-info*"],
+                   check=True, timeout=900)
+    yield out, code_zip, env_zip
+    import pyspark
+
+    # local-cluster workers unpack into $SPARK_HOME/work whatever spark.worker.dir says: clean up
+    for app in glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "work", "app-*")):
+        if os.path.getmtime(app) >= start:
+            shutil.rmtree(app, ignore_errors=True)
 
 
 def _submit(out, wheel, env_tar, *args):
-    cmd = [os.path.join(sys.prefix, "bin", "spark-submit"), "--master", "local[2]",
+    cmd = [os.path.join(sys.prefix, "bin", "spark-submit"), "--master", "local-cluster[1,2,1024]",
+           "--conf", f"spark.worker.dir={out / 'work'}",
            "--archives", f"{env_tar}#environment", "--py-files", wheel,
            "--conf", "spark.pyspark.python=./environment/bin/python",
            "--conf", f"spark.pyspark.driver.python={sys.executable}", *args]
+    import pyspark
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_")}
+    env["SPARK_HOME"] = os.path.dirname(pyspark.__file__)  # pip's pyspark is the Spark distribution
+    env["PATH"] = os.path.join(sys.prefix, "bin") + os.pathsep + env.get("PATH", "")
     return subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=900, env=env)
 
 
@@ -59,7 +85,7 @@ def test_executors_use_the_packed_environment_and_the_wheel(packed):
     res = _submit(out, wheel, env_tar, str(out / "probe.py"))
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(l for l in res.stdout.splitlines() if l.startswith("WORKERS"))
-    assert "environment/bin/python" in line and ".whl/ml/data/graph.py" in line, line
+    assert "environment/bin/python" in line and "spark_i2i.zip/ml/data/graph.py" in line, line
     assert str(ROOT / "ml") not in line
 
 

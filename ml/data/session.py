@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
-    """Return the active session (cluster, notebook, spark-submit) or build a local one from ``cfg``.
+    """Return the active session (cluster, notebook) or build one from ``cfg``.
 
+    Under spark-submit the submitter's master and ``--conf`` values win; ``cfg`` fills in the rest.
     Local sessions: UTC, console progress bar off, Arrow on, shuffle partitions from config.
     An active session is reused untouched apart from the log level: its owner configured it.
     """
@@ -22,11 +23,20 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    # Executors (python workers) must run the same interpreter as the driver in local mode.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Under spark-submit the JVM already runs with the submitter's master and --conf values: keep
+    # them (the cluster's, e.g. spark.sql.shuffle.partitions) and only fill in what is unset.
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    given = set()
+    if submitted:
+        from pyspark import SparkConf
+
+        given = {k for k, _ in SparkConf().getAll()}
+    else:
+        # Executors (python workers) must run the same interpreter as the driver in local mode.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(cfg.app_name)
-    if cfg.master:
+    if cfg.master and not submitted:
         builder = builder.master(cfg.master)
     settings = {
         "spark.sql.session.timeZone": "UTC",
@@ -43,7 +53,8 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     }
     settings.update({k: str(v) for k, v in cfg.conf.items()})
     for k, v in settings.items():
-        builder = builder.config(k, v)
+        if k not in given:
+            builder = builder.config(k, v)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
     log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
