@@ -44,15 +44,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--warehouse", default="/tmp/wh_ml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--ablations", action="store_true", help="also DAT with AMM only and with CAL only")
     a = p.parse_args()
     setup_logging("WARNING")
     cats = read_columns(str(Path(a.warehouse) / "items"), ["item_id", "category_name"]).to_pydict()
     cat_of = dict(zip(cats["item_id"], cats["category_name"]))
     results = {}
-    for model in ("two_tower", "dat"):
-        cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", [f"warehouse={a.warehouse}", f"model={model}",
+    variants = {"two_tower": ["model=two_tower"], "dat": ["model=dat"]}
+    if a.ablations:  # the paper's ablations: each half of DAT alone
+        variants.update({"dat AMM only": ["model=dat", "dat.use_cal=false"],
+                         "dat CAL only": ["model=dat", "dat.use_amm=false"]})
+    for model, over in variants.items():
+        cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", [f"warehouse={a.warehouse}", *over,
                                                              "train.log_every=1000000", "train.batch_size=1024",
-                                                             "train.lr=0.003", *a.overrides])
+                                                             "train.lr=0.003", "train.warmup_steps=100",
+                                                             *a.overrides])
         t = time.time()
         train_job.run(cfg)
         secs = time.time() - t
@@ -64,9 +70,9 @@ def main() -> None:
     pop = np.array(counts["item_id"])[order][:100]
     results["pop"] = (hit_metrics(np.tile(pop, (len(target), 1)), target, KS), 0.0, np.tile(pop, (len(target), 1)))
     print(f"ML-1M u2i, {len(target)} users; machine: {describe()}")
-    print(f"{'model':<10}" + "".join(f"{'HR@' + str(k):>9}" for k in KS) + f"{'MRR':>9}{'train':>8}")
+    print(f"{'model':<14}" + "".join(f"{'HR@' + str(k):>9}" for k in KS) + f"{'MRR':>9}{'train':>8}")
     for m, (vals, secs, _) in results.items():
-        print(f"{m:<10}" + "".join(f"{vals[f'Pre@{k}']:>9.4f}" for k in KS) + f"{vals['MRR']:>9.4f}{secs:>7.0f}s")
+        print(f"{m:<14}" + "".join(f"{vals[f'Pre@{k}']:>9.4f}" for k in KS) + f"{vals['MRR']:>9.4f}{secs:>7.0f}s")
     genres = sorted({cat_of.get(int(x)) for x in target if cat_of.get(int(x))})
     print("per-genre HR@100 (target's primary genre; users):")
     for g in sorted(genres, key=lambda g: sum(cat_of.get(int(x)) == g for x in target)):
