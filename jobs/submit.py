@@ -26,6 +26,30 @@ def main(argv=None) -> None:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.argv = [f"jobs.{argv[0]}", *argv[1:]]
     runpy.run_module(f"jobs.{argv[0]}", run_name="__main__", alter_sys=True)
+    report_executors()
+
+
+def _where(_):
+    import platform
+    import sys as _sys
+
+    import ml
+
+    yield f"{_sys.executable} (Python {platform.python_version()}), ml from {os.path.dirname(ml.__file__)}"
+
+
+def report_executors() -> None:
+    """Print which Python and which copy of the code the executors ran: the first thing to check
+    when a packed environment or --py-files did not take."""
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        return
+    n = max(1, spark.sparkContext.defaultParallelism)
+    seen = sorted(set(spark.sparkContext.parallelize(range(n), n).mapPartitions(_where).collect()))
+    for line in seen:
+        print(f"executors: {line}")
 
 
 if __name__ == "__main__":
