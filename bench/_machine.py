@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
+import time
 
 
 def describe() -> str:
@@ -25,3 +27,40 @@ def describe() -> str:
 
     return (f"{os.cpu_count()} cores ({cpu}), {mem} RAM, Python {platform.python_version()}, "
             f"pyspark {pyspark.__version__}, {java[0] if java else 'java ?'}")
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident memory (bytes) of pid and all its descendants, from /proc."""
+    total, stack = 0, [pid]
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        stack += children.get(p, [])
+    return total
+
+
+def watch_peak_rss(proc: subprocess.Popen, every: float = 0.5):
+    """Sample the process tree's RSS until ``proc`` exits: returns ([peak bytes], the thread)."""
+    peak = [0]
+
+    def watch():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            time.sleep(every)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    return peak, th

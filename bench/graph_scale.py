@@ -12,37 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from bench._machine import watch_peak_rss
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tree_rss(pid: int) -> int:
-    """Resident memory (bytes) of pid and all its descendants, from /proc."""
-    total, stack = 0, [pid]
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    while stack:
-        p = stack.pop()
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
-        stack += children.get(p, [])
-    return total
 
 
 def run_child(args: list, timeout: float) -> dict:  # args: step, warehouse, size, per-user
@@ -50,15 +27,7 @@ def run_child(args: list, timeout: float) -> dict:  # args: step, warehouse, siz
     t = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "bench.graph_scale", "--child", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = [0]
-
-    def watch():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
-            time.sleep(0.5)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
+    peak, th = watch_peak_rss(proc)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from bench._machine import describe
-from bench.graph_scale import _tree_rss
+from bench._machine import describe, watch_peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,15 +23,7 @@ def main() -> None:
     t = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.pipeline", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)
-    peak = [0]
-
-    def watch():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
-            time.sleep(0.5)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
+    peak, th = watch_peak_rss(proc)
     out, _ = proc.communicate()
     th.join()
     wall = time.time() - t
