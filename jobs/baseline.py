@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import Config, ConfigError
@@ -44,10 +43,8 @@ def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
         topk = popularity_topk(cat, counts, cfg.baseline.k)
     else:
         topk = cooccurrence_topk(seqs, cat, counts, cfg.baseline)
-    version = io.write_table(spark, topk, cfg.table_path(S.T_I2I_TOPK), mode="overwrite", partition_by=[S.MODEL],
-                             replace_where={S.MODEL: model}, delta_mode=mode)
+    version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), model, mode)
     counts.unpersist()
-    n = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode).where(F.col(S.MODEL) == model).count()
     log.info("i2i_topk[%s]: %d rows (k=%d), version %d", model, n, cfg.baseline.k, version)
     return {"model": model, "rows": n, "version": version}
 

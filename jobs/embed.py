@@ -16,7 +16,6 @@ import tempfile
 import uuid
 from typing import Optional, Sequence
 
-from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, StructField, StructType
 
 from ml import schemas as S
@@ -63,20 +62,14 @@ def run(cfg: Config, spark=None) -> dict:
         items = items.unionByName(io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.ITEM_ID))
     items = items.distinct()
     emb = items.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
-    io.write_table(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), mode="overwrite", partition_by=[S.MODEL],
-                   replace_where={S.MODEL: cfg.model}, delta_mode=mode)
-    n = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode).where(
-        F.col(S.MODEL) == cfg.model).count()
+    _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
     out = {"items": n, "run_id": run_id}
     if cfg.model in USER_MODELS:
         users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
         uemb = users.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id, side="user"),
                                  USER_EMBEDDINGS)
-        io.write_table(spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), mode="overwrite", partition_by=[S.MODEL],
-                       replace_where={S.MODEL: cfg.model}, delta_mode=mode)
-        out["users"] = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode).where(
-            F.col(S.MODEL) == cfg.model).count()
+        _, out["users"] = io.replace_model_partition(spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), cfg.model, mode)
         log.info("user_embeddings[%s]: %d users (run %s)", cfg.model, out["users"], run_id)
     return out
 

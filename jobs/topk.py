@@ -62,9 +62,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
         F.col(S.MODEL) == cfg.model).select(S.ITEM_ID, "vector")
     topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                  cfg.model), S.I2I_TOPK)
-    version = io.write_table(spark, topk, cfg.table_path(S.T_I2I_TOPK), mode="overwrite", partition_by=[S.MODEL],
-                             replace_where={S.MODEL: cfg.model}, delta_mode=mode)
-    n = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode).where(F.col(S.MODEL) == cfg.model).count()
+    version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode)
     log.info("i2i_topk[%s]: %d rows for %d items (k=%d), version %d", cfg.model, n, len(ids), k, version)
     out = {"rows": n, "items": len(ids), "version": version}
     if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
@@ -72,10 +70,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
             F.col(S.MODEL) == cfg.model).select(S.USER_ID, "vector")
         u2i = users.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                   cfg.model, side="user"), S.U2I_TOPK)
-        io.write_table(spark, u2i, cfg.table_path(S.T_U2I_TOPK), mode="overwrite", partition_by=[S.MODEL],
-                       replace_where={S.MODEL: cfg.model}, delta_mode=mode)
-        out["u2i_rows"] = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK), delta_mode=mode).where(
-            F.col(S.MODEL) == cfg.model).count()
+        _, out["u2i_rows"] = io.replace_model_partition(spark, u2i, cfg.table_path(S.T_U2I_TOPK), cfg.model, mode)
         log.info("u2i_topk[%s]: %d rows (k=%d)", cfg.model, out["u2i_rows"], k)
     return out
 

@@ -35,6 +35,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructType
 
+from ml import schemas as S
+
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("append", "overwrite")
@@ -209,6 +211,16 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
     if use_native(spark, delta_mode):
         return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
     return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema)
+
+
+def replace_model_partition(spark: SparkSession, df: DataFrame, path: str, model: str,
+                            delta_mode: str = "auto") -> tuple[int, int]:
+    """Replace the ``model = <model>`` partition of a table partitioned by ``model`` (one commit;
+    other models' rows untouched). Returns (the new version, the model's rows in it)."""
+    version = write_table(spark, df, path, mode="overwrite", partition_by=[S.MODEL], replace_where={S.MODEL: model},
+                          delta_mode=delta_mode)
+    rows = read_table(spark, path, version=version, delta_mode=delta_mode).where(F.col(S.MODEL) == model).count()
+    return version, rows
 
 
 def _predicate_column(replace_where: Mapping[str, object]):
