@@ -42,3 +42,32 @@ def test_configs_shipped_in_conf_load():
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_overrides(["warehouse"])
+
+
+def test_new_model_and_index_settings_are_checked_with_their_key():
+    with pytest.raises(ConfigError, match=r"natm.negatives=20 must be <= samples.num_negatives=9"):
+        load_config(None, ["natm.negatives=20", "samples.num_negatives=9"])
+    with pytest.raises(ConfigError, match=r"natm.loss='bpr'.*'softmax'"):
+        load_config(None, ["natm.loss=bpr"])
+    with pytest.raises(ConfigError, match=r"baseline.index='hnsw'.*'ivf'"):
+        load_config(None, ["baseline.index=hnsw"])
+    with pytest.raises(ConfigError, match=r"sequences.holdout"):
+        load_config(None, ["sequences.holdout=0"])
+
+
+def test_pipeline_state_that_cannot_be_read_means_rerun(tmp_path):
+    from jobs import pipeline
+
+    cfg = load_config(None, [f"warehouse={tmp_path}"])
+    assert not pipeline._up_to_date(cfg, "graph")  # never ran
+    state = tmp_path / "_pipeline" / "graph.json"
+    state.parent.mkdir()
+    state.write_text('{"fingerprint": ')  # a run killed while writing it (it is written atomically anyway)
+    assert not pipeline._up_to_date(cfg, "graph")
+
+
+def test_submit_entry_rejects_an_unknown_job():
+    from jobs import submit
+
+    with pytest.raises(SystemExit, match=r"JOB is one of generate, .*pipeline \(got 'trian'\)"):
+        submit.main(["trian"])
