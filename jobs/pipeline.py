@@ -40,6 +40,8 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     """(config keys, inputs, outputs) of a stage; inputs/outputs are table names or file paths."""
     model_dir = os.path.join("models", cfg.model)
     learned = cfg.model not in baseline.BASELINES
+    # DAT / two-tower also write the user side
+    users, u2i = ([S.T_USER_EMBEDDINGS], [S.T_U2I_TOPK]) if cfg.model in embed.USER_MODELS else ([], [])
     samples_table = "samples_natm" if cfg.model == "natm" else "samples_dat"
     return {
         "generate": (["seed", "generate"], [], [cfg.generate.table]),
@@ -50,8 +52,8 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
                     ["samples_natm", "samples_dat"]),
         "train": (["seed", "model", "train", "natm" if cfg.model == "natm" else "dat"],
                   [samples_table, S.T_ITEM_GRAPH, S.T_ITEMS], [os.path.join(model_dir, "model.pt")]),
-        "embed": (["model"], [os.path.join(model_dir, "model.pt")], [S.T_ITEM_EMBEDDINGS]),
-        "topk": ((["model", "baseline"], [S.T_ITEM_EMBEDDINGS], [S.T_I2I_TOPK]) if learned else
+        "embed": (["model"], [os.path.join(model_dir, "model.pt")], [S.T_ITEM_EMBEDDINGS] + users),
+        "topk": ((["model", "baseline"], [S.T_ITEM_EMBEDDINGS] + users, [S.T_I2I_TOPK] + u2i) if learned else
                  (["model", "baseline", "graph.top_n"], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS], [S.T_I2I_TOPK])),
     }[stage]
 
