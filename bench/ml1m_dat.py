@@ -1,10 +1,13 @@
 """DAT vs two-tower vs POP on ML-1M, user-to-item (u2i): HR@50, HR@100, MRR and per-genre HR@100.
 
-    python -m bench.ml1m_dat --warehouse /tmp/wh_ml [--set train.epochs=1 ...]
+    python -m bench.ml1m_dat --warehouse /tmp/wh_ml [--seeds 1 2 3] [--ablations] [--set train.epochs=1 ...]
 
 Needs the warehouse of conf/ml1m_natm.yaml through the samples job. Each model trains on
 samples_dat (training data only); the query is the user tower, the target the user's held-out
 last item, candidates every item (the user's training items are not removed, the same for all).
+With several ``--seeds`` every model trains once per seed (initialisation and data order change)
+and the table gives each seed's row, the mean and standard deviation, and DAT's gain over the
+two-tower per seed (paired: same seed, same data order), since one run's difference is noise-sized.
 """
 from __future__ import annotations
 
@@ -45,39 +48,57 @@ def main() -> None:
     p.add_argument("--warehouse", default="/tmp/wh_ml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--ablations", action="store_true", help="also DAT with AMM only and with CAL only")
+    p.add_argument("--seeds", nargs="+", type=int, default=[None], help="train every model once per seed (default: config's)")
     a = p.parse_args()
     setup_logging("WARNING")
     cats = read_columns(str(Path(a.warehouse) / "items"), ["item_id", "category_name"]).to_pydict()
     cat_of = dict(zip(cats["item_id"], cats["category_name"]))
-    results = {}
+    results = {}  # model -> [(metrics, seconds, topk) per seed]
     variants = {"two_tower": ["model=two_tower"], "dat": ["model=dat"]}
     if a.ablations:  # the paper's ablations: each half of DAT alone
         variants.update({"dat AMM only": ["model=dat", "dat.use_cal=false"],
                          "dat CAL only": ["model=dat", "dat.use_amm=false"]})
-    for model, over in variants.items():
-        cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", [f"warehouse={a.warehouse}", *over,
-                                                             "train.log_every=1000000", "train.batch_size=1024",
-                                                             "train.lr=0.003", "train.warmup_steps=100",
-                                                             *a.overrides])
-        t = time.time()
-        train_job.run(cfg)
-        secs = time.time() - t
-        pos, items, target = u2i(cfg, str(Path(train_job.model_dir(cfg)) / "model.pt"))
-        topk = items.ids.numpy()[pos]
-        results[model] = (hit_metrics(topk, target, KS), secs, topk)
+    for seed in a.seeds:
+        for model, over in variants.items():
+            cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", [f"warehouse={a.warehouse}", *over,
+                                                                 "train.log_every=1000000", "train.batch_size=1024",
+                                                                 "train.lr=0.003", "train.warmup_steps=100",
+                                                                 *([f"seed={seed}"] if seed is not None else []),
+                                                                 *a.overrides])
+            t = time.time()
+            train_job.run(cfg)
+            secs = time.time() - t
+            pos, items, target = u2i(cfg, str(Path(train_job.model_dir(cfg)) / "model.pt"))
+            topk = items.ids.numpy()[pos]
+            results.setdefault(model, []).append((hit_metrics(topk, target, KS), secs, topk))
+            print(f"seed {seed} {model}: HR@100 {results[model][-1][0]['Pre@100']:.4f} ({secs:.0f}s)", flush=True)
     counts = read_columns(str(Path(a.warehouse) / "item_counts"), ["item_id", "count"]).to_pydict()
     order = np.lexsort((np.array(counts["item_id"]), -np.array(counts["count"])))
-    pop = np.array(counts["item_id"])[order][:100]
-    results["pop"] = (hit_metrics(np.tile(pop, (len(target), 1)), target, KS), 0.0, np.tile(pop, (len(target), 1)))
-    print(f"ML-1M u2i, {len(target)} users; machine: {describe()}")
-    print(f"{'model':<14}" + "".join(f"{'HR@' + str(k):>9}" for k in KS) + f"{'MRR':>9}{'train':>8}")
-    for m, (vals, secs, _) in results.items():
-        print(f"{m:<14}" + "".join(f"{vals[f'Pre@{k}']:>9.4f}" for k in KS) + f"{vals['MRR']:>9.4f}{secs:>7.0f}s")
+    pop = np.tile(np.array(counts["item_id"])[order][:100], (len(target), 1))
+    results["pop"] = [(hit_metrics(pop, target, KS), 0.0, pop)]
+    cols = [f"Pre@{k}" for k in KS] + ["MRR"]
+    print(f"ML-1M u2i, {len(target)} users, seeds {a.seeds}; machine: {describe()}")
+    print(f"{'model':<22}" + "".join(f"{'HR@' + str(k):>9}" for k in KS) + f"{'MRR':>9}{'train':>8}")
+    for m, runs in results.items():
+        for seed, (vals, secs, _) in zip(a.seeds, runs):
+            label = m if len(runs) == 1 else f"{m} (seed {seed})"
+            print(f"{label:<22}" + "".join(f"{vals[c]:>9.4f}" for c in cols) + f"{secs:>7.0f}s")
+        if len(runs) > 1:
+            mean = {c: np.mean([r[0][c] for r in runs]) for c in cols}
+            std = {c: np.std([r[0][c] for r in runs], ddof=1) for c in cols}
+            print(f"{m + ' mean':<22}" + "".join(f"{mean[c]:>9.4f}" for c in cols))
+            print(f"{m + ' std':<22}" + "".join(f"{std[c]:>9.4f}" for c in cols))
+    if len(a.seeds) > 1:
+        for m in [m for m in results if m.startswith("dat")]:
+            gains = [d[0]["Pre@100"] / t[0]["Pre@100"] - 1 for d, t in zip(results[m], results["two_tower"])]
+            print(f"{m} vs two_tower, HR@100 per seed: " + " ".join(f"{g:+.1%}" for g in gains)
+                  + f"; mean {np.mean(gains):+.1%}")
     genres = sorted({cat_of.get(int(x)) for x in target if cat_of.get(int(x))})
-    print("per-genre HR@100 (target's primary genre; users):")
+    print("per-genre HR@100, mean over seeds (target's primary genre; users):")
     for g in sorted(genres, key=lambda g: sum(cat_of.get(int(x)) == g for x in target)):
         mask = np.array([cat_of.get(int(x)) == g for x in target])
-        row = "  ".join(f"{m} {np.mean((res[2][mask] == target[mask, None]).any(1)):.3f}" for m, res in results.items())
+        row = "  ".join(f"{m} {np.mean([(r[2][mask] == target[mask, None]).any(1).mean() for r in runs]):.3f}"
+                        for m, runs in results.items())
         print(f"  {g:<12} ({mask.sum():>4})  {row}")
 
 
