@@ -6,11 +6,13 @@ per (item, neighbour) with map-side partial aggregation, so a hot item's edges a
 many tasks by the pair key. The top-N per item is a bounded top-k aggregate (``max_by(..., k)``,
 Spark >= 4.2), planned as a sort aggregate on item id within each task: a task keeps at most N
 candidates per item before the shuffle, so a hot item's millions of neighbours shuffle as N rows
-per task, and no edge is sorted by weight (1.4x faster than the window at 10M actions). On Spark 4.0/4.1 it falls back to a ``row_number() <= N`` window, which
-Spark plans as a per-partition group limit before the shuffle. Both give the same rows.
+per task, and no edge is sorted by weight (1.4x faster than the window at 10M actions). On
+Spark 4.0/4.1 (or N > 100,000, max_by's limit) it falls back to a ``row_number() <= N`` window,
+which Spark plans as a per-partition group limit before the shuffle. Both give the same rows.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Tuple
 
 from pyspark.sql import DataFrame, Window
@@ -18,6 +20,8 @@ from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import GraphConfig
+
+MAX_BY_K_LIMIT = 100_000  # Spark rejects max_by(.., k) with k above this
 
 
 def cap_sequences(sequences: DataFrame, max_user_length: int | None) -> DataFrame:
@@ -58,7 +62,7 @@ def aggregate_edges(pairs: DataFrame, min_count: int = 1) -> DataFrame:
 
 def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
     """Keep the ``n`` heaviest neighbours per item, rank 1..n; ties: larger count, then smaller id."""
-    if _has_top_k_aggregate(edges):
+    if n <= MAX_BY_K_LIMIT and _has_top_k_aggregate(edges):
         # The ordering struct is unique per neighbour (it ends in -neighbor_id), so the top n and
         # their order are fully determined: the same rows as the window below.
         value = F.struct(F.col(S.NEIGHBOR_ID), F.col(S.WEIGHT), F.col(S.COUNT))
@@ -75,8 +79,6 @@ def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
 
 def _has_top_k_aggregate(df: DataFrame) -> bool:
     """``max_by(col, ord, k)`` exists from Spark 4.2 on (and the pyspark in use must expose it)."""
-    import inspect
-
     major, minor = (int(x) for x in df.sparkSession.version.split(".")[:2])
     return (major, minor) >= (4, 2) and "k" in inspect.signature(F.max_by).parameters
 

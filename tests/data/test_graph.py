@@ -70,6 +70,14 @@ def test_top_n_is_a_bounded_aggregate_not_a_sort(spark):
         assert "WindowGroupLimit" in plan
 
 
+def test_top_n_above_max_by_limit_uses_the_window(spark, monkeypatch):
+    monkeypatch.setattr(graph, "MAX_BY_K_LIMIT", 1)
+    g = build_cooccurrence_graph(_seqs(spark, [(1, [1, 2, 3, 1, 3])]), GraphConfig(window=2, top_n=2))
+    assert "Window" in g._jdf.queryExecution().executedPlan().toString()
+    assert sorted((r.item_id, r.neighbor_id, r.rank) for r in g.collect()) == [
+        (1, 2, 2), (1, 3, 1), (2, 1, 1), (2, 3, 2), (3, 1, 1)]  # 1->3 twice; 2->1 / 2->3 tie: smaller id
+
+
 def test_top_k_aggregate_and_window_give_the_same_rows(spark, monkeypatch):
     """Many tied weights and counts around the cut: both top-N paths pick and rank the same edges."""
     rng = random.Random(7)
