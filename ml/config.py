@@ -269,6 +269,7 @@ class NATMSection:
     mlm_weight: float = 0.1
     mlm_negatives: Optional[int] = None  # None: full softmax; else sampled softmax with this many
     separate_encoders: bool = False
+    trigger_projection: bool = False  # learned D x D map on the trigger side: directed R without a second encoder
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
     loss: str = "nce"  # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected)
     negatives: Optional[int] = None  # train on the first n of each sample's negatives (None: all of samples.num_negatives)
@@ -279,6 +280,9 @@ class NATMSection:
         _check_positive("natm.layers", self.layers, allow_zero=True)
         _check_choice("natm.loss", self.loss, ["nce", "softmax"])
         _check_positive("natm.negatives", self.negatives, allow_none=True)
+        if self.separate_encoders and self.trigger_projection:
+            raise ConfigError("natm.separate_encoders and natm.trigger_projection are alternatives "
+                              "(two encoders, or one encoder plus a trigger-side map); set one of them")
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
 

@@ -49,6 +49,8 @@ def test_new_model_and_index_settings_are_checked_with_their_key():
         load_config(None, ["natm.negatives=20", "samples.num_negatives=9"])
     with pytest.raises(ConfigError, match=r"natm.loss='bpr'.*'softmax'"):
         load_config(None, ["natm.loss=bpr"])
+    with pytest.raises(ConfigError, match=r"natm.separate_encoders and natm.trigger_projection"):
+        load_config(None, ["natm.separate_encoders=true", "natm.trigger_projection=true"])
     with pytest.raises(ConfigError, match=r"baseline.index='hnsw'.*'ivf'"):
         load_config(None, ["baseline.index=hnsw"])
     with pytest.raises(ConfigError, match=r"sequences.holdout"):

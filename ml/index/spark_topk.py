@@ -67,7 +67,7 @@ def load_encoders(path: str) -> dict:
         from ml.train.natm_task import embed_items, load_artifact
 
         model, vocab, _ = load_artifact(path)
-        return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.cfg.separate_encoders)}
+        return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.asymmetric)}
     if kind == "dat":
         from ml.train.dat_task import embed, load_dat_artifact
 

@@ -5,7 +5,10 @@ An item is encoded together with its top-N co-occurrence neighbours as a "quasi-
 "multimodal fusion" of side features) + position embedding (neighbour order) + weight embedding
 (bucketised co-occurrence count). A transformer encoder mixes the tokens; the item's output vector
 is its embedding r. Trigger and candidate go through the same encoder (twin) unless
-``separate_encoders``; relevance R = cos(r_trigger, r_candidate).
+``separate_encoders``; relevance R = cos(r_trigger, r_candidate). With a shared encoder R is
+symmetric, R(a, b) = R(b, a), while "b follows a" is not; ``trigger_projection`` adds a learned
+D x D map on the trigger side only (identity at init), so R(a, b) = cos(W r_a, r_b) can be
+directed at the cost of D^2 parameters instead of a second encoder.
 
 Items are contiguous indices 1..V (0 = padding); :class:`NeighborTable` holds the graph lookups.
 """
@@ -37,6 +40,7 @@ class NATMConfig:
     mlm_weight: float = 0.1  # lambda of the MLM term
     mlm_negatives: Optional[int] = None  # None: full softmax over items; else sampled softmax size
     separate_encoders: bool = False  # different encoders for trigger and candidate (directed graph)
+    trigger_projection: bool = False  # a learned D x D map on the trigger side only (directed R)
     # NCE normaliser c in exp(gamma*R - c), learned (Mnih & Teh). The paper writes exp(gamma*R):
     # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
     learn_nce_offset: bool = True
@@ -56,6 +60,8 @@ class NATMConfig:
             raise ValueError(f"natm.dim={self.dim} must be divisible by natm.heads={self.heads}")
         if not 0 <= self.mlm_prob < 1:
             raise ValueError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
+        if self.separate_encoders and self.trigger_projection:
+            raise ValueError("natm.separate_encoders and natm.trigger_projection are alternatives; set one")
 
 
 def bucketize_weights(weights: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -142,6 +148,7 @@ class NATM(nn.Module):
         self.mask_id = cfg.num_items + 1
         self.trigger_encoder = Encoder(cfg, self.item_emb)
         self.candidate_encoder = Encoder(cfg, self.item_emb) if cfg.separate_encoders else self.trigger_encoder
+        self.trigger_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.trigger_projection else None
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
         # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
@@ -157,6 +164,17 @@ class NATM(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.1)
         with torch.no_grad():
             self.item_emb.weight[PAD].zero_()
+        if self.trigger_proj is not None:
+            nn.init.eye_(self.trigger_proj.weight)  # starts as the symmetric twin
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether trigger-side and candidate-side vectors of an item differ."""
+        return self.cfg.separate_encoders or self.cfg.trigger_projection
+
+    def _project(self, r: torch.Tensor) -> torch.Tensor:
+        """Candidate-side (normalised) vectors -> trigger side: identity unless ``trigger_projection``."""
+        return r if self.trigger_proj is None else F.normalize(self.trigger_proj(r), dim=-1)
 
     def _inputs(self, items: torch.Tensor):
         tokens, buckets = self.table.quasi_sequence(items)
@@ -167,7 +185,8 @@ class NATM(nn.Module):
         """(B,) item indices -> L2-normalised embeddings (B, D)."""
         enc = self.trigger_encoder if side == "trigger" else self.candidate_encoder
         r, _ = enc(*self._inputs(items))
-        return F.normalize(r, dim=-1)
+        r = F.normalize(r, dim=-1)
+        return self._project(r) if side == "trigger" else r
 
     def forward(self, trigger: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """trigger (B,), candidates (B, C) -> cosine relevance R (B, C).
@@ -179,9 +198,9 @@ class NATM(nn.Module):
         if self.cfg.separate_encoders:
             r_t = self._encode_unique(trigger, "trigger")  # (B, D)
             r_c = self._encode_unique(candidates.reshape(-1), "candidate").view(B, C, -1)  # (B, C, D)
-        else:
-            r_all = self._encode_unique(torch.cat([trigger, candidates.reshape(-1)]), "trigger")  # (B + B*C, D)
-            r_t, r_c = r_all[:B], r_all[B:].view(B, C, -1)
+        else:  # one encoder pass for both sides; the trigger rows then go through the projection
+            r_all = self._encode_unique(torch.cat([trigger, candidates.reshape(-1)]), "candidate")  # (B + B*C, D)
+            r_t, r_c = self._project(r_all[:B]), r_all[B:].view(B, C, -1)
         return torch.einsum("bd,bcd->bc", r_t, r_c)
 
     def batch_softmax_loss(self, trigger: torch.Tensor, candidates: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -195,8 +214,8 @@ class NATM(nn.Module):
         if self.cfg.separate_encoders:
             r_t, r_c = self._encode_unique(trigger, "trigger"), self.encode(uniq, "candidate")
         else:
-            r_all = self._encode_unique(torch.cat([trigger, uniq]), "trigger")
-            r_t, r_c = r_all[:B], r_all[B:]
+            r_all = self._encode_unique(torch.cat([trigger, uniq]), "candidate")
+            r_t, r_c = self._project(r_all[:B]), r_all[B:]
         logits = self.cfg.gamma * (r_t @ r_c.T) - torch.log(q_u.clamp(min=1e-30))[None, :]
         logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, inv.view(B, -1)[:, 0])

@@ -125,3 +125,46 @@ def test_learns_planted_graph_far_above_popularity():
         top5 = sims.topk(5, dim=1).indices + 1
     hit5 = sum(int((i % V + 1) in top5[i - 1].tolist()) for i in range(1, V + 1)) / V
     assert hit5 > 0.5  # popularity (uniform here) hits 5/29 = 0.17
+
+
+def test_trigger_projection_makes_relevance_directed():
+    """R(a, b) = cos(W r_a, r_b): identity (the symmetric twin) at init, directed once W moves."""
+    torch.manual_seed(0)
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0, trigger_projection=True)
+    model = NATM(cfg, _toy_table(cats=False)).eval()
+    items = torch.arange(1, 21)
+    assert torch.allclose(model.encode(items, "trigger"), model.encode(items, "candidate"))
+    with torch.no_grad():
+        model.trigger_proj.weight.add_(0.5 * torch.randn(8, 8))
+    t, c = model.encode(items, "trigger"), model.encode(items, "candidate")
+    R = model(torch.tensor([1, 2]), torch.tensor([[2, 3], [1, 3]]))
+    assert torch.allclose(R, torch.stack([t[0] @ c[[1, 2]].T, t[1] @ c[[0, 2]].T]), atol=1e-6)
+    assert abs(R[0, 0].item() - R[1, 0].item()) > 1e-3  # R(1, 2) != R(2, 1)
+    assert model.asymmetric
+    with pytest.raises(ValueError, match="alternatives"):
+        NATMConfig(num_items=20, separate_encoders=True, trigger_projection=True)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_directed_ring_needs_the_trigger_projection(projection):
+    """Positive of i is i+1 only. A symmetric R cannot rank i+1 above i-1; the projection can."""
+    torch.manual_seed(0)
+    V = 30
+    cfg = NATMConfig(num_items=V, num_neighbors=0, dim=16, layers=0, dropout=0.0, loss="softmax",
+                     trigger_projection=projection)
+    empty = torch.tensor([])
+    model = NATM(cfg, build_neighbor_table(V, empty, empty, empty, empty, 0, 16))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(300):
+        trig = torch.randint(1, V + 1, (64,))
+        cands = torch.cat([(trig % V + 1)[:, None], torch.randint(1, V + 1, (64, 4))], dim=1)
+        loss = model.batch_softmax_loss(trig, cands, torch.full(cands.shape, 1.0 / V))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        sims = model.encode(torch.arange(1, V + 1), "trigger") @ model.encode(torch.arange(1, V + 1), "candidate").T
+        sims.fill_diagonal_(-2)
+        top1 = sims.argmax(dim=1) + 1
+    hit1 = (top1 == torch.arange(1, V + 1) % V + 1).float().mean().item()
+    assert hit1 > 0.9 if projection else hit1 < 0.7
