@@ -13,6 +13,7 @@ from torch import nn
 
 from ml.config import Config
 from ml.models.dat import DAT, DATConfig
+from ml.train.init import seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
 from ml.train.tables import Vocab, build_vocab, load_categories, load_vocab, read_columns
 
@@ -59,7 +60,8 @@ def build_dat(cfg: Config) -> tuple[DAT, Vocab, Vocab]:
                      use_amm=d.use_amm and not two_tower, use_cal=d.use_cal and not two_tower,
                      lambda_u=d.lambda_u, lambda_v=d.lambda_v, lambda_ca=d.lambda_ca, cal_min_items=d.cal_min_items,
                      logit_scale=d.logit_scale)
-    model = DAT(mcfg, feats if sizes else None, cats)
+    with seeded_cpu_rng(cfg.seed):  # initial weights: a function of the seed, not of the process
+        model = DAT(mcfg, feats if sizes else None, cats)
     log.info("%s: %d users (%d feature fields), %d items, %d categories", cfg.model, users.size, len(sizes),
              items.size, n_cats)
     return model, users, items

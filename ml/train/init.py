@@ -13,6 +13,8 @@ or a buffer must therefore define ``reset_parameters`` (``_reset_parameters`` is
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from typing import Callable, Optional, Union
 
@@ -74,3 +76,16 @@ def build_deferred(factory: Callable[[], nn.Module], device: Union[str, torch.de
     n_params = sum(p.numel() for p in module.parameters())
     logger.debug("deferred init of %s: %d parameters on %s", type(module).__name__, n_params, device)
     return module
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int):
+    """Run the block with torch's CPU generator seeded by ``seed``; restore the global state after.
+
+    Model constructors draw their initial weights from the global generator, which torch seeds
+    from OS entropy at start-up: without this, the first model built in a process gets different
+    weights on every run (later ones inherit whatever the previous training left).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

@@ -11,7 +11,7 @@ from torch import nn
 
 from ml.config import Config
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
-from ml.train.init import build_deferred
+from ml.train.init import build_deferred, seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
 from ml.train.tables import Vocab, load_categories, load_graph, load_vocab
 
@@ -64,7 +64,8 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     # The (V+2, D) id table is the one that grows with the catalogue: build it on the meta device
     # and materialise it once (torchdistx's deferred init, which has no wheel for current torch).
     item_emb = build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu", seed=cfg.seed)
-    model = NATM(mcfg, table, item_emb=item_emb)
+    with seeded_cpu_rng(cfg.seed):  # the rest of the weights: a function of the seed, not of the process
+        model = NATM(mcfg, table, item_emb=item_emb)
     log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model, vocab

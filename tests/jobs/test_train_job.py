@@ -58,6 +58,18 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
         assert [r.rank for r in rows] == list(range(1, 11))
         assert all(a.score >= b.score for a, b in zip(rows, rows[1:]))
     assert lists.where("model = 'cooc'").count() > 0  # the baseline's partition is untouched
+
+    # initial weights are a function of train.seed, whatever the process's global RNG holds
+    from ml.train.dat_task import build_dat
+    from ml.train.natm_task import build_natm
+
+    dat = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=dat"])
+    for build, c in ((build_natm, natm), (build_dat, dat)):
+        torch.manual_seed(1)
+        first = build(c)[0].state_dict()
+        torch.manual_seed(2)
+        second = build(c)[0].state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)
     metrics = evaluate.run(more, spark, ["natm", "cooc"])["rows"]
     assert {r["model"] for r in metrics} == {"natm", "cooc"}
 
