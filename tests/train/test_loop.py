@@ -192,6 +192,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         with open(os.path.join(out, f"r{rank}.json"), "w") as f:
             json.dump({"before": before, "after": after, "steps": res["steps"], "steps_b": res_b["steps"],
                        "epochs": res["epochs"]}, f)
+        # leave together: a rank tearing gloo down while its peer still talks aborts in C++
+        # ("terminate called without an active exception"), seen once in CI
+        dist.barrier()
     finally:
         cleanup()
 
