@@ -1,5 +1,6 @@
 """``i2i_topk`` + ``eval_targets`` -> ``metrics`` (Pre@K and MRR over all eval users; per category);
-``u2i_topk`` too for models that have one (DAT / two-tower: HR@K and MRR of the user's last item).
+``u2i_topk`` too for models that have one (DAT / two-tower, and ``<model>_recent``: HR@K and MRR of the
+user's last item).
 
     python -m jobs.evaluate --conf conf/ml1m_natm.yaml --model pop --model cooc
 """
@@ -25,9 +26,11 @@ log = logging.getLogger("jobs.evaluate")
 def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
-    models = models or [cfg.model]
+    models = models or default_models(cfg)
     targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode)
-    topk_all = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode)
+    topk_all = None
+    if io.table_exists(cfg.table_path(S.T_I2I_TOPK)):
+        topk_all = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode)
     items = None
     if cfg.eval.per_category and io.table_exists(cfg.table_path(S.T_ITEMS)):
         items = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode)
@@ -37,11 +40,16 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     rows = []
     for m in models:
-        topk = topk_all.where(F.col(S.MODEL) == m)
-        metrics = compute_metrics(targets, topk, list(cfg.eval.ks), m, items, run_ts)
-        if u2i_all is not None and u2i_all.where(F.col(S.MODEL) == m).limit(1).count():
-            metrics = metrics.unionByName(compute_metrics(targets, u2i_all.where(F.col(S.MODEL) == m),
-                                                          list(cfg.eval.ks), m, items, run_ts, kind="u2i"))
+        # i2i lists (every model but the fused "<model>_recent"), u2i lists (DAT, two-tower, *_recent)
+        parts = [(kind, t.where(F.col(S.MODEL) == m)) for kind, t in (("i2i", topk_all), ("u2i", u2i_all))
+                 if t is not None]
+        parts = [(kind, t) for kind, t in parts if t.limit(1).count()]
+        if not parts:
+            raise ValueError(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
+        metrics = None
+        for kind, t in parts:
+            part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind)
+            metrics = part if metrics is None else metrics.unionByName(part)
         io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
                        replace_where={S.MODEL: m}, delta_mode=mode)
         written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(F.col(S.MODEL) == m)
@@ -51,6 +59,13 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
     report = write_evaluation_report(cfg, spark)
     log.info("report: %s", report)
     return {"rows": rows, "table": table, "report": report}
+
+
+def default_models(cfg: Config) -> List[str]:
+    """The config's model, and its fused recent-items lists when the recent stage is on."""
+    from jobs.recent import model_name
+
+    return [cfg.model] + ([model_name(cfg)] if cfg.recent.triggers > 0 else [])
 
 
 def write_evaluation_report(cfg: Config, spark) -> str:

@@ -3,8 +3,9 @@
     python -m jobs.pipeline --conf conf/synthetic.yaml [--set warehouse=DIR]
 
 Stages: generate (synthetic configs only) -> ingest -> sequences -> graph -> samples -> train -> embed
--> topk -> evaluate. For the baselines (``model`` = pop | cooc) the topk stage writes their lists and
-samples/train/embed are skipped.
+-> topk -> recent -> evaluate. For the baselines (``model`` = pop | cooc) the topk stage writes their
+lists and samples/train/embed are skipped; recent (each user's list fused from the i2i lists of their
+last items, model ``<model>_recent``) runs when ``recent.triggers`` > 0.
 
 A stage is skipped when its config, its inputs (Delta table versions, source files) and its outputs
 are what they were when it last finished: the state lives in ``<warehouse>/_pipeline/``. ``--from
@@ -25,15 +26,15 @@ from ml.config import Config
 from ml.data import io
 from ml.data.session import get_spark
 
-from jobs import baseline, embed, evaluate, generate, graph, ingest, samples, sequences, topk, train
+from jobs import baseline, embed, evaluate, generate, graph, ingest, recent, samples, sequences, topk, train
 from jobs._cli import parse, print_tables
 
 log = logging.getLogger("jobs.pipeline")
 
-STAGES = ("generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk", "evaluate")
+STAGES = ("generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk", "recent", "evaluate")
 
 
-PER_MODEL = ("train", "embed", "topk")
+PER_MODEL = ("train", "embed", "topk", "recent")
 
 
 def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
@@ -55,6 +56,7 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
         "embed": (["model"], [os.path.join(model_dir, "model.pt")], [S.T_ITEM_EMBEDDINGS] + users),
         "topk": ((["model", "baseline"], [S.T_ITEM_EMBEDDINGS] + users, [S.T_I2I_TOPK] + u2i) if learned else
                  (["model", "baseline", "graph.top_n"], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS], [S.T_I2I_TOPK])),
+        "recent": (["model", "recent"], [S.T_SEQUENCES, S.T_I2I_TOPK], [S.T_U2I_TOPK]),
     }[stage]
 
 
@@ -124,6 +126,8 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
         stages.remove("generate")
     if cfg.model in baseline.BASELINES:
         stages = [s for s in stages if s not in ("samples", "train", "embed")]
+    if cfg.recent.triggers <= 0:
+        stages.remove("recent")
     if start_from:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
     results = {}
@@ -143,10 +147,14 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
             results[stage] = baseline.run(cfg, spark)
         else:
             job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
-                   "samples": samples, "embed": embed, "topk": topk, "evaluate": evaluate}[stage]
+                   "samples": samples, "embed": embed, "topk": topk, "recent": recent, "evaluate": evaluate}[stage]
             results[stage] = job.run(cfg, spark)
         if fingerprint is not None:
             _record(cfg, stage, fingerprint)
+        if stage == "recent" and "topk" in stages and S.T_U2I_TOPK in _stage_io(cfg, "topk")[2]:
+            # topk (DAT / two-tower) shares u2i_topk with recent, and was current a moment ago:
+            # record the table as recent left it, or the next run would see topk's output changed
+            _record(cfg, "topk", _fingerprint(cfg, "topk"))
         log.info("stage %s done in %.1fs", stage, time.time() - t)
     results["skipped"] = skipped
     return results

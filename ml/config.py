@@ -184,6 +184,30 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class RecentConfig:
+    """Multi-trigger recall: a user's list fused from the i2i lists of their last ``triggers`` items.
+
+    Written to ``u2i_topk`` as model ``<model>_recent``. Item j steps back from the last one counts
+    ``decay ** j``; a neighbour at rank r in its list adds ``decay ** j / (rrf_k + r)`` (reciprocal
+    rank fusion, so any model's lists fuse, whatever its score scale).
+    """
+
+    triggers: int = 0  # recent items fused per user (0: the stage is off)
+    decay: float = 0.7  # weight of the item j steps before the last one: decay ** j
+    rrf_k: float = 10.0  # reciprocal-rank constant: a smaller value favours the heads of the lists
+    k: int = 100  # list length written per user
+    exclude: str = "triggers"  # never recommend: "triggers" (the fused items) or "history" (every item seen)
+
+    def __post_init__(self) -> None:
+        _check_positive("recent.triggers", self.triggers, allow_zero=True)
+        _check_positive("recent.k", self.k)
+        _check_positive("recent.rrf_k", self.rrf_k, allow_zero=True)
+        if not (isinstance(self.decay, (int, float)) and 0 < self.decay <= 1):
+            raise ConfigError(f"recent.decay={self.decay!r} must be in (0, 1]")
+        _check_choice("recent.exclude", self.exclude, ["triggers", "history"])
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     ks: tuple = (1, 5, 10, 50, 100)  # Pre@K (= HitRate@K) cut-offs; MRR uses the whole list
     per_category: bool = True  # also break metrics down by the target item's category
@@ -324,6 +348,7 @@ class Config:
     sequences: SequencesConfig = field(default_factory=SequencesConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    recent: RecentConfig = field(default_factory=RecentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

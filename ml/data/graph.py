@@ -13,9 +13,9 @@ which Spark plans as a per-partition group limit before the shuffle. Both give t
 from __future__ import annotations
 
 import inspect
-from typing import Tuple
+from typing import List, Tuple
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from ml import schemas as S
@@ -62,19 +62,30 @@ def aggregate_edges(pairs: DataFrame, min_count: int = 1) -> DataFrame:
 
 def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
     """Keep the ``n`` heaviest neighbours per item, rank 1..n; ties: larger count, then smaller id."""
-    if n <= MAX_BY_K_LIMIT and _has_top_k_aggregate(edges):
-        # The ordering struct is unique per neighbour (it ends in -neighbor_id), so the top n and
-        # their order are fully determined: the same rows as the window below.
-        value = F.struct(F.col(S.NEIGHBOR_ID), F.col(S.WEIGHT), F.col(S.COUNT))
-        order = F.struct(F.col(S.WEIGHT), F.col(S.COUNT), (-F.col(S.NEIGHBOR_ID)).alias("neg_id"))
-        top = edges.groupBy(S.ITEM_ID).agg(F.max_by(value, order, n).alias("top"))
-        ranked = top.select(S.ITEM_ID, F.posexplode("top").alias("pos", "e")).select(
-            S.ITEM_ID, "e.*", (F.col("pos") + 1).alias(S.RANK))
-    else:
-        order = Window.partitionBy(S.ITEM_ID).orderBy(F.desc(S.WEIGHT), F.desc(S.COUNT), F.asc(S.NEIGHBOR_ID))
-        ranked = edges.withColumn(S.RANK, F.row_number().over(order)).where(F.col(S.RANK) <= n)
+    # The ordering is unique per neighbour (it ends in -neighbor_id), so the top n and their order
+    # are fully determined, whichever plan top_k_per_key picks.
+    order = [F.col(S.WEIGHT), F.col(S.COUNT), -F.col(S.NEIGHBOR_ID)]
+    ranked = top_k_per_key(edges, S.ITEM_ID, order, [S.NEIGHBOR_ID, S.WEIGHT, S.COUNT], n)
     return ranked.select(F.col(S.ITEM_ID).cast("long"), F.col(S.NEIGHBOR_ID).cast("long"),
                          F.col(S.WEIGHT).cast("double"), F.col(S.COUNT).cast("long"), F.col(S.RANK).cast("int"))
+
+
+def top_k_per_key(df: DataFrame, key: str, order: List[Column], values: List[str], n: int) -> DataFrame:
+    """Rows ``key, *values, rank``: the ``n`` rows per ``key`` largest by ``order`` (columns compared in
+    turn, descending; the last should be unique per key so ties are broken), rank 1..n.
+
+    A bounded top-k aggregate (``max_by(..., n)``, Spark >= 4.2) where available, else a
+    ``row_number() <= n`` window; both give the same rows.
+    """
+    if n <= MAX_BY_K_LIMIT and _has_top_k_aggregate(df):
+        value = F.struct(*[F.col(c) for c in values])
+        ordering = F.struct(*[c.alias(f"o{i}") for i, c in enumerate(order)])
+        top = df.groupBy(key).agg(F.max_by(value, ordering, n).alias("top"))
+        return top.select(key, F.posexplode("top").alias("pos", "e")).select(
+            key, *[F.col(f"e.{c}").alias(c) for c in values], (F.col("pos") + 1).alias(S.RANK))
+    window = Window.partitionBy(key).orderBy(*[c.desc() for c in order])
+    return (df.withColumn(S.RANK, F.row_number().over(window)).where(F.col(S.RANK) <= n)
+            .select(key, *values, S.RANK))
 
 
 def _has_top_k_aggregate(df: DataFrame) -> bool:

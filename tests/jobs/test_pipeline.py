@@ -28,7 +28,7 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
 
     # unchanged config and inputs: every stage but evaluate is skipped, no table gets a new version
     again_run = pipeline.run(cfg, spark)
-    assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "topk"]
+    assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "topk", "recent"]
     assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == 0
     # a graph setting changed: graph and what depends on it rerun, the stages before it do not
     wider = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "graph.window=2"])
@@ -67,7 +67,14 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     pre10 = {r["model"]: r["value"] for r in rows if r["metric"] == "pre" and r["k"] == 10}
     assert pre10["cooc"] > 2 * pre10["pop"], pre10
     metrics = io.read_table(spark, cfg.table_path(S.T_METRICS))
-    assert {r.model for r in metrics.select("model").distinct().collect()} == {"pop", "cooc"}
+    assert {r.model for r in metrics.select("model").distinct().collect()} == {"pop", "cooc", "cooc_recent"}
+    # the pipeline's recent stage: each user's list fused from the cooc lists of their last 5 items
+    fused = {r["k"]: r["value"] for r in metrics.where(F.col(S.CATEGORY_ID).isNull()).collect()
+             if r["model"] == "cooc_recent" and r["metric"] == "u2i_hr"}
+    assert fused[10] > 2 * pre10["pop"], (fused, pre10)
+    u2i = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK))
+    assert u2i.where("rank < 1 or rank > 100").count() == 0
+    assert u2i.groupBy(S.USER_ID, S.ITEM_ID).count().where("count > 1").count() == 0
     assert metrics.where(F.col(S.CATEGORY_ID).isNotNull()).count() > 0  # per-category breakdown
 
 

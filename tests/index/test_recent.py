@@ -1,0 +1,76 @@
+"""Multi-trigger recall (``recent``): fused scores on a hand-computed case, exclusions, the job."""
+import pytest
+from pyspark.sql import functions as F
+
+from ml import schemas as S
+from ml.config import ConfigError, RecentConfig, load_config
+from ml.data import graph
+from ml.index.recent import fuse_recent, recent_triggers
+from tests.data.test_graph import _seqs
+
+
+def _i2i(spark, lists):
+    rows = [(item, nb, 1.0 / r, r, "m") for item, nbs in lists.items() for r, nb in enumerate(nbs, 1)]
+    return spark.createDataFrame(rows, S.I2I_TOPK)
+
+
+# user 1 saw 1, 2, 3 (3 last); user 2 saw only 3; user 3's last item has no list
+LISTS = {3: [10, 11, 2], 2: [11, 12, 3, 1], 7: [10]}
+SEQS = [(1, [1, 2, 3]), (2, [3]), (3, [5])]
+
+
+def _fused(spark, **kw):
+    cfg = RecentConfig(**{"triggers": 2, "decay": 0.5, "rrf_k": 0.0, "k": 10, **kw})
+    out = fuse_recent(_seqs(spark, SEQS), _i2i(spark, LISTS), cfg, "m_recent")
+    assert [(f.name, f.dataType) for f in out.schema] == [(f.name, f.dataType) for f in S.U2I_TOPK]
+    return {u: [(r.item_id, r.score, r.rank) for r in sorted(rows, key=lambda r: r.rank)]
+            for u, rows in _by_user(out.collect()).items()}
+
+
+def _by_user(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r.user_id, []).append(r)
+    return out
+
+
+def test_recent_triggers_are_the_last_items_newest_first(spark):
+    rows = recent_triggers(_seqs(spark, [(1, [4, 5, 6, 7]), (2, [9])]), 3).collect()
+    assert sorted((r.user_id, r.step, r.trigger_id) for r in rows) == [(1, 0, 7), (1, 1, 6), (1, 2, 5), (2, 0, 9)]
+
+
+def test_fused_scores_by_hand(spark):
+    got = _fused(spark)
+    # user 1: item 3 (step 0, weight 1) lists 10, 11, 2; item 2 (step 1, weight 0.5) lists 11, 12, 3, 1
+    # 10: 1/1 = 1; 11: 1/2 + 0.5/1 = 1 (tie: smaller id first); 12: 0.5/2; 1: 0.5/4; 2, 3 are triggers
+    assert got[1] == [(10, 1.0, 1), (11, 1.0, 2), (12, 0.25, 3), (1, 0.125, 4)]
+    assert got[2] == [(10, 1.0, 1), (11, 0.5, 2), (2, 1 / 3, 3)]  # one item: its own list
+    assert 3 not in got  # no list for the only trigger: no rows (evaluation counts a miss)
+
+
+def test_history_exclusion_and_k(spark):
+    assert _fused(spark, exclude="history")[1] == [(10, 1.0, 1), (11, 1.0, 2), (12, 0.25, 3)]
+    assert [i for i, _, _ in _fused(spark, k=2)[1]] == [10, 11]
+    # rrf_k damps the head: 11 (ranks 2 and 1) now beats 10 (rank 1 once)
+    assert [i for i, _, _ in _fused(spark, rrf_k=10.0)[1]][:2] == [11, 10]
+
+
+def test_top_k_aggregate_and_window_give_the_same_fused_rows(spark, monkeypatch):
+    fast = _fused(spark, rrf_k=1.0)
+    monkeypatch.setattr(graph, "_has_top_k_aggregate", lambda df: False)
+    assert _fused(spark, rrf_k=1.0) == fast
+
+
+@pytest.mark.parametrize("key, value", [("decay", 0.0), ("decay", 1.5), ("exclude", "seen"), ("k", 0), ("triggers", -1)])
+def test_bad_recent_config_names_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"recent.{key}"):
+        load_config(None, [f"recent.{key}={value}"])
+
+
+def test_recent_job_needs_triggers_and_a_source_list(spark, warehouse):
+    from jobs import recent
+
+    with pytest.raises(ConfigError, match="recent.triggers"):
+        recent.run(load_config(None, [f"warehouse={warehouse}"]), spark)
+    with pytest.raises(ValueError, match="topk stage"):
+        recent.run(load_config(None, [f"warehouse={warehouse}", "recent.triggers=3"]), spark)
