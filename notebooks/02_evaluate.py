@@ -42,7 +42,8 @@ from pyspark.sql import functions as F
 from ml.data import io
 
 cfg = configs[MODELS[0]]
-metrics = io.read_table(spark, cfg.table_path("metrics")).where(F.col("model").isin(MODELS))
+# the pipeline also wrote "<model>_recent" (each user's list fused from the lists of their last items; u2i_hr)
+metrics = io.read_table(spark, cfg.table_path("metrics")).where(F.col("model").isin(MODELS + [m + "_recent" for m in MODELS]))
 overall = metrics.where(F.col("category_id").isNull()).toPandas()  # models x metrics: a few dozen rows
 overall["name"] = overall.apply(lambda r: "MRR" if r.metric.endswith("mrr") else f"{r.metric}@{r.k}", axis=1)
 summary = overall.pivot_table(index="model", columns="name", values="value")
