@@ -36,7 +36,8 @@ def _quickstart(ns):
 
 
 def _evaluate(ns):
-    assert set(ns["summary"].index) == set(ns["MODELS"])  # every model has its metrics row
+    # every model has its metrics row, and its fused recent-items lists (u2i) theirs
+    assert set(ns["summary"].index) == set(ns["MODELS"]) | {f"{m}_recent u2i" for m in ns["MODELS"]}
     assert ns["summary"].notna().all().all()
     assert not ns["per_cat"].empty
 
