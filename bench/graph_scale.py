@@ -1,6 +1,6 @@
 """Graph job scale: windowed pairs (ours) vs a naive user self-join (the SARplus way), same run.
 
-    python -m bench.graph_scale --sizes 1e6 1e7 1e8 [--naive-max 1e7] [--timeout 1200]
+    python -m bench.graph_scale --sizes 1e6 1e7 1e8 [--naive-max 1e7] [--timeout 1200] [--self-joins naive sarplus]
 
 For each size: generate a synthetic log (timed separately), build sequences, then build the top-N
 graph (window 3, top 9) in fresh Spark processes three ways: ours (windowed pairs, user cap), a
@@ -85,6 +85,17 @@ def child(step: str, wh: str, size: int, per_user: float) -> None:
     print(json.dumps({"edges": edges, "inner_seconds": time.time() - t}))
 
 
+def _vs(name: str, res: dict, ours: dict) -> str:
+    if res.get("skipped"):
+        return f"{name} skipped"
+    ratio = res["seconds"] / ours["seconds"]
+    if res.get("timeout"):
+        return f"{name} TIMEOUT after {res['seconds']:.0f}s -> ratio > {ratio:.1f}x"
+    if "error" in res:
+        return f"{name} FAILED (exit {res['error']}) after {res['seconds']:.0f}s"
+    return f"{name} {res['seconds']:.0f}s (peak {res['peak_gb']:.1f} GB) -> ratio {ratio:.1f}x"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
@@ -93,6 +104,8 @@ def main() -> None:
     p.add_argument("--warehouse", default="/tmp/bench_graph")
     p.add_argument("--actions-per-user", type=float, default=50.0,
                    help="mean sequence length (50: short e-commerce sessions; 160: ML-1M-like histories)")
+    p.add_argument("--self-joins", nargs="+", choices=["naive", "sarplus"], default=["naive", "sarplus"],
+                   help="which self-joins to time: naive = capped like ours, sarplus = uncapped")
     p.add_argument("--child", nargs=4, metavar=("STEP", "WH", "SIZE", "PER_USER"))
     a = p.parse_args()
     if a.child:
@@ -109,17 +122,13 @@ def main() -> None:
         prep = run_child(["prepare", wh, str(size), pu], a.timeout)
         n = prep.get("actions", size)
         ours = run_child(["ours", wh, str(size), pu], a.timeout)
-        naive = run_child(["naive", wh, str(size), pu], a.timeout) if size <= a.naive_max else {"skipped": True}
-        sarplus = run_child(["sarplus", wh, str(size), pu], a.timeout) if size <= a.naive_max else {"skipped": True}
+        naive, sarplus = (run_child([step, wh, str(size), pu], a.timeout)
+                          if size <= a.naive_max and step in a.self_joins else {"skipped": True}
+                          for step in ("naive", "sarplus"))
         rows.append((n, prep, ours, naive))
         print(f"{n:>12,} actions: generate+sequences {prep['seconds']:.0f}s | ours {ours['seconds']:.0f}s "
               f"({n / ours['seconds']:,.0f} actions/s, peak {ours['peak_gb']:.1f} GB, {ours.get('edges', 0):,} edges) | "
-              + ("self-join skipped" if naive.get("skipped") else "self-join TIMEOUT" if naive.get("timeout") else
-                 f"self-join {naive['seconds']:.0f}s (peak {naive['peak_gb']:.1f} GB) -> ratio {naive['seconds'] / ours['seconds']:.1f}x")
-              + " | " + ("uncapped self-join skipped" if sarplus.get("skipped") else
-                         f"uncapped self-join TIMEOUT after {sarplus['seconds']:.0f}s" if sarplus.get("timeout") else
-                         f"uncapped self-join {sarplus['seconds']:.0f}s -> ratio {sarplus['seconds'] / ours['seconds']:.1f}x"),
-              flush=True)
+              f"{_vs('self-join', naive, ours)} | {_vs('uncapped self-join', sarplus, ours)}", flush=True)
     if len(rows) > 1:
         for (n0, _, o0, _), (n1, _, o1, _) in zip(rows, rows[1:]):
             print(f"scaling {n0:,} -> {n1:,} actions ({n1 / n0:.1f}x data): {o1['seconds'] / o0['seconds']:.1f}x time")
