@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from bench._machine import describe
 from ml.eval.offline import hit_metrics
@@ -25,20 +26,17 @@ from ml.train.tables import read_columns
 KS = (1, 10, 50, 100)
 
 
-def lists(warehouse: str, model: str, queries: np.ndarray, depth: int = 100) -> np.ndarray:
-    """(len(queries), depth) neighbour ids of each item of ``queries`` in ``model``'s i2i_topk (-1 = none)."""
-    ids, inverse = np.unique(queries, return_inverse=True)
-    t = read_columns(str(Path(warehouse) / "i2i_topk"), ["model", "item_id", "neighbor_id", "rank"])
-    m = t.column("model").to_numpy(zero_copy_only=False) == model
+def lists(i2i_topk: pa.Table, model: str, queries: np.ndarray, depth: int = 100) -> np.ndarray:
+    """(len(queries), depth) neighbour ids of each item of ``queries`` in ``model``'s rows of ``i2i_topk``
+    (-1 = none)."""
+    m = i2i_topk.column("model").to_numpy(zero_copy_only=False) == model
     if not m.any():
-        raise SystemExit(f"model {model!r} has no rows in {warehouse}/i2i_topk: run its topk / baseline job first")
-    item = t.column("item_id").to_numpy()[m]
-    nb = t.column("neighbor_id").to_numpy()[m]
-    rank = t.column("rank").to_numpy()[m]
-    order = np.argsort(ids)
-    pos = np.searchsorted(ids, item, sorter=order)
-    pos = np.clip(pos, 0, len(ids) - 1)
-    row = order[pos]
+        raise SystemExit(f"model {model!r} has no rows in i2i_topk: run its topk / baseline job first")
+    item = i2i_topk.column("item_id").to_numpy()[m]
+    nb = i2i_topk.column("neighbor_id").to_numpy()[m]
+    rank = i2i_topk.column("rank").to_numpy()[m]
+    ids, inverse = np.unique(queries, return_inverse=True)  # sorted
+    row = np.clip(np.searchsorted(ids, item), 0, len(ids) - 1)
     ok = (ids[row] == item) & (rank >= 1) & (rank <= depth)
     out = np.full((len(ids), depth), -1, dtype=np.int64)
     out[row[ok], rank[ok] - 1] = nb[ok]
@@ -52,14 +50,15 @@ def main() -> None:
     p.add_argument("--buckets", type=int, default=4)
     a = p.parse_args()
     wh = a.warehouse
-    models = a.models or sorted(set(read_columns(str(Path(wh) / "i2i_topk"), ["model"]).column("model").to_pylist()))
+    i2i = read_columns(str(Path(wh) / "i2i_topk"), ["model", "item_id", "neighbor_id", "rank"])  # read once
+    models = a.models or sorted(set(i2i.column("model").to_pylist()))
     t = read_columns(str(Path(wh) / "eval_targets"), ["user_id", "trigger_item", "target_item"])
     user = t.column("user_id").to_numpy()
     trig = t.column("trigger_item").to_numpy()
     target = t.column("target_item").to_numpy()
     c = read_columns(str(Path(wh) / "item_counts"), ["item_id", "count"])
     counts = dict(zip(c.column("item_id").to_pylist(), c.column("count").to_pylist()))  # one row per item
-    topk = {m: lists(wh, m, trig) for m in models}
+    topk = {m: lists(i2i, m, trig) for m in models}
     print(f"warehouse {wh}; {len(user):,} eval users; models {models}; machine: {describe()}")
     cols = [f"Pre@{k}" for k in KS] + ["MRR"]
     for side, items in (("trigger", trig), ("target", target)):

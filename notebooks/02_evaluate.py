@@ -40,16 +40,15 @@ print("report:", out["report"])
 from pyspark.sql import functions as F
 
 from ml.data import io
+from ml.eval.metrics import display_name
 
 cfg = configs[MODELS[0]]
 # the pipeline also wrote "<model>_recent": each user's list fused from the lists of their last items (u2i,
 # HR@K against the same targets). As in the job's table, u2i lists get their own row, "<model> u2i".
 metrics = io.read_table(spark, cfg.table_path("metrics")).where(F.col("model").isin(MODELS + [m + "_recent" for m in MODELS]))
 overall = metrics.where(F.col("category_id").isNull()).toPandas()  # models x metrics: a few dozen rows
-overall["row"] = overall.model + overall.metric.str.startswith("u2i_").map({True: " u2i", False: ""})
-overall["name"] = overall.apply(lambda r: "MRR" if r.metric.endswith("mrr") else f"Pre@{int(r.k)}", axis=1)
-summary = overall.pivot_table(index="row", columns="name", values="value")
-summary = summary[sorted(summary.columns, key=lambda c: (c == "MRR", 0 if c == "MRR" else int(c[4:])))]  # Pre@1 .. MRR
+overall[["row", "name"]] = overall.apply(lambda r: display_name(r.model, r.metric, r.k), axis=1, result_type="expand")
+summary = overall.pivot_table(index="row", columns="name", values="value")[[f"Pre@{k}" for k in cfg.eval.ks] + ["MRR"]]
 print(summary.round(4).to_string())
 
 # COMMAND ----------

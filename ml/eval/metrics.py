@@ -7,7 +7,7 @@ with no list, or a target not in it, is a miss (hit 0, reciprocal rank 0). Nothi
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -66,6 +66,13 @@ def _long_format(agg: DataFrame, ks: Iterable[int], hit_name: str, mrr_name: str
         S.CATEGORY_ID, S.N_USERS, "m.*")
 
 
+def display_name(model: str, metric: str, k) -> Tuple[str, str]:
+    """(row, column) a ``metrics`` row is shown under: u2i metrics get their own row "<model> u2i", in the
+    same Pre@K / MRR columns (HR@K = Pre@K against the same targets)."""
+    row = f"{model} u2i" if metric.startswith("u2i_") else model
+    return row, ("MRR" if metric.endswith("mrr") else f"Pre@{int(k)}")
+
+
 def format_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     """Overall metrics per model as a text table (rows: ``metrics`` rows with category_id null).
 
@@ -76,9 +83,7 @@ def format_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
     for r in rows:
         if r[S.CATEGORY_ID] is not None:
             continue
-        u2i = r[S.METRIC].startswith("u2i_")
-        name = f"{r[S.MODEL]} u2i" if u2i else r[S.MODEL]
-        key = "MRR" if r[S.METRIC].endswith("mrr") else f"Pre@{r[S.K]}"
+        name, key = display_name(r[S.MODEL], r[S.METRIC], r[S.K])
         by_model.setdefault(name, {})[key] = r[S.VALUE]
         n_users[name] = r[S.N_USERS]
     cols = [f"Pre@{k}" for k in ks] + ["MRR"]
