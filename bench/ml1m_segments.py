@@ -56,6 +56,8 @@ def main() -> None:
     user = t.column("user_id").to_numpy()
     trig = t.column("trigger_item").to_numpy()
     target = t.column("target_item").to_numpy()
+    if not 1 <= a.buckets <= len(user):
+        raise SystemExit(f"--buckets={a.buckets}: expected 1..{len(user)} (the number of eval users in {wh}/eval_targets)")
     c = read_columns(str(Path(wh) / "item_counts"), ["item_id", "count"])
     counts = dict(zip(c.column("item_id").to_pylist(), c.column("count").to_pylist()))  # one row per item
     topk = {m: lists(i2i, m, trig) for m in models}
