@@ -28,19 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 5, 10, 50, 100)
 
 
-def evaluate_artifact(cfg, artifact: str) -> dict:
+def natm_lists(artifact: str, triggers: np.ndarray, depth: int = 100) -> np.ndarray:
+    """(len(triggers), depth) item ids nearest each trigger's NATM embedding by cosine (Faiss exact, the
+    trigger excluded); a trigger outside the model's vocabulary gets -1s (a miss)."""
     model, vocab, _ = load_artifact(artifact)
     idx = torch.arange(1, vocab.size + 1)
     trig_vec, cand_vec = embed_items(model, idx)
     index = build_index(cand_vec.numpy(), kind="flat", use_gpu=False)
-    t = read_columns(cfg.table_path("eval_targets"), ["trigger_item", "target_item"])
-    trig = vocab.index(torch.from_numpy(t.column("trigger_item").to_numpy().copy()))
-    target = t.column("target_item").to_numpy()
+    trig = vocab.index(torch.from_numpy(np.asarray(triggers, dtype=np.int64).copy()))
     known = trig > 0
-    topk = np.full((len(target), 100), -1, dtype=np.int64)
-    pos, _ = search_topk(index, trig_vec[trig[known] - 1].numpy(), (trig[known] - 1).numpy(), 100)
+    topk = np.full((len(trig), depth), -1, dtype=np.int64)
+    pos, _ = search_topk(index, trig_vec[trig[known] - 1].numpy(), (trig[known] - 1).numpy(), depth)
     topk[known.numpy()] = vocab.ids.numpy()[pos]
-    return hit_metrics(topk, target, KS)
+    return topk
+
+
+def evaluate_artifact(cfg, artifact: str) -> dict:
+    t = read_columns(cfg.table_path("eval_targets"), ["trigger_item", "target_item"])
+    topk = natm_lists(artifact, t.column("trigger_item").to_numpy())
+    return hit_metrics(topk, t.column("target_item").to_numpy(), KS)
 
 
 def main() -> None:

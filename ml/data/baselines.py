@@ -12,12 +12,13 @@ from ml.data.graph import aggregate_edges, top_n_neighbours, windowed_pairs
 def most_popular(counts: DataFrame, n: int) -> DataFrame:
     """The ``n`` most frequent training items as ``(neighbor_id, pop_rank, count)``; ties: smaller id.
 
-    ``n`` is small (a list length), so this global top is a tiny sort-limit, not a full sort.
+    ``n`` is small (a list length), so this global top is a tiny sort-limit, not a full sort; its
+    <= n rows are ranked on the driver (a window over them would have no partition key, and Spark
+    warns of "serious performance degradation" for every such window).
     """
-    top = counts.orderBy(F.desc(S.COUNT), F.asc(S.ITEM_ID)).limit(n)
-    w = Window.orderBy(F.desc(S.COUNT), F.asc(S.ITEM_ID))  # over <= n rows
-    return top.select(F.col(S.ITEM_ID).alias(S.NEIGHBOR_ID), F.row_number().over(w).alias("pop_rank"),
-                      F.col(S.COUNT))
+    top = counts.orderBy(F.desc(S.COUNT), F.asc(S.ITEM_ID)).limit(n).select(S.ITEM_ID, S.COUNT).collect()
+    return counts.sparkSession.createDataFrame([(r[0], rank, r[1]) for rank, r in enumerate(top, 1)],
+                                               f"{S.NEIGHBOR_ID} long, pop_rank int, {S.COUNT} long")
 
 
 def _finish(candidates: DataFrame, k: int, model: str) -> DataFrame:
