@@ -295,14 +295,18 @@ class NATMSection:
     separate_encoders: bool = False
     trigger_projection: bool = False  # learned D x D map on the trigger side: directed R without a second encoder
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
-    loss: str = "nce"  # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected)
+    # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected) |
+    # full (exact softmax over every catalogue item each step; up to full_softmax_max items)
+    loss: str = "nce"
+    full_softmax_max: int = 100_000
     negatives: Optional[int] = None  # train on the first n of each sample's negatives (None: all of samples.num_negatives)
     use_categories: bool = True  # add the item's category embedding to every token
 
     def __post_init__(self) -> None:
         _check_positive("natm.num_neighbors", self.num_neighbors, allow_zero=True)
         _check_positive("natm.layers", self.layers, allow_zero=True)
-        _check_choice("natm.loss", self.loss, ["nce", "softmax"])
+        _check_choice("natm.loss", self.loss, ["nce", "softmax", "full"])
+        _check_positive("natm.full_softmax_max", self.full_softmax_max)
         _check_positive("natm.negatives", self.negatives, allow_none=True)
         if self.separate_encoders and self.trigger_projection:
             raise ConfigError("natm.separate_encoders and natm.trigger_projection are alternatives "

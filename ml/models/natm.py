@@ -46,12 +46,18 @@ class NATMConfig:
     learn_nce_offset: bool = True
     # "nce": the paper's loss over (positive, k sampled negatives). "softmax": a sampled softmax over
     # every candidate in the batch (all rows' positives and negatives, logQ-corrected, the
-    # trigger itself masked): the same samples, B*(1+k) negatives per row instead of k.
+    # trigger itself masked): the same samples, B*(1+k) negatives per row instead of k. "full": an
+    # exact softmax over the whole catalogue (every item encoded each step; for catalogues up to
+    # ``full_softmax_max`` items), no sampling and no logQ correction.
     loss: str = "nce"
+    full_softmax_max: int = 100_000
 
     def __post_init__(self) -> None:
-        if self.loss not in ("nce", "softmax"):
-            raise ValueError(f"natm.loss={self.loss!r}; expected nce or softmax")
+        if self.loss not in ("nce", "softmax", "full"):
+            raise ValueError(f"natm.loss={self.loss!r}; expected nce, softmax or full")
+        if self.loss == "full" and self.num_items > self.full_softmax_max:
+            raise ValueError(f"natm.loss=full encodes all {self.num_items} items every step, more than "
+                             f"natm.full_softmax_max={self.full_softmax_max}; use natm.loss=softmax (sampled)")
         if self.num_items <= 0:
             raise ValueError(f"natm.num_items={self.num_items} must be > 0")
         if self.layers < 0 or self.num_neighbors < 0:
@@ -219,6 +225,21 @@ class NATM(nn.Module):
         logits = self.cfg.gamma * (r_t @ r_c.T) - torch.log(q_u.clamp(min=1e-30))[None, :]
         logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, inv.view(B, -1)[:, 0])
+
+    def full_softmax_loss(self, trigger: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Exact softmax: each trigger vs every item of the catalogue (indices 1..V), logits γ·R, the
+        trigger's own item masked; the positive is the target class. Every item is encoded once per
+        step on the candidate side, so the cost is V encodings whatever the batch size.
+        """
+        items = torch.arange(1, self.cfg.num_items + 1, device=trigger.device)
+        r_c = self.encode(items, "candidate")  # (V, D)
+        if self.cfg.separate_encoders:
+            r_t = self._encode_unique(trigger, "trigger")
+        else:  # the trigger rows are among the candidates: reuse them, then the trigger-side map
+            r_t = self._project(r_c[trigger - 1])
+        logits = self.cfg.gamma * (r_t @ r_c.T)  # (B, V): column j is item j + 1
+        logits = logits.masked_fill(items[None, :] == trigger[:, None], float("-inf"))
+        return F.cross_entropy(logits, positive - 1)
 
     def _encode_unique(self, items: torch.Tensor, side: str) -> torch.Tensor:
         uniq, inverse = torch.unique(items, return_inverse=True)

@@ -31,7 +31,10 @@ class NATMTrainer(nn.Module):
         negs, q_negs = batch["negatives"][:, : self.k], batch["q_negatives"][:, : self.k]  # first k of the stored
         cands = torch.cat([batch["positive"][:, None], negs], dim=1)  # (B, 1+k)
         q = torch.cat([batch["q_positive"][:, None], q_negs], dim=1)  # (B, 1+k)
-        if self.model.cfg.loss == "softmax":
+        if self.model.cfg.loss == "full":
+            nce = self.model.full_softmax_loss(batch["trigger"], batch["positive"])
+            metrics = {"softmax": float(nce.detach())}
+        elif self.model.cfg.loss == "softmax":
             nce = self.model.batch_softmax_loss(batch["trigger"], cands, q.float())
             metrics = {"softmax": float(nce.detach())}
         else:

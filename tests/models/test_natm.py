@@ -65,6 +65,29 @@ def test_batch_softmax_loss_matches_hand_computation():
     assert model.batch_softmax_loss(trigger, cands, q).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_full_softmax_loss_matches_hand_computation(separate):
+    torch.manual_seed(0)
+    V = 6
+    cfg = NATMConfig(num_items=V, num_neighbors=3, dim=8, layers=0, dropout=0.0, loss="full",
+                     separate_encoders=separate)
+    model = NATM(cfg, _toy_table(V=V, cats=False)).eval()
+    trigger, positive = torch.tensor([1, 4]), torch.tensor([2, 6])
+    t = model.encode(torch.arange(1, V + 1), "trigger").tolist()
+    c = model.encode(torch.arange(1, V + 1), "candidate").tolist()
+    g = cfg.gamma
+    expected = 0.0
+    for a, b in zip(trigger.tolist(), positive.tolist()):  # every item but the trigger is a class
+        logit = {j: g * sum(x * y for x, y in zip(t[a - 1], c[j - 1])) for j in range(1, V + 1) if j != a}
+        expected += -(logit[b] - math.log(sum(math.exp(v) for v in logit.values()))) / 2
+    assert model.full_softmax_loss(trigger, positive).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_full_softmax_refuses_a_catalogue_above_its_limit():
+    with pytest.raises(ValueError, match="full_softmax_max"):
+        NATMConfig(num_items=1000, loss="full", full_softmax_max=999)
+
+
 def test_weight_buckets_are_log2():
     assert bucketize_weights(torch.tensor([0.0, 1.0, 2.0, 3.0, 8.0, 1e9]), 16).tolist() == [0, 1, 2, 2, 4, 15]
 
