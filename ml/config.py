@@ -292,7 +292,7 @@ class NATMSection:
     mlm_prob: float = 0.15
     mlm_weight: float = 0.1
     mlm_negatives: Optional[int] = None  # None: full softmax; else sampled softmax with this many
-    separate_encoders: bool = False
+    separate_encoders: bool = False  # trigger and candidate towers, each with its own id table (directed R)
     trigger_projection: bool = False  # learned D x D map on the trigger side: directed R without a second encoder
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
     # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected) |

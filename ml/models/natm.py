@@ -103,7 +103,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: NATMConfig, item_emb: nn.Embedding):
         super().__init__()
         self.cfg = cfg
-        self.item_emb = item_emb  # shared between encoders and tied to the MLM output
+        self.item_emb = item_emb  # the id table (the trigger side's is tied to the MLM output)
         self.pos_emb = nn.Embedding(cfg.num_neighbors + 1, cfg.dim)
         self.weight_emb = nn.Embedding(cfg.weight_buckets, cfg.dim)
         self.cat_emb = nn.Embedding(cfg.num_categories + 1, cfg.dim, padding_idx=0) if cfg.num_categories else None
@@ -142,23 +142,39 @@ class Encoder(nn.Module):
 class NATM(nn.Module):
     """Twin transformer encoder over quasi-sequences, NCE + item-level MLM training."""
 
-    def __init__(self, cfg: NATMConfig, table: NeighborTable, item_emb: Optional[nn.Embedding] = None):
-        """``item_emb`` (V+2, D) may be passed in already built, e.g. with deferred init for huge V."""
+    def __init__(self, cfg: NATMConfig, table: NeighborTable, item_emb: Optional[nn.Embedding] = None,
+                 candidate_item_emb: Optional[nn.Embedding] = None):
+        """``item_emb`` (V+2, D) may be passed in already built, e.g. with deferred init for huge V;
+        ``candidate_item_emb`` likewise, the candidate encoder's own id table (``separate_encoders``
+        only: a trigger and a candidate are then two vectors per id, as word2vec's input and output
+        vectors, and "b follows a" need not mean "a follows b")."""
         super().__init__()
         self.cfg = cfg
         self.table = table
         # two extra rows: 0 = padding, V+1 = [MASK]
-        self.item_emb = item_emb if item_emb is not None else nn.Embedding(cfg.num_items + 2, cfg.dim, padding_idx=PAD)
-        if self.item_emb.weight.shape != (cfg.num_items + 2, cfg.dim):
-            raise ValueError(f"item_emb must be ({cfg.num_items + 2}, {cfg.dim}), got {tuple(self.item_emb.weight.shape)}")
+        self.item_emb = self._id_table(item_emb, "item_emb")
         self.mask_id = cfg.num_items + 1
         self.trigger_encoder = Encoder(cfg, self.item_emb)
-        self.candidate_encoder = Encoder(cfg, self.item_emb) if cfg.separate_encoders else self.trigger_encoder
+        if cfg.separate_encoders:
+            self.candidate_item_emb = self._id_table(candidate_item_emb, "candidate_item_emb")
+            self.candidate_encoder = Encoder(cfg, self.candidate_item_emb)
+        else:
+            if candidate_item_emb is not None:
+                raise ValueError("candidate_item_emb is only used with separate_encoders")
+            self.candidate_item_emb = None
+            self.candidate_encoder = self.trigger_encoder
         self.trigger_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.trigger_projection else None
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
         # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
         self.reset_parameters()
+
+    def _id_table(self, emb: Optional[nn.Embedding], name: str) -> nn.Embedding:
+        shape = (self.cfg.num_items + 2, self.cfg.dim)
+        emb = emb if emb is not None else nn.Embedding(*shape, padding_idx=PAD)
+        if tuple(emb.weight.shape) != shape:
+            raise ValueError(f"{name} must be {shape}, got {tuple(emb.weight.shape)}")
+        return emb
 
     def reset_parameters(self) -> None:
         # Same scale for every token embedding: N(0,1) position/weight embeddings would swamp the
@@ -167,9 +183,11 @@ class NATM(nn.Module):
             for emb in (enc.pos_emb, enc.weight_emb, enc.cat_emb):
                 if emb is not None:
                     nn.init.normal_(emb.weight, std=0.1)
-        nn.init.normal_(self.item_emb.weight, std=0.1)
-        with torch.no_grad():
-            self.item_emb.weight[PAD].zero_()
+        for emb in (self.item_emb, self.candidate_item_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.1)
+                with torch.no_grad():
+                    emb.weight[PAD].zero_()
         if self.trigger_proj is not None:
             nn.init.eye_(self.trigger_proj.weight)  # starts as the symmetric twin
 

@@ -66,9 +66,13 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     mcfg = natm_config(cfg, vocab.size, n_cats)
     # The (V+2, D) id table is the one that grows with the catalogue: build it on the meta device
     # and materialise it once (torchdistx's deferred init, which has no wheel for current torch).
-    item_emb = build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu", seed=cfg.seed)
+    def id_table(seed: int) -> nn.Embedding:
+        return build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu", seed=seed)
+
+    item_emb = id_table(cfg.seed)
+    cand_emb = id_table(cfg.seed + 1) if mcfg.separate_encoders else None  # its own draw, not a copy
     with seeded_cpu_rng(cfg.seed):  # the rest of the weights: a function of the seed, not of the process
-        model = NATM(mcfg, table, item_emb=item_emb)
+        model = NATM(mcfg, table, item_emb=item_emb, candidate_item_emb=cand_emb)
     log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model, vocab

@@ -83,6 +83,20 @@ def test_full_softmax_loss_matches_hand_computation(separate):
     assert model.full_softmax_loss(trigger, positive).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_separate_encoders_have_their_own_id_tables():
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=1, heads=2, separate_encoders=True)
+    model = NATM(cfg, _toy_table(cats=False))
+    assert model.candidate_encoder.item_emb is model.candidate_item_emb is not model.item_emb
+    assert not torch.equal(model.item_emb.weight, model.candidate_item_emb.weight)
+    loss = model.full_softmax_loss(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    loss.backward()
+    assert model.item_emb.weight.grad[[1, 2]].abs().sum() > 0  # triggers reach the trigger table
+    assert model.candidate_item_emb.weight.grad[1:21].abs().sum() > 0  # every candidate the other
+    with pytest.raises(ValueError, match="only used with separate_encoders"):
+        NATM(NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0), _toy_table(cats=False),
+             candidate_item_emb=torch.nn.Embedding(22, 8))
+
+
 def test_full_softmax_refuses_a_catalogue_above_its_limit():
     with pytest.raises(ValueError, match="full_softmax_max"):
         NATMConfig(num_items=1000, loss="full", full_softmax_max=999)
@@ -168,13 +182,14 @@ def test_trigger_projection_makes_relevance_directed():
         NATMConfig(num_items=20, separate_encoders=True, trigger_projection=True)
 
 
-@pytest.mark.parametrize("projection", [False, True])
-def test_directed_ring_needs_the_trigger_projection(projection):
-    """Positive of i is i+1 only. A symmetric R cannot rank i+1 above i-1; the projection can."""
+@pytest.mark.parametrize("mode", ["twin", "projection", "separate"])
+def test_directed_ring_needs_a_directed_relevance(mode):
+    """Positive of i is i+1 only. A symmetric R cannot rank i+1 above i-1; the trigger projection and
+    separate encoders (two id tables) can."""
     torch.manual_seed(0)
     V = 30
     cfg = NATMConfig(num_items=V, num_neighbors=0, dim=16, layers=0, dropout=0.0, loss="softmax",
-                     trigger_projection=projection)
+                     trigger_projection=mode == "projection", separate_encoders=mode == "separate")
     empty = torch.tensor([])
     model = NATM(cfg, build_neighbor_table(V, empty, empty, empty, empty, 0, 16))
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
@@ -190,4 +205,4 @@ def test_directed_ring_needs_the_trigger_projection(projection):
         sims.fill_diagonal_(-2)
         top1 = sims.argmax(dim=1) + 1
     hit1 = (top1 == torch.arange(1, V + 1) % V + 1).float().mean().item()
-    assert hit1 > 0.9 if projection else hit1 < 0.7
+    assert hit1 > 0.9 if mode != "twin" else hit1 < 0.7
