@@ -28,20 +28,22 @@ class NATMTrainer(nn.Module):
         self.k = k
 
     def forward(self, batch: dict):
+        if self.model.cfg.loss == "full":  # every item is a class: the stored negatives are not used
+            nce = self.model.full_softmax_loss(batch["trigger"], batch["positive"])
+            return self._with_mlm(batch, nce, {"softmax": float(nce.detach())})
         negs, q_negs = batch["negatives"][:, : self.k], batch["q_negatives"][:, : self.k]  # first k of the stored
         cands = torch.cat([batch["positive"][:, None], negs], dim=1)  # (B, 1+k)
         q = torch.cat([batch["q_positive"][:, None], q_negs], dim=1)  # (B, 1+k)
-        if self.model.cfg.loss == "full":
-            nce = self.model.full_softmax_loss(batch["trigger"], batch["positive"])
-            metrics = {"softmax": float(nce.detach())}
-        elif self.model.cfg.loss == "softmax":
+        if self.model.cfg.loss == "softmax":
             nce = self.model.batch_softmax_loss(batch["trigger"], cands, q.float())
             metrics = {"softmax": float(nce.detach())}
         else:
             rel = self.model(batch["trigger"], cands)
             nce = nce_loss(rel, q.float(), self.k, self.model.cfg.gamma, self.model.nce_offset)
             metrics = {"nce": float(nce.detach()), "nce_offset": float(self.model.nce_offset.detach())}
-        loss = nce
+        return self._with_mlm(batch, nce, metrics)
+
+    def _with_mlm(self, batch: dict, loss: torch.Tensor, metrics: dict):
         if self.model.cfg.mlm_weight > 0 and self.model.cfg.num_neighbors > 0:
             mlm = self.model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
             loss = loss + self.model.cfg.mlm_weight * mlm
@@ -70,7 +72,7 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
         return build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu", seed=seed)
 
     item_emb = id_table(cfg.seed)
-    cand_emb = id_table(cfg.seed + 1) if mcfg.separate_encoders else None  # its own draw, not a copy
+    cand_emb = id_table(cfg.seed + 1) if mcfg.separate_encoders else None  # separate_encoders: a second table
     with seeded_cpu_rng(cfg.seed):  # the rest of the weights: a function of the seed, not of the process
         model = NATM(mcfg, table, item_emb=item_emb, candidate_item_emb=cand_emb)
     log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),

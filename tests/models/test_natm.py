@@ -206,3 +206,14 @@ def test_directed_ring_needs_a_directed_relevance(mode):
         top1 = sims.argmax(dim=1) + 1
     hit1 = (top1 == torch.arange(1, V + 1) % V + 1).float().mean().item()
     assert hit1 > 0.9 if mode != "twin" else hit1 < 0.7
+
+
+def test_trainer_with_full_loss_needs_no_stored_negatives():
+    from ml.train.natm_task import NATMTrainer
+
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0, loss="full", mlm_weight=0.0)
+    model = NATM(cfg, _toy_table(cats=False)).eval()
+    batch = {"trigger": torch.tensor([1, 5]), "positive": torch.tensor([2, 7])}  # no negatives, no q
+    loss, metrics = NATMTrainer(model, k=9)(batch)
+    assert loss.item() == pytest.approx(model.full_softmax_loss(batch["trigger"], batch["positive"]).item())
+    assert set(metrics) == {"softmax"}
