@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from typing import Optional, Sequence
 
 from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, StructField, StructType
@@ -21,7 +19,7 @@ from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, Struct
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
-from ml.data.session import get_spark
+from ml.data.session import get_spark, ship_path
 from ml.index.spark_topk import embed_partitions
 
 from jobs._cli import parse, print_tables
@@ -53,8 +51,7 @@ def run(cfg: Config, spark=None) -> dict:
     if not os.path.exists(artifact):
         raise FileNotFoundError(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
     run_id = json.load(open(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
-    # addFile keeps one file per name for the session's life: ship a uniquely named copy
-    shipped = os.path.join(tempfile.mkdtemp(prefix="i2i-model-"), f"{cfg.model}-{uuid.uuid4().hex[:12]}.pt")
+    shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     shutil.copyfile(artifact, shipped)
     spark.sparkContext.addFile(shipped)
     items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-import uuid
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,7 +20,7 @@ from pyspark.sql import functions as F
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
-from ml.data.session import get_spark
+from ml.data.session import get_spark, ship_path
 from ml.index.spark_topk import search_partitions
 from ml.index.topk import build_index
 from ml.train.tables import read_columns
@@ -51,9 +49,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     vecs = vecs.reshape(t.num_rows, -1)[order]
     b = cfg.baseline
     index = build_index(vecs, kind=b.index, exact_max=b.exact_max, nlist=b.nlist, nprobe=b.nprobe, seed=cfg.seed)
-    tmp = tempfile.mkdtemp(prefix="i2i-index-")
-    tag = f"{cfg.model}-{uuid.uuid4().hex[:12]}"  # addFile keeps one file per name per session
-    index_file, ids_file = os.path.join(tmp, f"{tag}.faiss"), os.path.join(tmp, f"{tag}-ids.npy")
+    index_file = ship_path(f"{cfg.model}.faiss")
+    ids_file = index_file[: -len(".faiss")] + "-ids.npy"
     faiss.write_index(faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index, index_file)
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)

@@ -1,9 +1,13 @@
 """The one place that builds (or reuses) the SparkSession."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
+import uuid
 
 from pyspark.sql import SparkSession
 
@@ -59,3 +63,20 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     spark.sparkContext.setLogLevel(cfg.log_level)
     log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
     return spark
+
+
+_SHIP_DIR: list = []
+
+
+def ship_path(name: str) -> str:
+    """A fresh driver-side path for a file to hand to ``SparkContext.addFile`` (a model, an index).
+
+    The name gets a unique tag (addFile keeps one file per name for the session's life). Every such
+    file of the process lives in one temporary directory, removed when the driver exits: not
+    before, since an executor that joins the session later fetches every added file.
+    """
+    if not _SHIP_DIR:
+        _SHIP_DIR.append(tempfile.mkdtemp(prefix="i2i-ship-"))
+        atexit.register(shutil.rmtree, _SHIP_DIR[0], True)
+    stem, ext = os.path.splitext(name)
+    return os.path.join(_SHIP_DIR[0], f"{stem}-{uuid.uuid4().hex[:12]}{ext}")
