@@ -41,6 +41,11 @@ class NATMConfig:
     mlm_negatives: Optional[int] = None  # None: full softmax over items; else sampled softmax size
     separate_encoders: bool = False  # different encoders for trigger and candidate (directed graph)
     trigger_projection: bool = False  # a learned D x D map on the trigger side only (directed R)
+    # A per-item popularity term carried inside unit vectors, so cosine / inner-product search
+    # serves it: candidate c' = [c / cosh(b_c), tanh(b_c)], trigger t' = [t cos(a), sin(a)], both of
+    # norm 1, R = cos(a) cos(t, c) / cosh(b_c) + sin(a) tanh(b_c): a bias b_c per item, a learned
+    # global angle a. The vectors get one more dimension (dim + 1).
+    item_bias: bool = False
     # NCE normaliser c in exp(gamma*R - c), learned (Mnih & Teh). The paper writes exp(gamma*R):
     # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
     learn_nce_offset: bool = True
@@ -164,6 +169,9 @@ class NATM(nn.Module):
             self.candidate_item_emb = None
             self.candidate_encoder = self.trigger_encoder
         self.trigger_proj = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.trigger_projection else None
+        # item_bias: b per id (zero at init), angle a = 0.5 at init: at a = 0 and b = 0 neither moves
+        self.bias_emb = nn.Embedding(cfg.num_items + 2, 1) if cfg.item_bias else None
+        self.bias_angle = nn.Parameter(torch.tensor(0.5)) if cfg.item_bias else None
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
         # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
@@ -190,11 +198,18 @@ class NATM(nn.Module):
                     emb.weight[PAD].zero_()
         if self.trigger_proj is not None:
             nn.init.eye_(self.trigger_proj.weight)  # starts as the symmetric twin
+        if self.bias_emb is not None:
+            nn.init.zeros_(self.bias_emb.weight)
 
     @property
     def asymmetric(self) -> bool:
         """Whether trigger-side and candidate-side vectors of an item differ."""
-        return self.cfg.separate_encoders or self.cfg.trigger_projection
+        return self.cfg.separate_encoders or self.cfg.trigger_projection or self.cfg.item_bias
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the vectors :meth:`encode` returns."""
+        return self.cfg.dim + int(self.cfg.item_bias)
 
     def _project(self, r: torch.Tensor) -> torch.Tensor:
         """Candidate-side (normalised) vectors -> trigger side: identity unless ``trigger_projection``."""
@@ -205,12 +220,35 @@ class NATM(nn.Module):
         cats = self.table.categories[tokens] if self.table.categories is not None else None
         return tokens, buckets, cats
 
-    def encode(self, items: torch.Tensor, side: str = "trigger") -> torch.Tensor:
-        """(B,) item indices -> L2-normalised embeddings (B, D)."""
+    def _as_trigger(self, r: torch.Tensor) -> torch.Tensor:
+        """Unit encoder outputs -> trigger-side vectors (projection, then the bias coordinate)."""
+        r = self._project(r)
+        if self.bias_angle is None:
+            return r
+        a = self.bias_angle
+        return torch.cat([r * torch.cos(a), torch.sin(a).expand(len(r), 1)], dim=-1)
+
+    def _as_candidate(self, r: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Unit encoder outputs of ``items`` -> candidate-side vectors (with the bias coordinate)."""
+        if self.bias_emb is None:
+            return r
+        b = self.bias_emb(items)  # (B, 1)
+        return torch.cat([r / torch.cosh(b), torch.tanh(b)], dim=-1)  # norm 1: sech^2 + tanh^2 = 1
+
+    def _unit(self, items: torch.Tensor, side: str) -> torch.Tensor:
         enc = self.trigger_encoder if side == "trigger" else self.candidate_encoder
         r, _ = enc(*self._inputs(items))
-        r = F.normalize(r, dim=-1)
-        return self._project(r) if side == "trigger" else r
+        return F.normalize(r, dim=-1)
+
+    def _unit_unique(self, items: torch.Tensor) -> torch.Tensor:
+        """Shared encoder: each distinct item encoded once, gathered back (before the sides' maps)."""
+        uniq, inverse = torch.unique(items, return_inverse=True)
+        return self._unit(uniq, "candidate")[inverse]
+
+    def encode(self, items: torch.Tensor, side: str = "trigger") -> torch.Tensor:
+        """(B,) item indices -> L2-normalised embeddings (B, :attr:`out_dim`)."""
+        r = self._unit(items, side)
+        return self._as_trigger(r) if side == "trigger" else self._as_candidate(r, items)
 
     def forward(self, trigger: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """trigger (B,), candidates (B, C) -> cosine relevance R (B, C).
@@ -223,8 +261,9 @@ class NATM(nn.Module):
             r_t = self._encode_unique(trigger, "trigger")  # (B, D)
             r_c = self._encode_unique(candidates.reshape(-1), "candidate").view(B, C, -1)  # (B, C, D)
         else:  # one encoder pass for both sides; the trigger rows then go through the projection
-            r_all = self._encode_unique(torch.cat([trigger, candidates.reshape(-1)]), "candidate")  # (B + B*C, D)
-            r_t, r_c = self._project(r_all[:B]), r_all[B:].view(B, C, -1)
+            flat = candidates.reshape(-1)
+            r_all = self._unit_unique(torch.cat([trigger, flat]))  # (B + B*C, D)
+            r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], flat).view(B, C, -1)
         return torch.einsum("bd,bcd->bc", r_t, r_c)
 
     def batch_softmax_loss(self, trigger: torch.Tensor, candidates: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -238,8 +277,8 @@ class NATM(nn.Module):
         if self.cfg.separate_encoders:
             r_t, r_c = self._encode_unique(trigger, "trigger"), self.encode(uniq, "candidate")
         else:
-            r_all = self._encode_unique(torch.cat([trigger, uniq]), "candidate")
-            r_t, r_c = self._project(r_all[:B]), r_all[B:]
+            r_all = self._unit_unique(torch.cat([trigger, uniq]))
+            r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], uniq)
         logits = self.cfg.gamma * (r_t @ r_c.T) - torch.log(q_u.clamp(min=1e-30))[None, :]
         logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, inv.view(B, -1)[:, 0])
@@ -250,11 +289,12 @@ class NATM(nn.Module):
         step on the candidate side, so the cost is V encodings whatever the batch size.
         """
         items = torch.arange(1, self.cfg.num_items + 1, device=trigger.device)
-        r_c = self.encode(items, "candidate")  # (V, D)
+        unit_c = self._unit(items, "candidate")  # (V, D)
+        r_c = self._as_candidate(unit_c, items)
         if self.cfg.separate_encoders:
             r_t = self._encode_unique(trigger, "trigger")
         else:  # the trigger rows are among the candidates: reuse them, then the trigger-side map
-            r_t = self._project(r_c[trigger - 1])
+            r_t = self._as_trigger(unit_c[trigger - 1])
         logits = self.cfg.gamma * (r_t @ r_c.T)  # (B, V): column j is item j + 1
         logits = logits.masked_fill(items[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, positive - 1)

@@ -32,6 +32,9 @@ after warm-up whatever ``lr_schedule`` says, and a warning is logged.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import itertools
 import json
 import logging
@@ -124,6 +127,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
         return lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps)
 
     return LambdaLR(optimizer, factor)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A training step frees tensors of many sizes (the exact softmax's (B, V) logits among them)
+    while the reader allocates the next batch between them; glibc keeps the freed chunks in its
+    heap, so without a trim the process grew without bound: on ML-1M, 0.9 -> 2.3 GiB over 350
+    steps, against a flat 0.5 GiB with a trim every 50 steps. Called every ``log_every`` steps.
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -361,6 +385,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                     samples_seen += n
                     last_loss_t = loss.detach()
                     bar.update(1)
+                    if step % cfg.log_every == 0:
+                        release_freed_memory()
                     if ctx.is_main:
                         window.add(loss, metrics, n)
                         epoch_window.add(loss, metrics, n)

@@ -82,16 +82,20 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
 
 def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version: Optional[int] = None):
     """``make_batches(epoch)`` for the training loop: reader batches with ids mapped to indices."""
-    ds = DeltaBatchDataset(cfg.table_path("samples_natm"), columns=SAMPLE_COLUMNS, batch_size=cfg.train.batch_size,
+    full = cfg.natm.loss == "full"  # the exact softmax needs (trigger, positive) only: read no more
+    columns = SAMPLE_COLUMNS[:2] if full else SAMPLE_COLUMNS
+    ds = DeltaBatchDataset(cfg.table_path("samples_natm"), columns=columns, batch_size=cfg.train.batch_size,
                            shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.seed, version=version, rank=rank,
                            world_size=world_size)
 
     def make(epoch: int) -> Iterable[dict]:
         ds.set_epoch(epoch)
         for b in make_loader(ds, cfg.train.num_workers):
-            yield {"trigger": vocab.index(b["trigger_item"]), "positive": vocab.index(b["positive_item"]),
-                   "negatives": vocab.index(b["negatives"]), "q_positive": b["q_positive"],
-                   "q_negatives": b["q_negatives"]}
+            batch = {"trigger": vocab.index(b["trigger_item"]), "positive": vocab.index(b["positive_item"])}
+            if not full:
+                batch.update(negatives=vocab.index(b["negatives"]), q_positive=b["q_positive"],
+                             q_negatives=b["q_negatives"])
+            yield batch
 
     return make, ds
 

@@ -217,3 +217,63 @@ def test_trainer_with_full_loss_needs_no_stored_negatives():
     loss, metrics = NATMTrainer(model, k=9)(batch)
     assert loss.item() == pytest.approx(model.full_softmax_loss(batch["trigger"], batch["positive"]).item())
     assert set(metrics) == {"softmax"}
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_item_bias_is_a_unit_vector_coordinate_every_loss_agrees_with(separate):
+    torch.manual_seed(0)
+    V, D = 6, 8
+    cfg = NATMConfig(num_items=V, num_neighbors=3, dim=D, layers=0, dropout=0.0, loss="full",
+                     separate_encoders=separate, item_bias=True)
+    model = NATM(cfg, _toy_table(V=V, cats=False)).eval()
+    with torch.no_grad():
+        model.bias_emb.weight[1:V + 1, 0] = torch.linspace(-1.0, 2.0, V)
+    items = torch.arange(1, V + 1)
+    t, c = model.encode(items, "trigger"), model.encode(items, "candidate")
+    assert model.asymmetric and model.out_dim == D + 1 and t.shape == c.shape == (V, D + 1)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(V), atol=1e-5)
+    assert torch.allclose(c.norm(dim=-1), torch.ones(V), atol=1e-5)
+    # R = cos(a) cos(t, c) / cosh(b_c) + sin(a) tanh(b_c), by hand from the unit encoder outputs
+    a, b = model.bias_angle.item(), model.bias_emb.weight[1:V + 1, 0]
+    ut, uc = model._unit(items, "trigger"), model._unit(items, "candidate")
+    expected = math.cos(a) * (ut @ uc.T) / torch.cosh(b)[None, :] + math.sin(a) * torch.tanh(b)[None, :]
+    assert torch.allclose(t @ c.T, expected, atol=1e-5)
+    # the three losses score with the same vectors as encode (what the top-K job searches)
+    trigger, cands = torch.tensor([1, 4]), torch.tensor([[2, 3], [6, 1]])
+    R = model(trigger, cands)
+    assert torch.allclose(R, torch.stack([t[0] @ c[[1, 2]].T, t[3] @ c[[5, 0]].T]), atol=1e-5)
+    g = cfg.gamma
+    full = 0.0
+    for row, (x, y) in enumerate([(1, 2), (4, 6)]):
+        logit = {j: g * (t[x - 1] @ c[j - 1]).item() for j in range(1, V + 1) if j != x}
+        full += -(logit[y] - math.log(sum(math.exp(v) for v in logit.values()))) / 2
+    assert model.full_softmax_loss(trigger, torch.tensor([2, 6])).item() == pytest.approx(full, rel=1e-5)
+
+
+def test_item_bias_learns_the_popular_item():
+    # Every trigger is followed by item 1 half the time, else by a uniform draw: the best list puts
+    # item 1 first for every trigger, and the bias coordinate is where that popularity goes.
+    torch.manual_seed(0)
+    V = 30
+    g = torch.Generator().manual_seed(0)
+    trig = torch.randint(2, V + 1, (4096,), generator=g)
+    pos = torch.where(torch.rand(4096, generator=g) < 0.5, torch.ones_like(trig),
+                      torch.randint(2, V + 1, (4096,), generator=g))
+    pos = torch.where(pos == trig, torch.ones_like(pos), pos)
+    empty = build_neighbor_table(V, *(torch.tensor([]),) * 4, 0, 16)
+    cfg = NATMConfig(num_items=V, num_neighbors=0, dim=8, layers=0, dropout=0.0, loss="full",
+                     separate_encoders=True, item_bias=True)
+    model = NATM(cfg, empty)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        loss = model.full_softmax_loss(trig, pos)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        items = torch.arange(1, V + 1)
+        score = model.encode(items, "trigger") @ model.encode(items, "candidate").T
+        score.fill_diagonal_(-float("inf"))
+    top1 = score.argmax(1) + 1
+    assert (top1[1:] == 1).float().mean() > 0.95  # item 1 first for (nearly) every other trigger
+    assert model.bias_emb.weight[1, 0] > model.bias_emb.weight[2:V + 1, 0].max()
