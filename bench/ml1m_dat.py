@@ -91,8 +91,10 @@ def main() -> None:
     if len(a.seeds) > 1:
         for m in [m for m in results if m.startswith("dat")]:
             gains = [d[0]["Pre@100"] / t[0]["Pre@100"] - 1 for d, t in zip(results[m], results["two_tower"])]
+            diff = np.array([d[0]["Pre@100"] - t[0]["Pre@100"] for d, t in zip(results[m], results["two_tower"])])
+            t_stat = diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff))) if diff.std(ddof=1) > 0 else float("nan")
             print(f"{m} vs two_tower, HR@100 per seed: " + " ".join(f"{g:+.1%}" for g in gains)
-                  + f"; mean {np.mean(gains):+.1%}")
+                  + f"; mean {np.mean(gains):+.1%}; paired t {t_stat:.2f} on {len(diff) - 1} degrees of freedom")
     genres = sorted({cat_of.get(int(x)) for x in target if cat_of.get(int(x))})
     print("per-genre HR@100, mean over seeds (target's primary genre; users):")
     for g in sorted(genres, key=lambda g: sum(cat_of.get(int(x)) == g for x in target)):

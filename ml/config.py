@@ -259,6 +259,7 @@ class TrainConfig:
     num_processes: int = 1  # DDP world size for torchrun / distributor
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     amp: bool = True  # mixed precision (bf16 autocast) on GPU only
+    deterministic: bool = True  # torch's deterministic kernels: the same data and seed give the same model
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 10_000  # rows held for shuffling by each reader worker
     log_every: int = 50  # steps between metric log lines

@@ -348,3 +348,39 @@ def test_release_freed_memory_trims_the_c_heap_on_glibc():
         assert _malloc_trim() is not None  # the trim is wired, not silently a no-op
     else:
         assert released is False
+
+
+def _gather_grads(threads: int) -> set:
+    """Gradient bytes of a gather-then-reduce model (the trigger side's unique/inverse gather, whose
+    backward is a scatter-add), computed 16 times from identical inputs on ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        emb = nn.Embedding(2000, 32)
+        idx = torch.randint(0, 2000, (8192,), generator=torch.Generator().manual_seed(0))
+        w = torch.randn(8192, 32, generator=torch.Generator().manual_seed(1))
+        seen = set()
+        for _ in range(16):
+            emb.zero_grad()
+            uniq, inverse = torch.unique(idx, return_inverse=True)
+            (emb(uniq)[inverse] * w).sum().backward()
+            seen.add(emb.weight.grad.numpy().tobytes())
+        return seen
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_turns_on_deterministic_kernels(tmp_path):
+    x, y = regression_data(64)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for on in (False, True):
+            cfg = TrainConfig(epochs=1, batch_size=16, log_every=5, checkpoint_every=1000, device="cpu", amp=False,
+                              deterministic=on)
+            train(nn.Linear(8, 1), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, str(tmp_path / f"ck{on}"))
+            assert torch.are_deterministic_algorithms_enabled() is on
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without a kernel warns, never fails
+        assert len(_gather_grads(threads=2)) == 1  # the same gradient every time, on 2 threads
+    finally:
+        torch.use_deterministic_algorithms(was)
