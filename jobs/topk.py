@@ -49,8 +49,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     vecs = vecs.reshape(t.num_rows, -1)[order]
     b = cfg.baseline
     index = build_index(vecs, kind=b.index, exact_max=b.exact_max, nlist=b.nlist, nprobe=b.nprobe, seed=cfg.seed)
-    index_file = ship_path(f"{cfg.model}.faiss")
-    ids_file = index_file[: -len(".faiss")] + "-ids.npy"
+    index_file, ids_file = ship_path(f"{cfg.model}.faiss"), ship_path(f"{cfg.model}-ids.npy")
     faiss.write_index(faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index, index_file)
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)

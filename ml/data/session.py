@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -65,7 +66,11 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     return spark
 
 
-_SHIP_DIR: list = []
+@functools.lru_cache(maxsize=1)
+def _ship_dir() -> str:
+    path = tempfile.mkdtemp(prefix="i2i-ship-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def ship_path(name: str) -> str:
@@ -75,8 +80,5 @@ def ship_path(name: str) -> str:
     file of the process lives in one temporary directory, removed when the driver exits: not
     before, since an executor that joins the session later fetches every added file.
     """
-    if not _SHIP_DIR:
-        _SHIP_DIR.append(tempfile.mkdtemp(prefix="i2i-ship-"))
-        atexit.register(shutil.rmtree, _SHIP_DIR[0], True)
     stem, ext = os.path.splitext(name)
-    return os.path.join(_SHIP_DIR[0], f"{stem}-{uuid.uuid4().hex[:12]}{ext}")
+    return os.path.join(_ship_dir(), f"{stem}-{uuid.uuid4().hex[:12]}{ext}")

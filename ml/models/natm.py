@@ -240,11 +240,6 @@ class NATM(nn.Module):
         r, _ = enc(*self._inputs(items))
         return F.normalize(r, dim=-1)
 
-    def _unit_unique(self, items: torch.Tensor) -> torch.Tensor:
-        """Shared encoder: each distinct item encoded once, gathered back (before the sides' maps)."""
-        uniq, inverse = torch.unique(items, return_inverse=True)
-        return self._unit(uniq, "candidate")[inverse]
-
     def encode(self, items: torch.Tensor, side: str = "trigger") -> torch.Tensor:
         """(B,) item indices -> L2-normalised embeddings (B, :attr:`out_dim`)."""
         r = self._unit(items, side)
@@ -262,7 +257,7 @@ class NATM(nn.Module):
             r_c = self._encode_unique(candidates.reshape(-1), "candidate").view(B, C, -1)  # (B, C, D)
         else:  # one encoder pass for both sides; the trigger rows then go through the projection
             flat = candidates.reshape(-1)
-            r_all = self._unit_unique(torch.cat([trigger, flat]))  # (B + B*C, D)
+            r_all = self._encode_unique(torch.cat([trigger, flat]), "candidate", unit=True)  # (B + B*C, D)
             r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], flat).view(B, C, -1)
         return torch.einsum("bd,bcd->bc", r_t, r_c)
 
@@ -277,7 +272,7 @@ class NATM(nn.Module):
         if self.cfg.separate_encoders:
             r_t, r_c = self._encode_unique(trigger, "trigger"), self.encode(uniq, "candidate")
         else:
-            r_all = self._unit_unique(torch.cat([trigger, uniq]))
+            r_all = self._encode_unique(torch.cat([trigger, uniq]), "candidate", unit=True)
             r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], uniq)
         logits = self.cfg.gamma * (r_t @ r_c.T) - torch.log(q_u.clamp(min=1e-30))[None, :]
         logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
@@ -299,9 +294,11 @@ class NATM(nn.Module):
         logits = logits.masked_fill(items[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, positive - 1)
 
-    def _encode_unique(self, items: torch.Tensor, side: str) -> torch.Tensor:
+    def _encode_unique(self, items: torch.Tensor, side: str, unit: bool = False) -> torch.Tensor:
+        """Each distinct item encoded once, gathered back; ``unit``: the encoder's unit output,
+        before the side's map (the shared encoder's one pass for both sides)."""
         uniq, inverse = torch.unique(items, return_inverse=True)
-        return self.encode(uniq, side)[inverse]
+        return (self._unit(uniq, side) if unit else self.encode(uniq, side))[inverse]
 
     def mlm_loss(self, items: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Mask neighbour tokens of the items' quasi-sequences and predict their ids (tied output)."""
