@@ -5,9 +5,12 @@ import atexit
 import functools
 import logging
 import os
+import glob
 import shutil
+import socket
 import sys
 import tempfile
+import time
 import uuid
 
 from pyspark.sql import SparkSession
@@ -66,11 +69,52 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     return spark
 
 
+SHIP_PREFIX = "i2i-ship-"
+STALE_SHIP_DIR_SECONDS = 3600
+
+
 @functools.lru_cache(maxsize=1)
 def _ship_dir() -> str:
-    path = tempfile.mkdtemp(prefix="i2i-ship-")
+    sweep_stale_ship_dirs()
+    path = tempfile.mkdtemp(prefix=f"{SHIP_PREFIX}{_host()}-{os.getpid()}-")
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def sweep_stale_ship_dirs(root: str | None = None, min_age_s: float = STALE_SHIP_DIR_SECONDS) -> list:
+    """Remove ship directories left by drivers of this host that died without running atexit
+    (SIGKILL, OOM kill): the directory names the driver's pid; one whose process is gone and that
+    is older than ``min_age_s`` is removed. Returns the removed paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    for path in glob.glob(os.path.join(root, f"{SHIP_PREFIX}{_host()}-*-*")):
+        pid = os.path.basename(path)[len(SHIP_PREFIX) + len(_host()) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            if time.time() - os.path.getmtime(path) < min_age_s:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d ship directories of dead drivers under %s", len(removed), root)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def ship_path(name: str) -> str:
@@ -78,7 +122,9 @@ def ship_path(name: str) -> str:
 
     The name gets a unique tag (addFile keeps one file per name for the session's life). Every such
     file of the process lives in one temporary directory, removed when the driver exits: not
-    before, since an executor that joins the session later fetches every added file.
+    before, since an executor that joins the session later fetches every added file. A driver
+    killed before exit leaves its directory behind; the next driver on the host removes it
+    (:func:`sweep_stale_ship_dirs`).
     """
     stem, ext = os.path.splitext(name)
     return os.path.join(_ship_dir(), f"{stem}-{uuid.uuid4().hex[:12]}{ext}")

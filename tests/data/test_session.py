@@ -19,3 +19,24 @@ def test_shipped_files_are_removed_when_the_driver_exits():
     path = out.stdout.strip()
     assert path.endswith(".pt")
     assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+
+
+def test_a_killed_drivers_ship_directory_is_swept_by_the_next(tmp_path):
+    from ml.data import session
+
+    code = ("import os, signal\nfrom ml.data.session import ship_path\n"
+            "p = ship_path('index.faiss'); open(p, 'wb').write(b'x'); print(p, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == -9
+    left = os.path.dirname(out.stdout.strip())
+    assert os.path.exists(left)  # SIGKILL skips atexit
+    live = tmp_path / f"{session.SHIP_PREFIX}{session._host()}-{os.getpid()}-abc"  # this live process
+    live.mkdir()
+    assert session.sweep_stale_ship_dirs(str(tmp_path)) == []  # too recent to be sure
+    old = 2 * session.STALE_SHIP_DIR_SECONDS
+    for d in (left, live):
+        os.utime(d, (os.path.getmtime(d) - old,) * 2)
+    assert session.sweep_stale_ship_dirs(str(tmp_path)) == [left]
+    assert not os.path.exists(left) and live.exists()
