@@ -187,7 +187,9 @@ class NATM(nn.Module):
     def reset_parameters(self) -> None:
         # Same scale for every token embedding: N(0,1) position/weight embeddings would swamp the
         # item ids and make every item look alike at init (cosine ~1, saturated NCE).
-        for enc in {self.trigger_encoder, self.candidate_encoder}:
+        # trigger first, then the candidate encoder if it is another module: a fixed order (a set of the
+        # two would order them by memory address, so the draws could swap between runs)
+        for enc in dict.fromkeys((self.trigger_encoder, self.candidate_encoder)):
             for emb in (enc.pos_emb, enc.weight_emb, enc.cat_emb):
                 if emb is not None:
                     nn.init.normal_(emb.weight, std=0.1)

@@ -41,16 +41,19 @@ def _post_order(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Modul
 
 
 def build_deferred(factory: Callable[[], nn.Module], device: Union[str, torch.device],
-                   seed: Optional[int] = 0) -> nn.Module:
+                   seed: Optional[int] = 0, initialise: bool = True) -> nn.Module:
     """Build ``factory()`` on meta, materialise it on ``device`` and run every ``reset_parameters``.
 
     ``seed`` makes the initial weights a function of the seed (for a given device type: CPU and
     CUDA generators differ); the global RNG state is left as it was. ``seed=None`` draws from the
-    global RNG instead.
+    global RNG instead. ``initialise=False``: allocate only (uninitialised memory), for a caller
+    that initialises the weights itself, so a table of billions of values is not filled twice.
     """
     device = torch.device(device)
     with torch.device("meta"):
         module = factory()
+    if not initialise:
+        return module.to_empty(device=device)
     modules = _post_order(module)
     missing = [name or type(module).__name__ for name, m in modules
                if _reset_fn(m) is None and (any(True for _ in m.parameters(recurse=False))

@@ -67,12 +67,14 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
                                  cfg.natm.weight_buckets, cats)
     mcfg = natm_config(cfg, vocab.size, n_cats)
     # The (V+2, D) id table is the one that grows with the catalogue: build it on the meta device
-    # and materialise it once (torchdistx's deferred init, which has no wheel for current torch).
-    def id_table(seed: int) -> nn.Embedding:
-        return build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu", seed=seed)
+    # and allocate it once (torchdistx's deferred init, which has no wheel for current torch),
+    # uninitialised: NATM.reset_parameters gives the id tables their one init, from the seed below.
+    def id_table() -> nn.Embedding:
+        return build_deferred(lambda: nn.Embedding(vocab.size + 2, mcfg.dim, padding_idx=0), "cpu",
+                              initialise=False)
 
-    item_emb = id_table(cfg.seed)
-    cand_emb = id_table(cfg.seed + 1) if mcfg.separate_encoders else None  # separate_encoders: a second table
+    item_emb = id_table()
+    cand_emb = id_table() if mcfg.separate_encoders else None  # separate_encoders: a second table
     with seeded_cpu_rng(cfg.seed):  # the rest of the weights: a function of the seed, not of the process
         model = NATM(mcfg, table, item_emb=item_emb, candidate_item_emb=cand_emb)
     log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),

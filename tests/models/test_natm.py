@@ -97,6 +97,32 @@ def test_separate_encoders_have_their_own_id_tables():
              candidate_item_emb=torch.nn.Embedding(22, 8))
 
 
+def test_id_tables_passed_in_are_initialised_by_the_model():
+    """The job hands NATM allocated-only (uninitialised) id tables; the model's init fills them."""
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, separate_encoders=True)
+    garbage = [torch.nn.Embedding(22, 8) for _ in range(2)]
+    for e in garbage:
+        torch.nn.init.constant_(e.weight, float("nan"))
+    model = NATM(cfg, _toy_table(cats=False), item_emb=garbage[0], candidate_item_emb=garbage[1])
+    for e in (model.item_emb, model.candidate_item_emb):
+        assert torch.isfinite(e.weight).all() and e.weight[0].abs().sum() == 0  # padding row zero
+        assert 0.05 < e.weight[1:].std().item() < 0.2
+
+
+def test_initial_weights_do_not_depend_on_where_the_encoders_sit_in_memory():
+    """Same seed, same weights, build after build (the two encoders were once initialised in the
+    order of a set of the two, i.e. of their memory addresses)."""
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, separate_encoders=True)
+    states = []
+    for _ in range(12):
+        keep = [torch.empty(1000) for _ in range(len(states) * 7 % 5)]  # shift the allocator about
+        torch.manual_seed(0)
+        states.append(NATM(cfg, _toy_table(cats=False)).state_dict())
+        del keep
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in other)
+
+
 def test_full_softmax_refuses_a_catalogue_above_its_limit():
     with pytest.raises(ValueError, match="full_softmax_max"):
         NATMConfig(num_items=1000, loss="full", full_softmax_max=999)

@@ -384,3 +384,19 @@ def test_training_turns_on_deterministic_kernels(tmp_path):
         assert len(_gather_grads(threads=2)) == 1  # the same gradient every time, on 2 threads
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def test_deferred_allocation_without_init_leaves_the_init_to_the_caller():
+    calls = []
+
+    class Counted(nn.Embedding):
+        def reset_parameters(self) -> None:
+            calls.append(self.weight.device.type)
+            super().reset_parameters()
+
+    m = build_deferred(lambda: Counted(100, 8), "cpu", initialise=False)
+    assert not m.weight.is_meta and m.weight.shape == (100, 8)
+    assert calls == ["meta"]  # the constructor's call, on shapes only: allocated, never filled
+    calls.clear()
+    build_deferred(lambda: Counted(100, 8), "cpu")
+    assert calls == ["meta", "cpu"]
