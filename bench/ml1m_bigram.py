@@ -1,0 +1,105 @@
+"""How much does the embedding's width limit a single-trigger i2i embedding on ML-1M? A neural bigram.
+
+    python -m bench.ml1m_bigram [--dim 64] [--window 1] [--decay 1/d] [--cosine 10] [--steps 1440]
+
+The id-vector core of NATM's directed towers without the neighbours: an input vector per trigger,
+an output vector per candidate, trained with an exact softmax over all 3,416 items on the training
+transitions (the trigger itself masked), scored as NATM scores — gamma * cos(in_a, out_b), what a
+Faiss inner-product search over unit vectors serves — or, with ``--cosine 0``, by dot product plus
+an item bias. ``--window W``: positives at distance d <= W too, each pair kept with probability
+w(d) (1/d, 0.5^(d-1) or 1), as the co-occurrence window counts them. Validation split by default
+(holdout 2), one seed; prints the six metrics and their sum, as ``bench.ml1m_i2i_ceiling``, whose
+``Split`` it uses (ties to the more popular item, then the smaller id; all 6,040 users).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench._machine import describe
+from bench.ml1m_i2i_ceiling import COLS, Split
+
+ROOT = Path(__file__).resolve().parents[1]
+DECAYS = {"none": lambda d: 1.0, "1/d": lambda d: 1.0 / d, "0.5^d": lambda d: 0.5 ** (d - 1)}
+
+
+def windowed_pairs(sp: Split, window: int, decay: str, rng: np.random.Generator):
+    """(trigger, positive) tensors: distance-d pairs kept with probability w(d), a != b."""
+    xs, ys = [], []
+    for d in range(1, window + 1):
+        long = [s for s in sp.train if len(s) > d]
+        x, y = np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])
+        keep = rng.random(len(x)) < DECAYS[decay](d)
+        xs.append(x[keep])
+        ys.append(y[keep])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return torch.from_numpy(x[x != y]), torch.from_numpy(y[x != y])
+
+
+def train_bigram(sp: Split, a) -> tuple[np.ndarray, float, int]:
+    """(V, V) scores, training seconds, number of pairs."""
+    g = torch.Generator().manual_seed(a.seed)
+    x, y = windowed_pairs(sp, a.window, a.decay, np.random.default_rng(a.seed))
+    emb_in = torch.nn.Parameter(torch.randn(sp.V, a.dim, generator=g) * 0.05)
+    emb_out = torch.nn.Parameter(torch.randn(sp.V, a.dim, generator=g) * 0.05)
+    bias = torch.nn.Parameter(torch.zeros(sp.V))
+    opt = torch.optim.Adam([emb_in, emb_out] + ([] if a.cosine else [bias]), lr=a.lr)
+    norm = torch.nn.functional.normalize
+
+    def logits(rows):
+        if a.cosine:
+            return a.cosine * norm(emb_in[rows], dim=-1) @ norm(emb_out, dim=-1).T
+        return emb_in[rows] @ emb_out.T + bias
+
+    t0, step = time.time(), 0
+    while step < a.steps:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - a.batch_size + 1, a.batch_size):
+            if step == a.steps:
+                break
+            idx = perm[i:i + a.batch_size]
+            lg = logits(x[idx])
+            lg[torch.arange(len(idx)), x[idx]] = float("-inf")  # never the trigger itself
+            loss = torch.nn.functional.cross_entropy(lg, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+    with torch.no_grad():
+        return logits(torch.arange(sp.V)).numpy(), time.time() - t0, len(x)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
+    p.add_argument("--holdout", type=int, default=2, help="2 = validation (default), 1 = test")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--window", type=int, default=1)
+    p.add_argument("--decay", choices=sorted(DECAYS), default="1/d")
+    p.add_argument("--cosine", type=float, default=10.0, help="gamma of the cosine logits; 0 = dot + bias")
+    p.add_argument("--steps", type=int, default=1440, help="1,440 x 4,096 = 6 epochs of the adjacent pairs")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    path = Path(a.data) / "train_input.txt"
+    if not path.exists():
+        raise SystemExit(f"ML-1M not found at {path}: pass --data")
+    seqs = [np.array(line.split(), dtype=np.int64) for line in path.read_text().splitlines()]
+    sp = Split(seqs, a.holdout)
+    score, secs, n = train_bigram(sp, a)
+    m = sp.metrics(score)
+    split = {1: "test", 2: "validation"}.get(a.holdout, f"holdout {a.holdout}")
+    settings = {k: v for k, v in vars(a).items() if k != "data"}
+    print(f"neural bigram, {split} split, {settings}; {n:,} pairs; train {secs:.0f} s "
+          f"({torch.get_num_threads()} threads); machine: {describe()}")
+    print("".join(f"{c:>9}" for c in COLS) + f"{'sum':>9}")
+    print("".join(f"{m[c]:>9.4f}" for c in COLS) + f"{sum(m.values()):>9.4f}")
+
+
+if __name__ == "__main__":
+    main()
