@@ -46,6 +46,10 @@ class NATMConfig:
     # norm 1, R = cos(a) cos(t, c) / cosh(b_c) + sin(a) tanh(b_c): a bias b_c per item, a learned
     # global angle a. The vectors get one more dimension (dim + 1).
     item_bias: bool = False
+    # layers = 0 only: r = x_item + MLP(x_item, mean of the neighbours) instead of the MLP alone, so
+    # the item's own vector reaches r directly (as the transformer's residual stream carries it) and
+    # the neighbours add a correction; with the MLP at zero, each tower is a plain id embedding.
+    residual: bool = False
     # NCE normaliser c in exp(gamma*R - c), learned (Mnih & Teh). The paper writes exp(gamma*R):
     # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
     learn_nce_offset: bool = True
@@ -73,6 +77,9 @@ class NATMConfig:
             raise ValueError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
         if self.separate_encoders and self.trigger_projection:
             raise ValueError("natm.separate_encoders and natm.trigger_projection are alternatives; set one")
+        if self.residual and self.layers:
+            raise ValueError(f"natm.residual is for natm.layers=0 (the MLP encoder); natm.layers={self.layers} "
+                             "already has the transformer's residual stream")
 
 
 def bucketize_weights(weights: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -141,6 +148,8 @@ class Encoder(nn.Module):
             mean_nb = (x[:, 1:] * keep).sum(1) / keep.sum(1).clamp(min=1.0) if T > 1 else torch.zeros_like(x[:, 0])
             h = x
             r = self.mlp(torch.cat([x[:, 0], mean_nb], dim=-1))
+            if self.cfg.residual:
+                r = x[:, 0] + r
         return self.out(r), h
 
 

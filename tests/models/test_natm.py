@@ -123,6 +123,28 @@ def test_initial_weights_do_not_depend_on_where_the_encoders_sit_in_memory():
         assert all(torch.equal(states[0][k], other[k]) for k in other)
 
 
+def test_residual_mlp_encoder_passes_the_item_vector_through():
+    """natm.residual: r = x_item + MLP(...); with the MLP's output layer at zero, r is the item's own
+    (normalised) token vector through the output map, whatever its neighbours."""
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, residual=True, dropout=0.0)
+    model = NATM(cfg, _toy_table(cats=False)).eval()
+    enc = model.trigger_encoder
+    torch.nn.init.zeros_(enc.mlp[-1].weight)
+    torch.nn.init.zeros_(enc.mlp[-1].bias)
+    items = torch.tensor([1, 5, 9])
+    tokens, buckets, _ = model._inputs(items)
+    x0 = enc.norm(enc.item_emb(tokens[:, 0]) + enc.pos_emb.weight[0] + enc.weight_emb(buckets[:, 0]))
+    r, _ = enc(tokens, buckets, None)
+    assert torch.allclose(r, enc.out(x0), atol=1e-6)
+    plain = NATM(NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0), _toy_table(cats=False))
+    torch.nn.init.zeros_(plain.trigger_encoder.mlp[-1].weight)
+    torch.nn.init.zeros_(plain.trigger_encoder.mlp[-1].bias)
+    r_plain, _ = plain.trigger_encoder(tokens, buckets, None)
+    assert torch.allclose(r_plain, plain.trigger_encoder.out.bias.expand_as(r_plain))  # without it: one vector
+    with pytest.raises(ValueError, match="natm.residual is for natm.layers=0"):
+        NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=1, residual=True)
+
+
 def test_full_softmax_refuses_a_catalogue_above_its_limit():
     with pytest.raises(ValueError, match="full_softmax_max"):
         NATMConfig(num_items=1000, loss="full", full_softmax_max=999)
