@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench._machine import describe
-from bench.ml1m_i2i_ceiling import COLS, Split
+from bench.ml1m_i2i_ceiling import COLS, Split, load_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 DECAYS = {"none": lambda d: 1.0, "1/d": lambda d: 1.0 / d, "0.5^d": lambda d: 0.5 ** (d - 1)}
@@ -86,10 +86,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    path = Path(a.data) / "train_input.txt"
-    if not path.exists():
-        raise SystemExit(f"ML-1M not found at {path}: pass --data")
-    seqs = [np.array(line.split(), dtype=np.int64) for line in path.read_text().splitlines()]
+    seqs = load_sequences(a.data)
     sp = Split(seqs, a.holdout)
     score, secs, n = train_bigram(sp, a)
     m = sp.metrics(score)

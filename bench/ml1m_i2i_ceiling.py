@@ -37,6 +37,14 @@ KS = (1, 5, 10, 50, 100)
 COLS = [f"Pre@{k}" for k in KS] + ["MRR"]
 
 
+def load_sequences(data: str) -> list:
+    """Every user's item sequence from ML-1M's ``train_input.txt`` (one line per user)."""
+    path = Path(data) / "train_input.txt"
+    if not path.exists():
+        raise SystemExit(f"ML-1M not found at {path}: pass --data")
+    return [np.array(line.split(), dtype=np.int64) for line in path.read_text().splitlines()]
+
+
 class Split:
     """Training transitions and (trigger, target) pairs of one split: holdout 1 = test, 2 = validation."""
 
@@ -140,10 +148,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
     p.add_argument("--bigram", action="store_true", help="also the neural bigram (torch, a few minutes)")
     a = p.parse_args()
-    path = Path(a.data) / "train_input.txt"
-    if not path.exists():
-        raise SystemExit(f"ML-1M not found at {path}: pass --data")
-    seqs = [np.array(line.split(), dtype=np.int64) for line in path.read_text().splitlines()]
+    seqs = load_sequences(a.data)
     t0 = time.time()
     val, test = Split(seqs, 2), Split(seqs, 1)
     print(f"ML-1M i2i scorer sweep, {len(seqs)} users; machine: {describe()}")

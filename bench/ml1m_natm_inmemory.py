@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from bench._machine import describe
-from bench.ml1m_i2i_ceiling import COLS, Split
+from bench.ml1m_i2i_ceiling import COLS, Split, load_sequences
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,10 +100,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    path = Path(a.data) / "train_input.txt"
-    if not path.exists():
-        raise SystemExit(f"ML-1M not found at {path}: pass --data")
-    seqs = [np.array(line.split(), dtype=np.int64) for line in path.read_text().splitlines()]
+    seqs = load_sequences(a.data)
     sp = Split(seqs, a.holdout)
     model, secs = train(sp, a)
     with torch.no_grad():
