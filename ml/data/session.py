@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import atexit
 import functools
+import glob
 import logging
 import os
-import glob
 import shutil
 import socket
 import sys
@@ -90,9 +90,10 @@ def sweep_stale_ship_dirs(root: str | None = None, min_age_s: float = STALE_SHIP
     (SIGKILL, OOM kill): the directory names the driver's pid; one whose process is gone and that
     is older than ``min_age_s`` is removed. Returns the removed paths."""
     root = root or tempfile.gettempdir()
+    prefix = f"{SHIP_PREFIX}{_host()}-"  # then <pid>-<mkdtemp's random part>
     removed = []
-    for path in glob.glob(os.path.join(root, f"{SHIP_PREFIX}{_host()}-*-*")):
-        pid = os.path.basename(path)[len(SHIP_PREFIX) + len(_host()) + 1:].split("-", 1)[0]
+    for path in glob.glob(os.path.join(root, f"{prefix}*-*")):
+        pid = os.path.basename(path)[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue
         try:
