@@ -14,63 +14,14 @@ w(d) (1/d, 0.5^(d-1) or 1), as the co-occurrence window counts them. Validation 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench._machine import describe
-from bench.ml1m_i2i_ceiling import COLS, Split, load_sequences
+from bench.ml1m_i2i_ceiling import COLS, DECAYS, Split, load_sequences, neural_bigram
 
 ROOT = Path(__file__).resolve().parents[1]
-DECAYS = {"none": lambda d: 1.0, "1/d": lambda d: 1.0 / d, "0.5^d": lambda d: 0.5 ** (d - 1)}
-
-
-def windowed_pairs(sp: Split, window: int, decay: str, rng: np.random.Generator):
-    """(trigger, positive) tensors: distance-d pairs kept with probability w(d), a != b."""
-    xs, ys = [], []
-    for d in range(1, window + 1):
-        long = [s for s in sp.train if len(s) > d]
-        x, y = np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])
-        keep = rng.random(len(x)) < DECAYS[decay](d)
-        xs.append(x[keep])
-        ys.append(y[keep])
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    return torch.from_numpy(x[x != y]), torch.from_numpy(y[x != y])
-
-
-def train_bigram(sp: Split, a) -> tuple[np.ndarray, float, int]:
-    """(V, V) scores, training seconds, number of pairs."""
-    g = torch.Generator().manual_seed(a.seed)
-    x, y = windowed_pairs(sp, a.window, a.decay, np.random.default_rng(a.seed))
-    emb_in = torch.nn.Parameter(torch.randn(sp.V, a.dim, generator=g) * 0.05)
-    emb_out = torch.nn.Parameter(torch.randn(sp.V, a.dim, generator=g) * 0.05)
-    bias = torch.nn.Parameter(torch.zeros(sp.V))
-    opt = torch.optim.Adam([emb_in, emb_out] + ([] if a.cosine else [bias]), lr=a.lr)
-    norm = torch.nn.functional.normalize
-
-    def logits(rows):
-        if a.cosine:
-            return a.cosine * norm(emb_in[rows], dim=-1) @ norm(emb_out, dim=-1).T
-        return emb_in[rows] @ emb_out.T + bias
-
-    t0, step = time.time(), 0
-    while step < a.steps:
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - a.batch_size + 1, a.batch_size):
-            if step == a.steps:
-                break
-            idx = perm[i:i + a.batch_size]
-            lg = logits(x[idx])
-            lg[torch.arange(len(idx)), x[idx]] = float("-inf")  # never the trigger itself
-            loss = torch.nn.functional.cross_entropy(lg, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-    with torch.no_grad():
-        return logits(torch.arange(sp.V)).numpy(), time.time() - t0, len(x)
 
 
 def main() -> None:
@@ -88,7 +39,7 @@ def main() -> None:
     a = p.parse_args()
     seqs = load_sequences(a.data)
     sp = Split(seqs, a.holdout)
-    score, secs, n = train_bigram(sp, a)
+    score, secs, n = neural_bigram(sp, a.dim, a.cosine, a.window, a.decay, a.steps, a.batch_size, a.lr, a.seed)
     m = sp.metrics(score)
     split = {1: "test", 2: "validation"}.get(a.holdout, f"holdout {a.holdout}")
     settings = {k: v for k, v in vars(a).items() if k != "data"}

@@ -35,6 +35,7 @@ from bench._machine import describe
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 5, 10, 50, 100)
 COLS = [f"Pre@{k}" for k in KS] + ["MRR"]
+DECAYS = {"none": lambda d: 1.0, "1/d": lambda d: 1.0 / d, "0.5^d": lambda d: 0.5 ** (d - 1)}  # w(d)
 
 
 def load_sequences(data: str) -> list:
@@ -67,7 +68,7 @@ class Split:
         return self._n[d]
 
     def window(self, W: int, decay: str, lam: float = 0.0) -> np.ndarray:
-        w = {"none": lambda d: 1.0, "1/d": lambda d: 1.0 / d, "0.5^d": lambda d: 0.5 ** (d - 1)}[decay]
+        w = DECAYS[decay]
         fwd = sum(w(d) * self.n(d) for d in range(1, W + 1))
         return fwd + lam * fwd.T if lam else fwd
 
@@ -101,25 +102,43 @@ def scorers(sp: Split, bigram: bool):
     for mu in (0.1, 0.3, 1.0):
         yield f"dir W5 1/d + {mu} two-step", P + mu * (P @ P)
     if bigram:
-        logp = neural_bigram(sp)
+        logp = neural_bigram(sp)[0]
         yield "neural bigram", logp
-        yield "neural bigram, cosine g=10", neural_bigram(sp, cosine=10.0)
+        yield "neural bigram, cosine g=10", neural_bigram(sp, cosine=10.0)[0]
         for alpha in (1.0, 3.0):
             yield f"neural bigram + {alpha} log P", logp + alpha * np.log(P + 1e-3)
 
 
-def neural_bigram(sp: Split, dim: int = 64, epochs: int = 6, seed: int = 0, cosine: float = 0.0) -> np.ndarray:
-    """log P(b | a) of a full-softmax bigram model (item embeddings, dot product, item bias); with
-    ``cosine`` = gamma > 0 the logits are gamma * cos(in_a, out_b) and there is no bias."""
+def bigram_pairs(sp: Split, window: int, decay: str, rng: np.random.Generator):
+    """(trigger, positive) tensors: distance-d pairs kept with probability w(d), a != b."""
+    import torch
+
+    xs, ys = [], []
+    for d in range(1, window + 1):
+        long = [s for s in sp.train if len(s) > d]
+        x, y = np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])
+        keep = rng.random(len(x)) < DECAYS[decay](d)
+        xs.append(x[keep])
+        ys.append(y[keep])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return torch.from_numpy(x[x != y]), torch.from_numpy(y[x != y])
+
+
+def neural_bigram(sp: Split, dim: int = 64, cosine: float = 0.0, window: int = 1, decay: str = "1/d",
+                  steps: int = 1440, batch_size: int = 4096, lr: float = 3e-3,
+                  seed: int = 0) -> tuple[np.ndarray, float, int]:
+    """A full-softmax bigram over all items, the trigger itself masked: (V, V) log P(b | a), training
+    seconds, number of pairs. Logits: dot product + item bias, or with ``cosine`` = gamma > 0,
+    gamma * cos(in_a, out_b) and no bias (what an inner-product search over unit vectors serves).
+    1,440 steps x 4,096 = 6 epochs of the adjacent pairs."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    a = torch.from_numpy(np.concatenate([s[:-1] for s in sp.train]))
-    b = torch.from_numpy(np.concatenate([s[1:] for s in sp.train]))
+    x, y = bigram_pairs(sp, window, decay, np.random.default_rng(seed))
     emb_in = torch.nn.Parameter(torch.randn(sp.V, dim, generator=g) * 0.05)
     emb_out = torch.nn.Parameter(torch.randn(sp.V, dim, generator=g) * 0.05)
     bias = torch.nn.Parameter(torch.zeros(sp.V))
-    opt = torch.optim.Adam([emb_in, emb_out, bias], lr=3e-3)
+    opt = torch.optim.Adam([emb_in, emb_out] + ([] if cosine else [bias]), lr=lr)
     norm = torch.nn.functional.normalize
 
     def logits(rows):
@@ -127,16 +146,22 @@ def neural_bigram(sp: Split, dim: int = 64, epochs: int = 6, seed: int = 0, cosi
             return cosine * norm(emb_in[rows], dim=-1) @ norm(emb_out, dim=-1).T
         return emb_in[rows] @ emb_out.T + bias
 
-    for _ in range(epochs):
-        perm = torch.randperm(len(a), generator=g)
-        for i in range(0, len(a), 4096):
-            idx = perm[i:i + 4096]
-            loss = torch.nn.functional.cross_entropy(logits(a[idx]), b[idx])
+    t0, step = time.time(), 0
+    while step < steps:
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            if step == steps:
+                break
+            idx = perm[i:i + batch_size]
+            lg = logits(x[idx])
+            lg[torch.arange(len(idx)), x[idx]] = float("-inf")  # never the trigger itself
+            loss = torch.nn.functional.cross_entropy(lg, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            step += 1
     with torch.no_grad():
-        return torch.log_softmax(logits(torch.arange(sp.V)), dim=1).numpy()
+        return torch.log_softmax(logits(torch.arange(sp.V)), dim=1).numpy(), time.time() - t0, len(x)
 
 
 def row(label: str, m: dict) -> str:
