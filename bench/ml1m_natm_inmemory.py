@@ -99,15 +99,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="N models from seeds seed..seed+N-1, scored by the mean cosine: one embedding of N*dim "
+                        "(the models' unit vectors side by side, divided by sqrt(N))")
     a = p.parse_args()
     seqs = load_sequences(a.data)
     sp = Split(seqs, a.holdout)
-    model, secs = train(sp, a)
-    with torch.no_grad():
-        items = torch.arange(1, sp.V)
-        t, c = model.encode(items, "trigger"), model.encode(items, "candidate")
-        score = np.full((sp.V, sp.V), -np.inf)
-        score[1:, 1:] = (t @ c.T).numpy()
+    score, secs = np.full((sp.V, sp.V), -np.inf), 0.0
+    score[1:, 1:] = 0.0
+    for seed in range(a.seed, a.seed + a.ensemble):  # --ensemble N: the mean of N models' cosines
+        model, took = train(sp, argparse.Namespace(**{**vars(a), "seed": seed}))
+        secs += took
+        with torch.no_grad():
+            items = torch.arange(1, sp.V)
+            t, c = model.encode(items, "trigger"), model.encode(items, "candidate")
+            score[1:, 1:] += (t @ c.T).numpy() / a.ensemble
     m = sp.metrics(score)
     split = {1: "test", 2: "validation"}.get(a.holdout, f"holdout {a.holdout}")
     settings = {k: v for k, v in vars(a).items() if k not in ("data",)}
