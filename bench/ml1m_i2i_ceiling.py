@@ -57,13 +57,18 @@ class Split:
         self.pop = np.bincount(np.concatenate(self.train), minlength=self.V).astype(np.float64)
         self._n = {}
 
+    def pairs(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) arrays of every training occurrence of b following a at distance exactly d."""
+        long = [s for s in self.train if len(s) > d]
+        if not long:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])
+
     def n(self, d: int) -> np.ndarray:
         """(V, V) counts of b following a at distance exactly d."""
         if d not in self._n:
             m = np.zeros((self.V, self.V), np.float64)
-            long = [s for s in self.train if len(s) > d]
-            if long:
-                np.add.at(m, (np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])), 1.0)
+            np.add.at(m, self.pairs(d), 1.0)
             self._n[d] = m
         return self._n[d]
 
@@ -115,8 +120,7 @@ def bigram_pairs(sp: Split, window: int, decay: str, rng: np.random.Generator):
 
     xs, ys = [], []
     for d in range(1, window + 1):
-        long = [s for s in sp.train if len(s) > d]
-        x, y = np.concatenate([s[:-d] for s in long]), np.concatenate([s[d:] for s in long])
+        x, y = sp.pairs(d)
         keep = rng.random(len(x)) < DECAYS[decay](d)
         xs.append(x[keep])
         ys.append(y[keep])

@@ -54,8 +54,7 @@ def train(sp: Split, a) -> tuple[NATM, float]:
                      residual=a.residual)
     model = NATM(cfg, neighbour_table(sp, a.graph, a.neighbors) if a.neighbors else
                  build_neighbor_table(sp.V - 1, *(torch.tensor([]),) * 4, 0, 16))
-    x = torch.from_numpy(np.concatenate([s[:-1] for s in sp.train]))
-    y = torch.from_numpy(np.concatenate([s[1:] for s in sp.train]))
+    x, y = map(torch.from_numpy, sp.pairs(1))
     x, y = x[x != y], y[x != y]
     steps = max(1, int(a.epochs * len(x) / a.batch_size))
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
