@@ -51,7 +51,7 @@ def train(sp: Split, a) -> tuple[NATM, float]:
     cfg = NATMConfig(num_items=sp.V - 1, num_neighbors=a.neighbors, dim=a.dim, layers=a.layers, heads=4,
                      gamma=a.gamma, dropout=a.dropout, mlm_weight=0.0, loss="full",
                      separate_encoders=a.separate_encoders, item_bias=a.item_bias,
-                     residual=a.residual)
+                     residual=a.residual, neighbor_pointer=a.neighbor_pointer)
     model = NATM(cfg, neighbour_table(sp, a.graph, a.neighbors) if a.neighbors else
                  build_neighbor_table(sp.V - 1, *(torch.tensor([]),) * 4, 0, 16))
     x, y = map(torch.from_numpy, sp.pairs(1))
@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--separate-encoders", action="store_true")
     p.add_argument("--item-bias", action="store_true", help="natm.item_bias: a popularity coordinate")
     p.add_argument("--residual", action="store_true", help="natm.residual: r = x_item + MLP (layers 0)")
+    p.add_argument("--neighbor-pointer", action="store_true",
+                   help="natm.neighbor_pointer: the trigger vector plus weighted candidate vectors of its neighbours")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=0.01)

@@ -297,6 +297,7 @@ class NATMSection:
     trigger_projection: bool = False  # learned D x D map on the trigger side: directed R without a second encoder
     item_bias: bool = False  # a per-item popularity term inside the unit vectors (dim + 1 wide; ml/models/natm.py)
     residual: bool = False  # layers 0: r = x_item + MLP(item, neighbours), not the MLP alone (ml/models/natm.py)
+    neighbor_pointer: bool = False  # trigger vector + learned weights x its top-N neighbours' candidate vectors
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
     # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected) |
     # full (exact softmax over every catalogue item each step; up to full_softmax_max items)

@@ -50,6 +50,12 @@ class NATMConfig:
     # the item's own vector reaches r directly (as the transformer's residual stream carries it) and
     # the neighbours add a correction; with the MLP at zero, each tower is a plain id embedding.
     residual: bool = False
+    # The trigger's vector also points at its neighbours' candidate-side vectors:
+    # r_t = unit(u_t + sum_j alpha_j c_(n_j)), alpha_j = softplus(b + p_rank(j) + p_bucket(j)) learned
+    # (rank j and weight bucket of neighbour j in the trigger's top-N). cos(r_t, c_k) then carries
+    # alpha_k for every listed neighbour k, so the graph's own ranking reaches the score directly
+    # and the id vectors need not re-learn it; the trigger and candidate sides differ (asymmetric).
+    neighbor_pointer: bool = False
     # NCE normaliser c in exp(gamma*R - c), learned (Mnih & Teh). The paper writes exp(gamma*R):
     # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
     learn_nce_offset: bool = True
@@ -77,6 +83,8 @@ class NATMConfig:
             raise ValueError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
         if self.separate_encoders and self.trigger_projection:
             raise ValueError("natm.separate_encoders and natm.trigger_projection are alternatives; set one")
+        if self.neighbor_pointer and not self.num_neighbors:
+            raise ValueError("natm.neighbor_pointer points at the trigger's neighbours; natm.num_neighbors=0 has none")
         if self.residual and self.layers:
             raise ValueError(f"natm.residual is for natm.layers=0 (the MLP encoder); natm.layers={self.layers} "
                              "already has the transformer's residual stream")
@@ -181,6 +189,13 @@ class NATM(nn.Module):
         # item_bias: b per id (zero at init), angle a = 0.5 at init: at a = 0 and b = 0 neither moves
         self.bias_emb = nn.Embedding(cfg.num_items + 2, 1) if cfg.item_bias else None
         self.bias_angle = nn.Parameter(torch.tensor(0.5)) if cfg.item_bias else None
+        # neighbor_pointer: alpha_j = softplus(b + rank term + weight-bucket term), ~0.31 at init
+        if cfg.neighbor_pointer:
+            self.pointer_bias = nn.Parameter(torch.tensor(-1.0))
+            self.pointer_rank = nn.Parameter(torch.zeros(cfg.num_neighbors))
+            self.pointer_bucket = nn.Parameter(torch.zeros(cfg.weight_buckets))
+        else:
+            self.pointer_bias = self.pointer_rank = self.pointer_bucket = None
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
         # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
@@ -211,11 +226,21 @@ class NATM(nn.Module):
             nn.init.eye_(self.trigger_proj.weight)  # starts as the symmetric twin
         if self.bias_emb is not None:
             nn.init.zeros_(self.bias_emb.weight)
+        if self.pointer_bias is not None:
+            nn.init.constant_(self.pointer_bias, -1.0)
+            nn.init.zeros_(self.pointer_rank)
+            nn.init.zeros_(self.pointer_bucket)
 
     @property
     def asymmetric(self) -> bool:
         """Whether trigger-side and candidate-side vectors of an item differ."""
-        return self.cfg.separate_encoders or self.cfg.trigger_projection or self.cfg.item_bias
+        return (self.cfg.separate_encoders or self.cfg.trigger_projection or self.cfg.item_bias
+                or self.cfg.neighbor_pointer)
+
+    @property
+    def _own_trigger_pass(self) -> bool:
+        """Whether trigger vectors need their own pass (not the candidate pass's rows, mapped)."""
+        return self.cfg.separate_encoders or self.cfg.neighbor_pointer
 
     @property
     def out_dim(self) -> int:
@@ -251,10 +276,31 @@ class NATM(nn.Module):
         r, _ = enc(*self._inputs(items))
         return F.normalize(r, dim=-1)
 
+    def pointer_weights(self, items: torch.Tensor) -> torch.Tensor:
+        """(B,) items -> (B, N) weights alpha_j of their neighbours' candidate vectors (0 at padding)."""
+        nb, wb = self.table.neighbors[items], self.table.weight_buckets[items]
+        logit = self.pointer_bias + self.pointer_rank[None, :] + self.pointer_bucket[wb]
+        return F.softplus(logit) * (nb != PAD)
+
+    def _trigger_unit(self, items: torch.Tensor, cand_unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unit trigger-side vectors before the side's map; with ``neighbor_pointer`` the
+        neighbours' unit candidate vectors are added in (``cand_unit`` (V, D): all items' rows,
+        item i at row i - 1, when already encoded; else the neighbours are encoded here)."""
+        u = self._unit(items, "trigger")
+        if not self.cfg.neighbor_pointer:
+            return u
+        nb = self.table.neighbors[items]  # (B, N)
+        if cand_unit is not None:
+            c = cand_unit[(nb - 1).clamp(min=0)]
+        else:
+            c = self._encode_unique(nb.reshape(-1), "candidate", unit=True).view(*nb.shape, -1)
+        return F.normalize(u + (self.pointer_weights(items)[..., None] * c).sum(1), dim=-1)
+
     def encode(self, items: torch.Tensor, side: str = "trigger") -> torch.Tensor:
         """(B,) item indices -> L2-normalised embeddings (B, :attr:`out_dim`)."""
-        r = self._unit(items, side)
-        return self._as_trigger(r) if side == "trigger" else self._as_candidate(r, items)
+        if side == "trigger":
+            return self._as_trigger(self._trigger_unit(items))
+        return self._as_candidate(self._unit(items, side), items)
 
     def forward(self, trigger: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """trigger (B,), candidates (B, C) -> cosine relevance R (B, C).
@@ -263,7 +309,7 @@ class NATM(nn.Module):
         gathered back: same result and gradients as encoding every row, several times cheaper.
         """
         B, C = candidates.shape
-        if self.cfg.separate_encoders:
+        if self._own_trigger_pass:
             r_t = self._encode_unique(trigger, "trigger")  # (B, D)
             r_c = self._encode_unique(candidates.reshape(-1), "candidate").view(B, C, -1)  # (B, C, D)
         else:  # one encoder pass for both sides; the trigger rows then go through the projection
@@ -280,7 +326,7 @@ class NATM(nn.Module):
         B = len(trigger)
         uniq, inv = torch.unique(candidates.reshape(-1), return_inverse=True)
         q_u = torch.zeros(len(uniq), dtype=q.dtype, device=q.device).scatter_(0, inv, q.reshape(-1))
-        if self.cfg.separate_encoders:
+        if self._own_trigger_pass:
             r_t, r_c = self._encode_unique(trigger, "trigger"), self.encode(uniq, "candidate")
         else:
             r_all = self._encode_unique(torch.cat([trigger, uniq]), "candidate", unit=True)
@@ -297,7 +343,9 @@ class NATM(nn.Module):
         items = torch.arange(1, self.cfg.num_items + 1, device=trigger.device)
         unit_c = self._unit(items, "candidate")  # (V, D)
         r_c = self._as_candidate(unit_c, items)
-        if self.cfg.separate_encoders:
+        if self.cfg.neighbor_pointer:  # the neighbours' candidate rows are already in unit_c
+            r_t = self._as_trigger(self._trigger_unit(trigger, unit_c))
+        elif self.cfg.separate_encoders:
             r_t = self._encode_unique(trigger, "trigger")
         else:  # the trigger rows are among the candidates: reuse them, then the trigger-side map
             r_t = self._as_trigger(unit_c[trigger - 1])

@@ -325,3 +325,64 @@ def test_item_bias_learns_the_popular_item():
     top1 = score.argmax(1) + 1
     assert (top1[1:] == 1).float().mean() > 0.95  # item 1 first for (nearly) every other trigger
     assert model.bias_emb.weight[1, 0] > model.bias_emb.weight[2:V + 1, 0].max()
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_neighbor_pointer_adds_the_neighbours_candidate_vectors(separate):
+    """natm.neighbor_pointer: r_t = unit(u_t + sum_j alpha_j c_(n_j)), by hand; padding weighs 0; the
+    losses score with the vectors encode gives the top-K job."""
+    torch.manual_seed(0)
+    V, D = 6, 8
+    table = _toy_table(V=V, cats=False)
+    table.neighbors[2, 2] = PAD  # item 2 has two neighbours
+    table.weight_buckets[2, 2] = 0
+    cfg = NATMConfig(num_items=V, num_neighbors=3, dim=D, layers=0, dropout=0.0, loss="full",
+                     separate_encoders=separate, neighbor_pointer=True)
+    model = NATM(cfg, table).eval()
+    with torch.no_grad():
+        model.pointer_rank.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    items = torch.arange(1, V + 1)
+    alpha = model.pointer_weights(items)
+    assert alpha[1, 2] == 0 and (alpha[[0, 2, 3, 4, 5]] > 0).all() and (alpha[0, 0] > alpha[0, 1] > alpha[0, 2])
+    uc, ut = model._unit(items, "candidate"), model._unit(items, "trigger")
+    nb = table.neighbors[items]
+    by_hand = torch.nn.functional.normalize(ut + (alpha[..., None] * uc[(nb - 1).clamp(min=0)]).sum(1), dim=-1)
+    t, c = model.encode(items, "trigger"), model.encode(items, "candidate")
+    assert torch.allclose(t, by_hand, atol=1e-6) and torch.allclose(c, uc, atol=1e-6)
+    assert model.asymmetric and not torch.allclose(t, c, atol=1e-3)
+    trigger, cands = torch.tensor([1, 4]), torch.tensor([[2, 3], [6, 1]])
+    assert torch.allclose(model(trigger, cands), torch.stack([t[0] @ c[[1, 2]].T, t[3] @ c[[5, 0]].T]), atol=1e-5)
+    g = cfg.gamma
+    full = 0.0
+    for x, y in [(1, 2), (4, 6)]:
+        logit = {j: g * (t[x - 1] @ c[j - 1]).item() for j in range(1, V + 1) if j != x}
+        full += -(logit[y] - math.log(sum(math.exp(v) for v in logit.values()))) / 2
+    assert model.full_softmax_loss(trigger, torch.tensor([2, 6])).item() == pytest.approx(full, rel=1e-5)
+    q = torch.full(cands.shape, 0.25)
+    model.batch_softmax_loss(trigger, cands, q).backward()  # the sampled path runs and trains the weights
+    assert model.pointer_rank.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="natm.neighbor_pointer"):
+        NATMConfig(num_items=V, num_neighbors=0, neighbor_pointer=True)
+
+
+def test_neighbor_pointer_serves_the_graph_ranking_untrained():
+    """With large pointer weights falling with the rank, an untrained model's nearest candidates of
+    every item are its graph neighbours in rank order: the ranking reaches the score directly. (The
+    candidate tower is set to its id vectors, random and near-orthogonal at dim 256.)"""
+    torch.manual_seed(0)
+    V = 30
+    cfg = NATMConfig(num_items=V, num_neighbors=3, dim=256, layers=0, dropout=0.0, separate_encoders=True,
+                     residual=True, neighbor_pointer=True)
+    model = NATM(cfg, _toy_table(V, cats=False)).eval()
+    enc = model.candidate_encoder
+    with torch.no_grad():
+        for w in (enc.mlp[-1].weight, enc.mlp[-1].bias, enc.pos_emb.weight, enc.weight_emb.weight, enc.out.bias):
+            w.zero_()
+        enc.out.weight.copy_(torch.eye(256))
+        model.pointer_bias.fill_(3.0)
+        model.pointer_rank.copy_(torch.tensor([6.0, 3.0, 0.0]))
+        items = torch.arange(1, V + 1)
+        sims = model.encode(items, "trigger") @ model.encode(items, "candidate").T
+        sims.fill_diagonal_(-2)
+        top3 = sims.topk(3, dim=1).indices + 1
+    assert torch.equal(top3, model.table.neighbors[items])
