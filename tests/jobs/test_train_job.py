@@ -71,17 +71,19 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
         second = build(c)[0].state_dict()
         assert all(torch.equal(first[k], second[k]) for k in first)
 
-    # natm.loss=full, with the popularity coordinate: the reader fetches (trigger, positive) only,
-    # and one training run through the job gives dim + 1 wide unit vectors
+    # natm.loss=full, with the popularity coordinate and the neighbour pointer: the reader fetches
+    # (trigger, positive) only, and one training run through the job gives dim + 1 wide unit vectors
     from ml.train.natm_task import natm_batches
 
     full = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
                                                           "natm.loss=full", "natm.item_bias=true",
+                                                          "natm.neighbor_pointer=true",
                                                           "train.max_steps=3", f"train.checkpoint_dir={warehouse}/ck_full"])
     make, _ = natm_batches(full, build_natm(full)[1], 0, 1)
     assert set(next(iter(make(0)))) == {"trigger", "positive"}
     assert train.run(full)["steps"] == 3
     fmodel, fvocab, _ = load_artifact(os.path.join(train.model_dir(full), "model.pt"))
+    assert fmodel.cfg.neighbor_pointer and fmodel.pointer_rank.shape == (fmodel.cfg.num_neighbors,)
     ft, fc = embed_items(fmodel, torch.arange(1, fvocab.size + 1))
     assert ft.shape[1] == fc.shape[1] == 17 and torch.allclose(fc.norm(dim=-1), torch.ones(len(fc)), atol=1e-5)
     metrics = evaluate.run(more, spark, ["natm", "cooc"])["rows"]
