@@ -189,11 +189,11 @@ class NATM(nn.Module):
         # item_bias: b per id (zero at init), angle a = 0.5 at init: at a = 0 and b = 0 neither moves
         self.bias_emb = nn.Embedding(cfg.num_items + 2, 1) if cfg.item_bias else None
         self.bias_angle = nn.Parameter(torch.tensor(0.5)) if cfg.item_bias else None
-        # neighbor_pointer: alpha_j = softplus(b + rank term + weight-bucket term), ~0.31 at init
+        # neighbor_pointer: alpha_j = softplus(b + rank term + weight-bucket term); values in reset_parameters
         if cfg.neighbor_pointer:
-            self.pointer_bias = nn.Parameter(torch.tensor(-1.0))
-            self.pointer_rank = nn.Parameter(torch.zeros(cfg.num_neighbors))
-            self.pointer_bucket = nn.Parameter(torch.zeros(cfg.weight_buckets))
+            self.pointer_bias = nn.Parameter(torch.empty(()))
+            self.pointer_rank = nn.Parameter(torch.empty(cfg.num_neighbors))
+            self.pointer_bucket = nn.Parameter(torch.empty(cfg.weight_buckets))
         else:
             self.pointer_bias = self.pointer_rank = self.pointer_bucket = None
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
@@ -226,7 +226,7 @@ class NATM(nn.Module):
             nn.init.eye_(self.trigger_proj.weight)  # starts as the symmetric twin
         if self.bias_emb is not None:
             nn.init.zeros_(self.bias_emb.weight)
-        if self.pointer_bias is not None:
+        if self.pointer_bias is not None:  # alpha_j = softplus(-1) ~ 0.31 for every neighbour at init
             nn.init.constant_(self.pointer_bias, -1.0)
             nn.init.zeros_(self.pointer_rank)
             nn.init.zeros_(self.pointer_bucket)
