@@ -1,8 +1,10 @@
 """``i2i_topk`` + ``eval_targets`` -> ``metrics`` (Pre@K and MRR over all eval users; per category);
 ``u2i_topk`` too for models that have one (DAT / two-tower, and ``<model>_recent``: HR@K and MRR of the
-user's last item).
+user's last item). With ``eval.compare_to`` (or ``--compare-to``), each model is also compared with
+those baselines user by user into ``metrics_paired`` (difference, 95 % interval, p-value).
 
     python -m jobs.evaluate --conf conf/ml1m_natm.yaml --model pop --model cooc
+    python -m jobs.evaluate --conf conf/ml1m_natm.yaml --model natm --compare-to cooc
 """
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.session import get_spark
-from ml.eval.metrics import compute_metrics, format_table
+from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
 
 from jobs._cli import parse, print_tables
 
 log = logging.getLogger("jobs.evaluate")
 
 
-def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
+def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
+        compare_to: Optional[List[str]] = None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
     models = models or default_models(cfg)
@@ -38,14 +41,12 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
     if io.table_exists(cfg.table_path(S.T_U2I_TOPK)):
         u2i_all = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK), delta_mode=mode)
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
-    rows = []
+    rows, lists = [], {}
     for m in models:
-        # i2i lists (every model but the fused "<model>_recent"), u2i lists (DAT, two-tower, *_recent)
-        parts = [(kind, t.where(F.col(S.MODEL) == m)) for kind, t in (("i2i", topk_all), ("u2i", u2i_all))
-                 if t is not None]
-        parts = [(kind, t) for kind, t in parts if t.limit(1).count()]
+        parts = _model_lists(m, topk_all, u2i_all)
         if not parts:
             raise ValueError(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
+        lists[m] = parts
         metrics = None
         for kind, t in parts:
             part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind)
@@ -54,11 +55,39 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None) -> dict:
                        replace_where={S.MODEL: m}, delta_mode=mode)
         written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(F.col(S.MODEL) == m)
         rows += [r.asDict() for r in written.where(F.col(S.CATEGORY_ID).isNull()).collect()]  # <= len(ks)+1 rows
+    paired = []
+    for b in (compare_to if compare_to is not None else cfg.eval.compare_to):
+        base = lists.get(b) or _model_lists(b, topk_all, u2i_all)
+        if not base:
+            log.warning("eval.compare_to: baseline %r has no rows in i2i_topk or u2i_topk (run the pipeline with "
+                        "model=%s into this warehouse first); no comparison with it", b, b)
+            continue
+        for m in models:
+            if m == b:
+                continue
+            prs = []
+            for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
+                bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
+                prs_kind = paired_comparison(targets, t, bt, list(cfg.eval.ks), m, b, kind, bkind, run_ts)
+                paired.append(format_paired(prs_kind))
+                log.info("%s", paired[-1])
+                prs += prs_kind
+            io.write_table(spark, spark.createDataFrame(prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
+                           mode="overwrite", partition_by=[S.MODEL, S.BASELINE],
+                           replace_where={S.MODEL: m, S.BASELINE: b}, delta_mode=mode)
     table = format_table(rows, list(cfg.eval.ks))
     log.info("metrics\n%s", table)
     report = write_evaluation_report(cfg, spark)
     log.info("report: %s", report)
-    return {"rows": rows, "table": table, "report": report}
+    return {"rows": rows, "table": table, "report": report, "paired": "\n\n".join(paired)}
+
+
+def _model_lists(model: str, topk_all, u2i_all) -> list:
+    """[(kind, lists)] of a model: its i2i_topk rows (every model but the fused "<model>_recent"), its
+    u2i_topk rows (DAT, two-tower, *_recent); only the kinds it has rows in."""
+    parts = [(kind, t.where(F.col(S.MODEL) == model)) for kind, t in (("i2i", topk_all), ("u2i", u2i_all))
+             if t is not None]
+    return [(kind, t) for kind, t in parts if t.limit(1).count()]
 
 
 def default_models(cfg: Config) -> List[str]:
@@ -84,17 +113,30 @@ def write_evaluation_report(cfg: Config, spark) -> str:
         names = {r[0]: r[1] for r in cats.where(F.col(S.CATEGORY_ID).isNotNull()).distinct().limit(10_000).collect()}
     models = sorted({r[S.MODEL] for r in all_rows})
     curves = {m: read_loss_curve(cfg.table_path(os.path.join("models", m, "train_metrics.jsonl"))) for m in models}
+    paired, paired_text = [], ""
+    if io.table_exists(cfg.table_path(S.T_METRICS_PAIRED)):  # models x baselines x (K + 1) rows: small
+        paired = [r.asDict() for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED), delta_mode=mode).collect()]
+        groups: dict = {}
+        for r in paired:
+            groups.setdefault((r[S.MODEL], r[S.BASELINE], r[S.METRIC].startswith("u2i_")), []).append(r)
+        paired_text = "\n\n".join(format_paired(sorted(g, key=lambda r: (r[S.K] is None, r[S.K] or 0)))
+                                   for _, g in sorted(groups.items()))
     return write_report(cfg.table_path("report"), all_rows, list(cfg.eval.ks), format_table(overall, list(cfg.eval.ks)),
-                        curves, names, title=f"spark-i2i evaluation ({cfg.warehouse})")
+                        curves, names, title=f"spark-i2i evaluation ({cfg.warehouse})", paired=paired,
+                        paired_text=paired_text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
         p.add_argument("--model", action="append", help="model(s) to evaluate (default: the config's model)")
+        p.add_argument("--compare-to", action="append", metavar="BASELINE",
+                       help="compare each model with this baseline user by user (default: eval.compare_to)")
 
     cfg, args = parse(__doc__, argv, extra)
-    out = run(cfg, models=args.model)
+    out = run(cfg, models=args.model, compare_to=args.compare_to)
     print(out["table"])
+    if out["paired"]:
+        print(out["paired"])
     print_tables(cfg, [S.T_METRICS])
     print(f"  {'report':<18} {out['report']}")
 

@@ -180,12 +180,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if res.get("evaluate"):
         print(f"\nmetrics over all eval users ({cfg.model}):")
         print(res["evaluate"]["table"])
+        if res["evaluate"]["paired"]:
+            print(res["evaluate"]["paired"])
         print(f"report: {res['evaluate']['report']}")
     print("tables:")
     print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets", "item_graph",
                        "item_counts"] + ([] if cfg.model in baseline.BASELINES else
                                          ["samples_natm", "samples_dat", "item_embeddings"]) + ["i2i_topk"]
-                + (["user_embeddings", "u2i_topk"] if cfg.model in embed.USER_MODELS else []) + ["metrics"])
+                + (["user_embeddings", "u2i_topk"] if cfg.model in embed.USER_MODELS else []) + ["metrics"]
+                + (["metrics_paired"] if res.get("evaluate", {}).get("paired") else []))
 
 
 if __name__ == "__main__":

@@ -211,8 +211,13 @@ class RecentConfig:
 class EvalConfig:
     ks: tuple = (1, 5, 10, 50, 100)  # Pre@K (= HitRate@K) cut-offs; MRR uses the whole list
     per_category: bool = True  # also break metrics down by the target item's category
+    # baselines each evaluated model is compared with, user by user (table metrics_paired: the
+    # difference, its 95 % interval, p-value, wins/losses); a baseline without lists is skipped, logged
+    compare_to: tuple = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compare_to, (list, tuple)) or not all(isinstance(m, str) and m for m in self.compare_to):
+            raise ConfigError(f"eval.compare_to={self.compare_to!r} must be a list of model names, e.g. [cooc]")
         if not self.ks or any((not isinstance(k, int)) or k <= 0 for k in self.ks):
             raise ConfigError(f"eval.ks={self.ks!r} must be a non-empty list of positive integers")
 

@@ -123,6 +123,29 @@ METRICS = StructType([
     StructField(RUN_TS, TimestampType(), False),
 ])
 
+# One model against a baseline on the same eval targets, user by user (jobs.evaluate, eval.compare_to):
+# value - baseline_value = diff, its 95 % confidence interval and two-sided p-value from the per-user
+# differences (normal approximation, paired), and the users where only the model (wins) or only the
+# baseline (losses) hit. Overall only (no categories).
+BASELINE = "baseline"
+METRICS_PAIRED = StructType([
+    StructField(MODEL, StringType(), False),
+    StructField(BASELINE, StringType(), False),
+    StructField(METRIC, StringType(), False),  # the model's metric, as in ``metrics``
+    StructField(K, IntegerType(), True),  # null for mrr
+    StructField("baseline_kind", StringType(), False),  # the baseline lists scored: "i2i" or "u2i"
+    StructField(VALUE, DoubleType(), False),
+    StructField("baseline_value", DoubleType(), False),
+    StructField("diff", DoubleType(), False),
+    StructField("ci_low", DoubleType(), False),
+    StructField("ci_high", DoubleType(), False),
+    StructField("p_value", DoubleType(), False),
+    StructField("wins", LongType(), False),  # users whose value is higher with the model
+    StructField("losses", LongType(), False),  # users whose value is higher with the baseline
+    StructField(N_USERS, LongType(), False),
+    StructField(RUN_TS, TimestampType(), False),
+])
+
 # Canonical table names under the warehouse.
 T_ACTIONS = "actions"
 T_ACTIONS_REJECTED = "actions_rejected"
@@ -134,6 +157,7 @@ T_ITEM_GRAPH = "item_graph"
 T_ITEM_COUNTS = "item_counts"
 T_I2I_TOPK = "i2i_topk"
 T_METRICS = "metrics"
+T_METRICS_PAIRED = "metrics_paired"
 T_ITEM_EMBEDDINGS = "item_embeddings"
 T_USER_EMBEDDINGS = "user_embeddings"
 T_U2I_TOPK = "u2i_topk"

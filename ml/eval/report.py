@@ -1,8 +1,9 @@
 """Evaluation report: metrics table + plots (PNG) in one self-contained HTML page.
 
 Plots: Pre@K curves per model, Pre@50 per target category for each model, training loss curves
-(from each model's ``train_metrics.jsonl``). Inputs are small: metric rows (models × K ×
-categories) and per-step loss records.
+(from each model's ``train_metrics.jsonl``), and each model's difference from its baselines with
+the 95 % interval (``metrics_paired``). Inputs are small: metric rows (models × K × categories),
+paired rows (models × baselines × K) and per-step loss records.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from ml.eval.metrics import display_name  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -87,9 +90,34 @@ def read_loss_curve(path: str) -> List[dict]:
     return out
 
 
+def plot_paired(paired: Sequence[dict]) -> Optional[bytes]:
+    """``metrics_paired`` rows: each model's difference from its baseline per metric, in % of the
+    baseline's value, with the 95 % interval; one panel per (model, baseline) pair."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in paired:
+        groups.setdefault((display_name(r["model"], r["metric"], r["k"])[0], r["baseline"]), []).append(r)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.2), squeeze=False)
+    for ax, ((m, b), rs) in zip(axes[0], sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: (r["k"] is None, r["k"] or 0))
+        names = [display_name(r["model"], r["metric"], r["k"])[1] for r in rs]
+        rel = [100 * r["diff"] / r["baseline_value"] if r["baseline_value"] else 0.0 for r in rs]
+        lo = [100 * (r["diff"] - r["ci_low"]) / r["baseline_value"] if r["baseline_value"] else 0.0 for r in rs]
+        hi = [100 * (r["ci_high"] - r["diff"]) / r["baseline_value"] if r["baseline_value"] else 0.0 for r in rs]
+        y = list(range(len(rs)))[::-1]
+        ax.errorbar(rel, y, xerr=[lo, hi], fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(y, names)
+        ax.set_xlabel(f"{m} vs {b}: difference, % of {b} (95 % interval)")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_text: str,
                  loss_curves: Optional[Dict[str, List[dict]]] = None,
-                 category_names: Optional[Dict[int, str]] = None, title: str = "spark-i2i evaluation") -> str:
+                 category_names: Optional[Dict[int, str]] = None, title: str = "spark-i2i evaluation",
+                 paired: Sequence[dict] = (), paired_text: str = "") -> str:
     """Write PNGs and ``report.html`` under ``out_dir``; return the HTML path."""
     os.makedirs(out_dir, exist_ok=True)
     k_cat = 50 if 50 in ks else max(ks)
@@ -101,6 +129,9 @@ def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_te
              " img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>", "<h2>Metrics over all eval users</h2>",
              f"<pre>{html.escape(table_text)}</pre>"]
+    if paired_text:
+        parts += ["<h2>Against the baselines, user by user</h2>", f"<pre>{html.escape(paired_text)}</pre>"]
+        figures.insert(0, ("paired.png", "Difference from the baseline, with its 95 % interval", plot_paired(paired)))
     for name, caption, png in figures:
         if png is None:
             continue

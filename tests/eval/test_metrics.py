@@ -7,7 +7,7 @@ from ml.config import BaselineConfig
 from ml.data import io
 from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import item_counts
-from ml.eval.metrics import compute_metrics, format_table
+from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
 
 
 def _topk(spark, rows, model="m"):
@@ -49,6 +49,45 @@ def test_u2i_metrics_hand_computed(spark):
     assert got == {("u2i_hr", 1): pytest.approx(1 / 3), ("u2i_hr", 2): pytest.approx(2 / 3),
                    ("u2i_mrr", None): pytest.approx(1.5 / 3)}
     assert "m u2i" in format_table([r.asDict() for r in rows], [1, 2])
+
+
+def test_paired_comparison_hand_computed(spark):
+    """Model vs baseline user by user: per-target differences, their mean, 95 % interval, p-value,
+    wins and losses, a miss counting 0 on either side; a u2i model against i2i baseline lists."""
+    import math
+    import statistics
+
+    a = _topk(spark, [(1, 3, 1), (1, 2, 2), (5, 6, 1), (5, 7, 2)], "a")
+    b = _topk(spark, [(1, 2, 1), (1, 3, 2), (8, 2, 1)], "b")
+    targets = spark.createDataFrame([
+        (1, 1, 3, 0, 1),  # a rank 1, b rank 2
+        (2, 1, 2, 0, 1),  # a rank 2, b rank 1
+        (3, 5, 6, 0, 1),  # a rank 1, b has no list for 5
+        (4, 8, 2, 0, 1),  # a has no list for 8, b rank 1
+        (5, 5, 7, 0, 1),  # a rank 2, b none
+    ], S.EVAL_TARGETS)
+    rows = {(r["metric"], r["k"]): r for r in paired_comparison(targets, a, b, [1, 2], "a", "b")}
+    assert set(rows) == {("pre", 1), ("pre", 2), ("mrr", None)}
+    per_user = {("pre", 1): ([1, 0, 1, 0, 0], [0, 1, 0, 1, 0]), ("pre", 2): ([1, 1, 1, 0, 1], [1, 1, 0, 1, 0]),
+                ("mrr", None): ([1, .5, 1, 0, .5], [.5, 1, 0, 1, 0])}
+    for key, (va, vb) in per_user.items():
+        r, d = rows[key], [x - y for x, y in zip(va, vb)]
+        half = 1.959964 * statistics.stdev(d) / math.sqrt(5)
+        assert r["value"] == pytest.approx(sum(va) / 5) and r["baseline_value"] == pytest.approx(sum(vb) / 5)
+        assert r["diff"] == pytest.approx(sum(d) / 5)
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx((sum(d) / 5 - half, sum(d) / 5 + half))
+        assert (r["wins"], r["losses"], r["n_users"]) == (sum(x > 0 for x in d), sum(x < 0 for x in d), 5)
+    # Pre@2: d = 0, 0, 1, -1, 1: mean 0.2, sd 0.8367, z = 0.5345, two-sided p = 0.593
+    assert rows[("pre", 2)]["p_value"] == pytest.approx(0.593, abs=1e-3)
+    assert rows[("pre", 1)]["p_value"] == pytest.approx(1.0)  # 2 wins, 2 losses: no difference
+    text = format_paired(list(rows.values()))
+    assert "a vs b, paired over 5 eval users" in text and "+0.2000" in text and "0.593" in text
+
+    u2i = spark.createDataFrame([(1, 3, 0.9, 1, "r"), (4, 2, 0.9, 1, "r")], S.U2I_TOPK)  # users 1 and 4 hit at 1
+    got = paired_comparison(targets, u2i, b, [1], "r", "b", kind="u2i", baseline_kind="i2i")
+    pre1 = next(r for r in got if r["k"] == 1)
+    assert (pre1["metric"], pre1["baseline_kind"], pre1["wins"], pre1["losses"]) == ("u2i_hr", "i2i", 1, 1)
+    assert "r u2i vs b" in format_paired(got)
 
 
 def _seqs(spark, rows):

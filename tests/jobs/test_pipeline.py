@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from pyspark.sql import functions as F
 
 from jobs import pipeline
@@ -76,6 +78,22 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     assert u2i.where("rank < 1 or rank > 100").count() == 0
     assert u2i.groupBy(S.USER_ID, S.ITEM_ID).count().where("count > 1").count() == 0
     assert metrics.where(F.col(S.CATEGORY_ID).isNotNull()).count() > 0  # per-category breakdown
+
+    # eval.compare_to: each model against pop user by user; a baseline without lists is skipped
+    out = evaluate.run(cfg, spark, ["cooc", "cooc_recent"], compare_to=["pop", "no_such_model"])
+    paired = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED))
+    assert [(f.name, f.dataType) for f in paired.schema] == [(f.name, f.dataType) for f in S.METRICS_PAIRED]
+    p10 = {(r.model, r.baseline_kind): r for r in paired.where("k = 10").collect()}
+    assert set(p10) == {("cooc", "i2i"), ("cooc_recent", "i2i")}
+    c = p10[("cooc", "i2i")]
+    assert c.diff == pytest.approx(pre10["cooc"] - pre10["pop"]) and 0 < c.ci_low < c.diff < c.ci_high
+    assert c.p_value < 1e-3 and c.wins > c.losses and c.n_users == 300
+    assert "cooc vs pop, paired over 300 eval users" in out["paired"] and "cooc_recent u2i vs pop" in out["paired"]
+    assert "Against the baselines" in open(out["report"]).read()
+    # comparing with another baseline adds its rows; the pop comparison stays
+    evaluate.run(cfg, spark, ["cooc_recent"], compare_to=["cooc"])
+    pairs = {(r.model, r.baseline) for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
+    assert pairs == {("cooc", "pop"), ("cooc_recent", "pop"), ("cooc_recent", "cooc")}
 
 
 def test_pipeline_cli_prints_where_tables_are(tmp_path):
