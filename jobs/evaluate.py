@@ -55,26 +55,32 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                        replace_where={S.MODEL: m}, delta_mode=mode)
         written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(F.col(S.MODEL) == m)
         rows += [r.asDict() for r in written.where(F.col(S.CATEGORY_ID).isNull()).collect()]  # <= len(ks)+1 rows
-    paired = []
-    for b in (compare_to if compare_to is not None else cfg.eval.compare_to):
-        base = lists.get(b) or _model_lists(b, topk_all, u2i_all)
-        if not base:
-            log.warning("eval.compare_to: baseline %r has no rows in i2i_topk or u2i_topk (run the pipeline with "
-                        "model=%s into this warehouse first); no comparison with it", b, b)
-            continue
-        for m in models:
-            if m == b:
+    paired, explicit = [], compare_to is not None
+    baselines = {}
+    for b in (compare_to if explicit else cfg.eval.compare_to):
+        baselines[b] = lists.get(b) or _model_lists(b, topk_all, u2i_all)
+        if not baselines[b]:
+            msg = (f"baseline {b!r} has no rows in i2i_topk or u2i_topk (run the pipeline with model={b} into "
+                   "this warehouse first)")
+            if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
+                raise ValueError(f"--compare-to: {msg}")
+            log.warning("eval.compare_to: %s; no comparison with it", msg)
+    for m in models:
+        prs = []
+        for b, base in baselines.items():
+            if m == b or not base:
                 continue
-            prs = []
             for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
                 bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
                 prs_kind = paired_comparison(targets, t, bt, list(cfg.eval.ks), m, b, kind, bkind, run_ts)
                 paired.append(format_paired(prs_kind))
                 log.info("%s", paired[-1])
                 prs += prs_kind
+        # the model's comparisons are this run's: earlier ones (other lists, other baselines) go
+        if prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED)):
             io.write_table(spark, spark.createDataFrame(prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
-                           mode="overwrite", partition_by=[S.MODEL, S.BASELINE],
-                           replace_where={S.MODEL: m, S.BASELINE: b}, delta_mode=mode)
+                           mode="overwrite", partition_by=[S.MODEL, S.BASELINE], replace_where={S.MODEL: m},
+                           delta_mode=mode)
     table = format_table(rows, list(cfg.eval.ks))
     log.info("metrics\n%s", table)
     report = write_evaluation_report(cfg, spark)

@@ -75,7 +75,8 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
     Each target gets both models' values (hit within K, or reciprocal rank; 0 for a miss, as in
     :func:`compute_metrics`); the difference d = model - baseline is averaged over all targets, with
     a 95 % interval mean(d) +- 1.96 sd(d) / sqrt(n) and a two-sided p-value from z = mean / (sd /
-    sqrt(n)) (the paired t-test at large n; for hits, McNemar's test on wins vs losses). Paired,
+    sqrt(n)) (the paired t-test at large n; for hits close to McNemar's test of wins vs losses; when
+    every user's difference is the same, the sign test; NaN for a single user). Paired,
     because the two models see the same users: most of the user-to-user spread cancels, and the
     interval says whether a difference of a few tenths of a percent is more than noise. One
     aggregation over the targets (two left joins, no per-user rows leave Spark).
@@ -99,14 +100,24 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
         raise ValueError("eval_targets is empty: nothing to compare")
     rows = []
     for i, k in enumerate(values):
-        mean, se = agg[f"d{i}"], agg[f"s{i}"] / math.sqrt(n)
-        p = math.erfc(abs(mean / se) / math.sqrt(2)) if se > 0 else float(mean == 0)
+        mean, wins, losses = agg[f"d{i}"], agg[f"w{i}"], agg[f"l{i}"]
+        se = agg[f"s{i}"] / math.sqrt(n) if n > 1 else math.inf
+        if math.isinf(se):  # one user: no spread to measure
+            p = math.nan
+        elif se > 0:
+            p = math.erfc(abs(mean / se) / math.sqrt(2))
+        else:  # every user's difference the same: the sign test (1 when that difference is 0)
+            p = min(1.0, 2 * 0.5 ** (wins + losses))
         metric = ("pre" if k is not None else "mrr") if kind == "i2i" else ("u2i_hr" if k is not None else "u2i_mrr")
         rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: metric, S.K: k, "baseline_kind": baseline_kind,
                      S.VALUE: agg[f"a{i}"], "baseline_value": agg[f"b{i}"], "diff": mean,
                      "ci_low": mean - Z_95 * se, "ci_high": mean + Z_95 * se, "p_value": p,
-                     "wins": agg[f"w{i}"], "losses": agg[f"l{i}"], S.N_USERS: n, S.RUN_TS: run_ts})
+                     "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
     return rows
+
+
+def _p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"  # NaN prints as nan
 
 
 def format_paired(rows: Sequence[dict]) -> str:
@@ -116,7 +127,7 @@ def format_paired(rows: Sequence[dict]) -> str:
     r0 = rows[0]
     m, n = display_name(r0[S.MODEL], r0[S.METRIC], r0[S.K])[0], r0[S.N_USERS]
     b = r0[S.BASELINE] + (" u2i" if r0["baseline_kind"] == "u2i" else "")
-    lines = [f"{m} vs {b}, paired over {n:,} eval users (95 % interval of the difference)",
+    lines = [f"{m} vs {b}, paired over {n:,} eval users (95 % interval of the difference; run {r0[S.RUN_TS]})",
              f"{'metric':<9}{m[:10]:>11}{b[:10]:>11}{'diff':>10}{'95 % interval':>22}{'ratio':>8}"
              f"{'wins':>8}{'losses':>8}{'p':>8}"]
     for r in rows:
@@ -125,7 +136,7 @@ def format_paired(rows: Sequence[dict]) -> str:
         interval = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         lines.append(f"{name:<9}{r[S.VALUE]:>11.4f}{r['baseline_value']:>11.4f}{r['diff']:>+10.4f}"
                      f"{interval:>22}{ratio:>8.3f}"
-                     f"{r['wins']:>8,}{r['losses']:>8,}{r['p_value']:>8.3f}")
+                     f"{r['wins']:>8,}{r['losses']:>8,}{_p_text(r['p_value']):>8}")
     return "\n".join(lines)
 
 

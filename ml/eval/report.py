@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -100,11 +101,11 @@ def plot_paired(paired: Sequence[dict]) -> Optional[bytes]:
         return None
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.2), squeeze=False)
     for ax, ((m, b), rs) in zip(axes[0], sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: (r["k"] is None, r["k"] or 0))
+        rs = sorted((r for r in rs if r["baseline_value"] and math.isfinite(r["ci_low"])), key=lambda r: (r["k"] is None, r["k"] or 0))
         names = [display_name(r["model"], r["metric"], r["k"])[1] for r in rs]
-        rel = [100 * r["diff"] / r["baseline_value"] if r["baseline_value"] else 0.0 for r in rs]
-        lo = [100 * (r["diff"] - r["ci_low"]) / r["baseline_value"] if r["baseline_value"] else 0.0 for r in rs]
-        hi = [100 * (r["ci_high"] - r["diff"]) / r["baseline_value"] if r["baseline_value"] else 0.0 for r in rs]
+        rel = [100 * r["diff"] / r["baseline_value"] for r in rs]  # left out: baseline 0 (no %), one user
+        lo = [100 * (r["diff"] - r["ci_low"]) / r["baseline_value"] for r in rs]
+        hi = [100 * (r["ci_high"] - r["diff"]) / r["baseline_value"] for r in rs]
         y = list(range(len(rs)))[::-1]
         ax.errorbar(rel, y, xerr=[lo, hi], fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=1)

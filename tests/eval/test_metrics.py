@@ -88,6 +88,10 @@ def test_paired_comparison_hand_computed(spark):
     pre1 = next(r for r in got if r["k"] == 1)
     assert (pre1["metric"], pre1["baseline_kind"], pre1["wins"], pre1["losses"]) == ("u2i_hr", "i2i", 1, 1)
     assert "r u2i vs b" in format_paired(got)
+    one = paired_comparison(targets.where("user_id = 3"), a, b, [1], "a", "b")  # one user: no spread
+    assert math.isnan(one[0]["p_value"]) and one[0]["ci_low"] == -math.inf and one[0]["diff"] == 1.0
+    same = paired_comparison(targets.where("user_id in (3, 5)"), a, b, [2], "a", "b")  # both +1 at Pre@2
+    assert same[0]["p_value"] == pytest.approx(0.5) and same[0]["ci_low"] == same[0]["diff"] == 1.0
 
 
 def _seqs(spark, rows):

@@ -80,7 +80,9 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     assert metrics.where(F.col(S.CATEGORY_ID).isNotNull()).count() > 0  # per-category breakdown
 
     # eval.compare_to: each model against pop user by user; a baseline without lists is skipped
-    out = evaluate.run(cfg, spark, ["cooc", "cooc_recent"], compare_to=["pop", "no_such_model"])
+    nightly = load_config(ROOT / "conf" / "synthetic.yaml",
+                          [f"warehouse={warehouse}", *TINY, "eval.compare_to=[pop, no_such_model]"])
+    out = evaluate.run(nightly, spark, ["cooc", "cooc_recent"])
     paired = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED))
     assert [(f.name, f.dataType) for f in paired.schema] == [(f.name, f.dataType) for f in S.METRICS_PAIRED]
     p10 = {(r.model, r.baseline_kind): r for r in paired.where("k = 10").collect()}
@@ -90,11 +92,12 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     assert c.p_value < 1e-3 and c.wins > c.losses and c.n_users == 300
     assert "cooc vs pop, paired over 300 eval users" in out["paired"] and "cooc_recent u2i vs pop" in out["paired"]
     assert "Against the baselines" in open(out["report"]).read()
-    # comparing with another baseline adds its rows; the pop comparison stays
+    # a model's comparisons are its latest evaluation's: cooc_recent's pop rows go, cooc's stay
     evaluate.run(cfg, spark, ["cooc_recent"], compare_to=["cooc"])
     pairs = {(r.model, r.baseline) for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
-    assert pairs == {("cooc", "pop"), ("cooc_recent", "pop"), ("cooc_recent", "cooc")}
-
+    assert pairs == {("cooc", "pop"), ("cooc_recent", "cooc")}
+    with pytest.raises(ValueError, match=r"--compare-to: baseline 'no_such_model' has no rows"):
+        evaluate.run(cfg, spark, ["cooc"], compare_to=["no_such_model"])  # asked for explicitly: an error
 
 def test_pipeline_cli_prints_where_tables_are(tmp_path):
     wh = tmp_path / "wh"
