@@ -127,14 +127,15 @@ def format_paired(rows: Sequence[dict]) -> str:
     r0 = rows[0]
     m, n = display_name(r0[S.MODEL], r0[S.METRIC], r0[S.K])[0], r0[S.N_USERS]
     b = r0[S.BASELINE] + (" u2i" if r0["baseline_kind"] == "u2i" else "")
+    w = max(11, len(r0[S.MODEL]) + 2, len(r0[S.BASELINE]) + 2)  # the two value columns, named by model
     lines = [f"{m} vs {b}, paired over {n:,} eval users (95 % interval of the difference; run {r0[S.RUN_TS]})",
-             f"{'metric':<9}{m[:10]:>11}{b[:10]:>11}{'diff':>10}{'95 % interval':>22}{'ratio':>8}"
+             f"{'metric':<9}{r0[S.MODEL]:>{w}}{r0[S.BASELINE]:>{w}}{'diff':>10}{'95 % interval':>22}{'ratio':>8}"
              f"{'wins':>8}{'losses':>8}{'p':>8}"]
     for r in rows:
         name = display_name(r[S.MODEL], r[S.METRIC], r[S.K])[1]
         ratio = r[S.VALUE] / r["baseline_value"] if r["baseline_value"] else float("nan")
         interval = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
-        lines.append(f"{name:<9}{r[S.VALUE]:>11.4f}{r['baseline_value']:>11.4f}{r['diff']:>+10.4f}"
+        lines.append(f"{name:<9}{r[S.VALUE]:>{w}.4f}{r['baseline_value']:>{w}.4f}{r['diff']:>+10.4f}"
                      f"{interval:>22}{ratio:>8.3f}"
                      f"{r['wins']:>8,}{r['losses']:>8,}{_p_text(r['p_value']):>8}")
     return "\n".join(lines)

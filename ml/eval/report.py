@@ -96,11 +96,16 @@ def plot_paired(paired: Sequence[dict]) -> Optional[bytes]:
     baseline's value, with the 95 % interval; one panel per (model, baseline) pair."""
     groups: Dict[tuple, List[dict]] = {}
     for r in paired:
-        groups.setdefault((display_name(r["model"], r["metric"], r["k"])[0], r["baseline"]), []).append(r)
+        base = r["baseline"] + (" u2i" if r["baseline_kind"] == "u2i" else "")
+        groups.setdefault((display_name(r["model"], r["metric"], r["k"])[0], base), []).append(r)
     if not groups:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.2), squeeze=False)
-    for ax, ((m, b), rs) in zip(axes[0], sorted(groups.items())):
+    cols = min(3, len(groups))
+    rows_n = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.0 * rows_n), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, ((m, b), rs) in zip(axes.flat, sorted(groups.items())):
         rs = sorted((r for r in rs if r["baseline_value"] and math.isfinite(r["ci_low"])), key=lambda r: (r["k"] is None, r["k"] or 0))
         names = [display_name(r["model"], r["metric"], r["k"])[1] for r in rs]
         rel = [100 * r["diff"] / r["baseline_value"] for r in rs]  # left out: baseline 0 (no %), one user
@@ -110,7 +115,8 @@ def plot_paired(paired: Sequence[dict]) -> Optional[bytes]:
         ax.errorbar(rel, y, xerr=[lo, hi], fmt="o", capsize=3)
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(y, names)
-        ax.set_xlabel(f"{m} vs {b}: difference, % of {b} (95 % interval)")
+        ax.set_title(f"{m} vs {b}", fontsize=10)
+        ax.set_xlabel(f"difference, % of {b}")
     fig.tight_layout()
     return _png(fig)
 
