@@ -77,8 +77,9 @@ class Split:
         fwd = sum(w(d) * self.n(d) for d in range(1, W + 1))
         return fwd + lam * fwd.T if lam else fwd
 
-    def metrics(self, score: np.ndarray) -> dict:
-        """score: (V, V) or (users, V) rows; higher is better."""
+    def ranks(self, score: np.ndarray) -> np.ndarray:
+        """score: (V, V) or (users, V) rows; higher is better -> each user's target rank (1 = first; ties
+        to the more popular item, then the smaller id; never the trigger itself)."""
         s = score[self.trigger] if score.shape[0] == self.V else score
         s = s.astype(np.float64)
         s[np.arange(len(s)), self.trigger] = -np.inf  # never the trigger itself
@@ -87,7 +88,11 @@ class Split:
         p_t = self.pop[self.target][:, None]
         ids = np.arange(self.V)[None, :]
         ahead = (s > t) | ((s == t) & ((self.pop[None, :] > p_t) | ((self.pop[None, :] == p_t) & (ids < self.target[:, None]))))
-        rank = ahead.sum(1) + 1
+        return ahead.sum(1) + 1
+
+    def metrics(self, score: np.ndarray) -> dict:
+        """score: (V, V) or (users, V) rows; higher is better."""
+        rank = self.ranks(score)
         out = {f"Pre@{k}": float((rank <= k).mean()) for k in KS}
         out["MRR"] = float(np.where(rank <= 100, 1.0 / rank, 0.0).mean())
         return out

@@ -7,13 +7,13 @@ with no list, or a target not in it, is a miss (hit 0, reciprocal rank 0). Nothi
 from __future__ import annotations
 
 import datetime as dt
-import math
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ml import schemas as S
+from ml.eval.offline import p_text, paired_stats
 
 
 def _lists(topk: DataFrame, kind: str, rank_col: str) -> Tuple[DataFrame, List[str]]:
@@ -63,9 +63,6 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
                       F.col(S.N_USERS).cast("long"), F.lit(run_ts).cast("timestamp").alias(S.RUN_TS))
 
 
-Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
-
-
 def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: DataFrame, ks: Sequence[int],
                       model: str, baseline: str, kind: str = "i2i", baseline_kind: str = "i2i",
                       run_ts: Optional[dt.datetime] = None) -> List[dict]:
@@ -101,23 +98,13 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
     rows = []
     for i, k in enumerate(values):
         mean, wins, losses = agg[f"d{i}"], agg[f"w{i}"], agg[f"l{i}"]
-        se = agg[f"s{i}"] / math.sqrt(n) if n > 1 else math.inf
-        if math.isinf(se):  # one user: no spread to measure
-            p = math.nan
-        elif se > 0:
-            p = math.erfc(abs(mean / se) / math.sqrt(2))
-        else:  # every user's difference the same: the sign test (1 when that difference is 0)
-            p = min(1.0, 2 * 0.5 ** (wins + losses))
+        lo, hi, p = paired_stats(mean, agg[f"s{i}"], n, wins, losses)
         metric = ("pre" if k is not None else "mrr") if kind == "i2i" else ("u2i_hr" if k is not None else "u2i_mrr")
         rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: metric, S.K: k, "baseline_kind": baseline_kind,
                      S.VALUE: agg[f"a{i}"], "baseline_value": agg[f"b{i}"], "diff": mean,
-                     "ci_low": mean - Z_95 * se, "ci_high": mean + Z_95 * se, "p_value": p,
+                     "ci_low": lo, "ci_high": hi, "p_value": p,
                      "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
     return rows
-
-
-def _p_text(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"  # NaN prints as nan
 
 
 def format_paired(rows: Sequence[dict]) -> str:
@@ -137,7 +124,7 @@ def format_paired(rows: Sequence[dict]) -> str:
         interval = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         lines.append(f"{name:<9}{r[S.VALUE]:>{w}.4f}{r['baseline_value']:>{w}.4f}{r['diff']:>+10.4f}"
                      f"{interval:>22}{ratio:>8.3f}"
-                     f"{r['wins']:>8,}{r['losses']:>8,}{_p_text(r['p_value']):>8}")
+                     f"{r['wins']:>8,}{r['losses']:>8,}{p_text(r['p_value']):>8}")
     return "\n".join(lines)
 
 

@@ -6,9 +6,12 @@ the reference: bench/ checks both agree.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+import math
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
+
+Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
 
 
 def hit_metrics(topk: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> Dict[str, float]:
@@ -19,3 +22,40 @@ def hit_metrics(topk: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> Dic
     out = {f"Pre@{k}": float(np.mean(found & (rank <= k))) for k in ks}
     out["MRR"] = float(np.mean(np.where(found, 1.0 / np.maximum(rank, 1), 0.0)))
     return out
+
+
+def paired_stats(mean: float, sd: float, n: int, wins: int, losses: int) -> Tuple[float, float, float]:
+    """Per-query differences d (model - baseline) summarised as mean, sample sd, n, and the counts
+    of d > 0 (wins) and d < 0 (losses) -> (ci_low, ci_high, p): the 95 % interval mean +- 1.96 sd /
+    sqrt(n) and the two-sided p-value of z = mean / (sd / sqrt(n)) (the paired t-test at large n;
+    for hits close to McNemar's test). Every d the same: the sign test. One query: NaN, unbounded."""
+    se = sd / math.sqrt(n) if n > 1 else math.inf
+    if math.isinf(se):
+        p = math.nan
+    elif se > 0:
+        p = math.erfc(abs(mean / se) / math.sqrt(2))
+    else:
+        p = min(1.0, 2 * 0.5 ** (wins + losses))
+    return mean - Z_95 * se, mean + Z_95 * se, p
+
+
+def paired_ranks(rank_a: np.ndarray, rank_b: np.ndarray, ks: Sequence[int]) -> Dict[str, dict]:
+    """Two models' ranks of the same queries' targets ((Q,) each, 1 = first; 0 or > the list = a
+    miss) -> {"Pre@k" / "MRR": {value, baseline_value, diff, ci_low, ci_high, p_value, wins, losses}},
+    as the evaluation job's ``metrics_paired``."""
+    out = {}
+    ra, rb = np.asarray(rank_a), np.asarray(rank_b)
+    cols = {f"Pre@{k}": (((ra > 0) & (ra <= k)).astype(float), ((rb > 0) & (rb <= k)).astype(float)) for k in ks}
+    cols["MRR"] = (np.where(ra > 0, 1.0 / np.maximum(ra, 1), 0.0), np.where(rb > 0, 1.0 / np.maximum(rb, 1), 0.0))
+    for name, (a, b) in cols.items():
+        d = a - b
+        wins, losses = int((d > 0).sum()), int((d < 0).sum())
+        lo, hi, p = paired_stats(float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, len(d), wins, losses)
+        out[name] = {"value": float(a.mean()), "baseline_value": float(b.mean()), "diff": float(d.mean()),
+                     "ci_low": lo, "ci_high": hi, "p_value": p, "wins": wins, "losses": losses}
+    return out
+
+
+def p_text(p: float) -> str:
+    """A p-value for a printed table: three decimals, or "<0.001"."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"  # NaN prints as nan

@@ -80,6 +80,12 @@ def test_paired_comparison_hand_computed(spark):
     # Pre@2: d = 0, 0, 1, -1, 1: mean 0.2, sd 0.8367, z = 0.5345, two-sided p = 0.593
     assert rows[("pre", 2)]["p_value"] == pytest.approx(0.593, abs=1e-3)
     assert rows[("pre", 1)]["p_value"] == pytest.approx(1.0)  # 2 wins, 2 losses: no difference
+    # the numpy twin (bench/) from the same ranks (0 = not in the list) gives the same rows
+    from ml.eval.offline import paired_ranks
+    twin = paired_ranks([1, 2, 1, 0, 2], [2, 1, 0, 1, 0], [1, 2])
+    for (metric, k), name in ((("pre", 1), "Pre@1"), (("pre", 2), "Pre@2"), (("mrr", None), "MRR")):
+        for col in ("value", "baseline_value", "diff", "ci_low", "ci_high", "p_value", "wins", "losses"):
+            assert twin[name][col] == pytest.approx(rows[(metric, k)][col]), (name, col)
     text = format_paired(list(rows.values()))
     assert "a vs b, paired over 5 eval users" in text and "+0.2000" in text and "0.593" in text
 
