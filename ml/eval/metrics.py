@@ -158,7 +158,8 @@ def format_table(rows: Sequence[dict], ks: Sequence[int]) -> str:
         by_model.setdefault(name, {})[key] = r[S.VALUE]
         n_users[name] = r[S.N_USERS]
     cols = [f"Pre@{k}" for k in ks] + ["MRR"]
-    lines = [f"{'model':<14}" + "".join(f"{c:>9}" for c in cols) + f"{'users':>9}"]
+    w = max([14] + [len(m) + 2 for m in by_model])
+    lines = [f"{'model':<{w}}" + "".join(f"{c:>9}" for c in cols) + f"{'users':>9}"]
     for m, vals in by_model.items():
-        lines.append(f"{m:<14}" + "".join(f"{vals.get(c, float('nan')):>9.4f}" for c in cols) + f"{n_users[m]:>9,}")
+        lines.append(f"{m:<{w}}" + "".join(f"{vals.get(c, float('nan')):>9.4f}" for c in cols) + f"{n_users[m]:>9,}")
     return "\n".join(lines)
