@@ -121,11 +121,12 @@ def write_evaluation_report(cfg: Config, spark) -> str:
     curves = {m: read_loss_curve(cfg.table_path(os.path.join("models", m, "train_metrics.jsonl"))) for m in models}
     paired, paired_text = [], ""
     if io.table_exists(cfg.table_path(S.T_METRICS_PAIRED)):  # models x baselines x (K + 1) rows: small
-        paired = [r.asDict() for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED), delta_mode=mode).collect()]
+        table = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED), delta_mode=mode)
+        paired = [r.asDict() for r in table.collect()]
         groups: dict = {}
         for r in paired:
             groups.setdefault((r[S.MODEL], r[S.BASELINE], r[S.METRIC].startswith("u2i_")), []).append(r)
-        paired_text = "\n\n".join(format_paired(sorted(g, key=lambda r: (r[S.K] is None, r[S.K] or 0)))
+        paired_text = "\n\n".join(format_paired(g)
                                    for _, g in sorted(groups.items()))
     return write_report(cfg.table_path("report"), all_rows, list(cfg.eval.ks), format_table(overall, list(cfg.eval.ks)),
                         curves, names, title=f"spark-i2i evaluation ({cfg.warehouse})", paired=paired,

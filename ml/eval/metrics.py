@@ -27,6 +27,16 @@ def _lists(topk: DataFrame, kind: str, rank_col: str) -> Tuple[DataFrame, List[s
     raise ValueError(f"kind={kind!r}; expected i2i or u2i")
 
 
+def metric_names(kind: str) -> Tuple[str, str]:
+    """(hit metric, MRR metric) names of a list kind in ``metrics`` / ``metrics_paired``."""
+    return ("pre", "mrr") if kind == "i2i" else ("u2i_hr", "u2i_mrr")
+
+
+def metric_order(row: dict) -> tuple:
+    """Sort key of metric rows: Pre@K by K, then MRR (k null)."""
+    return row[S.K] is None, row[S.K] or 0
+
+
 def target_ranks(eval_targets: DataFrame, topk: DataFrame, kind: str = "i2i") -> DataFrame:
     """``eval_targets`` + the target's ``rank`` in the trigger's list (i2i) or the user's list (u2i),
     null when absent."""
@@ -56,7 +66,7 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
     out = None
     for g in group_cols:
         agg = (ranked.groupBy(g).agg(*aggs) if g else ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)))
-        rows = _long_format(agg, ks, "pre" if kind == "i2i" else "u2i_hr", "mrr" if kind == "i2i" else "u2i_mrr")
+        rows = _long_format(agg, ks, *metric_names(kind))
         out = rows if out is None else out.unionByName(rows)
     return out.select(F.lit(model).alias(S.MODEL), S.METRIC, F.col(S.K).cast("int"),
                       F.col(S.CATEGORY_ID).cast("long"), F.col(S.VALUE).cast("double"),
@@ -90,17 +100,18 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
         d = a - b
         aggs += [F.avg(a).alias(f"a{i}"), F.avg(b).alias(f"b{i}"), F.avg(d).alias(f"d{i}"),
                  F.coalesce(F.stddev_samp(d), F.lit(0.0)).alias(f"s{i}"),
-                 F.sum(F.when(d > 0, 1).otherwise(0)).alias(f"w{i}"), F.sum(F.when(d < 0, 1).otherwise(0)).alias(f"l{i}")]
+                 F.sum(F.when(d > 0, 1).otherwise(0)).alias(f"w{i}"),
+                 F.sum(F.when(d < 0, 1).otherwise(0)).alias(f"l{i}")]
     agg = ranked.agg(*aggs).collect()[0]  # one row
     n = agg["n"]
     if n == 0:
         raise ValueError("eval_targets is empty: nothing to compare")
-    rows = []
+    rows, (hit_name, mrr_name) = [], metric_names(kind)
     for i, k in enumerate(values):
         mean, wins, losses = agg[f"d{i}"], agg[f"w{i}"], agg[f"l{i}"]
         lo, hi, p = paired_stats(mean, agg[f"s{i}"], n, wins, losses)
-        metric = ("pre" if k is not None else "mrr") if kind == "i2i" else ("u2i_hr" if k is not None else "u2i_mrr")
-        rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: metric, S.K: k, "baseline_kind": baseline_kind,
+        rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: hit_name if k is not None else mrr_name, S.K: k,
+                     "baseline_kind": baseline_kind,
                      S.VALUE: agg[f"a{i}"], "baseline_value": agg[f"b{i}"], "diff": mean,
                      "ci_low": lo, "ci_high": hi, "p_value": p,
                      "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
@@ -108,9 +119,10 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
 
 
 def format_paired(rows: Sequence[dict]) -> str:
-    """``metrics_paired`` rows of one model and baseline as a text table."""
+    """``metrics_paired`` rows of one model and baseline as a text table, Pre@K by K, then MRR."""
     if not rows:
         return ""
+    rows = sorted(rows, key=metric_order)
     r0 = rows[0]
     m, n = display_name(r0[S.MODEL], r0[S.METRIC], r0[S.K])[0], r0[S.N_USERS]
     b = r0[S.BASELINE] + (" u2i" if r0["baseline_kind"] == "u2i" else "")

@@ -41,8 +41,9 @@ def paired_stats(mean: float, sd: float, n: int, wins: int, losses: int) -> Tupl
 
 def paired_ranks(rank_a: np.ndarray, rank_b: np.ndarray, ks: Sequence[int]) -> Dict[str, dict]:
     """Two models' ranks of the same queries' targets ((Q,) each, 1 = first; 0 = not in the list, a
-    miss; MRR counts every rank > 0, so cut ranks past the list length to 0 first) -> {"Pre@k" / "MRR": {value, baseline_value, diff, ci_low, ci_high, p_value, wins, losses}},
-    as the evaluation job's ``metrics_paired``."""
+    miss; MRR counts every rank > 0, so cut ranks past the list length to 0 first) -> {"Pre@k" /
+    "MRR": {value, baseline_value, diff, ci_low, ci_high, p_value, wins, losses}}, as the evaluation
+    job's ``metrics_paired``."""
     out = {}
     ra, rb = np.asarray(rank_a), np.asarray(rank_b)
     cols = {f"Pre@{k}": (((ra > 0) & (ra <= k)).astype(float), ((rb > 0) & (rb <= k)).astype(float)) for k in ks}

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ml.eval.metrics import display_name  # noqa: E402
+from ml.eval.metrics import display_name, metric_order  # noqa: E402
 
 
 def _png(fig) -> bytes:
@@ -106,9 +106,10 @@ def plot_paired(paired: Sequence[dict]) -> Optional[bytes]:
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     for ax, ((m, b), rs) in zip(axes.flat, sorted(groups.items())):
-        rs = sorted((r for r in rs if r["baseline_value"] and math.isfinite(r["ci_low"])), key=lambda r: (r["k"] is None, r["k"] or 0))
+        rs = sorted((r for r in rs if r["baseline_value"] and math.isfinite(r["ci_low"])),  # no %: baseline 0
+                    key=metric_order)
         names = [display_name(r["model"], r["metric"], r["k"])[1] for r in rs]
-        rel = [100 * r["diff"] / r["baseline_value"] for r in rs]  # left out: baseline 0 (no %), one user
+        rel = [100 * r["diff"] / r["baseline_value"] for r in rs]  # no interval: one user
         lo = [100 * (r["diff"] - r["ci_low"]) / r["baseline_value"] for r in rs]
         hi = [100 * (r["ci_high"] - r["diff"]) / r["baseline_value"] for r in rs]
         y = list(range(len(rs)))[::-1]
