@@ -98,6 +98,8 @@ def test_paired_comparison_hand_computed(spark):
     assert math.isnan(one[0]["p_value"]) and one[0]["ci_low"] == -math.inf and one[0]["diff"] == 1.0
     same = paired_comparison(targets.where("user_id in (3, 5)"), a, b, [2], "a", "b")  # both +1 at Pre@2
     assert same[0]["p_value"] == pytest.approx(0.5) and same[0]["ci_low"] == same[0]["diff"] == 1.0
+    with pytest.raises(ValueError, match="eval_targets is empty"):
+        paired_comparison(targets.where("user_id = 0"), a, b, [1], "a", "b")
 
 
 def _seqs(spark, rows):

@@ -96,6 +96,9 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     evaluate.run(cfg, spark, ["cooc_recent"], compare_to=["cooc"])
     pairs = {(r.model, r.baseline) for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
     assert pairs == {("cooc", "pop"), ("cooc_recent", "cooc")}
+    evaluate.run(cfg, spark, ["cooc"], compare_to=[])  # evaluated with no comparison: cooc's rows go too
+    pairs = {(r.model, r.baseline) for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
+    assert pairs == {("cooc_recent", "cooc")}
     with pytest.raises(ValueError, match=r"--compare-to: baseline 'no_such_model' has no rows"):
         evaluate.run(cfg, spark, ["cooc"], compare_to=["no_such_model"])  # asked for explicitly: an error
 
