@@ -6,7 +6,7 @@ from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import BaselineConfig
-from ml.data.graph import aggregate_edges, top_n_neighbours, windowed_pairs
+from ml.data.graph import cooccurrence_edges, top_n_neighbours
 
 
 def most_popular(counts: DataFrame, n: int) -> DataFrame:
@@ -45,7 +45,7 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     filled item always ranks below every real neighbour.
     """
     k = cfg.k
-    edges = aggregate_edges(windowed_pairs(sequences, cfg.window, cfg.decay, cfg.symmetric), cfg.min_count)
+    edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count)
     graph = top_n_neighbours(edges, k).select(S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.WEIGHT).alias(S.SCORE),
                                               F.lit(0).alias("prio"))
     # Fill-in candidates: enough popular items to complete any list after removing self and overlaps.

@@ -9,10 +9,13 @@ candidates per item before the shuffle, so a hot item's millions of neighbours s
 per task, and no edge is sorted by weight (1.4x faster than the window at 10M actions). On
 Spark 4.0/4.1 (or N > 100,000, max_by's limit) it falls back to a ``row_number() <= N`` window,
 which Spark plans as a per-partition group limit before the shuffle. Both give the same rows.
+Weights are sums of integer units (:func:`weight_scale`), so they are exact, and ties are ties.
 """
 from __future__ import annotations
 
 import inspect
+import math
+from functools import reduce
 from typing import List, Tuple
 
 from pyspark.sql import Column, DataFrame, Window
@@ -22,6 +25,8 @@ from ml import schemas as S
 from ml.config import GraphConfig
 
 MAX_BY_K_LIMIT = 100_000  # Spark rejects max_by(.., k) with k above this
+MAX_EXACT_SCALE = 2**31  # integer weight units while lcm(1..window) stays under this (window <= 22)
+UNITS = "units"
 
 
 def cap_sequences(sequences: DataFrame, max_user_length: int | None) -> DataFrame:
@@ -34,30 +39,60 @@ def cap_sequences(sequences: DataFrame, max_user_length: int | None) -> DataFram
                                 .otherwise(F.col(S.ITEMS)))
 
 
+def weight_scale(window: int, decay: bool) -> int:
+    """L: a pair at distance d adds L // d integer units to its edge, and weight = units / L.
+
+    Summing integers makes the weights exact and independent of the order Spark adds them in: a
+    float sum of 1/d values is not (0.5 + 1/3 + 1/6 is 0.9999999999999999, 1/6 + 1/3 + 0.5 is 1.0),
+    so two edges of equal weight and count could be ranked by rounding noise instead of by id, and
+    differently on a rerun whose shuffle delivered rows in another order. L = lcm(1..window) with
+    decay (60 for window 5), 1 without; 0 where that lcm exceeds ``MAX_EXACT_SCALE`` (decay with a
+    window over 22), and the pairs then carry float 1/d weights.
+    """
+    if not decay:
+        return 1
+    scale = reduce(math.lcm, range(1, window + 1), 1)
+    return scale if scale <= MAX_EXACT_SCALE else 0
+
+
 def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False) -> DataFrame:
-    """Rows ``(item_id, neighbor_id, weight)``: b follows a within ``window`` positions (a != b)."""
+    """Rows ``(item_id, neighbor_id, units)``: b follows a within ``window`` positions (a != b);
+    ``units`` = L // d for distance d (:func:`weight_scale`; 1 without decay)."""
     # For each offset d, zip the sequence with itself shifted by d: O(length) per d, no self-join.
     # slice/arrays_zip are code-generated natives, ~8x faster than a transform() lambda here.
     n = F.size(S.ITEMS)
+    scale = weight_scale(window, decay)
     directed = None
     for d in range(1, window + 1):
         zipped = F.arrays_zip(F.slice(S.ITEMS, 1, n - d).alias("a"), F.slice(S.ITEMS, d + 1, n - d).alias("b"))
+        units = F.lit((scale // d if scale else 1.0 / d) if decay else 1)
         pairs = (sequences.where(n > d).select(F.explode(zipped).alias("p"))
                  .select(F.col("p.a").alias(S.ITEM_ID), F.col("p.b").alias(S.NEIGHBOR_ID))
                  .where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID))
-                 .withColumn(S.WEIGHT, F.lit(1.0 / d if decay else 1.0)))
+                 .withColumn(UNITS, units))
         directed = pairs if directed is None else directed.unionByName(pairs)
     if not symmetric:
         return directed
-    reverse = directed.select(F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), F.col(S.ITEM_ID).alias(S.NEIGHBOR_ID), S.WEIGHT)
+    reverse = directed.select(F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), F.col(S.ITEM_ID).alias(S.NEIGHBOR_ID), UNITS)
     return directed.unionByName(reverse)
 
 
-def aggregate_edges(pairs: DataFrame, min_count: int = 1) -> DataFrame:
-    """Sum pair rows into edges ``(item_id, neighbor_id, weight, count)``; drop rare edges."""
-    edges = pairs.groupBy(S.ITEM_ID, S.NEIGHBOR_ID).agg(F.sum(S.WEIGHT).alias(S.WEIGHT),
-                                                        F.count(F.lit(1)).alias(S.COUNT))
+def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1) -> DataFrame:
+    """Sum :func:`windowed_pairs` rows into edges ``(item_id, neighbor_id, weight, count)``, weight =
+    units / ``scale`` (from :func:`weight_scale`; 0: the units are float weights already); drop
+    edges seen fewer than ``min_count`` times."""
+    summed = F.sum(UNITS)
+    edges = pairs.groupBy(S.ITEM_ID, S.NEIGHBOR_ID).agg(
+        (summed / F.lit(scale) if scale else summed).cast("double").alias(S.WEIGHT),
+        F.count(F.lit(1)).alias(S.COUNT))
     return edges.where(F.col(S.COUNT) >= min_count) if min_count > 1 else edges
+
+
+def cooccurrence_edges(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False,
+                       min_count: int = 1) -> DataFrame:
+    """``sequences`` -> every edge ``(item_id, neighbor_id, weight, count)`` of the windowed graph."""
+    return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric), weight_scale(window, decay),
+                           min_count)
 
 
 def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
@@ -97,8 +132,8 @@ def _has_top_k_aggregate(df: DataFrame) -> bool:
 def build_cooccurrence_graph(sequences: DataFrame, cfg: GraphConfig) -> DataFrame:
     """``sequences`` -> ``item_graph`` (see module docstring)."""
     seqs = cap_sequences(sequences, cfg.max_user_length)
-    pairs = windowed_pairs(seqs, cfg.window, cfg.decay, cfg.symmetric)
-    return top_n_neighbours(aggregate_edges(pairs, cfg.min_count), cfg.top_n)
+    edges = cooccurrence_edges(seqs, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count)
+    return top_n_neighbours(edges, cfg.top_n)
 
 
 def item_counts(sequences: DataFrame) -> DataFrame:

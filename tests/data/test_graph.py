@@ -50,6 +50,23 @@ def test_top_n_ties_broken_by_count_then_id(spark):
     assert e[(1, 6)][2] == 1 and e[(1, 8)][2] == 2 and e[(1, 7)][2] == 3  # 6: 2.0; 8: 1.0 (count 2); 7: 1.0 (count 1)
 
 
+def test_decayed_weights_are_exact_so_ties_fall_to_the_id(spark):
+    """1 -> 5 at distances 2, 3 and 6 and 1 -> 9 at distance 3 three times: both weigh exactly 1 with
+    count 3, so the smaller id ranks first. Summed as floats, 0.5 + 1/3 + 1/6 = 0.9999999999999999
+    and 9 would rank first on rounding noise."""
+    rows = [(1, [1, 100, 5]), (2, [1, 101, 102, 5]), (3, [1, 103, 104, 105, 106, 107, 5])]
+    rows += [(4 + u, [1, 200 + 2 * u, 201 + 2 * u, 9]) for u in range(3)]
+    e = _edges(spark, rows, window=6, decay=True)
+    assert e[(1, 5)] == (1.0, 3, 1) and e[(1, 9)] == (1.0, 3, 2)
+    assert graph.weight_scale(6, True) == 60 and graph.weight_scale(6, False) == 1
+    assert graph.weight_scale(22, True) == 232_792_560 and graph.weight_scale(23, True) == 0  # float weights
+
+
+def test_decay_beyond_exact_window_sums_float_weights(spark):
+    e = _edges(spark, [(1, [1, 2, 3]), (2, [1, 3])], window=23, decay=True)
+    assert e[(1, 3)] == (1.5, 2, 1) and e[(1, 2)] == (1.0, 1, 2)
+
+
 def test_user_cap_keeps_most_recent_items(spark):
     e = _edges(spark, [(1, [1, 2, 3, 4, 5])], window=1, max_user_length=3)
     assert set(e) == {(3, 4), (4, 5)}
