@@ -70,6 +70,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
         for b, base in baselines.items():
             if m == b or not base:
                 continue
+            b, base = _like_for_like(m, b, base, lists, topk_all, u2i_all)
             for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
                 bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
                 prs_kind = paired_comparison(targets, t, bt, list(cfg.eval.ks), m, b, kind, bkind, run_ts)
@@ -94,6 +95,19 @@ def _model_lists(model: str, topk_all, u2i_all) -> list:
     parts = [(kind, t.where(F.col(S.MODEL) == model)) for kind, t in (("i2i", topk_all), ("u2i", u2i_all))
              if t is not None]
     return [(kind, t) for kind, t in parts if t.limit(1).count()]
+
+
+def _like_for_like(model: str, b: str, base: list, lists: dict, topk_all, u2i_all) -> tuple:
+    """A fused recent-items model (``natm_recent``) is compared with the baseline's fused lists
+    (``cooc_recent``) when they exist: the same fusion over the other model's lists. Otherwise, and
+    for every other model, with the baseline itself."""
+    from jobs.recent import SUFFIX
+
+    fused = b + SUFFIX
+    if not model.endswith(SUFFIX) or model == fused:
+        return b, base
+    fused_lists = lists.get(fused) or _model_lists(fused, topk_all, u2i_all)
+    return (fused, fused_lists) if fused_lists else (b, base)
 
 
 def default_models(cfg: Config) -> List[str]:

@@ -3,9 +3,11 @@
     python -m jobs.pipeline --conf conf/synthetic.yaml [--set warehouse=DIR]
 
 Stages: generate (synthetic configs only) -> ingest -> sequences -> graph -> samples -> train -> embed
--> topk -> recent -> evaluate. For the baselines (``model`` = pop | cooc) the topk stage writes their
-lists and samples/train/embed are skipped; recent (each user's list fused from the i2i lists of their
-last items, model ``<model>_recent``) runs when ``recent.triggers`` > 0.
+-> topk -> recent -> baselines -> evaluate. For the baselines (``model`` = pop | cooc) the topk stage
+writes their lists and samples/train/embed are skipped; recent (each user's list fused from the i2i
+lists of their last items, model ``<model>_recent``) runs when ``recent.triggers`` > 0. For a learned
+model, the baselines stage builds the lists (topk, recent) of every baseline named in
+``eval.compare_to``, and evaluate scores them beside the model and compares the model with them.
 
 A stage is skipped when its config, its inputs (Delta table versions, source files) and its outputs
 are what they were when it last finished: the state lives in ``<warehouse>/_pipeline/``. ``--from
@@ -31,7 +33,8 @@ from jobs._cli import parse, print_tables
 
 log = logging.getLogger("jobs.pipeline")
 
-STAGES = ("generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk", "recent", "evaluate")
+STAGES = ("generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk", "recent", "baselines",
+          "evaluate")
 
 
 PER_MODEL = ("train", "embed", "topk", "recent")
@@ -118,6 +121,13 @@ def _record(cfg: Config, stage: str, fingerprint: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def compared_baselines(cfg: Config) -> list:
+    """The baselines of ``eval.compare_to`` (pop, cooc) that a learned model's pipeline builds itself."""
+    if cfg.model in baseline.BASELINES:
+        return []
+    return [b for b in dict.fromkeys(cfg.eval.compare_to) if b in baseline.BASELINES]
+
+
 def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool = False) -> dict:
     spark = spark or get_spark(cfg.spark)
     stages = list(STAGES)
@@ -128,36 +138,63 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
         stages = [s for s in stages if s not in ("samples", "train", "embed")]
     if cfg.recent.triggers <= 0:
         stages.remove("recent")
+    base_cfgs = [dataclasses.replace(cfg, model=b) for b in compared_baselines(cfg)]
+    if not base_cfgs:
+        stages.remove("baselines")
     if start_from:
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
     results = {}
     skipped = []
+    current = []  # (config, stage) of every stage run or found up to date
     for stage in stages:
-        t = time.time()
         forced = force or (start_from is not None and STAGES.index(stage) >= STAGES.index(start_from))
-        if stage != "evaluate" and not forced and _up_to_date(cfg, stage):
-            log.info("stage %s: inputs, config and outputs unchanged - skipped", stage)
-            skipped.append(stage)
+        if stage == "baselines":  # each baseline's own topk / recent stages, with their own state
+            subs = ["topk"] + (["recent"] if "recent" in stages else [])
+            done = {f"{b.model}.{sub}": _run_stage(b, sub, spark, forced) for b in base_cfgs for sub in subs}
+            current += [(b, sub) for b in base_cfgs for sub in subs]
+            results[stage] = {k: v for k, v in done.items() if v is not None}
+            if not results[stage]:
+                skipped.append(stage)
             continue
-        fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
-        log.info("stage %s ...", stage)
-        if stage == "train":
-            results[stage] = train.run(cfg)  # torch, no Spark; launcher from train.launcher
-        elif stage == "topk" and cfg.model in baseline.BASELINES:
-            results[stage] = baseline.run(cfg, spark)
-        else:
-            job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
-                   "samples": samples, "embed": embed, "topk": topk, "recent": recent, "evaluate": evaluate}[stage]
-            results[stage] = job.run(cfg, spark)
-        if fingerprint is not None:
-            _record(cfg, stage, fingerprint)
-        if stage == "recent" and "topk" in stages and S.T_U2I_TOPK in _stage_io(cfg, "topk")[2]:
-            # topk (DAT / two-tower) shares u2i_topk with recent, and was current a moment ago:
-            # record the table as recent left it, or the next run would see topk's output changed
-            _record(cfg, "topk", _fingerprint(cfg, "topk"))
-        log.info("stage %s done in %.1fs", stage, time.time() - t)
+        if stage == "evaluate":
+            models = evaluate.default_models(cfg) + [m for b in base_cfgs for m in evaluate.default_models(b)]
+            results[stage] = _run_stage(cfg, stage, spark, forced, models=models)
+            continue
+        results[stage] = _run_stage(cfg, stage, spark, forced)
+        current.append((cfg, stage))
+        if results[stage] is None:
+            skipped.append(stage)
+            del results[stage]
+    # Models share i2i_topk and u2i_topk (a partition each): a later stage of this run (recent after
+    # topk, a baseline's lists after the model's) gives them a new version, which the next run would
+    # take for a changed input or output of the stages that were current. They still are: record
+    # every stage of this run as the tables are now.
+    for c, stage in current:
+        _record(c, stage, _fingerprint(c, stage))
     results["skipped"] = skipped
     return results
+
+
+def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Optional[dict]:
+    """Run one stage for ``cfg.model`` and record its state; None when it is up to date (skipped)."""
+    t = time.time()
+    if stage != "evaluate" and not forced and _up_to_date(cfg, stage):
+        log.info("stage %s (%s): inputs, config and outputs unchanged - skipped", stage, cfg.model)
+        return None
+    fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
+    log.info("stage %s (%s) ...", stage, cfg.model)
+    if stage == "train":
+        result = train.run(cfg)  # torch, no Spark; launcher from train.launcher
+    elif stage == "topk" and cfg.model in baseline.BASELINES:
+        result = baseline.run(cfg, spark)
+    else:
+        job = {"generate": generate, "ingest": ingest, "sequences": sequences, "graph": graph,
+               "samples": samples, "embed": embed, "topk": topk, "recent": recent, "evaluate": evaluate}[stage]
+        result = job.run(cfg, spark, **kwargs)
+    if fingerprint is not None:
+        _record(cfg, stage, fingerprint)
+    log.info("stage %s (%s) done in %.1fs", stage, cfg.model, time.time() - t)
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -72,7 +72,7 @@ def test_pipeline_runs_through_spark_submit(packed):
     out, wheel, env_tar = packed
     wh = out / "wh"
     args = [str(ROOT / "jobs" / "submit.py"), "pipeline", "--conf", str(ROOT / "conf" / "synthetic.yaml"),
-            "--set", f"warehouse={wh}", *[x for s in TINY for x in ("--set", s)]]
+            "--set", f"warehouse={wh}", "--set", "model=cooc", *[x for s in TINY for x in ("--set", s)]]
     res = _submit(out, wheel, env_tar, *args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Pre@10" in res.stdout and f"{wh}/i2i_topk" in res.stdout

@@ -28,9 +28,20 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     snapshot = seq_v0.collect()
     assert first["sequences"]["users"] == io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS)).count()
 
+    # the default (NATM) trains, and the pipeline builds the cooc lists of eval.compare_to beside it
+    assert first["train"]["steps"] > 0 and set(first["baselines"]) == {"cooc.topk", "cooc.recent"}
+    topk_models = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).select(S.MODEL).distinct().collect()
+    assert {r.model for r in topk_models} == {"natm", "cooc"}
+    evaluated = io.read_table(spark, cfg.table_path(S.T_METRICS)).select(S.MODEL).distinct().collect()
+    assert {r.model for r in evaluated} == {"natm", "natm_recent", "cooc", "cooc_recent"}
+    paired = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED))
+    assert {(r.model, r.baseline) for r in paired.select(S.MODEL, S.BASELINE).distinct().collect()} == {
+        ("natm", "cooc"), ("natm_recent", "cooc_recent"), ("cooc_recent", "cooc")}  # fused vs fused
+
     # unchanged config and inputs: every stage but evaluate is skipped, no table gets a new version
     again_run = pipeline.run(cfg, spark)
-    assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "topk", "recent"]
+    assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk",
+                                    "recent", "baselines"]
     assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == 0
     # a graph setting changed: graph and what depends on it rerun, the stages before it do not
     wider = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "graph.window=2"])
@@ -50,8 +61,9 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
 
 
 def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehouse):
-    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY])
-    pipeline.run(cfg, spark)  # model = cooc (synthetic.yaml's default)
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=cooc",
+                                                         "eval.compare_to=[]"])
+    pipeline.run(cfg, spark)  # a baseline's pipeline: no samples, training or embedding
     from jobs import baseline, evaluate
 
     baseline.run(cfg, spark, "pop")
@@ -81,7 +93,7 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
 
     # eval.compare_to: each model against pop user by user; a baseline without lists is skipped
     nightly = load_config(ROOT / "conf" / "synthetic.yaml",
-                          [f"warehouse={warehouse}", *TINY, "eval.compare_to=[pop, no_such_model]"])
+                          [f"warehouse={warehouse}", *TINY, "model=cooc", "eval.compare_to=[pop, no_such_model]"])
     out = evaluate.run(nightly, spark, ["cooc", "cooc_recent"])
     paired = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED))
     assert [(f.name, f.dataType) for f in paired.schema] == [(f.name, f.dataType) for f in S.METRICS_PAIRED]
@@ -112,6 +124,8 @@ def test_pipeline_cli_prints_where_tables_are(tmp_path):
     assert f"{wh}/sequences" in res.stdout and f"{wh}/actions_rejected" in res.stdout
     assert "training actions" in res.stdout
     assert "Pre@10" in res.stdout and f"{wh}/metrics" in res.stdout
+    # the embedded default trains NATM and compares it with the cooc lists it builds, user by user
+    assert "natm vs cooc, paired over" in res.stdout and f"{wh}/item_embeddings" in res.stdout
 
 
 def test_cli_rejects_bad_config_with_the_key_name(tmp_path):
