@@ -50,7 +50,8 @@ def child(step: str, wh: str, size: int, per_user: float) -> None:
         f"warehouse={wh}", f"generate.num_users={users}", f"generate.num_items={max(5000, size // 200)}",
         f"generate.partitions={max(2, size // 2_000_000)}", f"generate.actions_per_user={per_user}", "generate.bad_row_fraction=0",
         "generate.duplicate_fraction=0", f"spark.shuffle_partitions={max(8, size // 1_000_000)}",
-        "spark.driver_memory=12g", "graph.window=3", "graph.top_n=9", "graph.max_user_length=5000"])
+        "spark.driver_memory=12g", "graph.window=3", "graph.decay=false", "graph.top_n=9",
+        "graph.max_user_length=5000"])  # counts, as the self-join's
     spark = get_spark(cfg.spark)
     t = time.time()
     if step == "prepare":

@@ -66,11 +66,14 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                 raise ValueError(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)
     for m in models:
-        prs = []
+        prs, compared = [], set()
         for b, base in baselines.items():
             if m == b or not base:
                 continue
             b, base = _like_for_like(m, b, base, lists, topk_all, u2i_all)
+            if b in compared:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
+                continue
+            compared.add(b)
             for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
                 bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
                 prs_kind = paired_comparison(targets, t, bt, list(cfg.eval.ks), m, b, kind, bkind, run_ts)

@@ -141,15 +141,18 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
     base_cfgs = [dataclasses.replace(cfg, model=b) for b in compared_baselines(cfg)]
     if not base_cfgs:
         stages.remove("baselines")
+    current = []  # (config, stage) of every stage run or found up to date
     if start_from:
+        # the stages before it are not run; those up to date are recorded again at the end (below)
+        current = [(c, st) for c, st, at in _per_model(cfg, base_cfgs, stages)
+                   if STAGES.index(at) < STAGES.index(start_from) and _up_to_date(c, st)]
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
     results = {}
     skipped = []
-    current = []  # (config, stage) of every stage run or found up to date
     for stage in stages:
         forced = force or (start_from is not None and STAGES.index(stage) >= STAGES.index(start_from))
         if stage == "baselines":  # each baseline's own topk / recent stages, with their own state
-            subs = ["topk"] + (["recent"] if "recent" in stages else [])
+            subs = ["topk"] + (["recent"] if cfg.recent.triggers > 0 else [])
             done = {f"{b.model}.{sub}": _run_stage(b, sub, spark, forced) for b in base_cfgs for sub in subs}
             current += [(b, sub) for b in base_cfgs for sub in subs]
             results[stage] = {k: v for k, v in done.items() if v is not None}
@@ -157,6 +160,12 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
                 skipped.append(stage)
             continue
         if stage == "evaluate":
+            # Models share i2i_topk and u2i_topk (a partition each): a later stage of this run
+            # (recent after topk, a baseline's lists after the model's) gave them a new version, which
+            # the next run would take for a changed input or output of the stages that were current.
+            # They still are: record them as the tables are now, before evaluate can fail.
+            for c, st in current:
+                _record(c, st, _fingerprint(c, st))
             models = evaluate.default_models(cfg) + [m for b in base_cfgs for m in evaluate.default_models(b)]
             results[stage] = _run_stage(cfg, stage, spark, forced, models=models)
             continue
@@ -165,14 +174,16 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
         if results[stage] is None:
             skipped.append(stage)
             del results[stage]
-    # Models share i2i_topk and u2i_topk (a partition each): a later stage of this run (recent after
-    # topk, a baseline's lists after the model's) gives them a new version, which the next run would
-    # take for a changed input or output of the stages that were current. They still are: record
-    # every stage of this run as the tables are now.
-    for c, stage in current:
-        _record(c, stage, _fingerprint(c, stage))
     results["skipped"] = skipped
     return results
+
+
+def _per_model(cfg: Config, base_cfgs: list, stages: list) -> list:
+    """(config, stage, pipeline stage) of every stage with its own state: the model's stages, and each
+    baseline's topk / recent, which run in the pipeline's baselines stage."""
+    subs = ["topk"] + (["recent"] if cfg.recent.triggers > 0 else [])
+    own = [(cfg, s, s) for s in stages if s not in ("baselines", "evaluate")]
+    return own + ([(b, sub, "baselines") for b in base_cfgs for sub in subs] if "baselines" in stages else [])
 
 
 def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Optional[dict]:

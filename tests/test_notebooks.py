@@ -26,7 +26,7 @@ def test_notebook_runs(path, spark, tmp_path, monkeypatch):
 
 
 TINY = ["generate.num_users=200", "generate.num_items=300", "generate.actions_per_user=15", "generate.partitions=2",
-        "natm.dim=16", "natm.layers=1", "natm.heads=2", "train.batch_size=64", "train.max_steps=6",
+        "natm.dim=16", "train.batch_size=64", "train.max_steps=6",
         "samples.num_negatives=4", "samples.dat_negatives=2"]
 
 

@@ -199,6 +199,12 @@ class NATM(nn.Module):
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
         # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
+        # Parameters the configured loss never reaches are frozen: DDP (find_unused_parameters off)
+        # waits for a gradient of every trainable parameter and fails on the second step without one.
+        if not (cfg.mlm_weight > 0 and cfg.num_neighbors > 0):
+            self.mlm_head.requires_grad_(False)
+        if cfg.loss != "nce":
+            self.nce_offset.requires_grad_(False)
         self.reset_parameters()
 
     def _id_table(self, emb: Optional[nn.Embedding], name: str) -> nn.Embedding:

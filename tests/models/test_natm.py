@@ -267,6 +267,26 @@ def test_trainer_with_full_loss_needs_no_stored_negatives():
     assert set(metrics) == {"softmax"}
 
 
+@pytest.mark.parametrize("loss,mlm_weight", [("full", 0.0), ("softmax", 0.0), ("nce", 0.1), ("full", 0.1)])
+def test_every_trainable_parameter_gets_a_gradient_as_ddp_requires(loss, mlm_weight):
+    """DDP (find_unused_parameters off) fails on its second step if a trainable parameter gets no
+    gradient: the MLM head without the MLM term, the NCE offset with a softmax loss, are frozen."""
+    from ml.train.natm_task import NATMTrainer
+
+    cfg = NATMConfig(num_items=20, num_neighbors=3, num_categories=3, dim=8, layers=0, dropout=0.0, loss=loss,
+                     mlm_weight=mlm_weight, separate_encoders=True, residual=True, neighbor_pointer=True)
+    model = NATM(cfg, _toy_table())
+    batch = {"trigger": torch.tensor([1, 5, 9]), "positive": torch.tensor([2, 7, 11]),
+             "negatives": torch.tensor([[3, 4], [8, 9], [1, 2]]), "q_positive": torch.full((3,), 0.05),
+             "q_negatives": torch.full((3, 2), 0.05)}
+    loss_value, _ = NATMTrainer(model, k=2)(batch)
+    loss_value.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert model.nce_offset.requires_grad == (loss == "nce")
+    assert model.mlm_head[0].weight.requires_grad == (mlm_weight > 0)
+
+
 @pytest.mark.parametrize("separate", [False, True])
 def test_item_bias_is_a_unit_vector_coordinate_every_loss_agrees_with(separate):
     torch.manual_seed(0)
