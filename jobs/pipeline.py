@@ -152,9 +152,9 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
     for stage in stages:
         forced = force or (start_from is not None and STAGES.index(stage) >= STAGES.index(start_from))
         if stage == "baselines":  # each baseline's own topk / recent stages, with their own state
-            subs = ["topk"] + (["recent"] if cfg.recent.triggers > 0 else [])
-            done = {f"{b.model}.{sub}": _run_stage(b, sub, spark, forced) for b in base_cfgs for sub in subs}
-            current += [(b, sub) for b in base_cfgs for sub in subs]
+            subs = _baseline_stages(cfg, base_cfgs)
+            done = {f"{b.model}.{sub}": _run_stage(b, sub, spark, forced) for b, sub in subs}
+            current += subs
             results[stage] = {k: v for k, v in done.items() if v is not None}
             if not results[stage]:
                 skipped.append(stage)
@@ -181,9 +181,15 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
 def _per_model(cfg: Config, base_cfgs: list, stages: list) -> list:
     """(config, stage, pipeline stage) of every stage with its own state: the model's stages, and each
     baseline's topk / recent, which run in the pipeline's baselines stage."""
-    subs = ["topk"] + (["recent"] if cfg.recent.triggers > 0 else [])
     own = [(cfg, s, s) for s in stages if s not in ("baselines", "evaluate")]
-    return own + ([(b, sub, "baselines") for b in base_cfgs for sub in subs] if "baselines" in stages else [])
+    return own + ([(b, sub, "baselines") for b, sub in _baseline_stages(cfg, base_cfgs)] if "baselines" in stages
+                  else [])
+
+
+def _baseline_stages(cfg: Config, base_cfgs: list) -> list:
+    """(baseline config, stage): the topk, and recent when it is on, of each compared baseline."""
+    subs = ["topk"] + (["recent"] if cfg.recent.triggers > 0 else [])
+    return [(b, sub) for b in base_cfgs for sub in subs]
 
 
 def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Optional[dict]:
