@@ -26,7 +26,11 @@ log = logging.getLogger("jobs.evaluate")
 
 
 def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
-        compare_to: Optional[List[str]] = None) -> dict:
+        compare_to: Optional[List[str]] = None, primary: Optional[List[str]] = None) -> dict:
+    """Evaluate ``models`` and compare each with the baselines. ``primary``: the models this run
+    produced (default: all of ``models``); their earlier comparisons are replaced by this run's even
+    when it makes none. A model evaluated only beside them (the pipeline's baselines, scored so the
+    report has them) keeps its earlier comparisons unless this run compares it with something."""
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
     models = models or default_models(cfg)
@@ -80,8 +84,9 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                 paired.append(format_paired(prs_kind))
                 log.info("%s", paired[-1])
                 prs += prs_kind
-        # the model's comparisons are this run's: earlier ones (other lists, other baselines) go
-        if prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED)):
+        # a produced model's comparisons are this run's: earlier ones (other lists, other baselines) go
+        replace = prs or (primary is None or m in primary)
+        if replace and (prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED))):
             io.write_table(spark, spark.createDataFrame(prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
                            mode="overwrite", partition_by=[S.MODEL, S.BASELINE], replace_where={S.MODEL: m},
                            delta_mode=mode)

@@ -166,8 +166,10 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
             # They still are: record them as the tables are now, before evaluate can fail.
             for c, st in current:
                 _record(c, st, _fingerprint(c, st))
-            models = evaluate.default_models(cfg) + [m for b in base_cfgs for m in evaluate.default_models(b)]
-            results[stage] = _run_stage(cfg, stage, spark, forced, models=models)
+            own = evaluate.default_models(cfg)
+            models = own + [m for b in base_cfgs for m in evaluate.default_models(b) if m not in own]
+            # the baselines are scored beside the model; their own comparisons (from their pipelines) stay
+            results[stage] = _run_stage(cfg, stage, spark, forced, models=models, primary=own)
             continue
         results[stage] = _run_stage(cfg, stage, spark, forced)
         current.append((cfg, stage))

@@ -108,6 +108,12 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     evaluate.run(cfg, spark, ["cooc_recent"], compare_to=["cooc"])
     pairs = {(r.model, r.baseline) for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
     assert pairs == {("cooc", "pop"), ("cooc_recent", "cooc")}
+    # a model only scored beside the run's own (as the pipeline scores its baselines) keeps its
+    # comparisons; a baseline named twice is compared once
+    evaluate.run(cfg, spark, ["cooc_recent", "cooc"], compare_to=["cooc", "cooc"], primary=["cooc_recent"])
+    paired = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED))
+    assert {(r.model, r.baseline) for r in paired.collect()} == {("cooc", "pop"), ("cooc_recent", "cooc")}
+    assert paired.where("model = 'cooc_recent'").count() == len(cfg.eval.ks) + 1
     evaluate.run(cfg, spark, ["cooc"], compare_to=[])  # evaluated with no comparison: cooc's rows go too
     pairs = {(r.model, r.baseline) for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
     assert pairs == {("cooc_recent", "cooc")}
