@@ -139,9 +139,14 @@ class Encoder(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(2 * cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
         self.out = nn.Linear(cfg.dim, cfg.dim)
 
-    def forward(self, tokens: torch.Tensor, buckets: torch.Tensor, categories: Optional[torch.Tensor]):
-        """tokens, buckets: (B, T) with T = 1+N. Returns r (B, D) and token states (B, T, D)."""
+    def forward(self, tokens: torch.Tensor, buckets: torch.Tensor, categories: Optional[torch.Tensor],
+                states: bool = True):
+        """tokens, buckets: (B, T) with T = 1+N. Returns r (B, D) and token states (B, T, D);
+        ``states=False``: r only (None for the states), which the MLP (``layers=0``) computes without
+        building and slicing the (B, T, D) states (the same values; faster backward)."""
         T = tokens.shape[1]
+        if not states and self.transformer is None:
+            return self._mlp_only(tokens, buckets, categories), None
         pos = torch.arange(T, device=tokens.device)
         x = self.item_emb(tokens) + self.pos_emb(pos)[None] + self.weight_emb(buckets)  # (B, T, D)
         if self.cat_emb is not None and categories is not None:
@@ -159,6 +164,29 @@ class Encoder(nn.Module):
             if self.cfg.residual:
                 r = x[:, 0] + r
         return self.out(r), h
+
+    def _mlp_only(self, tokens: torch.Tensor, buckets: torch.Tensor, categories: Optional[torch.Tensor]):
+        """forward's MLP branch, the item token and the neighbour tokens built apart (LayerNorm and
+        dropout act per token, so each is what forward's slice of the full states would be)."""
+        T = tokens.shape[1]
+
+        def tokens_in(t: slice) -> torch.Tensor:
+            x = self.item_emb(tokens[:, t]) + self.pos_emb.weight[t] + self.weight_emb(buckets[:, t])
+            if self.cat_emb is not None and categories is not None:
+                x = x + self.cat_emb(categories[:, t])
+            return self.drop(self.norm(x))
+
+        x0 = tokens_in(slice(0, 1))[:, 0]  # (B, D)
+        if T > 1:
+            xn = tokens_in(slice(1, T))  # (B, N, D)
+            keep = (tokens[:, 1:] != PAD).float()[..., None]
+            mean_nb = (xn * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        else:
+            mean_nb = torch.zeros_like(x0)
+        r = self.mlp(torch.cat([x0, mean_nb], dim=-1))
+        if self.cfg.residual:
+            r = x0 + r
+        return self.out(r)
 
 
 class NATM(nn.Module):
@@ -279,7 +307,7 @@ class NATM(nn.Module):
 
     def _unit(self, items: torch.Tensor, side: str) -> torch.Tensor:
         enc = self.trigger_encoder if side == "trigger" else self.candidate_encoder
-        r, _ = enc(*self._inputs(items))
+        r, _ = enc(*self._inputs(items), states=False)
         return F.normalize(r, dim=-1)
 
     def pointer_weights(self, items: torch.Tensor) -> torch.Tensor:
@@ -349,15 +377,18 @@ class NATM(nn.Module):
         items = torch.arange(1, self.cfg.num_items + 1, device=trigger.device)
         unit_c = self._unit(items, "candidate")  # (V, D)
         r_c = self._as_candidate(unit_c, items)
+        # each distinct trigger is encoded and scored once (U <= B rows), its rows gathered back
+        uniq, inverse = torch.unique(trigger, return_inverse=True)
         if self.cfg.neighbor_pointer:  # the neighbours' candidate rows are already in unit_c
-            r_t = self._as_trigger(self._trigger_unit(trigger, unit_c))
+            r_t = self._as_trigger(self._trigger_unit(uniq, unit_c))
         elif self.cfg.separate_encoders:
-            r_t = self._encode_unique(trigger, "trigger")
+            r_t = self.encode(uniq, "trigger")
         else:  # the trigger rows are among the candidates: reuse them, then the trigger-side map
-            r_t = self._as_trigger(unit_c[trigger - 1])
-        logits = self.cfg.gamma * (r_t @ r_c.T)  # (B, V): column j is item j + 1
-        logits = logits.masked_fill(items[None, :] == trigger[:, None], float("-inf"))
-        return F.cross_entropy(logits, positive - 1)
+            r_t = self._as_trigger(unit_c[uniq - 1])
+        logits = self.cfg.gamma * (r_t @ r_c.T)  # (U, V): column j is item j + 1
+        logits = logits.masked_fill(items[None, :] == uniq[:, None], float("-inf"))
+        # cross-entropy of each (trigger, positive) row: log-sum-exp of its trigger's row - the positive's logit
+        return (torch.logsumexp(logits, dim=1)[inverse] - logits[inverse, positive - 1]).mean()
 
     def _encode_unique(self, items: torch.Tensor, side: str, unit: bool = False) -> torch.Tensor:
         """Each distinct item encoded once, gathered back; ``unit``: the encoder's unit output,

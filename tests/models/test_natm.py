@@ -145,6 +145,31 @@ def test_residual_mlp_encoder_passes_the_item_vector_through():
         NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=1, residual=True)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_mlp_encoder_without_states_gives_the_same_vectors_and_gradients(residual):
+    """The MLP encoder's r-only path (training and serving) equals the path that builds the token
+    states (the MLM head's), padding and categories included, in values and in gradients."""
+    torch.manual_seed(0)
+    table = _toy_table()
+    table.neighbors[3, 1:] = PAD  # item 3 has one neighbour
+    table.weight_buckets[3, 1:] = 0
+    cfg = NATMConfig(num_items=20, num_neighbors=3, num_categories=3, dim=8, layers=0, residual=residual,
+                     dropout=0.0)
+    model = NATM(cfg, table)
+    enc = model.trigger_encoder
+    inputs = model._inputs(torch.tensor([1, 3, 3, 7]))
+    grads = []
+    for states in (True, False):
+        model.zero_grad()
+        r, h = enc(*inputs, states=states)
+        assert (h is None) != states
+        (r * torch.arange(8.0)).sum().backward()
+        grads.append((r.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (r1, g1), (r2, g2) = grads
+    assert torch.allclose(r1, r2, atol=1e-6) and g1.keys() == g2.keys() and len(g1) >= 8
+    assert all(torch.allclose(g1[n], g2[n], atol=1e-6) for n in g1)
+
+
 def test_full_softmax_refuses_a_catalogue_above_its_limit():
     with pytest.raises(ValueError, match="full_softmax_max"):
         NATMConfig(num_items=1000, loss="full", full_softmax_max=999)
@@ -374,10 +399,11 @@ def test_neighbor_pointer_adds_the_neighbours_candidate_vectors(separate):
     assert torch.allclose(model(trigger, cands), torch.stack([t[0] @ c[[1, 2]].T, t[3] @ c[[5, 0]].T]), atol=1e-5)
     g = cfg.gamma
     full = 0.0
-    for x, y in [(1, 2), (4, 6)]:
+    for x, y in [(1, 2), (4, 6), (1, 5)]:  # a repeated trigger (encoded once) is still one row per pair
         logit = {j: g * (t[x - 1] @ c[j - 1]).item() for j in range(1, V + 1) if j != x}
-        full += -(logit[y] - math.log(sum(math.exp(v) for v in logit.values()))) / 2
-    assert model.full_softmax_loss(trigger, torch.tensor([2, 6])).item() == pytest.approx(full, rel=1e-5)
+        full += -(logit[y] - math.log(sum(math.exp(v) for v in logit.values()))) / 3
+    loss = model.full_softmax_loss(torch.tensor([1, 4, 1]), torch.tensor([2, 6, 5]))
+    assert loss.item() == pytest.approx(full, rel=1e-5)
     q = torch.full(cands.shape, 0.25)
     model.batch_softmax_loss(trigger, cands, q).backward()  # the sampled path runs and trains the weights
     assert model.pointer_rank.grad.abs().sum() > 0
