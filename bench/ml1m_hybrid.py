@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=1, help="co-occurrence window of the count term")
     p.add_argument("--decay", action="store_true", help="weight a pair d apart by 1/d")
     a = p.parse_args()
+    if a.window < 1:
+        p.error(f"--window must be >= 1 (positions after the trigger), got {a.window}")
     model, vocab, _ = load_artifact(str(Path(a.warehouse) / "models" / "natm" / "model.pt"))
     V = vocab.size
     trig_vec, cand_vec = embed_items(model, torch.arange(1, V + 1))
