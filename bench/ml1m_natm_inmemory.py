@@ -29,6 +29,7 @@ from bench._machine import describe
 from bench.ml1m_i2i_ceiling import COLS, KS, Split, load_sequences
 from ml.eval.offline import p_text, paired_ranks
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table
+from ml.train.loop import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = {"dir5": dict(W=5, decay="1/d", sym=False), "sym3": dict(W=3, decay="none", sym=True),
@@ -65,6 +66,7 @@ def train(sp: Split, a) -> tuple[NATM, float]:
     sched = torch.optim.lr_scheduler.LambdaLR(  # 20 warm-up steps, then cosine to 0, as the pipeline's loop
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(a.seed)
+    bf16 = autocast_dtype("bf16" if a.bf16 else "off", torch.device("cpu"), warn=True) is not None
     model.train()
     t0, step = time.time(), 0
     with tqdm(total=steps, desc="NATM full softmax", mininterval=10) as bar:
@@ -74,7 +76,8 @@ def train(sp: Split, a) -> tuple[NATM, float]:
                 if step == steps:
                     break
                 b = perm[i:i + a.batch_size]
-                loss = model.full_softmax_loss(x[b], y[b])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model.full_softmax_loss(x[b], y[b])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -104,6 +107,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast in training, as train.amp=bf16 (fp32 on a CPU without native bf16); "
+                        "the embeddings are scored in fp32")
     p.add_argument("--ensemble", type=int, default=1,
                    help="N models from seeds seed..seed+N-1, scored by the mean cosine: one embedding of N*dim "
                         "(the models' unit vectors side by side, divided by sqrt(N))")

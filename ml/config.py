@@ -263,7 +263,10 @@ class TrainConfig:
     launcher: str = "local"  # local (one process) | torchrun | distributor (pyspark TorchDistributor)
     num_processes: int = 1  # DDP world size for torchrun / distributor
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    amp: bool = True  # mixed precision (bf16 autocast) on GPU only
+    # mixed precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 = bf16 autocast on CPU too (where
+    # the CPU has native bf16: AVX512-BF16 or AMX; else fp32 with a warning); off = fp32 everywhere.
+    # YAML true / false (or on / off) mean auto / off. The weights and optimizer stay fp32 either way.
+    amp: Any = "auto"
     deterministic: bool = True  # torch's deterministic kernels: the same data and seed give the same model
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 10_000  # rows held for shuffling by each reader worker
@@ -281,6 +284,9 @@ class TrainConfig:
         _check_choice("train.lr_schedule", self.lr_schedule, ["constant", "cosine", "linear"])
         _check_choice("train.launcher", self.launcher, ["local", "torchrun", "distributor"])
         _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
+        if isinstance(self.amp, bool):  # YAML true/false, on/off
+            object.__setattr__(self, "amp", "auto" if self.amp else "off")
+        _check_choice("train.amp", self.amp, ["auto", "bf16", "off"])
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,35 @@ def use_deterministic_ops(on: bool, device: torch.device) -> None:
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX, through oneDNN).
+    Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(amp: str, device: torch.device, warn: bool = False) -> Optional[torch.dtype]:
+    """The autocast dtype ``train.amp`` gives on ``device``, or None for fp32.
+
+    auto: bf16 on CUDA, fp32 on CPU. bf16: bf16 on CUDA and on a CPU with native bf16 (a CPU without
+    it runs fp32, with a warning when ``warn``). off: fp32. Autocast computes the matmuls in bf16 and
+    keeps the weights, the optimizer, the softmax and the losses in fp32."""
+    if amp == "off" or device.type not in ("cuda", "cpu"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if amp != "bf16":
+        return None
+    if not cpu_has_native_bf16():
+        if warn:
+            logger.warning("train.amp=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), where it "
+                           "would be slower than fp32; training in fp32")
+        return None
+    return torch.bfloat16
+
+
 def _malloc_trim() -> Optional[Callable[[int], int]]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -312,10 +341,11 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
 
     ``steps_per_epoch`` (an estimate is fine) sizes the cosine/linear LR decay when ``max_steps`` is
     unset. ``keep_checkpoints`` keeps the newest N checkpoint files (None keeps all).
-    Returns ``{steps, epochs, final_loss, seconds, samples_per_s, checkpoint}``: ``steps`` counts
+    Returns ``{steps, epochs, final_loss, seconds, samples_per_s, checkpoint, precision}``: ``steps`` counts
     optimizer steps since the start of training (including before a resume), ``epochs`` the
     completed epochs, ``final_loss`` this rank's last batch loss, ``seconds`` / ``samples_per_s``
-    this call's wall time and throughput summed over ranks, ``checkpoint`` rank 0's last file.
+    this call's wall time and throughput summed over ranks, ``checkpoint`` rank 0's last file,
+    ``precision`` bf16 (autocast, ``cfg.amp``) or fp32.
     """
     t_start = time.time()
     device = ctx.device
@@ -325,10 +355,12 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
     optimizer = build_optimizer(model.parameters(), cfg)
     total_steps = total_training_steps(cfg, steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg, total_steps, warn=ctx.is_main)
-    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(cfg.amp, device, warn=ctx.is_main)
+    if ctx.is_main:
+        logger.info("training on %s in %s", device, "bf16 autocast" if amp_dtype else "fp32")
 
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
     step, epoch, batches_done = 0, 0, 0
     last_loss: Optional[float] = None
@@ -452,7 +484,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
         dist.all_reduce(total)
         samples_seen = int(total.item())
     result = {"steps": step, "epochs": epoch, "final_loss": last_loss, "seconds": seconds,
-              "samples_per_s": samples_seen / max(seconds, 1e-9), "checkpoint": last_checkpoint}
+              "samples_per_s": samples_seen / max(seconds, 1e-9), "checkpoint": last_checkpoint,
+              "precision": "bf16" if amp_dtype else "fp32"}
     if ctx.is_main:
         logger.info("training finished: %d steps, %d epochs, final loss %s, %.1f s, %.0f samples/s",
                     step, epoch, last_loss, seconds, result["samples_per_s"])
