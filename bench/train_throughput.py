@@ -1,11 +1,16 @@
 """Training-loop throughput: Delta reader -> DDP vs the same model fed from in-memory tensors.
 
     python -m bench.train_throughput --warehouse /tmp/wh_ml [--steps 150] [--procs 1 2]
+    python -m bench.train_throughput --warehouse /tmp/wh_ml --procs 1 --amp off bf16 [--repeats 2]
 
 Needs a warehouse with samples_natm, item_graph, noise_q, items (run the pipeline + samples job).
 Both paths train the same NATM config for the same number of steps with the same training loop
 (ml.train.loop.train), one after the other in this run; the figure of merit is the ratio
 reader / in-memory samples/s (goal >= 0.7: the data path is not the bottleneck).
+
+With ``--amp``, the reader path (the pipeline's) is timed under each ``train.amp`` setting instead,
+the settings alternating ``--repeats`` times, and the ratio of each to the first is printed
+(bf16 vs fp32 on the same box in one run).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _worker(rank: int, world: int, port: int, wh: str, path: str, steps: int, overrides: list, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, wh: str, path: str, steps: int, overrides: list, out_dir: str,
+            tag: str = "") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
@@ -60,8 +66,8 @@ def _worker(rank: int, world: int, port: int, wh: str, path: str, steps: int, ov
     res = train(NATMTrainer(model, cfg.samples.num_negatives), make, lambda m, b: m(b), cfg.train, ctx,
                 tempfile.mkdtemp(), seed=cfg.seed)
     if ctx.is_main:
-        with open(os.path.join(out_dir, f"{path}-{world}.txt"), "w") as f:
-            f.write(str(res["samples_per_s"]))
+        with open(os.path.join(out_dir, f"{path}-{world}{tag}.txt"), "w") as f:
+            f.write(f"{res['samples_per_s']} {res['precision']}")
     cleanup()
 
 
@@ -77,17 +83,36 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--amp", nargs="+", choices=["off", "auto", "bf16"],
+                   help="time the reader path under these train.amp settings instead (e.g. off bf16)")
+    p.add_argument("--repeats", type=int, default=2, help="with --amp: runs of each setting, alternating")
     a = p.parse_args()
     from bench._machine import describe
 
     out = tempfile.mkdtemp()
     print(f"machine: {describe()}; torch {torch.__version__}; {a.steps} steps per run")
+    if a.amp:
+        for world in a.procs:
+            runs: dict = {amp: [] for amp in a.amp}
+            for rep in range(a.repeats):
+                for amp in a.amp:
+                    t, tag = time.time(), f"-{amp}-{rep}"
+                    mp.spawn(_worker, args=(world, _free_port(), a.warehouse, "reader", a.steps,
+                                            [*a.overrides, f"train.amp={amp}"], out, tag), nprocs=world)
+                    rate, precision = open(os.path.join(out, f"reader-{world}{tag}.txt")).read().split()
+                    runs[amp].append(float(rate))
+                    print(f"  {world} proc(s), train.amp={amp} ({precision}): {float(rate):8.0f} samples/s "
+                          f"({time.time() - t:.0f}s wall)", flush=True)
+            base = sum(runs[a.amp[0]]) / len(runs[a.amp[0]])
+            print(f"{world} proc(s): " + ", ".join(
+                f"train.amp={amp} {sum(r) / len(r):.0f} samples/s ({sum(r) / len(r) / base:.2f}x)" for amp, r in runs.items()))
+        return
     for world in a.procs:
         figures = {}
         for path in ("memory", "reader"):
             t = time.time()
             mp.spawn(_worker, args=(world, _free_port(), a.warehouse, path, a.steps, a.overrides, out), nprocs=world)
-            figures[path] = float(open(os.path.join(out, f"{path}-{world}.txt")).read())
+            figures[path] = float(open(os.path.join(out, f"{path}-{world}.txt")).read().split()[0])
             print(f"  {world} proc(s), {path:<6}: {figures[path]:8.0f} samples/s  ({time.time() - t:.0f}s wall)",
                   flush=True)
         print(f"{world} proc(s): reader / in-memory = {figures['reader'] / figures['memory']:.2f}")
