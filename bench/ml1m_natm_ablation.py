@@ -1,13 +1,21 @@
-"""NATM ablations on ML-1M in one run, the shape of the paper's Tables 3-5, plus our loss options.
+"""NATM ablations on ML-1M in one run, the shape of the paper's Tables 3-5, around the chosen config.
 
-    python -m bench.ml1m_natm_ablation --warehouse /tmp/wh_ml --groups layers neighbours negatives loss \
-        [--steps 240] [--set train.batch_size=2048 ...]
+    python -m bench.ml1m_natm_ablation --warehouse /tmp/wh_val \
+        [--groups layers neighbours pointer negatives loss] [--steps 240] [--set train.lr=0.002 ...]
 
-Every variant trains from scratch with the same budget (steps x batch), the same samples and
-seed, then is scored exactly like bench.ml1m_natm (trigger's embedding vs every item, cosine,
-Faiss exact, trigger excluded, all eval users). Point ``--warehouse`` at a validation warehouse
-(conf/ml1m_natm.yaml with ``sequences.holdout=2``, see the README) to choose settings without
-touching the test targets. The paper reports: best at 4 layers, 9 neighbours, ~9 negatives.
+Every variant is ``conf/ml1m_natm.yaml`` (layers 0 with the residual MLP, the neighbour pointer,
+separate towers, the exact softmax, dim 256, bf16 autocast where the CPU has it) with one thing
+changed, trained from scratch for the same steps x batch on the same samples and seed, then scored
+exactly like bench.ml1m_natm (trigger's embedding vs every item, cosine, Faiss exact, trigger
+excluded, all eval users). A variant whose config equals one already trained (the chosen config
+appears in several groups) is reported from that run. Point ``--warehouse`` at a validation
+warehouse (the pipeline with ``--set sequences.holdout=2``, see the README) to choose settings
+without touching the test targets. The paper reports: best at 4 layers, 9 neighbours, ~9 negatives.
+
+Where a variant cannot keep a setting of the config, it says so in its overrides: the transformer
+(layers > 0) has its own residual stream (``natm.residual=false``), and with no neighbours there is
+nothing for the pointer to point at (``natm.neighbor_pointer=false``). The exact softmax uses no
+sampled negatives, so the negatives group trains with the paper's NCE.
 """
 from __future__ import annotations
 
@@ -22,18 +30,26 @@ from jobs._cli import setup_logging
 from ml.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+CHOSEN = ("chosen: layers 0 (residual MLP), 9 neighbours, pointer, exact softmax", [])
 GROUPS = {
     # paper Table 3: encoder depth (0 = MLP over the item and its neighbours)
-    "layers": [("layers=0", ["natm.layers=0"]), ("layers=1", ["natm.layers=1"]), ("layers=2", ["natm.layers=2"])],
+    "layers": [CHOSEN,
+               ("layers 1 (transformer)", ["natm.layers=1", "natm.residual=false"]),
+               ("layers 2 (transformer)", ["natm.layers=2", "natm.residual=false"])],
     # paper Table 4: neighbours in the quasi-sequence (0 = no graph augmentation)
-    "neighbours": [("neighbours=0", ["natm.num_neighbors=0"]), ("neighbours=3", ["natm.num_neighbors=3"]),
-                   ("neighbours=9", ["natm.num_neighbors=9"])],
-    # paper Table 5: negatives per positive
-    "negatives": [("negatives=1", ["natm.negatives=1"]), ("negatives=4", ["natm.negatives=4"]),
-                  ("negatives=9", ["natm.negatives=9"])],
-    # ours: the paper's NCE vs a sampled softmax over the batch; shared vs separate encoders
-    "loss": [("nce", ["natm.loss=nce"]), ("softmax", ["natm.loss=softmax"]),
-             ("softmax + separate encoders", ["natm.loss=softmax", "natm.separate_encoders=true"])],
+    "neighbours": [("neighbours 0 (id embedding only)", ["natm.num_neighbors=0", "natm.neighbor_pointer=false"]),
+                   ("neighbours 3", ["natm.num_neighbors=3"]),
+                   CHOSEN],
+    # ours: the trigger's vector pointing at its neighbours' candidate vectors
+    "pointer": [("no neighbour pointer", ["natm.neighbor_pointer=false"]), CHOSEN],
+    # paper Table 5: negatives per positive, under the paper's NCE (the exact softmax has every item)
+    "negatives": [("NCE, 1 negative", ["natm.loss=nce", "natm.negatives=1"]),
+                  ("NCE, 4 negatives", ["natm.loss=nce", "natm.negatives=4"]),
+                  ("NCE, 9 negatives", ["natm.loss=nce", "natm.negatives=9"])],
+    # ours: the paper's NCE vs a sampled softmax over the batch vs the exact softmax over all items
+    "loss": [("NCE (9 negatives)", ["natm.loss=nce"]),
+             ("sampled softmax over the batch", ["natm.loss=softmax"]),
+             CHOSEN],
 }
 
 
@@ -43,23 +59,26 @@ def main() -> None:
     p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--set", dest="overrides", action="append", default=[],
-                   help="applied to every variant (the base: layers=0 and batch 2048 unless set here)")
+                   help="applied to every variant (on top of conf/ml1m_natm.yaml)")
     a = p.parse_args()
     setup_logging("WARNING")
-    base = ["natm.layers=0", "train.batch_size=2048", "train.lr=0.01", "train.warmup_steps=20",
-            f"train.max_steps={a.steps}", "train.log_every=1000000", *a.overrides]
-    print(f"machine: {describe()}\nwarehouse {a.warehouse}; base: {' '.join(base)}", flush=True)
-    rows = []
+    base = [f"train.max_steps={a.steps}", "train.log_every=1000000", *a.overrides]
+    print(f"machine: {describe()}\nwarehouse {a.warehouse}; conf/ml1m_natm.yaml with {' '.join(base)}", flush=True)
+    rows, done = [], {}
     for group in a.groups:
         for name, over in GROUPS[group]:
             cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", [f"warehouse={a.warehouse}", *base, *over])
-            t = time.time()
-            res = train_job.run(cfg)
-            secs = time.time() - t
-            m = evaluate_artifact(cfg, str(Path(train_job.model_dir(cfg)) / "model.pt"))
-            rows.append((group, name, m, secs, res["steps"]))
-            print(f"{group:<10} {name:<28} " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
-                  + f" | {res['steps']} steps, {secs:.0f}s", flush=True)
+            key = repr((cfg.natm, cfg.train, cfg.samples))
+            if key not in done:
+                t = time.time()
+                res = train_job.run(cfg)
+                secs = time.time() - t
+                m = evaluate_artifact(cfg, str(Path(train_job.model_dir(cfg)) / "model.pt"))
+                done[key] = (m, secs, res["steps"], res.get("precision", "fp32"))
+            m, secs, steps, precision = done[key]
+            rows.append((group, name, m, secs, steps))
+            print(f"{group:<10} {name:<44} " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
+                  + f" | {steps} steps, {secs:.0f}s, {precision}", flush=True)
     keys = list(rows[0][2])
     print("\n| group | variant | " + " | ".join(keys) + " | train |")
     print("|---|---|" + "---|" * len(keys) + "---|")

@@ -328,6 +328,18 @@ class NATMSection:
                               "(two encoders, or one encoder plus a trigger-side map); set one of them")
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
+        # the model's own checks (ml/models/natm.py), here too, so that a bad combination fails when the
+        # config is read, not after ingest, graph and samples have run
+        if self.layers and self.dim % self.heads:
+            raise ConfigError(f"natm.dim={self.dim} must be divisible by natm.heads={self.heads} (natm.layers > 0)")
+        if self.residual and self.layers:
+            raise ConfigError(f"natm.residual is for natm.layers=0 (the MLP encoder); natm.layers={self.layers} "
+                              "already has the transformer's residual stream: set natm.residual=false")
+        if self.neighbor_pointer and not self.num_neighbors:
+            raise ConfigError("natm.neighbor_pointer points at the trigger's neighbours; natm.num_neighbors=0 has "
+                              "none: set natm.neighbor_pointer=false")
+        if not 0 <= self.mlm_prob < 1:
+            raise ConfigError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from ml.config import Config, ConfigError, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides_are_typed():
@@ -55,6 +59,20 @@ def test_new_model_and_index_settings_are_checked_with_their_key():
         load_config(None, ["baseline.index=hnsw"])
     with pytest.raises(ConfigError, match=r"sequences.holdout"):
         load_config(None, ["sequences.holdout=0"])
+
+
+def test_natm_combinations_the_model_rejects_fail_when_the_config_is_read():
+    ml1m = ROOT / "conf" / "ml1m_natm.yaml"  # layers 0, residual, neighbour pointer
+    with pytest.raises(ConfigError, match=r"natm.residual is for natm.layers=0.*natm.layers=2.*natm.residual=false"):
+        load_config(ml1m, ["natm.layers=2"])
+    assert load_config(ml1m, ["natm.layers=2", "natm.residual=false"]).natm.layers == 2
+    with pytest.raises(ConfigError, match=r"natm.neighbor_pointer.*natm.num_neighbors=0.*natm.neighbor_pointer=false"):
+        load_config(ml1m, ["natm.num_neighbors=0"])
+    with pytest.raises(ConfigError, match=r"natm.dim=250 must be divisible by natm.heads=4"):
+        load_config(None, ["natm.layers=1", "natm.dim=250"])
+    assert load_config(None, ["natm.layers=0", "natm.dim=250"]).natm.dim == 250  # no heads without layers
+    with pytest.raises(ConfigError, match=r"natm.mlm_prob=1 must be in \[0, 1\)"):
+        load_config(None, ["natm.mlm_prob=1"])
 
 
 def test_pipeline_state_that_cannot_be_read_means_rerun(tmp_path):
