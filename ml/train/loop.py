@@ -175,6 +175,7 @@ def autocast_dtype(amp: str, device: torch.device, warn: bool = False) -> Option
     return torch.bfloat16
 
 
+@functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Optional[Callable[[int], int]]:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
