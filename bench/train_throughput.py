@@ -87,6 +87,8 @@ def main() -> None:
                    help="time the reader path under these train.amp settings instead (e.g. off bf16)")
     p.add_argument("--repeats", type=int, default=2, help="with --amp: runs of each setting, alternating")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: must be >= 1")
     from bench._machine import describe
 
     out = tempfile.mkdtemp()
