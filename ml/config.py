@@ -323,23 +323,29 @@ class NATMSection:
         _check_choice("natm.loss", self.loss, ["nce", "softmax", "full"])
         _check_positive("natm.full_softmax_max", self.full_softmax_max)
         _check_positive("natm.negatives", self.negatives, allow_none=True)
-        if self.separate_encoders and self.trigger_projection:
-            raise ConfigError("natm.separate_encoders and natm.trigger_projection are alternatives "
-                              "(two encoders, or one encoder plus a trigger-side map); set one of them")
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
-        # the model's own checks (ml/models/natm.py), here too, so that a bad combination fails when the
-        # config is read, not after ingest, graph and samples have run
-        if self.layers and self.dim % self.heads:
-            raise ConfigError(f"natm.dim={self.dim} must be divisible by natm.heads={self.heads} (natm.layers > 0)")
-        if self.residual and self.layers:
-            raise ConfigError(f"natm.residual is for natm.layers=0 (the MLP encoder); natm.layers={self.layers} "
-                              "already has the transformer's residual stream: set natm.residual=false")
-        if self.neighbor_pointer and not self.num_neighbors:
-            raise ConfigError("natm.neighbor_pointer points at the trigger's neighbours; natm.num_neighbors=0 has "
-                              "none: set natm.neighbor_pointer=false")
-        if not 0 <= self.mlm_prob < 1:
-            raise ConfigError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
+        # here, so that a bad combination fails when the config is read, not after ingest, graph and
+        # samples have run; the model (ml.models.natm.NATMConfig) runs the same checks when it is built
+        check_natm_combinations(self)
+
+
+def check_natm_combinations(s: Any) -> None:
+    """The NATM settings that only work together, for :class:`NATMSection` and the model's own
+    ``NATMConfig`` (any object with these attributes)."""
+    if s.layers and s.dim % s.heads:
+        raise ConfigError(f"natm.dim={s.dim} must be divisible by natm.heads={s.heads} (natm.layers > 0)")
+    if not 0 <= s.mlm_prob < 1:
+        raise ConfigError(f"natm.mlm_prob={s.mlm_prob} must be in [0, 1)")
+    if s.separate_encoders and s.trigger_projection:
+        raise ConfigError("natm.separate_encoders and natm.trigger_projection are alternatives "
+                          "(two encoders, or one encoder plus a trigger-side map); set one of them")
+    if s.residual and s.layers:
+        raise ConfigError(f"natm.residual is for natm.layers=0 (the MLP encoder); natm.layers={s.layers} "
+                          "already has the transformer's residual stream: set natm.residual=false")
+    if s.neighbor_pointer and not s.num_neighbors:
+        raise ConfigError("natm.neighbor_pointer points at the trigger's neighbours; natm.num_neighbors=0 has "
+                          "none: set natm.neighbor_pointer=false")
 
 
 @dataclass(frozen=True)

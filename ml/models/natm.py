@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ml.config import check_natm_combinations
+
 PAD = 0
 
 
@@ -77,17 +79,7 @@ class NATMConfig:
             raise ValueError(f"natm.num_items={self.num_items} must be > 0")
         if self.layers < 0 or self.num_neighbors < 0:
             raise ValueError("natm.layers and natm.num_neighbors must be >= 0")
-        if self.layers and self.dim % self.heads:
-            raise ValueError(f"natm.dim={self.dim} must be divisible by natm.heads={self.heads}")
-        if not 0 <= self.mlm_prob < 1:
-            raise ValueError(f"natm.mlm_prob={self.mlm_prob} must be in [0, 1)")
-        if self.separate_encoders and self.trigger_projection:
-            raise ValueError("natm.separate_encoders and natm.trigger_projection are alternatives; set one")
-        if self.neighbor_pointer and not self.num_neighbors:
-            raise ValueError("natm.neighbor_pointer points at the trigger's neighbours; natm.num_neighbors=0 has none")
-        if self.residual and self.layers:
-            raise ValueError(f"natm.residual is for natm.layers=0 (the MLP encoder); natm.layers={self.layers} "
-                             "already has the transformer's residual stream")
+        check_natm_combinations(self)  # the checks the config runs when it is read (a ValueError)
 
 
 def bucketize_weights(weights: torch.Tensor, buckets: int) -> torch.Tensor:
