@@ -74,7 +74,7 @@ def main() -> None:
                 res = train_job.run(cfg)
                 secs = time.time() - t
                 m = evaluate_artifact(cfg, str(Path(train_job.model_dir(cfg)) / "model.pt"))
-                done[key] = (m, secs, res["steps"], res.get("precision", "fp32"))
+                done[key] = (m, secs, res["steps"], res["precision"])
             m, secs, steps, precision = done[key]
             rows.append((group, name, m, secs, steps))
             print(f"{group:<10} {name:<44} " + " ".join(f"{k} {v:.4f}" for k, v in m.items())
