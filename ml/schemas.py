@@ -103,8 +103,10 @@ I2I_TOPK = StructType([
     StructField(MODEL, StringType(), False),
 ])
 
-# DAT / two-tower only: the user (query) tower's top-K items for every user. No items are removed
-# (the user's history included): a serving layer filters what it has already shown.
+# Per-user top-K lists. DAT / two-tower: the user (query) tower's top-K items for every user, no items
+# removed (the user's history included: a serving layer filters what it has already shown).
+# `<model>_recent` (jobs.recent): the i2i lists of the user's last items fused, without the fused
+# items (or the whole history, recent.exclude=history).
 U2I_TOPK = StructType([
     StructField(USER_ID, LongType(), False),
     StructField(ITEM_ID, LongType(), False),
