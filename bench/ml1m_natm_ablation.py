@@ -34,14 +34,14 @@ CHOSEN = ("chosen: layers 0 (residual MLP), 9 neighbours, pointer, exact softmax
 GROUPS = {
     # paper Table 3: encoder depth (0 = MLP over the item and its neighbours)
     "layers": [CHOSEN,
-               ("layers 1 (transformer)", ["natm.layers=1", "natm.residual=false"]),
-               ("layers 2 (transformer)", ["natm.layers=2", "natm.residual=false"])],
+               ("layers 1 (transformer, no natm.residual)", ["natm.layers=1", "natm.residual=false"]),
+               ("layers 2 (transformer, no natm.residual)", ["natm.layers=2", "natm.residual=false"])],
     # paper Table 4: neighbours in the quasi-sequence (0 = no graph augmentation)
-    "neighbours": [("neighbours 0 (id embedding only)", ["natm.num_neighbors=0", "natm.neighbor_pointer=false"]),
+    "neighbours": [("neighbours 0 (id embedding only, so no pointer)", ["natm.num_neighbors=0", "natm.neighbor_pointer=false"]),
                    ("neighbours 3", ["natm.num_neighbors=3"]),
                    CHOSEN],
     # ours: the trigger's vector pointing at its neighbours' candidate vectors
-    "pointer": [("no neighbour pointer", ["natm.neighbor_pointer=false"]), CHOSEN],
+    "pointer": [("no neighbour pointer (9 neighbours in the MLP only)", ["natm.neighbor_pointer=false"]), CHOSEN],
     # paper Table 5: negatives per positive, under the paper's NCE (the exact softmax has every item)
     "negatives": [("NCE, 1 negative", ["natm.loss=nce", "natm.negatives=1"]),
                   ("NCE, 4 negatives", ["natm.loss=nce", "natm.negatives=4"]),

@@ -25,10 +25,10 @@ def test_each_variant_builds_a_model_config(group, name, over):
 
 def test_the_ablations_change_what_their_rows_say():
     by_name = {name: load_config(CONF, over).natm for _, name, over in VARIANTS}
-    assert [by_name[f"layers {n} (transformer)"].layers for n in (1, 2)] == [1, 2]
-    assert by_name["neighbours 0 (id embedding only)"].num_neighbors == 0
+    assert [by_name[f"layers {n} (transformer, no natm.residual)"].layers for n in (1, 2)] == [1, 2]
+    assert by_name["neighbours 0 (id embedding only, so no pointer)"].num_neighbors == 0
     assert by_name["neighbours 3"].num_neighbors == 3 and by_name["neighbours 3"].neighbor_pointer
-    assert not by_name["no neighbour pointer"].neighbor_pointer
+    assert not by_name["no neighbour pointer (9 neighbours in the MLP only)"].neighbor_pointer
     assert [(by_name[f"NCE, {k} negative{'s' * (k > 1)}"].loss, by_name[f"NCE, {k} negative{'s' * (k > 1)}"].negatives)
             for k in (1, 4, 9)] == [("nce", 1), ("nce", 4), ("nce", 9)]
     assert by_name["sampled softmax over the batch"].loss == "softmax"
