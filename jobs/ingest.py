@@ -33,6 +33,8 @@ def run(cfg: Config, spark=None) -> dict:
     validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         actions = good_actions(validated)
+        if not actions.limit(1).count():  # stops at the first good row
+            _no_actions(spark, cfg, validated)
         io.write_table(spark, actions, cfg.table_path(S.T_ACTIONS), mode="overwrite", delta_mode=mode,
                        overwrite_schema=True)
         io.write_table(spark, rejected_actions(validated), cfg.table_path(S.T_ACTIONS_REJECTED),
@@ -57,6 +59,27 @@ def run(cfg: Config, spark=None) -> dict:
     log.info("ingested %s: %d input rows -> %d actions (%d users, %d items); rejected %s",
              ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
     return out
+
+
+class NoActionsError(ValueError):
+    """The source gave no valid action: ``actions`` would be emptied, so ingest stops instead."""
+
+
+def _no_actions(spark, cfg: Config, validated) -> None:
+    """Raise :class:`NoActionsError`. ``actions`` (and every table after it) keeps its previous
+    version, since an overwrite with nothing would empty everything downstream; the rejected rows,
+    if any, are written to ``actions_rejected`` first, so that what was wrong with them is kept."""
+    mode, src = cfg.io.delta_mode, cfg.ingest.path or cfg.table_path(cfg.generate.table)
+    rejected = rejected_actions(validated)
+    reasons = {r[S.REASON]: r["count"] for r in rejected.groupBy(S.REASON).count().collect()}  # a few reasons
+    if not reasons:
+        raise NoActionsError(f"ingest: {src} ({cfg.ingest.format}) has no rows; actions left at its previous version")
+    io.write_table(spark, rejected, cfg.table_path(S.T_ACTIONS_REJECTED), mode="overwrite", delta_mode=mode,
+                   overwrite_schema=True)
+    raise NoActionsError(
+        f"ingest: none of the {sum(reasons.values()):,} rows of {src} ({cfg.ingest.format}) is a valid action "
+        f"(rejected: {dict(sorted(reasons.items()))}; the rows and reasons are in "
+        f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
+from ml.data.formats import source_files
 from ml.data.session import get_spark
 
 from jobs import baseline, embed, evaluate, generate, graph, ingest, recent, samples, sequences, topk, train
@@ -66,7 +67,9 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
 def _state(cfg: Config, name: str) -> object:
     """What a table or file is now: Delta version, or (size, mtime) of files; None when absent."""
     if name == "@source":
-        return _state(cfg, cfg.generate.table) if not cfg.ingest.path else _path_state(cfg.ingest.path)
+        if not cfg.ingest.path:
+            return _state(cfg, cfg.generate.table)
+        return [(p, _path_state(p)) for p in source_files(cfg.ingest)]
     path = name if os.path.isabs(name) else cfg.table_path(name)
     if io.table_exists(path):
         return io.table_version(path)
@@ -74,10 +77,15 @@ def _state(cfg: Config, name: str) -> object:
 
 
 def _path_state(path: str) -> object:
+    """(size, mtime) of a file, or of every file under a folder (a Parquet folder, a model dir),
+    hashed; None when absent. Only ``path`` itself: the companion files a format reads beside
+    its input are listed by :func:`ml.data.formats.source_files`, not found by walking the input's
+    folder (which may hold the warehouse, or anything else)."""
     if not os.path.exists(path):
         return None
-    if os.path.isfile(path):  # format readers may use files beside it (ML-1M's movies.dat): list them too
-        path = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
     stats = []
     for root, _, files in os.walk(path):
         for f in sorted(files):

@@ -5,6 +5,7 @@ an unknown or invalid key raises :class:`ConfigError` naming the key and what is
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import typing
@@ -325,6 +326,8 @@ class NATMSection:
         _check_positive("natm.negatives", self.negatives, allow_none=True)
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"natm.dropout={self.dropout!r} must be in [0, 1)")
         # here, so that a bad combination fails when the config is read, not after ingest, graph and
         # samples have run; the model (ml.models.natm.NATMConfig) runs the same checks when it is built
         check_natm_combinations(self)
@@ -417,11 +420,52 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             value = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            value = _check_type(f"{prefix}{key}", value, hint)
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list",
+             list: "a list"}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """``value`` (from YAML or ``--set``) if it has the type of the field's annotation ``hint``, else a
+    ConfigError naming the key and the type expected: checked before any section is built, so a
+    wrong type fails when the config is read, not in a job after Spark work (``window=2.5``).
+    One conversion: a string that reads as a number, for a number field (PyYAML reads ``1e-3``
+    as a string: YAML 1.1 wants ``1.0e-3``)."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return value
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin in (Mapping, dict, collections.abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r} must be a mapping (key: value)")
+        return value
+    if hint is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          tuple: lambda v: isinstance(v, (list, tuple)),
+          list: lambda v: isinstance(v, (list, tuple))}[hint]
+    if not ok(value):
+        quote = " (quote it in YAML: YAML reads on/off/yes/no as booleans)" if hint is str and isinstance(value, bool) else ""
+        raise ConfigError(f"{key}={value!r} must be {_EXPECTED[hint]}{quote}")
+    return value
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:

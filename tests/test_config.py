@@ -29,6 +29,34 @@ def test_bad_choice_names_key_and_allowed_values():
         load_config(None, ["generate.stay_prob=1.5"])
 
 
+@pytest.mark.parametrize("override,message", [
+    ("graph.window=abc", "graph.window='abc' must be an integer"),
+    ("graph.window=2.5", "graph.window=2.5 must be an integer"),
+    ("train.epochs=0.5", "train.epochs=0.5 must be an integer"),
+    ("generate.num_users=true", "generate.num_users=True must be an integer"),
+    ("train.lr=abc", "train.lr='abc' must be a number"),
+    ("graph.decay=maybe", "graph.decay='maybe' must be true or false"),
+    ("ingest.csv_header=1", "ingest.csv_header=1 must be true or false"),
+    ("ingest.min_ts=abc", "ingest.min_ts='abc' must be an integer"),
+    ("eval.ks=5", "eval.ks=5 must be a list"),
+    ("spark.conf=3", "spark.conf=3 must be a mapping"),
+    ("spark.log_level=OFF", "spark.log_level=False must be a string .quote it"),
+    ("natm.dropout=2", r"natm.dropout=2 must be in \[0, 1\)"),
+])
+def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(override, message):
+    # before: some were a TypeError without the key ("graph.: '<=' not supported ..."), others
+    # (window=2.5, min_ts=abc, dropout=2) passed and failed in a job after Spark work
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_number_fields_take_what_a_user_writes_for_numbers():
+    # PyYAML reads 1e-3 as a string (YAML 1.1 wants 1.0e-3); an int is a number; null where optional
+    cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=0", "train.grad_clip=null",
+                             "spark.log_level='OFF'"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip, cfg.spark.log_level) == (0.001, 0, None, "OFF")
+
+
 def test_yaml_inherits_base(tmp_path):
     (tmp_path / "base.yaml").write_text("seed: 7\nspark:\n  shuffle_partitions: 5\n")
     (tmp_path / "run.yaml").write_text("base: base.yaml\nspark:\n  driver_memory: 1g\n")

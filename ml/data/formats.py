@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from ml import schemas as S
@@ -60,7 +61,8 @@ def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: s
     missing = [f"{canon}->{src}" for canon, src in mapping.items() if src not in source_cols]
     for req in ("user_id", "item_id", "ts"):
         if req not in mapping:
-            raise SourceSchemaError(f"{where}: ingest.columns has no mapping for required field {req!r}")
+            raise SourceSchemaError(f"{where}: ingest.columns has no mapping for required field {req!r}; source has "
+                                    f"{source_cols} (map one with --set ingest.columns.{req}=<column>)")
     extra = [c for c in source_cols if c not in mapping.values()]
     if missing or (extra and not allow_extra):
         msg = f"{where}: columns do not match ingest.columns; source has {source_cols}"
@@ -109,12 +111,40 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     return RawSource(_raw_select(df, mapping, _CORRUPT), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
 
 
+_ID_FIELDS = ("user_id", "item_id", "category_id")
+
+
+def _check_types(df: DataFrame, mapping: dict, where: str) -> Optional[str]:
+    """A typed source's mapped columns have types ingest can read row by row: ids integers (or
+    strings, checked per row like CSV text), ts integers, strings or a timestamp / date. Anything
+    else (float ids, say) would make every row a rejected one, so it is a schema error naming the
+    column. Returns the ts column's kind: "timestamp" for a timestamp / date column, else None."""
+    types = {f.name: f.dataType for f in df.schema.fields}
+    whole = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
+    for canon, src in mapping.items():
+        t = types[src]
+        if canon in _ID_FIELDS or canon == "ts":
+            ok = isinstance(t, whole) or (isinstance(t, T.DecimalType) and t.scale == 0) or (
+                canon == "ts" and isinstance(t, (T.TimestampType, T.TimestampNTZType, T.DateType)))
+            if not ok:
+                expected = ("an integer (seconds or ms, ingest.ts_unit), a string or a timestamp" if canon == "ts"
+                            else "an integer or a string of digits")
+                raise SourceSchemaError(f"{where}: column {src!r} ({canon}) is {t.simpleString()}; expected {expected} "
+                                        f"(cast it in the source, or map another column with ingest.columns.{canon})")
+    ts_type = types[mapping["ts"]]
+    return "timestamp" if isinstance(ts_type, (T.TimestampType, T.TimestampNTZType, T.DateType)) else None
+
+
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
                       delta_mode: str = "auto") -> RawSource:
     df = io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta" else spark.read.parquet(path)
     mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
-    return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
+    ts_unit = cfg.ts_unit
+    if _check_types(df, mapping, path) == "timestamp":  # a clock of its own: epoch seconds, whatever ts_unit says
+        df = df.withColumn(mapping["ts"], F.unix_timestamp(F.col(f"`{mapping['ts']}`").cast("timestamp")))
+        ts_unit = "s"
+    return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 
 def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:
@@ -222,6 +252,21 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         umap = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
         users = umap.join(_ml1m_users(spark, users_path), "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
     return RawSource(actions, items=items, users=users, behaviors=cfg.behaviors, ts_unit="s")
+
+
+def source_files(cfg: IngestConfig) -> List[str]:
+    """The paths ingest reads for ``cfg``: ``ingest.path`` and, for ml1m / sasrec, the companion
+    files it reads beside it (or from their ``ingest.*`` keys), whether present or not (a companion
+    that appears later changes the input)."""
+    if cfg.format == "ml1m":
+        return [os.path.join(cfg.path, f) for f in ("ratings.dat", "movies.dat")] + [
+            cfg.ml1m_users or os.path.join(cfg.path, "users.dat")]
+    if cfg.format == "sasrec":
+        folder = os.path.dirname(cfg.path)
+        return [cfg.path, cfg.sasrec_item_map or os.path.join(folder, "sas_to_original_items.txt"),
+                cfg.sasrec_movies or os.path.join(folder, "movies.dat"),
+                os.path.join(folder, "sas_to_original_users.txt"), cfg.ml1m_users or os.path.join(folder, "users.dat")]
+    return [cfg.path]
 
 
 def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:

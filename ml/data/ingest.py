@@ -8,6 +8,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType
 
 from ml import schemas as S
+from ml.config import CANONICAL_FIELDS
 
 # Rejection reasons, checked in this order (the first that applies is recorded).
 MALFORMED = "malformed_row"
@@ -47,13 +48,15 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
                      max_ts: Optional[int] = None) -> DataFrame:
     """Type and check raw rows; return them with typed columns ``_u, _i, _t, _c`` and ``reason``.
 
-    ``reason`` is null for a good row. Exact duplicates of a good event (same user, item, ts,
-    behaviour and category) keep one copy; the others get reason ``duplicate``.
+    ``reason`` is null for a good row. Exact duplicates of a good event (same user, item, ts in the
+    source's own unit, behaviour and category) keep one copy; the others get reason ``duplicate``.
+    Two events 400 ms apart are two events, although ``actions.ts`` holds both as the same second.
     """
     df = raw.select(*[F.col(c) for c in raw.columns],
                     _to_long(S.USER_ID).alias("_u"), _to_long(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), _to_long(S.CATEGORY_ID).alias("_c"),
-                    F.trim(S.BEHAVIOR).alias("_b"))
+                    F.trim(S.BEHAVIOR).alias("_b"),
+                    (_to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())).alias("_tms"))
     ts_ok = F.lit(True)
     if min_ts is not None:
         ts_ok = ts_ok & (F.col("_t") >= min_ts)
@@ -70,10 +73,13 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     df = df.withColumn(S.REASON, reason)
     # One copy of each exact duplicate survives; the key is the whole event, so a hot item or a
     # power user does not concentrate rows in one task (duplicates of one event are few).
-    key = ["_u", "_i", "_t", "_b", "_c"]
-    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(F.lit(1)))
+    # The copy kept is the first by the raw text, so which raw row lands in actions_rejected (" 4 "
+    # or "4") does not depend on the order rows reach the task: a rerun rejects the same rows.
+    key = ["_u", "_i", "_t", "_tms", "_b", "_c"]
+    raw_order = [F.col(c).asc_nulls_first() for c in (*CANONICAL_FIELDS, S.RAW_RECORD) if c in raw.columns]
+    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(*raw_order))
     df = df.withColumn(S.REASON, F.when(F.col(S.REASON).isNull() & (dup_rank > 1), F.lit(DUPLICATE))
-                       .otherwise(F.col(S.REASON)))
+                       .otherwise(F.col(S.REASON))).drop("_tms")
     return df
 
 

@@ -47,6 +47,11 @@ def test_csv_with_header_mapping_and_every_bad_row_kind(spark, tmp_path):
     reasons = sorted(r[0] for r in bad)
     assert reasons == sorted([I.DUPLICATE, I.MISSING_USER, I.BAD_USER, I.BAD_ITEM, I.BAD_TS, I.BAD_BEHAVIOR,
                               I.BAD_CATEGORY, I.MALFORMED, I.BAD_USER])
+    # of two copies of one event written differently, the rejected one is the same on every run
+    spaced = _write(tmp_path, "spaced.csv", "uid,iid,when\n 4 ,5,6\n4,5,6\n")
+    _, kept, dup = _run(spark, IngestConfig(format="csv", path=spaced,
+                                            columns={"user_id": "uid", "item_id": "iid", "ts": "when"}))
+    assert kept == [(4, 5, 6, None, None)] and dup == [(I.DUPLICATE, "4", "5", None)]
     malformed = [r for r in bad if r[0] == I.MALFORMED][0]
     assert malformed[3] == "3,17"  # the raw line is kept
     # nothing lost: every data line is either an action or a rejected row
@@ -81,6 +86,11 @@ def test_millisecond_and_string_timestamps(spark, tmp_path):
     _, good, _ = _run(spark, IngestConfig(format="csv", path=ms, ts_unit="ms",
                                           columns={"user_id": "u", "item_id": "i", "ts": "t"}))
     assert good == [(1, 2, 1500000000, None, None)]
+    # two events 400 ms apart are two events (before: floored to the same second, one was a duplicate)
+    ms2 = _write(tmp_path, "ms2.csv", "u,i,t\n1,2,1000000\n1,2,1000400\n1,2,1000400\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=ms2, ts_unit="ms",
+                                            columns={"user_id": "u", "item_id": "i", "ts": "t"}))
+    assert good == [(1, 2, 1000, None, None)] * 2 and [b[0] for b in bad] == [I.DUPLICATE]
     st = _write(tmp_path, "st.csv", "u,i,t\n1,2,2020-01-01 00:00:10\n1,3,not a date\n")
     _, good, bad = _run(spark, IngestConfig(format="csv", path=st, ts_unit="string",
                                             columns={"user_id": "u", "item_id": "i", "ts": "t"}))
@@ -165,3 +175,56 @@ def test_items_from_actions_takes_most_frequent_category(spark):
                                   (2, 11, 5, None, 8), (3, 12, 6, None, None)], S.ACTIONS)
     got = {r.item_id: r.category_id for r in I.items_from_actions(acts).collect()}
     assert got == {10: 6, 11: 8, 12: None}
+
+
+def test_parquet_column_types_ingest_cannot_read_are_a_schema_error_naming_the_column(spark, tmp_path):
+    # before: float ids passed and every row became a rejected bad_user_id, the job exiting 0
+    path = str(tmp_path / "floats")
+    spark.createDataFrame([(1.0, 5, 10)], "user_id double, item_id long, ts long").write.parquet(path)
+    with pytest.raises(SourceSchemaError, match=r"column 'user_id' \(user_id\) is double; expected an integer"):
+        read_source(spark, IngestConfig(format="parquet", path=path), "")
+    # a renamed column: the message shows what the source has and how to map it
+    path = str(tmp_path / "renamed")
+    spark.createDataFrame([(1, 5, 10)], "userId long, item_id long, ts long").write.parquet(path)
+    with pytest.raises(SourceSchemaError, match=r"'user_id'; source has \['userId', 'item_id', 'ts'\].*"
+                                                r"ingest.columns.user_id="):
+        read_source(spark, IngestConfig(format="parquet", path=path), "")
+
+
+def test_parquet_timestamp_and_string_id_columns(spark, tmp_path):
+    # a TIMESTAMP ts (the usual type in a lakehouse) is read as epoch seconds, whatever ts_unit says
+    path = str(tmp_path / "ts")
+    spark.sql("SELECT '7' AS user_id, CAST(5 AS INT) AS item_id, TIMESTAMP '2020-01-01 00:00:10' AS ts, "
+              "DATE '2020-01-02' AS day").write.parquet(path)
+    _, good, bad = _run(spark, IngestConfig(format="parquet", path=path, ts_unit="ms",
+                                            columns={"user_id": "user_id", "item_id": "item_id", "ts": "ts"},
+                                            allow_extra_columns=True))
+    assert good == [(7, 5, 1577836810, None, None)] and bad == []
+    _, good, _ = _run(spark, IngestConfig(format="parquet", path=path, allow_extra_columns=True,
+                                          columns={"user_id": "user_id", "item_id": "item_id", "ts": "day"}))
+    assert good == [(7, 5, 1577923200, None, None)]
+
+
+def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spark, tmp_path):
+    # before: 0 actions were committed, and sequences, graph and top-K ran on nothing until evaluate
+    # failed with "run its topk stage first"
+    from jobs import ingest as ingest_job
+    from ml.config import load_config
+    from ml.data import io
+
+    wh = str(tmp_path / "wh")
+    cols = ["ingest.format=csv", "ingest.columns={user_id: u, item_id: i, ts: t}", f"warehouse={wh}"]
+    good = _write(tmp_path, "good.csv", "u,i,t\n1,2,3\n1,4,5\n")
+    ingest_job.run(load_config(None, [*cols, f"ingest.path={good}"]), spark)
+    version = io.table_version(f"{wh}/actions")
+    bad = _write(tmp_path, "bad.csv", "u,i,t\nx,2,3\n1,,5\n")
+    with pytest.raises(ingest_job.NoActionsError, match=r"none of the 2 rows of .*bad.csv.*"
+                                                        r"'bad_user_id': 1, 'missing_item_id': 1"):
+        ingest_job.run(load_config(None, [*cols, f"ingest.path={bad}"]), spark)
+    assert io.table_version(f"{wh}/actions") == version and io.read_table(spark, f"{wh}/actions").count() == 2
+    rejected = io.read_table(spark, f"{wh}/actions_rejected")  # the bad rows are kept, with their reasons
+    assert sorted(r[S.REASON] for r in rejected.collect()) == [I.BAD_USER, I.MISSING_ITEM]
+    empty = _write(tmp_path, "empty.csv", "u,i,t\n")
+    with pytest.raises(ingest_job.NoActionsError, match=r"empty.csv \(csv\) has no rows"):
+        ingest_job.run(load_config(None, [*cols, f"ingest.path={empty}"]), spark)
+    assert io.table_version(f"{wh}/actions") == version

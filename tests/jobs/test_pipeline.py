@@ -138,3 +138,24 @@ def test_cli_rejects_bad_config_with_the_key_name(tmp_path):
     res = subprocess.run([sys.executable, "-m", "jobs.ingest", "--set", "ingest.format=xlsx"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "ingest.format='xlsx'" in res.stderr
+
+
+def test_source_state_is_the_input_and_its_companions_not_its_folder(tmp_path):
+    # the warehouse may sit beside the input file: its tables must not make the input look changed
+    # (before, the input's whole folder was walked, warehouse included, so no stage was ever skipped)
+    (tmp_path / "data.csv").write_text("user_id,item_id,ts\n1,10,100\n")
+    csv = load_config(None, ["ingest.format=csv", f"ingest.path={tmp_path / 'data.csv'}",
+                             f"warehouse={tmp_path / 'wh'}"])
+    before = pipeline._state(csv, "@source")
+    (tmp_path / "wh" / "actions").mkdir(parents=True)
+    (tmp_path / "wh" / "actions" / "part-0.parquet").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("unrelated")
+    assert pipeline._state(csv, "@source") == before
+    (tmp_path / "data.csv").write_text("user_id,item_id,ts\n1,10,100\n2,11,101\n")
+    assert pipeline._state(csv, "@source") != before
+    # sasrec reads movies.dat beside its file: a change there is a change of the input
+    (tmp_path / "seqs.txt").write_text("1 2 3\n")
+    sas = load_config(None, ["ingest.format=sasrec", f"ingest.path={tmp_path / 'seqs.txt'}"])
+    before = pipeline._state(sas, "@source")
+    (tmp_path / "movies.dat").write_text("1::A (1999)::Drama\n")
+    assert pipeline._state(sas, "@source") != before
