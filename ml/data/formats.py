@@ -95,6 +95,9 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     mapping = dict(cfg.columns)
     if cfg.csv_header:
         columns = spark.read.option("header", True).option("sep", cfg.csv_sep).csv(cfg.path).columns
+        if not columns:
+            raise SourceSchemaError(f"{cfg.path}: the file is empty (no header line; ingest.csv_header=true)")
+        mapping = mapping or {f: f for f in CANONICAL_FIELDS if f in columns}  # default: same names, as Parquet
     else:
         if not cfg.csv_schema:
             raise SourceSchemaError("ingest.csv_schema (column names in file order) is required when "

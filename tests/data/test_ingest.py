@@ -228,3 +228,12 @@ def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spar
     with pytest.raises(ingest_job.NoActionsError, match=r"empty.csv \(csv\) has no rows"):
         ingest_job.run(load_config(None, [*cols, f"ingest.path={empty}"]), spark)
     assert io.table_version(f"{wh}/actions") == version
+
+
+def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_says_so(spark, tmp_path):
+    path = _write(tmp_path, "canon.csv", "user_id,item_id,ts\n1,2,3\n")
+    _, good, _ = _run(spark, IngestConfig(format="csv", path=path))
+    assert good == [(1, 2, 3, None, None)]
+    empty = _write(tmp_path, "empty.csv", "")
+    with pytest.raises(SourceSchemaError, match="the file is empty"):
+        read_source(spark, IngestConfig(format="csv", path=empty), "")
