@@ -461,8 +461,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
           bool: lambda v: isinstance(v, bool),
           str: lambda v: isinstance(v, str),
           tuple: lambda v: isinstance(v, (list, tuple)),
-          list: lambda v: isinstance(v, (list, tuple))}[hint]
-    if not ok(value):
+          list: lambda v: isinstance(v, (list, tuple))}.get(hint)
+    if ok is not None and not ok(value):  # a field of another type: its section's __post_init__ checks it
         quote = " (quote it in YAML: YAML reads on/off/yes/no as booleans)" if hint is str and isinstance(value, bool) else ""
         raise ConfigError(f"{key}={value!r} must be {_EXPECTED[hint]}{quote}")
     return value
