@@ -152,17 +152,23 @@ def _covariance(x: torch.Tensor) -> torch.Tensor:
 
 
 def category_alignment_loss(p_v: torch.Tensor, categories: torch.Tensor, min_items: int = 4) -> torch.Tensor:
-    """Σ_c ||Cov(major) - Cov(c)||_F² over the batch's categories with >= ``min_items`` items."""
-    cats, counts = torch.unique(categories, return_counts=True)
-    keep = counts >= min_items
-    cats, counts = cats[keep], counts[keep]
-    if len(cats) < 2:
-        return p_v.sum() * 0.0
-    major = cats[torch.argmax(counts)]  # ties: the smallest category id (unique() sorts ascending)
-    c_major = _covariance(p_v[categories == major])
-    loss = p_v.sum() * 0.0
-    for c in cats:
-        if c == major:
-            continue
-        loss = loss + ((c_major - _covariance(p_v[categories == c])) ** 2).sum()
-    return loss
+    """Σ_c ||Cov(major) - Cov(c)||_F² over the batch's categories with >= ``min_items`` items.
+
+    Computed in fp32 whatever the autocast: under bf16 autocast each of these small matmuls paid
+    for casts that cost more than the matmul (DAT trained no faster in bf16 than in fp32), and a
+    difference of covariances is where bf16's 8-bit mantissa would show."""
+    with torch.autocast(p_v.device.type, enabled=False):
+        x = p_v.float()
+        cats, counts = torch.unique(categories, return_counts=True)
+        keep = counts >= min_items
+        cats, counts = cats[keep], counts[keep]
+        if len(cats) < 2:
+            return x.sum() * 0.0
+        major = cats[torch.argmax(counts)]  # ties: the smallest category id (unique() sorts ascending)
+        c_major = _covariance(x[categories == major])
+        loss = x.sum() * 0.0
+        for c in cats:
+            if c == major:
+                continue
+            loss = loss + ((c_major - _covariance(x[categories == c])) ** 2).sum()
+        return loss

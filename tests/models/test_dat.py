@@ -61,6 +61,43 @@ def test_category_alignment_loss():
     assert category_alignment_loss(other, cats).item() == pytest.approx(((c1 - c2) ** 2).sum().item(), rel=1e-5)
 
 
+def _cal_by_loop(p_v, categories, min_items):
+    """The loss as the paper writes it: one covariance per category, compared in turn with the major's."""
+    cats, counts = torch.unique(categories, return_counts=True)
+    cats, counts = cats[counts >= min_items], counts[counts >= min_items]
+    if len(cats) < 2:
+        return p_v.sum() * 0.0
+    major = cats[torch.argmax(counts)]
+    c_major = torch.cov(p_v[categories == major].T)
+    return sum(((c_major - torch.cov(p_v[categories == c].T)) ** 2).sum() for c in cats if c != major)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_category_alignment_loss_batched_equals_the_loop_value_and_gradient(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 8, generator=g)
+    cats = torch.randint(1, 12, (300,), generator=g)
+    cats[:40] = 3  # a clear major category; some categories fall under min_items
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    batched, loop = category_alignment_loss(a, cats, min_items=25), _cal_by_loop(b, cats, min_items=25)
+    assert batched.item() == pytest.approx(loop.item(), rel=1e-5)
+    batched.backward()
+    loop.backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    # two categories tied for the most items: the smaller id is the major, as the loop takes it
+    tie = torch.tensor([5] * 10 + [2] * 10 + [7] * 6)
+    v = torch.randn(26, 4, generator=g)
+    assert category_alignment_loss(v, tie).item() == pytest.approx(_cal_by_loop(v, tie, 4).item(), rel=1e-5)
+
+
+def test_category_alignment_loss_is_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    x, cats = torch.randn(256, 32, generator=g), torch.randint(1, 5, (256,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = category_alignment_loss(x, cats)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(category_alignment_loss(x, cats).item())
+
+
 @pytest.mark.parametrize("amm,cal", [(True, True), (False, False)])
 def test_learns_planted_user_item_structure(amm, cal):
     """User u likes items {u, u+10}; after training they rank far above popularity's 2/20."""
