@@ -62,7 +62,7 @@ def test_category_alignment_loss():
 
 
 def _cal_by_loop(p_v, categories, min_items):
-    """The loss as the paper writes it: one covariance per category, compared in turn with the major's."""
+    """The loss as the paper writes it, with torch.cov: one covariance per category against the major's."""
     cats, counts = torch.unique(categories, return_counts=True)
     cats, counts = cats[counts >= min_items], counts[counts >= min_items]
     if len(cats) < 2:
@@ -73,15 +73,15 @@ def _cal_by_loop(p_v, categories, min_items):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_category_alignment_loss_batched_equals_the_loop_value_and_gradient(seed):
+def test_category_alignment_loss_equals_torch_cov_per_category_in_value_and_gradient(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(300, 8, generator=g)
     cats = torch.randint(1, 12, (300,), generator=g)
     cats[:40] = 3  # a clear major category; some categories fall under min_items
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    batched, loop = category_alignment_loss(a, cats, min_items=25), _cal_by_loop(b, cats, min_items=25)
-    assert batched.item() == pytest.approx(loop.item(), rel=1e-5)
-    batched.backward()
+    ours, loop = category_alignment_loss(a, cats, min_items=25), _cal_by_loop(b, cats, min_items=25)
+    assert ours.item() == pytest.approx(loop.item(), rel=1e-5)
+    ours.backward()
     loop.backward()
     assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
     # two categories tied for the most items: the smaller id is the major, as the loop takes it
