@@ -42,6 +42,7 @@ def test_bad_choice_names_key_and_allowed_values():
     ("spark.conf=3", "spark.conf=3 must be a mapping"),
     ("spark.log_level=OFF", "spark.log_level=False must be a string .quote it"),
     ("natm.dropout=2", r"natm.dropout=2 must be in \[0, 1\)"),
+    ("train.lr=nan", "train.lr=nan must be a finite number"),
 ])
 def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(override, message):
     # before: some were a TypeError without the key ("graph.: '<=' not supported ..."), others

@@ -144,10 +144,21 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
     mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
     ts_unit = cfg.ts_unit
-    if _check_types(df, mapping, path) == "timestamp":  # a clock of its own: epoch seconds, whatever ts_unit says
-        df = df.withColumn(mapping["ts"], F.unix_timestamp(F.col(f"`{mapping['ts']}`").cast("timestamp")))
-        ts_unit = "s"
+    if _check_types(df, mapping, path) == "timestamp":  # a clock of its own, whatever ts_unit says
+        df = df.withColumn(mapping["ts"], _epoch_millis(df, mapping["ts"]))
+        ts_unit = "ms"  # ms, so that two events 400 ms apart are not duplicates
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
+
+
+def _epoch_millis(df: DataFrame, name: str):
+    """Epoch ms of a TIMESTAMP (an instant), or of a TIMESTAMP_NTZ / DATE read as UTC wall-clock
+    time: the same number whatever ``spark.sql.session.timeZone`` the session has (a cast of NTZ to
+    TIMESTAMP would read it in the session's zone)."""
+    col, t = F.col(f"`{name}`"), df.schema[name].dataType
+    if isinstance(t, T.TimestampType):
+        return F.unix_millis(col)
+    text = F.concat(col.cast("string"), F.lit(" 00:00:00 UTC" if isinstance(t, T.DateType) else " UTC"))
+    return F.unix_millis(text.cast("timestamp"))
 
 
 def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:

@@ -73,11 +73,12 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     df = df.withColumn(S.REASON, reason)
     # One copy of each exact duplicate survives; the key is the whole event, so a hot item or a
     # power user does not concentrate rows in one task (duplicates of one event are few).
-    # The copy kept is the first by the raw text, so which raw row lands in actions_rejected (" 4 "
-    # or "4") does not depend on the order rows reach the task: a rerun rejects the same rows.
+    # The copy kept is a good row (a bad row sharing the key, e.g. a bad category, must not push the
+    # good one out), then the first by the raw text, so which raw row lands in actions_rejected
+    # (" 4 " or "4") does not depend on the order rows reach the task: a rerun rejects the same rows.
     key = ["_u", "_i", "_t", "_tms", "_b", "_c"]
     raw_order = [F.col(c).asc_nulls_first() for c in (*CANONICAL_FIELDS, S.RAW_RECORD) if c in raw.columns]
-    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(*raw_order))
+    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(F.col(S.REASON).isNull().desc(), *raw_order))
     df = df.withColumn(S.REASON, F.when(F.col(S.REASON).isNull() & (dup_rank > 1), F.lit(DUPLICATE))
                        .otherwise(F.col(S.REASON))).drop("_tms")
     return df

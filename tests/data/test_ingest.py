@@ -48,10 +48,16 @@ def test_csv_with_header_mapping_and_every_bad_row_kind(spark, tmp_path):
     assert reasons == sorted([I.DUPLICATE, I.MISSING_USER, I.BAD_USER, I.BAD_ITEM, I.BAD_TS, I.BAD_BEHAVIOR,
                               I.BAD_CATEGORY, I.MALFORMED, I.BAD_USER])
     # of two copies of one event written differently, the rejected one is the same on every run
-    spaced = _write(tmp_path, "spaced.csv", "uid,iid,when\n 4 ,5,6\n4,5,6\n")
-    _, kept, dup = _run(spark, IngestConfig(format="csv", path=spaced,
-                                            columns={"user_id": "uid", "item_id": "iid", "ts": "when"}))
-    assert kept == [(4, 5, 6, None, None)] and dup == [(I.DUPLICATE, "4", "5", None)]
+    for lines in ("4,5,6\n 4 ,5,6\n", " 4 ,5,6\n4,5,6\n"):  # either file order: the same row rejected
+        spaced = _write(tmp_path, "spaced.csv", "uid,iid,when\n" + lines)
+        _, kept, dup = _run(spark, IngestConfig(format="csv", path=spaced,
+                                                columns={"user_id": "uid", "item_id": "iid", "ts": "when"}))
+        assert kept == [(4, 5, 6, None, None)] and dup == [(I.DUPLICATE, "4", "5", None)], lines
+    # a bad row that shares a good row's key (its category did not parse) does not push the good one out
+    shared = _write(tmp_path, "shared.csv", "uid,iid,when,cat\n  4,5,6,abc\n4,5,6,\n")
+    _, kept, rejected = _run(spark, IngestConfig(format="csv", path=shared, columns={
+        "user_id": "uid", "item_id": "iid", "ts": "when", "category_id": "cat"}))
+    assert kept == [(4, 5, 6, None, None)] and [r[0] for r in rejected] == [I.BAD_CATEGORY]
     malformed = [r for r in bad if r[0] == I.MALFORMED][0]
     assert malformed[3] == "3,17"  # the raw line is kept
     # nothing lost: every data line is either an action or a rejected row
@@ -192,17 +198,25 @@ def test_parquet_column_types_ingest_cannot_read_are_a_schema_error_naming_the_c
 
 
 def test_parquet_timestamp_and_string_id_columns(spark, tmp_path):
-    # a TIMESTAMP ts (the usual type in a lakehouse) is read as epoch seconds, whatever ts_unit says
+    # a TIMESTAMP ts (the usual type in a lakehouse) is read as epoch seconds, whatever ts_unit says;
+    # two events 400 ms apart are two events; TIMESTAMP_NTZ and DATE read as UTC in any session zone
     path = str(tmp_path / "ts")
-    spark.sql("SELECT '7' AS user_id, CAST(5 AS INT) AS item_id, TIMESTAMP '2020-01-01 00:00:10' AS ts, "
-              "DATE '2020-01-02' AS day").write.parquet(path)
-    _, good, bad = _run(spark, IngestConfig(format="parquet", path=path, ts_unit="ms",
-                                            columns={"user_id": "user_id", "item_id": "item_id", "ts": "ts"},
-                                            allow_extra_columns=True))
-    assert good == [(7, 5, 1577836810, None, None)] and bad == []
-    _, good, _ = _run(spark, IngestConfig(format="parquet", path=path, allow_extra_columns=True,
-                                          columns={"user_id": "user_id", "item_id": "item_id", "ts": "day"}))
-    assert good == [(7, 5, 1577923200, None, None)]
+    spark.sql("SELECT '7' AS user_id, CAST(5 AS INT) AS item_id, TIMESTAMP '2020-01-01 00:00:10 UTC' AS ts, "
+              "TIMESTAMP_NTZ '2020-07-01 00:00:10' AS ntz, DATE '2020-01-02' AS day UNION ALL "
+              "SELECT '7', 5, TIMESTAMP '2020-01-01 00:00:10.400 UTC', TIMESTAMP_NTZ '2020-07-01 00:00:10.400', "
+              "DATE '2020-01-02'").write.parquet(path)
+    zone = spark.conf.get("spark.sql.session.timeZone")
+    spark.conf.set("spark.sql.session.timeZone", "America/New_York")
+    try:
+        for column, secs in (("ts", 1577836810), ("ntz", 1593561610)):
+            _, good, bad = _run(spark, IngestConfig(format="parquet", path=path, ts_unit="s", allow_extra_columns=True,
+                                                    columns={"user_id": "user_id", "item_id": "item_id", "ts": column}))
+            assert good == [(7, 5, secs, None, None)] * 2 and bad == [], column
+        _, good, bad = _run(spark, IngestConfig(format="parquet", path=path, allow_extra_columns=True,
+                                                columns={"user_id": "user_id", "item_id": "item_id", "ts": "day"}))
+        assert good == [(7, 5, 1577923200, None, None)] and [b[0] for b in bad] == [I.DUPLICATE]
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", zone)
 
 
 def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spark, tmp_path):
