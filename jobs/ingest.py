@@ -33,7 +33,7 @@ def run(cfg: Config, spark=None) -> dict:
     validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         actions = good_actions(validated)
-        if not actions.limit(1).count():  # stops at the first good row
+        if not actions.limit(1).count():  # on the persisted rows: the writes below reuse the pass it makes
             _no_actions(spark, cfg, validated)
         io.write_table(spark, actions, cfg.table_path(S.T_ACTIONS), mode="overwrite", delta_mode=mode,
                        overwrite_schema=True)

@@ -430,8 +430,15 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
 
 
-_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", tuple: "a list",
-             list: "a list"}
+# annotation -> (does a YAML value fit it, what the error says it must be)
+_FIELD_TYPES = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    tuple: (lambda v: isinstance(v, (list, tuple)), "a list"),
+    list: (lambda v: isinstance(v, (list, tuple)), "a list"),
+}
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -459,15 +466,12 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             pass
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}={value!r} must be a finite number")
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool),
-          str: lambda v: isinstance(v, str),
-          tuple: lambda v: isinstance(v, (list, tuple)),
-          list: lambda v: isinstance(v, (list, tuple))}.get(hint)
-    if ok is not None and not ok(value):  # a field of another type: its section's __post_init__ checks it
+    if hint not in _FIELD_TYPES:  # a field of another type: its section's __post_init__ checks it
+        return value
+    fits, expected = _FIELD_TYPES[hint]
+    if not fits(value):
         quote = " (quote it in YAML: YAML reads on/off/yes/no as booleans)" if hint is str and isinstance(value, bool) else ""
-        raise ConfigError(f"{key}={value!r} must be {_EXPECTED[hint]}{quote}")
+        raise ConfigError(f"{key}={value!r} must be {expected}{quote}")
     return value
 
 

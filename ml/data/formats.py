@@ -115,27 +115,26 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
 
 
 _ID_FIELDS = ("user_id", "item_id", "category_id")
+_CLOCK_TYPES = (T.TimestampType, T.TimestampNTZType, T.DateType)  # a ts column with a clock of its own
 
 
-def _check_types(df: DataFrame, mapping: dict, where: str) -> Optional[str]:
+def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
     """A typed source's mapped columns have types ingest can read row by row: ids integers (or
     strings, checked per row like CSV text), ts integers, strings or a timestamp / date. Anything
     else (float ids, say) would make every row a rejected one, so it is a schema error naming the
-    column. Returns the ts column's kind: "timestamp" for a timestamp / date column, else None."""
+    column."""
     types = {f.name: f.dataType for f in df.schema.fields}
     whole = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
     for canon, src in mapping.items():
         t = types[src]
         if canon in _ID_FIELDS or canon == "ts":
             ok = isinstance(t, whole) or (isinstance(t, T.DecimalType) and t.scale == 0) or (
-                canon == "ts" and isinstance(t, (T.TimestampType, T.TimestampNTZType, T.DateType)))
+                canon == "ts" and isinstance(t, _CLOCK_TYPES))
             if not ok:
                 expected = ("an integer (seconds or ms, ingest.ts_unit), a string or a timestamp" if canon == "ts"
                             else "an integer or a string of digits")
                 raise SourceSchemaError(f"{where}: column {src!r} ({canon}) is {t.simpleString()}; expected {expected} "
                                         f"(cast it in the source, or map another column with ingest.columns.{canon})")
-    ts_type = types[mapping["ts"]]
-    return "timestamp" if isinstance(ts_type, (T.TimestampType, T.TimestampNTZType, T.DateType)) else None
 
 
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
@@ -143,8 +142,9 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
     df = io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta" else spark.read.parquet(path)
     mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
+    _check_types(df, mapping, path)
     ts_unit = cfg.ts_unit
-    if _check_types(df, mapping, path) == "timestamp":  # a clock of its own, whatever ts_unit says
+    if isinstance(df.schema[mapping["ts"]].dataType, _CLOCK_TYPES):  # a clock of its own, whatever ts_unit says
         df = df.withColumn(mapping["ts"], _epoch_millis(df, mapping["ts"]))
         ts_unit = "ms"  # ms, so that two events 400 ms apart are not duplicates
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
@@ -217,16 +217,14 @@ def _with_item_categories(actions: DataFrame, items: DataFrame) -> DataFrame:
 
 def read_ml1m(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     """Original MovieLens-1M: ``path`` is the folder with ratings.dat, movies.dat, users.dat."""
-    folder = cfg.path
-    ratings = os.path.join(folder, "ratings.dat")
+    ratings, movies_path, users_path = _ml1m_files(cfg)
     df = read_csv_lines(spark, ratings, ["user_id", "item_id", "rating", "ts"], "::", header=False,
                         encoding="ISO-8859-1")
     actions = df.select("user_id", "item_id", "ts", F.col("rating").alias(S.BEHAVIOR),
                         F.lit(None).cast("string").alias(S.CATEGORY_ID), F.col(_CORRUPT).alias(S.RAW_RECORD))
-    movies = _ml1m_movies(spark, os.path.join(folder, "movies.dat")).withColumnRenamed("movie_id", S.ITEM_ID)
+    movies = _ml1m_movies(spark, movies_path).withColumnRenamed("movie_id", S.ITEM_ID)
     items = items_from_movies(spark, movies)
     users = None
-    users_path = cfg.ml1m_users or os.path.join(folder, "users.dat")
     if os.path.exists(users_path) or "://" in users_path:
         users = _ml1m_users(spark, users_path).withColumnRenamed("orig_user_id", S.USER_ID)
     return RawSource(_with_item_categories(actions, items), items=items, users=users,
@@ -248,9 +246,7 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         S.USER_ID, S.ITEM_ID, F.col("pos").cast("string").alias(S.TS),
         F.lit(None).cast("string").alias(S.BEHAVIOR), F.lit(None).cast("string").alias(S.CATEGORY_ID),
         F.lit(None).cast("string").alias(S.RAW_RECORD))
-    folder = os.path.dirname(cfg.path)
-    item_map = cfg.sasrec_item_map or os.path.join(folder, "sas_to_original_items.txt")
-    movies_path = cfg.sasrec_movies or os.path.join(folder, "movies.dat")
+    item_map, movies_path, user_map, users_path = _sasrec_companions(cfg)
     items = users = None
     if os.path.exists(item_map) and os.path.exists(movies_path):
         imap = _id_map(spark, item_map, "sas_id", "movie_id")
@@ -260,26 +256,35 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         actions = _with_item_categories(actions, items)
     else:
         log.warning("no %s / %s: SASRec items get no categories", item_map, movies_path)
-    user_map = os.path.join(folder, "sas_to_original_users.txt")
-    users_path = cfg.ml1m_users or os.path.join(folder, "users.dat")
     if os.path.exists(user_map) and os.path.exists(users_path):
         umap = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
         users = umap.join(_ml1m_users(spark, users_path), "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
     return RawSource(actions, items=items, users=users, behaviors=cfg.behaviors, ts_unit="s")
 
 
+def _ml1m_files(cfg: IngestConfig) -> List[str]:
+    """ratings.dat, movies.dat and users.dat (or ``ingest.ml1m_users``) of the ``ml1m`` folder."""
+    return [os.path.join(cfg.path, "ratings.dat"), os.path.join(cfg.path, "movies.dat"),
+            cfg.ml1m_users or os.path.join(cfg.path, "users.dat")]
+
+
+def _sasrec_companions(cfg: IngestConfig) -> List[str]:
+    """The files ``sasrec`` reads beside its text file (or from their ``ingest.*`` keys): item id map,
+    movies.dat, user id map, users.dat."""
+    folder = os.path.dirname(cfg.path)
+    return [cfg.sasrec_item_map or os.path.join(folder, "sas_to_original_items.txt"),
+            cfg.sasrec_movies or os.path.join(folder, "movies.dat"),
+            os.path.join(folder, "sas_to_original_users.txt"), cfg.ml1m_users or os.path.join(folder, "users.dat")]
+
+
 def source_files(cfg: IngestConfig) -> List[str]:
     """The paths ingest reads for ``cfg``: ``ingest.path`` and, for ml1m / sasrec, the companion
-    files it reads beside it (or from their ``ingest.*`` keys), whether present or not (a companion
-    that appears later changes the input)."""
+    files its reader reads (the same functions list them for both), whether present or not (a
+    companion that appears later changes the input)."""
     if cfg.format == "ml1m":
-        return [os.path.join(cfg.path, f) for f in ("ratings.dat", "movies.dat")] + [
-            cfg.ml1m_users or os.path.join(cfg.path, "users.dat")]
+        return _ml1m_files(cfg)
     if cfg.format == "sasrec":
-        folder = os.path.dirname(cfg.path)
-        return [cfg.path, cfg.sasrec_item_map or os.path.join(folder, "sas_to_original_items.txt"),
-                cfg.sasrec_movies or os.path.join(folder, "movies.dat"),
-                os.path.join(folder, "sas_to_original_users.txt"), cfg.ml1m_users or os.path.join(folder, "users.dat")]
+        return [cfg.path, *_sasrec_companions(cfg)]
     return [cfg.path]
 
 
