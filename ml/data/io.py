@@ -36,6 +36,7 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructType
 
 from ml import schemas as S
+from ml.data.delta_files import check_readable, data_files, table_root
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,7 @@ class SchemaMismatchError(ValueError):
 
 def table_uri(path: str) -> str:
     """Absolute local path or the URI unchanged (s3://, abfss://, dbfs:/, file:/...)."""
-    if "://" in path or path.startswith("dbfs:"):
-        return path.rstrip("/")
-    return os.path.abspath(path)
+    return table_root(path)
 
 
 def has_delta_jars(spark: SparkSession) -> bool:
@@ -126,44 +125,49 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
             reader = reader.option("versionAsOf", version)
         return reader.load(uri)
     dt = _delta_table(path, version)
+    check_readable(dt, uri)
     schema = _spark_schema(dt)
     partition_cols = list(dt.metadata().partition_columns)
     data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
-    files = dt.file_uris()
+    files = data_files(dt, uri)
     if not files:
         return spark.createDataFrame([], schema)
-    df = spark.read.schema(data_schema).parquet(*files)
+    df = spark.read.schema(data_schema).parquet(*[f for f, _ in files])
     if partition_cols:
-        df = _attach_partition_values(spark, df, dt, schema, partition_cols)
+        df = _attach_partition_values(spark, df, files, schema, partition_cols)
     return df.select(*[f.name for f in schema.fields])
 
 
-def _attach_partition_values(spark: SparkSession, df: DataFrame, dt: DeltaTable, schema: StructType,
+def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence, schema: StructType,
                              partition_cols: Sequence[str]) -> DataFrame:
     """Join each row's file with its partition values from the Delta log (one small broadcast).
 
-    Files are matched by their full path with scheme and percent-encoding removed on both sides,
-    so any layout works, not only Hive-style ``col=value`` directories.
+    Files are matched by their full path with the scheme and percent-encoding removed, so any
+    layout works, not only Hive-style ``col=value`` directories. Spark names a file by its
+    percent-encoded URI; the log's side is the decoded path (:func:`ml.data.delta_files.data_files`).
+    Before joining, every file Spark reads must match one of the log's, or no row could be kept.
     """
-    adds = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
-    root = table_uri(dt.table_uri)
-    rows = []
-    for i, p in enumerate(adds["path"]):
-        full = p if "://" in p else f"{root}/{p}"
-        rows.append([_normalise_path(full)] + [adds[f"partition.{c}"][i] for c in partition_cols])
-    files = spark.createDataFrame(rows, ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
+    by_file = {_normalise_path(f): values for f, values in files}
+    unmatched = [f for f in df.inputFiles() if _normalise_path(unquote(f)) not in by_file]
+    if unmatched:
+        raise RuntimeError(f"{len(unmatched)} data files match no add action of the Delta log, "
+                           f"e.g. {unmatched[0]} (log paths e.g. {next(iter(by_file))})")
+    rows = [[f] + [values[c] for c in partition_cols] for f, values in by_file.items()]
+    parts = spark.createDataFrame(rows, ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
     for i, c in enumerate(partition_cols):
-        files = files.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
-    path = F.regexp_replace(F.url_decode(F.col("_metadata.file_path")), _SCHEME_RE, "")
-    df = df.withColumn("_file", path)
-    return df.join(F.broadcast(files), "_file").drop("_file")
+        parts = parts.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
+    # url_decode is form decoding ('+' is a space): escape a literal '+' first, to decode only %XX.
+    spark_path = F.url_decode(F.regexp_replace(F.col("_metadata.file_path"), r"\+", "%2B"))
+    df = df.withColumn("_file", F.regexp_replace(spark_path, _SCHEME_RE, ""))
+    return df.join(F.broadcast(parts), "_file").drop("_file")
 
 
 _SCHEME_RE = r"^([a-zA-Z][a-zA-Z0-9+.-]*:)?/*"
 
 
 def _normalise_path(p: str) -> str:
-    return re.sub(_SCHEME_RE, "", unquote(p) if "://" in p else p)
+    """A decoded path or URI without its scheme and leading slashes (the join key of both sides)."""
+    return re.sub(_SCHEME_RE, "", p)
 
 
 def _check_schema(df_schema: StructType, table: StructType, path: str) -> None:
@@ -286,7 +290,9 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
 
 
 def _filesystem(uri: str):
-    return pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+    if "://" not in uri:  # a local path, which may hold characters a URI would need escaped
+        return pafs.LocalFileSystem(), uri
+    return pafs.FileSystem.from_uri(uri)
 
 
 def _remove_dir(uri: str) -> None:
@@ -306,7 +312,9 @@ def _add_actions(table: str, write_id: str, partition_by: list) -> list:
     adds = []
     for info, st in zip(infos, stats):
         rel = write_id + "/" + os.path.relpath(info.path, root).replace(os.sep, "/")
-        adds.append(AddAction(path=rel, size=info.size, partition_values=_partition_values(rel, partition_by),
+        # The stored name itself: delta-rs percent-encodes it into the log's URI on commit.
+        adds.append(AddAction(path=rel, size=info.size,
+                              partition_values=_partition_values(rel, partition_by),
                               modification_time=int(info.mtime.timestamp() * 1000), data_change=True,
                               stats=st))
     return adds

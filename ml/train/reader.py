@@ -43,7 +43,7 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
-from urllib.parse import unquote
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -55,9 +55,9 @@ import torch.distributed as dist
 from deltalake import DeltaTable
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-logger = logging.getLogger(__name__)
+from ml.data.delta_files import check_readable, data_files
 
-_PARTITION_PREFIX = "partition."
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,64 +87,11 @@ def _open_snapshot(table_path: str, version: Optional[int]) -> _Snapshot:
         dt = DeltaTable(table_path, version=version)
     except Exception as e:  # delta-rs raises its own error types for a missing version
         raise FileNotFoundError(f"Delta table {table_path} has no readable version {version}: {e}") from e
-    _check_readable(dt, table_path)
-    files = sorted(dt.file_uris())
-    partition_columns = list(dt.metadata().partition_columns)
-    partition_values: dict[str, dict[str, Any]] = {f: {} for f in files}
-    if partition_columns:
-        partition_values = _partition_values_by_file(dt, files, partition_columns, table_path)
-    return _Snapshot(version=dt.version(), files=files, schema=pa.schema(dt.schema().to_arrow()),
-                     partition_columns=partition_columns, partition_values=partition_values)
-
-
-def _check_readable(dt: DeltaTable, table_path: str) -> None:
-    """Refuse table features that make the raw Parquet rows differ from the table's rows."""
-    mapping = dt.metadata().configuration.get("delta.columnMapping.mode") or "none"
-    if mapping != "none":
-        raise NotImplementedError(
-            f"Delta table {table_path} uses column mapping ({mapping!r}): Parquet column names differ "
-            "from the table's; rewrite the table without column mapping for training")
-    features = dt.protocol().reader_features or []
-    if "deletionVectors" in features and pa.table(dt.deletion_vectors()).num_rows > 0:
-        raise NotImplementedError(
-            f"Delta table {table_path} has deletion vectors: some Parquet rows are deleted; "
-            "run OPTIMIZE/REORG (purge) on the table before training on it")
-
-
-def _partition_values_by_file(dt: DeltaTable, files: list[str], partition_columns: list[str],
-                              table_path: str) -> dict[str, dict[str, Any]]:
-    """Map each file URI to its partition values, read from the add actions of the Delta log.
-
-    An add action's ``path`` is relative to the table root (or an absolute URI) and may be
-    percent-encoded once more than the URI ``file_uris()`` returns, so a file is matched on the
-    longest ``/``-separated suffix of its URI that equals an add path in either spelling.
-    """
-    adds = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
-    by_path: dict[str, dict[str, Any]] = {}
-    for i, p in enumerate(adds["path"]):
-        values = {c: adds[f"{_PARTITION_PREFIX}{c}"][i] for c in partition_columns}
-        by_path.setdefault(p, values)
-        by_path.setdefault(unquote(p), values)
-    out: dict[str, dict[str, Any]] = {}
-    for uri in files:
-        values = _match_suffix(uri, by_path)
-        if values is None:
-            values = _match_suffix(unquote(uri), by_path)
-        if values is None:
-            raise RuntimeError(f"Delta table {table_path}: no add action in the log matches file {uri}")
-        out[uri] = values
-    return out
-
-
-def _match_suffix(uri: str, by_path: dict[str, dict[str, Any]]) -> Optional[dict[str, Any]]:
-    if uri in by_path:
-        return by_path[uri]
-    start = 0
-    while (slash := uri.find("/", start)) >= 0:
-        if uri[slash + 1:] in by_path:
-            return by_path[uri[slash + 1:]]
-        start = slash + 1
-    return None
+    check_readable(dt, table_path)
+    files = data_files(dt, table_path)
+    return _Snapshot(version=dt.version(), files=[f for f, _ in files], schema=pa.schema(dt.schema().to_arrow()),
+                     partition_columns=list(dt.metadata().partition_columns),
+                     partition_values=dict(files))
 
 
 def snapshot_files(table_path: str, version: Optional[int] = None) -> tuple[int, list[str]]:
@@ -164,13 +111,16 @@ def snapshot_files(table_path: str, version: Optional[int] = None) -> tuple[int,
     return snap.version, snap.files
 
 
+_URI_SAFE = ":/?#[]@!$&'()*+,;=~"
+
+
 def _open_parquet(uri: str) -> pq.ParquetFile:
     """Open a data file given as a local path or a URI (s3://, gs://, abfss://, file://)."""
     if "://" not in uri:
         return pq.ParquetFile(uri)
-    # from_uri percent-decodes the path, but delta-rs URIs name the stored key itself
-    # (a Hive partition directory "s=a%20b" is literally that), so protect the '%' first.
-    fs, path = pafs.FileSystem.from_uri(uri.replace("%", "%25"))
+    # The URI names the stored key itself (decoded, see ml.data.delta_files); from_uri decodes
+    # percent-escapes, so encode it first: a Hive directory "s=a%20b" is literally that.
+    fs, path = pafs.FileSystem.from_uri(quote(uri, safe=_URI_SAFE))
     return pq.ParquetFile(path, filesystem=fs)
 
 

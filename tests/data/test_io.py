@@ -148,3 +148,43 @@ def test_bad_arguments(spark, warehouse):
         io.write_table(spark, df, f"{warehouse}/b", mode="upsert")
     with pytest.raises(ValueError, match="not partition columns"):
         io.write_table(spark, df, f"{warehouse}/b", replace_where={"model": "a"})
+
+
+@pytest.mark.parametrize("folder", ["my tables", "a+b", "é"])
+def test_awkward_paths_and_partition_values_read_back_everywhere(spark, warehouse, folder):
+    # A warehouse under a folder with a space, '+' or non-ASCII name, and partition values Spark
+    # escapes into directory names: every reader gets every row, none silently dropped.
+    from ml.train.reader import DeltaBatchDataset
+
+    path = f"{warehouse}/{folder}/p"
+    rows = [(1, "m y", 0.5), (2, "n:x", 1.5), (3, "a+b", 2.5), (4, "p%41", 3.5)]
+    io.write_table(spark, spark.createDataFrame(rows, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    expected = [{"id": i, "model": m, "score": s} for i, m, s in rows]
+    assert _sorted(pa.table(DeltaTable(path).to_pyarrow_table())) == expected
+    assertDataFrameEqual(io.read_table(spark, path, delta_mode="delta-rs"), spark.createDataFrame(rows, SCHEMA))
+    # a replace of one partition reads back its rows (the pipeline's count of a model's new rows)
+    _, n = io.replace_model_partition(spark, spark.createDataFrame([(5, "a+b", 0.0), (6, "a+b", 1.0)], SCHEMA),
+                                      path, "a+b", delta_mode="delta-rs")
+    assert n == 2
+    ds = DeltaBatchDataset(path, columns=["id", "score"], batch_size=8, seed=0, rank=0, world_size=1)
+    got = sorted(int(i) for b in ds for i in b["id"])
+    assert got == [1, 2, 4, 5, 6]
+
+
+def test_file_outside_the_log_is_an_error_not_an_empty_join(spark, warehouse, monkeypatch):
+    # If a file Spark reads could not be matched to its add action, the partition join would drop
+    # all its rows without a word: the read refuses instead.
+    path = f"{warehouse}/no match/p"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    monkeypatch.setattr(io, "unquote", lambda s: s)  # as if Spark's "%20" were not decoded
+    with pytest.raises(RuntimeError, match="match no add action"):
+        io.read_table(spark, path, delta_mode="delta-rs")
+
+
+def test_column_mapped_table_is_refused_without_the_jars(spark, warehouse):
+    # Its Parquet columns are physical names, not the table's: read as plain Parquet every column
+    # would be null, so the delta-rs path refuses and says what to do.
+    path = f"{warehouse}/cm"
+    write_deltalake(path, pa.table({"id": [1, 2]}), configuration={"delta.columnMapping.mode": "name"})
+    with pytest.raises(NotImplementedError, match="column mapping.*delta_mode=native"):
+        io.read_table(spark, path, delta_mode="delta-rs")
