@@ -1,6 +1,7 @@
 """Raw action rows (all text) -> typed ``actions`` + ``actions_rejected`` with a reason per row."""
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 from pyspark.sql import DataFrame, Window
@@ -36,9 +37,19 @@ def _to_long(c):
     return F.when(text.rlike(_INT_RE), F.expr(f"try_cast(trim(`{c}`) as bigint)")).cast(LongType())
 
 
+def _has_zone(ts_format: str) -> bool:
+    """Does the datetime pattern read a zone or offset (letters outside '...' literals)?"""
+    return bool(re.search(r"[VzOXxZ]", re.sub(r"'[^']*'", "", ts_format)))
+
+
 def _to_seconds(ts_unit: str, ts_format: str):
     if ts_unit == "string":
-        return F.unix_timestamp(F.try_to_timestamp(F.trim(F.col(S.TS)), F.lit(ts_format)))
+        text = F.trim(F.col(S.TS))
+        if not _has_zone(ts_format):
+            # A wall-clock time is read as UTC, not in spark.sql.session.timeZone (a notebook's or a
+            # cluster's zone would otherwise change every ts, and the rows a time window rejects).
+            text, ts_format = F.concat(text, F.lit(" UTC")), f"{ts_format} VV"
+        return F.unix_timestamp(F.try_to_timestamp(text, F.lit(ts_format)))
     secs = _to_long(S.TS)
     return F.floor(secs / 1000).cast(LongType()) if ts_unit == "ms" else secs
 
@@ -55,7 +66,7 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     df = raw.select(*[F.col(c) for c in raw.columns],
                     _to_long(S.USER_ID).alias("_u"), _to_long(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), _to_long(S.CATEGORY_ID).alias("_c"),
-                    F.trim(S.BEHAVIOR).alias("_b"),
+                    F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
                     (_to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())).alias("_tms"))
     ts_ok = F.lit(True)
     if min_ts is not None:
@@ -72,22 +83,25 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
               .when(~_blank(S.CATEGORY_ID) & F.col("_c").isNull(), BAD_CATEGORY))
     df = df.withColumn(S.REASON, reason)
     # One copy of each exact duplicate survives; the key is the whole event, so a hot item or a
-    # power user does not concentrate rows in one task (duplicates of one event are few).
-    # The copy kept is a good row (a bad row sharing the key, e.g. a bad category, must not push the
-    # good one out), then the first by the raw text, so which raw row lands in actions_rejected
-    # (" 4 " or "4") does not depend on the order rows reach the task: a rerun rejects the same rows.
-    key = ["_u", "_i", "_t", "_tms", "_b", "_c"]
+    # power user does not concentrate rows in one task (duplicates of one event are few). The copy
+    # kept is the first good row by the raw text, so which raw row lands in actions_rejected (" 4 "
+    # or "4") does not depend on the order rows reach the task: a rerun rejects the same rows. Bad
+    # rows are never duplicates and each gets its own window partition (a unique salt): they cannot
+    # push a good row out, and garbage lines, whose keys are all null, are not sorted in one task.
+    df = df.withColumn("_salt", F.when(F.col(S.REASON).isNull(), F.lit(-1))
+                       .otherwise(F.monotonically_increasing_id()))
+    key = ["_u", "_i", "_t", "_tms", "_b", "_c", "_salt"]
     raw_order = [F.col(c).asc_nulls_first() for c in (*CANONICAL_FIELDS, S.RAW_RECORD) if c in raw.columns]
-    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(F.col(S.REASON).isNull().desc(), *raw_order))
+    dup_rank = F.row_number().over(Window.partitionBy(*key).orderBy(*raw_order))
     df = df.withColumn(S.REASON, F.when(F.col(S.REASON).isNull() & (dup_rank > 1), F.lit(DUPLICATE))
-                       .otherwise(F.col(S.REASON))).drop("_tms")
+                       .otherwise(F.col(S.REASON))).drop("_tms", "_salt")
     return df
 
 
 def good_actions(validated: DataFrame) -> DataFrame:
     return validated.where(F.col(S.REASON).isNull()).select(
         F.col("_u").alias(S.USER_ID), F.col("_i").alias(S.ITEM_ID), F.col("_t").alias(S.TS),
-        F.when(F.col("_b") == "", None).otherwise(F.col("_b")).alias(S.BEHAVIOR), F.col("_c").alias(S.CATEGORY_ID))
+        F.col("_b").alias(S.BEHAVIOR), F.col("_c").alias(S.CATEGORY_ID))
 
 
 def rejected_actions(validated: DataFrame) -> DataFrame:

@@ -103,6 +103,42 @@ def test_millisecond_and_string_timestamps(spark, tmp_path):
     assert good == [(1, 2, 1577836810, None, None)] and [b[0] for b in bad] == [I.BAD_TS]
 
 
+def test_string_timestamps_are_read_as_utc_in_any_session_zone(spark, tmp_path):
+    # before: parsed in spark.sql.session.timeZone, so a notebook in New York got other ts (and
+    # other out-of-window rejections) than the laptop run; a pattern with its own zone keeps it
+    st = _write(tmp_path, "st.csv", "u,i,t\n1,2,2024-03-10 02:30:00\n1,3,2024-03-10 12:00:00\n")
+    zoned = _write(tmp_path, "z.csv", "u,i,t\n1,2,2024-03-10T12:00:00+01:00\n")
+    cols = {"user_id": "u", "item_id": "i", "ts": "t"}
+    zone = spark.conf.get("spark.sql.session.timeZone")
+    spark.conf.set("spark.sql.session.timeZone", "America/New_York")  # 02:30 that day does not exist there
+    try:
+        _, good, _ = _run(spark, IngestConfig(format="csv", path=st, ts_unit="string", columns=cols))
+        assert good == [(1, 2, 1710037800, None, None), (1, 3, 1710072000, None, None)]
+        _, good, _ = _run(spark, IngestConfig(format="csv", path=zoned, ts_unit="string", columns=cols,
+                                              ts_format="yyyy-MM-dd'T'HH:mm:ssXXX"))
+        assert good == [(1, 2, 1710068400, None, None)]
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", zone)
+    assert I._has_zone("yyyy-MM-dd HH:mm:ss z") and not I._has_zone("yyyy-MM-dd'T'HH:mm:ss'Z'")
+
+
+def test_blank_and_null_behaviour_are_the_same_event(spark, tmp_path):
+    # before: "" and NULL were different dedupe keys, then both became NULL: two identical actions
+    path = str(tmp_path / "b")
+    spark.createDataFrame([(1, 5, 10, ""), (1, 5, 10, None), (1, 5, 10, " ")],
+                          "user_id long, item_id long, ts long, behavior string").write.parquet(path)
+    _, good, bad = _run(spark, IngestConfig(format="parquet", path=path))
+    assert good == [(1, 5, 10, None, None)] and [b[0] for b in bad] == [I.DUPLICATE] * 2
+
+
+def test_many_identical_garbage_lines_stay_malformed(spark, tmp_path):
+    # bad rows share no dedupe partition (their keys are all null): each is kept with its own reason
+    path = _write(tmp_path, "g.csv", "u,i,t\n" + "1,2,3\n" + "<html>,x,y,z\n" * 50 + ",,\n" * 3)
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=path, columns={"user_id": "u", "item_id": "i", "ts": "t"}))
+    assert good == [(1, 2, 3, None, None)]
+    assert sorted(b[0] for b in bad) == sorted([I.MALFORMED] * 50 + [I.MISSING_USER] * 3)
+
+
 def test_parquet_source_with_mapping(spark, tmp_path):
     path = str(tmp_path / "p")
     spark.createDataFrame([(1, 5, 10), (2, 6, 11)], "visitor long, sku long, epoch long").write.parquet(path)
