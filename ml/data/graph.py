@@ -112,7 +112,7 @@ def top_k_per_key(df: DataFrame, key: str, order: List[Column], values: List[str
     A bounded top-k aggregate (``max_by(..., n)``, Spark >= 4.2) where available, else a
     ``row_number() <= n`` window; both give the same rows.
     """
-    if n <= MAX_BY_K_LIMIT and _has_top_k_aggregate(df):
+    if n <= MAX_BY_K_LIMIT and has_top_k_aggregate(df):
         value = F.struct(*[F.col(c) for c in values])
         ordering = F.struct(*[c.alias(f"o{i}") for i, c in enumerate(order)])
         top = df.groupBy(key).agg(F.max_by(value, ordering, n).alias("top"))
@@ -123,7 +123,7 @@ def top_k_per_key(df: DataFrame, key: str, order: List[Column], values: List[str
             .select(key, *values, S.RANK))
 
 
-def _has_top_k_aggregate(df: DataFrame) -> bool:
+def has_top_k_aggregate(df: DataFrame) -> bool:
     """``max_by(col, ord, k)`` exists from Spark 4.2 on (and the pyspark in use must expose it)."""
     major, minor = (int(x) for x in df.sparkSession.version.split(".")[:2])
     return (major, minor) >= (4, 2) and "k" in inspect.signature(F.max_by).parameters

@@ -8,6 +8,7 @@ from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import SequencesConfig
+from ml.data.graph import MAX_BY_K_LIMIT, has_top_k_aggregate
 
 
 def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame, DataFrame]:
@@ -22,18 +23,26 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
     if cfg.behaviors:
         actions = actions.where(F.col(S.BEHAVIOR).isin(list(cfg.behaviors)))
     # sort_array on (ts, item_id) structs: time order with an explicit, stable tie-break.
-    events = (actions.groupBy(S.USER_ID)
-              .agg(F.sort_array(F.collect_list(F.struct(F.col(S.TS).alias("t"), F.col(S.ITEM_ID).alias("i"))))
-                   .alias("ev")))
+    event = F.struct(F.col(S.TS).alias("t"), F.col(S.ITEM_ID).alias("i"))
+    bound = _events_needed(cfg)
+    if bound and has_top_k_aggregate(actions):
+        # Only the most recent `bound` events can reach the tables: a bounded top-k aggregate keeps
+        # at most that many per user in each task, so a bot with 10^8 events is not one 2 GB row.
+        collected = F.max_by(event, event, bound)
+    else:
+        collected = F.collect_list(event)
+    events = actions.groupBy(S.USER_ID).agg(F.sort_array(collected).alias("ev"), F.count(F.lit(1)).alias("total"))
     if cfg.collapse_repeats:
         events = events.withColumn("ev", F.expr("filter(ev, (x, k) -> k = 0 OR x.i != ev[k - 1].i)"))
     if cfg.holdout > 1:  # validation split: the last holdout-1 actions are never seen
         events = events.withColumn("ev", F.expr(f"slice(ev, 1, greatest(size(ev) - {cfg.holdout - 1}, 0))"))
-    events = events.withColumn("n", F.size("ev")).where(F.col("n") >= cfg.min_length)
-    train = F.slice("ev", 1, F.col("n") - 1)
+    # n: the user's actions up to the target (all of them, also those beyond the bound); m: those in ev
+    n = F.size("ev") if cfg.collapse_repeats else F.greatest(F.col("total") - (cfg.holdout - 1), F.lit(0))
+    events = events.withColumn("n", n).withColumn("m", F.size("ev")).where(F.col("n") >= cfg.min_length)
+    train = F.slice("ev", 1, F.col("m") - 1)
     if cfg.max_length:
-        keep = F.least(F.col("n") - 1, F.lit(cfg.max_length))
-        train = F.slice("ev", F.col("n") - keep, keep)
+        keep = F.least(F.col("m") - 1, F.lit(cfg.max_length))
+        train = F.slice("ev", F.col("m") - keep, keep)
     events = events.withColumn("train", train)
     sequences = events.select(
         F.col(S.USER_ID),
@@ -48,6 +57,15 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
         last["t"].alias(S.TARGET_TS),
         (F.col("n") - 1).cast("int").alias(S.HISTORY_LENGTH))
     return (_conform(sequences, S.SEQUENCES), _conform(eval_targets, S.EVAL_TARGETS))
+
+
+def _events_needed(cfg: SequencesConfig) -> int | None:
+    """How many of a user's most recent events the tables can use (None: all of them): the last
+    ``max_length`` training items, the target and the held-out ones (``min_length`` is checked on
+    the user's full count). Collapsing repeats needs every event (a run can be any length)."""
+    if not cfg.max_length or cfg.collapse_repeats or cfg.max_length + cfg.holdout > MAX_BY_K_LIMIT:
+        return None
+    return cfg.max_length + cfg.holdout
 
 
 def _conform(df: DataFrame, schema) -> DataFrame:

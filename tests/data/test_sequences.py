@@ -54,3 +54,25 @@ def test_contract_schemas(spark):
     seq, tgt = build_sequences(_acts(spark, [(1, 2, 3), (1, 3, 4)]), SequencesConfig())
     assert [f.name for f in seq.schema] == [f.name for f in S.SEQUENCES]
     assert [f.dataType.simpleString() for f in tgt.schema] == [f.dataType.simpleString() for f in S.EVAL_TARGETS]
+
+
+def test_bounded_collection_gives_the_same_tables_as_collecting_everything(spark, monkeypatch):
+    # With max_length set, each user's most recent events are kept by a bounded top-k aggregate
+    # (a power user is not one huge row); the tables must equal those of the full collect_list,
+    # ties in ts and repeated (ts, item) events included, and history_length must stay the full count.
+    import random
+
+    from ml.data import sequences as seqmod
+
+    rnd = random.Random(3)
+    rows = [(u, rnd.randrange(6), rnd.randrange(8)) for u in range(12) for _ in range(rnd.randrange(1, 30))]
+    for kw in (dict(max_length=3), dict(max_length=5, holdout=2), dict(max_length=1, min_length=4),
+               dict(max_length=4, collapse_repeats=True)):
+        bounded = _collect(spark, rows, **kw)
+        monkeypatch.setattr(seqmod, "has_top_k_aggregate", lambda df: False)
+        full = _collect(spark, rows, **kw)
+        monkeypatch.undo()
+        assert bounded == full, kw
+    assert seqmod._events_needed(SequencesConfig(max_length=3, holdout=2)) == 5
+    _, tgt = _collect(spark, [(1, i, i) for i in range(50)], max_length=2)
+    assert tgt[1][3] == 49  # history_length counts every action before the target

@@ -57,7 +57,7 @@ def test_history_exclusion_and_k(spark):
 
 def test_top_k_aggregate_and_window_give_the_same_fused_rows(spark, monkeypatch):
     fast = _fused(spark, rrf_k=1.0)
-    monkeypatch.setattr(graph, "_has_top_k_aggregate", lambda df: False)
+    monkeypatch.setattr(graph, "has_top_k_aggregate", lambda df: False)
     assert _fused(spark, rrf_k=1.0) == fast
 
 
