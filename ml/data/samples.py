@@ -58,7 +58,9 @@ def noise_distribution(counts: DataFrame, noise: str, alpha: float) -> DataFrame
     """q(.) over training items: count^alpha normalised (unigram) or 1/N (uniform)."""
     w = F.pow(F.col(S.COUNT).cast("double"), F.lit(alpha)) if noise == "unigram" else F.lit(1.0)
     weighted = counts.select(S.ITEM_ID, w.alias("w"))
-    total = weighted.agg(F.sum("w").alias("t"))
+    # The total in exact decimal arithmetic: a float sum depends on the order the shuffle delivers the
+    # partial sums in, so a rerun could write other last bits of every q.
+    total = weighted.agg(F.sum(F.col("w").cast("decimal(38,12)")).cast("double").alias("t"))
     return weighted.crossJoin(total).select(S.ITEM_ID, (F.col("w") / F.col("t")).alias("q"))
 
 

@@ -5,7 +5,8 @@ items and merge them. This is that merge as a Spark job over ``sequences`` and `
 model's lists. The item j steps before the user's last one weighs ``decay ** j``; a neighbour at
 rank r in that item's list adds ``decay ** j / (rrf_k + r)`` (reciprocal rank fusion: it needs no
 common score scale, so co-occurrence weights and cosines fuse alike); sums per (user, item), the
-``k`` best per user, ties to the smaller item id.
+``k`` best per user, ties to the smaller item id. Terms are rounded to units of 2^-40 and summed
+as integers, so a score does not depend on the order Spark adds the terms in.
 
 Cost is O(users x triggers x list length), linear in the data: the user x trigger rows join the
 lists on the trigger item (a popular trigger's rows are split by adaptive skew-join handling; its
@@ -23,6 +24,8 @@ from ml.data.graph import top_k_per_key
 
 TRIGGER = "trigger_id"
 STEP = "step"  # 0 = the user's last item, 1 = the one before, ...
+UNITS = "units"
+SCORE_UNITS = float(2**40)  # each term <= 1, so a sum of up to 2^23 terms fits a long
 
 
 def recent_triggers(sequences: DataFrame, triggers: int) -> DataFrame:
@@ -36,15 +39,18 @@ def fuse_recent(sequences: DataFrame, i2i: DataFrame, cfg: RecentConfig, model: 
     """``sequences`` + one model's ``i2i_topk`` rows -> ``u2i_topk`` rows with ``model``."""
     recent = recent_triggers(sequences, cfg.triggers)
     lists = i2i.select(F.col(S.ITEM_ID).alias(TRIGGER), F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), S.RANK)
-    contrib = recent.join(lists, TRIGGER).select(
-        S.USER_ID, S.ITEM_ID, (F.pow(F.lit(float(cfg.decay)), F.col(STEP)) / (F.lit(float(cfg.rrf_k)) + F.col(S.RANK)))
-        .alias(S.SCORE))
-    scores = contrib.groupBy(S.USER_ID, S.ITEM_ID).agg(F.sum(S.SCORE).alias(S.SCORE))
+    term = F.pow(F.lit(float(cfg.decay)), F.col(STEP)) / (F.lit(float(cfg.rrf_k)) + F.col(S.RANK))
+    # Summed as integer units of 2^-40: a float sum depends on the order the shuffle delivers the
+    # terms in (a rerun could change a score's last bits, and which of two tied items wins).
+    contrib = recent.join(lists, TRIGGER).select(S.USER_ID, S.ITEM_ID, F.round(term * SCORE_UNITS).cast("long")
+                                                 .alias(UNITS))
+    scores = contrib.groupBy(S.USER_ID, S.ITEM_ID).agg(F.sum(UNITS).alias(UNITS))
     if cfg.exclude == "history":
         seen = sequences.select(S.USER_ID, F.explode(F.array_distinct(S.ITEMS)).alias(S.ITEM_ID))
     else:
         seen = recent.select(S.USER_ID, F.col(TRIGGER).alias(S.ITEM_ID))
     scores = scores.join(seen, [S.USER_ID, S.ITEM_ID], "left_anti")
-    top = top_k_per_key(scores, S.USER_ID, [F.col(S.SCORE), -F.col(S.ITEM_ID)], [S.ITEM_ID, S.SCORE], cfg.k)
-    return top.select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"), F.col(S.SCORE).cast("double"),
+    top = top_k_per_key(scores, S.USER_ID, [F.col(UNITS), -F.col(S.ITEM_ID)], [S.ITEM_ID, UNITS], cfg.k)
+    return top.select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"),
+                      (F.col(UNITS) / F.lit(SCORE_UNITS)).cast("double").alias(S.SCORE),
                       F.col(S.RANK).cast("int"), F.lit(model).alias(S.MODEL))

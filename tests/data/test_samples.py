@@ -13,6 +13,16 @@ def _seqs(spark, rows):
     return spark.createDataFrame([(u, items, list(range(len(items))), len(items)) for u, items in rows], S.SEQUENCES)
 
 
+def test_noise_distribution_does_not_depend_on_row_order(spark):
+    # q's normaliser was a float sum, whose last bits follow the order partial sums arrive in
+    rows = [(i, (i * 7919) % 1000 + 1) for i in range(3000)]
+    forward = spark.createDataFrame(rows, "item_id long, count long").repartition(1)
+    backward = spark.createDataFrame(rows[::-1], "item_id long, count long").repartition(7, "count")
+    a = {r.item_id: r.q for r in noise_distribution(forward, "unigram", 0.75).collect()}
+    b = {r.item_id: r.q for r in noise_distribution(backward, "unigram", 0.75).collect()}
+    assert a == b
+
+
 def test_noise_distribution_unigram_and_uniform(spark):
     counts = spark.createDataFrame([(1, 1), (2, 4)], "item_id long, count long")
     q = {r.item_id: r.q for r in noise_distribution(counts, "unigram", 0.5).collect()}

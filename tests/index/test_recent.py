@@ -44,7 +44,8 @@ def test_fused_scores_by_hand(spark):
     # user 1: item 3 (step 0, weight 1) lists 10, 11, 2; item 2 (step 1, weight 0.5) lists 11, 12, 3, 1
     # 10: 1/1 = 1; 11: 1/2 + 0.5/1 = 1 (tie: smaller id first); 12: 0.5/2; 1: 0.5/4; 2, 3 are triggers
     assert got[1] == [(10, 1.0, 1), (11, 1.0, 2), (12, 0.25, 3), (1, 0.125, 4)]
-    assert got[2] == [(10, 1.0, 1), (11, 0.5, 2), (2, 1 / 3, 3)]  # one item: its own list
+    assert got[2][:2] == [(10, 1.0, 1), (11, 0.5, 2)]  # one item: its own list
+    assert got[2][2][0] == 2 and got[2][2][1] == pytest.approx(1 / 3, abs=1e-12)  # scores in units of 2^-40
     assert 3 not in got  # no list for the only trigger: no rows (evaluation counts a miss)
 
 
@@ -53,6 +54,23 @@ def test_history_exclusion_and_k(spark):
     assert [i for i, _, _ in _fused(spark, k=2)[1]] == [10, 11]
     # rrf_k damps the head: 11 (ranks 2 and 1) now beats 10 (rank 1 once)
     assert [i for i, _, _ in _fused(spark, rrf_k=10.0)[1]][:2] == [11, 10]
+
+
+def test_equal_rank_multisets_tie_exactly_and_the_smaller_id_wins(spark):
+    # Items 100 and 99 hold ranks 1..5 in the lists of the last five items, in different orders.
+    # The real sums are equal; summed as floats they can differ in the last bit (1/11 + ... + 1/15
+    # is 0.38926073926073923 in one order, 0.3892607392607393 in another), and the order Spark adds
+    # them in decides which item wins. Integer units make it a tie, broken by the smaller id.
+    rank_100, rank_99 = [2, 4, 5, 1, 3], [1, 2, 3, 4, 5]  # as floats 100's sum is larger, either way round
+    lists = {}
+    for step, trigger in enumerate([5, 4, 3, 2, 1]):  # item 5 is the last one (step 0)
+        row = [200 + 10 * trigger + r for r in range(1, 6)]
+        row[rank_100[step] - 1], row[rank_99[step] - 1] = 100, 99
+        lists[trigger] = row
+    out = fuse_recent(_seqs(spark, [(1, [1, 2, 3, 4, 5])]), _i2i(spark, lists),
+                      RecentConfig(triggers=5, decay=1.0, rrf_k=10.0, k=2), "m_recent").collect()
+    top = sorted(out, key=lambda r: r.rank)
+    assert [r.item_id for r in top] == [99, 100] and top[0].score == top[1].score
 
 
 def test_top_k_aggregate_and_window_give_the_same_fused_rows(spark, monkeypatch):
