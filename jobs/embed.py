@@ -60,15 +60,25 @@ def run(cfg: Config, spark=None) -> dict:
     items = items.distinct()
     emb = items.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)
+    out = {"items": n, "run_id": run_id, "skipped_items": items.count() - n}
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
-    out = {"items": n, "run_id": run_id}
+    _log_skipped(out["skipped_items"], "items", "noise_q and items", cfg.model)
     if cfg.model in USER_MODELS:
         users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
         uemb = users.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id, side="user"),
                                  USER_EMBEDDINGS)
         _, out["users"] = io.replace_model_partition(spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), cfg.model, mode)
+        out["skipped_users"] = users.count() - out["users"]
         log.info("user_embeddings[%s]: %d users (run %s)", cfg.model, out["users"], run_id)
+        _log_skipped(out["skipped_users"], "users", S.T_SEQUENCES, cfg.model)
     return out
+
+
+def _log_skipped(n: int, what: str, source: str, model: str) -> None:
+    """Ids of the tables that the trained model has no vector for (they arrived after training)."""
+    if n:
+        log.warning("%d %s of %s are not in model %s's vocabulary (added after it was trained) and got no "
+                    "vector; retrain (jobs.train) to cover them", n, what, source, model)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

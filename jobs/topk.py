@@ -14,7 +14,6 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
 from pyspark.sql import functions as F
 
 from ml import schemas as S
@@ -36,11 +35,24 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
 
     spark = spark or get_spark(cfg.spark)
     mode, k = cfg.io.delta_mode, k or cfg.baseline.k
-    # The index needs every candidate vector in one place: read the model's partition with delta-rs.
-    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "model", "vector", "candidate_vector"])
-    t = t.filter(pa.compute.equal(t.column("model"), cfg.model))
+    # The index needs every candidate vector in one place: read the model's partition (only its
+    # files) with delta-rs.
+    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector", "candidate_vector", "run_id"],
+                     partitions=[(S.MODEL, "=", cfg.model)])
     if t.num_rows == 0:
         raise ValueError(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
+    run_ids = sorted(set(t.column("run_id").unique().to_pylist()))
+    users = None
+    if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
+        users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode).where(
+            F.col(S.MODEL) == cfg.model)
+        # Item and user vectors must come from one model: an embed run killed between its two commits
+        # would otherwise pair this run's items with the previous run's users, without a word.
+        user_runs = sorted(r[0] for r in users.select("run_id").distinct().limit(2).collect())
+        if user_runs != run_ids:
+            raise ValueError(f"{T_USER_EMBEDDINGS}[{cfg.model}] is from run {user_runs}, {T_ITEM_EMBEDDINGS} "
+                             f"from run {run_ids}: rerun jobs.embed for model={cfg.model}")
+        users = users.select(S.USER_ID, "vector")
     order = np.argsort(t.column("item_id").to_numpy())
     ids = t.column("item_id").to_numpy()[order]
     cand = t.column("candidate_vector")
@@ -61,9 +73,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode)
     log.info("i2i_topk[%s]: %d rows for %d items (k=%d), version %d", cfg.model, n, len(ids), k, version)
     out = {"rows": n, "items": len(ids), "version": version}
-    if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
-        users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode).where(
-            F.col(S.MODEL) == cfg.model).select(S.USER_ID, "vector")
+    if users is not None:
         u2i = users.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                   cfg.model, side="user"), S.U2I_TOPK)
         _, out["u2i_rows"] = io.replace_model_partition(spark, u2i, cfg.table_path(S.T_U2I_TOPK), cfg.model, mode)

@@ -21,11 +21,14 @@ from deltalake import DeltaTable
 log = logging.getLogger(__name__)
 
 
-def read_columns(path: str, columns: list, version: Optional[int] = None) -> pa.Table:
+def read_columns(path: str, columns: list, version: Optional[int] = None,
+                 partitions: Optional[list] = None) -> pa.Table:
+    """The given columns of a Delta snapshot; ``partitions`` (e.g. ``[("model", "=", "natm")]``)
+    reads only the files of those partitions."""
     if not DeltaTable.is_deltatable(path):
         raise FileNotFoundError(f"no Delta table at {path} (has its producing job run?)")
     dt = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
-    return pa.table(dt.to_pyarrow_table(columns=columns))
+    return pa.table(dt.to_pyarrow_table(columns=columns, partitions=partitions))
 
 
 @dataclass

@@ -106,6 +106,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
         assert dat_embed(m, torch.arange(1, users.size + 1), "user").shape == (users.size, 8)
     emb = embed.run(c, spark)  # two_tower's item and user towers through the embed job
     assert emb["items"] == items.size and emb["users"] == users.size
+    assert emb["skipped_items"] == 0 and emb["skipped_users"] == 0  # every catalogue item and user has a vector
     res = topk.run(c, spark, k=5)
     assert res["rows"] == 5 * items.size and res["u2i_rows"] == 5 * users.size
 
@@ -149,3 +150,16 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     with_major = sum(int(major in b["category_id"].tolist()) for b in full)
     assert all(len(set(b["category_id"].tolist())) >= 3 for b in full)
     assert with_major >= 0.9 * len(full)
+
+    # user vectors from another run than the item vectors (an embed killed between its two commits):
+    # topk refuses rather than pairing them, and writes nothing
+    import pytest
+    from pyspark.sql import functions as F
+
+    stale = io.read_table(spark, c.table_path(S.T_USER_EMBEDDINGS)).where("model = 'two_tower'").withColumn(
+        "run_id", F.lit("an older run"))
+    io.replace_model_partition(spark, stale.localCheckpoint(), c.table_path(S.T_USER_EMBEDDINGS), "two_tower")
+    before = io.table_version(c.table_path(S.T_I2I_TOPK))
+    with pytest.raises(ValueError, match=r"user_embeddings\[two_tower\] is from run \['an older run'\].*rerun jobs.embed"):
+        topk.run(c, spark, k=5)
+    assert io.table_version(c.table_path(S.T_I2I_TOPK)) == before
