@@ -32,6 +32,34 @@ def checkpoint_dir(cfg: Config) -> str:
     return cfg.train.checkpoint_dir or cfg.table_path(os.path.join("checkpoints", cfg.model))
 
 
+# Tables a model's training reads; their versions are part of what a checkpoint was trained on.
+_INPUTS = {"natm": ("noise_q", "items", "item_graph", "samples_natm"),
+           "dat": ("noise_q", "items", "sequences", "users", "samples_dat")}
+# train.* keys that do not change what is trained (where, how often to log / checkpoint)
+_NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "launcher", "num_processes",
+                 "device", "deterministic")
+
+
+def run_settings(cfg: Config) -> dict:
+    """What determines a training run: the model's, the samples' and the training config, the seed,
+    and the versions of the tables it reads. A checkpoint written with other settings cannot be
+    resumed (another config's weights and schedule would be handed back as this one's)."""
+    from dataclasses import asdict
+
+    from deltalake import DeltaTable
+
+    section = "natm" if cfg.model == "natm" else "dat"
+    out: dict = {"model": cfg.model, "seed": cfg.seed}
+    out.update({f"train.{k}": v for k, v in asdict(cfg.train).items() if k not in _NOT_SETTINGS})
+    out.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
+    out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items()})
+    for table in _INPUTS[section]:
+        path = cfg.table_path(table)
+        if DeltaTable.is_deltatable(path):
+            out[f"{table} version"] = DeltaTable(path).version()
+    return json.loads(json.dumps(out, default=str))  # plain JSON types, as a checkpoint stores them
+
+
 def train_worker(cfg: Config, resume: bool) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
     from ml.train.distributed import cleanup, init_distributed
@@ -55,7 +83,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         os.makedirs(model_dir(cfg), exist_ok=True)
         res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, checkpoint_dir(cfg), resume=resume,
                     seed=cfg.seed, metrics_path=os.path.join(model_dir(cfg), "train_metrics.jsonl"),
-                    steps_per_epoch=steps_per_epoch)
+                    steps_per_epoch=steps_per_epoch, settings=run_settings(cfg))
         if ctx.is_main:
             extra = {"samples_version": ds.version, "steps": res["steps"]}
             if cfg.model == "natm":
@@ -85,7 +113,9 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
-        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint (refused if it was written with other settings); "
+                            "without it a run starts over and removes the checkpoints of the previous run")
 
     cfg, args = parse(__doc__, argv, extra)
     res = run(cfg, args.resume)

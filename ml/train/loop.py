@@ -55,7 +55,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from ml.config import TrainConfig
-from ml.train.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint,
+from ml.train.checkpoint import (capture_rng_state, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  restore_rng_state, save_checkpoint)
 from ml.train.distributed import DistContext
 
@@ -333,15 +333,44 @@ class _Window:
         return out
 
 
+RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # may change on resume: continue training
+
+
+def _check_same_settings(path: str, saved: Optional[dict[str, Any]], settings: Optional[dict[str, Any]]) -> None:
+    """Refuse to resume from a checkpoint written by a run with other settings (another config or
+    data version): its weights, step and schedule belong to that run."""
+    if settings is None:
+        return
+    if saved is None:
+        logger.warning("%s records no run settings (written by an older version); resuming from it unchecked", path)
+        return
+    keys = [k for k in sorted(set(saved) | set(settings), key=str) if saved.get(k) != settings.get(k)]
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {settings.get(k)!r}" for k in keys]
+    length = [d for k, d in zip(keys, differ) if k in RUN_LENGTH_KEYS]
+    differ = [d for k, d in zip(keys, differ) if k not in RUN_LENGTH_KEYS]
+    if length and not differ:  # training longer (or shorter) from where it stopped is a resume
+        logger.warning("resuming %s with another run length (%s); a decaying LR schedule is stretched to the "
+                       "new length from here on", path, "; ".join(length))
+    if differ:
+        raise ValueError(f"cannot resume from {path}: it was written by a run with other settings ("
+                         + "; ".join(differ) + "). Run without --resume to start over, or resume with the "
+                         "settings of that run")
+
+
 def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
           loss_fn: Callable[[nn.Module, Batch], LossOutput], cfg: TrainConfig, ctx: DistContext,
           checkpoint_dir: str, resume: bool = False, seed: int = 0,
           metrics_path: Optional[str] = None, *, steps_per_epoch: Optional[int] = None,
-          find_unused_parameters: bool = False, keep_checkpoints: Optional[int] = 3) -> dict[str, Any]:
+          find_unused_parameters: bool = False, keep_checkpoints: Optional[int] = 3,
+          settings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train ``model`` in place for ``cfg.epochs`` epochs or ``cfg.max_steps`` steps.
 
     ``steps_per_epoch`` (an estimate is fine) sizes the cosine/linear LR decay when ``max_steps`` is
     unset. ``keep_checkpoints`` keeps the newest N checkpoint files (None keeps all).
+    Without ``resume`` the run starts over: checkpoints left in ``checkpoint_dir`` by an earlier run
+    are removed first (else the pruning, which keeps the highest steps, would delete this run's own).
+    ``settings`` (what determines the run: config, data version) are stored in each checkpoint; a
+    resume from a checkpoint written with other settings is refused, naming the keys that differ.
     Returns ``{steps, epochs, final_loss, seconds, samples_per_s, checkpoint, precision}``: ``steps`` counts
     optimizer steps since the start of training (including before a resume), ``epochs`` the
     completed epochs, ``final_loss`` this rank's last batch loss, ``seconds`` / ``samples_per_s``
@@ -367,6 +396,13 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
     last_loss: Optional[float] = None
     last_checkpoint: Optional[str] = None
     seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, 0))
+    if not resume and ctx.is_main:
+        stale = list_checkpoints(checkpoint_dir)
+        for old in stale:
+            os.remove(old)
+        if stale:
+            logger.info("removed %d checkpoints of an earlier run from %s (a run without resume starts over)",
+                        len(stale), checkpoint_dir)
     if resume:
         path = latest_checkpoint(checkpoint_dir)
         if ctx.distributed:  # every rank resumes from the file rank 0 saw
@@ -377,8 +413,13 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             if ctx.is_main:
                 logger.info("resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         else:
-            state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    map_location=device)
+            state = load_checkpoint(path, map_location=device)
+            _check_same_settings(path, state["extra"].get("settings"), settings)
+            model.load_state_dict(state["model"])
+            if state.get("optimizer") is not None:
+                optimizer.load_state_dict(state["optimizer"])
+            if state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
             last_loss = state["extra"].get("last_loss")
             last_checkpoint = path
@@ -398,7 +439,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                       find_unused_parameters=find_unused_parameters)
 
     def checkpoint(epoch_pos: int, batches_pos: int) -> Optional[str]:
-        extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size}
+        extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings}
         return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                step=step, epoch=epoch_pos, batches_done_in_epoch=batches_pos,
                                extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)

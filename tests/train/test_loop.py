@@ -151,6 +151,41 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
     assert res_b["final_loss"] == res_a["final_loss"]
 
 
+def test_a_new_run_never_resumes_an_earlier_runs_checkpoint(tmp_path):
+    # Before: a finished 4-epoch run left ckpt-45..60; a new 2-epoch run's checkpoints (steps 4..28)
+    # were pruned as soon as written (the newest 3 by step were the old run's), and --resume after
+    # its crash handed back the 4-epoch model. Now a run without resume starts over, and a resume
+    # from a checkpoint written with other settings is refused, naming them.
+    x, y = regression_data(240)
+    make = shuffled_batches(x, y, 16, seed=3)
+    ckpt = str(tmp_path / "ck")
+    base = dict(batch_size=16, lr=0.01, lr_schedule="cosine", checkpoint_every=4, device="cpu", amp=False)
+    long_cfg, short_cfg = TrainConfig(epochs=4, **base), TrainConfig(epochs=2, **base)
+    kw = dict(seed=7, steps_per_epoch=15)
+    train(mlp(0), make, mse_loss, long_cfg, CPU, ckpt, settings={"lr": 0.01, "data": 1}, **kw)
+    assert Path(latest_checkpoint(ckpt)).name == checkpoint_name(60)
+
+    uninterrupted = mlp(0)
+    train(uninterrupted, make, mse_loss, short_cfg, CPU, str(tmp_path / "ref"), settings={"lr": 0.01, "data": 2}, **kw)
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise RuntimeError("simulated crash")
+        return mse_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(mlp(0), make, crashing_loss, short_cfg, CPU, ckpt, settings={"lr": 0.01, "data": 2}, **kw)
+    assert [Path(p).name for p in list_checkpoints(ckpt)] == [checkpoint_name(s) for s in (4, 8)]
+    with pytest.raises(ValueError, match=r"other settings \(data: checkpoint 2, this run 3\)"):
+        train(mlp(1), make, mse_loss, short_cfg, CPU, ckpt, resume=True, settings={"lr": 0.01, "data": 3}, **kw)
+    resumed = mlp(123)
+    res = train(resumed, make, mse_loss, short_cfg, CPU, ckpt, resume=True, settings={"lr": 0.01, "data": 2}, **kw)
+    assert res["steps"] == 30
+    assert_same_weights(uninterrupted.state_dict(), resumed.state_dict())
+
+
 # ---------------------------------------------------------------- 2-process DDP (gloo)
 
 DDP_BATCHES = {0: 7, 1: 4}  # uneven on purpose: rank 1 runs out first and must Join
