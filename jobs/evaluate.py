@@ -33,7 +33,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     report has them) keeps its earlier comparisons unless this run compares it with something."""
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
-    models = models or default_models(cfg)
+    models = list(dict.fromkeys(models or default_models(cfg)))  # each once
     targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode)
     topk_all = None
     if io.table_exists(cfg.table_path(S.T_I2I_TOPK)):
@@ -45,21 +45,14 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     if io.table_exists(cfg.table_path(S.T_U2I_TOPK)):
         u2i_all = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK), delta_mode=mode)
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
-    rows, lists = [], {}
+    # Every model and baseline is checked before anything is written; then each table gets one
+    # commit for all the models (a run that fails part-way leaves both tables as they were).
+    lists = {}
     for m in models:
-        parts = _model_lists(m, topk_all, u2i_all)
-        if not parts:
+        lists[m] = _model_lists(m, topk_all, u2i_all)
+        if not lists[m]:
             raise ValueError(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
-        lists[m] = parts
-        metrics = None
-        for kind, t in parts:
-            part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind)
-            metrics = part if metrics is None else metrics.unionByName(part)
-        io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
-                       replace_where={S.MODEL: m}, delta_mode=mode)
-        written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(F.col(S.MODEL) == m)
-        rows += [r.asDict() for r in written.where(F.col(S.CATEGORY_ID).isNull()).collect()]  # <= len(ks)+1 rows
-    paired, explicit = [], compare_to is not None
+    explicit = compare_to is not None
     baselines = {}
     for b in (compare_to if explicit else cfg.eval.compare_to):
         baselines[b] = lists.get(b) or _model_lists(b, topk_all, u2i_all)
@@ -69,6 +62,20 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
                 raise ValueError(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)
+    metrics = None
+    for m in models:
+        for kind, t in lists[m]:
+            part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind)
+            metrics = part if metrics is None else metrics.unionByName(part)
+    io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
+                   replace_where={S.MODEL: list(models)}, delta_mode=mode)
+    written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(
+        F.col(S.MODEL).isin(list(models)) & F.col(S.CATEGORY_ID).isNull())
+    by_model: dict = {}
+    for r in written.collect():  # models x (len(ks) + 1) x kinds rows
+        by_model.setdefault(r[S.MODEL], []).append(r.asDict())
+    rows = [r for m in models for r in by_model.get(m, [])]
+    paired, all_prs, replaced = [], [], []
     for m in models:
         prs, compared = [], set()
         for b, base in baselines.items():
@@ -85,11 +92,13 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                 log.info("%s", paired[-1])
                 prs += prs_kind
         # a produced model's comparisons are this run's: earlier ones (other lists, other baselines) go
-        replace = prs or (primary is None or m in primary)
-        if replace and (prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED))):
-            io.write_table(spark, spark.createDataFrame(prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
-                           mode="overwrite", partition_by=[S.MODEL, S.BASELINE], replace_where={S.MODEL: m},
-                           delta_mode=mode)
+        if prs or primary is None or m in primary:
+            replaced.append(m)
+            all_prs += prs
+    if replaced and (all_prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED))):
+        io.write_table(spark, spark.createDataFrame(all_prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
+                       mode="overwrite", partition_by=[S.MODEL, S.BASELINE], replace_where={S.MODEL: replaced},
+                       delta_mode=mode)
     table = format_table(rows, list(cfg.eval.ks))
     log.info("metrics\n%s", table)
     report = write_evaluation_report(cfg, spark)

@@ -33,6 +33,11 @@ log = logging.getLogger("jobs.topk")
 def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     import faiss
 
+    from jobs.baseline import BASELINES
+
+    if cfg.model in BASELINES:
+        raise ValueError(f"model={cfg.model!r} is a baseline: its i2i_topk rows come from "
+                         f"`python -m jobs.baseline --model {cfg.model}`, not from embeddings")
     spark = spark or get_spark(cfg.spark)
     mode, k = cfg.io.delta_mode, k or cfg.baseline.k
     # The index needs every candidate vector in one place: read the model's partition (only its

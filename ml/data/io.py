@@ -7,7 +7,7 @@ Two ways to the same real Delta tables:
 * **delta-rs** — no jars needed. Spark writes Parquet into a fresh directory inside the table and
   the driver commits those files in one Delta transaction with delta-rs (``deltalake``). Reads ask
   delta-rs for the files of a version and hand them to ``spark.read.parquet``. A failed or killed
-  write commits nothing: readers never see its files (``vacuum`` removes them later).
+  write commits nothing: readers never see its files (``vacuum(full=True)`` removes them later).
 
 Both are readable by delta-rs, Spark with Delta, and each other. Callers use :func:`read_table`,
 :func:`write_table` and :func:`table_version` with a path, a mode, an optional partition
@@ -190,7 +190,7 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
     """Write ``df`` as a new version of the Delta table at ``path``; return that version.
 
     mode: ``append`` or ``overwrite``. ``replace_where`` (overwrite only) replaces just the rows of
-    the given partition values (every column in it must be a partition column), leaving the rest
+    the given partition values (a list: any of them) (every column in it must be a partition column), leaving the rest
     of the table untouched. The first write creates the table. The schema must match an existing
     table's unless ``overwrite_schema`` (full overwrite only).
     """
@@ -230,9 +230,24 @@ def replace_model_partition(spark: SparkSession, df: DataFrame, path: str, model
 def _predicate_column(replace_where: Mapping[str, object]):
     cond = None
     for c, v in replace_where.items():
-        term = F.col(c).isNull() if v is None else (F.col(c) == F.lit(v))
+        if isinstance(v, (list, tuple)):
+            term = F.col(c).isin(list(v))
+        else:
+            term = F.col(c).isNull() if v is None else (F.col(c) == F.lit(v))
         cond = term if cond is None else cond & term
     return cond
+
+
+def _sql_term(c: str, v: object) -> str:
+    if isinstance(v, (list, tuple)):
+        return f"`{c}` IN ({', '.join(_sql_literal(x) for x in v)})"
+    return f"`{c}` IS NULL" if v is None else f"`{c}` = {_sql_literal(v)}"
+
+
+def _rs_filter(c: str, v: object) -> tuple:
+    if isinstance(v, (list, tuple)):
+        return (c, "in", [str(x) for x in v])
+    return (c, "=", None if v is None else str(v))
 
 
 def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema) -> int:
@@ -240,8 +255,7 @@ def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_s
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if replace_where:
-        sql = " AND ".join(f"`{c}` IS NULL" if v is None else f"`{c}` = {_sql_literal(v)}"
-                           for c, v in replace_where.items())
+        sql = " AND ".join(_sql_term(c, v) for c, v in replace_where.items())
         writer = writer.option("replaceWhere", sql)
     if overwrite_schema:
         writer = writer.option("overwriteSchema", "true")
@@ -281,7 +295,7 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         dt = DeltaTable(uri)
         filters = None
         if replace_where:
-            filters = [(c, "=", None if v is None else str(v)) for c, v in replace_where.items()]
+            filters = [_rs_filter(c, v) for c, v in replace_where.items()]
         dt.create_write_transaction(adds, mode=mode, schema=arrow_schema,
                                     partition_by=partition_by or None, partition_filters=filters)
     version = DeltaTable(uri).version()

@@ -79,6 +79,19 @@ def test_replace_where_rewrites_one_partition_only(spark, warehouse):
     assert sorted(pa.table(DeltaTable(path).to_pyarrow_table()).column("id").to_pylist()) == [3, 20]
 
 
+def test_replace_where_with_a_list_replaces_those_partitions_in_one_commit(spark, warehouse):
+    path = f"{warehouse}/rwl"
+    rows = ROWS + [(4, "pop", 0.0)]
+    io.write_table(spark, spark.createDataFrame(rows, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    new = spark.createDataFrame([(20, "natm", 2.0), (30, "dat", 3.0), (40, "other", 1.0)], SCHEMA)
+    v = io.write_table(spark, new, path, mode="overwrite", partition_by=["model"],
+                       replace_where={"model": ["natm", "dat"]}, delta_mode="delta-rs")
+    assert v == 1  # one commit
+    got = {(r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect()}
+    assert got == {(20, "natm"), (30, "dat"), (4, "pop")}  # "other" is outside the predicate: not written
+    assert sorted(pa.table(DeltaTable(path).to_pyarrow_table()).column("id").to_pylist()) == [4, 20, 30]
+
+
 def test_replace_where_drops_rows_outside_the_predicate(spark, warehouse):
     path = f"{warehouse}/rw2"
     io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")

@@ -119,6 +119,16 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     assert pairs == {("cooc_recent", "cooc")}
     with pytest.raises(ValueError, match=r"--compare-to: baseline 'no_such_model' has no rows"):
         evaluate.run(cfg, spark, ["cooc"], compare_to=["no_such_model"])  # asked for explicitly: an error
+    # one commit per table for all the models; a run that fails on a later model writes nothing
+    tables = [cfg.table_path(S.T_METRICS), cfg.table_path(S.T_METRICS_PAIRED)]
+    before = [io.table_version(t) for t in tables]
+    evaluate.run(cfg, spark, ["cooc", "cooc_recent", "cooc"], compare_to=["pop"])
+    assert [io.table_version(t) for t in tables] == [v + 1 for v in before]
+    with pytest.raises(ValueError, match=r"model 'nope' has no rows"):
+        evaluate.run(cfg, spark, ["cooc", "nope"], compare_to=["pop"])
+    assert [io.table_version(t) for t in tables] == [v + 1 for v in before]
+    assert io.read_table(spark, tables[0]).where("model = 'cooc' AND category_id IS NULL").count() == \
+        len(cfg.eval.ks) + 1  # the model named twice is scored once
 
 def test_pipeline_cli_prints_where_tables_are(tmp_path):
     wh = tmp_path / "wh"
