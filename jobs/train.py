@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Optional, Sequence
@@ -36,11 +37,11 @@ def checkpoint_dir(cfg: Config) -> str:
 _INPUTS = {"natm": ("noise_q", "items", "item_graph", "samples_natm"),
            "dat": ("noise_q", "items", "sequences", "users", "samples_dat")}
 # train.* keys that do not change what is trained (where, how often to log / checkpoint)
-_NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "launcher", "num_processes",
+_NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "launcher", "num_processes", "distributor_local",
                  "device", "deterministic")
 
 
-def run_settings(cfg: Config) -> dict:
+def run_settings(cfg: Config, samples_version: Optional[int] = None) -> dict:
     """What determines a training run: the model's, the samples' and the training config, the seed,
     and the versions of the tables it reads. A checkpoint written with other settings cannot be
     resumed (another config's weights and schedule would be handed back as this one's)."""
@@ -55,7 +56,9 @@ def run_settings(cfg: Config) -> dict:
     out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items()})
     for table in _INPUTS[section]:
         path = cfg.table_path(table)
-        if DeltaTable.is_deltatable(path):
+        if table.startswith("samples_") and samples_version is not None:
+            out[f"{table} version"] = samples_version  # the version the reader pinned
+        elif DeltaTable.is_deltatable(path):
             out[f"{table} version"] = DeltaTable(path).version()
     return json.loads(json.dumps(out, default=str))  # plain JSON types, as a checkpoint stores them
 
@@ -79,11 +82,19 @@ def train_worker(cfg: Config, resume: bool) -> dict:
             model, users, items = build_dat(cfg)
             make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size)
             trainer = DATTrainer(model)
-        steps_per_epoch = max(1, ds.num_rows() // (cfg.train.batch_size * ctx.world_size))
+        if ds.num_rows() == 0:
+            raise ValueError(f"{ds.table_path} (version {ds.version}) has no rows: nothing to train "
+                             "on (rerun jobs.samples; are sequences and item_graph empty?)")
+        # Exact: the longest rank's batches per epoch, from the reader's deterministic deal (rows
+        # // (batch x ranks) assumed an even split; with 2 ranks on ML-1M's 2 row groups it was 238
+        # against 413, and a cosine schedule sat at LR 0 for the last 42 % of the run).
+        epochs = cfg.train.epochs
+        steps_per_epoch = max(1, math.ceil(sum(ds.batches_per_epoch(e, cfg.train.num_workers)
+                                                for e in range(epochs)) / epochs))
         os.makedirs(model_dir(cfg), exist_ok=True)
         res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, checkpoint_dir(cfg), resume=resume,
                     seed=cfg.seed, metrics_path=os.path.join(model_dir(cfg), "train_metrics.jsonl"),
-                    steps_per_epoch=steps_per_epoch, settings=run_settings(cfg))
+                    steps_per_epoch=steps_per_epoch, settings=run_settings(cfg, ds.version))
         if ctx.is_main:
             extra = {"samples_version": ds.version, "steps": res["steps"]}
             if cfg.model == "natm":
@@ -94,6 +105,10 @@ def train_worker(cfg: Config, resume: bool) -> dict:
                 json.dump({"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
                            "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},
                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+        if ctx.distributed:  # the others wait for rank 0's artifact: a rank leaving the group
+            import torch.distributed as dist  # while rank 0 still writes could abort the process
+
+            dist.barrier()
         return res
     finally:
         cleanup()
@@ -104,6 +119,10 @@ def run(cfg: Config, resume: bool = False) -> dict:
         raise ConfigError(f"model={cfg.model!r} is not trainable here; expected one of {list(TRAINABLE)}")
     from ml.train.distributed import launch
 
+    if cfg.train.launcher == "distributor":  # TorchDistributor runs through the Spark session
+        from ml.data.session import get_spark
+
+        get_spark(cfg.spark)
     t = time.time()
     res = launch(train_worker, cfg.train, cfg, resume)
     log.info("trained %s: %s steps in %.0fs (%.0f samples/s)", cfg.model, res["steps"], time.time() - t,

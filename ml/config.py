@@ -264,6 +264,9 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None  # default: <warehouse>/checkpoints/<model>
     launcher: str = "local"  # local (one process) | torchrun | distributor (pyspark TorchDistributor)
     num_processes: int = 1  # DDP world size for torchrun / distributor
+    # distributor: true = the processes run on the driver (a laptop, a single-node cluster); false =
+    # on the executors, in a barrier stage (GPU executors when the cluster schedules GPUs)
+    distributor_local: bool = True
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     # mixed precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 = bf16 autocast on CPU too (where
     # the CPU has native bf16: AVX512-BF16 or AMX; else fp32 with a warning); off = fp32 everywhere.

@@ -221,7 +221,7 @@ class NATM(nn.Module):
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
         # Parameters the configured loss never reaches are frozen: DDP (find_unused_parameters off)
         # waits for a gradient of every trainable parameter and fails on the second step without one.
-        if not (cfg.mlm_weight > 0 and cfg.num_neighbors > 0):
+        if not (cfg.mlm_weight > 0 and cfg.num_neighbors > 0 and cfg.mlm_prob > 0):
             self.mlm_head.requires_grad_(False)
         if cfg.loss != "nce":
             self.nce_offset.requires_grad_(False)
@@ -377,7 +377,9 @@ class NATM(nn.Module):
             r_t = self.encode(uniq, "trigger")
         else:  # the trigger rows are among the candidates: reuse them, then the trigger-side map
             r_t = self._as_trigger(unit_c[uniq - 1])
-        logits = self.cfg.gamma * (r_t @ r_c.T)  # (U, V): column j is item j + 1
+        # (U, V): column j is item j + 1. The matmul may run in bf16 under autocast; the softmax is
+        # taken in fp32 (in bf16, log-sum-exp over the catalogue lost a percent of the gradient).
+        logits = self.cfg.gamma * (r_t @ r_c.T).float()
         logits = logits.masked_fill(items[None, :] == uniq[:, None], float("-inf"))
         # cross-entropy of each (trigger, positive) row: log-sum-exp of its trigger's row - the positive's logit
         return (torch.logsumexp(logits, dim=1)[inverse] - logits[inverse, positive - 1]).mean()
@@ -388,16 +390,21 @@ class NATM(nn.Module):
         uniq, inverse = torch.unique(items, return_inverse=True)
         return (self._unit(uniq, side) if unit else self.encode(uniq, side))[inverse]
 
+    def _no_mlm(self) -> torch.Tensor:
+        """A zero loss for a batch with nothing masked, still connected to the MLM head: DDP waits for
+        a gradient of every trainable parameter, and failed on the next step without one."""
+        return sum(p.sum() for p in self.mlm_head.parameters()).float() * 0.0
+
     def mlm_loss(self, items: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Mask neighbour tokens of the items' quasi-sequences and predict their ids (tied output)."""
         tokens, buckets, cats = self._inputs(items)
         maskable = tokens[:, 1:] != PAD  # (B, N): only real neighbours
         if not maskable.any() or self.cfg.mlm_prob == 0:
-            return tokens.new_zeros((), dtype=torch.float32)
+            return self._no_mlm()
         draw = torch.rand(maskable.shape, device=tokens.device, generator=generator)
         masked = maskable & (draw < self.cfg.mlm_prob)
         if not masked.any():
-            return tokens.new_zeros((), dtype=torch.float32)
+            return self._no_mlm()
         inp = tokens.clone()
         inp[:, 1:][masked] = self.mask_id
         _, h = self.trigger_encoder(inp, buckets, cats)

@@ -72,10 +72,17 @@ def dat_batches(cfg: Config, users: Vocab, items: Vocab, rank: int, world_size: 
                            batch_size=cfg.train.batch_size, shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.seed,
                            version=version, rank=rank, world_size=world_size)
 
+    where = f"{ds.table_path} (version {ds.version})"
+
     def make(epoch: int) -> Iterable[dict]:
         ds.set_epoch(epoch)
         for b in make_loader(ds, cfg.train.num_workers):
-            yield {"user": users.index(b["user_id"]), "item": items.index(b["item_id"]), "label": b["label"]}
+            batch = {"user": users.index(b["user_id"]), "item": items.index(b["item_id"]), "label": b["label"]}
+            for name, col, vocab in (("user", "user_id", "sequences"), ("item", "item_id", "noise_q + items")):
+                if not bool((batch[name] > 0).all()):  # index 0 is padding: it would train as one shared row
+                    raise ValueError(f"{where} holds {col}s the vocabulary ({vocab}) does not know, e.g. "
+                                     f"{b[col][batch[name] == 0][:3].tolist()}: rerun jobs.samples")
+            yield batch
 
     return make, ds
 

@@ -126,13 +126,27 @@ class _Rank0Output:
         return out
 
 
+def _distributor_gpu(device: str, local: bool) -> bool:
+    """Whether TorchDistributor's processes get GPUs: ``train.device`` when it says; under ``auto``,
+    the driver's CUDA (local mode) or whether the cluster schedules GPUs to executors' tasks."""
+    if device != "auto":
+        return device == "cuda"
+    if local:
+        return torch.cuda.is_available()
+    from pyspark.sql import SparkSession
+
+    conf = SparkSession.getActiveSession().sparkContext.getConf()
+    return float(conf.get("spark.task.resource.gpu.amount", "0") or 0) > 0
+
+
 def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> Any:
     """Run ``train_fn(*args)`` with ``cfg_train.launcher``; returns what rank 0's call returned.
 
     ``torchrun`` cannot start itself from inside a running job: under torchrun (``WORLD_SIZE``
     set) or with ``num_processes == 1`` the function runs in this process, otherwise this raises
-    with the command to use (see :func:`torchrun_command`). ``distributor`` runs locally
-    (``local_mode=True``) on GPUs when CUDA is available, and needs an active SparkSession.
+    with the command to use (see :func:`torchrun_command`). ``distributor`` runs on the driver
+    (``train.distributor_local``, the default) or on the executors, on GPUs per
+    :func:`_distributor_gpu`, and needs an active SparkSession (``jobs.train`` starts one).
     """
     launcher = cfg_train.launcher
     if launcher == "local":
@@ -147,8 +161,9 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
         # Imported here so that torch-only users (and torchrun workers) never load pyspark.
         from pyspark.ml.torch.distributor import TorchDistributor
 
-        distributor = TorchDistributor(num_processes=cfg_train.num_processes, local_mode=True,
-                                       use_gpu=torch.cuda.is_available())
+        local = cfg_train.distributor_local
+        distributor = TorchDistributor(num_processes=cfg_train.num_processes, local_mode=local,
+                                       use_gpu=_distributor_gpu(cfg_train.device, local))
         with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
             path = os.path.join(tmp, "rank0_output.pkl")
             out = distributor.run(_Rank0Output(train_fn, path), *args)

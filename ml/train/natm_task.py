@@ -90,16 +90,34 @@ def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version:
                            shuffle_buffer=cfg.train.shuffle_buffer, seed=cfg.seed, version=version, rank=rank,
                            world_size=world_size)
 
+    k = cfg.natm.negatives or cfg.samples.num_negatives
+    where = f"{ds.table_path} (version {ds.version})"
+
     def make(epoch: int) -> Iterable[dict]:
         ds.set_epoch(epoch)
         for b in make_loader(ds, cfg.train.num_workers):
             batch = {"trigger": vocab.index(b["trigger_item"]), "positive": vocab.index(b["positive_item"])}
             if not full:
+                if b["negatives"].shape[1] < k:
+                    raise ValueError(f"{where} stores {b['negatives'].shape[1]} negatives per sample, training "
+                                     f"uses {k} (natm.negatives or samples.num_negatives): rerun jobs.samples "
+                                     "with this config, or lower natm.negatives")
                 batch.update(negatives=vocab.index(b["negatives"]), q_positive=b["q_positive"],
                              q_negatives=b["q_negatives"])
+            _check_known(batch, b, where)
             yield batch
 
     return make, ds
+
+
+def _check_known(batch: dict, raw: dict, where: str) -> None:
+    """Every id of a sample must be in the vocabulary (index 0 is padding: an unknown id would train
+    as the padding row, or, in the exact softmax, as the last item)."""
+    for name, col in (("trigger", "trigger_item"), ("positive", "positive_item"), ("negatives", "negatives")):
+        if name in batch and not bool((batch[name] > 0).all()):
+            unknown = raw[col][batch[name] == 0].flatten()[:3].tolist()
+            raise ValueError(f"{where} holds {col} ids the vocabulary (noise_q + items) does not know, e.g. "
+                             f"{unknown}: the samples are older or newer than noise_q; rerun jobs.samples")
 
 
 @torch.no_grad()

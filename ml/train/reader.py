@@ -11,7 +11,9 @@ How a table becomes batches:
 * :func:`snapshot_files` pins a version and lists its data files. Partition values live in the
   Delta log, not in the Parquet files, so they are read from the log's add actions and attached
   as constant columns of every row of that file.
-* The unit of work is one Parquet row group of one file. The units of the snapshot are put in a
+* The unit of work is one Parquet row group of one file (under DDP, when the table has fewer than
+  ``UNITS_PER_RANK`` row groups per rank, a row range of one: each row group is cut into pieces of
+  about equal rows, so ranks get similar row counts). The units of the snapshot are put in a
   fixed order, permuted by a generator seeded with ``(seed, epoch)`` — the same permutation on
   every process — and dealt round-robin to the ``world_size × num_workers`` shards: shard
   ``rank * num_workers + worker_id`` reads ``units[shard::shard_count]``.
@@ -29,8 +31,9 @@ Guarantees, for a fixed snapshot version:
   (``rank``, ``world_size``, ``num_workers``). A new epoch (:meth:`DeltaBatchDataset.set_epoch`)
   gives a new order of the same rows. Changing the number of ranks or workers changes the order,
   never the set of rows.
-* **Uneven streams.** Shards get whole row groups, so ranks may get different numbers of rows and
-  batches in an epoch. DDP training must wrap its loop in
+* **Uneven streams.** Shards get whole units, so ranks may get different numbers of rows and
+  batches in an epoch (:meth:`DeltaBatchDataset.batches_per_epoch` gives the longest rank's
+  count exactly, to size a schedule). DDP training must wrap its loop in
   :class:`torch.distributed.algorithms.join.Join` so ranks that run out early shadow the
   collectives of those still training (the training loop does this).
 
@@ -40,6 +43,7 @@ tables with column mapping, null values in a selected column, variable-length li
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -73,11 +77,30 @@ class _Snapshot:
 
 @dataclass(frozen=True)
 class _WorkUnit:
-    """One row group of one data file: the unit that is shuffled and dealt to shards."""
+    """Rows ``[start, start + num_rows)`` of one row group of one data file: the unit that is
+    shuffled and dealt to shards (a whole row group unless the table has too few for the ranks)."""
 
     file: str
     row_group: int
     num_rows: int
+    start: int = 0
+
+
+# Under DDP, a table with fewer than this many row groups per rank has its row groups cut into row
+# ranges, so that ranks get similar row counts (a 2-row-group table of 846k and 129k rows gave one
+# rank 6.5x the other's batches: the schedule ended early and the other rank idled).
+UNITS_PER_RANK = 8
+
+
+def _split_units(units: list[_WorkUnit], pieces_total: int) -> list[_WorkUnit]:
+    """Cut each unit into row ranges, about ``total rows / pieces_total`` rows each."""
+    total = sum(u.num_rows for u in units)
+    out = []
+    for u in units:
+        pieces = max(1, min(u.num_rows, math.ceil(pieces_total * u.num_rows / max(total, 1))))
+        bounds = [u.num_rows * i // pieces for i in range(pieces + 1)]
+        out += [_WorkUnit(u.file, u.row_group, b - a, a) for a, b in zip(bounds, bounds[1:])]
+    return out
 
 
 def _open_snapshot(table_path: str, version: Optional[int]) -> _Snapshot:
@@ -231,6 +254,8 @@ class DeltaBatchDataset(IterableDataset):
         self._file_columns = [c for c in self.columns if c not in snap.partition_columns]
         self._dtypes = {c: _tensor_dtype(snap.schema.field(c).type) for c in self.columns}
         self._units = self._list_units(snap.files)
+        if self.world_size > 1 and len(self._units) < UNITS_PER_RANK * self.world_size:
+            self._units = _split_units(self._units, UNITS_PER_RANK * self.world_size)
         logger.info("Delta table %s version %d: %d files, %d row groups, %d rows; columns %s; "
                     "rank %d of %d", table_path, self.version, len(snap.files), len(self._units),
                     self.num_rows(), self.columns, self.rank, self.world_size)
@@ -280,6 +305,20 @@ class DeltaBatchDataset(IterableDataset):
     def num_rows(self) -> int:
         """Rows in the snapshot, over all shards (from the Parquet footers)."""
         return sum(u.num_rows for u in self._units)
+
+    def batches_per_epoch(self, epoch: int, num_workers: int = 0) -> int:
+        """Batches the longest rank yields in ``epoch`` (an optimizer step each, under ``Join``):
+        the deal of the units is deterministic, so this is exact, not an estimate."""
+        workers = max(num_workers, 1)
+        saved, self.epoch = self.epoch, epoch
+        try:
+            count = (lambda n: n // self.batch_size) if self.drop_last else \
+                (lambda n: -(-n // self.batch_size))
+            per_rank = [sum(count(sum(u.num_rows for u in self._shard_units(r * workers + w, self.world_size * workers)))
+                            for w in range(workers)) for r in range(self.world_size)]
+        finally:
+            self.epoch = saved
+        return max(per_rank)
 
     def _shard_units(self, shard: int, shard_count: int) -> list[_WorkUnit]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._units))
@@ -335,6 +374,8 @@ class DeltaBatchDataset(IterableDataset):
         if self._file_columns:
             with _open_parquet(unit.file) as pf:
                 table = pf.read_row_group(unit.row_group, columns=self._file_columns, use_threads=use_threads)
+            if unit.num_rows != table.num_rows:  # a row range of the row group
+                table = table.slice(unit.start, unit.num_rows)
         out: dict[str, np.ndarray] = {}
         for c in self.columns:
             if table is None or c not in self._file_columns:

@@ -312,6 +312,28 @@ def test_every_trainable_parameter_gets_a_gradient_as_ddp_requires(loss, mlm_wei
     assert model.mlm_head[0].weight.requires_grad == (mlm_weight > 0)
 
 
+@pytest.mark.parametrize("case", ["nothing_masked", "no_neighbours", "mlm_prob_0"])
+def test_a_batch_without_masked_tokens_still_gives_the_mlm_head_a_gradient(case):
+    # Before, a batch whose draw masked nothing (or whose items had no neighbours) returned a zero
+    # without a graph: the head got no gradient and 2-process DDP failed on its next step.
+    from ml.train.natm_task import NATMTrainer
+
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=1, heads=2, dropout=0.0, loss="nce",
+                     mlm_weight=0.1, mlm_prob=0.0 if case == "mlm_prob_0" else 1e-9)
+    none = torch.zeros(0, dtype=torch.long)
+    table = (build_neighbor_table(20, none, none, none.float(), none, 3, 16, None) if case == "no_neighbours"
+             else _toy_table(cats=False))
+    model = NATM(cfg, table)
+    batch = {"trigger": torch.tensor([1, 5, 9]), "positive": torch.tensor([2, 7, 11]),
+             "negatives": torch.tensor([[3, 4], [8, 9], [1, 2]]), "q_positive": torch.full((3,), 0.05),
+             "q_negatives": torch.full((3, 2), 0.05)}
+    assert model.mlm_loss(torch.tensor([1, 5, 9])).item() == 0.0
+    NATMTrainer(model, k=2)(batch)[0].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert model.mlm_head[0].weight.requires_grad == (case != "mlm_prob_0")
+
+
 @pytest.mark.parametrize("separate", [False, True])
 def test_item_bias_is_a_unit_vector_coordinate_every_loss_agrees_with(separate):
     torch.manual_seed(0)
@@ -432,3 +454,16 @@ def test_neighbor_pointer_serves_the_graph_ranking_untrained():
         sims.fill_diagonal_(-2)
         top3 = sims.topk(3, dim=1).indices + 1
     assert torch.equal(top3, model.table.neighbors[items])
+
+
+def test_full_softmax_loss_is_fp32_under_bf16_autocast():
+    # the catalogue-wide log-sum-exp ran in bf16 under autocast (a logged 8.50 for fp32's 8.5256)
+    torch.manual_seed(0)
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0, loss="full",
+                     separate_encoders=True, residual=True, neighbor_pointer=True)
+    model = NATM(cfg, _toy_table(cats=False))
+    trig, pos = torch.tensor([1, 5, 9, 5]), torch.tensor([2, 7, 11, 3])
+    exact = model.full_softmax_loss(trig, pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.full_softmax_loss(trig, pos)
+    assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(exact.item(), rel=2e-2)

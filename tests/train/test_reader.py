@@ -73,6 +73,31 @@ def test_every_row_exactly_once_across_ranks_and_workers(table, num_workers):
     assert sorted(ids) == list(range(N_ROWS))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_few_uneven_row_groups_are_cut_so_ranks_get_similar_rows(tmp_path, num_workers):
+    # Two row groups, 900 and 150 rows (as ML-1M's samples_natm: 846k and 129k): dealt whole, one
+    # rank got 6x the other's rows. Cut into row ranges, each row is still read exactly once, the
+    # ranks' rows are within a unit of each other, and batches_per_epoch is the longest rank's count.
+    path = str(tmp_path / "uneven")
+    write_deltalake(path, _rows(0, 900), writer_properties=WriterProperties(max_row_group_size=900))
+    _append(path, _rows(900, 150))  # 3 row groups of 50
+    whole = DeltaBatchDataset(path, columns=["id"], batch_size=32, rank=0, world_size=1)
+    assert len(whole._units) == 4  # one process: row groups as they are (the order of a run is unchanged)
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in (0, 1):
+            ds = DeltaBatchDataset(path, columns=["id", "x"], batch_size=32, shuffle_buffer=64, rank=rank,
+                                   world_size=2)
+            ds.set_epoch(epoch)
+            batches = list(make_loader(ds, num_workers=num_workers))
+            assert all(torch.equal(b["x"], b["id"].float() * 0.5) for b in batches)
+            per_rank.append(batches)
+        assert sorted(_ids(per_rank[0]) + _ids(per_rank[1])) == list(range(1050))
+        rows = [len(_ids(b)) for b in per_rank]
+        assert abs(rows[0] - rows[1]) <= 2 * max(u.num_rows for u in ds._units) <= 2 * 65, rows  # was 900 vs 150
+        assert ds.batches_per_epoch(epoch, num_workers) == max(len(b) for b in per_rank)
+
+
 def _epoch(table: str, epoch: int, seed: int = 7, num_workers: int = 0) -> list[dict[str, torch.Tensor]]:
     ds = DeltaBatchDataset(table, columns=["id", "vec"], batch_size=64, shuffle_buffer=200, seed=seed,
                            rank=0, world_size=1)

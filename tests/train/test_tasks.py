@@ -1,0 +1,46 @@
+"""The model tasks refuse sample tables that do not fit the training config or the vocabulary."""
+import pyarrow as pa
+import pytest
+from deltalake import write_deltalake
+
+from ml.config import load_config
+from ml.train.dat_task import dat_batches
+from ml.train.natm_task import natm_batches
+from ml.train.tables import build_vocab
+from tests.conftest import ROOT
+
+
+def _natm_samples(path, negatives_width, ids=(1, 2, 3)):
+    n = len(ids)
+    write_deltalake(path, pa.table({
+        "trigger_item": pa.array(list(ids), pa.int64()), "positive_item": pa.array([2] * n, pa.int64()),
+        "negatives": pa.array([[3] * negatives_width] * n, pa.list_(pa.int64())),
+        "q_positive": pa.array([0.1] * n), "q_negatives": pa.array([[0.1] * negatives_width] * n,
+                                                                    pa.list_(pa.float64()))}))
+
+
+def test_natm_samples_with_fewer_stored_negatives_than_training_uses(tmp_path):
+    # before: [:, :k] silently gave fewer columns while the NCE loss still used log(k q)
+    wh = str(tmp_path / "wh")
+    _natm_samples(f"{wh}/samples_natm", negatives_width=4)
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={wh}", "natm.loss=nce",
+                                                         "samples.num_negatives=9"])
+    make, _ = natm_batches(cfg, build_vocab([1, 2, 3]), 0, 1)
+    with pytest.raises(ValueError, match=r"stores 4 negatives per sample, training uses 9"):
+        next(iter(make(0)))
+
+
+def test_natm_and_dat_samples_with_ids_outside_the_vocabulary(tmp_path):
+    # before: unknown ids became index 0 (padding) and trained as such, or in the exact softmax as item V
+    wh = str(tmp_path / "wh")
+    _natm_samples(f"{wh}/samples_natm", negatives_width=9, ids=(1, 2, 77))
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={wh}"])
+    make, _ = natm_batches(cfg, build_vocab([1, 2, 3]), 0, 1)
+    with pytest.raises(ValueError, match=r"holds trigger_item ids the vocabulary .* does not know, e\.g\. \[77\]"):
+        next(iter(make(0)))
+    write_deltalake(f"{wh}/samples_dat", pa.table({"user_id": pa.array([5, 6], pa.int64()),
+                                                   "item_id": pa.array([1, 2], pa.int64()),
+                                                   "label": pa.array([1.0, 0.0], pa.float32())}))
+    make, _ = dat_batches(cfg, build_vocab([5]), build_vocab([1, 2]), 0, 1)
+    with pytest.raises(ValueError, match=r"holds user_ids the vocabulary \(sequences\) does not know, e\.g\. \[6\]"):
+        next(iter(make(0)))
