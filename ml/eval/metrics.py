@@ -65,7 +65,10 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
     aggs += [F.avg(F.when(F.col(S.RANK) <= k, 1.0).otherwise(0.0)).alias(f"pre_{k}") for k in ks]
     out = None
     for g in group_cols:
-        agg = (ranked.groupBy(g).agg(*aggs) if g else ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)))
+        # Targets without a category are in the overall row only: a group of null categories would
+        # be a second row with category_id null, the contract's mark of the overall row.
+        agg = (ranked.where(F.col(g).isNotNull()).groupBy(g).agg(*aggs) if g
+               else ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)))
         rows = _long_format(agg, ks, *metric_names(kind))
         out = rows if out is None else out.unionByName(rows)
     return out.select(F.lit(model).alias(S.MODEL), S.METRIC, F.col(S.K).cast("int"),
@@ -109,7 +112,7 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
     rows, (hit_name, mrr_name) = [], metric_names(kind)
     for i, k in enumerate(values):
         mean, wins, losses = agg[f"d{i}"], agg[f"w{i}"], agg[f"l{i}"]
-        lo, hi, p = paired_stats(mean, agg[f"s{i}"], n, wins, losses)
+        lo, hi, p = paired_stats(mean, agg[f"s{i}"], n, wins, losses, hits=k is not None)
         rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: hit_name if k is not None else mrr_name, S.K: k,
                      "baseline_kind": baseline_kind,
                      S.VALUE: agg[f"a{i}"], "baseline_value": agg[f"b{i}"], "diff": mean,

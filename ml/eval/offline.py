@@ -24,19 +24,37 @@ def hit_metrics(topk: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> Dic
     return out
 
 
-def paired_stats(mean: float, sd: float, n: int, wins: int, losses: int) -> Tuple[float, float, float]:
+EXACT_BELOW = 50  # hit metrics with fewer disagreeing queries get McNemar's exact p-value
+
+
+def paired_stats(mean: float, sd: float, n: int, wins: int, losses: int,
+                 hits: bool = False) -> Tuple[float, float, float]:
     """Per-query differences d (model - baseline) summarised as mean, sample sd, n, and the counts
     of d > 0 (wins) and d < 0 (losses) -> (ci_low, ci_high, p): the 95 % interval mean +- 1.96 sd /
     sqrt(n) and the two-sided p-value of z = mean / (sd / sqrt(n)) (the paired t-test at large n;
-    for hits close to McNemar's test). Every d the same: the sign test. One query: NaN, unbounded."""
+    for hits close to McNemar's test). For hits (``hits``: d in {-1, 0, 1}) with fewer than
+    ``EXACT_BELOW`` disagreeing queries, McNemar's exact test (a two-sided sign test of wins against
+    losses): there the normal approximation gave 1 win, 0 losses p = 0.32 instead of 1. Every d the
+    same: the sign test. One query: NaN, unbounded."""
     se = sd / math.sqrt(n) if n > 1 else math.inf
     if math.isinf(se):
         p = math.nan
+    elif hits and wins + losses < EXACT_BELOW:
+        p = sign_test(wins, losses)
     elif se > 0:
         p = math.erfc(abs(mean / se) / math.sqrt(2))
     else:
-        p = min(1.0, 2 * 0.5 ** (wins + losses))
+        p = sign_test(wins, losses)
     return mean - Z_95 * se, mean + Z_95 * se, p
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of ``wins`` against ``losses`` under p = 1/2."""
+    m = wins + losses
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(wins, losses) + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
 
 
 def paired_ranks(rank_a: np.ndarray, rank_b: np.ndarray, ks: Sequence[int]) -> Dict[str, dict]:
@@ -51,7 +69,8 @@ def paired_ranks(rank_a: np.ndarray, rank_b: np.ndarray, ks: Sequence[int]) -> D
     for name, (a, b) in cols.items():
         d = a - b
         wins, losses = int((d > 0).sum()), int((d < 0).sum())
-        lo, hi, p = paired_stats(float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, len(d), wins, losses)
+        lo, hi, p = paired_stats(float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, len(d), wins, losses,
+                                 hits=name != "MRR")
         out[name] = {"value": float(a.mean()), "baseline_value": float(b.mean()), "diff": float(d.mean()),
                      "ci_low": lo, "ci_high": hi, "p_value": p, "wins": wins, "losses": losses}
     return out

@@ -21,19 +21,23 @@ def test_metrics_hand_computed(spark):
         (2, 1, 2, 0, 1),   # rank 1
         (3, 5, 9, 0, 1),   # not in list
         (4, 8, 2, 0, 1),   # trigger has no list -> a miss, still counted
+        (5, 1, 4, 0, 1),   # rank 3; item 4 has no category: in the overall row only
     ], S.EVAL_TARGETS)
     items = spark.createDataFrame([(3, 100, None, None, None), (2, 100, None, None, None), (9, 200, None, None, None)],
                                   S.ITEMS_TABLE)
     rows = compute_metrics(targets, topk, [1, 2, 3], "m", items).collect()
-    overall = {(r.metric, r.k): r.value for r in rows if r.category_id is None}
-    assert overall == {("pre", 1): 0.25, ("pre", 2): 0.5, ("pre", 3): 0.5, ("mrr", None): (0.5 + 1.0) / 4}
-    assert {r.n_users for r in rows if r.category_id is None} == {4}
+    overall_rows = [r for r in rows if r.category_id is None]
+    assert len(overall_rows) == 4  # one per metric (a null-category group used to add a second "overall")
+    overall = {(r.metric, r.k): r.value for r in overall_rows}
+    assert overall == {("pre", 1): 0.2, ("pre", 2): 0.4, ("pre", 3): 0.6,
+                       ("mrr", None): pytest.approx((0.5 + 1.0 + 1 / 3) / 5)}
+    assert {r.n_users for r in overall_rows} == {5}
     cat100 = {(r.metric, r.k): r.value for r in rows if r.category_id == 100}
     assert cat100[("pre", 1)] == pytest.approx(1 / 3) and cat100[("mrr", None)] == pytest.approx(1.5 / 3)
     cat200 = {(r.metric, r.k): r.value for r in rows if r.category_id == 200}
     assert cat200[("pre", 3)] == 0.0
     text = format_table([r.asDict() for r in rows], [1, 2, 3])
-    assert "0.2500" in text and "0.3750" in text
+    assert "0.2000" in text and "0.3667" in text
 
 
 def test_u2i_metrics_hand_computed(spark):
@@ -77,9 +81,12 @@ def test_paired_comparison_hand_computed(spark):
         assert r["diff"] == pytest.approx(sum(d) / 5)
         assert (r["ci_low"], r["ci_high"]) == pytest.approx((sum(d) / 5 - half, sum(d) / 5 + half))
         assert (r["wins"], r["losses"], r["n_users"]) == (sum(x > 0 for x in d), sum(x < 0 for x in d), 5)
-    # Pre@2: d = 0, 0, 1, -1, 1: mean 0.2, sd 0.8367, z = 0.5345, two-sided p = 0.593
-    assert rows[("pre", 2)]["p_value"] == pytest.approx(0.593, abs=1e-3)
+    # Pre@2: d = 0, 0, 1, -1, 1: 2 wins, 1 loss; McNemar's exact test: p = 2 (1 + 3) / 8 = 1 (the
+    # normal approximation of z = mean / (sd / sqrt(n)) said 0.593, flattering the model)
+    assert rows[("pre", 2)]["p_value"] == pytest.approx(1.0)
     assert rows[("pre", 1)]["p_value"] == pytest.approx(1.0)  # 2 wins, 2 losses: no difference
+    # MRR (not 0/1): d = 0.5, -0.5, 1, -1, 0.5: the z test, mean 0.1, sd 0.8216, p = 0.785
+    assert rows[("mrr", None)]["p_value"] == pytest.approx(0.785, abs=1e-3)
     # the numpy twin (bench/) from the same ranks (0 = not in the list) gives the same rows
     from ml.eval.offline import paired_ranks
     twin = paired_ranks([1, 2, 1, 0, 2], [2, 1, 0, 1, 0], [1, 2])
@@ -87,7 +94,7 @@ def test_paired_comparison_hand_computed(spark):
         for col in ("value", "baseline_value", "diff", "ci_low", "ci_high", "p_value", "wins", "losses"):
             assert twin[name][col] == pytest.approx(rows[(metric, k)][col]), (name, col)
     text = format_paired(list(rows.values()))
-    assert "a vs b, paired over 5 eval users" in text and "+0.2000" in text and "0.593" in text
+    assert "a vs b, paired over 5 eval users" in text and "+0.2000" in text and "0.785" in text
 
     u2i = spark.createDataFrame([(1, 3, 0.9, 1, "r"), (4, 2, 0.9, 1, "r")], S.U2I_TOPK)  # users 1 and 4 hit at 1
     got = paired_comparison(targets, u2i, b, [1], "r", "b", kind="u2i", baseline_kind="i2i")
@@ -100,6 +107,22 @@ def test_paired_comparison_hand_computed(spark):
     assert same[0]["p_value"] == pytest.approx(0.5) and same[0]["ci_low"] == same[0]["diff"] == 1.0
     with pytest.raises(ValueError, match="eval_targets is empty"):
         paired_comparison(targets.where("user_id = 0"), a, b, [1], "a", "b")
+
+
+def test_hit_p_values_are_exact_when_few_users_disagree():
+    from ml.eval.offline import EXACT_BELOW, paired_stats, sign_test
+
+    n = 6040
+    for wins, losses, exact in ((1, 0, 1.0), (3, 0, 0.25), (5, 1, 0.21875)):
+        mean = (wins - losses) / n
+        sd = ((wins + losses) / n - mean ** 2) ** 0.5 * (n / (n - 1)) ** 0.5
+        assert paired_stats(mean, sd, n, wins, losses, hits=True)[2] == pytest.approx(exact)
+        assert paired_stats(mean, sd, n, wins, losses)[2] < exact  # the z test: too small here
+    assert sign_test(30, 10) == pytest.approx(0.002221, abs=1e-6)
+    big_w, big_l = EXACT_BELOW + 20, EXACT_BELOW - 10  # enough disagreement: the z test again
+    mean = (big_w - big_l) / n
+    sd = ((big_w + big_l) / n - mean ** 2) ** 0.5
+    assert paired_stats(mean, sd, n, big_w, big_l, hits=True)[2] == paired_stats(mean, sd, n, big_w, big_l)[2]
 
 
 def _seqs(spark, rows):
