@@ -12,7 +12,7 @@ from ml import schemas as S
 from ml.config import Config, ConfigError
 from ml.data import io
 from ml.data.baselines import cooccurrence_topk, popularity_topk
-from ml.data.graph import item_counts
+from ml.data.graph import cap_sequences, item_counts
 from ml.data.session import get_spark
 
 from jobs._cli import parse, print_tables
@@ -42,7 +42,9 @@ def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
     if model == "pop":
         topk = popularity_topk(cat, counts, cfg.baseline.k)
     else:
-        topk = cooccurrence_topk(seqs, cat, counts, cfg.baseline)
+        # the graph's cap on pathological users (bots): their pairs would be one huge row each, and
+        # edges NATM's graph never sees
+        topk = cooccurrence_topk(cap_sequences(seqs, cfg.graph.max_user_length), cat, counts, cfg.baseline)
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), model, mode)
     counts.unpersist()
     log.info("i2i_topk[%s]: %d rows (k=%d), version %d", model, n, cfg.baseline.k, version)

@@ -9,8 +9,9 @@ lists of their last items, model ``<model>_recent``) runs when ``recent.triggers
 model, the baselines stage builds the lists (topk, recent) of every baseline named in
 ``eval.compare_to``, and evaluate scores them beside the model and compares the model with them.
 
-A stage is skipped when its config, its inputs (Delta table versions, source files) and its outputs
-are what they were when it last finished: the state lives in ``<warehouse>/_pipeline/``. ``--from
+A stage is skipped when its config, its inputs (Delta table ids and versions, one model's files of a
+shared table, source files) and its outputs are what they were when it last finished: the state
+lives in ``<warehouse>/_pipeline/`` (a local or mounted warehouse only: under a URI every stage runs). ``--from
 STAGE`` reruns from that stage on, ``--force`` reruns everything; evaluate always runs.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import Optional, Sequence
 
@@ -42,38 +44,97 @@ PER_MODEL = ("train", "embed", "topk", "recent")
 
 
 def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
-    """(config keys, inputs, outputs) of a stage; inputs/outputs are table names or file paths."""
-    model_dir = os.path.join("models", cfg.model)
-    learned = cfg.model not in baseline.BASELINES
-    # DAT / two-tower also write the user side
-    users, u2i = ([S.T_USER_EMBEDDINGS], [S.T_U2I_TOPK]) if cfg.model in embed.USER_MODELS else ([], [])
-    samples_table = "samples_natm" if cfg.model == "natm" else "samples_dat"
+    """(config keys, inputs, outputs) of a stage; inputs/outputs are table names (``table[M]``: the
+    ``model = M`` partition of a table every model shares) or file paths. Inputs are what the
+    stage's job reads, keys the config it uses: anything else would rerun it for nothing."""
+    from jobs.recent import model_name
+    from jobs.train import _NOT_SETTINGS
+
+    m = cfg.model
+    model_dir = os.path.join("models", m)
+    learned = m not in baseline.BASELINES
+    user_model = m in embed.USER_MODELS  # DAT / two-tower also have the user side
+    users, u2i = ([f"{S.T_USER_EMBEDDINGS}[{m}]"], [f"{S.T_U2I_TOPK}[{m}]"]) if user_model else ([], [])
+    train_keys = [f"train.{k}" for k in dataclasses.asdict(cfg.train) if k not in _NOT_SETTINGS]
+    if m == "natm":
+        train_io = (["seed", "model", *train_keys, "natm", "samples.num_negatives"],
+                    ["samples_natm", S.T_ITEM_GRAPH, S.T_ITEMS, "noise_q"])
+    else:
+        train_io = (["seed", "model", *train_keys, "dat"],
+                    ["samples_dat", S.T_ITEMS, "noise_q", S.T_SEQUENCES, S.T_USERS])
+    index_keys = ["seed", "model", "baseline.k", "baseline.index", "baseline.exact_max", "baseline.nlist",
+                  "baseline.nprobe"]
     return {
         "generate": (["seed", "generate"], [], [cfg.generate.table]),
-        "ingest": (["ingest", "generate.table"], ["@source"], [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS]),
+        "ingest": (["ingest", "generate.table"], ["@source"], [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS,
+                                                                S.T_USERS]),
         "sequences": (["sequences"], [S.T_ACTIONS], [S.T_SEQUENCES, S.T_EVAL_TARGETS]),
         "graph": (["graph"], [S.T_SEQUENCES], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS]),
-        "samples": (["seed", "samples"], [S.T_SEQUENCES, S.T_ITEM_GRAPH, S.T_ITEM_COUNTS, S.T_ITEMS],
-                    ["samples_natm", "samples_dat"]),
-        "train": (["seed", "model", "train", "natm" if cfg.model == "natm" else "dat"],
-                  [samples_table, S.T_ITEM_GRAPH, S.T_ITEMS], [os.path.join(model_dir, "model.pt")]),
-        "embed": (["model"], [os.path.join(model_dir, "model.pt")], [S.T_ITEM_EMBEDDINGS] + users),
-        "topk": ((["model", "baseline"], [S.T_ITEM_EMBEDDINGS] + users, [S.T_I2I_TOPK] + u2i) if learned else
-                 (["model", "baseline", "graph.top_n"], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS], [S.T_I2I_TOPK])),
-        "recent": (["model", "recent"], [S.T_SEQUENCES, S.T_I2I_TOPK], [S.T_U2I_TOPK]),
+        "samples": (["seed", "samples"], [S.T_SEQUENCES, S.T_ITEMS, S.T_USERS],
+                    ["samples_natm", "samples_dat", "noise_q"]),
+        "train": (*train_io, [os.path.join(model_dir, "model.pt")]),
+        "embed": (["model"], [os.path.join(model_dir, "model.pt"), "noise_q", S.T_ITEMS]
+                  + ([S.T_SEQUENCES] if user_model else []), [f"{S.T_ITEM_EMBEDDINGS}[{m}]"] + users),
+        "topk": ((index_keys, [f"{S.T_ITEM_EMBEDDINGS}[{m}]"] + users, [f"{S.T_I2I_TOPK}[{m}]"] + u2i) if learned
+                 else (["model", "baseline", "graph.max_user_length"], [S.T_SEQUENCES, S.T_ITEMS],
+                       [f"{S.T_I2I_TOPK}[{m}]"])),
+        "recent": (["model", "recent"], [S.T_SEQUENCES, f"{S.T_I2I_TOPK}[{m}]"],
+                   [f"{S.T_U2I_TOPK}[{model_name(cfg)}]"]),
     }[stage]
 
 
+_PARTITION = re.compile(r"(.+)\[(.+)\]")
+
+
 def _state(cfg: Config, name: str) -> object:
-    """What a table or file is now: Delta version, or (size, mtime) of files; None when absent."""
+    """What a table or file is now: a Delta table's id and version (a table deleted and written again
+    starts at version 0 again, with a new id), the files of one model's partition of a shared
+    table, or (size, mtime) of files; None when absent."""
     if name == "@source":
         if not cfg.ingest.path:
             return _state(cfg, cfg.generate.table)
-        return [(p, _path_state(p)) for p in source_files(cfg.ingest)]
+        if _is_uri(cfg.ingest.path):
+            try:  # a Delta source has an id and a version wherever it is
+                if io.table_exists(cfg.ingest.path):
+                    return [_table_state(cfg.ingest.path)]
+            except Exception:  # noqa: BLE001 - delta-rs cannot reach it (credentials, scheme)
+                pass
+            return time.time()  # files this process cannot stat (s3a://, dbfs:/): never taken as unchanged
+        return [(p, _table_state(p) if io.table_exists(p) else _path_state(p)) for p in source_files(cfg.ingest)]
+    part = _PARTITION.fullmatch(name)
+    if part:
+        return _partition_state(cfg.table_path(part[1]), part[2])
     path = name if os.path.isabs(name) else cfg.table_path(name)
     if io.table_exists(path):
-        return io.table_version(path)
+        return _table_state(path)
     return _path_state(path)
+
+
+def _table_state(path: str) -> list:
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(io.table_uri(path))
+    return [dt.metadata().id, dt.version()]
+
+
+def _partition_state(path: str, model: str) -> object:
+    """The table's id and a hash of the data files of its ``model`` partition: another model's
+    rewrite of its own partition leaves this one's state unchanged."""
+    if not io.table_exists(path):
+        return None
+    from deltalake import DeltaTable
+
+    from ml.data.delta_files import data_files
+
+    dt = DeltaTable(io.table_uri(path))
+    files = sorted(os.path.basename(f) for f, values in data_files(dt, path) if values.get(S.MODEL) == model)
+    if not files:
+        return None
+    return [dt.metadata().id, hashlib.sha256(json.dumps(files).encode()).hexdigest()]
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path or path.startswith("dbfs:")
 
 
 def _path_state(path: str) -> object:
@@ -111,6 +172,8 @@ def _state_file(cfg: Config, stage: str) -> str:
 
 
 def _up_to_date(cfg: Config, stage: str) -> bool:
+    if _is_uri(cfg.warehouse):  # no state kept there (below): every stage runs
+        return False
     try:
         saved = json.load(open(_state_file(cfg, stage)))
     except (OSError, ValueError):
@@ -121,6 +184,11 @@ def _up_to_date(cfg: Config, stage: str) -> bool:
 
 
 def _record(cfg: Config, stage: str, fingerprint: dict) -> None:
+    if _is_uri(cfg.warehouse):
+        # The state files are plain local files: under s3a:// or dbfs:/ they would land in a local
+        # folder of that name on the driver (lost in cluster deploy mode). Keep none, skip nothing.
+        log.info("warehouse %s is a URI: stage state is not kept, every stage runs", cfg.warehouse)
+        return
     path = _state_file(cfg, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:

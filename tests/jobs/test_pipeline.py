@@ -43,12 +43,22 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk",
                                     "recent", "baselines"]
     assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == 0
-    # a graph setting changed: graph and what depends on it rerun, the stages before it do not
+    # a graph setting changed: graph and what reads it (NATM's training, then its lists) rerun; the
+    # stages before it, the samples and the cooc baseline (its own window) read no graph: skipped
     wider = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "graph.window=2"])
-    assert pipeline.run(wider, spark)["skipped"] == ["generate", "ingest", "sequences"]
+    assert pipeline.run(wider, spark)["skipped"] == ["generate", "ingest", "sequences", "samples", "baselines"]
     # an output rewritten behind the pipeline's back is not trusted: its stage reruns
     io.write_table(spark, io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH)), cfg.table_path(S.T_ITEM_GRAPH))
     assert "graph" not in pipeline.run(wider, spark)["skipped"]
+    # a table deleted and written again by hand starts at version 0 again: its new id tells it apart
+    import shutil
+
+    targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS))
+    rows, schema = targets.collect(), targets.schema
+    shutil.rmtree(cfg.table_path(S.T_EVAL_TARGETS))
+    io.write_table(spark, spark.createDataFrame(rows[:10], schema), cfg.table_path(S.T_EVAL_TARGETS))
+    assert io.table_version(cfg.table_path(S.T_EVAL_TARGETS)) == 0
+    assert "sequences" not in pipeline.run(wider, spark)["skipped"]
 
     pipeline.run(cfg, spark, force=True)  # a forced rerun gives the same tables
     v = io.table_version(cfg.table_path(S.T_SEQUENCES))
@@ -169,3 +179,13 @@ def test_source_state_is_the_input_and_its_companions_not_its_folder(tmp_path):
     before = pipeline._state(sas, "@source")
     (tmp_path / "movies.dat").write_text("1::A (1999)::Drama\n")
     assert pipeline._state(sas, "@source") != before
+
+
+def test_uri_warehouse_and_source_are_never_taken_as_unchanged(tmp_path, monkeypatch):
+    # os.path cannot see s3a:// or dbfs:/: before, a remote source's state was always None (new data
+    # never reran ingest) and the state files went to a local folder named "s3a:" on the driver
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["ingest.format=csv", "ingest.path=s3a://bucket/log.csv", "warehouse=s3a://bucket/wh"])
+    assert pipeline._state(cfg, "@source") != pipeline._state(cfg, "@source")
+    pipeline._record(cfg, "graph", {"config": {}, "inputs": {}})
+    assert not pipeline._up_to_date(cfg, "graph") and list(tmp_path.iterdir()) == []
