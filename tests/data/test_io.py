@@ -201,3 +201,14 @@ def test_column_mapped_table_is_refused_without_the_jars(spark, warehouse):
     write_deltalake(path, pa.table({"id": [1, 2]}), configuration={"delta.columnMapping.mode": "name"})
     with pytest.raises(NotImplementedError, match="column mapping.*delta_mode=native"):
         io.read_table(spark, path, delta_mode="delta-rs")
+
+
+def test_partition_join_falls_back_to_decoded_paths_if_spark_spells_files_otherwise(spark, warehouse,
+                                                                                      monkeypatch):
+    # rows are joined on Spark's own name of their file; were a file system to spell it otherwise
+    # than inputFiles() does, the join would drop every row: one row's name is checked, and on a
+    # mismatch each row's path is decoded instead
+    path = f"{warehouse}/a+b c/p"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    monkeypatch.setattr(io, "_spark_names", lambda f: [f.upper()])
+    assertDataFrameEqual(io.read_table(spark, path, delta_mode="delta-rs"), spark.createDataFrame(ROWS, SCHEMA))
