@@ -48,7 +48,7 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     ``model = M`` partition of a table every model shares) or file paths. Inputs are what the
     stage's job reads, keys the config it uses: anything else would rerun it for nothing."""
     from jobs.recent import model_name
-    from jobs.train import _NOT_SETTINGS
+    from jobs.train import _INPUTS, _NOT_SETTINGS
 
     m = cfg.model
     model_dir = os.path.join("models", m)
@@ -56,12 +56,9 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     user_model = m in embed.USER_MODELS  # DAT / two-tower also have the user side
     users, u2i = ([f"{S.T_USER_EMBEDDINGS}[{m}]"], [f"{S.T_U2I_TOPK}[{m}]"]) if user_model else ([], [])
     train_keys = [f"train.{k}" for k in dataclasses.asdict(cfg.train) if k not in _NOT_SETTINGS]
-    if m == "natm":
-        train_io = (["seed", "model", *train_keys, "natm", "samples.num_negatives"],
-                    ["samples_natm", S.T_ITEM_GRAPH, S.T_ITEMS, "noise_q"])
-    else:
-        train_io = (["seed", "model", *train_keys, "dat"],
-                    ["samples_dat", S.T_ITEMS, "noise_q", S.T_SEQUENCES, S.T_USERS])
+    section = "natm" if m == "natm" else "dat"
+    train_io = (["seed", "model", *train_keys, section] + (["samples.num_negatives"] if m == "natm" else []),
+                list(_INPUTS[section]))  # the tables the training reads
     index_keys = ["seed", "model", "baseline.k", "baseline.index", "baseline.exact_max", "baseline.nlist",
                   "baseline.nprobe"]
     return {

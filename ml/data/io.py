@@ -161,24 +161,20 @@ def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence
     if unmatched:
         raise RuntimeError(f"{len(unmatched)} data files match no add action of the Delta log, "
                            f"e.g. {unmatched[0]} (log paths e.g. {next(iter(by_file))})")
-    parts = spark.createDataFrame(rows, ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
-    for i, c in enumerate(partition_cols):
-        parts = parts.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
     # joined on the name Spark gives each row's file, as is: no decoding per row. One row's name is
     # checked first (a file system spelling names otherwise would make the join drop every row);
     # if it is not a key, each row's name is decoded as the driver's were.
-    keys = {r[0] for r in rows}
     seen = df.select(F.col("_metadata.file_path")).limit(1).collect()
-    if seen and seen[0][0] not in keys:
-        parts = spark.createDataFrame([[k] + [v[c] for c in partition_cols] for k, v in by_file.items()],
-                                      ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
-        for i, c in enumerate(partition_cols):
-            parts = parts.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
+    if seen and seen[0][0] not in {r[0] for r in rows}:
+        rows = [[k] + [v[c] for c in partition_cols] for k, v in by_file.items()]
         log.info("partition join on decoded paths (Spark names files e.g. %s)", seen[0][0])
         spark_path = F.url_decode(F.replace(F.col("_metadata.file_path"), F.lit("+"), F.lit("%2B")))
         df = df.withColumn("_file", F.regexp_replace(spark_path, _SCHEME_RE, ""))
     else:
         df = df.withColumn("_file", F.col("_metadata.file_path"))
+    parts = spark.createDataFrame(rows, ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
+    for i, c in enumerate(partition_cols):
+        parts = parts.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
     return df.join(F.broadcast(parts), "_file").drop("_file")
 
 

@@ -15,7 +15,7 @@ from ml.config import Config
 from ml.models.dat import DAT, DATConfig
 from ml.train.init import seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
-from ml.train.tables import Vocab, build_vocab, load_categories, load_vocab, read_columns
+from ml.train.tables import Vocab, build_vocab, check_known, load_categories, load_vocab, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,8 @@ def dat_batches(cfg: Config, users: Vocab, items: Vocab, rank: int, world_size: 
         ds.set_epoch(epoch)
         for b in make_loader(ds, cfg.train.num_workers):
             batch = {"user": users.index(b["user_id"]), "item": items.index(b["item_id"]), "label": b["label"]}
-            for name, col, vocab in (("user", "user_id", "sequences"), ("item", "item_id", "noise_q + items")):
-                if not bool((batch[name] > 0).all()):  # index 0 is padding: it would train as one shared row
-                    raise ValueError(f"{where} holds {col}s the vocabulary ({vocab}) does not know, e.g. "
-                                     f"{b[col][batch[name] == 0][:3].tolist()}: rerun jobs.samples")
+            check_known(batch["user"], b["user_id"], where, "user_ids", "sequences")
+            check_known(batch["item"], b["item_id"], where, "item_ids", "noise_q + items")
             yield batch
 
     return make, ds

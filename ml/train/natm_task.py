@@ -13,7 +13,7 @@ from ml.config import Config
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
 from ml.train.init import build_deferred, seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
-from ml.train.tables import Vocab, load_categories, load_graph, load_vocab
+from ml.train.tables import Vocab, check_known, load_categories, load_graph, load_vocab
 
 log = logging.getLogger(__name__)
 SAMPLE_COLUMNS = ["trigger_item", "positive_item", "negatives", "q_positive", "q_negatives"]
@@ -104,20 +104,12 @@ def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version:
                                      "with this config, or lower natm.negatives")
                 batch.update(negatives=vocab.index(b["negatives"]), q_positive=b["q_positive"],
                              q_negatives=b["q_negatives"])
-            _check_known(batch, b, where)
+            for name, col in (("trigger", "trigger_item"), ("positive", "positive_item"), ("negatives", "negatives")):
+                if name in batch:
+                    check_known(batch[name], b[col], where, f"{col} ids", "noise_q + items")
             yield batch
 
     return make, ds
-
-
-def _check_known(batch: dict, raw: dict, where: str) -> None:
-    """Every id of a sample must be in the vocabulary (index 0 is padding: an unknown id would train
-    as the padding row, or, in the exact softmax, as the last item)."""
-    for name, col in (("trigger", "trigger_item"), ("positive", "positive_item"), ("negatives", "negatives")):
-        if name in batch and not bool((batch[name] > 0).all()):
-            unknown = raw[col][batch[name] == 0].flatten()[:3].tolist()
-            raise ValueError(f"{where} holds {col} ids the vocabulary (noise_q + items) does not know, e.g. "
-                             f"{unknown}: the samples are older or newer than noise_q; rerun jobs.samples")
 
 
 @torch.no_grad()

@@ -310,18 +310,14 @@ class DeltaBatchDataset(IterableDataset):
         """Batches the longest rank yields in ``epoch`` (an optimizer step each, under ``Join``):
         the deal of the units is deterministic, so this is exact, not an estimate."""
         workers = max(num_workers, 1)
-        saved, self.epoch = self.epoch, epoch
-        try:
-            count = (lambda n: n // self.batch_size) if self.drop_last else \
-                (lambda n: -(-n // self.batch_size))
-            per_rank = [sum(count(sum(u.num_rows for u in self._shard_units(r * workers + w, self.world_size * workers)))
-                            for w in range(workers)) for r in range(self.world_size)]
-        finally:
-            self.epoch = saved
-        return max(per_rank)
+        count = (lambda n: n // self.batch_size) if self.drop_last else (lambda n: -(-n // self.batch_size))
+        return max(sum(count(sum(u.num_rows for u in self._shard_units(r * workers + w, self.world_size * workers,
+                                                                         epoch)))
+                       for w in range(workers)) for r in range(self.world_size))
 
-    def _shard_units(self, shard: int, shard_count: int) -> list[_WorkUnit]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._units))
+    def _shard_units(self, shard: int, shard_count: int, epoch: Optional[int] = None) -> list[_WorkUnit]:
+        epoch = self.epoch if epoch is None else epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._units))
         return [self._units[i] for i in order[shard::shard_count]]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

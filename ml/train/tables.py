@@ -50,6 +50,14 @@ class Vocab:
         return self.ids[index - 1]
 
 
+def check_known(index: torch.Tensor, ids: torch.Tensor, where: str, what: str, vocabulary: str) -> None:
+    """Every id of a sample must be in the vocabulary: index 0 is padding, and an unknown id would
+    train as the padding row (or, in NATM's exact softmax, as the last item)."""
+    if not bool((index > 0).all()):
+        raise ValueError(f"{where} holds {what} the vocabulary ({vocabulary}) does not know, e.g. "
+                         f"{ids[index == 0].flatten()[:3].tolist()}: rerun jobs.samples")
+
+
 def build_vocab(*id_arrays: np.ndarray) -> Vocab:
     ids = np.unique(np.concatenate([np.asarray(a, dtype=np.int64) for a in id_arrays if len(a)]))
     return Vocab(torch.from_numpy(ids))
