@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from typing import Callable, Optional, Sequence
@@ -9,6 +10,10 @@ from typing import Callable, Optional, Sequence
 from ml.config import Config, ConfigError, load_config
 
 log = logging.getLogger("jobs")
+
+# What a job raises for bad input, config or state, with a message that names the key, column or
+# table: printed as one line. Anything else (a bug) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -39,6 +44,22 @@ def parse(description: str, argv: Optional[Sequence[str]] = None,
     except ConfigError as e:
         p.error(str(e))
     return cfg, args
+
+
+def command(main: Callable[..., None]) -> Callable[..., None]:
+    """Decorates a job's ``main(argv=None)`` (the module's ``__main__``, its console script and
+    spark-submit's entry all call it): a user error (:data:`USER_ERRORS`) prints ``error: <message>``
+    and exits 2 for a config error, 1 otherwise, without a traceback (``--log-level DEBUG`` logs
+    it). Anything else propagates with its traceback."""
+    @functools.wraps(main)
+    def run_command(argv: Optional[Sequence[str]] = None) -> None:
+        try:
+            main(argv)
+        except USER_ERRORS as e:
+            log.debug("traceback of the error below", exc_info=True)
+            print(f"error: {type(e).__name__}: {e}\n(--log-level DEBUG shows the traceback)", file=sys.stderr)
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
+    return run_command
 
 
 def print_tables(cfg: Config, names: Sequence[str]) -> None:

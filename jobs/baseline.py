@@ -15,7 +15,7 @@ from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import cap_sequences, item_counts
 from ml.data.session import get_spark
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.baseline")
 BASELINES = ("pop", "cooc")
@@ -51,6 +51,7 @@ def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
     return {"model": model, "rows": n, "version": version}
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
         p.add_argument("--model", choices=BASELINES, help="overrides the config's model")

@@ -22,7 +22,7 @@ from ml.data import io
 from ml.data.session import get_spark, ship_path
 from ml.index.spark_topk import embed_partitions
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 from jobs.train import model_dir
 
 log = logging.getLogger("jobs.embed")
@@ -81,6 +81,7 @@ def _log_skipped(n: int, what: str, source: str, model: str) -> None:
                     "vector; retrain (jobs.train) to cover them", n, what, source, model)
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

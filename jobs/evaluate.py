@@ -20,7 +20,7 @@ from ml.data import io
 from ml.data.session import get_spark
 from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -164,6 +164,7 @@ def write_evaluation_report(cfg: Config, spark) -> str:
                         paired_text=paired_text)
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
         p.add_argument("--model", action="append", help="model(s) to evaluate (default: the config's model)")

@@ -13,7 +13,7 @@ from ml.data import io
 from ml.data.generate import generate_actions
 from ml.data.session import get_spark
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.generate")
 
@@ -31,6 +31,7 @@ def run(cfg: Config, spark=None) -> dict:
     return {"rows": rows, "path": path, "version": version}
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

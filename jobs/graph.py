@@ -16,7 +16,7 @@ from ml.data import io
 from ml.data.graph import build_cooccurrence_graph, capped_users, item_counts
 from ml.data.session import get_spark
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.graph")
 
@@ -44,6 +44,7 @@ def run(cfg: Config, spark=None) -> dict:
     return out
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

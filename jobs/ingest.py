@@ -18,7 +18,7 @@ from ml.data.formats import read_source
 from ml.data.ingest import good_actions, items_from_actions, rejected_actions, validate_actions
 from ml.data.session import get_spark
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.ingest")
 
@@ -82,6 +82,7 @@ def _no_actions(spark, cfg: Config, validated) -> None:
         f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version")
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

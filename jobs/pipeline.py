@@ -32,7 +32,7 @@ from ml.data.formats import source_files
 from ml.data.session import get_spark
 
 from jobs import baseline, embed, evaluate, generate, graph, ingest, recent, samples, sequences, topk, train
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.pipeline")
 
@@ -289,6 +289,7 @@ def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Option
     return result
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
         p.add_argument("--from", dest="start_from", choices=STAGES, help="rerun from this stage on")

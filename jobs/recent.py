@@ -16,7 +16,7 @@ from ml.data import io
 from ml.data.session import get_spark
 from ml.index.recent import fuse_recent
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.recent")
 SUFFIX = "_recent"
@@ -48,6 +48,7 @@ def run(cfg: Config, spark=None) -> dict:
     return {"model": name, "rows": n, "version": version}
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

@@ -17,7 +17,7 @@ from ml.data.samples import (T_NOISE_Q, T_SAMPLES_DAT, T_SAMPLES_NATM, build_dat
                              category_counts, noise_distribution)
 from ml.data.session import get_spark
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.samples")
 
@@ -55,6 +55,7 @@ def run(cfg: Config, spark=None, which: Sequence[str] = ("natm", "dat")) -> dict
     return out
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

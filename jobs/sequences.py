@@ -15,7 +15,7 @@ from ml.data import io
 from ml.data.sequences import build_sequences
 from ml.data.session import get_spark
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 
 log = logging.getLogger("jobs.sequences")
 
@@ -41,6 +41,7 @@ def run(cfg: Config, spark=None) -> dict:
     return out
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

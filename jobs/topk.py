@@ -24,7 +24,7 @@ from ml.index.spark_topk import search_partitions
 from ml.index.topk import build_index
 from ml.train.tables import read_columns
 
-from jobs._cli import parse, print_tables
+from jobs._cli import command, parse, print_tables
 from jobs.embed import T_ITEM_EMBEDDINGS, T_USER_EMBEDDINGS, USER_MODELS
 
 log = logging.getLogger("jobs.topk")
@@ -86,6 +86,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     return out
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)

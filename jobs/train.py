@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from ml.config import Config, ConfigError
 
-from jobs._cli import parse
+from jobs._cli import command, parse
 
 log = logging.getLogger("jobs.train")
 TRAINABLE = ("natm", "dat", "two_tower")
@@ -130,6 +130,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
     return res
 
 
+@command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
         p.add_argument("--resume", action="store_true",

@@ -120,3 +120,42 @@ def test_submit_entry_rejects_an_unknown_job():
 
     with pytest.raises(SystemExit, match=r"JOB is one of generate, .*pipeline \(got 'trian'\)"):
         submit.main(["trian"])
+
+
+def test_a_job_reports_a_user_error_in_one_line_and_keeps_bugs_tracebacks(capsys):
+    from jobs._cli import command
+
+    @command
+    def bad_config(argv):
+        raise ConfigError("model='cooc' is not trainable here")
+
+    with pytest.raises(SystemExit) as e:
+        bad_config()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: ConfigError: model='cooc' is not trainable here" in err and "Traceback" not in err
+
+    @command
+    def bad_table(argv):
+        raise FileNotFoundError("no Delta table at /tmp/x/sequences: run jobs.sequences first")
+
+    with pytest.raises(SystemExit) as e:
+        bad_table()
+    assert e.value.code == 1 and "run jobs.sequences first" in capsys.readouterr().err
+
+    @command
+    def bug(argv):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):  # not a user error: the traceback stays
+        bug()
+
+
+def test_a_job_run_from_the_command_line_exits_with_the_message_not_a_traceback():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "jobs.train", "--set", "model=cooc"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert "error: ConfigError: model='cooc' is not trainable here" in r.stderr and "Traceback" not in r.stderr

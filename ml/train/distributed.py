@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ml.config import TrainConfig
+from ml.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
     if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch.cuda.is_available() is False")
+        raise ConfigError("train.device=cuda but torch.cuda.is_available() is False; expected auto or cpu here")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -155,7 +155,7 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
         if _under_launcher() or cfg_train.num_processes == 1:
             return train_fn(*args)
         cmd = torchrun_command(["-m", "jobs.train", *sys.argv[1:]], cfg_train.num_processes)
-        raise RuntimeError("train.launcher=torchrun: start the job under torchrun, e.g. "
+        raise ConfigError("train.launcher=torchrun: start the job under torchrun, e.g. "
                            + shlex.join(cmd))
     if launcher == "distributor":
         # Imported here so that torch-only users (and torchrun workers) never load pyspark.

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ml.config import TrainConfig
+from ml.config import ConfigError, TrainConfig
 from ml.train import checkpoint as checkpoint_module
 from ml.train.checkpoint import (capture_rng_state, checkpoint_name, latest_checkpoint, list_checkpoints,
                                  load_checkpoint, save_checkpoint)
@@ -356,7 +356,7 @@ def test_single_process_context_and_launchers(monkeypatch):
     ctx = init_distributed("cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
     assert launch(lambda a, b: a + b, TrainConfig(launcher="local"), 2, 3) == 5
-    with pytest.raises(RuntimeError, match="torch.distributed.run"):
+    with pytest.raises(ConfigError, match="torch.distributed.run"):
         launch(lambda: None, TrainConfig(launcher="torchrun", num_processes=2))
     assert torchrun_command(["-m", "jobs.train", "--conf", "c.yaml"], 2) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
