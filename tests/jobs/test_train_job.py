@@ -163,3 +163,14 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     with pytest.raises(ValueError, match=r"user_embeddings\[two_tower\] is from run \['an older run'\].*rerun jobs.embed"):
         topk.run(c, spark, k=5)
     assert io.table_version(c.table_path(S.T_I2I_TOPK)) == before
+
+    # an empty samples table (a graph or sequences stage that produced nothing) is an error naming the
+    # table, before any checkpoint or the last trained model is touched
+    samples_path = cfg.table_path("samples_natm")
+    empty = io.read_table(spark, samples_path).limit(0)
+    io.write_table(spark, empty.localCheckpoint(), samples_path, mode="overwrite")
+    artifact = os.path.join(train.model_dir(more), "model.pt")
+    kept = (os.path.getmtime(artifact), sorted(os.listdir(train.checkpoint_dir(more))))
+    with pytest.raises(ValueError, match=r"samples_natm \(version \d+\) has no rows: nothing to train on"):
+        train.run(more)
+    assert (os.path.getmtime(artifact), sorted(os.listdir(train.checkpoint_dir(more)))) == kept
