@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
+from ml.data.delta_files import is_uri
 from ml.data.formats import source_files
 from ml.data.session import get_spark
 
@@ -90,7 +91,7 @@ def _state(cfg: Config, name: str) -> object:
     if name == "@source":
         if not cfg.ingest.path:
             return _state(cfg, cfg.generate.table)
-        if _is_uri(cfg.ingest.path):
+        if is_uri(cfg.ingest.path):
             try:  # a Delta source has an id and a version wherever it is
                 if io.table_exists(cfg.ingest.path):
                     return [_table_state(cfg.ingest.path)]
@@ -130,10 +131,6 @@ def _partition_state(path: str, model: str) -> object:
     return [dt.metadata().id, hashlib.sha256(json.dumps(files).encode()).hexdigest()]
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path or path.startswith("dbfs:")
-
-
 def _path_state(path: str) -> object:
     """(size, mtime) of a file, or of every file under a folder (a Parquet folder, a model dir),
     hashed; None when absent. Only ``path`` itself: the companion files a format reads beside
@@ -169,7 +166,7 @@ def _state_file(cfg: Config, stage: str) -> str:
 
 
 def _up_to_date(cfg: Config, stage: str) -> bool:
-    if _is_uri(cfg.warehouse):  # no state kept there (below): every stage runs
+    if is_uri(cfg.warehouse):  # no state kept there (below): every stage runs
         return False
     try:
         saved = json.load(open(_state_file(cfg, stage)))
@@ -181,7 +178,7 @@ def _up_to_date(cfg: Config, stage: str) -> bool:
 
 
 def _record(cfg: Config, stage: str, fingerprint: dict) -> None:
-    if _is_uri(cfg.warehouse):
+    if is_uri(cfg.warehouse):
         # The state files are plain local files: under s3a:// or dbfs:/ they would land in a local
         # folder of that name on the driver (lost in cluster deploy mode). Keep none, skip nothing.
         log.info("warehouse %s is a URI: stage state is not kept, every stage runs", cfg.warehouse)

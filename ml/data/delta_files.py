@@ -20,9 +20,14 @@ from deltalake import DeltaTable
 PARTITION_PREFIX = "partition."
 
 
+def is_uri(path: str) -> bool:
+    """A URI (s3a://, abfss://, file://..., or dbfs:/) rather than a local path."""
+    return "://" in path or path.startswith("dbfs:")
+
+
 def table_root(path: str) -> str:
     """Absolute local path, or the URI unchanged (s3://, abfss://, dbfs:/, file:/...)."""
-    if "://" in path or path.startswith("dbfs:"):
+    if is_uri(path):
         return path.rstrip("/")
     return os.path.abspath(path)
 
