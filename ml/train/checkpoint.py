@@ -162,19 +162,25 @@ def latest_checkpoint(checkpoint_dir: str) -> Optional[str]:
     return paths[-1] if paths else None
 
 
-def load_checkpoint(path: str, *, model: Optional[nn.Module] = None,
-                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None,
-                    map_location: Any = "cpu", restore_rng: bool = False,
-                    weights_only: bool = True) -> dict[str, Any]:
-    """Load ``path``; fill whichever of model / optimizer / scheduler are given; return the dict.
+def read_checkpoint(path: str, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, its format checked; nothing applied (see :func:`apply_checkpoint`).
 
-    ``restore_rng`` sets python/numpy/torch RNGs to the saved states (the writer's, i.e. rank 0's).
     ``weights_only=False`` is needed only when ``extra`` holds objects other than tensors and
     plain Python containers/scalars.
     """
     state = torch.load(path, map_location=map_location, weights_only=weights_only)
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT_VERSION}")
+    return state
+
+
+def apply_checkpoint(state: dict[str, Any], *, model: Optional[nn.Module] = None,
+                     optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None,
+                     restore_rng: bool = False) -> None:
+    """Fill whichever of model / optimizer / scheduler are given from a :func:`read_checkpoint` dict.
+
+    ``restore_rng`` sets python/numpy/torch RNGs to the saved states (the writer's, i.e. rank 0's).
+    """
     if model is not None:
         unwrap_model(model).load_state_dict(state["model"])
     if optimizer is not None and state.get("optimizer") is not None:
@@ -183,4 +189,13 @@ def load_checkpoint(path: str, *, model: Optional[nn.Module] = None,
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         restore_rng_state(state["rng"])
+
+
+def load_checkpoint(path: str, *, model: Optional[nn.Module] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Optional[Any] = None,
+                    map_location: Any = "cpu", restore_rng: bool = False,
+                    weights_only: bool = True) -> dict[str, Any]:
+    """:func:`read_checkpoint` then :func:`apply_checkpoint`; returns the dict."""
+    state = read_checkpoint(path, map_location, weights_only)
+    apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=restore_rng)
     return state

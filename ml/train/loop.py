@@ -55,8 +55,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from ml.config import TrainConfig
-from ml.train.checkpoint import (capture_rng_state, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 restore_rng_state, save_checkpoint)
+from ml.train.checkpoint import (apply_checkpoint, capture_rng_state, latest_checkpoint, list_checkpoints,
+                                 read_checkpoint, restore_rng_state, save_checkpoint)
 from ml.train.distributed import DistContext
 
 logger = logging.getLogger(__name__)
@@ -415,13 +415,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             if ctx.is_main:
                 logger.info("resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
         else:
-            state = load_checkpoint(path, map_location=device)
-            _check_same_settings(path, state["extra"].get("settings"), settings)
-            model.load_state_dict(state["model"])
-            if state.get("optimizer") is not None:
-                optimizer.load_state_dict(state["optimizer"])
-            if state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
+            state = read_checkpoint(path, map_location=device)
+            _check_same_settings(path, state["extra"].get("settings"), settings)  # before anything is applied
+            apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
             last_loss = state["extra"].get("last_loss")
             last_checkpoint = path
