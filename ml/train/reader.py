@@ -135,15 +135,23 @@ def snapshot_files(table_path: str, version: Optional[int] = None) -> tuple[int,
 
 
 _URI_SAFE = ":/?#[]@!$&'()*+,;=~"
+# Hadoop's S3 schemes (what Spark on EMR / YARN is given) name the same objects as Arrow's s3://
+_ARROW_SCHEMES = {"s3a": "s3", "s3n": "s3"}
+
+
+def _arrow_uri(uri: str) -> str:
+    """``uri`` with a scheme Arrow's filesystems know (s3a:// and s3n:// -> s3://), percent-encoded:
+    the URI names the stored key itself (decoded, see ml.data.delta_files), and Arrow decodes
+    percent-escapes, so a Hive directory "s=a%20b" must reach it as "s=a%2520b"."""
+    scheme, sep, rest = uri.partition("://")
+    return quote(_ARROW_SCHEMES.get(scheme.lower(), scheme) + sep + rest, safe=_URI_SAFE)
 
 
 def _open_parquet(uri: str) -> pq.ParquetFile:
     """Open a data file given as a local path or a URI (s3://, gs://, abfss://, file://)."""
     if "://" not in uri:
         return pq.ParquetFile(uri)
-    # The URI names the stored key itself (decoded, see ml.data.delta_files); from_uri decodes
-    # percent-escapes, so encode it first: a Hive directory "s=a%20b" is literally that.
-    fs, path = pafs.FileSystem.from_uri(quote(uri, safe=_URI_SAFE))
+    fs, path = pafs.FileSystem.from_uri(_arrow_uri(uri))
     return pq.ParquetFile(path, filesystem=fs)
 
 

@@ -231,3 +231,15 @@ def test_rank_and_world_size_default_to_the_environment(table, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     ds = DeltaBatchDataset(table, columns=["id"])
     assert (ds.rank, ds.world_size) == (0, 1)
+
+
+def test_hadoop_s3_uris_reach_arrow_as_s3_and_stored_keys_stay_literal():
+    from ml.train.reader import _arrow_uri
+
+    # Spark on YARN / EMR is given s3a:// (the README's cluster recipe); Arrow knows only s3://
+    assert _arrow_uri("s3a://bucket/wh/samples_natm/part-0.parquet") == "s3://bucket/wh/samples_natm/part-0.parquet"
+    assert _arrow_uri("S3N://bucket/x.parquet") == "s3://bucket/x.parquet"
+    # a Hive directory literally named "s=a%20b" stays that key after Arrow decodes the URI
+    assert _arrow_uri("s3a://b/t/s=a%20b/p.parquet") == "s3://b/t/s=a%2520b/p.parquet"
+    assert _arrow_uri("gs://b/t/x y.parquet") == "gs://b/t/x%20y.parquet"
+    assert _arrow_uri("abfss://c@acct.dfs.core.windows.net/t/p.parquet") == "abfss://c@acct.dfs.core.windows.net/t/p.parquet"
