@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Optional, Sequence
 
 from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, StructField, StructType
 
 from ml import schemas as S
 from ml.config import Config
-from ml.data import io
+from ml.data import files, io
 from ml.data.session import get_spark, ship_path
 from ml.index.spark_topk import embed_partitions
 
@@ -48,11 +47,11 @@ def run(cfg: Config, spark=None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
     artifact = os.path.join(model_dir(cfg), "model.pt")
-    if not os.path.exists(artifact):
+    if not files.exists(artifact):
         raise FileNotFoundError(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
-    run_id = json.load(open(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
+    run_id = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
-    shutil.copyfile(artifact, shipped)
+    files.copy_to_local(artifact, shipped)
     spark.sparkContext.addFile(shipped)
     items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)
     if io.table_exists(cfg.table_path(S.T_ITEMS)):

@@ -234,7 +234,7 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
             # (recent after topk, a baseline's lists after the model's) gave them a new version, which
             # the next run would take for a changed input or output of the stages that were current.
             # They still are: record them as the tables are now, before evaluate can fail.
-            for c, st in current:
+            for c, st in current if not is_uri(cfg.warehouse) else ():  # no state under a URI (_record)
                 _record(c, st, _fingerprint(c, st))
             own = evaluate.default_models(cfg)
             models = own + [m for b in base_cfgs for m in evaluate.default_models(b) if m not in own]
@@ -270,7 +270,7 @@ def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Option
     if stage != "evaluate" and not forced and _up_to_date(cfg, stage):
         log.info("stage %s (%s): inputs, config and outputs unchanged - skipped", stage, cfg.model)
         return None
-    fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
+    fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" and not is_uri(cfg.warehouse) else None
     log.info("stage %s (%s) ...", stage, cfg.model)
     if stage == "train":
         result = train.run(cfg)  # torch, no Spark; launcher from train.launcher

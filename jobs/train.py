@@ -6,7 +6,10 @@
 
 Rank 0 logs, writes checkpoints under ``train.checkpoint_dir`` (default <warehouse>/checkpoints/<model>),
 per-step metrics as JSON lines, and at the end the model artifact <warehouse>/models/<model>/model.pt
-that the embed job loads.
+that the embed job loads. Under a URI warehouse (s3a://, gs://, abfss://, ...) the model folder is
+written locally and copied there at the end (:mod:`ml.data.files`); checkpoints need a file system
+(atomic renames), so they default to a folder in the driver's temp directory, or
+``train.checkpoint_dir`` names a local or mounted one.
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 from ml.config import Config, ConfigError
+from ml.data import files
 
 from jobs._cli import command, parse
 
@@ -30,7 +36,18 @@ def model_dir(cfg: Config) -> str:
 
 
 def checkpoint_dir(cfg: Config) -> str:
-    return cfg.train.checkpoint_dir or cfg.table_path(os.path.join("checkpoints", cfg.model))
+    """``train.checkpoint_dir``, else <warehouse>/checkpoints/<model>; a local or mounted folder (see above)."""
+    if cfg.train.checkpoint_dir:
+        local = files.local_path(cfg.train.checkpoint_dir)
+        if local is None:
+            raise ConfigError(f"train.checkpoint_dir={cfg.train.checkpoint_dir!r} is a URI; expected a local or "
+                              "mounted folder (checkpoints are written with atomic renames)")
+        return local
+    local = files.local_path(cfg.table_path(os.path.join("checkpoints", cfg.model)))
+    if local is not None:
+        return local
+    warehouse = quote(cfg.warehouse.rstrip("/"), safe="")
+    return os.path.join(tempfile.gettempdir(), "spark-i2i-checkpoints", warehouse, cfg.model)
 
 
 # Tables a model's training reads; their versions are part of what a checkpoint was trained on.
@@ -91,20 +108,28 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         epochs = cfg.train.epochs
         steps_per_epoch = max(1, math.ceil(sum(ds.batches_per_epoch(e, cfg.train.num_workers)
                                                 for e in range(epochs)) / epochs))
-        os.makedirs(model_dir(cfg), exist_ok=True)
-        res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, checkpoint_dir(cfg), resume=resume,
-                    seed=cfg.seed, metrics_path=os.path.join(model_dir(cfg), "train_metrics.jsonl"),
-                    steps_per_epoch=steps_per_epoch, settings=run_settings(cfg, ds.version))
-        if ctx.is_main:
-            extra = {"samples_version": ds.version, "steps": res["steps"]}
-            if cfg.model == "natm":
-                save_artifact(os.path.join(model_dir(cfg), "model.pt"), model, vocab, extra=extra)
-            else:
-                save_dat_artifact(os.path.join(model_dir(cfg), "model.pt"), model, users, items, extra=extra)
-            with open(os.path.join(model_dir(cfg), "run.json"), "w") as f:
-                json.dump({"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
-                           "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},
-                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+        ckpt_dir = checkpoint_dir(cfg)
+        if ctx.is_main and files.local_path(model_dir(cfg)) is None:
+            log.info("model files go to %s at the end; checkpoints to %s on this machine", model_dir(cfg), ckpt_dir)
+        # rank 0 writes the model folder (under a URI: locally, copied there when training is done)
+        with files.staged_dir(model_dir(cfg), upload=ctx.is_main) as mdir:
+            metrics_path = os.path.join(mdir, "train_metrics.jsonl")
+            remote_metrics = os.path.join(model_dir(cfg), "train_metrics.jsonl")
+            if resume and ctx.is_main and mdir != files.local_path(model_dir(cfg)) and files.exists(remote_metrics):
+                files.copy_to_local(remote_metrics, metrics_path)  # a resumed run appends to it
+            res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
+                        metrics_path=metrics_path, steps_per_epoch=steps_per_epoch,
+                        settings=run_settings(cfg, ds.version))
+            if ctx.is_main:
+                extra = {"samples_version": ds.version, "steps": res["steps"]}
+                if cfg.model == "natm":
+                    save_artifact(os.path.join(mdir, "model.pt"), model, vocab, extra=extra)
+                else:
+                    save_dat_artifact(os.path.join(mdir, "model.pt"), model, users, items, extra=extra)
+                with open(os.path.join(mdir, "run.json"), "w") as f:
+                    json.dump({"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
+                               "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},
+                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
         if ctx.distributed:  # the others wait for rank 0's artifact: a rank leaving the group
             import torch.distributed as dist  # while rank 0 still writes could abort the process
 

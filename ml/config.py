@@ -261,7 +261,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = 1.0  # max global grad norm; None disables
     checkpoint_every: int = 500  # steps; a checkpoint is also written at each epoch end
-    checkpoint_dir: Optional[str] = None  # default: <warehouse>/checkpoints/<model>
+    checkpoint_dir: Optional[str] = None  # default: <warehouse>/checkpoints/<model> (a URI warehouse: see jobs/train.py)
     launcher: str = "local"  # local (one process) | torchrun | distributor (pyspark TorchDistributor)
     num_processes: int = 1  # DDP world size for torchrun / distributor
     # distributor: true = the processes run on the driver (a laptop, a single-node cluster); false =

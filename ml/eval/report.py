@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ml.data import files  # noqa: E402
 from ml.eval.metrics import display_name, metric_order  # noqa: E402
 
 
@@ -80,14 +81,14 @@ def plot_losses(curves: Dict[str, List[dict]]) -> Optional[bytes]:
 
 
 def read_loss_curve(path: str) -> List[dict]:
-    if not os.path.exists(path):
+    """The loss records of a training metrics file (local or URI); [] when there is none."""
+    if not files.exists(path):
         return []
     out = []
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec and "step" in rec:
-                out.append(rec)
+    for line in files.read_text(path).splitlines():
+        rec = json.loads(line)
+        if "loss" in rec and "step" in rec:
+            out.append(rec)
     return out
 
 
@@ -126,8 +127,7 @@ def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_te
                  loss_curves: Optional[Dict[str, List[dict]]] = None,
                  category_names: Optional[Dict[int, str]] = None, title: str = "spark-i2i evaluation",
                  paired: Sequence[dict] = (), paired_text: str = "") -> str:
-    """Write PNGs and ``report.html`` under ``out_dir``; return the HTML path."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write PNGs and ``report.html`` under ``out_dir`` (a local path or a URI); return the HTML path."""
     k_cat = 50 if 50 in ks else max(ks)
     figures = [("pre_at_k.png", "Pre@K by model", plot_pre_at_k(rows)),
                ("per_category.png", f"Pre@{k_cat} by target category", plot_per_category(rows, k_cat, category_names)),
@@ -140,15 +140,15 @@ def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_te
     if paired_text:
         parts += ["<h2>Against the baselines, user by user</h2>", f"<pre>{html.escape(paired_text)}</pre>"]
         figures.insert(0, ("paired.png", "Difference from the baseline, with its 95 % interval", plot_paired(paired)))
-    for name, caption, png in figures:
-        if png is None:
-            continue
-        with open(os.path.join(out_dir, name), "wb") as f:
-            f.write(png)
-        data = base64.b64encode(png).decode()
-        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
-    path = os.path.join(out_dir, "report.html")
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
-    return path
+    with files.staged_dir(out_dir) as local:
+        for name, caption, png in figures:
+            if png is None:
+                continue
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(png)
+            data = base64.b64encode(png).decode()
+            parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>")
+        parts.append("</body></html>")
+        with open(os.path.join(local, "report.html"), "w") as f:
+            f.write("\n".join(parts))
+    return os.path.join(out_dir, "report.html")

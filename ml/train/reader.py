@@ -47,7 +47,6 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +59,7 @@ from deltalake import DeltaTable
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ml.data.delta_files import check_readable, data_files
+from ml.data.files import arrow_uri
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +134,11 @@ def snapshot_files(table_path: str, version: Optional[int] = None) -> tuple[int,
     return snap.version, snap.files
 
 
-_URI_SAFE = ":/?#[]@!$&'()*+,;=~"
-# Hadoop's S3 schemes (what Spark on EMR / YARN is given) name the same objects as Arrow's s3://
-_ARROW_SCHEMES = {"s3a": "s3", "s3n": "s3"}
-
-
-def _arrow_uri(uri: str) -> str:
-    """``uri`` with a scheme Arrow's filesystems know (s3a:// and s3n:// -> s3://), percent-encoded:
-    the URI names the stored key itself (decoded, see ml.data.delta_files), and Arrow decodes
-    percent-escapes, so a Hive directory "s=a%20b" must reach it as "s=a%2520b"."""
-    scheme, sep, rest = uri.partition("://")
-    return quote(_ARROW_SCHEMES.get(scheme.lower(), scheme) + sep + rest, safe=_URI_SAFE)
-
-
 def _open_parquet(uri: str) -> pq.ParquetFile:
     """Open a data file given as a local path or a URI (s3://, gs://, abfss://, file://)."""
     if "://" not in uri:
         return pq.ParquetFile(uri)
-    fs, path = pafs.FileSystem.from_uri(_arrow_uri(uri))
+    fs, path = pafs.FileSystem.from_uri(arrow_uri(uri))
     return pq.ParquetFile(path, filesystem=fs)
 
 

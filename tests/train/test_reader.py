@@ -234,7 +234,7 @@ def test_rank_and_world_size_default_to_the_environment(table, monkeypatch):
 
 
 def test_hadoop_s3_uris_reach_arrow_as_s3_and_stored_keys_stay_literal():
-    from ml.train.reader import _arrow_uri
+    from ml.data.files import arrow_uri as _arrow_uri
 
     # Spark on YARN / EMR is given s3a:// (the README's cluster recipe); Arrow knows only s3://
     assert _arrow_uri("s3a://bucket/wh/samples_natm/part-0.parquet") == "s3://bucket/wh/samples_natm/part-0.parquet"
