@@ -8,12 +8,13 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from ml.config import Config, ConfigError, load_config
+from ml.errors import InputError
 
 log = logging.getLogger("jobs")
 
 # What a job raises for bad input, config or state, with a message that names the key, column or
-# table: printed as one line. Anything else (a bug) keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError)
+# table (ml.errors): printed as one line. Anything else (a bug) keeps its traceback.
+USER_ERRORS = (InputError,)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -50,7 +51,7 @@ def command(main: Callable[..., None]) -> Callable[..., None]:
     """Decorates a job's ``main(argv=None)`` (the module's ``__main__``, its console script and
     spark-submit's entry all call it): a user error (:data:`USER_ERRORS`) prints ``error: <message>``
     and exits 2 for a config error, 1 otherwise, without a traceback (``--log-level DEBUG`` logs
-    it). Anything else propagates with its traceback."""
+    it). Anything else, a plain ValueError from a bug included, propagates with its traceback."""
     @functools.wraps(main)
     def run_command(argv: Optional[Sequence[str]] = None) -> None:
         try:

@@ -19,6 +19,7 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import files, io
 from ml.data.session import get_spark, ship_path
+from ml.errors import MissingInput
 from ml.index.spark_topk import embed_partitions
 
 from jobs._cli import command, parse, print_tables
@@ -48,7 +49,7 @@ def run(cfg: Config, spark=None) -> dict:
     mode = cfg.io.delta_mode
     artifact = os.path.join(model_dir(cfg), "model.pt")
     if not files.exists(artifact):
-        raise FileNotFoundError(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
+        raise MissingInput(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
     run_id = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     files.copy_to_local(artifact, shipped)

@@ -18,6 +18,7 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
 
 from jobs._cli import command, parse, print_tables
@@ -51,7 +52,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     for m in models:
         lists[m] = _model_lists(m, topk_all, u2i_all)
         if not lists[m]:
-            raise ValueError(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
+            raise InvalidInput(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
     explicit = compare_to is not None
     baselines = {}
     for b in (compare_to if explicit else cfg.eval.compare_to):
@@ -60,7 +61,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             msg = (f"baseline {b!r} has no rows in i2i_topk or u2i_topk (run the pipeline with model={b} into "
                    "this warehouse first)")
             if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
-                raise ValueError(f"--compare-to: {msg}")
+                raise InvalidInput(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)
     metrics = None
     for m in models:

@@ -17,6 +17,7 @@ from ml.data import io
 from ml.data.formats import read_source
 from ml.data.ingest import good_actions, items_from_actions, rejected_actions, validate_actions
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse, print_tables
 
@@ -61,7 +62,7 @@ def run(cfg: Config, spark=None) -> dict:
     return out
 
 
-class NoActionsError(ValueError):
+class NoActionsError(InvalidInput):
     """The source gave no valid action: ``actions`` would be emptied, so ingest stops instead."""
 
 

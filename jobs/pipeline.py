@@ -181,7 +181,6 @@ def _record(cfg: Config, stage: str, fingerprint: dict) -> None:
     if is_uri(cfg.warehouse):
         # The state files are plain local files: under s3a:// or dbfs:/ they would land in a local
         # folder of that name on the driver (lost in cluster deploy mode). Keep none, skip nothing.
-        log.info("warehouse %s is a URI: stage state is not kept, every stage runs", cfg.warehouse)
         return
     path = _state_file(cfg, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -200,6 +199,8 @@ def compared_baselines(cfg: Config) -> list:
 
 def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool = False) -> dict:
     spark = spark or get_spark(cfg.spark)
+    if is_uri(cfg.warehouse):
+        log.info("warehouse %s is a URI: stage state is not kept, every stage runs", cfg.warehouse)
     stages = list(STAGES)
     # generate only when ingest reads the generator's table
     if not (cfg.ingest.format == "delta" and not cfg.ingest.path):

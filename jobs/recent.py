@@ -14,6 +14,7 @@ from ml import schemas as S
 from ml.config import Config, ConfigError
 from ml.data import io
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 from ml.index.recent import fuse_recent
 
 from jobs._cli import command, parse, print_tables
@@ -34,10 +35,10 @@ def run(cfg: Config, spark=None) -> dict:
     mode = cfg.io.delta_mode
     i2i_path = cfg.table_path(S.T_I2I_TOPK)
     if not io.table_exists(i2i_path):
-        raise ValueError(f"{i2i_path} does not exist: run the topk stage for model={cfg.model!r} first")
+        raise InvalidInput(f"{i2i_path} does not exist: run the topk stage for model={cfg.model!r} first")
     i2i = io.read_table(spark, i2i_path, delta_mode=mode).where(F.col(S.MODEL) == cfg.model)
     if not i2i.limit(1).count():
-        raise ValueError(f"i2i_topk has no rows for model={cfg.model!r}: run the topk stage for it first")
+        raise InvalidInput(f"i2i_topk has no rows for model={cfg.model!r}: run the topk stage for it first")
     seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
     name = model_name(cfg)
     lists = fuse_recent(seqs, i2i, cfg.recent, name)

@@ -20,6 +20,7 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.session import get_spark, ship_path
+from ml.errors import InvalidInput
 from ml.index.spark_topk import search_partitions
 from ml.index.topk import build_index
 from ml.train.tables import read_columns
@@ -36,8 +37,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     from jobs.baseline import BASELINES
 
     if cfg.model in BASELINES:
-        raise ValueError(f"model={cfg.model!r} is a baseline: its i2i_topk rows come from "
-                         f"`python -m jobs.baseline --model {cfg.model}`, not from embeddings")
+        raise InvalidInput(f"model={cfg.model!r} is a baseline: its i2i_topk rows come from "
+                           f"`python -m jobs.baseline --model {cfg.model}`, not from embeddings")
     spark = spark or get_spark(cfg.spark)
     mode, k = cfg.io.delta_mode, k or cfg.baseline.k
     # The index needs every candidate vector in one place: read the model's partition (only its
@@ -45,7 +46,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector", "candidate_vector", "run_id"],
                      partitions=[(S.MODEL, "=", cfg.model)])
     if t.num_rows == 0:
-        raise ValueError(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
+        raise InvalidInput(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
     run_ids = sorted(set(t.column("run_id").unique().to_pylist()))
     users = None
     if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
@@ -55,8 +56,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
         # would otherwise pair this run's items with the previous run's users, without a word.
         user_runs = sorted(r[0] for r in users.select("run_id").distinct().limit(2).collect())
         if user_runs != run_ids:
-            raise ValueError(f"{T_USER_EMBEDDINGS}[{cfg.model}] is from run {user_runs}, {T_ITEM_EMBEDDINGS} "
-                             f"from run {run_ids}: rerun jobs.embed for model={cfg.model}")
+            raise InvalidInput(f"{T_USER_EMBEDDINGS}[{cfg.model}] is from run {user_runs}, {T_ITEM_EMBEDDINGS} "
+                               f"from run {run_ids}: rerun jobs.embed for model={cfg.model}")
         users = users.select(S.USER_ID, "vector")
     order = np.argsort(t.column("item_id").to_numpy())
     ids = t.column("item_id").to_numpy()[order]

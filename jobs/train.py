@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from ml.config import Config, ConfigError
 from ml.data import files
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse
 
@@ -36,18 +37,23 @@ def model_dir(cfg: Config) -> str:
 
 
 def checkpoint_dir(cfg: Config) -> str:
-    """``train.checkpoint_dir``, else <warehouse>/checkpoints/<model>; a local or mounted folder (see above)."""
+    """``train.checkpoint_dir``, else <warehouse>/checkpoints/<model>; a local or mounted folder: under
+    a URI warehouse, <temp>/spark-i2i-<uid>/<warehouse, quoted>/checkpoints/<model> on this machine."""
     if cfg.train.checkpoint_dir:
         local = files.local_path(cfg.train.checkpoint_dir)
         if local is None:
             raise ConfigError(f"train.checkpoint_dir={cfg.train.checkpoint_dir!r} is a URI; expected a local or "
                               "mounted folder (checkpoints are written with atomic renames)")
         return local
-    local = files.local_path(cfg.table_path(os.path.join("checkpoints", cfg.model)))
-    if local is not None:
-        return local
-    warehouse = quote(cfg.warehouse.rstrip("/"), safe="")
-    return os.path.join(tempfile.gettempdir(), "spark-i2i-checkpoints", warehouse, cfg.model)
+    return files.local_path(cfg.table_path(os.path.join("checkpoints", cfg.model))) or os.path.join(
+        _local_state(cfg), "checkpoints", cfg.model)
+
+
+def _local_state(cfg: Config) -> str:
+    """This machine's folder for a URI warehouse's checkpoints and the model files being written: the
+    same for every run as this user (a resume finds them), another user's own."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return os.path.join(tempfile.gettempdir(), f"spark-i2i-{uid}", quote(cfg.warehouse.rstrip("/"), safe=""))
 
 
 # Tables a model's training reads; their versions are part of what a checkpoint was trained on.
@@ -100,8 +106,8 @@ def train_worker(cfg: Config, resume: bool) -> dict:
             make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size)
             trainer = DATTrainer(model)
         if ds.num_rows() == 0:
-            raise ValueError(f"{ds.table_path} (version {ds.version}) has no rows: nothing to train "
-                             "on (rerun jobs.samples; are sequences and item_graph empty?)")
+            raise InvalidInput(f"{ds.table_path} (version {ds.version}) has no rows: nothing to train "
+                               "on (rerun jobs.samples; are sequences and item_graph empty?)")
         # Exact: the longest rank's batches per epoch, from the reader's deterministic deal (rows
         # // (batch x ranks) assumed an even split; with 2 ranks on ML-1M's 2 row groups it was 238
         # against 413, and a cosine schedule sat at LR 0 for the last 42 % of the run).
@@ -109,14 +115,17 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         steps_per_epoch = max(1, math.ceil(sum(ds.batches_per_epoch(e, cfg.train.num_workers)
                                                 for e in range(epochs)) / epochs))
         ckpt_dir = checkpoint_dir(cfg)
-        if ctx.is_main and files.local_path(model_dir(cfg)) is None:
-            log.info("model files go to %s at the end; checkpoints to %s on this machine", model_dir(cfg), ckpt_dir)
-        # rank 0 writes the model folder (under a URI: locally, copied there when training is done)
-        with files.staged_dir(model_dir(cfg), upload=ctx.is_main) as mdir:
+        remote = files.local_path(model_dir(cfg)) is None
+        if remote:
+            files.check_reachable(model_dir(cfg))  # before training, not after it
+            if ctx.is_main:
+                log.info("model files go to %s at the end (written in %s first); checkpoints to %s on this "
+                         "machine", model_dir(cfg), _local_state(cfg), ckpt_dir)
+        # rank 0 writes the model folder (under a URI: in this machine's folder for it, kept across
+        # runs so that a resumed run appends to its metrics, and copied to the URI when training is done)
+        staging = os.path.join(_local_state(cfg), "models", cfg.model) if remote else None
+        with files.staged_dir(model_dir(cfg), upload=ctx.is_main, local_dir=staging) as mdir:
             metrics_path = os.path.join(mdir, "train_metrics.jsonl")
-            remote_metrics = os.path.join(model_dir(cfg), "train_metrics.jsonl")
-            if resume and ctx.is_main and mdir != files.local_path(model_dir(cfg)) and files.exists(remote_metrics):
-                files.copy_to_local(remote_metrics, metrics_path)  # a resumed run appends to it
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
                         metrics_path=metrics_path, steps_per_epoch=steps_per_epoch,
                         settings=run_settings(cfg, ds.version))

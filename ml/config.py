@@ -16,8 +16,10 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from ml.errors import InvalidInput
 
-class ConfigError(ValueError):
+
+class ConfigError(InvalidInput):
     """A configuration key is unknown, missing or has a value outside its allowed set."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pyspark.sql.types import (ArrayType, DoubleType, IntegerType, LongType, MapType, StringType,
                                StructField, StructType, TimestampType)
 
+from ml.errors import InvalidInput
+
 USER_ID = "user_id"
 ITEM_ID = "item_id"
 TS = "ts"  # BIGINT seconds since epoch (or the position in the source, for position-only formats)
@@ -177,4 +179,4 @@ def check_columns(df_schema: StructType, expected: StructType, what: str) -> Non
             parts.append(f"missing columns {missing}")
         if wrong:
             parts.append("wrong types [" + "; ".join(wrong) + "]")
-        raise ValueError(f"{what}: " + ", ".join(parts))
+        raise InvalidInput(f"{what}: " + ", ".join(parts))

@@ -58,6 +58,8 @@ print(summary.round(4).to_string())
 
 # COMMAND ----------
 
+import os
+
 import matplotlib
 
 if not hasattr(matplotlib, "_called_from_notebook"):  # headless outside a notebook UI
@@ -78,4 +80,10 @@ per_cat = by_cat.pivot_table(index="category_id", columns="model", values="value
 per_cat.plot.bar(ax=ax2)
 ax2.set_ylabel(f"Pre@{K}")
 fig.tight_layout()
-display(fig) if "display" in globals() else fig.savefig(cfg.table_path("report/notebook_02.png"))  # noqa: F821
+if "display" in globals():
+    display(fig)  # noqa: F821
+else:  # beside the evaluation report (a local path or a URI)
+    from ml.data import files
+
+    with files.staged_dir(cfg.table_path("report")) as report_dir:
+        fig.savefig(os.path.join(report_dir, "notebook_02.png"))

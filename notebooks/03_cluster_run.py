@@ -48,8 +48,9 @@ import json
 import os
 
 from jobs.train import model_dir
+from ml.data import files
 
-run_info = json.load(open(os.path.join(model_dir(cfg), "run.json")))
+run_info = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json")))  # a local path or a URI
 print({k: run_info[k] for k in ("model", "world_size", "device", "steps", "samples_version")})
 versions = {t: io.table_version(cfg.table_path(t)) for t in ("item_graph", "item_embeddings", "i2i_topk")}
 print("pin these versions:", versions)

@@ -124,6 +124,7 @@ def test_submit_entry_rejects_an_unknown_job():
 
 def test_a_job_reports_a_user_error_in_one_line_and_keeps_bugs_tracebacks(capsys):
     from jobs._cli import command
+    from ml.data.io import TableNotFoundError
 
     @command
     def bad_config(argv):
@@ -137,7 +138,7 @@ def test_a_job_reports_a_user_error_in_one_line_and_keeps_bugs_tracebacks(capsys
 
     @command
     def bad_table(argv):
-        raise FileNotFoundError("no Delta table at /tmp/x/sequences: run jobs.sequences first")
+        raise TableNotFoundError("no Delta table at /tmp/x/sequences: run jobs.sequences first")
 
     with pytest.raises(SystemExit) as e:
         bad_table()
@@ -145,9 +146,9 @@ def test_a_job_reports_a_user_error_in_one_line_and_keeps_bugs_tracebacks(capsys
 
     @command
     def bug(argv):
-        return {}["missing"]
+        a, b = (1, 2, 3)  # a ValueError from a bug, not a user error: the traceback stays
 
-    with pytest.raises(KeyError):  # not a user error: the traceback stays
+    with pytest.raises(ValueError, match="too many values to unpack"):
         bug()
 
 

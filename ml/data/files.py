@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pyarrow.fs as pafs
 
 from ml.data.delta_files import is_uri
+from ml.errors import InvalidInput, MissingInput
 
 _URI_SAFE = ":/?#[]@!$&'()*+,;=~"
 # Hadoop's S3 schemes (what Spark on EMR / YARN is given) name the same objects as Arrow's s3://
@@ -40,7 +41,21 @@ def local_path(path: str) -> Optional[str]:
 
 
 def _arrow(path: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(arrow_uri(path.rstrip("/")))
+    """Arrow's filesystem for the URI ``path``, or :class:`InvalidInput` naming it when Arrow has
+    none for its scheme or cannot reach it (wasbs://, viewfs://, hdfs:// without libhdfs)."""
+    try:
+        return pafs.FileSystem.from_uri(arrow_uri(path.rstrip("/")))
+    except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise InvalidInput(f"{path}: the model files and the report are written through Arrow's filesystems "
+                           f"(s3://, s3a://, gs://, abfss://, hdfs://, file://), which cannot open it: {e}. Use a "
+                           "warehouse Arrow reaches, or a mounted path") from e
+
+
+def check_reachable(path: str) -> None:
+    """Raise :class:`InvalidInput` now, rather than after hours of training, when ``path`` is a URI
+    that Arrow's filesystems cannot open."""
+    if local_path(path) is None:
+        _arrow(path)
 
 
 def exists(path: str) -> bool:
@@ -58,7 +73,7 @@ def read_bytes(path: str) -> bytes:
             return f.read()
     fs, p = _arrow(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
+        raise MissingInput(path)
     with fs.open_input_stream(p) as f:
         return f.read()
 
@@ -75,26 +90,29 @@ def copy_to_local(path: str, dest: str) -> None:
         return
     fs, p = _arrow(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
+        raise MissingInput(path)
     pafs.copy_files(p, os.path.abspath(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 @contextlib.contextmanager
-def staged_dir(path: str, upload: bool = True) -> Iterator[str]:
+def staged_dir(path: str, upload: bool = True, local_dir: Optional[str] = None) -> Iterator[str]:
     """A local folder to write ``path``'s files into. For a local or mounted ``path`` it is ``path``
-    itself; for a URI a temporary folder whose files are copied to ``path`` when the block ends
-    without an error (and ``upload``), then removed. Files already at the URI and not rewritten stay."""
+    itself. For a URI it is ``local_dir`` (kept afterwards: a resumed run finds its files there) or
+    a temporary folder (removed afterwards), and its files are copied to ``path`` when the block ends
+    without an error (and ``upload``). Files already at the URI and not rewritten stay."""
     local = local_path(path)
     if local is not None:
         os.makedirs(local, exist_ok=True)
         yield local
         return
-    tmp = tempfile.mkdtemp(prefix="spark-i2i-")
+    fs, p = _arrow(path) if upload else (None, None)
+    tmp = local_dir or tempfile.mkdtemp(prefix="spark-i2i-")
+    os.makedirs(tmp, exist_ok=True)
     try:
         yield tmp
         if upload:
-            fs, p = _arrow(path)
             fs.create_dir(p, recursive=True)
             pafs.copy_files(tmp, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if local_dir is None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, IngestConfig
 from ml.data import io
+from ml.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ TAOBAO_COLUMNS = ["user_id", "item_id", "category_id", "behavior", "ts"]
 TAOBAO_BEHAVIORS = ["pv", "buy", "cart", "fav"]
 
 
-class SourceSchemaError(ValueError):
+class SourceSchemaError(InvalidInput):
     """The source's columns do not match the configured mapping."""
 
 

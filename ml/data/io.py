@@ -37,17 +37,18 @@ from pyspark.sql.types import StructType
 
 from ml import schemas as S
 from ml.data.delta_files import check_readable, data_files, table_root
+from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("append", "overwrite")
 
 
-class TableNotFoundError(FileNotFoundError):
+class TableNotFoundError(MissingInput):
     """No Delta table at the given path (or not at the requested version)."""
 
 
-class SchemaMismatchError(ValueError):
+class SchemaMismatchError(InvalidInput):
     """The DataFrame's columns do not match the table's."""
 
 

@@ -25,6 +25,7 @@ from pyspark.sql.types import ArrayType, DoubleType, LongType, StructField, Stru
 
 from ml import schemas as S
 from ml.config import SamplesConfig
+from ml.errors import InvalidInput
 
 POSITIVE_ITEM = "positive_item"
 Q_POSITIVE = "q_positive"
@@ -90,7 +91,7 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     """
     ids, cdf = _noise_arrays(q)
     if len(ids) <= len(exclude_cols):
-        raise ValueError(f"cannot draw negatives: only {len(ids)} training items")
+        raise InvalidInput(f"cannot draw negatives: only {len(ids)} training items")
     qs = np.diff(np.concatenate([[0.0], cdf]))
     b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, qs))
     n_draw = 2 * k + 4

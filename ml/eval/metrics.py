@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ml import schemas as S
+from ml.errors import InvalidInput
 from ml.eval.offline import p_text, paired_stats
 
 
@@ -108,7 +109,7 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
     agg = ranked.agg(*aggs).collect()[0]  # one row
     n = agg["n"]
     if n == 0:
-        raise ValueError("eval_targets is empty: nothing to compare")
+        raise InvalidInput("eval_targets is empty: nothing to compare")
     rows, (hit_name, mrr_name) = [], metric_names(kind)
     for i, k in enumerate(values):
         mean, wins, losses = agg[f"d{i}"], agg[f"w{i}"], agg[f"l{i}"]

@@ -11,8 +11,10 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import os
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import matplotlib
@@ -21,7 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ml.data import files  # noqa: E402
+from ml.errors import InvalidInput  # noqa: E402
 from ml.eval.metrics import display_name, metric_order  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def _png(fig) -> bytes:
@@ -81,8 +86,13 @@ def plot_losses(curves: Dict[str, List[dict]]) -> Optional[bytes]:
 
 
 def read_loss_curve(path: str) -> List[dict]:
-    """The loss records of a training metrics file (local or URI); [] when there is none."""
-    if not files.exists(path):
+    """The loss records of a training metrics file (local or URI); [] when there is none, or when
+    Arrow's filesystems cannot open the URI (the report then has no loss plot for it)."""
+    try:
+        if not files.exists(path):
+            return []
+    except InvalidInput as e:
+        log.warning("no loss curve from %s: %s", path, e)
         return []
     out = []
     for line in files.read_text(path).splitlines():
@@ -127,7 +137,15 @@ def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_te
                  loss_curves: Optional[Dict[str, List[dict]]] = None,
                  category_names: Optional[Dict[int, str]] = None, title: str = "spark-i2i evaluation",
                  paired: Sequence[dict] = (), paired_text: str = "") -> str:
-    """Write PNGs and ``report.html`` under ``out_dir`` (a local path or a URI); return the HTML path."""
+    """Write PNGs and ``report.html`` under ``out_dir`` (a local path or a URI); return the HTML path.
+    A URI that Arrow's filesystems cannot open gets a warning, and the report goes to a local
+    temporary folder instead (the metrics are in their table already)."""
+    try:
+        files.check_reachable(out_dir)
+    except InvalidInput as e:
+        fallback = tempfile.mkdtemp(prefix="spark-i2i-report-")
+        log.warning("report: %s; written to %s instead", e, fallback)
+        out_dir = fallback
     k_cat = 50 if 50 in ks else max(ks)
     figures = [("pre_at_k.png", "Pre@K by model", plot_pre_at_k(rows)),
                ("per_category.png", f"Pre@{k_cat} by target category", plot_per_category(rows, k_cat, category_names)),

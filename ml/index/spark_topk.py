@@ -11,6 +11,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from ml.errors import InvalidInput
+
 _CACHE: dict = {}
 
 
@@ -35,7 +37,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
 
         encoders = _cached(artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
         if side not in encoders:
-            raise ValueError(f"{artifact_name}: this model has no {side} tower")
+            raise InvalidInput(f"{artifact_name}: this model has no {side} tower")
         encode, vocab, same = encoders[side]
         torch.set_num_threads(1)
         for pdf in batches:
@@ -80,7 +82,7 @@ def load_encoders(path: str) -> dict:
             return encode
 
         return {"item": (tower("item"), items, True), "user": (tower("user"), users, True)}
-    raise ValueError(f"{path}: unknown model artifact kind {kind!r}")
+    raise InvalidInput(f"{path}: unknown model artifact kind {kind!r}")
 
 
 def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, side: str = "item"):

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import faiss
 import numpy as np
 
+from ml.errors import InvalidInput
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", exact_max: int = 200_00
         index.train(sample)
         index.nprobe = min(nprobe, nlist)
     else:
-        raise ValueError(f"index kind={kind!r}; expected auto, flat or ivf")
+        raise InvalidInput(f"index kind={kind!r}; expected auto, flat or ivf")
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(x)

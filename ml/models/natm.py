@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml.config import check_natm_combinations
+from ml.errors import InvalidInput
 
 PAD = 0
 
@@ -71,14 +72,14 @@ class NATMConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in ("nce", "softmax", "full"):
-            raise ValueError(f"natm.loss={self.loss!r}; expected nce, softmax or full")
+            raise InvalidInput(f"natm.loss={self.loss!r}; expected nce, softmax or full")
         if self.loss == "full" and self.num_items > self.full_softmax_max:
-            raise ValueError(f"natm.loss=full encodes all {self.num_items} items every step, more than "
-                             f"natm.full_softmax_max={self.full_softmax_max}; use natm.loss=softmax (sampled)")
+            raise InvalidInput(f"natm.loss=full encodes all {self.num_items} items every step, more than "
+                               f"natm.full_softmax_max={self.full_softmax_max}; use natm.loss=softmax (sampled)")
         if self.num_items <= 0:
-            raise ValueError(f"natm.num_items={self.num_items} must be > 0")
+            raise InvalidInput(f"natm.num_items={self.num_items} must be > 0")
         if self.layers < 0 or self.num_neighbors < 0:
-            raise ValueError("natm.layers and natm.num_neighbors must be >= 0")
+            raise InvalidInput("natm.layers and natm.num_neighbors must be >= 0")
         check_natm_combinations(self)  # the checks the config runs when it is read (a ValueError)
 
 

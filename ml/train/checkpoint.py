@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ml.errors import InvalidInput
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -170,7 +172,7 @@ def read_checkpoint(path: str, map_location: Any = "cpu", weights_only: bool = T
     """
     state = torch.load(path, map_location=map_location, weights_only=weights_only)
     if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT_VERSION}")
+        raise InvalidInput(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT_VERSION}")
     return state
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ml.config import ConfigError, TrainConfig
+from ml.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class DistContext:
 def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` requires it."""
     if device_pref not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={device_pref!r} is not allowed; expected one of ['auto', 'cpu', 'cuda']")
+        raise InvalidInput(f"device={device_pref!r} is not allowed; expected one of ['auto', 'cpu', 'cuda']")
     if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -171,5 +172,5 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
                 with open(path, "rb") as f:
                     out = pickle.load(f)
         return out
-    raise ValueError(f"train.launcher={launcher!r} is not allowed; "
-                     "expected one of ['local', 'torchrun', 'distributor']")
+    raise InvalidInput(f"train.launcher={launcher!r} is not allowed; "
+                       "expected one of ['local', 'torchrun', 'distributor']")

@@ -54,7 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from ml.config import TrainConfig
+from ml.config import ConfigError, TrainConfig
+from ml.errors import InvalidInput
 from ml.train.checkpoint import (apply_checkpoint, capture_rng_state, latest_checkpoint, list_checkpoints,
                                  read_checkpoint, restore_rng_state, save_checkpoint)
 from ml.train.distributed import DistContext
@@ -89,8 +90,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.o
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    raise ValueError(f"train.optimizer={cfg.optimizer!r} is not allowed; "
-                     "expected one of ['adam', 'adamw', 'sgd']")
+    raise InvalidInput(f"train.optimizer={cfg.optimizer!r} is not allowed; "
+                       "expected one of ['adam', 'adamw', 'sgd']")
 
 
 def total_training_steps(cfg: TrainConfig, steps_per_epoch: Optional[int] = None) -> Optional[int]:
@@ -112,8 +113,8 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: Opti
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1.0 - progress
-    raise ValueError(f"train.lr_schedule={schedule!r} is not allowed; "
-                     "expected one of ['constant', 'cosine', 'linear']")
+    raise InvalidInput(f"train.lr_schedule={schedule!r} is not allowed; "
+                       "expected one of ['constant', 'cosine', 'linear']")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: Optional[int],
@@ -280,6 +281,21 @@ def _sync_ranks(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, ctx: Dist
     return max_step, rows[leader][1], any(r[2] for r in rows)
 
 
+def _trim_metrics(path: Optional[str], step: int) -> None:
+    """Keep the records of the metrics file up to ``step`` (all gone for 0): a resumed run appends
+    from there, so the file holds each step once."""
+    if not path or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 class _MetricsSink:
     """JSON lines (and MLflow when asked for and importable) on rank 0; a no-op elsewhere."""
 
@@ -352,9 +368,9 @@ def _check_same_settings(path: str, saved: Optional[dict[str, Any]], settings: O
         logger.warning("resuming %s with another run length (%s); a decaying LR schedule is stretched to the "
                        "new length from here on", path, "; ".join(length))
     if differ:
-        raise ValueError(f"cannot resume from {path}: it was written by a run with other settings ("
-                         + "; ".join(differ) + "). Run without --resume to start over, or resume with the "
-                         "settings of that run")
+        raise InvalidInput(f"cannot resume from {path}: it was written by a run with other settings ("
+                           + "; ".join(differ) + "). Run without --resume to start over, or resume with the "
+                           "settings of that run")
 
 
 def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
@@ -411,14 +427,23 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             shared = [path]
             dist.broadcast_object_list(shared, src=0)
             path = shared[0]
+        if ctx.distributed and path is not None:  # a node-local folder: another host's rank cannot read it
+            seen = torch.tensor([int(os.path.exists(path))])
+            dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+            if not seen.item():
+                raise ConfigError(f"resume: checkpoint {path} is not visible to every rank; set "
+                                  "train.checkpoint_dir to a folder all training hosts share")
         if path is None:
             if ctx.is_main:
                 logger.info("resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
+                _trim_metrics(metrics_path, 0)  # the metrics of this run only
         else:
             state = read_checkpoint(path, map_location=device)
             _check_same_settings(path, state["extra"].get("settings"), settings)  # before anything is applied
             apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
+            if ctx.is_main:  # records after the checkpoint (a crashed run's last steps) are trained again
+                _trim_metrics(metrics_path, step)
             last_loss = state["extra"].get("last_loss")
             last_checkpoint = path
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ml.config import Config
+from ml.errors import InvalidInput
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
 from ml.train.init import build_deferred, seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
@@ -99,9 +100,9 @@ def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version:
             batch = {"trigger": vocab.index(b["trigger_item"]), "positive": vocab.index(b["positive_item"])}
             if not full:
                 if b["negatives"].shape[1] < k:
-                    raise ValueError(f"{where} stores {b['negatives'].shape[1]} negatives per sample, training "
-                                     f"uses {k} (natm.negatives or samples.num_negatives): rerun jobs.samples "
-                                     "with this config, or lower natm.negatives")
+                    raise InvalidInput(f"{where} stores {b['negatives'].shape[1]} negatives per sample, training "
+                                       f"uses {k} (natm.negatives or samples.num_negatives): rerun jobs.samples "
+                                       "with this config, or lower natm.negatives")
                 batch.update(negatives=vocab.index(b["negatives"]), q_positive=b["q_positive"],
                              q_negatives=b["q_negatives"])
             for name, col in (("trigger", "trigger_item"), ("positive", "positive_item"), ("negatives", "negatives")):

@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ml.data.delta_files import check_readable, data_files
 from ml.data.files import arrow_uri
+from ml.errors import InvalidInput, MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,11 @@ def _split_units(units: list[_WorkUnit], pieces_total: int) -> list[_WorkUnit]:
 
 def _open_snapshot(table_path: str, version: Optional[int]) -> _Snapshot:
     if not DeltaTable.is_deltatable(table_path):
-        raise FileNotFoundError(f"no Delta table at {table_path} (has its producing job run?)")
+        raise MissingInput(f"no Delta table at {table_path} (has its producing job run?)")
     try:
         dt = DeltaTable(table_path, version=version)
     except Exception as e:  # delta-rs raises its own error types for a missing version
-        raise FileNotFoundError(f"Delta table {table_path} has no readable version {version}: {e}") from e
+        raise MissingInput(f"Delta table {table_path} has no readable version {version}: {e}") from e
     check_readable(dt, table_path)
     files = data_files(dt, table_path)
     return _Snapshot(version=dt.version(), files=[f for f, _ in files], schema=pa.schema(dt.schema().to_arrow()),
@@ -263,16 +264,16 @@ class DeltaBatchDataset(IterableDataset):
             if skipped:
                 logger.info("skipping columns with no tensor form: %s", ", ".join(skipped))
             if not chosen:
-                raise ValueError(f"no column of {schema.names} has a tensor form")
+                raise InvalidInput(f"no column of {schema.names} has a tensor form")
             return chosen
         if len(set(columns)) != len(columns):
-            raise ValueError(f"columns has duplicates: {columns}")
+            raise InvalidInput(f"columns has duplicates: {columns}")
         for name in columns:
             if name not in schema.names:
-                raise ValueError(f"unknown column {name!r}; the table has {schema.names}")
+                raise InvalidInput(f"unknown column {name!r}; the table has {schema.names}")
             t = schema.field(name).type
             if _tensor_dtype(t) is None:
-                raise ValueError(
+                raise InvalidInput(
                     f"column {name!r} has type {t}, which has no tensor form: only integers, floats, "
                     "booleans and fixed-length lists of them are read (map strings to integer ids "
                     "upstream, or leave the column out)")
@@ -284,8 +285,8 @@ class DeltaBatchDataset(IterableDataset):
             with _open_parquet(f) as pf:
                 missing = [c for c in self._file_columns if c not in pf.schema_arrow.names]
                 if missing:
-                    raise ValueError(f"data file {f} lacks columns {missing} (written before a schema "
-                                     "change?); rewrite the table before training on it")
+                    raise InvalidInput(f"data file {f} lacks columns {missing} (written before a schema "
+                                       "change?); rewrite the table before training on it")
                 md = pf.metadata
                 units += [_WorkUnit(f, i, md.row_group(i).num_rows)
                           for i in range(md.num_row_groups) if md.row_group(i).num_rows > 0]
@@ -372,8 +373,8 @@ class DeltaBatchDataset(IterableDataset):
             if table is None or c not in self._file_columns:
                 value = self._partition_values[unit.file][c]
                 if value is None:
-                    raise ValueError(f"partition column {c!r} is null for file {unit.file}; "
-                                     "fill it upstream or leave the column out")
+                    raise InvalidInput(f"partition column {c!r} is null for file {unit.file}; "
+                                       "fill it upstream or leave the column out")
                 out[c] = np.full(unit.num_rows, value, dtype=self._dtypes[c])
             else:
                 out[c] = self._to_numpy(c, table.column(c).combine_chunks(), unit, widths)
@@ -381,8 +382,8 @@ class DeltaBatchDataset(IterableDataset):
 
     def _to_numpy(self, name: str, arr: pa.Array, unit: _WorkUnit, widths: dict[str, int]) -> np.ndarray:
         if arr.null_count:
-            raise ValueError(f"column {name!r} has {arr.null_count} nulls in {unit.file} (row group "
-                             f"{unit.row_group}); fill or drop them upstream")
+            raise InvalidInput(f"column {name!r} has {arr.null_count} nulls in {unit.file} (row group "
+                               f"{unit.row_group}); fill or drop them upstream")
         dtype = self._dtypes[name]
         if not _is_list(arr.type):
             return arr.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
@@ -391,11 +392,11 @@ class DeltaBatchDataset(IterableDataset):
         seen = widths.setdefault(name, width)
         if len(lengths) and (np.any(lengths != width) or width != seen):
             found = sorted({seen, *np.unique(lengths).tolist()})
-            raise ValueError(f"list column {name!r} is variable-length (lengths {found[:5]} in "
-                             f"{unit.file}): pad or truncate it to one length upstream")
+            raise InvalidInput(f"list column {name!r} is variable-length (lengths {found[:5]} in "
+                               f"{unit.file}): pad or truncate it to one length upstream")
         values = pc.list_flatten(arr)
         if values.null_count:
-            raise ValueError(f"list column {name!r} has null elements in {unit.file}; fill them upstream")
+            raise InvalidInput(f"list column {name!r} has null elements in {unit.file}; fill them upstream")
         return values.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(arr), width)
 
 

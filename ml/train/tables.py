@@ -18,6 +18,8 @@ import pyarrow as pa
 import torch
 from deltalake import DeltaTable
 
+from ml.errors import InvalidInput, MissingInput
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,7 @@ def read_columns(path: str, columns: list, version: Optional[int] = None,
     """The given columns of a Delta snapshot; ``partitions`` (e.g. ``[("model", "=", "natm")]``)
     reads only the files of those partitions."""
     if not DeltaTable.is_deltatable(path):
-        raise FileNotFoundError(f"no Delta table at {path} (has its producing job run?)")
+        raise MissingInput(f"no Delta table at {path} (has its producing job run?)")
     dt = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
     return pa.table(dt.to_pyarrow_table(columns=columns, partitions=partitions))
 
@@ -54,8 +56,8 @@ def check_known(index: torch.Tensor, ids: torch.Tensor, where: str, what: str, v
     """Every id of a sample must be in the vocabulary: index 0 is padding, and an unknown id would
     train as the padding row (or, in NATM's exact softmax, as the last item)."""
     if not bool((index > 0).all()):
-        raise ValueError(f"{where} holds {what} the vocabulary ({vocabulary}) does not know, e.g. "
-                         f"{ids[index == 0].flatten()[:3].tolist()}: rerun jobs.samples")
+        raise InvalidInput(f"{where} holds {what} the vocabulary ({vocabulary}) does not know, e.g. "
+                           f"{ids[index == 0].flatten()[:3].tolist()}: rerun jobs.samples")
 
 
 def build_vocab(*id_arrays: np.ndarray) -> Vocab:

@@ -133,8 +133,9 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
             raise RuntimeError("simulated crash")
         return mse_loss(model, batch)
 
+    metrics = tmp_path / "b_metrics.jsonl"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(mlp(0), make, crashing_loss, cfg, CPU, str(tmp_path / "b"), **kw)
+        train(mlp(0), make, crashing_loss, cfg, CPU, str(tmp_path / "b"), metrics_path=str(metrics), **kw)
     state = load_checkpoint(latest_checkpoint(str(tmp_path / "b")))
     assert (state["step"], (state["epoch"], state["batches_done_in_epoch"])) == (resume_step, resume_pos)
 
@@ -144,8 +145,18 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
 
     calls["n"] = 0
     resumed = mlp(123)  # different init: the weights must come from the checkpoint
-    res_b = train(resumed, make, counted_loss, cfg, CPU, str(tmp_path / "b"), resume=True, **kw)
+    res_b = train(resumed, make, counted_loss, cfg, CPU, str(tmp_path / "b"), resume=True, metrics_path=str(metrics),
+                  **kw)
     assert calls["n"] == 30 - resume_step
+    # the crashed run's records after its checkpoint are dropped: each step is logged once, in order
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["event"] == "step"]
+    assert steps == list(range(5, 31, 5))
+    # a resume that finds no checkpoint starts over, and so does its metrics file
+    train(mlp(0), make, mse_loss, cfg, CPU, str(tmp_path / "empty"), resume=True, metrics_path=str(metrics), **kw)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if json.loads(line)["event"] == "step"]
+    assert steps == list(range(5, 31, 5))
     assert res_b["steps"] == 30 and res_b["epochs"] == 2
     assert_same_weights(uninterrupted.state_dict(), resumed.state_dict())
     assert res_b["final_loss"] == res_a["final_loss"]
@@ -224,9 +235,26 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         resumed = mlp(999 + rank)
         res_b = train(resumed, make, mse_loss, cfg, ctx, b, resume=True, seed=5)
         torch.save(resumed.state_dict(), os.path.join(out, f"b{rank}.pt"))
+        # checkpoints in a node-local folder: rank 1 (another host) cannot see the file rank 0 found,
+        # and every rank stops with the same error instead of rank 1 alone failing or hanging
+        c = os.path.join(out, "c")
+        if rank == 0:
+            shutil.copytree(b, c)
+        dist.barrier()
+        seen_by_rank_1 = None
+        if rank == 1:
+            real_exists = os.path.exists
+            os.path.exists = lambda p: False if str(p).startswith(c) else real_exists(p)
+        try:
+            train(mlp(1), make, mse_loss, cfg, ctx, c, resume=True, seed=5)
+        except ConfigError as e:
+            seen_by_rank_1 = str(e)
+        finally:
+            if rank == 1:
+                os.path.exists = real_exists
         with open(os.path.join(out, f"r{rank}.json"), "w") as f:
             json.dump({"before": before, "after": after, "steps": res["steps"], "steps_b": res_b["steps"],
-                       "epochs": res["epochs"]}, f)
+                       "epochs": res["epochs"], "node_local": seen_by_rank_1}, f)
         # leave together: a rank tearing gloo down while its peer still talks aborts in C++
         # ("terminate called without an active exception"), seen once in CI
         dist.barrier()
@@ -254,6 +282,8 @@ def test_two_process_gloo_ddp_uneven_batches(tmp_path):
     assert r0["steps"] == r1["steps"] == 21 and r0["steps_b"] == r1["steps_b"] == 21
     assert r0["epochs"] == 3
     assert r0["after"] < 0.3 * r0["before"]
+    for r in (r0, r1):
+        assert "is not visible to every rank; set train.checkpoint_dir to a folder all training hosts share" in r["node_local"]
     a0, a1 = (torch.load(tmp_path / f"a{r}.pt") for r in (0, 1))
     assert_same_weights(a0, a1)
     for r in (0, 1):  # resume reproduces the uninterrupted DDP run on every rank
