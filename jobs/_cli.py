@@ -43,8 +43,16 @@ def parse(description: str, argv: Optional[Sequence[str]] = None,
     try:
         cfg = load_config(args.conf, args.overrides)
     except ConfigError as e:
-        p.error(str(e))
+        exit_with(e)
     return cfg, args
+
+
+def exit_with(e: InputError) -> None:
+    """Print a user error as one line, ``error: <type>: <message>``, and exit: 2 for a config error,
+    1 otherwise. ``--log-level DEBUG`` logs the traceback before it."""
+    log.debug("traceback of the error below", exc_info=e)
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
 def command(main: Callable[..., None]) -> Callable[..., None]:
@@ -57,9 +65,7 @@ def command(main: Callable[..., None]) -> Callable[..., None]:
         try:
             main(argv)
         except USER_ERRORS as e:
-            log.debug("traceback of the error below", exc_info=True)
-            print(f"error: {type(e).__name__}: {e}\n(--log-level DEBUG shows the traceback)", file=sys.stderr)
-            sys.exit(2 if isinstance(e, ConfigError) else 1)
+            exit_with(e)
     return run_command
 
 

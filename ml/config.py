@@ -376,7 +376,7 @@ class DATSection:
     def __post_init__(self) -> None:
         for k in ("id_dim", "feature_dim", "logit_scale", "cal_min_items"):
             _check_positive(f"dat.{k}", getattr(self, k))
-        if not self.hidden or any(h <= 0 for h in self.hidden):
+        if not self.hidden or any(not isinstance(h, int) or isinstance(h, bool) or h <= 0 for h in self.hidden):
             raise ConfigError(f"dat.hidden={self.hidden!r} must be a non-empty list of positive sizes")
 
 
@@ -463,6 +463,10 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     if origin in (Mapping, dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}={value!r} must be a mapping (key: value)")
+        nested = [k for k, v in value.items() if isinstance(v, (Mapping, list, tuple))]
+        if nested:
+            raise ConfigError(f"{key}.{nested[0]}={value[nested[0]]!r} must be a single value (a string or a "
+                              f"number), not a mapping or a list")
         return value
     if hint is float and isinstance(value, str):
         try:
@@ -480,8 +484,15 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# mappings whose keys are free text with dots of their own (spark.conf.spark.sql.session.timeZone)
+_FREE_KEY_MAPPINGS = ("spark.conf", "ingest.columns")
+
+
 def _set_path(d: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
+    for free in _FREE_KEY_MAPPINGS:
+        if dotted.startswith(free + ".") and len(dotted) > len(free) + 1:
+            parts = free.split(".") + [dotted[len(free) + 1:]]
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})

@@ -160,3 +160,25 @@ def test_a_job_run_from_the_command_line_exits_with_the_message_not_a_traceback(
                        timeout=120)
     assert r.returncode == 2
     assert "error: ConfigError: model='cooc' is not trainable here" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_free_text_keys_keep_their_dots_and_nested_or_mistyped_values_are_refused():
+    cfg = load_config(None, ["spark.conf.spark.sql.session.timeZone=America/New_York",
+                             "ingest.columns.user_id=visitor.id"])
+    assert cfg.spark.conf == {"spark.sql.session.timeZone": "America/New_York"}  # before: split, then ignored
+    assert cfg.ingest.columns == {"user_id": "visitor.id"}
+    with pytest.raises(ConfigError, match=r"spark.conf.a=\{'b': 1\} must be a single value"):
+        load_config(None, ["spark.conf={a: {b: 1}}"])
+    with pytest.raises(ConfigError, match=r"dat.hidden=\['a'\] must be a non-empty list of positive sizes"):
+        load_config(None, ["dat.hidden=[a]"])
+
+
+def test_a_config_error_on_the_command_line_is_one_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "jobs.graph", "--set", "graph.windw=5"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(
+        "error: ConfigError: unknown key 'graph.windw'; allowed keys: [")

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -21,7 +22,8 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, IngestConfig
 from ml.data import io
-from ml.errors import InvalidInput
+from ml.data.delta_files import is_uri
+from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,6 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         columns = spark.read.option("header", True).option("sep", cfg.csv_sep).csv(cfg.path).columns
         if not columns:
             raise SourceSchemaError(f"{cfg.path}: the file is empty (no header line; ingest.csv_header=true)")
-        mapping = mapping or {f: f for f in CANONICAL_FIELDS if f in columns}  # default: same names, as Parquet
     else:
         if not cfg.csv_schema:
             raise SourceSchemaError("ingest.csv_schema (column names in file order) is required when "
@@ -110,6 +111,7 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
                     else f"missing columns {columns[n:]}")
             raise SourceSchemaError(f"{cfg.path}: first line has {n} fields, ingest.csv_schema names "
                                     f"{len(columns)} {columns}: {what}")
+    mapping = mapping or {f: f for f in CANONICAL_FIELDS if f in columns}  # default: same names, as Parquet
     _check_mapping(columns, mapping, cfg.allow_extra_columns, cfg.path)
     df = read_csv_lines(spark, cfg.path, columns, cfg.csv_sep, cfg.csv_header)
     return RawSource(_raw_select(df, mapping, _CORRUPT), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
@@ -296,6 +298,20 @@ def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:
 
 def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str = "auto") -> RawSource:
     """Dispatch on ``cfg.format``; ``default_path`` is used for delta/parquet when ``cfg.path`` is unset."""
+    if cfg.path and not is_uri(cfg.path) and not os.path.exists(cfg.path):
+        raise MissingInput(f"ingest.path={cfg.path!r}: no such file or folder (ingest.format={cfg.format})")
+    if cfg.path and is_uri(cfg.path):
+        try:
+            return _read_source(spark, cfg, default_path, delta_mode)
+        except AnalysisException as e:  # a URI Spark finds nothing at
+            if "PATH_NOT_FOUND" in str(e):
+                raise MissingInput(f"ingest.path={cfg.path!r}: nothing there (ingest.format={cfg.format}): "
+                                   f"{str(e).splitlines()[0]}") from e
+            raise
+    return _read_source(spark, cfg, default_path, delta_mode)
+
+
+def _read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str) -> RawSource:
     if cfg.format in ("delta", "parquet"):
         return read_table_source(spark, cfg, cfg.path or default_path, cfg.format, delta_mode)
     if not cfg.path:

@@ -42,16 +42,28 @@ def _has_zone(ts_format: str) -> bool:
     return bool(re.search(r"[VzOXxZ]", re.sub(r"'[^']*'", "", ts_format)))
 
 
+def _parse_ts(ts_format: str):
+    text = F.trim(F.col(S.TS))
+    if not _has_zone(ts_format):
+        # A wall-clock time is read as UTC, not in spark.sql.session.timeZone (a notebook's or a
+        # cluster's zone would otherwise change every ts, and the rows a time window rejects).
+        text, ts_format = F.concat(text, F.lit(" UTC")), f"{ts_format} VV"
+    return F.try_to_timestamp(text, F.lit(ts_format))
+
+
 def _to_seconds(ts_unit: str, ts_format: str):
     if ts_unit == "string":
-        text = F.trim(F.col(S.TS))
-        if not _has_zone(ts_format):
-            # A wall-clock time is read as UTC, not in spark.sql.session.timeZone (a notebook's or a
-            # cluster's zone would otherwise change every ts, and the rows a time window rejects).
-            text, ts_format = F.concat(text, F.lit(" UTC")), f"{ts_format} VV"
-        return F.unix_timestamp(F.try_to_timestamp(text, F.lit(ts_format)))
+        return F.unix_timestamp(_parse_ts(ts_format))
     secs = _to_long(S.TS)
     return F.floor(secs / 1000).cast(LongType()) if ts_unit == "ms" else secs
+
+
+def _to_millis(ts_unit: str, ts_format: str):
+    """The ts to the ms where the source has them (ms, or a string with a fraction of a second), for
+    telling duplicates apart; null for whole seconds."""
+    if ts_unit == "string":
+        return F.unix_millis(_parse_ts(ts_format))
+    return _to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())
 
 
 def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, ts_unit: str = "s",
@@ -67,7 +79,7 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
                     _to_long(S.USER_ID).alias("_u"), _to_long(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), _to_long(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
-                    (_to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())).alias("_tms"))
+                    _to_millis(ts_unit, ts_format).alias("_tms"))
     ts_ok = F.lit(True)
     if min_ts is not None:
         ts_ok = ts_ok & (F.col("_t") >= min_ts)

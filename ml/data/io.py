@@ -36,6 +36,7 @@ from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 from pyspark.sql.types import StructType
 
 from ml import schemas as S
+from ml.config import ConfigError
 from ml.data.delta_files import check_readable, data_files, table_root
 from ml.errors import InvalidInput, MissingInput
 
@@ -74,6 +75,10 @@ def has_delta_jars(spark: SparkSession) -> bool:
 
 def use_native(spark: SparkSession, delta_mode: str = "auto") -> bool:
     if delta_mode == "native":
+        if not has_delta_jars(spark):
+            raise ConfigError("io.delta_mode=native but this Spark session has no Delta classes (io.delta.tables."
+                              "DeltaTable); start it with the Delta jars (--packages io.delta:delta-spark_2.13:4.0.0 "
+                              "and the Delta SQL extension, see README) or use io.delta_mode=auto")
         return True
     if delta_mode == "delta-rs":
         return False

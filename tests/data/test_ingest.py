@@ -101,6 +101,13 @@ def test_millisecond_and_string_timestamps(spark, tmp_path):
     _, good, bad = _run(spark, IngestConfig(format="csv", path=st, ts_unit="string",
                                             columns={"user_id": "u", "item_id": "i", "ts": "t"}))
     assert good == [(1, 2, 1577836810, None, None)] and [b[0] for b in bad] == [I.BAD_TS]
+    # string times with a fraction: 400 ms apart are two events too, as for ms and TIMESTAMP sources
+    frac = _write(tmp_path, "frac.csv", "u,i,t\n1,2,2020-01-01 00:00:00.100\n1,2,2020-01-01 00:00:00.500\n"
+                                        "1,2,2020-01-01 00:00:00.500\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=frac, ts_unit="string",
+                                            ts_format="yyyy-MM-dd HH:mm:ss[.SSS]",
+                                            columns={"user_id": "u", "item_id": "i", "ts": "t"}))
+    assert good == [(1, 2, 1577836800, None, None)] * 2 and [b[0] for b in bad] == [I.DUPLICATE]
 
 
 def test_string_timestamps_are_read_as_utc_in_any_session_zone(spark, tmp_path):
@@ -287,3 +294,17 @@ def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_
     empty = _write(tmp_path, "empty.csv", "")
     with pytest.raises(SourceSchemaError, match="the file is empty"):
         read_source(spark, IngestConfig(format="csv", path=empty), "")
+    # without a header, csv_schema naming the canonical fields needs no mapping either
+    bare = _write(tmp_path, "bare.csv", "1,2,3\n")
+    _, good, _ = _run(spark, IngestConfig(format="csv", path=bare, csv_header=False,
+                                          csv_schema=["user_id", "item_id", "ts"]))
+    assert good == [(1, 2, 3, None, None)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "taobao", "parquet", "delta", "ml1m"])
+def test_a_missing_source_path_is_one_error_naming_it(spark, tmp_path, fmt):
+    from ml.errors import MissingInput
+
+    gone = str(tmp_path / "nonexistent")
+    with pytest.raises(MissingInput, match=rf"ingest.path='{gone}': no such file or folder \(ingest.format={fmt}\)"):
+        read_source(spark, IngestConfig(format=fmt, path=gone), "unused")

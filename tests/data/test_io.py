@@ -153,6 +153,11 @@ def test_empty_write_and_read(spark, warehouse):
 def test_auto_mode_without_jars_uses_delta_rs(spark):
     assert io.has_delta_jars(spark) is False
     assert io.use_native(spark, "auto") is False
+    # native asked for and no jars: a config error that says what to add, not a Py4J stack trace
+    from ml.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"io.delta_mode=native but this Spark session has no Delta classes"):
+        io.use_native(spark, "native")
 
 
 def test_bad_arguments(spark, warehouse):
