@@ -173,6 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     cfg, args = parse(__doc__, argv, extra)
     res = run(cfg, args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank runs this; rank 0 reports
+        return
     print(f"trained {cfg.model}: {res['steps']} steps, final loss {res['final_loss']:.4f}, "
           f"{res['samples_per_s']:.0f} samples/s")
     print(f"  model       {os.path.join(model_dir(cfg), 'model.pt')}")
