@@ -53,6 +53,7 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ml.config import ConfigError, TrainConfig
 from ml.errors import InvalidInput
@@ -478,6 +479,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     samples_seen = 0
     stopped = cfg.max_steps is not None and step >= cfg.max_steps
+    redirect = contextlib.ExitStack()
+    if ctx.is_main:  # log lines go above the bar instead of being glued to the end of its line
+        redirect.enter_context(logging_redirect_tqdm())
     try:
         while epoch < cfg.epochs and not stopped:
             stream = _epoch_stream(make_batches, epoch, derive_seed(seed, ctx.rank, _DATA_STREAM, epoch),
@@ -546,6 +550,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             last_checkpoint = saved or last_checkpoint
     finally:
         bar.close()
+        redirect.close()
 
     seconds = time.time() - t_start
     if ctx.distributed:
