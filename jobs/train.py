@@ -126,6 +126,11 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         staging = os.path.join(_local_state(cfg), "models", cfg.model) if remote else None
         with files.staged_dir(model_dir(cfg), upload=ctx.is_main, local_dir=staging) as mdir:
             metrics_path = os.path.join(mdir, "train_metrics.jsonl")
+            published = os.path.join(model_dir(cfg), "train_metrics.jsonl")
+            if resume and remote and ctx.is_main and not os.path.exists(metrics_path) and files.exists(published):
+                # resumed on another machine (a shared train.checkpoint_dir): start from the published
+                # file; training keeps the resumed run's records up to its checkpoint
+                files.copy_to_local(published, metrics_path)
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
                         metrics_path=metrics_path, steps_per_epoch=steps_per_epoch,
                         settings=run_settings(cfg, ds.version))

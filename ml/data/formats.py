@@ -22,7 +22,6 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, IngestConfig
 from ml.data import io
-from ml.data.delta_files import is_uri
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
@@ -298,17 +297,17 @@ def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:
 
 def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str = "auto") -> RawSource:
     """Dispatch on ``cfg.format``; ``default_path`` is used for delta/parquet when ``cfg.path`` is unset."""
-    if cfg.path and not is_uri(cfg.path) and not os.path.exists(cfg.path):
-        raise MissingInput(f"ingest.path={cfg.path!r}: no such file or folder (ingest.format={cfg.format})")
-    if cfg.path and is_uri(cfg.path):
-        try:
-            return _read_source(spark, cfg, default_path, delta_mode)
-        except AnalysisException as e:  # a URI Spark finds nothing at
-            if "PATH_NOT_FOUND" in str(e):
-                raise MissingInput(f"ingest.path={cfg.path!r}: nothing there (ingest.format={cfg.format}): "
-                                   f"{str(e).splitlines()[0]}") from e
+    if not cfg.path:
+        return _read_source(spark, cfg, default_path, delta_mode)
+    # No os.path check: Spark resolves globs, file:/ and scheme-less paths against the cluster's own
+    # default file system (HDFS, DBFS); it says when nothing is there, and so does delta-rs.
+    try:
+        return _read_source(spark, cfg, default_path, delta_mode)
+    except (AnalysisException, io.TableNotFoundError) as e:
+        if isinstance(e, AnalysisException) and "PATH_NOT_FOUND" not in str(e):
             raise
-    return _read_source(spark, cfg, default_path, delta_mode)
+        raise MissingInput(f"ingest.path={cfg.path!r}: nothing there (ingest.format={cfg.format}): "
+                           f"{str(e).splitlines()[0]}") from e
 
 
 def _read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str) -> RawSource:

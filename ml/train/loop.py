@@ -43,6 +43,7 @@ import os
 import random
 import sys
 import time
+import uuid
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -282,14 +283,23 @@ def _sync_ranks(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, ctx: Dist
     return max_step, rows[leader][1], any(r[2] for r in rows)
 
 
-def _trim_metrics(path: Optional[str], step: int) -> None:
-    """Keep the records of the metrics file up to ``step`` (all gone for 0): a resumed run appends
-    from there, so the file holds each step once."""
+def _trim_metrics(path: Optional[str], step: int, run_id: Optional[str]) -> None:
+    """Keep the records of the metrics file that belong to run ``run_id`` up to ``step``: a resumed
+    run appends from there, so the file holds each step of this run once (and no other run's, e.g.
+    an earlier run's file copied from the model folder). Unreadable lines (a crash mid-write) go."""
     if not path or not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+
+    def keep(line: str) -> bool:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(rec, dict) and rec.get("run") == run_id and rec.get("step", 0) <= step
+
+    kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -412,6 +422,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
     step, epoch, batches_done = 0, 0, 0
     last_loss: Optional[float] = None
     last_checkpoint: Optional[str] = None
+    run_id: Optional[str] = uuid.uuid4().hex[:16]  # tags this run's metrics records (a resume keeps its run's)
     seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, 0))
     if not resume and ctx.is_main:
         if metrics_path and os.path.exists(metrics_path):
@@ -429,7 +440,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             dist.broadcast_object_list(shared, src=0)
             path = shared[0]
         if ctx.distributed and path is not None:  # a node-local folder: another host's rank cannot read it
-            seen = torch.tensor([int(os.path.exists(path))])
+            seen = torch.tensor([int(os.path.exists(path))],
+                                device=device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(seen, op=dist.ReduceOp.MIN)
             if not seen.item():
                 raise ConfigError(f"resume: checkpoint {path} is not visible to every rank; set "
@@ -437,15 +449,16 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
         if path is None:
             if ctx.is_main:
                 logger.info("resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
-                _trim_metrics(metrics_path, 0)  # the metrics of this run only
+                _trim_metrics(metrics_path, 0, None)  # a run from scratch: its own metrics only
         else:
             state = read_checkpoint(path, map_location=device)
             _check_same_settings(path, state["extra"].get("settings"), settings)  # before anything is applied
             apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
             if ctx.is_main:  # records after the checkpoint (a crashed run's last steps) are trained again
-                _trim_metrics(metrics_path, step)
+                _trim_metrics(metrics_path, step, state["extra"].get("run_id"))
             last_loss = state["extra"].get("last_loss")
+            run_id = state["extra"].get("run_id")  # the resumed run's (None: written before run ids)
             last_checkpoint = path
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
             if ctx.is_main:
@@ -468,7 +481,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                       broadcast_buffers=running_stats)
 
     def checkpoint(epoch_pos: int, batches_pos: int) -> Optional[str]:
-        extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings}
+        extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings,
+                 "run_id": run_id}
         return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                step=step, epoch=epoch_pos, batches_done_in_epoch=batches_pos,
                                extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)
@@ -514,7 +528,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                         window.add(loss, metrics, n)
                         epoch_window.add(loss, metrics, n)
                         if step % cfg.log_every == 0:
-                            rec = {"event": "step", "epoch": epoch, "step": step, "lr": lr,
+                            rec = {"event": "step", "run": run_id, "epoch": epoch, "step": step, "lr": lr,
                                    **window.record(), "elapsed_s": time.time() - t_start,
                                    "time": time.time(), "world_size": ctx.world_size}
                             sink.emit(rec)
@@ -537,7 +551,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                                           stopped)
                 bar.update(step - bar.n)  # rank 0 may have joined early and missed steps
             if ctx.is_main and epoch_window.steps:
-                rec = {"event": "epoch", "epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+                rec = {"event": "epoch", "run": run_id, "epoch": epoch, "step": step,
+                       "lr": scheduler.get_last_lr()[0],
                        **epoch_window.record(), "elapsed_s": time.time() - t_start, "time": time.time(),
                        "world_size": ctx.world_size, "complete": not stopped}
                 sink.emit(rec)

@@ -306,5 +306,13 @@ def test_a_missing_source_path_is_one_error_naming_it(spark, tmp_path, fmt):
     from ml.errors import MissingInput
 
     gone = str(tmp_path / "nonexistent")
-    with pytest.raises(MissingInput, match=rf"ingest.path='{gone}': no such file or folder \(ingest.format={fmt}\)"):
+    with pytest.raises(MissingInput, match=rf"ingest.path='{gone}': nothing there \(ingest.format={fmt}\)"):
         read_source(spark, IngestConfig(format=fmt, path=gone), "unused")
+
+
+def test_globs_and_hadoop_style_local_uris_still_read(spark, tmp_path):
+    # Spark resolves these itself (a driver-side os.path check refused them)
+    _write(tmp_path, "a.csv", "user_id,item_id,ts\n1,2,3\n")
+    for path in (str(tmp_path / "*.csv"), f"file:{tmp_path}/a.csv"):
+        _, good, _ = _run(spark, IngestConfig(format="csv", path=path))
+        assert good == [(1, 2, 3, None, None)]

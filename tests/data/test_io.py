@@ -217,3 +217,26 @@ def test_partition_join_falls_back_to_decoded_paths_if_spark_spells_files_otherw
     io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
     monkeypatch.setattr(io, "_spark_names", lambda f: [f.upper()])
     assertDataFrameEqual(io.read_table(spark, path, delta_mode="delta-rs"), spark.createDataFrame(ROWS, SCHEMA))
+
+
+def test_delta_classes_added_with_spark_jars_are_found(tmp_path):
+    # --packages / --jars / spark.jars load into Spark's context class loader; a plain
+    # Class.forName from Py4J missed them, so auto mode fell back to delta-rs and native refused
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("javac") and shutil.which("jar")):
+        pytest.skip("javac and jar are needed to build a stand-in Delta class")
+    src = tmp_path / "io" / "delta" / "tables"
+    src.mkdir(parents=True)
+    (src / "DeltaTable.java").write_text("package io.delta.tables; public class DeltaTable {}")
+    subprocess.run(["javac", "--release", "17", str(src / "DeltaTable.java")], check=True)
+    subprocess.run(["jar", "cf", str(tmp_path / "stub.jar"), "-C", str(tmp_path), "io/delta/tables/DeltaTable.class"],
+                   check=True)
+    code = ("from pyspark.sql import SparkSession; from ml.data import io; "
+            f"s = SparkSession.builder.master('local[1]').config('spark.jars', {str(tmp_path / 'stub.jar')!r})"
+            ".config('spark.ui.enabled', 'false').getOrCreate(); "
+            "print('jars', io.has_delta_jars(s), io.use_native(s, 'native')); s.stop()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "jars True True" in r.stdout, r.stderr[-2000:]

@@ -526,3 +526,15 @@ def test_bf16_on_cpu_computes_in_bf16_keeps_fp32_weights_and_is_deterministic(tm
     assert train(model, shuffled_batches(x, y, 16), loss_fn, cfg, CPU, str(tmp_path / "c"), seed=3)["precision"] == "fp32"
     assert seen == {torch.bfloat16, torch.float32}
     assert not torch.equal(model[0].weight, runs[0]["0.weight"])
+
+
+def test_resume_trims_the_metrics_file_to_the_resumed_runs_records(tmp_path):
+    from ml.train.loop import _trim_metrics
+
+    path = tmp_path / "m.jsonl"
+    recs = [{"event": "step", "run": "a", "step": s} for s in (5, 10, 15)] + [{"event": "step", "run": "b", "step": 5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"event": "st')  # a crash mid-write
+    _trim_metrics(str(path), 10, "a")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:2]
+    _trim_metrics(str(path), 0, None)  # resumed from nothing: starts over
+    assert path.read_text() == ""
