@@ -7,9 +7,9 @@
 Rank 0 logs, writes checkpoints under ``train.checkpoint_dir`` (default <warehouse>/checkpoints/<model>),
 per-step metrics as JSON lines, and at the end the model artifact <warehouse>/models/<model>/model.pt
 that the embed job loads. Under a URI warehouse (s3a://, gs://, abfss://, ...) the model folder is
-written locally and copied there at the end (:mod:`ml.data.files`); checkpoints need a file system
-(atomic renames), so they default to a folder in the driver's temp directory, or
-``train.checkpoint_dir`` names a local or mounted one.
+written in a local folder of this user's on the machine that trains, <tmp>/spark-i2i-<uid>/<warehouse>/,
+and copied to the URI at the end (:mod:`ml.data.files`); checkpoints need a file system (atomic
+renames), so they default to that folder too, or ``train.checkpoint_dir`` names a local or mounted one.
 """
 from __future__ import annotations
 
