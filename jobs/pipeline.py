@@ -149,7 +149,12 @@ def _path_state(path: str) -> object:
     return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
 
 
-def _fingerprint(cfg: Config, stage: str) -> dict:
+def _fingerprint(cfg: Config, stage: str) -> Optional[dict]:
+    """The stage's config keys and the state of its inputs; None under a URI warehouse, where no
+    state is kept (the state files are plain local files: under s3a:// or dbfs:/ they would land in
+    a local folder of that name on the driver, lost in cluster deploy mode), so every stage runs."""
+    if is_uri(cfg.warehouse):
+        return None
     keys, inputs, _ = _stage_io(cfg, stage)
     conf = dataclasses.asdict(cfg)
     picked = {}
@@ -166,7 +171,7 @@ def _state_file(cfg: Config, stage: str) -> str:
 
 
 def _up_to_date(cfg: Config, stage: str) -> bool:
-    if is_uri(cfg.warehouse):  # no state kept there (below): every stage runs
+    if is_uri(cfg.warehouse):  # no state kept there (_fingerprint): every stage runs
         return False
     try:
         saved = json.load(open(_state_file(cfg, stage)))
@@ -177,10 +182,8 @@ def _up_to_date(cfg: Config, stage: str) -> bool:
             and saved.get("outputs") == {o: _state(cfg, o) for o in outputs})
 
 
-def _record(cfg: Config, stage: str, fingerprint: dict) -> None:
-    if is_uri(cfg.warehouse):
-        # The state files are plain local files: under s3a:// or dbfs:/ they would land in a local
-        # folder of that name on the driver (lost in cluster deploy mode). Keep none, skip nothing.
+def _record(cfg: Config, stage: str, fingerprint: Optional[dict]) -> None:
+    if is_uri(cfg.warehouse):  # no state kept there (_fingerprint)
         return
     path = _state_file(cfg, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -235,7 +238,7 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
             # (recent after topk, a baseline's lists after the model's) gave them a new version, which
             # the next run would take for a changed input or output of the stages that were current.
             # They still are: record them as the tables are now, before evaluate can fail.
-            for c, st in current if not is_uri(cfg.warehouse) else ():  # no state under a URI (_record)
+            for c, st in current:
                 _record(c, st, _fingerprint(c, st))
             own = evaluate.default_models(cfg)
             models = own + [m for b in base_cfgs for m in evaluate.default_models(b) if m not in own]
@@ -271,7 +274,7 @@ def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Option
     if stage != "evaluate" and not forced and _up_to_date(cfg, stage):
         log.info("stage %s (%s): inputs, config and outputs unchanged - skipped", stage, cfg.model)
         return None
-    fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" and not is_uri(cfg.warehouse) else None
+    fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
     log.info("stage %s (%s) ...", stage, cfg.model)
     if stage == "train":
         result = train.run(cfg)  # torch, no Spark; launcher from train.launcher
