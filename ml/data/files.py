@@ -66,14 +66,20 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def _arrow_file(path: str) -> tuple[pafs.FileSystem, str]:
+    """:func:`_arrow` for a file that must exist (:class:`MissingInput` otherwise)."""
+    fs, p = _arrow(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        raise MissingInput(path)
+    return fs, p
+
+
 def read_bytes(path: str) -> bytes:
     local = local_path(path)
     if local is not None:
         with open(local, "rb") as f:
             return f.read()
-    fs, p = _arrow(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        raise MissingInput(path)
+    fs, p = _arrow_file(path)
     with fs.open_input_stream(p) as f:
         return f.read()
 
@@ -88,9 +94,7 @@ def copy_to_local(path: str, dest: str) -> None:
     if local is not None:
         shutil.copyfile(local, dest)
         return
-    fs, p = _arrow(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
-        raise MissingInput(path)
+    fs, p = _arrow_file(path)
     pafs.copy_files(p, os.path.abspath(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 

@@ -297,15 +297,13 @@ def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:
 
 def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str = "auto") -> RawSource:
     """Dispatch on ``cfg.format``; ``default_path`` is used for delta/parquet when ``cfg.path`` is unset."""
-    if not cfg.path:
-        return _read_source(spark, cfg, default_path, delta_mode)
     # No os.path check: Spark resolves globs, file:/ and scheme-less paths against the cluster's own
     # default file system (HDFS, DBFS); it says when nothing is there, and so does delta-rs.
     try:
         return _read_source(spark, cfg, default_path, delta_mode)
     except (AnalysisException, io.TableNotFoundError) as e:
-        if isinstance(e, AnalysisException) and "PATH_NOT_FOUND" not in str(e):
-            raise
+        if not cfg.path or (isinstance(e, AnalysisException) and "PATH_NOT_FOUND" not in str(e)):
+            raise  # the generated default table's error names its producing job
         raise MissingInput(f"ingest.path={cfg.path!r}: nothing there (ingest.format={cfg.format}): "
                            f"{str(e).splitlines()[0]}") from e
 

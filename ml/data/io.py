@@ -68,18 +68,15 @@ def has_delta_jars(spark: SparkSession) -> bool:
         return True
     # --packages / --jars / spark.jars add to Spark's context class loader, not the system one that
     # a plain Class.forName searches from a Py4J thread
-    loaders = [lambda: jvm.java.lang.Thread.currentThread().getContextClassLoader(), lambda: None]
-    for loader in loaders:
-        try:
-            found = loader()
-            if found is None:
-                jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
-            else:
-                jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, found)
-            return True
-        except Exception:  # noqa: BLE001 - Py4JJavaError: ClassNotFoundException
-            continue
-    return False
+    try:
+        loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+        if loader is None:  # no context loader: the system one
+            jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        else:  # searches its parents (the system loader) too
+            jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, loader)
+        return True
+    except Exception:  # noqa: BLE001 - Py4JJavaError: ClassNotFoundException
+        return False
 
 
 def use_native(spark: SparkSession, delta_mode: str = "auto") -> bool:

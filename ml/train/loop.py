@@ -455,13 +455,13 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             _check_same_settings(path, state["extra"].get("settings"), settings)  # before anything is applied
             apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
-            if ctx.is_main:  # records after the checkpoint (a crashed run's last steps) are trained again
-                _trim_metrics(metrics_path, step, state["extra"].get("run_id"))
             last_loss = state["extra"].get("last_loss")
             run_id = state["extra"].get("run_id")  # the resumed run's (None: written before run ids)
             last_checkpoint = path
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
             if ctx.is_main:
+                # records after the checkpoint (a crashed run's last steps) are trained again
+                _trim_metrics(metrics_path, step, run_id)
                 restore_rng_state(state["rng"])
                 saved_world = state["extra"].get("world_size", ctx.world_size)
                 if saved_world != ctx.world_size:
