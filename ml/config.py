@@ -337,6 +337,13 @@ class NATMSection:
         # here, so that a bad combination fails when the config is read, not after ingest, graph and
         # samples have run; the model (ml.models.natm.NATMConfig) runs the same checks when it is built
         check_natm_combinations(self)
+        if self.mlm_weight and self.mlm_prob and self.num_neighbors and not self.layers:
+            # The MLP encoder's token states are its inputs: a masked slot's state is the mask token plus
+            # its position and weight bucket, nothing from the other tokens to predict the item from.
+            # (The model turns the term off there; a user who asked for it is told.)
+            raise ConfigError(f"natm.mlm_weight={self.mlm_weight} needs a transformer to predict masked "
+                              "neighbours from their context; natm.layers=0 (the MLP encoder) has none: set "
+                              "natm.mlm_weight=0 or natm.layers >= 1")
 
 
 def check_natm_combinations(s: Any) -> None:

@@ -99,7 +99,9 @@ def test_natm_combinations_the_model_rejects_fail_when_the_config_is_read():
         load_config(ml1m, ["natm.num_neighbors=0"])
     with pytest.raises(ConfigError, match=r"natm.dim=250 must be divisible by natm.heads=4"):
         load_config(None, ["natm.layers=1", "natm.dim=250"])
-    assert load_config(None, ["natm.layers=0", "natm.dim=250"]).natm.dim == 250  # no heads without layers
+    assert load_config(None, ["natm.layers=0", "natm.dim=250", "natm.mlm_weight=0"]).natm.dim == 250  # no heads
+    with pytest.raises(ConfigError, match=r"natm.mlm_weight=0.1 needs a transformer.*natm.layers=0"):
+        load_config(None, ["natm.layers=0"])  # the default MLM term on the MLP encoder
     with pytest.raises(ConfigError, match=r"natm.mlm_prob=1 must be in \[0, 1\)"):
         load_config(None, ["natm.mlm_prob=1"])
 

@@ -40,7 +40,7 @@ class NATMConfig:
     weight_buckets: int = 16  # log2 buckets of the co-occurrence count
     gamma: float = 10.0  # smoothing factor of the NCE relevance exp(gamma * R)
     mlm_prob: float = 0.15  # share of neighbour tokens masked for the item-level MLM loss
-    mlm_weight: float = 0.1  # lambda of the MLM term
+    mlm_weight: float = 0.1  # lambda of the MLM term (off with layers=0: see uses_mlm)
     mlm_negatives: Optional[int] = None  # None: full softmax over items; else sampled softmax size
     separate_encoders: bool = False  # different encoders for trigger and candidate (directed graph)
     trigger_projection: bool = False  # a learned D x D map on the trigger side only (directed R)
@@ -81,6 +81,13 @@ class NATMConfig:
         if self.layers < 0 or self.num_neighbors < 0:
             raise InvalidInput("natm.layers and natm.num_neighbors must be >= 0")
         check_natm_combinations(self)  # the checks the config runs when it is read (a ValueError)
+
+    @property
+    def uses_mlm(self) -> bool:
+        """Whether the MLM term is trained: it needs neighbours to mask and a transformer to predict them
+        from their context (the MLP's token states are its inputs; ``natm.layers=0`` with MLM is refused
+        when the config is read)."""
+        return self.mlm_weight > 0 and self.mlm_prob > 0 and self.num_neighbors > 0 and self.layers > 0
 
 
 def bucketize_weights(weights: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -145,7 +152,7 @@ class Encoder(nn.Module):
         if self.cat_emb is not None and categories is not None:
             x = x + self.cat_emb(categories)
         x = self.drop(self.norm(x))
-        pad = tokens == PAD  # (B, T); the item itself (t=0) is never padding
+        pad = tokens == PAD  # (B, T); the item itself (t=0) is a real item: callers never encode PAD
         if self.transformer is not None:
             h = self.transformer(x, src_key_padding_mask=pad)  # (B, T, D)
             r = h[:, 0]
@@ -222,7 +229,7 @@ class NATM(nn.Module):
         self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
         # Parameters the configured loss never reaches are frozen: DDP (find_unused_parameters off)
         # waits for a gradient of every trainable parameter and fails on the second step without one.
-        if not (cfg.mlm_weight > 0 and cfg.num_neighbors > 0 and cfg.mlm_prob > 0):
+        if not cfg.uses_mlm:
             self.mlm_head.requires_grad_(False)
         if cfg.loss != "nce":
             self.nce_offset.requires_grad_(False)
@@ -320,7 +327,9 @@ class NATM(nn.Module):
         if cand_unit is not None:
             c = cand_unit[(nb - 1).clamp(min=0)]
         else:
-            c = self._encode_unique(nb.reshape(-1), "candidate", unit=True).view(*nb.shape, -1)
+            # Padding slots weigh 0 but must still be finite: encoding PAD itself (a sequence of
+            # padding only) gives NaN on the transformer's inference fast path, and 0 * NaN is NaN.
+            c = self._encode_unique(nb.clamp(min=1).reshape(-1), "candidate", unit=True).view(*nb.shape, -1)
         return F.normalize(u + (self.pointer_weights(items)[..., None] * c).sum(1), dim=-1)
 
     def encode(self, items: torch.Tensor, side: str = "trigger") -> torch.Tensor:
@@ -408,6 +417,9 @@ class NATM(nn.Module):
             return self._no_mlm()
         inp = tokens.clone()
         inp[:, 1:][masked] = self.mask_id
+        if cats is not None:  # a masked token must not show its item's category (part of the label)
+            cats = cats.clone()
+            cats[:, 1:][masked] = 0
         _, h = self.trigger_encoder(inp, buckets, cats)
         states = self.mlm_head(h[:, 1:][masked])  # (M, D)
         targets = tokens[:, 1:][masked]  # (M,)

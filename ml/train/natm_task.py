@@ -45,7 +45,7 @@ class NATMTrainer(nn.Module):
         return self._with_mlm(batch, nce, metrics)
 
     def _with_mlm(self, batch: dict, loss: torch.Tensor, metrics: dict):
-        if self.model.cfg.mlm_weight > 0 and self.model.cfg.num_neighbors > 0:
+        if self.model.cfg.uses_mlm:
             mlm = self.model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
             loss = loss + self.model.cfg.mlm_weight * mlm
             metrics["mlm"] = float(mlm.detach())

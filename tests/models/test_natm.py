@@ -189,7 +189,7 @@ def test_mlm_masks_only_real_neighbours_and_predicts_them():
     orig = model.trigger_encoder.forward
 
     def spy(tokens, buckets, cats):
-        seen["tokens"] = tokens.clone()
+        seen["tokens"], seen["cats"] = tokens.clone(), cats.clone()
         return orig(tokens, buckets, cats)
 
     model.trigger_encoder.forward = spy
@@ -199,6 +199,9 @@ def test_mlm_masks_only_real_neighbours_and_predicts_them():
     assert (tok[:, 0] == torch.tensor([5, 6])).all()  # the item itself is never masked
     assert tok[0, 3] == PAD  # padding stays padding
     assert (tok[:, 1:3] == model.mask_id).all()  # real neighbours were masked (p=0.99)
+    # a masked token shows no category (its item's would give part of the answer away); the item's own stays
+    assert (seen["cats"][:, 1:3] == 0).all()
+    assert torch.equal(seen["cats"][:, 0], table.categories[torch.tensor([5, 6])]) and (seen["cats"][:, 0] > 0).all()
     assert loss.item() > 0
     # full softmax vs sampled softmax give finite losses; sampled ignores accidental hits
     s = torch.randn(4, 8)
@@ -298,8 +301,10 @@ def test_every_trainable_parameter_gets_a_gradient_as_ddp_requires(loss, mlm_wei
     gradient: the MLM head without the MLM term, the NCE offset with a softmax loss, are frozen."""
     from ml.train.natm_task import NATMTrainer
 
-    cfg = NATMConfig(num_items=20, num_neighbors=3, num_categories=3, dim=8, layers=0, dropout=0.0, loss=loss,
-                     mlm_weight=mlm_weight, separate_encoders=True, residual=True, neighbor_pointer=True)
+    mlp = mlm_weight == 0  # the MLM term needs a transformer layer (natm.layers >= 1)
+    cfg = NATMConfig(num_items=20, num_neighbors=3, num_categories=3, dim=8, layers=0 if mlp else 1, heads=2,
+                     dropout=0.0, loss=loss, mlm_weight=mlm_weight, separate_encoders=True, residual=mlp,
+                     neighbor_pointer=True)
     model = NATM(cfg, _toy_table())
     batch = {"trigger": torch.tensor([1, 5, 9]), "positive": torch.tensor([2, 7, 11]),
              "negatives": torch.tensor([[3, 4], [8, 9], [1, 2]]), "q_positive": torch.full((3,), 0.05),
@@ -454,6 +459,43 @@ def test_neighbor_pointer_serves_the_graph_ranking_untrained():
         sims.fill_diagonal_(-2)
         top3 = sims.topk(3, dim=1).indices + 1
     assert torch.equal(top3, model.table.neighbors[items])
+
+
+def test_neighbor_pointer_with_a_transformer_embeds_items_with_short_neighbour_lists():
+    """Items with fewer than N neighbours (padding in their lists) get finite trigger vectors at embed
+    time (eval, no grad): the padding slots were encoded as item 0, a sequence of padding only, which
+    the transformer's inference fast path turns into NaN, and 0 x NaN made the whole vector NaN."""
+    from ml.train.natm_task import embed_items
+
+    torch.manual_seed(0)
+    V, N = 6, 3
+    item, nbr = torch.tensor([1, 1, 2, 2, 2]), torch.tensor([2, 3, 1, 3, 4])
+    table = build_neighbor_table(V, item, nbr, torch.tensor([5.0, 3, 5, 2, 1]), torch.tensor([1, 2, 1, 2, 3]), N, 16)
+    cfg = NATMConfig(num_items=V, num_neighbors=N, dim=8, layers=2, heads=2, separate_encoders=True,
+                     neighbor_pointer=True)
+    model = NATM(cfg, table)
+    trigger, candidate = embed_items(model, torch.arange(1, V + 1))
+    assert torch.isfinite(trigger).all() and torch.isfinite(candidate).all()
+    assert torch.allclose(trigger.norm(dim=-1), torch.ones(V), atol=1e-5)
+    with torch.no_grad():  # the same vectors as the full softmax's path (neighbours gathered from all rows)
+        model.eval()
+        items = torch.arange(1, V + 1)
+        gathered = model._as_trigger(model._trigger_unit(items, model._unit(items, "candidate")))
+    assert torch.allclose(trigger, gathered, atol=1e-5)
+
+
+def test_mlm_needs_a_transformer():
+    """The MLP encoder's token states are its inputs, so a masked slot has no context to be predicted
+    from: the config refuses natm.mlm_weight > 0 with natm.layers=0, and the model leaves the term off."""
+    from ml.config import ConfigError, NATMSection
+
+    with pytest.raises(ConfigError, match=r"natm.mlm_weight=0.1 .*natm.layers=0"):
+        NATMSection(layers=0, mlm_weight=0.1)
+    NATMSection(layers=0, mlm_weight=0.0)  # the MLP without MLM
+    NATMSection(layers=0, num_neighbors=0, mlm_weight=0.1)  # nothing to mask: the term is off anyway
+    assert NATMConfig(num_items=20, num_neighbors=3, layers=1, heads=2).uses_mlm
+    model = NATM(NATMConfig(num_items=20, num_neighbors=3, layers=0, mlm_weight=0.1), _toy_table())
+    assert not model.cfg.uses_mlm and not model.mlm_head[0].weight.requires_grad
 
 
 def test_full_softmax_loss_is_fp32_under_bf16_autocast():
