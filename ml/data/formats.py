@@ -8,6 +8,7 @@ bad-row handling.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -77,19 +78,28 @@ def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: s
 
 def read_csv_lines(spark: SparkSession, path: str, columns: list, sep: str, header: bool,
                    encoding: str = "UTF-8") -> DataFrame:
-    """All-string CSV read; lines with the wrong number of fields land in ``_corrupt_record``."""
+    """All-string CSV read; lines with the wrong number of fields land in ``_corrupt_record``.
+
+    Column pruning is off for this read: with it, Spark parses only the columns the query uses and
+    no longer checks a line's field count, so with an unmapped column (``allow_extra_columns``) a line
+    missing a field was read with its values shifted into the wrong columns, as a good row.
+    """
     schema = StructType([StructField(c, StringType()) for c in columns] + [StructField(_CORRUPT, StringType())])
     return (spark.read.schema(schema)
             .option("header", header).option("sep", sep).option("encoding", encoding)
             .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", _CORRUPT)
+            .option("columnPruning", False)
             .option("enforceSchema", False)
             .csv(path))
 
 
 def _first_line_fields(spark: SparkSession, path: str, sep: str) -> list:
-    first = spark.read.text(path).first()
+    """The first non-blank line's fields, split as a CSV parser does (a quoted field may hold ``sep``)."""
+    first = spark.read.text(path).where(F.trim("value") != "").first()  # Spark's CSV reader skips blank lines
     if first is None:
         raise SourceSchemaError(f"{path}: the file is empty")
+    if len(sep) == 1:
+        return next(csv.reader([first[0]], delimiter=sep))
     return first[0].split(sep)
 
 

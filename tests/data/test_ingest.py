@@ -80,6 +80,26 @@ def test_csv_missing_and_extra_columns_fail_at_once(spark, tmp_path):
                                         columns={"user_id": "user", "item_id": "item"}), "")
 
 
+def test_a_line_missing_a_field_is_malformed_with_an_unmapped_column(spark, tmp_path):
+    # Spark's CSV column pruning parses only the mapped columns and skips the field-count check: the
+    # line "1,1700000000,5" (item missing) was read as item 1700000000 at ts 5, a good action.
+    path = _write(tmp_path, "log.csv", "uid,iid,when,note\n1,10,100,ok\n1,1700000000,5\n2,20,200,a,b,c\n")
+    cfg = IngestConfig(format="csv", path=path, allow_extra_columns=True, ts_unit="s",
+                       columns={"user_id": "uid", "item_id": "iid", "ts": "when"})
+    _, good, bad = _run(spark, cfg)
+    assert [g[:2] for g in good] == [(1, 10)]
+    assert [(r[0], r[3]) for r in bad] == [(I.MALFORMED, "1,1700000000,5"), (I.MALFORMED, "2,20,200,a,b,c")]
+
+
+def test_headerless_csv_first_line_is_split_as_csv(spark, tmp_path):
+    # a quoted field holding the separator is one field, and a leading blank line is skipped (as Spark does)
+    path = _write(tmp_path, "log.csv", '\n1,2,3,"a,b"\n4,5,6,c\n')
+    cfg = IngestConfig(format="csv", path=path, csv_header=False, csv_schema=["u", "i", "t", "note"], ts_unit="s",
+                       allow_extra_columns=True, columns={"user_id": "u", "item_id": "i", "ts": "t"})
+    _, good, bad = _run(spark, cfg)
+    assert [g[:2] for g in good] == [(1, 2), (4, 5)] and bad == []
+
+
 def test_headerless_csv_field_count_mismatch(spark, tmp_path):
     path = _write(tmp_path, "log.csv", "1;2;3;x\n")
     with pytest.raises(SourceSchemaError, match=r"first line has 4 fields.*extra columns at positions \[4\]"):
