@@ -46,11 +46,12 @@ def run(cfg: Config, spark=None) -> dict:
     items = src.items if src.items is not None else items_from_actions(actions)
     io.write_table(spark, items.select(*[F.col(f.name).cast(f.dataType) for f in S.ITEMS_TABLE.fields]),
                    cfg.table_path(S.T_ITEMS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
-    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS]
-    if src.users is not None:
-        io.write_table(spark, src.users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
-                       cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
-        tables.append(S.T_USERS)
+    # Always written, empty when the source has no users: a previous dataset's users table left in
+    # the warehouse would give its features to the new data's users (ids are plain integers).
+    users = src.users if src.users is not None else spark.createDataFrame([], S.USERS_TABLE)
+    io.write_table(spark, users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
+                   cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS]
     stats = actions.agg(F.count("*").alias("n"), F.countDistinct(S.USER_ID).alias("u"),
                         F.countDistinct(S.ITEM_ID).alias("i")).first()
     rejected = {r[S.REASON]: r["count"] for r in io.read_table(

@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
+from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
-from ml.data.sequences import build_sequences
+from ml.data.sequences import split_user_events, user_events
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse, print_tables
 
@@ -24,11 +26,19 @@ def run(cfg: Config, spark=None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
     actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
-    sequences, targets = build_sequences(actions, cfg.sequences)
-    io.write_table(spark, sequences, cfg.table_path(S.T_SEQUENCES), mode="overwrite", delta_mode=mode,
-                   overwrite_schema=True)
-    io.write_table(spark, targets, cfg.table_path(S.T_EVAL_TARGETS), mode="overwrite", delta_mode=mode,
-                   overwrite_schema=True)
+    # Both tables come from one per-user aggregation of every action (the pipeline's largest shuffle):
+    # persisted, the second write reuses it instead of running it again.
+    events = user_events(actions, cfg.sequences).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        if not events.limit(1).count():
+            _no_users(actions, cfg)
+        sequences, targets = split_user_events(events, cfg.sequences)
+        io.write_table(spark, sequences, cfg.table_path(S.T_SEQUENCES), mode="overwrite", delta_mode=mode,
+                       overwrite_schema=True)
+        io.write_table(spark, targets, cfg.table_path(S.T_EVAL_TARGETS), mode="overwrite", delta_mode=mode,
+                       overwrite_schema=True)
+    finally:
+        events.unpersist()
     seq = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
     s = seq.agg(F.count("*").alias("users"), F.sum(S.LENGTH).alias("actions"),
                 F.max(S.LENGTH).alias("max_len"), F.avg(S.LENGTH).alias("avg_len")).first()
@@ -39,6 +49,24 @@ def run(cfg: Config, spark=None) -> dict:
              "avg length %.1f, max %s; %d eval targets", out["users"], out["excluded_users"],
              cfg.sequences.min_length, out["train_actions"], out["avg_length"], out["max_length"], out["users"])
     return out
+
+
+class NoSequencesError(InvalidInput):
+    """No user has enough actions: ``sequences`` would be emptied, so the job stops instead."""
+
+
+def _no_users(actions, cfg: Config) -> None:
+    """Raise :class:`NoSequencesError`, saying which setting removed the users; ``sequences`` and
+    ``eval_targets`` keep their previous versions (an empty overwrite would empty every later table)."""
+    sc = cfg.sequences
+    if sc.behaviors:
+        found = [r[0] for r in actions.select(S.BEHAVIOR).distinct().limit(20).collect()]  # at most 20 values
+        if not actions.where(F.col(S.BEHAVIOR).isin(list(sc.behaviors))).limit(1).count():
+            raise NoSequencesError(f"sequences: no action has a behavior in sequences.behaviors={list(sc.behaviors)}; "
+                                   f"actions has {sorted(map(str, found))}; sequences left at its previous version")
+    raise NoSequencesError(f"sequences: no user has sequences.min_length={sc.min_length} actions"
+                           + (f" (with sequences.holdout={sc.holdout})" if sc.holdout > 1 else "")
+                           + "; sequences left at its previous version")
 
 
 @command

@@ -15,7 +15,7 @@ computed on executors; the q table (one row per training item) is the only broad
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -65,13 +65,15 @@ def noise_distribution(counts: DataFrame, noise: str, alpha: float) -> DataFrame
     return weighted.crossJoin(total).select(S.ITEM_ID, (F.col("w") / F.col("t")).alias("q"))
 
 
-def _noise_arrays(q: DataFrame) -> Tuple[np.ndarray, np.ndarray]:
-    """(ids sorted, cumulative q) for inverse-CDF sampling; one row per training item."""
+def _noise_arrays(q: DataFrame) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids sorted, cumulative q, q as stored) for inverse-CDF sampling; one row per training item."""
     pdf = q.orderBy(S.ITEM_ID).toPandas()  # bounded by the catalogue, not by the action count
+    if pdf.empty:
+        raise InvalidInput("cannot draw negatives: noise_q has no items (the sequences table is empty)")
     ids = pdf[S.ITEM_ID].to_numpy(np.int64)
     cdf = np.cumsum(pdf["q"].to_numpy(np.float64))
     cdf /= cdf[-1]
-    return ids, cdf
+    return ids, cdf, pdf["q"].to_numpy(np.float64)
 
 
 def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
@@ -82,24 +84,29 @@ def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
 
 
 def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, seed: int, salt: str,
-                   exclude_cols: Tuple[str, ...], key_cols: Tuple[str, ...]) -> DataFrame:
-    """Add ``negatives`` (k ids drawn from q, none equal to any of ``exclude_cols``) and ``q_negatives``.
+                   exclude_cols: Tuple[str, ...], key_cols: Tuple[str, ...],
+                   q_of: Optional[Tuple[str, str]] = None) -> DataFrame:
+    """Add ``negatives`` (k ids drawn from q, none equal to any of ``exclude_cols``) and ``q_negatives``;
+    ``q_of=(item column, name)`` also adds that column's q(.) as ``name`` (every row's item must be in q).
 
     2k+4 candidate draws per row (with replacement, as in NCE) come from hashes of ``key_cols``; the
     first k valid ones are kept. A row left short (only in tiny catalogues) is completed by a
     per-row seeded generator, uniformly over the allowed items.
     """
-    ids, cdf = _noise_arrays(q)
+    ids, cdf, stored = _noise_arrays(q)
     if len(ids) <= len(exclude_cols):
         raise InvalidInput(f"cannot draw negatives: only {len(ids)} training items")
     qs = np.diff(np.concatenate([[0.0], cdf]))
     b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, qs))
+    b_stored = spark.sparkContext.broadcast(stored) if q_of else None
     n_draw = 2 * k + 4
     keys = [F.col(c) for c in key_cols]
     staged = rows.withColumn("_u", _uniforms(seed, salt, n_draw, *keys)).withColumn(
         "_rs", F.xxhash64(F.lit(seed), F.lit(salt + "-fallback"), *keys))
-    out_schema = StructType(rows.schema.fields + [StructField(NEGATIVES, ArrayType(LongType(), False), False),
-                                                  StructField(Q_NEGATIVES, ArrayType(DoubleType(), False), False)])
+    looked_up = [StructField(q_of[1], DoubleType(), False)] if q_of else []
+    out_schema = StructType(rows.schema.fields + looked_up + [
+        StructField(NEGATIVES, ArrayType(LongType(), False), False),
+        StructField(Q_NEGATIVES, ArrayType(DoubleType(), False), False)])
     names = rows.columns
 
     def sample(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -126,6 +133,12 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
             negs = list(ids_[sel])
             qn = list(q_[sel])
             res = pdf[names].copy()
+            if q_of:
+                item = pdf[q_of[0]].to_numpy(np.int64)
+                at = np.minimum(np.searchsorted(ids_, item), len(ids_) - 1)
+                if (ids_[at] != item).any():
+                    raise ValueError(f"{q_of[0]} {item[ids_[at] != item][:5].tolist()} not in noise_q")
+                res[q_of[1]] = b_stored.value[at]  # noise_q's own value, as the join gave it
             res[NEGATIVES] = negs
             res[Q_NEGATIVES] = qn
             yield res
@@ -149,11 +162,12 @@ def adjacent_pairs(sequences: DataFrame) -> DataFrame:
 def build_natm_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, cfg: SamplesConfig,
                        seed: int) -> DataFrame:
     """``samples_natm``: adjacent positives, k negatives from q, q recorded for all candidates."""
+    # q(positive) is looked up in the arrays the negatives are drawn from, not joined: a join with a
+    # noise_q too large to broadcast is a sort-merge join, and its output, sorted by positive item,
+    # would reach the training reader (which shuffles within a row group) one item after another.
     pos = adjacent_pairs(sequences)
-    pos = pos.join(q.select(F.col(S.ITEM_ID).alias(POSITIVE_ITEM), F.col("q").alias(Q_POSITIVE)), POSITIVE_ITEM)
-    pos = pos.select(S.USER_ID, POSITION, S.TRIGGER_ITEM, POSITIVE_ITEM, Q_POSITIVE)
     out = draw_negatives(spark, pos, q, cfg.num_negatives, seed, "natm", (S.TRIGGER_ITEM, POSITIVE_ITEM),
-                         (S.USER_ID, POSITION))
+                         (S.USER_ID, POSITION), q_of=(POSITIVE_ITEM, Q_POSITIVE))
     return out.select(*[F.col(f.name) for f in NATM_SAMPLES.fields])
 
 
@@ -169,7 +183,12 @@ def _stratify(pos: DataFrame, cfg: SamplesConfig, seed: int) -> DataFrame:
         limit = F.lit(float(np.median(sizes)) if sizes else 1.0)
     keep = F.least(F.lit(1.0), limit / F.col("_n"))
     u = F.pmod(F.xxhash64(F.lit(seed), F.lit("stratify"), S.USER_ID, S.ITEM_ID, POSITION), F.lit(_MASK)) / float(_MASK)
-    return pos.join(F.broadcast(per_cat), S.CATEGORY_ID, "left").where(F.col("_n").isNull() | (u < keep)).drop("_n")
+    # Items without a category are one group, capped like the others (a plain equi-join never matches
+    # null = null, so they were counted in the cap but never down-sampled).
+    cat = "_cat"
+    sized = F.broadcast(per_cat.withColumnRenamed(S.CATEGORY_ID, cat))
+    return (pos.join(sized, pos[S.CATEGORY_ID].eqNullSafe(sized[cat]), "left").where(u < keep)
+            .drop("_n", cat))
 
 
 def _cap_limit(sizes: list, cap: float) -> float:

@@ -20,6 +20,13 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
     ``min_length`` actions (after ``collapse_repeats``) appear in neither. ``holdout=2`` first drops
     every user's last action (a validation split from training data: tune on it, test on holdout=1).
     """
+    return split_user_events(user_events(actions, cfg), cfg)
+
+
+def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
+    """One row per kept user: ``ev`` (their events in order, as :func:`build_sequences` uses them), ``n``
+    and ``m``. The one shuffle of every action that both of :func:`split_user_events`'s tables come from
+    (a job writing both persists it)."""
     if cfg.behaviors:
         actions = actions.where(F.col(S.BEHAVIOR).isin(list(cfg.behaviors)))
     # sort_array on (ts, item_id) structs: time order with an explicit, stable tie-break.
@@ -38,7 +45,11 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
         events = events.withColumn("ev", F.expr(f"slice(ev, 1, greatest(size(ev) - {cfg.holdout - 1}, 0))"))
     # n: the user's actions up to the target (all of them, also those beyond the bound); m: those in ev
     n = F.size("ev") if cfg.collapse_repeats else F.greatest(F.col("total") - (cfg.holdout - 1), F.lit(0))
-    events = events.withColumn("n", n).withColumn("m", F.size("ev")).where(F.col("n") >= cfg.min_length)
+    return events.withColumn("n", n).withColumn("m", F.size("ev")).where(F.col("n") >= cfg.min_length)
+
+
+def split_user_events(events: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame, DataFrame]:
+    """:func:`user_events` -> ``(sequences, eval_targets)`` (see :func:`build_sequences`)."""
     train = F.slice("ev", 1, F.col("m") - 1)
     if cfg.max_length:
         keep = F.least(F.col("m") - 1, F.lit(cfg.max_length))

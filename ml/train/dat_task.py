@@ -35,6 +35,8 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
     if not fields or not DeltaTable.is_deltatable(users_path):
         return feats[:, :0], ()
     t = read_columns(users_path, ["user_id", "features"]).to_pydict()
+    if not t["user_id"]:  # the source had no users (ingest writes the table empty)
+        return feats[:, :0], ()
     idx = vocab.index(torch.tensor(t["user_id"], dtype=torch.long))
     sizes = []
     for j, f in enumerate(fields):

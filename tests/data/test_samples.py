@@ -49,13 +49,37 @@ def test_natm_negatives_exclusions_q_and_determinism(spark):
     for r in rows:
         assert len(r[NEGATIVES]) == 5 and len(r[Q_NEGATIVES]) == 5
         assert r[POSITIVE_ITEM] not in r[NEGATIVES] and r.trigger_item not in r[NEGATIVES]
-        assert r[Q_POSITIVE] == pytest.approx(qd[r[POSITIVE_ITEM]])
+        assert r[Q_POSITIVE] == qd[r[POSITIVE_ITEM]]  # noise_q's value itself
         assert r[Q_NEGATIVES] == pytest.approx([qd[n] for n in r[NEGATIVES]])
     again = build_natm_samples(spark, seqs, q, cfg, seed=3).collect()
     key = lambda r: (r.user_id, r.position)  # noqa: E731
     assert sorted(rows, key=key) == sorted(again, key=key)
     other = build_natm_samples(spark, seqs, q, cfg, seed=4).collect()
     assert sorted(rows, key=key) != sorted(other, key=key)
+
+
+def test_natm_samples_keep_the_sequences_order_with_a_large_noise_table(spark):
+    # q(positive) came from a join; with noise_q over the broadcast limit (a large catalogue) that is a
+    # sort-merge join, and every output partition came out sorted by positive item, row groups of one
+    # item after another for the training reader. It is looked up with the negatives' arrays now.
+    seqs = _seqs(spark, [(u, [(u * 11 + i * 7) % 50 + 1 for i in range(10)]) for u in range(1, 40)])
+    q = noise_distribution(item_counts(seqs), "unigram", 0.75)
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    try:
+        df = build_natm_samples(spark, seqs, q, SamplesConfig(num_negatives=2), seed=1)
+        positives = [r[POSITIVE_ITEM] for r in df.collect()]
+    finally:
+        spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
+    assert positives != sorted(positives) and len(positives) == adjacent_pairs(seqs).count()
+
+
+def test_no_training_items_is_a_clear_error(spark):
+    from ml.errors import InvalidInput
+
+    seqs = _seqs(spark, [])
+    q = noise_distribution(item_counts(seqs), "unigram", 0.75)
+    with pytest.raises(InvalidInput, match="noise_q has no items"):
+        build_natm_samples(spark, seqs, q, SamplesConfig(), seed=1)
 
 
 def test_negatives_follow_q(spark):
@@ -119,6 +143,19 @@ def test_dat_stratification_caps_the_major_category(spark):
         shares[strategy] = counts[0] / sum(counts.values())
     assert shares["proportional"] == pytest.approx(0.7, abs=0.02)
     assert shares["capped"] == pytest.approx(0.3, abs=0.05) and shares["balanced"] < shares["proportional"]
+
+
+def test_dat_stratification_caps_items_without_a_category_too(spark):
+    # items 1-6 have no category (60% of positives), 7-9 category 1 (30%), 10 category 2 (10%): the
+    # null group counted in the cap but a plain join never matched it, so it was never down-sampled
+    seqs = _seqs(spark, [(u, [(u + i) % 10 + 1 for i in range(30)]) for u in range(1, 60)])
+    items = _items(spark, 10, lambda i: None if i <= 6 else (1 if i <= 9 else 2))
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    cfg = SamplesConfig(stratify="capped", category_cap=0.4, dat_negatives=1, dat_max_positives_per_user=None)
+    counts = {r.category_id: r.positives
+              for r in category_counts(build_dat_samples(spark, seqs, q, items, None, cfg, 2)).collect()}
+    total = sum(counts.values())
+    assert counts[None] / total == pytest.approx(0.4, abs=0.05) and max(counts.values()) / total < 0.45
 
 
 def test_dat_batches_mix_categories(spark):

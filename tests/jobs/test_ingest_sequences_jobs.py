@@ -1,0 +1,54 @@
+"""The ingest and sequences jobs on a reused warehouse: no table of a previous dataset survives into
+the new one, and a run that would empty the training tables stops instead."""
+import pytest
+
+from jobs import ingest, sequences
+from ml import schemas as S
+from ml.config import load_config
+from ml.data import io
+from ml.data.io import table_version
+
+
+def _csv(tmp_path, behavior="pv"):
+    p = tmp_path / "log.csv"
+    rows = [(u, i, t) for u in (1, 2, 3) for t, i in enumerate((u, u + 1, u + 2, u + 3))]
+    p.write_text("user_id,item_id,ts,behavior\n" + "".join(f"{u},{i},{t},{behavior}\n" for u, i, t in rows))
+    return str(p)
+
+
+def test_reingest_from_a_source_without_users_empties_the_users_table(spark, tmp_path):
+    from ml.train.dat_task import load_user_features
+    from ml.train.tables import build_vocab
+
+    sas = tmp_path / "sas"
+    sas.mkdir()
+    (sas / "train.txt").write_text("1 2 3\n2 3 4\n")
+    (sas / "sas_to_original_users.txt").write_text("1 10\n2 20\n")
+    (sas / "users.dat").write_text("10::F::25::3::12345\n20::M::35::7::54321\n")
+    base = [f"warehouse={tmp_path / 'wh'}"]
+    ingest.run(load_config(None, base + ["ingest.format=sasrec", f"ingest.path={sas / 'train.txt'}"]), spark)
+    cfg = load_config(None, base + ["ingest.format=csv", f"ingest.path={_csv(tmp_path)}"])
+    assert io.read_table(spark, cfg.table_path(S.T_USERS)).count() == 2
+    out = ingest.run(cfg, spark)
+    # the csv has no users: the sasrec source's features must not be given to the csv's users 1 and 2
+    assert S.T_USERS in out["tables"] and io.read_table(spark, cfg.table_path(S.T_USERS)).count() == 0
+    import torch
+
+    feats, sizes = load_user_features(cfg.table_path(S.T_USERS), build_vocab(torch.tensor([1, 2, 3]).numpy()),
+                                      ["gender", "age"])
+    assert sizes == () and feats.shape[1] == 0  # as for a source that never had users
+
+
+def test_sequences_job_stops_instead_of_emptying_the_tables(spark, tmp_path):
+    base = [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={_csv(tmp_path)}",
+            "sequences.min_length=3"]
+    ingest.run(load_config(None, base), spark)
+    cfg = load_config(None, base)
+    assert sequences.run(cfg, spark)["users"] == 3
+    before = table_version(cfg.table_path(S.T_SEQUENCES)), table_version(cfg.table_path(S.T_EVAL_TARGETS))
+    with pytest.raises(sequences.NoSequencesError, match=r"sequences.behaviors=\['click'\].*\['pv'\]"):
+        sequences.run(load_config(None, base + ["sequences.behaviors=[click]"]), spark)
+    with pytest.raises(sequences.NoSequencesError, match="sequences.min_length=5"):
+        sequences.run(load_config(None, base + ["sequences.min_length=5"]), spark)
+    after = table_version(cfg.table_path(S.T_SEQUENCES)), table_version(cfg.table_path(S.T_EVAL_TARGETS))
+    assert after == before and io.read_table(spark, cfg.table_path(S.T_SEQUENCES)).count() == 3
