@@ -21,7 +21,7 @@ from ml.config import Config
 from ml.data import io
 from ml.data.session import get_spark, ship_path
 from ml.errors import InvalidInput
-from ml.index.spark_topk import search_partitions
+from ml.index.spark_topk import check_finite, search_partitions
 from ml.index.topk import build_index
 from ml.train.tables import read_columns
 
@@ -42,9 +42,11 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode, k = cfg.io.delta_mode, k or cfg.baseline.k
     # The index needs every candidate vector in one place: read the model's partition (only its
-    # files) with delta-rs.
-    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector", "candidate_vector", "run_id"],
-                     partitions=[(S.MODEL, "=", cfg.model)])
+    # files) with delta-rs, one vector column (n x dim x 4 bytes on the driver, the index as much again).
+    part = [(S.MODEL, "=", cfg.model)]
+    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "candidate_vector", "run_id"], partitions=part)
+    if t.num_rows and t.column("candidate_vector").null_count == t.num_rows:  # one vector per item (symmetric)
+        t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector", "run_id"], partitions=part)
     if t.num_rows == 0:
         raise InvalidInput(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
     run_ids = sorted(set(t.column("run_id").unique().to_pylist()))
@@ -61,10 +63,13 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
         users = users.select(S.USER_ID, "vector")
     order = np.argsort(t.column("item_id").to_numpy())
     ids = t.column("item_id").to_numpy()[order]
-    cand = t.column("candidate_vector")
-    vec_col = cand if cand.null_count == 0 else t.column("vector")
+    vec_col = t.column(t.column_names[1])
+    if vec_col.null_count:
+        raise InvalidInput(f"item_embeddings[{cfg.model}]: {vec_col.null_count:,} items without a "
+                           f"{t.column_names[1]}: rerun jobs.embed for model={cfg.model}")
     vecs = np.asarray(vec_col.combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     vecs = vecs.reshape(t.num_rows, -1)[order]
+    check_finite(vecs, ids, f"item_embeddings[{cfg.model}].{t.column_names[1]}")
     b = cfg.baseline
     index = build_index(vecs, kind=b.index, exact_max=b.exact_max, nlist=b.nlist, nprobe=b.nprobe, seed=cfg.seed)
     index_file, ids_file = ship_path(f"{cfg.model}.faiss"), ship_path(f"{cfg.model}-ids.npy")

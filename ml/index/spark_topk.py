@@ -85,6 +85,16 @@ def load_encoders(path: str) -> dict:
     raise InvalidInput(f"{path}: unknown model artifact kind {kind!r}")
 
 
+def check_finite(vectors: np.ndarray, ids: np.ndarray, what: str) -> None:
+    """Refuse NaN / inf vectors: Faiss returns no neighbours for them, so those items would get no
+    rows (or never be found) without a word. A model that diverged, or a bug, is named instead."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise InvalidInput(f"{what}: {int(bad.sum()):,} of {len(ids):,} vectors are not finite (NaN or inf), "
+                           f"e.g. ids {ids[bad][:5].tolist()}; the model's weights or inputs are broken: "
+                           "retrain (check the training loss) and rerun jobs.embed")
+
+
 def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, side: str = "item"):
     """mapInPandas function.
 
@@ -106,6 +116,7 @@ def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, s
                 continue
             q_ids = pdf["item_id" if side == "item" else "user_id"].to_numpy(np.int64)
             q = np.stack(pdf["vector"].to_numpy()).astype(np.float32)
+            check_finite(q, q_ids, f"{side} query vectors of model {model_name}")
             pos_self = None
             if side == "item":
                 pos_self = np.searchsorted(ids, q_ids)
