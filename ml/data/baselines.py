@@ -22,8 +22,13 @@ def most_popular(counts: DataFrame, n: int) -> DataFrame:
 
 
 def _finish(candidates: DataFrame, k: int, model: str) -> DataFrame:
-    """Rank candidates per item by (priority, score desc, neighbour id); drop self; keep k."""
-    order = Window.partitionBy(S.ITEM_ID).orderBy(F.asc("prio"), F.desc(S.SCORE), F.asc(S.NEIGHBOR_ID))
+    """Rank candidates per item by (priority, score desc, ``order`` asc, neighbour id); drop self; keep k.
+
+    ``order`` is the candidate's rank in its source list (the graph's, whose ties go to the larger
+    count, or the popularity list's), so equal scores keep the order the source gave them.
+    """
+    order = Window.partitionBy(S.ITEM_ID).orderBy(F.asc("prio"), F.desc(S.SCORE), F.asc("order"),
+                                                  F.asc(S.NEIGHBOR_ID))
     ranked = (candidates.where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID))
               .withColumn(S.RANK, F.row_number().over(order)).where(F.col(S.RANK) <= k))
     return ranked.select(F.col(S.ITEM_ID).cast("long"), F.col(S.NEIGHBOR_ID).cast("long"),
@@ -34,7 +39,8 @@ def popularity_topk(catalogue: DataFrame, counts: DataFrame, k: int) -> DataFram
     """Every catalogue item -> the k most popular training items other than itself."""
     top = most_popular(counts, k + 1)
     cands = catalogue.select(S.ITEM_ID).distinct().crossJoin(F.broadcast(top)).select(
-        S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.COUNT).cast("double").alias(S.SCORE), F.lit(0).alias("prio"))
+        S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.COUNT).cast("double").alias(S.SCORE), F.lit(0).alias("prio"),
+        F.col("pop_rank").alias("order"))
     return _finish(cands, k, "pop")
 
 
@@ -47,13 +53,14 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     k = cfg.k
     edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count)
     graph = top_n_neighbours(edges, k).select(S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.WEIGHT).alias(S.SCORE),
-                                              F.lit(0).alias("prio"))
+                                              F.lit(0).alias("prio"), F.col(S.RANK).alias("order"))
     # Fill-in candidates: enough popular items to complete any list after removing self and overlaps.
     short = (catalogue.select(S.ITEM_ID).distinct()
              .join(graph.groupBy(S.ITEM_ID).agg(F.count(F.lit(1)).alias("n")), S.ITEM_ID, "left")
              .where(F.coalesce(F.col("n"), F.lit(0)) < k).select(S.ITEM_ID))
     fill = short.crossJoin(F.broadcast(most_popular(counts, 2 * k + 1))).select(
-        S.ITEM_ID, S.NEIGHBOR_ID, (-F.col("pop_rank")).cast("double").alias(S.SCORE), F.lit(1).alias("prio"))
+        S.ITEM_ID, S.NEIGHBOR_ID, (-F.col("pop_rank")).cast("double").alias(S.SCORE), F.lit(1).alias("prio"),
+        F.col("pop_rank").alias("order"))
     cands = graph.unionByName(fill)
     # an item both in the graph list and in the fill keeps its graph entry
     best = Window.partitionBy(S.ITEM_ID, S.NEIGHBOR_ID).orderBy(F.asc("prio"))

@@ -170,6 +170,22 @@ def test_cooc_baseline_graph_first_then_popularity_fill(spark):
     assert one[0].neighbor_id == 2 and one[0].score == 3.0  # 1 -> 2 three times
 
 
+def test_cooc_baseline_ranks_equal_weights_as_the_graph_does(spark):
+    # with 1/d decay, 9 -> 3 once at distance 1 and 9 -> 8 twice at distance 2 both weigh 1.0: the
+    # graph ranks the larger count first (8, then 3); the cooc list re-ranked its top-k by id (3, 8)
+    from ml.config import GraphConfig
+    from ml.data.graph import build_cooccurrence_graph
+
+    seqs = _seqs(spark, [(1, [9, 3]), (2, [9, 4, 8]), (3, [9, 5, 8])])
+    counts = item_counts(seqs)
+    graph = build_cooccurrence_graph(seqs, GraphConfig(window=2, decay=True, symmetric=False, top_n=2))
+    assert [r.neighbor_id for r in graph.where("item_id = 9").orderBy("rank").collect()] == [8, 3]
+    cfg = BaselineConfig(k=2, window=2, symmetric=False, decay=True)
+    nine = sorted(_contract(cooccurrence_topk(seqs, counts.select(S.ITEM_ID), counts, cfg), 2)[9],
+                  key=lambda r: r.rank)
+    assert [(r.neighbor_id, r.score) for r in nine] == [(8, 1.0), (3, 1.0)]
+
+
 def test_rerun_of_one_model_leaves_the_other(spark, warehouse):
     path = f"{warehouse}/i2i"
     a = _topk(spark, [(1, 2, 1), (1, 3, 2)], "pop")
