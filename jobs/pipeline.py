@@ -315,9 +315,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(res["evaluate"]["paired"])
         print(f"report: {res['evaluate']['report']}")
     print("tables:")
-    print_tables(cfg, ["actions", "actions_rejected", "items", "sequences", "eval_targets", "item_graph",
+    print_tables(cfg, ["actions", "actions_rejected", "items", "users", "sequences", "eval_targets", "item_graph",
                        "item_counts"] + ([] if cfg.model in baseline.BASELINES else
-                                         ["samples_natm", "samples_dat", "item_embeddings"]) + ["i2i_topk"]
+                                         ["samples_natm", "samples_dat", "noise_q", "item_embeddings"])
+                 + ["i2i_topk"]
                 + (["user_embeddings"] if cfg.model in embed.USER_MODELS else [])
                 + (["u2i_topk"] if cfg.model in embed.USER_MODELS or cfg.recent.triggers else []) + ["metrics"]
                 + (["metrics_paired"] if res.get("evaluate", {}).get("paired") else []))

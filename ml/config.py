@@ -9,6 +9,7 @@ import collections.abc
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,14 @@ class SparkConfig:
     def __post_init__(self) -> None:
         _check_positive("spark.shuffle_partitions", self.shuffle_partitions)
         _check_choice("spark.log_level", self.log_level, ["ALL", "DEBUG", "INFO", "WARN", "ERROR", "OFF"])
+        # Spark's own check runs in the JVM it starts, and comes back as a JAVA_GATEWAY_EXITED traceback
+        if self.master is not None and not re.fullmatch(r"local(\[(\*|\d+)(,\s*\d+)?\])?|local-cluster\[.+\]|yarn|"
+                                                        r"(spark|k8s)://.+", self.master):
+            raise ConfigError(f"spark.master={self.master!r} is not a Spark master URL; expected local, local[N], "
+                              "local[*], yarn, spark://host:port or k8s://https://host:port")
+        if "spark.sql.shuffle.partitions" in self.conf:
+            raise ConfigError("spark.conf.spark.sql.shuffle.partitions: set spark.shuffle_partitions instead "
+                              "(one key, not two that could disagree)")
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,9 @@ class IngestConfig:
         _check_choice("ingest.ts_unit", self.ts_unit, ["s", "ms", "string"])
         for k in self.columns:
             _check_choice(f"ingest.columns key {k!r}", k, CANONICAL_FIELDS)
+        if self.columns and self.format in ("ml1m", "sasrec", "taobao"):
+            raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
+                              "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
         if self.format in ("csv", "parquet") and not self.path:
             raise ConfigError(f"ingest.path is required for ingest.format={self.format!r}")
 
@@ -487,6 +499,10 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     fits, expected = _FIELD_TYPES[hint]
     if not fits(value):
         quote = " (quote it in YAML: YAML reads on/off/yes/no as booleans)" if hint is str and isinstance(value, bool) else ""
+        if hint in (list, tuple):  # on the command line a list is written in brackets
+            quote = f", e.g. --set '{key}=[{value if isinstance(value, str) else 'a, b'}]' (YAML: [a, b])"
+        if hint is str and value is None:
+            quote = " (an empty value is no value: give one)"
         raise ConfigError(f"{key}={value!r} must be {expected}{quote}")
     return value
 

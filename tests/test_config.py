@@ -43,12 +43,34 @@ def test_bad_choice_names_key_and_allowed_values():
     ("spark.log_level=OFF", "spark.log_level=False must be a string .quote it"),
     ("natm.dropout=2", r"natm.dropout=2 must be in \[0, 1\)"),
     ("train.lr=nan", "train.lr=nan must be a finite number"),
+    ("eval.compare_to=cooc", r"eval.compare_to='cooc' must be a list, e.g. --set 'eval.compare_to=\[cooc\]'"),
+    ("warehouse=", "warehouse=None must be a string .an empty value is no value"),
+    ("spark.master=banana", "spark.master='banana' is not a Spark master URL; expected local"),
+    ("spark.conf.spark.sql.shuffle.partitions=3", "set spark.shuffle_partitions instead"),
 ])
 def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(override, message):
     # before: some were a TypeError without the key ("graph.: '<=' not supported ..."), others
     # (window=2.5, min_ts=abc, dropout=2) passed and failed in a job after Spark work
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_master_urls_spark_accepts_pass_and_fixed_formats_take_no_column_mapping():
+    for master in ("local", "local[4]", "local[*]", "local[2, 3]", "local-cluster[1,2,1024]", "yarn",
+                   "spark://h:7077", "k8s://https://h:6443"):
+        assert load_config(None, [f"spark.master={master}"]).spark.master == master
+    # the Taobao file has fixed columns: a mapping was silently ignored
+    with pytest.raises(ConfigError, match=r"ingest.format='taobao' has fixed columns"):
+        load_config(None, ["ingest.format=taobao", "ingest.path=x.csv", "ingest.columns.user_id=uid"])
+
+
+def test_cli_log_level_takes_any_case_and_refuses_unknown_levels(capsys):
+    from jobs._cli import parser
+
+    assert parser("x").parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        parser("x").parse_args(["--log-level", "VERBOSE"])
+    assert "invalid choice: 'VERBOSE'" in capsys.readouterr().err
 
 
 def test_number_fields_take_what_a_user_writes_for_numbers():

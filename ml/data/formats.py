@@ -62,10 +62,12 @@ def _raw_select(df: DataFrame, mapping: dict, corrupt_col: Optional[str] = None)
 
 def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: str) -> None:
     missing = [f"{canon}->{src}" for canon, src in mapping.items() if src not in source_cols]
-    for req in ("user_id", "item_id", "ts"):
-        if req not in mapping:
-            raise SourceSchemaError(f"{where}: ingest.columns has no mapping for required field {req!r}; source has "
-                                    f"{source_cols} (map one with --set ingest.columns.{req}=<column>)")
+    unmapped = [req for req in ("user_id", "item_id", "ts") if req not in mapping]
+    if unmapped:
+        what = f"field {unmapped[0]!r}" if len(unmapped) == 1 else f"fields {unmapped}"
+        how = " ".join(f"--set ingest.columns.{req}=<column>" for req in unmapped)
+        raise SourceSchemaError(f"{where}: ingest.columns has no mapping for required {what}; source has "
+                                f"{source_cols} (map {'it' if len(unmapped) == 1 else 'them'} with {how})")
     extra = [c for c in source_cols if c not in mapping.values()]
     if missing or (extra and not allow_extra):
         msg = f"{where}: columns do not match ingest.columns; source has {source_cols}"

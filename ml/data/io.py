@@ -79,11 +79,22 @@ def has_delta_jars(spark: SparkSession) -> bool:
         return False
 
 
+def delta_package() -> str:
+    """The Delta jars' Maven coordinate for this Spark: the version of the delta-spark wheel pip chose
+    beside this pyspark (as ``delta.configure_spark_with_delta_pip`` does; Delta 4.0.x is for Spark 4.0)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+    except PackageNotFoundError:
+        return "io.delta:delta-spark_2.13:<the Delta release for your Spark>"
+
+
 def use_native(spark: SparkSession, delta_mode: str = "auto") -> bool:
     if delta_mode == "native":
         if not has_delta_jars(spark):
             raise ConfigError("io.delta_mode=native but this Spark session has no Delta classes (io.delta.tables."
-                              "DeltaTable); start it with the Delta jars (--packages io.delta:delta-spark_2.13:4.0.0 "
+                              f"DeltaTable); start it with the Delta jars (--packages {delta_package()} "
                               "and the Delta SQL extension, see README) or use io.delta_mode=auto")
         return True
     if delta_mode == "delta-rs":

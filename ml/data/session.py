@@ -65,8 +65,25 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
             builder = builder.config(k, v)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
+    _quiet_loggers(spark)
     log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
     return spark
+
+
+# Spark loggers that print a Java stack trace at WARN for a condition the jobs report in one line
+# (FileStreamSink: every read of a path that does not exist, before PATH_NOT_FOUND is raised).
+QUIET_LOGGERS = ("org.apache.spark.sql.execution.streaming.FileStreamSink",
+                 "org.apache.spark.sql.execution.streaming.sinks.FileStreamSink")
+
+
+def _quiet_loggers(spark: SparkSession) -> None:
+    try:
+        jvm = spark.sparkContext._jvm
+        error = jvm.org.apache.logging.log4j.Level.ERROR
+        for name in QUIET_LOGGERS:
+            jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, error)
+    except Exception as e:  # another logging backend: the trace stays, nothing else changes
+        log.debug("could not quiet Spark's loggers: %s", e)
 
 
 SHIP_PREFIX = "i2i-ship-"

@@ -78,6 +78,11 @@ def test_csv_missing_and_extra_columns_fail_at_once(spark, tmp_path):
     with pytest.raises(SourceSchemaError, match="no mapping for required field 'ts'"):
         read_source(spark, IngestConfig(format="csv", path=path, allow_extra_columns=True,
                                         columns={"user_id": "user", "item_id": "item"}), "")
+    # every unmapped required field at once, not one per rerun
+    with pytest.raises(SourceSchemaError, match=r"required fields \['item_id', 'ts'\].*ingest.columns.item_id="
+                                                r".*ingest.columns.ts="):
+        read_source(spark, IngestConfig(format="csv", path=path, allow_extra_columns=True,
+                                        columns={"user_id": "user"}), "")
 
 
 def test_a_line_missing_a_field_is_malformed_with_an_unmapped_column(spark, tmp_path):

@@ -161,6 +161,16 @@ def test_cli_rejects_bad_config_with_the_key_name(tmp_path):
     assert res.returncode != 0 and "ingest.format='xlsx'" in res.stderr
 
 
+def test_cli_missing_input_is_one_line_without_a_java_trace(tmp_path):
+    gone = tmp_path / "UserBehavior.csv"
+    res = subprocess.run([sys.executable, "-m", "jobs.ingest", "--conf", "conf/taobao.yaml", "--set",
+                          f"ingest.path={gone}", "--set", f"warehouse={tmp_path / 'wh'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and f"error: MissingInput: ingest.path='{gone}': nothing there" in res.stderr
+    # Spark's FileStreamSink logged the FileNotFoundException's stack at WARN before it (~90 lines)
+    assert "FileNotFoundException" not in res.stderr and "\tat " not in res.stderr, res.stderr[-3000:]
+
+
 def test_source_state_is_the_input_and_its_companions_not_its_folder(tmp_path):
     # the warehouse may sit beside the input file: its tables must not make the input look changed
     # (before, the input's whole folder was walked, warehouse included, so no stage was ever skipped)
