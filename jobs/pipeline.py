@@ -319,9 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                        "item_counts"] + ([] if cfg.model in baseline.BASELINES else
                                          ["samples_natm", "samples_dat", "noise_q", "item_embeddings"])
                  + ["i2i_topk"]
-                + (["user_embeddings"] if cfg.model in embed.USER_MODELS else [])
-                + (["u2i_topk"] if cfg.model in embed.USER_MODELS or cfg.recent.triggers else []) + ["metrics"]
-                + (["metrics_paired"] if res.get("evaluate", {}).get("paired") else []))
+                 + (["user_embeddings"] if cfg.model in embed.USER_MODELS else [])
+                 + (["u2i_topk"] if cfg.model in embed.USER_MODELS or cfg.recent.triggers else []) + ["metrics"]
+                 + (["metrics_paired"] if res.get("evaluate", {}).get("paired") else []))
 
 
 if __name__ == "__main__":
