@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction, create_table_with_add_actions
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -41,6 +42,7 @@ from ml.data.delta_files import check_readable, data_files, table_root
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
+COMMIT_ATTEMPTS = 5  # delta-rs commits that met a concurrent commit are retried on the new version
 
 WRITE_MODES = ("append", "overwrite")
 
@@ -337,12 +339,21 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         create_table_with_add_actions(uri, Schema.from_arrow(arrow_schema), adds, mode="error",
                                       partition_by=partition_by or None)
     else:
-        dt = DeltaTable(uri)
-        filters = None
-        if replace_where:
-            filters = [_rs_filter(c, v) for c, v in replace_where.items()]
-        dt.create_write_transaction(adds, mode=mode, schema=arrow_schema,
-                                    partition_by=partition_by or None, partition_filters=filters)
+        filters = [_rs_filter(c, v) for c, v in replace_where.items()] if replace_where else None
+        for attempt in range(COMMIT_ATTEMPTS):
+            # A fresh snapshot each try: another job's commit since this one's (a second model replacing
+            # its own partition of i2i_topk) fails this commit; on the new version it is the same one.
+            dt = DeltaTable(uri)
+            try:
+                dt.create_write_transaction(adds, mode=mode, schema=arrow_schema,
+                                            partition_by=partition_by or None, partition_filters=filters)
+                break
+            except CommitFailedError as e:
+                if attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+                log.warning("commit to %s met a concurrent commit (%s); retrying on the new version",
+                            uri, str(e).splitlines()[0])
+                time.sleep(0.5 * 2 ** attempt)
     version = DeltaTable(uri).version()
     log.info("committed %d files to %s as version %d (%s)", len(adds), uri, version, mode)
     return version

@@ -79,6 +79,27 @@ def test_replace_where_rewrites_one_partition_only(spark, warehouse):
     assert sorted(pa.table(DeltaTable(path).to_pyarrow_table()).column("id").to_pylist()) == [3, 20]
 
 
+def test_a_commit_that_meets_a_concurrent_one_is_retried_on_the_new_version(spark, warehouse, monkeypatch):
+    # two models replacing their own partitions at the same moment: delta-rs fails the later commit
+    # ("a concurrent transaction deleted data this operation read"), and all its Spark work was lost
+    path = f"{warehouse}/cc"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    original, calls = DeltaTable.create_write_transaction, []
+
+    def racing(self, *args, **kwargs):
+        calls.append(self.version())
+        if len(calls) == 1:  # another job commits its partition after this snapshot was taken
+            write_deltalake(path, pa.table({"id": [30], "model": ["dat"], "score": [3.0]}), mode="overwrite",
+                            predicate="model = 'dat'")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", racing)
+    io.replace_model_partition(spark, spark.createDataFrame([(20, "natm", 2.0)], SCHEMA), path, "natm", "delta-rs")
+    assert calls == [0, 1]  # failed on version 0's snapshot, committed on version 1's
+    got = sorted((r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect())
+    assert got == [(20, "natm"), (30, "dat")] and DeltaTable(path).version() == 2
+
+
 def test_replace_where_with_a_list_replaces_those_partitions_in_one_commit(spark, warehouse):
     path = f"{warehouse}/rwl"
     rows = ROWS + [(4, "pop", 0.0)]
