@@ -1,6 +1,7 @@
 """``i2i_topk`` + ``eval_targets`` -> ``metrics`` (Pre@K and MRR over all eval users; per category);
 ``u2i_topk`` too for models that have one (DAT / two-tower, and ``<model>_recent``: HR@K and MRR of the
-user's last item). With ``eval.compare_to`` (or ``--compare-to``), each model is also compared with
+user's last item). Without ``--model``: the config's model, and ``<model>_recent`` when
+``recent.triggers`` > 0 (its lists are scored only then, or when named with ``--model``). With ``eval.compare_to`` (or ``--compare-to``), each model is also compared with
 those baselines user by user into ``metrics_paired`` (difference, 95 % interval, p-value).
 
     python -m jobs.evaluate --conf conf/ml1m_natm.yaml --model pop --model cooc
@@ -168,7 +169,8 @@ def write_evaluation_report(cfg: Config, spark) -> str:
 @command
 def main(argv: Optional[Sequence[str]] = None) -> None:
     def extra(p):
-        p.add_argument("--model", action="append", help="model(s) to evaluate (default: the config's model)")
+        p.add_argument("--model", action="append", help="model(s) to evaluate (default: the config's model, and <model>_recent "
+                                                        "when recent.triggers > 0)")
         p.add_argument("--compare-to", action="append", metavar="BASELINE",
                        help="compare each model with this baseline user by user (default: eval.compare_to)")
 

@@ -48,6 +48,7 @@ def report_executors() -> None:
         return
     n = max(1, spark.sparkContext.defaultParallelism)
     seen = sorted(set(spark.sparkContext.parallelize(range(n), n).mapPartitions(_where).collect()))
+    print(f"driver: {next(_where(None))}")  # in client mode, the submitting machine's environment
     for line in seen:
         print(f"executors: {line}")
 

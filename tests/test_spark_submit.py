@@ -80,6 +80,7 @@ def test_pipeline_runs_through_spark_submit(packed):
     executors = [l for l in res.stdout.splitlines() if l.startswith("executors: ")]
     assert executors and all("environment/bin/python" in l and "spark_i2i.zip/ml" in l for l in executors), executors
     assert not any(str(ROOT / "ml") in l for l in executors)
+    assert any(l.startswith("driver: ") for l in res.stdout.splitlines())  # the driver's own, printed beside
     from deltalake import DeltaTable
 
     topk = DeltaTable(str(wh / "i2i_topk")).to_pyarrow_table()
