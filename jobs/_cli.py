@@ -29,7 +29,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--conf", help="YAML config (conf/*.yaml); defaults apply when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set warehouse=/tmp/wh --set spark.master=local[4]")
-    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARN", "WARNING", "ERROR"],
                    help="the jobs' own log (Spark's is spark.log_level); any case")
     return p
 
