@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 from urllib.parse import quote
 
 from ml.config import Config, ConfigError
@@ -64,7 +64,8 @@ _NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "l
                  "device", "deterministic")
 
 
-def run_settings(cfg: Config, samples_version: Optional[int] = None) -> dict:
+def run_settings(cfg: Config, samples_version: Optional[int] = None,
+                 versions: Optional[Mapping[str, int]] = None) -> dict:
     """What determines a training run: the model's, the samples' and the training config, the seed,
     and the versions of the tables it reads. A checkpoint written with other settings cannot be
     resumed (another config's weights and schedule would be handed back as this one's)."""
@@ -81,6 +82,8 @@ def run_settings(cfg: Config, samples_version: Optional[int] = None) -> dict:
         path = cfg.table_path(table)
         if table.startswith("samples_") and samples_version is not None:
             out[f"{table} version"] = samples_version  # the version the reader pinned
+        elif versions is not None and path in versions:
+            out[f"{table} version"] = versions[path]  # the version training read
         elif DeltaTable.is_deltatable(path):
             out[f"{table} version"] = DeltaTable(path).version()
     return json.loads(json.dumps(out, default=str))  # plain JSON types, as a checkpoint stores them
@@ -90,21 +93,27 @@ def train_worker(cfg: Config, resume: bool) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
     from ml.train.distributed import cleanup, init_distributed
     from ml.train.loop import train
+    from ml.train.tables import agreed_versions, pinned_versions
 
     ctx = init_distributed(cfg.train.device)
     try:
-        if cfg.model == "natm":
-            from ml.train.natm_task import NATMTrainer, build_natm, natm_batches, save_artifact
+        section = "natm" if cfg.model == "natm" else "dat"
+        # the side tables (vocabulary, graph, categories, users) at one version on every rank; the
+        # samples table's version is agreed by its reader
+        side = agreed_versions([cfg.table_path(t) for t in _INPUTS[section] if not t.startswith("samples_")])
+        with pinned_versions(side):
+            if cfg.model == "natm":
+                from ml.train.natm_task import NATMTrainer, build_natm, natm_batches, save_artifact
 
-            model, vocab = build_natm(cfg)
-            make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
-            trainer = NATMTrainer(model, cfg.natm.negatives or cfg.samples.num_negatives)
-        else:
-            from ml.train.dat_task import DATTrainer, build_dat, dat_batches, save_dat_artifact
+                model, vocab = build_natm(cfg)
+                make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
+                trainer = NATMTrainer(model, cfg.natm.negatives or cfg.samples.num_negatives)
+            else:
+                from ml.train.dat_task import DATTrainer, build_dat, dat_batches, save_dat_artifact
 
-            model, users, items = build_dat(cfg)
-            make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size)
-            trainer = DATTrainer(model)
+                model, users, items = build_dat(cfg)
+                make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size)
+                trainer = DATTrainer(model)
         if ds.num_rows() == 0:
             raise InvalidInput(f"{ds.table_path} (version {ds.version}) has no rows: nothing to train "
                                "on (rerun jobs.samples; are sequences and item_graph empty?)")
@@ -133,7 +142,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
                 files.copy_to_local(published, metrics_path)
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
                         metrics_path=metrics_path, steps_per_epoch=steps_per_epoch,
-                        settings=run_settings(cfg, ds.version))
+                        settings=run_settings(cfg, ds.version, side))
             if ctx.is_main:
                 extra = {"samples_version": ds.version, "steps": res["steps"]}
                 if cfg.model == "natm":

@@ -11,8 +11,9 @@ are larger still (README, "Memory at catalogue scale": about 10^7 items is the p
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,12 +25,42 @@ from ml.errors import InvalidInput, MissingInput
 log = logging.getLogger(__name__)
 
 
+_PINNED: Dict[str, int] = {}
+
+
+@contextmanager
+def pinned_versions(versions: Mapping[str, int]):
+    """Within the block, :func:`read_columns` reads each of these tables (by path, as given) at its
+    version: every DDP rank builds its vocabulary and neighbour tables from the same snapshots."""
+    _PINNED.update(versions)
+    try:
+        yield
+    finally:
+        for path in versions:
+            _PINNED.pop(path, None)
+
+
+def agreed_versions(paths: Sequence[str]) -> Dict[str, int]:
+    """The current version of each existing table among ``paths``, as rank 0 sees it, on every rank
+    (a commit landing between two ranks' reads would otherwise give them different vocabularies)."""
+    import torch.distributed as dist
+
+    box: list = [None]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        box[0] = {p: DeltaTable(p).version() for p in paths if DeltaTable.is_deltatable(p)}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def read_columns(path: str, columns: list, version: Optional[int] = None,
                  partitions: Optional[list] = None) -> pa.Table:
-    """The given columns of a Delta snapshot; ``partitions`` (e.g. ``[("model", "=", "natm")]``)
+    """The given columns of a Delta snapshot (``version``, else the one pinned by
+    :func:`pinned_versions`, else the latest); ``partitions`` (e.g. ``[("model", "=", "natm")]``)
     reads only the files of those partitions."""
     if not DeltaTable.is_deltatable(path):
         raise MissingInput(f"no Delta table at {path} (has its producing job run?)")
+    version = _PINNED.get(path) if version is None else version
     dt = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
     return pa.table(dt.to_pyarrow_table(columns=columns, partitions=partitions))
 

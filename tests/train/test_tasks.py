@@ -44,3 +44,22 @@ def test_natm_and_dat_samples_with_ids_outside_the_vocabulary(tmp_path):
     make, _ = dat_batches(cfg, build_vocab([5]), build_vocab([1, 2]), 0, 1)
     with pytest.raises(ValueError, match=r"holds user_ids the vocabulary \(sequences\) does not know, e\.g\. \[6\]"):
         next(iter(make(0)))
+
+
+def test_read_columns_reads_the_pinned_version_of_a_side_table(tmp_path):
+    # every DDP rank builds its vocabulary from the version rank 0 saw, not from whatever is latest
+    # when it gets there (a commit in between gave ranks different item indices)
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from ml.train.tables import agreed_versions, pinned_versions, read_columns
+
+    path = str(tmp_path / "noise_q")
+    write_deltalake(path, pa.table({"item_id": [1, 2], "q": [0.5, 0.5]}))
+    versions = agreed_versions([path, str(tmp_path / "absent")])
+    assert versions == {path: 0}  # tables that do not exist are left out
+    write_deltalake(path, pa.table({"item_id": [7], "q": [1.0]}), mode="overwrite")
+    with pinned_versions(versions):
+        assert read_columns(path, ["item_id"]).column("item_id").to_pylist() == [1, 2]
+        assert read_columns(path, ["item_id"], version=1).column("item_id").to_pylist() == [7]
+    assert read_columns(path, ["item_id"]).column("item_id").to_pylist() == [7]
