@@ -34,18 +34,52 @@ def paired_stats(mean: float, sd: float, n: int, wins: int, losses: int,
     sqrt(n) and the two-sided p-value of z = mean / (sd / sqrt(n)) (the paired t-test at large n;
     for hits close to McNemar's test). For hits (``hits``: d in {-1, 0, 1}) with fewer than
     ``EXACT_BELOW`` disagreeing queries, McNemar's exact test (a two-sided sign test of wins against
-    losses): there the normal approximation gave 1 win, 0 losses p = 0.32 instead of 1. Every d the
+    losses): there the normal approximation gave 1 win, 0 losses p = 0.32 instead of 1; the interval
+    is then the exact one of :func:`exact_hit_interval`, which agrees with that test. Every d the
     same: the sign test. One query: NaN, unbounded."""
     se = sd / math.sqrt(n) if n > 1 else math.inf
     if math.isinf(se):
         p = math.nan
     elif hits and wins + losses < EXACT_BELOW:
-        p = sign_test(wins, losses)
+        # the interval that goes with the exact test: the normal one excluded 0 at 4 wins, 0 losses
+        # (n = 6,040) beside p = 0.125
+        lo, hi = exact_hit_interval(wins, losses, n)
+        return lo, hi, sign_test(wins, losses)
     elif se > 0:
         p = math.erfc(abs(mean / se) / math.sqrt(2))
     else:
         p = sign_test(wins, losses)
     return mean - Z_95 * se, mean + Z_95 * se, p
+
+
+def exact_hit_interval(wins: int, losses: int, n: int, alpha: float = 0.05) -> Tuple[float, float]:
+    """95 % interval of a hit-rate difference (wins - losses) / n from the exact (Clopper-Pearson)
+    interval of the share of wins among the m = wins + losses disagreeing queries, scaled by m / n.
+    It excludes 0 exactly when :func:`sign_test` gives p < ``alpha`` (both are the equal-tailed
+    binomial test at 1/2)."""
+    m = wins + losses
+    if m == 0:
+        return 0.0, 0.0
+
+    def tail_ge(p: float) -> float:  # P(X >= wins), X ~ Bin(m, p)
+        return sum(math.comb(m, i) * p ** i * (1 - p) ** (m - i) for i in range(wins, m + 1))
+
+    def tail_le(p: float) -> float:  # P(X <= wins)
+        return sum(math.comb(m, i) * p ** i * (1 - p) ** (m - i) for i in range(0, wins + 1))
+
+    def solve(f, target: float, increasing: bool) -> float:
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if (f(mid) < target) == increasing:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    p_low = 0.0 if wins == 0 else solve(tail_ge, alpha / 2, increasing=True)
+    p_high = 1.0 if wins == m else solve(tail_le, alpha / 2, increasing=False)
+    return m / n * (2 * p_low - 1), m / n * (2 * p_high - 1)
 
 
 def sign_test(wins: int, losses: int) -> float:

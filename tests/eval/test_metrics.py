@@ -79,8 +79,12 @@ def test_paired_comparison_hand_computed(spark):
         half = 1.959964 * statistics.stdev(d) / math.sqrt(5)
         assert r["value"] == pytest.approx(sum(va) / 5) and r["baseline_value"] == pytest.approx(sum(vb) / 5)
         assert r["diff"] == pytest.approx(sum(d) / 5)
-        assert (r["ci_low"], r["ci_high"]) == pytest.approx((sum(d) / 5 - half, sum(d) / 5 + half))
+        if key[0] == "mrr":  # normal interval of the mean difference
+            assert (r["ci_low"], r["ci_high"]) == pytest.approx((sum(d) / 5 - half, sum(d) / 5 + half))
         assert (r["wins"], r["losses"], r["n_users"]) == (sum(x > 0 for x in d), sum(x < 0 for x in d), 5)
+    # hits with few disagreements: the exact interval that goes with McNemar's exact test. Pre@1: 2 wins,
+    # 2 losses: Clopper-Pearson for 2 of 4 is [0.067586, 0.932414], so (4 / 5) (2 pi - 1) = -+0.69186
+    assert (rows[("pre", 1)]["ci_low"], rows[("pre", 1)]["ci_high"]) == pytest.approx((-0.69186, 0.69186), abs=1e-4)
     # Pre@2: d = 0, 0, 1, -1, 1: 2 wins, 1 loss; McNemar's exact test: p = 2 (1 + 3) / 8 = 1 (the
     # normal approximation of z = mean / (sd / sqrt(n)) said 0.593, flattering the model)
     assert rows[("pre", 2)]["p_value"] == pytest.approx(1.0)
@@ -104,7 +108,9 @@ def test_paired_comparison_hand_computed(spark):
     one = paired_comparison(targets.where("user_id = 3"), a, b, [1], "a", "b")  # one user: no spread
     assert math.isnan(one[0]["p_value"]) and one[0]["ci_low"] == -math.inf and one[0]["diff"] == 1.0
     same = paired_comparison(targets.where("user_id in (3, 5)"), a, b, [2], "a", "b")  # both +1 at Pre@2
-    assert same[0]["p_value"] == pytest.approx(0.5) and same[0]["ci_low"] == same[0]["diff"] == 1.0
+    # two wins, no loss: p = 0.5 and an interval that includes 0 (Clopper-Pearson for 2 of 2: [0.158, 1])
+    assert same[0]["p_value"] == pytest.approx(0.5) and same[0]["ci_high"] == same[0]["diff"] == 1.0
+    assert same[0]["ci_low"] == pytest.approx(2 * math.sqrt(0.025) - 1, abs=1e-6)
     with pytest.raises(ValueError, match="eval_targets is empty"):
         paired_comparison(targets.where("user_id = 0"), a, b, [1], "a", "b")
 
@@ -195,3 +201,17 @@ def test_rerun_of_one_model_leaves_the_other(spark, warehouse):
     io.write_table(spark, _topk(spark, [(1, 9, 1)], "pop"), path, partition_by=[S.MODEL], replace_where={S.MODEL: "pop"})
     got = sorted((r.model, r.neighbor_id) for r in io.read_table(spark, path).collect())
     assert got == [("cooc", 4), ("pop", 9)]
+
+
+@pytest.mark.parametrize("wins,losses", [(4, 0), (5, 0), (6, 0), (7, 1), (10, 2), (20, 9), (3, 3), (0, 0)])
+def test_exact_interval_excludes_zero_exactly_when_the_exact_test_rejects(wins, losses):
+    # with few disagreements the p-value is McNemar's exact test; the normal interval beside it
+    # excluded 0 at 4 wins, 0 losses (p = 0.125)
+    from ml.eval.offline import paired_stats
+
+    n = 6040
+    lo, hi, p = paired_stats((wins - losses) / n, 0.03, n, wins, losses, hits=True)
+    assert lo <= (wins - losses) / n <= hi
+    assert (lo > 0 or hi < 0) == (p < 0.05)
+    if wins + losses:
+        assert -1 <= lo * n / (wins + losses) and hi * n / (wins + losses) <= 1
