@@ -17,6 +17,7 @@ STAGE`` reruns from that stage on, ``--force`` reruns everything; evaluate alway
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import os
 import re
 import time
 from typing import Optional, Sequence
+from urllib.parse import unquote, urlparse
 
 from ml import schemas as S
 from ml.config import Config
@@ -56,7 +58,10 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     learned = m not in baseline.BASELINES
     user_model = m in embed.USER_MODELS  # DAT / two-tower also have the user side
     users, u2i = ([f"{S.T_USER_EMBEDDINGS}[{m}]"], [f"{S.T_U2I_TOPK}[{m}]"]) if user_model else ([], [])
-    train_keys = [f"train.{k}" for k in dataclasses.asdict(cfg.train) if k not in _NOT_SETTINGS]
+    # plus where it trains: batch_size and max_steps are per rank and the reader shards by rank, so
+    # the number of processes changes the model, and the device decides what train.amp=auto means
+    train_keys = [f"train.{k}" for k in dataclasses.asdict(cfg.train) if k not in _NOT_SETTINGS] + [
+        "train.launcher", "train.num_processes", "train.device"]
     section = "natm" if m == "natm" else "dat"
     train_io = (["seed", "model", *train_keys, section] + (["samples.num_negatives"] if m == "natm" else []),
                 list(_INPUTS[section]))  # the tables the training reads
@@ -98,7 +103,12 @@ def _state(cfg: Config, name: str) -> object:
             except Exception:  # noqa: BLE001 - delta-rs cannot reach it (credentials, scheme)
                 pass
             return time.time()  # files this process cannot stat (s3a://, dbfs:/): never taken as unchanged
-        return [(p, _table_state(p) if io.table_exists(p) else _path_state(p)) for p in source_files(cfg.ingest)]
+        states = [(p, _source_state(p)) for p in source_files(cfg.ingest)]
+        if all(st is None for _, st in states) or dict(states).get(cfg.ingest.path, 0) is None:
+            # nothing this process can stat: a path Spark resolves on the cluster's file system (HDFS, a
+            # mount only the executors have); taken as unchanged, new data there was never ingested
+            return time.time()
+        return states
     part = _PARTITION.fullmatch(name)
     if part:
         return _partition_state(cfg.table_path(part[1]), part[2])
@@ -106,6 +116,21 @@ def _state(cfg: Config, name: str) -> object:
     if io.table_exists(path):
         return _table_state(path)
     return _path_state(path)
+
+
+def _source_state(path: str) -> object:
+    """A source path's state: a Delta table's, a file's or folder's, or, for a glob, of every file it
+    matches (``file:`` paths read locally); None when nothing is there."""
+    if path.startswith("file:"):
+        path = unquote(urlparse(path).path)
+    if io.table_exists(path):
+        return _table_state(path)
+    state = _path_state(path)
+    if state is None and glob.has_magic(path):
+        matched = sorted(glob.glob(path))
+        if matched:
+            return hashlib.sha256(json.dumps([(m, _path_state(m)) for m in matched]).encode()).hexdigest()
+    return state
 
 
 def _table_state(path: str) -> list:
@@ -215,11 +240,7 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
     base_cfgs = [dataclasses.replace(cfg, model=b) for b in compared_baselines(cfg)]
     if not base_cfgs:
         stages.remove("baselines")
-    current = []  # (config, stage) of every stage run or found up to date
-    if start_from:
-        # the stages before it are not run; those up to date are recorded again at the end (below)
-        current = [(c, st) for c, st, at in _per_model(cfg, base_cfgs, stages)
-                   if STAGES.index(at) < STAGES.index(start_from) and _up_to_date(c, st)]
+    if start_from:  # the stages before it are not run (their records stay as they are)
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
     results = {}
     skipped = []
@@ -228,38 +249,27 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
         if stage == "baselines":  # each baseline's own topk / recent stages, with their own state
             subs = _baseline_stages(cfg, base_cfgs)
             done = {f"{b.model}.{sub}": _run_stage(b, sub, spark, forced) for b, sub in subs}
-            current += subs
             results[stage] = {k: v for k, v in done.items() if v is not None}
             if not results[stage]:
                 skipped.append(stage)
             continue
         if stage == "evaluate":
-            # Models share i2i_topk and u2i_topk (a partition each): a later stage of this run
-            # (recent after topk, a baseline's lists after the model's) gave them a new version, which
-            # the next run would take for a changed input or output of the stages that were current.
-            # They still are: record them as the tables are now, before evaluate can fail.
-            for c, st in current:
-                _record(c, st, _fingerprint(c, st))
+            # Each stage was recorded with the fingerprint taken before it ran and the outputs it
+            # wrote. Shared tables (i2i_topk, u2i_topk, the embeddings) are tracked per model
+            # partition, so a later stage's write of another partition leaves those records true;
+            # recording them again here, as the tables are at the end, also blessed a concurrent
+            # job's writes (a stage then skipped on data it had never read).
             own = evaluate.default_models(cfg)
             models = own + [m for b in base_cfgs for m in evaluate.default_models(b) if m not in own]
             # the baselines are scored beside the model; their own comparisons (from their pipelines) stay
             results[stage] = _run_stage(cfg, stage, spark, forced, models=models, primary=own)
             continue
         results[stage] = _run_stage(cfg, stage, spark, forced)
-        current.append((cfg, stage))
         if results[stage] is None:
             skipped.append(stage)
             del results[stage]
     results["skipped"] = skipped
     return results
-
-
-def _per_model(cfg: Config, base_cfgs: list, stages: list) -> list:
-    """(config, stage, pipeline stage) of every stage with its own state: the model's stages, and each
-    baseline's topk / recent, which run in the pipeline's baselines stage."""
-    own = [(cfg, s, s) for s in stages if s not in ("baselines", "evaluate")]
-    return own + ([(b, sub, "baselines") for b, sub in _baseline_stages(cfg, base_cfgs)] if "baselines" in stages
-                  else [])
 
 
 def _baseline_stages(cfg: Config, base_cfgs: list) -> list:

@@ -34,7 +34,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
-from pyspark.sql.types import StructType
+from pyspark.sql.types import StringType, StructField, StructType
 
 from ml import schemas as S
 from ml.config import ConfigError
@@ -158,6 +158,13 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
     if not files:
         return spark.createDataFrame([], schema)
     df = spark.read.schema(data_schema).parquet(*[f for f, _ in files])
+    read = df.inputFiles()
+    if len(read) != len(files):
+        # Spark takes ? * [ { in a path as a glob and skips files named _x or .x: rows would be read
+        # from files outside the table, or missing, without a word
+        raise RuntimeError(f"Spark lists {len(read)} files for the {len(files)} data files of {uri}'s log "
+                           "(a path with glob characters, or hidden file names?): read it with delta-rs or the "
+                           "Delta jars")
     if partition_cols:
         df = _attach_partition_values(spark, df, files, schema, partition_cols)
     return df.select(*[f.name for f in schema.fields])
@@ -197,7 +204,9 @@ def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence
         df = df.withColumn("_file", F.regexp_replace(spark_path, _SCHEME_RE, ""))
     else:
         df = df.withColumn("_file", F.col("_metadata.file_path"))
-    parts = spark.createDataFrame(rows, ["_file"] + [f"_p{i}" for i in range(len(partition_cols))])
+    names = ["_file"] + [f"_p{i}" for i in range(len(partition_cols))]
+    # typed: a partition column null in every file left nothing to infer a type from
+    parts = spark.createDataFrame(rows, StructType([StructField(n, StringType()) for n in names]))
     for i, c in enumerate(partition_cols):
         parts = parts.withColumn(c, F.col(f"_p{i}").cast(schema[c].dataType)).drop(f"_p{i}")
     return df.join(F.broadcast(parts), "_file").drop("_file")
@@ -253,15 +262,37 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
         df = df.filter(_predicate_column(replace_where))
     uri = table_uri(path)
     exists = table_exists(path)
-    if exists and not (overwrite_schema and mode == "overwrite" and not replace_where):
-        _check_schema(df.schema, table_schema(path), uri)
-        existing_parts = list(DeltaTable(uri).metadata().partition_columns)
-        if existing_parts != partition_by:
+    if exists:
+        meta = DeltaTable(uri).metadata()
+        if not (overwrite_schema and mode == "overwrite" and not replace_where):
+            _check_schema(df.schema, table_schema(path), uri)
+        existing_parts = list(meta.partition_columns)
+        if existing_parts != partition_by:  # also with overwrite_schema: delta-rs keeps the old partitioning
             raise SchemaMismatchError(
-                f"table {uri} is partitioned by {existing_parts}, the write asks for {partition_by}")
+                f"table {uri} is partitioned by {existing_parts}, the write asks for {partition_by}; "
+                "partitioning cannot change in place: write a new table")
+        if not use_native(spark, delta_mode):
+            _check_enforceable(DeltaTable(uri), uri)
+    if replace_where and not use_native(spark, delta_mode) and any(
+            v is None or (isinstance(v, (list, tuple)) and None in v) for v in replace_where.values()):
+        raise ValueError(f"replace_where={dict(replace_where)!r}: a null partition value needs the Delta jars "
+                         "(io.delta_mode=native); delta-rs commits take no null partition filter")
     if use_native(spark, delta_mode):
         return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
     return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema)
+
+
+def _check_enforceable(dt: DeltaTable, uri: str) -> None:
+    """Refuse a delta-rs commit into a table whose rules it would not enforce: the files are written
+    by Spark as plain Parquet, so CHECK constraints and generated columns would be bypassed."""
+    conf = dt.metadata().configuration
+    constraints = sorted(k for k in conf if k.startswith("delta.constraints."))
+    generated = [f.name for f in dt.schema().fields if "delta.generationExpression" in (f.metadata or {})]
+    if constraints or generated:
+        what = (f"CHECK constraints {constraints}" if constraints else "") + (
+            f"{' and ' if constraints else ''}generated columns {generated}" if generated else "")
+        raise InvalidInput(f"Delta table {uri} has {what}, which a write without the Delta jars would not "
+                           "enforce: write it with the Delta jars (io.delta_mode=native)")
 
 
 def replace_model_partition(spark: SparkSession, df: DataFrame, path: str, model: str,
@@ -333,12 +364,21 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         raise
     arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
     adds = _add_actions(uri, write_id, partition_by)
+    created = False
     if not exists:
         from deltalake import Schema
 
-        create_table_with_add_actions(uri, Schema.from_arrow(arrow_schema), adds, mode="error",
-                                      partition_by=partition_by or None)
-    else:
+        try:
+            create_table_with_add_actions(uri, Schema.from_arrow(arrow_schema), adds, mode="error",
+                                          partition_by=partition_by or None)
+            created = True
+        except Exception as e:  # noqa: BLE001 - delta-rs raises a plain error for an existing table
+            if "already exists" not in str(e):
+                raise
+            # another job created it since this one looked (two models' first runs at once): commit
+            # into it as into any existing table
+            log.warning("%s was created by another job meanwhile; committing into it", uri)
+    if not created:
         filters = [_rs_filter(c, v) for c, v in replace_where.items()] if replace_where else None
         for attempt in range(COMMIT_ATTEMPTS):
             # A fresh snapshot each try: another job's commit since this one's (a second model replacing
@@ -349,8 +389,8 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                                             partition_by=partition_by or None, partition_filters=filters)
                 break
             except CommitFailedError as e:
-                if attempt == COMMIT_ATTEMPTS - 1:
-                    raise
+                if attempt == COMMIT_ATTEMPTS - 1 or "concurrent" not in str(e).lower():
+                    raise  # not a conflict with another commit (an append-only table, say): no retry
                 log.warning("commit to %s met a concurrent commit (%s); retrying on the new version",
                             uri, str(e).splitlines()[0])
                 time.sleep(0.5 * 2 ** attempt)
@@ -404,18 +444,35 @@ def _partition_values(rel_path: str, partition_by: list) -> dict:
     return values
 
 
-_NUMERIC = (pa.types.is_integer, pa.types.is_floating)
+def _stat_value(t: pa.DataType, v: object) -> object:
+    """A Parquet footer min/max as Delta's stats JSON writes it; None for a type it is not kept for."""
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return None if isinstance(v, float) and v != v else v  # NaN: no usable bound
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return v if isinstance(v, str) else None
+    if pa.types.is_date32(t):
+        return v.isoformat() if hasattr(v, "isoformat") else None
+    return None
 
 
 def _file_stats(fs, path: str) -> str:
-    """Delta ``stats`` JSON from the Parquet footer: numRecords, nullCount, numeric min/max."""
+    """Delta ``stats`` JSON from the Parquet footer: numRecords, nullCount, and min/max of numbers,
+    strings and dates, exact (from every row group).
+
+    min/max are written for every top-level column or for none: delta-rs prunes a file whose stats
+    have min/max (even an empty set) without the filtered column, so a filter on a string or a
+    timestamp column returned no rows from tables whose numbers alone had bounds. A column without
+    bounds (a timestamp, which Spark writes as INT96 with no footer statistics, a boolean, a
+    decimal, one that is all null or holds NaN) leaves the file with numRecords and nullCount.
+    """
     md = pq.ParquetFile(fs.open_input_file(path)).metadata
     schema = md.schema.to_arrow_schema()
-    stats = {"numRecords": md.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    stats: dict = {"numRecords": md.num_rows, "nullCount": {}}
+    lows, highs, bounded = {}, {}, True
     for ci in range(md.num_columns):
         col = md.row_group(0).column(ci) if md.num_row_groups else None
         if col is None or "." in col.path_in_schema:
-            continue  # nested leaves: leave to readers; stats are optional in Delta
+            continue  # nested leaves (arrays, maps): no stats; no reader filters on them
         name = col.path_in_schema
         t = schema.field(name).type
         nulls, lo, hi, ok = 0, None, None, True
@@ -425,13 +482,20 @@ def _file_stats(fs, path: str) -> str:
                 ok = False
                 break
             nulls += s.null_count or 0
-            if s.has_min_max and any(p(t) for p in _NUMERIC):
-                lo = s.min if lo is None else min(lo, s.min)
-                hi = s.max if hi is None else max(hi, s.max)
+            a, b = (_stat_value(t, s.min), _stat_value(t, s.max)) if s.has_min_max else (None, None)
+            if a is None or b is None:
+                bounded = False
+                continue
+            lo = a if lo is None else min(lo, a)
+            hi = b if hi is None else max(hi, b)
         if not ok:
+            bounded = False
             continue
         stats["nullCount"][name] = nulls
-        if lo is not None and not (isinstance(lo, float) and (lo != lo or hi != hi)):
-            stats["minValues"][name] = lo
-            stats["maxValues"][name] = hi
+        if lo is None:
+            bounded = False
+        else:
+            lows[name], highs[name] = lo, hi
+    if bounded and lows:
+        stats["minValues"], stats["maxValues"] = lows, highs
     return json.dumps(stats)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 from deltalake import DeltaTable
 
+from ml.data.delta_files import check_readable
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def read_columns(path: str, columns: list, version: Optional[int] = None,
         raise MissingInput(f"no Delta table at {path} (has its producing job run?)")
     version = _PINNED.get(path) if version is None else version
     dt = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
+    check_readable(dt, path)  # column mapping on the older protocol read as all nulls here
     return pa.table(dt.to_pyarrow_table(columns=columns, partitions=partitions))
 
 

@@ -1,4 +1,5 @@
 """Delta tables written here are real Delta tables: delta-rs reads them and we read delta-rs's."""
+import json
 import os
 
 import pyarrow as pa
@@ -261,3 +262,73 @@ def test_delta_classes_added_with_spark_jars_are_found(tmp_path):
             "print('jars', io.has_delta_jars(s), io.use_native(s, 'native')); s.stop()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert "jars True True" in r.stdout, r.stderr[-2000:]
+
+
+def _stats(path):
+    """The stats JSON of the add actions of the table's first commit, as written in the log."""
+    with open(os.path.join(path, "_delta_log", "00000000000000000000.json")) as f:
+        return [json.loads(json.loads(line)["add"]["stats"]) for line in f if '"add"' in line]
+
+
+def test_delta_rs_filters_on_any_column_find_the_rows_of_tables_written_here(spark, warehouse):
+    # min/max were written for numbers only, with a null count for every column: delta-rs prunes a
+    # file whose stats have bounds but not for the filtered column, so a filter on a string or a
+    # date column returned no rows
+    import datetime
+
+    df = spark.createDataFrame([(1, "zeta", datetime.date(2020, 1, 1)), (2, "alpha", datetime.date(2021, 1, 1))],
+                               "id bigint, s string, d date")
+    path = f"{warehouse}/stats"
+    io.write_table(spark, df, path, delta_mode="delta-rs")
+    dt = DeltaTable(path)
+    ids = lambda f: sorted(pa.table(dt.to_pyarrow_table(filters=[f])).column("id").to_pylist())  # noqa: E731
+    assert ids(("s", "=", "zeta")) == [1] and ids(("d", ">=", datetime.date(2020, 6, 1))) == [2]
+    assert ids(("id", "=", 2)) == [2] and ids(("s", "=", "none")) == []  # bounds still skip files
+    stats = [st for st in _stats(path) if st["numRecords"]]
+    assert sorted(st["minValues"]["s"] for st in stats) == ["alpha", "zeta"]
+    assert all(set(st["minValues"]) == set(st["maxValues"]) == {"id", "s", "d"} for st in stats)
+    assert {st["minValues"]["id"]: st["maxValues"]["d"] for st in stats} == {1: "2020-01-01", 2: "2021-01-01"}
+    # a timestamp column (INT96 in Parquet: no footer bounds) leaves the file without bounds, not pruned
+    ts = df.withColumn("t", F.to_timestamp(F.lit("2022-01-01 00:00:00")))
+    io.write_table(spark, ts, f"{warehouse}/stats_ts", delta_mode="delta-rs")
+    dt = DeltaTable(f"{warehouse}/stats_ts")
+    assert sorted(pa.table(dt.to_pyarrow_table(filters=[("s", "=", "zeta")])).column("id").to_pylist()) == [1]
+    stats = [st for st in _stats(f"{warehouse}/stats_ts") if st["numRecords"]]
+    assert all("minValues" not in st and st["nullCount"]["s"] == 0 for st in stats)
+    assert sum(st["numRecords"] for st in stats) == 2
+
+
+def test_tables_whose_rules_a_write_here_would_bypass_are_refused(spark, warehouse):
+    from ml.errors import InvalidInput
+    from ml.train.tables import read_columns
+
+    # column mapping on the older protocol: delta-rs read every value as null here
+    mapped = f"{warehouse}/mapped"
+    write_deltalake(mapped, pa.table({"item_id": pa.array([10, 20], pa.int64())}),
+                    configuration={"delta.columnMapping.mode": "name"})
+    with pytest.raises(NotImplementedError, match="column mapping"):
+        read_columns(mapped, ["item_id"])
+    # a CHECK constraint would not be enforced by Spark's plain Parquet files
+    checked = f"{warehouse}/checked"
+    write_deltalake(checked, pa.table({"id": pa.array([1], pa.int64())}))
+    DeltaTable(checked).alter.add_constraint({"id_positive": "id > 0"})
+    with pytest.raises(InvalidInput, match=r"CHECK constraints \['delta.constraints.id_positive'\]"):
+        io.write_table(spark, spark.createDataFrame([(-7,)], "id bigint"), checked, mode="append", delta_mode="delta-rs")
+    assert DeltaTable(checked).version() == 1  # nothing committed
+    # a change of partitioning, even with overwrite_schema: delta-rs kept the old one and lost the values
+    path = f"{warehouse}/parts"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+    with pytest.raises(io.SchemaMismatchError, match=r"partitioned by \[\], the write asks for \['model'\]"):
+        io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], overwrite_schema=True,
+                       delta_mode="delta-rs")
+    with pytest.raises(ValueError, match="null partition value needs the Delta jars"):
+        io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), f"{warehouse}/rw_null", partition_by=["model"],
+                       replace_where={"model": None}, delta_mode="delta-rs")
+
+
+def test_a_partition_column_null_in_every_file_reads_back(spark, warehouse):
+    path = f"{warehouse}/nullpart"
+    io.write_table(spark, spark.createDataFrame([(1, None, 0.5), (2, None, 1.5)], SCHEMA), path, partition_by=["model"],
+                   delta_mode="delta-rs")
+    got = sorted((r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect())
+    assert got == [(1, None), (2, None)]

@@ -61,6 +61,21 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     assert io.table_version(cfg.table_path(S.T_EVAL_TARGETS)) == 0
     assert "sequences" not in pipeline.run(wider, spark)["skipped"]
 
+    # a write by another job while this run evaluates is not recorded as what the stages read: before,
+    # evaluate recorded every stage again with the tables as they were at the end, and the next run
+    # skipped the graph on sequences it had never read
+    def concurrent(*args, **kwargs):
+        io.write_table(spark, io.read_table(spark, cfg.table_path(S.T_SEQUENCES)), cfg.table_path(S.T_SEQUENCES))
+        return real_evaluate(*args, **kwargs)
+
+    real_evaluate = pipeline.evaluate.run
+    pipeline.evaluate.run = concurrent
+    try:
+        pipeline.run(wider, spark)
+    finally:
+        pipeline.evaluate.run = real_evaluate
+    assert not pipeline._up_to_date(wider, "graph")
+
     before = io.table_version(cfg.table_path(S.T_SEQUENCES))
     pipeline.run(cfg, spark, force=True)  # a forced rerun gives the same tables
     assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == before + 1
@@ -200,6 +215,34 @@ def test_uri_warehouse_and_source_are_never_taken_as_unchanged(tmp_path, monkeyp
     assert pipeline._state(cfg, "@source") != pipeline._state(cfg, "@source")
     pipeline._record(cfg, "graph", {"config": {}, "inputs": {}})
     assert not pipeline._up_to_date(cfg, "graph") and list(tmp_path.iterdir()) == []
+
+
+def test_a_source_this_process_cannot_stat_is_never_taken_as_unchanged(tmp_path):
+    # a glob (or file:/ path, or one only the cluster's file system has) had the state None: new
+    # files never reran ingest
+    import time
+
+    (tmp_path / "a.csv").write_text("user_id,item_id,ts\n1,2,3\n")
+    glob_cfg = load_config(None, ["ingest.format=csv", f"ingest.path={tmp_path}/*.csv"])
+    first = pipeline._state(glob_cfg, "@source")
+    assert first is not None and pipeline._state(glob_cfg, "@source") == first  # stable while unchanged
+    (tmp_path / "b.csv").write_text("user_id,item_id,ts\n4,5,6\n")
+    assert pipeline._state(glob_cfg, "@source") != first
+    file_cfg = load_config(None, ["ingest.format=csv", f"ingest.path=file:{tmp_path}/a.csv"])
+    assert pipeline._state(file_cfg, "@source")[0][1] is not None  # read locally
+    unseen = load_config(None, ["ingest.format=csv", "ingest.path=/user/hive/logs/day.csv"])
+    s1 = pipeline._state(unseen, "@source")
+    time.sleep(0.01)
+    assert s1 is not None and pipeline._state(unseen, "@source") != s1
+
+
+def test_the_number_of_training_processes_is_part_of_the_training_fingerprint(tmp_path):
+    # batch_size and max_steps are per rank: 4 processes train another model than 1
+    one = load_config(None, [f"warehouse={tmp_path}"])
+    four = load_config(None, [f"warehouse={tmp_path}", "train.launcher=distributor", "train.num_processes=4"])
+    assert pipeline._fingerprint(one, "train") != pipeline._fingerprint(four, "train")
+    assert pipeline._fingerprint(one, "train") == pipeline._fingerprint(load_config(None, [f"warehouse={tmp_path}"]),
+                                                                        "train")
 
 
 def test_pipeline_under_a_uri_warehouse_writes_the_model_and_report_through_the_uri(spark, tmp_path, monkeypatch):
