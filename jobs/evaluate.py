@@ -161,7 +161,17 @@ def write_evaluation_report(cfg: Config, spark) -> str:
             groups.setdefault((r[S.MODEL], r[S.BASELINE], r[S.METRIC].startswith("u2i_")), []).append(r)
         paired_text = "\n\n".join(format_paired(g)
                                    for _, g in sorted(groups.items()))
-    return write_report(cfg.table_path("report"), all_rows, list(cfg.eval.ks), format_table(overall, list(cfg.eval.ks)),
+    table_text = format_table(overall, list(cfg.eval.ks))
+    # metrics keeps each model's latest evaluation: a model not scored since the eval targets changed
+    # would sit beside the others on other users
+    n_now = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode).count()
+    stale = sorted({r[S.MODEL] for r in overall if r[S.N_USERS] != n_now})
+    if stale:
+        note = (f"note: {', '.join(stale)} were scored on other eval targets than today's {n_now:,} users "
+                f"(rerun jobs.evaluate --model for them before comparing)")
+        log.warning("report: %s", note)
+        table_text = note + "\n\n" + table_text
+    return write_report(cfg.table_path("report"), all_rows, list(cfg.eval.ks), table_text,
                         curves, names, title=f"spark-i2i evaluation ({cfg.warehouse})", paired=paired,
                         paired_text=paired_text)
 

@@ -215,3 +215,22 @@ def test_exact_interval_excludes_zero_exactly_when_the_exact_test_rejects(wins, 
     assert (lo > 0 or hi < 0) == (p < 0.05)
     if wins + losses:
         assert -1 <= lo * n / (wins + losses) and hi * n / (wins + losses) <= 1
+
+
+def test_report_says_which_models_were_scored_on_other_eval_targets(spark, warehouse):
+    from jobs import evaluate
+    from ml.config import load_config
+
+    cfg = load_config(None, [f"warehouse={warehouse}", "eval.compare_to=[]"])
+    path = cfg.table_path(S.T_I2I_TOPK)
+    for m in ("pop", "cooc"):
+        io.write_table(spark, _topk(spark, [(1, 2, 1), (5, 6, 1)], m), path, partition_by=[S.MODEL],
+                       replace_where={S.MODEL: m})
+    targets = [(1, 1, 2, 0, 1), (2, 5, 7, 0, 1), (3, 5, 6, 0, 1)]
+    io.write_table(spark, spark.createDataFrame(targets, S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    evaluate.run(cfg, spark, ["pop"])
+    io.write_table(spark, spark.createDataFrame(targets[:2], S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    out = evaluate.run(cfg, spark, ["cooc"])  # pop's metrics are still those of the 3 earlier users
+    html = open(out["report"]).read()
+    assert "note: pop were scored on other eval targets than today&#x27;s 2 users" in html
+    assert "cooc were" not in html
