@@ -28,7 +28,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction, create_table_with_add_actions
 from pyspark.sql import DataFrame, SparkSession
@@ -43,6 +43,7 @@ from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 5  # delta-rs commits that met a concurrent commit are retried on the new version
+WRITE_ID_KEY = "spark_i2i.write_id"  # in each delta-rs commit's info: the data folder it committed
 
 WRITE_MODES = ("append", "overwrite")
 
@@ -364,13 +365,16 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         raise
     arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
     adds = _add_actions(uri, write_id, partition_by)
+    # the commit carries its write id, by which its version is found afterwards (another job may have
+    # committed after it, so the table's latest version need not be this one)
+    props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id})
     created = False
     if not exists:
         from deltalake import Schema
 
         try:
             create_table_with_add_actions(uri, Schema.from_arrow(arrow_schema), adds, mode="error",
-                                          partition_by=partition_by or None)
+                                          partition_by=partition_by or None, commit_properties=props)
             created = True
         except Exception as e:  # noqa: BLE001 - delta-rs raises a plain error for an existing table
             if "already exists" not in str(e):
@@ -385,8 +389,8 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
             # its own partition of i2i_topk) fails this commit; on the new version it is the same one.
             dt = DeltaTable(uri)
             try:
-                dt.create_write_transaction(adds, mode=mode, schema=arrow_schema,
-                                            partition_by=partition_by or None, partition_filters=filters)
+                dt.create_write_transaction(adds, mode=mode, schema=arrow_schema, partition_by=partition_by or None,
+                                            partition_filters=filters, commit_properties=props)
                 break
             except CommitFailedError as e:
                 if attempt == COMMIT_ATTEMPTS - 1 or "concurrent" not in str(e).lower():
@@ -394,7 +398,9 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                 log.warning("commit to %s met a concurrent commit (%s); retrying on the new version",
                             uri, str(e).splitlines()[0])
                 time.sleep(0.5 * 2 ** attempt)
-    version = DeltaTable(uri).version()
+    latest = DeltaTable(uri)
+    version = next((int(h["version"]) for h in latest.history(COMMIT_ATTEMPTS + 20)
+                    if h.get(WRITE_ID_KEY) == write_id), latest.version())
     log.info("committed %d files to %s as version %d (%s)", len(adds), uri, version, mode)
     return version
 

@@ -95,10 +95,28 @@ def test_a_commit_that_meets_a_concurrent_one_is_retried_on_the_new_version(spar
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DeltaTable, "create_write_transaction", racing)
-    io.replace_model_partition(spark, spark.createDataFrame([(20, "natm", 2.0)], SCHEMA), path, "natm", "delta-rs")
-    assert calls == [0, 1]  # failed on version 0's snapshot, committed on version 1's
+    version, n = io.replace_model_partition(spark, spark.createDataFrame([(20, "natm", 2.0)], SCHEMA), path, "natm",
+                                            "delta-rs")
+    assert calls == [0, 1] and (version, n) == (2, 1)  # failed on version 0's snapshot, committed on 1's
+    # the version returned is the write's own, not a later job's
+    write_deltalake(path, pa.table({"id": [31], "model": ["dat"], "score": [3.0]}), mode="overwrite",
+                    predicate="model = 'dat'")  # version 3
+    racing_after = []
+
+    def after(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not racing_after:
+            racing_after.append(1)
+            write_deltalake(path, pa.table({"id": [32], "model": ["dat"], "score": [3.0]}), mode="overwrite",
+                            predicate="model = 'dat'")
+        return out
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", after)
+    version, n = io.replace_model_partition(spark, spark.createDataFrame([(21, "natm", 2.0)], SCHEMA), path, "natm",
+                                            "delta-rs")
+    assert (version, n, DeltaTable(path).version()) == (4, 1, 5)
     got = sorted((r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect())
-    assert got == [(20, "natm"), (30, "dat")] and DeltaTable(path).version() == 2
+    assert got == [(21, "natm"), (32, "dat")]
 
 
 def test_replace_where_with_a_list_replaces_those_partitions_in_one_commit(spark, warehouse):
