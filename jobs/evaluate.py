@@ -103,7 +103,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                        delta_mode=mode)
     table = format_table(rows, list(cfg.eval.ks))
     log.info("metrics\n%s", table)
-    report = write_evaluation_report(cfg, spark)
+    report = write_evaluation_report(cfg, spark, rows[0][S.N_USERS])  # every model's rows count every eval user
     log.info("report: %s", report)
     return {"rows": rows, "table": table, "report": report, "paired": "\n\n".join(paired)}
 
@@ -136,8 +136,9 @@ def default_models(cfg: Config) -> List[str]:
     return [cfg.model] + ([model_name(cfg)] if cfg.recent.triggers > 0 else [])
 
 
-def write_evaluation_report(cfg: Config, spark) -> str:
-    """Report over every model in the metrics table (they share the eval targets)."""
+def write_evaluation_report(cfg: Config, spark, n_users: int) -> str:
+    """Report over every model in the metrics table; ``n_users``: today's eval users, which the models
+    scored on others are named beside."""
     import os
 
     from ml.eval.report import read_loss_curve, write_report
@@ -164,10 +165,9 @@ def write_evaluation_report(cfg: Config, spark) -> str:
     table_text = format_table(overall, list(cfg.eval.ks))
     # metrics keeps each model's latest evaluation: a model not scored since the eval targets changed
     # would sit beside the others on other users
-    n_now = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode).count()
-    stale = sorted({r[S.MODEL] for r in overall if r[S.N_USERS] != n_now})
+    stale = sorted({r[S.MODEL] for r in overall if r[S.N_USERS] != n_users})
     if stale:
-        note = (f"note: {', '.join(stale)} were scored on other eval targets than today's {n_now:,} users "
+        note = (f"note: {', '.join(stale)} were scored on other eval targets than today's {n_users:,} users "
                 f"(rerun jobs.evaluate --model for them before comparing)")
         log.warning("report: %s", note)
         table_text = note + "\n\n" + table_text

@@ -59,11 +59,10 @@ def _no_users(actions, cfg: Config) -> None:
     """Raise :class:`NoSequencesError`, saying which setting removed the users; ``sequences`` and
     ``eval_targets`` keep their previous versions (an empty overwrite would empty every later table)."""
     sc = cfg.sequences
-    if sc.behaviors:
+    if sc.behaviors and not actions.where(F.col(S.BEHAVIOR).isin(list(sc.behaviors))).limit(1).count():
         found = [r[0] for r in actions.select(S.BEHAVIOR).distinct().limit(20).collect()]  # at most 20 values
-        if not actions.where(F.col(S.BEHAVIOR).isin(list(sc.behaviors))).limit(1).count():
-            raise NoSequencesError(f"sequences: no action has a behavior in sequences.behaviors={list(sc.behaviors)}; "
-                                   f"actions has {sorted(map(str, found))}; sequences left at its previous version")
+        raise NoSequencesError(f"sequences: no action has a behavior in sequences.behaviors={list(sc.behaviors)}; "
+                               f"actions has {sorted(map(str, found))}; sequences left at its previous version")
     raise NoSequencesError(f"sequences: no user has sequences.min_length={sc.min_length} actions"
                            + (f" (with sequences.holdout={sc.holdout})" if sc.holdout > 1 else "")
                            + "; sequences left at its previous version")

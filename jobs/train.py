@@ -64,14 +64,13 @@ _NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "l
                  "device", "deterministic")
 
 
-def run_settings(cfg: Config, samples_version: Optional[int] = None,
-                 versions: Optional[Mapping[str, int]] = None) -> dict:
+def run_settings(cfg: Config, samples_version: int, versions: Mapping[str, int]) -> dict:
     """What determines a training run: the model's, the samples' and the training config, the seed,
-    and the versions of the tables it reads. A checkpoint written with other settings cannot be
-    resumed (another config's weights and schedule would be handed back as this one's)."""
+    and the versions of the tables it reads (``samples_version``, the one the reader pinned;
+    ``versions``, the side tables' from :func:`ml.train.tables.agreed_versions`, which leaves out
+    those that do not exist). A checkpoint written with other settings cannot be resumed (another
+    config's weights and schedule would be handed back as this one's)."""
     from dataclasses import asdict
-
-    from deltalake import DeltaTable
 
     section = "natm" if cfg.model == "natm" else "dat"
     out: dict = {"model": cfg.model, "seed": cfg.seed}
@@ -79,13 +78,9 @@ def run_settings(cfg: Config, samples_version: Optional[int] = None,
     out.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
     out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items()})
     for table in _INPUTS[section]:
-        path = cfg.table_path(table)
-        if table.startswith("samples_") and samples_version is not None:
-            out[f"{table} version"] = samples_version  # the version the reader pinned
-        elif versions is not None and path in versions:
-            out[f"{table} version"] = versions[path]  # the version training read
-        elif DeltaTable.is_deltatable(path):
-            out[f"{table} version"] = DeltaTable(path).version()
+        version = samples_version if table.startswith("samples_") else versions.get(cfg.table_path(table))
+        if version is not None:
+            out[f"{table} version"] = version
     return json.loads(json.dumps(out, default=str))  # plain JSON types, as a checkpoint stores them
 
 

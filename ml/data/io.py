@@ -131,11 +131,6 @@ def _delta_table(path: str, version: Optional[int]) -> DeltaTable:
         raise TableNotFoundError(f"Delta table {uri} has no readable version {version}: {e}") from e
 
 
-def table_schema(path: str) -> StructType:
-    """Spark schema of the latest version of the table."""
-    return _spark_schema(_delta_table(path, None))
-
-
 def _spark_schema(dt: DeltaTable) -> StructType:
     return from_arrow_schema(pa.schema(dt.schema().to_arrow()), prefer_timestamp_ntz=False)
 
@@ -263,22 +258,23 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
         df = df.filter(_predicate_column(replace_where))
     uri = table_uri(path)
     exists = table_exists(path)
-    if exists:
-        meta = DeltaTable(uri).metadata()
+    dt = DeltaTable(uri) if exists else None
+    if dt is not None:
         if not (overwrite_schema and mode == "overwrite" and not replace_where):
-            _check_schema(df.schema, table_schema(path), uri)
-        existing_parts = list(meta.partition_columns)
+            _check_schema(df.schema, _spark_schema(dt), uri)
+        existing_parts = list(dt.metadata().partition_columns)
         if existing_parts != partition_by:  # also with overwrite_schema: delta-rs keeps the old partitioning
             raise SchemaMismatchError(
                 f"table {uri} is partitioned by {existing_parts}, the write asks for {partition_by}; "
                 "partitioning cannot change in place: write a new table")
-        if not use_native(spark, delta_mode):
-            _check_enforceable(DeltaTable(uri), uri)
-    if replace_where and not use_native(spark, delta_mode) and any(
+    native = use_native(spark, delta_mode)
+    if dt is not None and not native:
+        _check_enforceable(dt, uri)
+    if replace_where and not native and any(
             v is None or (isinstance(v, (list, tuple)) and None in v) for v in replace_where.values()):
         raise ValueError(f"replace_where={dict(replace_where)!r}: a null partition value needs the Delta jars "
                          "(io.delta_mode=native); delta-rs commits take no null partition filter")
-    if use_native(spark, delta_mode):
+    if native:
         return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
     return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema)
 
