@@ -15,6 +15,7 @@ predicate (``replace_where={"model": "natm"}``) and an optional version.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional, Sequence
 from urllib.parse import unquote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -34,7 +36,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
-from pyspark.sql.types import StringType, StructField, StructType
+from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 
 from ml import schemas as S
 from ml.config import ConfigError
@@ -200,6 +202,10 @@ def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence
         df = df.withColumn("_file", F.regexp_replace(spark_path, _SCHEME_RE, ""))
     else:
         df = df.withColumn("_file", F.col("_metadata.file_path"))
+    for i, c in enumerate(partition_cols):
+        if isinstance(schema[c].dataType, TimestampType):  # an instant, whatever the session's zone
+            for r in rows:
+                r[i + 1] = None if r[i + 1] is None else _utc_instant(r[i + 1])
     names = ["_file"] + [f"_p{i}" for i in range(len(partition_cols))]
     # typed: a partition column null in every file left nothing to infer a type from
     parts = spark.createDataFrame(rows, StructType([StructField(n, StringType()) for n in names]))
@@ -356,11 +362,11 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         writer = writer.partitionBy(*partition_by)
     try:
         writer.parquet(staging)
+        adds = _add_actions(uri, write_id, partition_by, _timestamp_zones(df, partition_by))
     except BaseException:
         _remove_dir(staging)  # best effort; uncommitted files are invisible to readers anyway
         raise
     arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
-    adds = _add_actions(uri, write_id, partition_by)
     # the commit carries its write id, by which its version is found afterwards (another job may have
     # committed after it, so the table's latest version need not be this one)
     props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id})
@@ -415,7 +421,64 @@ def _remove_dir(uri: str) -> None:
         log.warning("could not remove uncommitted files under %s", uri)
 
 
-def _add_actions(table: str, write_id: str, partition_by: list) -> list:
+def _timestamp_zones(df: DataFrame, partition_by: list) -> dict:
+    """{partition column: the session's time zone} for the TIMESTAMP partition columns of ``df``:
+    Spark names their directories by the wall-clock time in ``spark.sql.session.timeZone``."""
+    cols = [c for c in partition_by if isinstance(df.schema[c].dataType, TimestampType)]
+    if not cols:
+        return {}
+    zone = session_zone(df.sparkSession.conf.get("spark.sql.session.timeZone"))
+    return {c: zone for c in cols}
+
+
+_OFFSET_RE = re.compile(r"^(?:UTC|GMT|UT)?([+-])(\d{1,2})(?::?(\d{2}))?(?::?(\d{2}))?$")
+
+
+def session_zone(name: str) -> dt.tzinfo:
+    """A ``spark.sql.session.timeZone`` value (a region id or an offset) as a Python time zone."""
+    if name in ("Z", "UTC", "GMT", "UT"):
+        return dt.timezone.utc
+    m = _OFFSET_RE.match(name)
+    if m:
+        sign, h, mi, sec = m.group(1), int(m.group(2)), int(m.group(3) or 0), int(m.group(4) or 0)
+        off = dt.timedelta(hours=h, minutes=mi, seconds=sec)
+        return dt.timezone(-off if sign == "-" else off)
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ConfigError(f"spark.sql.session.timeZone={name!r}: not a time zone Python knows, so the "
+                          "TIMESTAMP partition values cannot be written as UTC; use a region id "
+                          "(Europe/Berlin) or an offset (+01:00)") from e
+
+
+def _utc_instant(value) -> str:
+    """A TIMESTAMP partition value from the log (delta-rs gives an instant; a string without an
+    offset is UTC, as delta-rs reads it) as ISO 8601 in UTC, which Spark's cast reads as the same
+    instant in any session zone (a zone-less string would be read in the session's zone)."""
+    t = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    t = t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def utc_partition_value(wall_clock: str, zone: dt.tzinfo, column: str) -> str:
+    """A TIMESTAMP partition value Spark wrote as wall-clock time in ``zone`` -> the Delta log's
+    unambiguous form, ISO 8601 in UTC (``2020-01-01T12:00:00.000000Z``), which delta-rs and Delta
+    Spark read as the same instant whatever their session's zone (a zone-less value is read as UTC
+    by delta-rs and in the session zone by Spark). A wall-clock time that the zone's clock shows
+    twice (the hour a daylight-saving change repeats) names no single instant: refused."""
+    local = dt.datetime.fromisoformat(wall_clock)
+    if local.tzinfo is None:
+        first, second = local.replace(tzinfo=zone, fold=0), local.replace(tzinfo=zone, fold=1)
+        if first.utcoffset() != second.utcoffset():
+            raise InvalidInput(f"partition column {column!r} has the value {wall_clock}, a time the session zone "
+                               f"{zone} shows twice (a daylight-saving change), so its directory names no single "
+                               "instant: partition by a date or a UTC string column, or set "
+                               "spark.sql.session.timeZone=UTC")
+        local = first
+    return local.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _add_actions(table: str, write_id: str, partition_by: list, zones: Optional[dict] = None) -> list:
     fs, root = _filesystem(f"{table}/{write_id}")
     infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
@@ -426,20 +489,23 @@ def _add_actions(table: str, write_id: str, partition_by: list) -> list:
         rel = write_id + "/" + os.path.relpath(info.path, root).replace(os.sep, "/")
         # The stored name itself: delta-rs percent-encodes it into the log's URI on commit.
         adds.append(AddAction(path=rel, size=info.size,
-                              partition_values=_partition_values(rel, partition_by),
+                              partition_values=_partition_values(rel, partition_by, zones or {}),
                               modification_time=int(info.mtime.timestamp() * 1000), data_change=True,
                               stats=st))
     return adds
 
 
-def _partition_values(rel_path: str, partition_by: list) -> dict:
+def _partition_values(rel_path: str, partition_by: list, zones: dict) -> dict:
+    """{column: the log's string} from Spark's ``col=value`` directories (TIMESTAMP columns, whose
+    directories are wall-clock times in ``zones[col]``, as UTC ISO 8601)."""
     values = {}
     for seg in rel_path.split("/")[:-1]:
         if "=" in seg:
             k, v = seg.split("=", 1)
             if k in partition_by:
                 v = unquote(v)
-                values[k] = None if v == "__HIVE_DEFAULT_PARTITION__" else v
+                v = None if v == "__HIVE_DEFAULT_PARTITION__" else v
+                values[k] = utc_partition_value(v, zones[k], k) if v is not None and k in zones else v
     missing = [c for c in partition_by if c not in values]
     if missing:
         raise RuntimeError(f"file {rel_path} has no directory for partition columns {missing}")

@@ -1,4 +1,5 @@
 """Delta tables written here are real Delta tables: delta-rs reads them and we read delta-rs's."""
+import datetime as dt
 import json
 import os
 
@@ -350,3 +351,48 @@ def test_a_partition_column_null_in_every_file_reads_back(spark, warehouse):
                    delta_mode="delta-rs")
     got = sorted((r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect())
     assert got == [(1, None), (2, None)]
+
+
+@pytest.fixture
+def session_zone(spark):
+    """Set spark.sql.session.timeZone for one test, then back to the suite's."""
+    before = spark.conf.get("spark.sql.session.timeZone")
+    yield lambda zone: spark.conf.set("spark.sql.session.timeZone", zone)
+    spark.conf.set("spark.sql.session.timeZone", before)
+
+
+def test_timestamp_partition_values_are_instants_whatever_the_session_zone(spark, warehouse, session_zone):
+    # Spark names a TIMESTAMP partition's directory by the wall-clock time of the session's zone; the
+    # log must hold the instant (delta-rs reads a zone-less value as UTC: these were 5 hours off)
+    path = f"{warehouse}/ts_part"
+    instants = [dt.datetime(2020, 1, 1, 12, 0, tzinfo=dt.timezone.utc),
+                dt.datetime(2020, 7, 1, 3, 4, 5, 123456, tzinfo=dt.timezone.utc)]
+    session_zone("America/New_York")
+    io.write_table(spark, spark.createDataFrame(list(enumerate(instants)), "id long, ts timestamp"), path,
+                   partition_by=["ts"], delta_mode="delta-rs")
+    got = sorted(pa.table(DeltaTable(path).to_pyarrow_table()).to_pylist(), key=lambda r: r["id"])
+    assert [r["ts"].timestamp() for r in got] == [t.timestamp() for t in instants]
+    for zone in ("Asia/Kolkata", "UTC", "+05:30"):  # read back in other zones: the same instants
+        session_zone(zone)
+        back = io.read_table(spark, path, delta_mode="delta-rs").orderBy("id").select(F.col("ts").cast("double"))
+        assert [r[0] for r in back.collect()] == pytest.approx([t.timestamp() for t in instants], abs=1e-6)
+
+
+def test_a_timestamp_partition_value_the_zone_shows_twice_is_refused(spark, warehouse, session_zone):
+    # 01:30 on 2020-11-01 happened twice in New York: its directory names no single instant
+    session_zone("America/New_York")
+    df = spark.createDataFrame([(1, dt.datetime(2020, 11, 1, 5, 30, tzinfo=dt.timezone.utc))], "id long, ts timestamp")
+    with pytest.raises(io.InvalidInput, match="'ts'.*shows twice"):
+        io.write_table(spark, df, f"{warehouse}/ts_fold", partition_by=["ts"], delta_mode="delta-rs")
+    assert not io.table_exists(f"{warehouse}/ts_fold")
+    assert not os.path.exists(f"{warehouse}/ts_fold") or not any(  # and no uncommitted files left behind
+        f.endswith(".parquet") for _, _, fs in os.walk(f"{warehouse}/ts_fold") for f in fs)
+
+
+def test_session_zone_names_and_offsets():
+    assert io.session_zone("UTC") is dt.timezone.utc
+    assert io.session_zone("+05:30").utcoffset(None) == dt.timedelta(hours=5, minutes=30)
+    assert io.session_zone("GMT-8").utcoffset(None) == dt.timedelta(hours=-8)
+    assert str(io.session_zone("Europe/Berlin")) == "Europe/Berlin"
+    with pytest.raises(io.ConfigError, match="spark.sql.session.timeZone='Mars/Olympus'"):
+        io.session_zone("Mars/Olympus")
