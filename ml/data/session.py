@@ -56,6 +56,9 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         "spark.sql.adaptive.skewJoin.enabled": "true",
         "spark.driver.memory": cfg.driver_memory,
         "spark.sql.parquet.compression.codec": "snappy",
+        # INT96 (Spark's default) reads back through delta-rs as nanoseconds: years outside 1677-2262
+        # overflow there; microseconds are what Delta readers expect
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
         # Without Hadoop's native libs on a laptop, Spark logs a warning per job otherwise.
         "spark.hadoop.parquet.summary.metadata.level": "NONE",
     }

@@ -307,7 +307,8 @@ def test_delta_rs_filters_on_any_column_find_the_rows_of_tables_written_here(spa
     assert sorted(st["minValues"]["s"] for st in stats) == ["alpha", "zeta"]
     assert all(set(st["minValues"]) == set(st["maxValues"]) == {"id", "s", "d"} for st in stats)
     assert {st["minValues"]["id"]: st["maxValues"]["d"] for st in stats} == {1: "2020-01-01", 2: "2021-01-01"}
-    # a timestamp column (INT96 in Parquet: no footer bounds) leaves the file without bounds, not pruned
+    # a timestamp column (its bounds are not written: Delta's are milliseconds, and a max rounded down would
+    # prune the file) leaves the file without bounds, not pruned
     ts = df.withColumn("t", F.to_timestamp(F.lit("2022-01-01 00:00:00")))
     io.write_table(spark, ts, f"{warehouse}/stats_ts", delta_mode="delta-rs")
     dt = DeltaTable(f"{warehouse}/stats_ts")
@@ -396,3 +397,14 @@ def test_session_zone_names_and_offsets():
     assert str(io.session_zone("Europe/Berlin")) == "Europe/Berlin"
     with pytest.raises(io.ConfigError, match="spark.sql.session.timeZone='Mars/Olympus'"):
         io.session_zone("Mars/Olympus")
+
+
+def test_timestamps_far_from_today_read_back_through_delta_rs(spark, warehouse):
+    # Spark's default INT96 came back through delta-rs as nanoseconds, overflowing outside 1677-2262
+    assert spark.conf.get("spark.sql.parquet.outputTimestampType") == "TIMESTAMP_MICROS"
+    far = [dt.datetime(1500, 3, 1, tzinfo=dt.timezone.utc), dt.datetime(2500, 3, 1, 1, 2, 3, tzinfo=dt.timezone.utc)]
+    path = f"{warehouse}/far_ts"
+    io.write_table(spark, spark.createDataFrame(list(enumerate(far)), "id long, ts timestamp"), path,
+                   delta_mode="delta-rs")
+    got = sorted(pa.table(DeltaTable(path).to_pyarrow_table()).to_pylist(), key=lambda r: r["id"])
+    assert [r["ts"] for r in got] == far
