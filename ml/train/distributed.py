@@ -119,12 +119,40 @@ class _Rank0Output:
         self.path = path
 
     def __call__(self, *args: Any) -> Any:
-        out = self.fn(*args)
-        if int(os.environ.get("RANK", "0")) == 0:
+        rank = int(os.environ.get("RANK", "0"))
+        try:
+            out = self.fn(*args)
+        except Exception as e:
+            _keep_error(e, f"{self.path}.error{rank}")
+            raise
+        if rank == 0:
             with open(self.path + ".tmp", "wb") as f:
                 pickle.dump(out, f)
             os.replace(self.path + ".tmp", self.path)
         return out
+
+
+def _keep_error(e: Exception, path: str) -> None:
+    """Pickle a training process's exception to ``path`` for the driver (best effort)."""
+    try:
+        data = pickle.dumps(e)
+        pickle.loads(data)  # an exception whose constructor takes other arguments does not come back
+    except Exception:  # noqa: BLE001 - the driver then reports TorchDistributor's own error
+        return
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def _process_error(path: str) -> Optional[Exception]:
+    """The exception a local-mode training process kept (the lowest rank's), if any."""
+    folder, name = os.path.split(path)
+    kept = sorted((f for f in os.listdir(folder) if f.startswith(name + ".error") and f[len(name) + 6:].isdigit()),
+                  key=lambda f: int(f[len(name) + 6:]))
+    if not kept:
+        return None
+    with open(os.path.join(folder, kept[0]), "rb") as f:
+        return pickle.load(f)
 
 
 def _distributor_gpu(device: str, local: bool) -> bool:
@@ -167,7 +195,20 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
                                        use_gpu=_distributor_gpu(cfg_train.device, local))
         with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
             path = os.path.join(tmp, "rank0_output.pkl")
-            out = distributor.run(_Rank0Output(train_fn, path), *args)
+            try:
+                out = distributor.run(_Rank0Output(train_fn, path), *args)
+            except RuntimeError as e:
+                # TorchDistributor reports any process's failure as its own RuntimeError; in local mode
+                # the process's own exception (a config or input error, say) is raised instead
+                original = _process_error(path)
+                if original is None:
+                    raise
+                raise original from e
+            original = _process_error(path)
+            if original is not None:
+                # pyspark's torchrun wrapper exits 0 whatever torchrun's status, so a failed process
+                # is not reported when another rank wrote its output
+                raise original
             if os.path.exists(path):
                 with open(path, "rb") as f:
                     out = pickle.load(f)

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ml.config import ConfigError, TrainConfig
+from ml.errors import InvalidInput
 from ml.train import checkpoint as checkpoint_module
 from ml.train.checkpoint import (capture_rng_state, checkpoint_name, latest_checkpoint, list_checkpoints,
                                  load_checkpoint, save_checkpoint)
@@ -391,6 +392,30 @@ def test_single_process_context_and_launchers(monkeypatch):
     assert torchrun_command(["-m", "jobs.train", "--conf", "c.yaml"], 2) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "jobs.train", "--conf", "c.yaml"]
+
+
+def _rank_value(base):
+    rank = int(os.environ["RANK"])
+    if base == -2 or (base == -1 and rank == 1):
+        raise InvalidInput(f"rank {rank}: no column 'item_id' in samples_natm")
+    return base + 10 * rank
+
+
+def test_distributor_returns_rank_0s_value_and_raises_a_process_error_as_itself(spark, monkeypatch):
+    # real TorchDistributor (local mode, 2 processes under torchrun): the driver gets rank 0's return
+    # value, and a training process's own error, whether or not TorchDistributor noticed it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    cfg = TrainConfig(launcher="distributor", num_processes=2, device="cpu")
+    assert launch(_rank_value, cfg, 5) == 5
+    # rank 1 fails, rank 0 returns: pyspark's torchrun wrapper exits 0 and TorchDistributor returned
+    # rank 0's value as a success
+    with pytest.raises(InvalidInput, match="rank 1: no column 'item_id'"):
+        launch(_rank_value, cfg, -1)
+    # every rank fails: TorchDistributor's RuntimeError is the cause, the lowest rank's error is raised
+    with pytest.raises(InvalidInput, match="rank 0: no column 'item_id'") as err:
+        launch(_rank_value, cfg, -2)
+    assert isinstance(err.value.__cause__, RuntimeError)
 
 
 def test_lr_schedule_warmup_then_decay():
