@@ -225,8 +225,10 @@ class NATM(nn.Module):
         else:
             self.pointer_bias = self.pointer_rank = self.pointer_bucket = None
         self.mlm_head = nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU(), nn.LayerNorm(cfg.dim))
-        # starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5
-        self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2), requires_grad=cfg.learn_nce_offset)
+        # learned, it starts at gamma/2: the data/noise boundary near R = 0.5 instead of R ~ -0.5; not
+        # learned, it is the paper's formula, c = 0
+        self.nce_offset = nn.Parameter(torch.tensor(cfg.gamma / 2 if cfg.learn_nce_offset else 0.0),
+                                       requires_grad=cfg.learn_nce_offset)
         # Parameters the configured loss never reaches are frozen: DDP (find_unused_parameters off)
         # waits for a gradient of every trainable parameter and fails on the second step without one.
         if not cfg.uses_mlm:
@@ -367,7 +369,8 @@ class NATM(nn.Module):
         else:
             r_all = self._encode_unique(torch.cat([trigger, uniq]), "candidate", unit=True)
             r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], uniq)
-        logits = self.cfg.gamma * (r_t @ r_c.T) - torch.log(q_u.clamp(min=1e-30))[None, :]
+        # the matmul may run in bf16 under autocast; the logits and the softmax in fp32
+        logits = self.cfg.gamma * (r_t @ r_c.T).float() - torch.log(q_u.clamp(min=1e-30))[None, :]
         logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, inv.view(B, -1)[:, 0])
 
@@ -453,7 +456,9 @@ def nce_loss(relevance: torch.Tensor, q: torch.Tensor, k: int, gamma: float,
     with the normaliser c = ``offset`` (0 = the paper's formula).
     Loss = -mean_b [ log p(y=1|s,s+) + Σ_negatives log p(y=0|s,s-) ], computed stably as softplus.
     """
-    z = gamma * relevance - offset - torch.log(k * q.clamp(min=1e-30))  # log-odds of "data" vs "noise"
+    # log-odds of "data" vs "noise", in fp32 (R may come from bf16 matmuls under autocast, and a bf16
+    # gamma*R - c quantised the learned offset's gradient)
+    z = gamma * relevance.float() - offset - torch.log(k * q.float().clamp(min=1e-30))
     pos = F.softplus(-z[:, 0])  # -log sigmoid(z)
     neg = F.softplus(z[:, 1:]).sum(dim=1)  # -log (1 - sigmoid(z))
     return (pos + neg).mean()

@@ -120,3 +120,34 @@ def test_learns_planted_user_item_structure(amm, cal):
         top2 = scores.topk(2, dim=1).indices + 1
     hits = sum(len({u, u + 10} & set(top2[u - 1].tolist())) for u in range(1, 11)) / 20
     assert hits > 0.7
+
+
+def test_query_vectors_are_unit_vectors_too():
+    m = _model()
+    assert torch.allclose(m.user_vectors(torch.tensor([1, 2, 3])).norm(dim=-1), torch.ones(3), atol=1e-6)
+
+
+def test_the_models_mimic_terms_pull_each_augmented_vector_towards_the_other_towers_output():
+    # through DAT.forward, not mimic_losses alone: the difference the lambda_u (lambda_v) term makes to
+    # a_u's (a_v's) gradient is lambda * 2 (a_u - p_v) / n_pos on the positives, 0 on the negatives
+    import dataclasses
+
+    torch.manual_seed(0)
+    m = _model()
+    u, i, y = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]), torch.tensor([1.0, 0.0, 1.0])
+
+    def grads(**lambdas):
+        m.cfg = dataclasses.replace(m.cfg, **lambdas)
+        m.zero_grad()
+        m(u, i, y)[0].backward()
+        return m.a_u.weight.grad.clone(), m.a_v.weight.grad.clone()
+
+    with_u, with_v = grads(lambda_u=0.5, lambda_v=0.25)
+    without_u, without_v = grads(lambda_u=0.0, lambda_v=0.0)
+    with torch.no_grad():
+        p_u, p_v = m.user_vectors(u), m.item_vectors(i)
+    for row, (uu, ii) in enumerate(zip(u.tolist(), i.tolist())):
+        want_u = 0.5 * 2 * (m.a_u.weight[uu] - p_v[row]) / 2 if y[row] else torch.zeros(8)
+        want_v = 0.25 * 2 * (m.a_v.weight[ii] - p_u[row]) / 2 if y[row] else torch.zeros(8)
+        assert torch.allclose(with_u[uu] - without_u[uu], want_u.detach(), atol=1e-5)
+        assert torch.allclose(with_v[ii] - without_v[ii], want_v.detach(), atol=1e-5)

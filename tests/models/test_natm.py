@@ -509,3 +509,40 @@ def test_full_softmax_loss_is_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model.full_softmax_loss(trig, pos)
     assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(exact.item(), rel=2e-2)
+
+
+def test_transformer_ignores_the_padding_of_a_short_neighbour_list():
+    # item 1 has one neighbour, so slots 2 and 3 of its quasi-sequence are padding: what the padding
+    # slots hold (their position embeddings here) must not reach its vector through attention
+    torch.manual_seed(0)
+    items, nbr = torch.tensor([1, 2, 2, 2]), torch.tensor([2, 3, 4, 5])
+    weight, rank = torch.tensor([8.0, 8.0, 4.0, 2.0]), torch.tensor([1, 1, 2, 3])
+    table = build_neighbor_table(20, items, nbr, weight, rank, 3, 16, None)
+    model = NATM(NATMConfig(num_items=20, num_neighbors=3, dim=16, layers=1, heads=2, dropout=0.0), table).eval()
+    with torch.no_grad():
+        before = model.encode(torch.tensor([1, 2]))
+        # slots 2-3: padding for item 1, real for item 2 (not a constant: the LayerNorm would remove it)
+        model.trigger_encoder.pos_emb.weight[2:] += 3.0 * torch.randn(2, 16)
+        after = model.encode(torch.tensor([1, 2]))
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    assert not torch.allclose(before[1], after[1], atol=1e-3)  # the perturbation is large enough to show
+
+
+def test_nce_without_a_learned_offset_is_the_papers_formula():
+    from ml.train.natm_task import NATMTrainer
+
+    torch.manual_seed(0)
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0, loss="nce", learn_nce_offset=False)
+    model = NATM(cfg, _toy_table(cats=False)).eval()
+    batch = {"trigger": torch.tensor([1, 5]), "positive": torch.tensor([2, 7]),
+             "negatives": torch.tensor([[3, 4], [8, 9]]), "q_positive": torch.tensor([0.05, 0.1]),
+             "q_negatives": torch.tensor([[0.02, 0.2], [0.05, 0.01]])}
+    loss, _ = NATMTrainer(model, k=2)(batch)
+    R = model(batch["trigger"], torch.cat([batch["positive"][:, None], batch["negatives"]], 1)).tolist()
+    q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], 1).tolist()
+    g, k, total = cfg.gamma, 2, 0.0
+    for r, qq in zip(R, q):  # p(y=1) = exp(gR) / (exp(gR) + k q), p(y=0) = k q / (exp(gR) + k q)
+        total -= math.log(math.exp(g * r[0]) / (math.exp(g * r[0]) + k * qq[0]))
+        total -= sum(math.log(k * qn / (math.exp(g * rn) + k * qn)) for rn, qn in zip(r[1:], qq[1:]))
+    assert loss.item() == pytest.approx(total / 2, rel=1e-5)
+    assert model.nce_offset.item() == 0.0 and not model.nce_offset.requires_grad
