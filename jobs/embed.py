@@ -54,15 +54,23 @@ def run(cfg: Config, spark=None) -> dict:
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     files.copy_to_local(artifact, shipped)
     spark.sparkContext.addFile(shipped)
+    # The items of the training data only (noise_q: every item of the training sequences). A catalogue
+    # item no training sequence holds is in the model's vocabulary (for its category) but its id
+    # vectors never met a positive: they are their random initial values, and in the index they took
+    # top-K places from trained items. It gets no vector until it has interactions.
     items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)
-    if io.table_exists(cfg.table_path(S.T_ITEMS)):
-        items = items.unionByName(io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.ITEM_ID))
-    items = items.distinct()
     emb = items.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)
-    out = {"items": n, "run_id": run_id, "skipped_items": items.count() - n}
+    out = {"items": n, "run_id": run_id, "skipped_items": items.count() - n, "untrained_items": 0}
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
-    _log_skipped(out["skipped_items"], "items", "noise_q and items", cfg.model)
+    _log_skipped(out["skipped_items"], "items", "noise_q", cfg.model)
+    if io.table_exists(cfg.table_path(S.T_ITEMS)):
+        catalogue = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.ITEM_ID)
+        out["untrained_items"] = catalogue.join(items, S.ITEM_ID, "left_anti").distinct().count()
+        if out["untrained_items"]:
+            log.info("%d items of the catalogue (items) are in no training sequence and get no vector (no "
+                     "list of theirs, in no list): they have nothing a model could have learned them from",
+                     out["untrained_items"])
     if cfg.model in USER_MODELS:
         users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
         uemb = users.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id, side="user"),

@@ -4,22 +4,25 @@
     torchrun --standalone --nproc_per_node=2 -m jobs.train --conf conf/ml1m_natm.yaml --set train.launcher=torchrun
     python -m jobs.train --conf ... --set train.launcher=distributor --set train.num_processes=2
 
-Rank 0 logs, writes checkpoints under ``train.checkpoint_dir`` (default <warehouse>/checkpoints/<model>),
-per-step metrics as JSON lines, and at the end the model artifact <warehouse>/models/<model>/model.pt
-that the embed job loads. Under a URI warehouse (s3a://, gs://, abfss://, ...) the model folder is
-written in a local folder of this user's on the machine that trains, <tmp>/spark-i2i-<uid>/<warehouse>/,
-and copied to the URI at the end (:mod:`ml.data.files`); checkpoints need a file system (atomic
-renames), so they default to that folder too, or ``train.checkpoint_dir`` names a local or mounted one.
+Rank 0 logs, writes checkpoints under ``train.checkpoint_dir`` (default <warehouse>/checkpoints/<model>)
+and next to them per-step metrics as JSON lines, and at the end the model artifact
+<warehouse>/models/<model>/model.pt that the embed job loads, with the metrics and run.json. Under a
+URI warehouse (s3a://, gs://, abfss://, ...) the model folder is written in a local folder of this
+user's on the machine that trains, <tmp>/spark-i2i-<uid>/<warehouse>/, and copied to the URI at the
+end (:mod:`ml.data.files`); checkpoints need a file system (atomic renames), so they default to that
+folder too, or ``train.checkpoint_dir`` names a local or mounted one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 from urllib.parse import quote
 
 from ml.config import Config, ConfigError
@@ -30,6 +33,7 @@ from jobs._cli import command, parse
 
 log = logging.getLogger("jobs.train")
 TRAINABLE = ("natm", "dat", "two_tower")
+METRICS = "train_metrics.jsonl"
 
 
 def model_dir(cfg: Config) -> str:
@@ -84,6 +88,31 @@ def run_settings(cfg: Config, samples_version: int, versions: Mapping[str, int])
     return json.loads(json.dumps(out, default=str))  # plain JSON types, as a checkpoint stores them
 
 
+def publish(mdir: str, save_model: Callable[[str], None], metrics_path: str, run: dict) -> None:
+    """Put a finished run's ``model.pt``, metrics and ``run.json`` into the model folder ``mdir``.
+
+    Each is written in full next to its final name, then all three are renamed over the previous
+    run's, back to back: a job killed while writing leaves that run's files whole (before,
+    ``run.json`` was written in place, and a truncated one failed ``jobs.embed``, which tags the
+    embeddings with its ``finished_at``; and it was written only after the model, so a kill in
+    between tagged the new weights with the old run's id)."""
+    model, metrics, run_json = (os.path.join(mdir, name) for name in ("model.pt", METRICS, "run.json"))
+    staged = [model, *([metrics] if os.path.exists(metrics_path) else []), run_json]  # run.json renamed last
+    try:
+        save_model(model + ".new")
+        if metrics in staged:
+            shutil.copyfile(metrics_path, metrics + ".new")
+        with open(run_json + ".new", "w") as f:
+            json.dump(run, f, indent=1)
+    except BaseException:
+        for final in staged:
+            if os.path.exists(final + ".new"):
+                os.remove(final + ".new")
+        raise
+    for final in staged:
+        os.replace(final + ".new", final)
+
+
 def train_worker(cfg: Config, resume: bool) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
     from ml.train.distributed import cleanup, init_distributed
@@ -125,29 +154,31 @@ def train_worker(cfg: Config, resume: bool) -> dict:
             if ctx.is_main:
                 log.info("model files go to %s at the end (written in %s first); checkpoints to %s on this "
                          "machine", model_dir(cfg), _local_state(cfg), ckpt_dir)
-        # rank 0 writes the model folder (under a URI: in this machine's folder for it, kept across
-        # runs so that a resumed run appends to its metrics, and copied to the URI when training is done)
+        # rank 0 writes the model folder (under a URI: in this machine's folder for it, copied to the
+        # URI when training is done)
         staging = os.path.join(_local_state(cfg), "models", cfg.model) if remote else None
         with files.staged_dir(model_dir(cfg), upload=ctx.is_main, local_dir=staging) as mdir:
-            metrics_path = os.path.join(mdir, "train_metrics.jsonl")
-            published = os.path.join(model_dir(cfg), "train_metrics.jsonl")
-            if resume and remote and ctx.is_main and not os.path.exists(metrics_path) and files.exists(published):
-                # resumed on another machine (a shared train.checkpoint_dir): start from the published
-                # file; training keeps the resumed run's records up to its checkpoint
+            # the metrics of the run in progress live with its checkpoints, and reach the model folder
+            # with its model: a killed run leaves the previous run's folder as it was
+            metrics_path = os.path.join(ckpt_dir, METRICS)
+            published = os.path.join(model_dir(cfg), METRICS)
+            if resume and ctx.is_main and not os.path.exists(metrics_path) and files.exists(published):
+                # resumed on another machine (a shared train.checkpoint_dir) or from a checkpoint of a
+                # version that kept them in the model folder: start from the published file; training
+                # keeps the resumed run's records up to its checkpoint
+                os.makedirs(ckpt_dir, exist_ok=True)
                 files.copy_to_local(published, metrics_path)
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
                         metrics_path=metrics_path, steps_per_epoch=steps_per_epoch,
                         settings=run_settings(cfg, ds.version, side))
             if ctx.is_main:
                 extra = {"samples_version": ds.version, "steps": res["steps"]}
-                if cfg.model == "natm":
-                    save_artifact(os.path.join(mdir, "model.pt"), model, vocab, extra=extra)
-                else:
-                    save_dat_artifact(os.path.join(mdir, "model.pt"), model, users, items, extra=extra)
-                with open(os.path.join(mdir, "run.json"), "w") as f:
-                    json.dump({"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
-                               "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},
-                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+                save = (functools.partial(save_artifact, model=model, vocab=vocab, extra=extra) if cfg.model == "natm"
+                        else functools.partial(save_dat_artifact, model=model, users=users, items=items, extra=extra))
+                publish(mdir, save, metrics_path,
+                        {"model": cfg.model, "samples_version": ds.version, "world_size": ctx.world_size,
+                         "device": str(ctx.device), **{k: v for k, v in res.items() if k != "checkpoint"},
+                         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         if ctx.distributed:  # the others wait for rank 0's artifact: a rank leaving the group
             import torch.distributed as dist  # while rank 0 still writes could abort the process
 

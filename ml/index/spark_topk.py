@@ -27,7 +27,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
 
     side="item": (item_id) rows -> (item_id, model, vector, candidate_vector, run_id);
     side="user" (DAT / two-tower): (user_id) rows -> (user_id, model, vector, run_id), the query tower.
-    Ids the model never saw in training are skipped (their count is the input minus the output).
+    Ids not in the model's vocabulary are skipped (their count is the input minus the output).
     """
     key = "item_id" if side == "item" else "user_id"
 

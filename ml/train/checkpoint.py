@@ -64,10 +64,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`; a saved CUDA state goes to the current CUDA device."""
+    """Inverse of :func:`capture_rng_state`; a saved CUDA state goes to the current CUDA device.
+
+    Every tensor is brought to the CPU first: a checkpoint read with ``map_location`` set to a GPU
+    holds the states on it, where ``.numpy()`` raises."""
     random.setstate(_as_tuple(state["python"]))
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+    np.random.set_state((npst["kind"], npst["keys"].cpu().numpy().astype(np.uint32), npst["pos"],
                          npst["has_gauss"], npst["cached_gaussian"]))
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda")

@@ -15,7 +15,7 @@ a resumed run loads the newest one and skips that many batches of that epoch's s
 streams are re-seeded from ``(seed, rank, step)`` at every checkpoint step and epoch end (rank 0's
 states are stored in the checkpoint as well), so every rank's RNG state at a checkpoint is known
 without communication and a killed and resumed run reproduces the uninterrupted one bit for bit
-on CPU, in one process or under DDP with the same world size.
+on CPU, in one process or under DDP with the same world size (a resume with another is refused).
 
 DDP with uneven batch counts per rank runs under ``Join``: ranks that run out shadow the
 gradient all-reduce until the last rank finishes. While joined, a rank does not step its
@@ -158,16 +158,30 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively: compute capability 8 (Ampere) or above. Older ones
+    (V100, T4) run bf16 through emulation, slower than fp32, though ``torch.cuda.is_bf16_supported()``
+    says yes."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(amp: str, device: torch.device, warn: bool = False) -> Optional[torch.dtype]:
     """The autocast dtype ``train.amp`` gives on ``device``, or None for fp32.
 
-    auto: bf16 on CUDA, fp32 on CPU. bf16: bf16 on CUDA and on a CPU with native bf16 (a CPU without
-    it runs fp32, with a warning when ``warn``). off: fp32. Autocast computes the matmuls in bf16 and
-    keeps the weights, the optimizer, the softmax and the losses in fp32."""
+    auto: bf16 on a GPU with native bf16, fp32 on CPU. bf16: bf16 on a GPU or a CPU with native bf16.
+    A GPU or (for bf16) a CPU without it runs fp32, with a warning when ``warn``: emulated bf16 is
+    slower. off: fp32. Autocast computes the matmuls in bf16 and keeps the weights, the optimizer,
+    the softmax and the losses in fp32."""
     if amp == "off" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cuda":
-        return torch.bfloat16
+        if cuda_has_native_bf16(device):
+            return torch.bfloat16
+        if warn:
+            major, minor = torch.cuda.get_device_capability(device)
+            logger.warning("train.amp=%s: this GPU (compute capability %d.%d, below 8.0) has no native bf16, "
+                           "where it would be slower than fp32; training in fp32", amp, major, minor)
+        return None
     if amp != "bf16":
         return None
     if not cpu_has_native_bf16():
@@ -384,6 +398,19 @@ def _check_same_settings(path: str, saved: Optional[dict[str, Any]], settings: O
                            "settings of that run")
 
 
+def _check_same_world_size(path: str, saved: int, world_size: int) -> None:
+    """Refuse to resume with another number of processes. A checkpoint's position in the epoch is a
+    count of each rank's batches, and the reader deals rows to ranks by the world size: under another
+    one every rank skips batches of a layout that no longer exists (a 2-rank run resumed by 1 process
+    trained 32 % of the epoch's rows twice and 2 % never). Every rank reads the same checkpoint, so
+    every rank raises."""
+    if saved != world_size:
+        raise InvalidInput(f"cannot resume from {path}: it was written by {saved} training processes, this run "
+                           f"has {world_size} (train.num_processes, or torchrun's --nproc_per_node): its "
+                           f"position in the epoch is per rank. Resume with train.num_processes={saved}, or run "
+                           "without --resume to start over")
+
+
 def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
           loss_fn: Callable[[nn.Module, Batch], LossOutput], cfg: TrainConfig, ctx: DistContext,
           checkpoint_dir: str, resume: bool = False, seed: int = 0,
@@ -451,7 +478,11 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                 logger.info("resume: no checkpoint in %s, starting from scratch", checkpoint_dir)
                 _trim_metrics(metrics_path, 0, None)  # a run from scratch: its own metrics only
         else:
-            state = read_checkpoint(path, map_location=device)
+            # on the CPU: load_state_dict moves the weights and the optimizer state to the parameters'
+            # devices, while the RNG states must stay host tensors (mapped to a GPU, restoring numpy's
+            # failed) and Adam's step counters stay on the CPU as in a fresh run (no sync per step)
+            state = read_checkpoint(path, map_location="cpu")
+            _check_same_world_size(path, state["extra"].get("world_size", ctx.world_size), ctx.world_size)
             _check_same_settings(path, state["extra"].get("settings"), settings)  # before anything is applied
             apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
@@ -463,10 +494,6 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                 # records after the checkpoint (a crashed run's last steps) are trained again
                 _trim_metrics(metrics_path, step, run_id)
                 restore_rng_state(state["rng"])
-                saved_world = state["extra"].get("world_size", ctx.world_size)
-                if saved_world != ctx.world_size:
-                    logger.warning("resuming a checkpoint from world size %d with world size %d: "
-                                   "per-rank data positions will not line up", saved_world, ctx.world_size)
                 logger.info("resumed from %s: step %d, epoch %d, %d batches into it",
                             path, step, epoch, batches_done)
 

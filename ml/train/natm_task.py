@@ -21,7 +21,10 @@ SAMPLE_COLUMNS = ["trigger_item", "positive_item", "negatives", "q_positive", "q
 
 
 class NATMTrainer(nn.Module):
-    """Wraps NATM so one ``forward(batch)`` computes the whole loss (DDP needs one forward call)."""
+    """Wraps NATM so one ``forward(batch)`` computes the whole loss (DDP needs one forward call).
+
+    The metrics are detached tensors, not floats: the loop averages them over its logging window on
+    the device, where a ``float()`` per step made every step wait for the GPU."""
 
     def __init__(self, model: NATM, k: int):
         super().__init__()
@@ -31,24 +34,24 @@ class NATMTrainer(nn.Module):
     def forward(self, batch: dict):
         if self.model.cfg.loss == "full":  # every item is a class: the stored negatives are not used
             nce = self.model.full_softmax_loss(batch["trigger"], batch["positive"])
-            return self._with_mlm(batch, nce, {"softmax": float(nce.detach())})
+            return self._with_mlm(batch, nce, {"softmax": nce.detach()})
         negs, q_negs = batch["negatives"][:, : self.k], batch["q_negatives"][:, : self.k]  # first k of the stored
         cands = torch.cat([batch["positive"][:, None], negs], dim=1)  # (B, 1+k)
         q = torch.cat([batch["q_positive"][:, None], q_negs], dim=1)  # (B, 1+k)
         if self.model.cfg.loss == "softmax":
             nce = self.model.batch_softmax_loss(batch["trigger"], cands, q.float())
-            metrics = {"softmax": float(nce.detach())}
+            metrics = {"softmax": nce.detach()}
         else:
             rel = self.model(batch["trigger"], cands)
             nce = nce_loss(rel, q.float(), self.k, self.model.cfg.gamma, self.model.nce_offset)
-            metrics = {"nce": float(nce.detach()), "nce_offset": float(self.model.nce_offset.detach())}
+            metrics = {"nce": nce.detach(), "nce_offset": self.model.nce_offset.detach()}
         return self._with_mlm(batch, nce, metrics)
 
     def _with_mlm(self, batch: dict, loss: torch.Tensor, metrics: dict):
         if self.model.cfg.uses_mlm:
             mlm = self.model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
             loss = loss + self.model.cfg.mlm_weight * mlm
-            metrics["mlm"] = float(mlm.detach())
+            metrics["mlm"] = mlm.detach()
         return loss, metrics
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from jobs import pipeline, samples, train
@@ -41,14 +42,61 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
 
     more = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
                                                           "train.max_steps=12"])
-    assert train.run(more, resume=True)["steps"] == 12  # continued from the step-8 checkpoint
+    assert train.run(more, resume=True)["steps"] == 12
+    # continued from the step-8 checkpoint: the same run (a run started over has a new id), each
+    # logged step once (steps 5 and 10), the step-8 epoch record kept and a step-12 one added
+    resumed = [json.loads(l) for l in open(os.path.join(mdir, "train_metrics.jsonl"))]
+    assert {r["run"] for r in resumed} == {r["run"] for r in lines} and len({r["run"] for r in lines}) == 1
+    assert [r["step"] for r in resumed if r["event"] == "step"] == [5, 10]
+    assert [r["step"] for r in resumed if r["event"] == "epoch"] == [8, 12]
+
+    # a run killed while training, or while writing the model folder, leaves that folder as the
+    # last finished run left it: before, a run without --resume removed its metrics at the start
+    # and wrote its own next to the old model, and run.json was written in place after model.pt
+    import ml.train.loop as loop
+
+    def folder():
+        return {n: open(os.path.join(mdir, n), "rb").read() for n in sorted(os.listdir(mdir))}
+
+    done = folder()
+    assert sorted(done) == ["model.pt", "run.json", "train_metrics.jsonl"]
+    real_train = loop.train
+
+    def killed_at_step_7(model, make, loss_fn, *args, **kwargs):
+        calls = iter(range(7))
+
+        def loss(m, b):
+            if next(calls, None) is None:
+                raise RuntimeError("killed")
+            return loss_fn(m, b)
+
+        return real_train(model, make, loss, *args, **kwargs)
+
+    other = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
+                                                           "train.max_steps=9", f"train.checkpoint_dir={warehouse}/ck_kill"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "train", killed_at_step_7)
+        with pytest.raises(RuntimeError, match="killed"):
+            train.run(other)
+    assert folder() == done
+
+    def dump_half(obj, f, **kwargs):
+        f.write("{")
+        raise OSError("no space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(json, "dump", dump_half)
+        with pytest.raises(OSError, match="no space left"):
+            train.run(other)
+    assert folder() == done
 
     # embed in Spark tasks, Faiss top-K, evaluation: the i2i_topk contract for a learned model
     from jobs import embed, evaluate, topk
     from ml import schemas as S
     from ml.data import io
 
-    assert embed.run(more, spark)["items"] == vocab.size
+    n_trained = io.read_table(spark, more.table_path("noise_q")).count()
+    assert embed.run(more, spark)["items"] == n_trained < vocab.size  # the catalogue's untrained items: none
     topk.run(more, spark, k=10)
     lists = io.read_table(spark, more.table_path(S.T_I2I_TOPK)).cache()
     natm_rows = lists.where("model = 'natm'").collect()
@@ -56,7 +104,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     by_item = {}
     for r in natm_rows:
         by_item.setdefault(r.item_id, []).append(r)
-    assert len(by_item) == vocab.size
+    assert len(by_item) == n_trained
     for rows in by_item.values():
         rows.sort(key=lambda r: r.rank)
         assert [r.rank for r in rows] == list(range(1, 11))
@@ -105,16 +153,24 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
         assert m.cfg.use_amm == (model == "dat") and m.cfg.use_cal == (model == "dat")
         assert dat_embed(m, torch.arange(1, users.size + 1), "user").shape == (users.size, 8)
     emb = embed.run(c, spark)  # two_tower's item and user towers through the embed job
-    assert emb["items"] == items.size and emb["users"] == users.size
-    assert emb["skipped_items"] == 0 and emb["skipped_users"] == 0  # every catalogue item and user has a vector
+    trained_ids = sorted(r.item_id for r in io.read_table(spark, c.table_path("noise_q")).collect())
+    assert emb["items"] == len(trained_ids) and emb["users"] == users.size
+    assert emb["skipped_items"] == 0 and emb["skipped_users"] == 0  # every trained item and user has a vector
+    # catalogue items in no training sequence: in the vocabulary (for their category), with id vectors
+    # no positive ever moved; they get no vector and so take no one's top-K places
+    catalogue = {r.item_id for r in io.read_table(spark, c.table_path(S.T_ITEMS)).collect()}
+    assert emb["untrained_items"] == len(catalogue - set(trained_ids)) > 0
+    embedded = {r.item_id for r in io.read_table(spark, c.table_path(S.T_ITEM_EMBEDDINGS))
+                .where("model = 'two_tower'").collect()}
+    assert embedded == set(trained_ids)
     res = topk.run(c, spark, k=5)
-    assert res["rows"] == 5 * items.size and res["u2i_rows"] == 5 * users.size
+    assert res["rows"] == 5 * len(trained_ids) and res["u2i_rows"] == 5 * users.size
 
     # user_embeddings = the query tower; u2i_topk = exact top-5 items by inner product, ranks 1..5
     import numpy as np
 
     uv = dat_embed(m, torch.arange(1, users.size + 1), "user").numpy()
-    iv = dat_embed(m, torch.arange(1, items.size + 1), "item").numpy()
+    iv = dat_embed(m, items.index(torch.tensor(trained_ids)), "item").numpy()
     ue = {r.user_id: np.array(r.vector) for r in io.read_table(spark, c.table_path(S.T_USER_EMBEDDINGS))
           .where("model = 'two_tower'").collect()}
     assert set(ue) == set(users.ids.tolist())
@@ -123,7 +179,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     u2i = io.read_table(spark, c.table_path(S.T_U2I_TOPK)).where(f"model = 'two_tower' AND user_id = {u0}")
     got = [r.item_id for r in sorted(u2i.collect(), key=lambda r: r.rank)]
     scores = iv @ uv[0]
-    want = items.ids.numpy()[np.lexsort((np.arange(items.size), -scores))[:5]]
+    want = np.array(trained_ids)[np.lexsort((np.arange(len(trained_ids)), -scores))[:5]]
     assert got == want.tolist()
     # the IVF index searching every list returns the exact lists (the path large catalogues take)
     flat = {(r.item_id, r.rank): r.neighbor_id for r in io.read_table(spark, c.table_path(S.T_I2I_TOPK))
@@ -153,7 +209,6 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
 
     # user vectors from another run than the item vectors (an embed killed between its two commits):
     # topk refuses rather than pairing them, and writes nothing
-    import pytest
     from pyspark.sql import functions as F
 
     stale = io.read_table(spark, c.table_path(S.T_USER_EMBEDDINGS)).where("model = 'two_tower'").withColumn(

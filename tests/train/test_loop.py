@@ -1,6 +1,7 @@
 """Training loop, checkpoints, exact resume, a real 2-process gloo DDP run and deferred init."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -196,6 +197,62 @@ def test_a_new_run_never_resumes_an_earlier_runs_checkpoint(tmp_path):
     res = train(resumed, make, mse_loss, short_cfg, CPU, ckpt, resume=True, settings={"lr": 0.01, "data": 2}, **kw)
     assert res["steps"] == 30
     assert_same_weights(uninterrupted.state_dict(), resumed.state_dict())
+
+
+def test_resume_reads_the_checkpoint_on_the_cpu_and_restores_rng_states_held_on_a_device(tmp_path, monkeypatch):
+    # Before, the loop read the checkpoint with map_location=<the training device>: on a GPU the
+    # numpy RNG key tensor came back on it, and restoring it raised ("can't convert cuda:0 device
+    # type tensor to numpy"), so every --resume on CUDA failed.
+    from ml.train import loop
+    from ml.train.checkpoint import read_checkpoint, restore_rng_state
+
+    x, y = regression_data(64)
+    cfg = TrainConfig(epochs=2, batch_size=16, checkpoint_every=2, device="cpu", amp=False)
+    ckpt = str(tmp_path / "ck")
+    train(mlp(0), shuffled_batches(x, y, 16), mse_loss, dataclasses.replace(cfg, max_steps=3), CPU, ckpt)
+    seen = []
+
+    def recording_read(path, map_location="cpu", **kw):
+        seen.append(map_location)
+        return read_checkpoint(path, map_location, **kw)
+
+    monkeypatch.setattr(loop, "read_checkpoint", recording_read)
+    assert train(mlp(1), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, ckpt, resume=True)["steps"] == 8
+    assert seen == ["cpu"]  # load_state_dict moves the weights and optimizer state to the model's device
+
+    class OnDevice:
+        """A tensor on a device numpy cannot read (CUDA here): .numpy() raises, .cpu() copies it."""
+
+        def __init__(self, t):
+            self.t = t
+
+        def numpy(self):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def cpu(self):
+            return self.t
+
+    np.random.seed(3)
+    state = capture_rng_state()
+    expected = np.random.rand(3)
+    state["numpy"]["keys"] = OnDevice(state["numpy"]["keys"])
+    state["torch"] = OnDevice(state["torch"])
+    np.random.seed(4)
+    restore_rng_state(state)
+    assert np.array_equal(np.random.rand(3), expected)
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    # Before it was only logged: each rank skipped its count of batches of a deal made for another
+    # world size (a 2-rank run resumed by 1 process trained 3202 of 10000 rows twice, 202 never).
+    x, y = regression_data(64)
+    cfg = TrainConfig(epochs=1, batch_size=16, checkpoint_every=2, device="cpu", amp=False)
+    ckpt = str(tmp_path / "ck")
+    save_checkpoint(ckpt, model=mlp(0), step=2, epoch=0, batches_done_in_epoch=2, extra={"world_size": 2})
+    with pytest.raises(ValueError, match=r"written by 2 training processes, this run has 1 \(train.num_processes"):
+        train(mlp(0), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, ckpt, resume=True)
+    save_checkpoint(ckpt, model=mlp(0), step=3, epoch=0, batches_done_in_epoch=3, extra={"world_size": 1})
+    assert train(mlp(0), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, ckpt, resume=True)["steps"] == 4
 
 
 # ---------------------------------------------------------------- 2-process DDP (gloo)
@@ -513,6 +570,7 @@ def test_autocast_dtype_by_device_and_setting(monkeypatch, caplog):
     assert loop.autocast_dtype("auto", cpu) is None  # the default keeps CPU training in fp32
     assert loop.autocast_dtype("bf16", cpu) is torch.bfloat16
     assert loop.autocast_dtype("off", cpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # Ampere and later
     assert loop.autocast_dtype("auto", cuda) is torch.bfloat16
     assert loop.autocast_dtype("bf16", cuda) is torch.bfloat16
     assert loop.autocast_dtype("off", cuda) is None
@@ -520,6 +578,14 @@ def test_autocast_dtype_by_device_and_setting(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="ml.train.loop"):
         assert loop.autocast_dtype("bf16", cpu, warn=True) is None
     assert "no native bf16" in caplog.text
+    # a V100 or T4 (compute capability 7.x) emulates bf16, slower than fp32: before, auto chose it there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ml.train.loop"):
+        assert loop.autocast_dtype("auto", cuda, warn=True) is None
+        assert loop.autocast_dtype("bf16", cuda) is None
+    assert "this GPU (compute capability 7.5, below 8.0) has no native bf16" in caplog.text
+    assert len(caplog.records) == 1  # warn=False is silent
 
 
 def test_bf16_on_cpu_computes_in_bf16_keeps_fp32_weights_and_is_deterministic(tmp_path, monkeypatch):

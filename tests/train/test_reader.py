@@ -76,7 +76,7 @@ def test_every_row_exactly_once_across_ranks_and_workers(table, num_workers):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_few_uneven_row_groups_are_cut_so_ranks_get_similar_rows(tmp_path, num_workers):
     # Two row groups, 900 and 150 rows (as ML-1M's samples_natm: 846k and 129k): dealt whole, one
-    # rank got 6x the other's rows. Cut into row ranges, each row is still read exactly once, the
+    # rank got 6x the other's rows. Cut into pieces, each row is still read exactly once, the
     # ranks' rows are within a unit of each other, and batches_per_epoch is the longest rank's count.
     path = str(tmp_path / "uneven")
     write_deltalake(path, _rows(0, 900), writer_properties=WriterProperties(max_row_group_size=900))
@@ -96,6 +96,34 @@ def test_few_uneven_row_groups_are_cut_so_ranks_get_similar_rows(tmp_path, num_w
         rows = [len(_ids(b)) for b in per_rank]
         assert abs(rows[0] - rows[1]) <= 2 * max(u.num_rows for u in ds._units) <= 2 * 65, rows  # was 900 vs 150
         assert ds.batches_per_epoch(epoch, num_workers) == max(len(b) for b in per_rank)
+
+
+def test_pieces_of_a_row_group_span_it_and_it_is_decoded_once_per_rank(tmp_path, monkeypatch):
+    # One 4000-row group in id order (samples keep their writer's user order), 2 ranks: cut into
+    # contiguous ranges, a batch held ids from a band of a few hundred, and each of the 16 ranges
+    # decoded the whole row group again. Strided pieces span the row group; it is decoded once.
+    path = str(tmp_path / "ordered")
+    write_deltalake(path, _rows(0, 4000), writer_properties=WriterProperties(max_row_group_size=4000))
+    reads = []
+    real_read = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *args, **kwargs):
+        reads.append(i)
+        return real_read(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    ids = []
+    for rank in (0, 1):
+        reads.clear()
+        ds = DeltaBatchDataset(path, columns=["id", "x"], batch_size=64, shuffle_buffer=256, rank=rank, world_size=2)
+        assert len(ds._units) == 16
+        batches = list(ds)
+        assert reads == [0]
+        assert all(torch.equal(b["x"], b["id"].float() * 0.5) for b in batches)
+        spans = [int(b["id"].max() - b["id"].min()) for b in batches]
+        assert min(spans) > 2000, spans  # was under 520: 250 rows per range + the 256-row buffer
+        ids += _ids(batches)
+    assert sorted(ids) == list(range(4000))
 
 
 def _epoch(table: str, epoch: int, seed: int = 7, num_workers: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -63,3 +63,25 @@ def test_read_columns_reads_the_pinned_version_of_a_side_table(tmp_path):
         assert read_columns(path, ["item_id"]).column("item_id").to_pylist() == [1, 2]
         assert read_columns(path, ["item_id"], version=1).column("item_id").to_pylist() == [7]
     assert read_columns(path, ["item_id"]).column("item_id").to_pylist() == [7]
+
+
+@pytest.mark.parametrize("loss,mlm_weight", [("full", 0.0), ("softmax", 0.1), ("nce", 0.1)])
+def test_natm_trainer_reports_its_metrics_as_detached_tensors(loss, mlm_weight):
+    # Before, each metric was a float(): a device-to-host sync every step, which the loop's logging
+    # window (sums kept as tensors, read every log_every steps) exists to avoid.
+    import torch
+
+    from ml.models.natm import NATM, NATMConfig, build_neighbor_table
+    from ml.train.natm_task import NATMTrainer
+
+    none = torch.zeros(0, dtype=torch.long)
+    cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=1, heads=2, dropout=0.0, loss=loss,
+                     mlm_weight=mlm_weight)
+    model = NATM(cfg, build_neighbor_table(20, none, none, none.float(), none, 3, 16, None))
+    batch = {"trigger": torch.tensor([1, 5, 9]), "positive": torch.tensor([2, 7, 11]),
+             "negatives": torch.tensor([[3, 4], [8, 9], [1, 2]]), "q_positive": torch.full((3,), 0.05),
+             "q_negatives": torch.full((3, 2), 0.05)}
+    total, metrics = NATMTrainer(model, k=2)(batch)
+    assert metrics and ("mlm" in metrics) == (mlm_weight > 0)
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    assert total.requires_grad
