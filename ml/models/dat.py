@@ -122,27 +122,28 @@ class DAT(nn.Module):
         p_v = self.item_vectors(items)  # (B, out)
         logits = self.cfg.logit_scale * (p_u * p_v).sum(-1)  # (B,)
         bce = F.binary_cross_entropy_with_logits(logits, labels.float())
-        loss, parts = bce, {"bce": float(bce.detach())}
+        # the parts as detached tensors: the loop reads them every train.log_every steps, not each step
+        loss, parts = bce, {"bce": bce.detach()}
         if self.cfg.use_amm:
             loss_u, loss_v = mimic_losses(self.a_u(users), self.a_v(items), p_u, p_v, labels)
             loss = loss + self.cfg.lambda_u * loss_u + self.cfg.lambda_v * loss_v
-            parts.update(mimic_u=float(loss_u.detach()), mimic_v=float(loss_v.detach()))
+            parts.update(mimic_u=loss_u.detach(), mimic_v=loss_v.detach())
         if self.cfg.use_cal:
             cal = category_alignment_loss(p_v, self.item_categories[items], self.cfg.cal_min_items)
             loss = loss + self.cfg.lambda_ca * cal
-            parts["cal"] = float(cal.detach())
+            parts["cal"] = cal.detach()
         return loss, parts
 
 
 def mimic_losses(a_u: torch.Tensor, a_v: torch.Tensor, p_u: torch.Tensor, p_v: torch.Tensor,
                  labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """AMM: mean over positives of ||a_u - sg(p_v)||² and ||a_v - sg(p_u)||² (sg = stop gradient)."""
-    pos = labels > 0.5
-    if not pos.any():
-        zero = a_u.sum() * 0.0
-        return zero, zero
-    loss_u = ((a_u[pos] - p_v[pos].detach()) ** 2).sum(-1).mean()
-    loss_v = ((a_v[pos] - p_u[pos].detach()) ** 2).sum(-1).mean()
+    # weighted by the positive mask rather than indexed by it: no host sync per step to count them,
+    # and a batch without positives gives 0 with both tables still in the graph
+    pos = (labels > 0.5).to(a_u.dtype)
+    n = pos.sum().clamp(min=1.0)
+    loss_u = (((a_u - p_v.detach()) ** 2).sum(-1) * pos).sum() / n
+    loss_v = (((a_v - p_u.detach()) ** 2).sum(-1) * pos).sum() / n
     return loss_u, loss_v
 
 

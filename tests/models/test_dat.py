@@ -151,3 +151,13 @@ def test_the_models_mimic_terms_pull_each_augmented_vector_towards_the_other_tow
         want_v = 0.25 * 2 * (m.a_v.weight[ii] - p_u[row]) / 2 if y[row] else torch.zeros(8)
         assert torch.allclose(with_u[uu] - without_u[uu], want_u.detach(), atol=1e-5)
         assert torch.allclose(with_v[ii] - without_v[ii], want_v.detach(), atol=1e-5)
+
+
+def test_loss_parts_are_detached_tensors_and_a_batch_without_positives_has_no_mimic_loss():
+    # floats were a device-to-host sync each step; the loop reads the parts every log_every steps
+    m = _model()
+    u, i = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    loss, parts = m(u, i, torch.tensor([1.0, 0.0, 1.0]))
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in parts.values())
+    _, none = m(u, i, torch.zeros(3))
+    assert none["mimic_u"].item() == none["mimic_v"].item() == 0.0
