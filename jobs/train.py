@@ -61,7 +61,7 @@ def _local_state(cfg: Config) -> str:
 
 
 # Tables a model's training reads; their versions are part of what a checkpoint was trained on.
-_INPUTS = {"natm": ("noise_q", "items", "item_graph", "samples_natm"),
+_INPUTS = {"natm": ("noise_q", "items", "item_graph", "item_counts", "samples_natm"),
            "dat": ("noise_q", "items", "sequences", "users", "samples_dat")}
 # train.* keys that do not change what is trained (where, how often to log / checkpoint)
 _NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "launcher", "num_processes", "distributor_local",
@@ -127,11 +127,13 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         side = agreed_versions([cfg.table_path(t) for t in _INPUTS[section] if not t.startswith("samples_")])
         with pinned_versions(side):
             if cfg.model == "natm":
-                from ml.train.natm_task import NATMTrainer, build_natm, natm_batches, save_artifact
+                from ml.train.natm_task import (NATMTrainer, build_natm, natm_batches, positive_distribution,
+                                                 save_artifact)
 
                 model, vocab = build_natm(cfg)
                 make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
-                trainer = NATMTrainer(model, cfg.natm.negatives or cfg.samples.num_negatives)
+                trainer = NATMTrainer(model, cfg.natm.negatives or cfg.samples.num_negatives,
+                                      positive_distribution(cfg, vocab) if cfg.natm.loss == "softmax" else None)
             else:
                 from ml.train.dat_task import DATTrainer, build_dat, dat_batches, save_dat_artifact
 

@@ -63,8 +63,9 @@ class NATMConfig:
     # with unigram q, -log(k q) ~ 5 makes p(y=1) ~ 1 for any R >= 0, so positives give no gradient.
     learn_nce_offset: bool = True
     # "nce": the paper's loss over (positive, k sampled negatives). "softmax": a sampled softmax over
-    # every candidate in the batch (all rows' positives and negatives, logQ-corrected, the
-    # trigger itself masked): the same samples, B*(1+k) negatives per row instead of k. "full": an
+    # every candidate in the batch (all rows' positives and negatives, corrected by each one's chance
+    # of being in the batch, the trigger itself masked): the same samples, B*(1+k) negatives per row
+    # instead of k. "full": an
     # exact softmax over the whole catalogue (every item encoded each step; for catalogues up to
     # ``full_softmax_max`` items), no sampling and no logQ correction.
     loss: str = "nce"
@@ -356,21 +357,32 @@ class NATM(nn.Module):
             r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], flat).view(B, C, -1)
         return torch.einsum("bd,bcd->bc", r_t, r_c)
 
-    def batch_softmax_loss(self, trigger: torch.Tensor, candidates: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def batch_softmax_loss(self, trigger: torch.Tensor, candidates: torch.Tensor, q: torch.Tensor,
+                           p: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sampled softmax: each trigger vs every distinct candidate of the batch; column 0 of
-        ``candidates`` (B, C) is the row's positive. Logits γ·R - log q(c) (the logQ correction of
-        sampled softmax), the trigger's own item masked, accidental hits impossible (distinct ids).
+        ``candidates`` (B, C) is the row's positive, the other C - 1 its negatives drawn from q.
+        Logits γ·R - log π(c), π(c) the chance that c is among the batch's distinct candidates:
+        π(c) = 1 - (1 - p(c))^B (1 - q(c))^(B(C-1)), with p (B, C) the probability of each candidate
+        under the positives' distribution (the items' shares of the training data; q where not given).
+        Not log q(c): the positives are not drawn from q, and a popular item is in the batch once
+        however often it is drawn, so log q over-corrected popular items (a learned softmax 1.7x as
+        steep as the true one on a toy Zipf catalogue; calibrated with π). The trigger's own item
+        is masked; accidental hits are impossible (distinct ids).
         """
-        B = len(trigger)
+        B, C = candidates.shape
         uniq, inv = torch.unique(candidates.reshape(-1), return_inverse=True)
-        q_u = torch.zeros(len(uniq), dtype=q.dtype, device=q.device).scatter_(0, inv, q.reshape(-1))
+        q_u = torch.zeros(len(uniq), dtype=torch.float64, device=q.device).scatter_(0, inv, q.reshape(-1).double())
+        p_u = q_u if p is None else torch.zeros_like(q_u).scatter_(0, inv, p.reshape(-1).double())
+        # log π in float64: for a rare item, π ~ B p + B (C-1) q is far below float32's 1 - x resolution
+        log_miss = B * torch.log1p(-p_u.clamp(max=1 - 1e-12)) + B * (C - 1) * torch.log1p(-q_u.clamp(max=1 - 1e-12))
+        log_pi = torch.log((-torch.expm1(log_miss)).clamp(min=1e-300)).float()
         if self._own_trigger_pass:
             r_t, r_c = self._encode_unique(trigger, "trigger"), self.encode(uniq, "candidate")
         else:
             r_all = self._encode_unique(torch.cat([trigger, uniq]), "candidate", unit=True)
             r_t, r_c = self._as_trigger(r_all[:B]), self._as_candidate(r_all[B:], uniq)
         # the matmul may run in bf16 under autocast; the logits and the softmax in fp32
-        logits = self.cfg.gamma * (r_t @ r_c.T).float() - torch.log(q_u.clamp(min=1e-30))[None, :]
+        logits = self.cfg.gamma * (r_t @ r_c.T).float() - log_pi[None, :]
         logits = logits.masked_fill(uniq[None, :] == trigger[:, None], float("-inf"))
         return F.cross_entropy(logits, inv.view(B, -1)[:, 0])
 

@@ -6,15 +6,17 @@ import logging
 import os
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from ml import schemas as S
 from ml.config import Config
 from ml.errors import InvalidInput
 from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
 from ml.train.init import build_deferred, seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
-from ml.train.tables import Vocab, check_known, load_categories, load_graph, load_vocab
+from ml.train.tables import Vocab, check_known, load_categories, load_graph, load_vocab, read_columns
 
 log = logging.getLogger(__name__)
 SAMPLE_COLUMNS = ["trigger_item", "positive_item", "negatives", "q_positive", "q_negatives"]
@@ -26,10 +28,13 @@ class NATMTrainer(nn.Module):
     The metrics are detached tensors, not floats: the loop averages them over its logging window on
     the device, where a ``float()`` per step made every step wait for the GPU."""
 
-    def __init__(self, model: NATM, k: int):
+    def __init__(self, model: NATM, k: int, positive_prob: Optional[torch.Tensor] = None):
+        """``positive_prob`` (V+1,): each item index's share of the training data (``loss=softmax``:
+        the chance a positive is that item, for the batch's inclusion correction; q where None)."""
         super().__init__()
         self.model = model
         self.k = k
+        self.register_buffer("positive_prob", positive_prob, persistent=False)
 
     def forward(self, batch: dict):
         if self.model.cfg.loss == "full":  # every item is a class: the stored negatives are not used
@@ -39,7 +44,8 @@ class NATMTrainer(nn.Module):
         cands = torch.cat([batch["positive"][:, None], negs], dim=1)  # (B, 1+k)
         q = torch.cat([batch["q_positive"][:, None], q_negs], dim=1)  # (B, 1+k)
         if self.model.cfg.loss == "softmax":
-            nce = self.model.batch_softmax_loss(batch["trigger"], cands, q.float())
+            p = None if self.positive_prob is None else self.positive_prob[cands]
+            nce = self.model.batch_softmax_loss(batch["trigger"], cands, q, p)
             metrics = {"softmax": nce.detach()}
         else:
             rel = self.model(batch["trigger"], cands)
@@ -84,6 +90,17 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model, vocab
+
+
+def positive_distribution(cfg: Config, vocab: Vocab) -> torch.Tensor:
+    """(V+1,) float64: each item index's share of ``item_counts`` (the training sequences' items,
+    which the positives of ``samples_natm`` follow); 0 for padding and items without a count."""
+    t = read_columns(cfg.table_path(S.T_ITEM_COUNTS), [S.ITEM_ID, S.COUNT])
+    idx = vocab.index(torch.from_numpy(t.column(S.ITEM_ID).to_numpy().copy()))
+    counts = torch.from_numpy(t.column(S.COUNT).to_numpy().astype(np.float64))
+    out = torch.zeros(vocab.size + 1, dtype=torch.float64)
+    out.index_add_(0, idx[idx > 0], counts[idx > 0])
+    return out / out.sum().clamp(min=1.0)
 
 
 def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version: Optional[int] = None):

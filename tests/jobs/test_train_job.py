@@ -138,6 +138,20 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     assert fmodel.cfg.neighbor_pointer and fmodel.pointer_rank.shape == (fmodel.cfg.num_neighbors,)
     ft, fc = embed_items(fmodel, torch.arange(1, fvocab.size + 1))
     assert ft.shape[1] == fc.shape[1] == 17 and torch.allclose(fc.norm(dim=-1), torch.ones(len(fc)), atol=1e-5)
+    # natm.loss=softmax corrects its logits with the positives' distribution: item_counts' shares
+    from ml.train.natm_task import positive_distribution
+
+    sampled = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
+                                                             "natm.loss=softmax", "train.max_steps=2",
+                                                             f"train.checkpoint_dir={warehouse}/ck_sampled"])
+    svocab = build_natm(sampled)[1]
+    share = positive_distribution(sampled, svocab)
+    counts = {r.item_id: r["count"] for r in io.read_table(spark, sampled.table_path(S.T_ITEM_COUNTS)).collect()}
+    some = sorted(counts)[:5]
+    assert share[0] == 0 and float(share.sum()) == pytest.approx(1.0)
+    assert share[svocab.index(torch.tensor(some))].tolist() == pytest.approx(
+        [counts[i] / sum(counts.values()) for i in some])
+    assert train.run(sampled)["steps"] == 2
     metrics = evaluate.run(more, spark, ["natm", "cooc"])["rows"]
     assert {r["model"] for r in metrics} == {"natm", "cooc"}
 
