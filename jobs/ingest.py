@@ -15,7 +15,7 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.formats import read_source
-from ml.data.ingest import good_actions, items_from_actions, rejected_actions, validate_actions
+from ml.data.ingest import BAD_TS, good_actions, items_from_actions, rejected_actions, validate_actions
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
 
@@ -25,7 +25,8 @@ log = logging.getLogger("jobs.ingest")
 
 
 def run(cfg: Config, spark=None) -> dict:
-    """Ingest ``cfg.ingest``; return counts (input rows, actions, rejected by reason, users, items)."""
+    """Ingest ``cfg.ingest``; return counts (input rows, actions, rejected by reason; users and items
+    approximate: an exact distinct count of billions of actions is a full shuffle only for a log line)."""
     spark = spark or get_spark(cfg.spark)
     ic, mode = cfg.ingest, cfg.io.delta_mode
     src = read_source(spark, ic, cfg.table_path(cfg.generate.table), mode)
@@ -52,13 +53,13 @@ def run(cfg: Config, spark=None) -> dict:
     io.write_table(spark, users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
                    cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
     tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS]
-    stats = actions.agg(F.count("*").alias("n"), F.countDistinct(S.USER_ID).alias("u"),
-                        F.countDistinct(S.ITEM_ID).alias("i")).first()
+    stats = actions.agg(F.count("*").alias("n"), F.approx_count_distinct(S.USER_ID, 0.01).alias("u"),
+                        F.approx_count_distinct(S.ITEM_ID, 0.01).alias("i")).first()
     rejected = {r[S.REASON]: r["count"] for r in io.read_table(
         spark, cfg.table_path(S.T_ACTIONS_REJECTED), delta_mode=mode).groupBy(S.REASON).count().collect()}
     out = {"actions": stats["n"], "users": stats["u"], "items": stats["i"], "rejected": rejected,
            "input_rows": stats["n"] + sum(rejected.values()), "tables": tables}
-    log.info("ingested %s: %d input rows -> %d actions (%d users, %d items); rejected %s",
+    log.info("ingested %s: %d input rows -> %d actions (about %d users, %d items); rejected %s",
              ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
     return out
 
@@ -81,7 +82,16 @@ def _no_actions(spark, cfg: Config, validated) -> None:
     raise NoActionsError(
         f"ingest: none of the {sum(reasons.values()):,} rows of {src} ({cfg.ingest.format}) is a valid action "
         f"(rejected: {dict(sorted(reasons.items()))}; the rows and reasons are in "
-        f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version")
+        f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version{_ts_hint(cfg, reasons)}")
+
+
+def _ts_hint(cfg: Config, reasons: dict) -> str:
+    """Where every row's ts is unreadable, the keys that say how ts is read are the likely cause."""
+    ic = cfg.ingest
+    if set(reasons) != {BAD_TS} or ic.format not in ("csv", "delta", "parquet"):  # the others fix the unit
+        return ""
+    how = f"ingest.ts_unit={ic.ts_unit}" + (f", ingest.ts_format={ic.ts_format!r}" if ic.ts_unit == "string" else "")
+    return f"; no ts could be read: check ingest.ts_unit / ingest.ts_format ({how})"
 
 
 @command
@@ -89,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)
     print(f"{out['input_rows']:,} input rows -> {out['actions']:,} actions "
-          f"({out['users']:,} users, {out['items']:,} items)")
+          f"(about {out['users']:,} users, {out['items']:,} items)")
     for reason, n in sorted(out["rejected"].items()):
         print(f"  rejected {reason:<18} {n:,}")
     print_tables(cfg, out["tables"])

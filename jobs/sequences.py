@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
-from ml.data.sequences import split_user_events, user_events
+from ml.data.sequences import kept, split_user_events, user_events
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
 
@@ -27,10 +27,13 @@ def run(cfg: Config, spark=None) -> dict:
     mode = cfg.io.delta_mode
     actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
     # Both tables come from one per-user aggregation of every action (the pipeline's largest shuffle):
-    # persisted, the second write reuses it instead of running it again.
+    # persisted, the second write reuses it instead of running it again, and the users left out are
+    # counted from its rows (a distinct count of the actions' users would be another full shuffle).
     events = user_events(actions, cfg.sequences).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        if not events.limit(1).count():
+        users = events.agg(F.count(F.lit(1)).alias("all"),
+                           F.count(F.when(kept(cfg.sequences), 1)).alias("kept")).first()
+        if not users["kept"]:
             _no_users(actions, cfg)
         sequences, targets = split_user_events(events, cfg.sequences)
         io.write_table(spark, sequences, cfg.table_path(S.T_SEQUENCES), mode="overwrite", delta_mode=mode,
@@ -42,9 +45,8 @@ def run(cfg: Config, spark=None) -> dict:
     seq = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
     s = seq.agg(F.count("*").alias("users"), F.sum(S.LENGTH).alias("actions"),
                 F.max(S.LENGTH).alias("max_len"), F.avg(S.LENGTH).alias("avg_len")).first()
-    all_users = actions.select(S.USER_ID).distinct().count()
     out = {"users": s["users"], "train_actions": s["actions"] or 0, "max_length": s["max_len"],
-           "avg_length": float(s["avg_len"] or 0.0), "excluded_users": all_users - s["users"]}
+           "avg_length": float(s["avg_len"] or 0.0), "excluded_users": users["all"] - users["kept"]}
     log.info("sequences: %d users (%d excluded: fewer than %d actions), %d training actions, "
              "avg length %.1f, max %s; %d eval targets", out["users"], out["excluded_users"],
              cfg.sequences.min_length, out["train_actions"], out["avg_length"], out["max_length"], out["users"])

@@ -12,6 +12,7 @@ import csv
 import logging
 import os
 from dataclasses import dataclass
+from functools import reduce
 from typing import List, Optional
 
 from pyspark.errors import AnalysisException
@@ -23,6 +24,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, IngestConfig
 from ml.data import io
+from ml.data.ingest import _to_long
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
@@ -186,11 +188,40 @@ def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     return RawSource(actions, behaviors=cfg.behaviors or TAOBAO_BEHAVIORS, ts_unit="s")
 
 
+def _companion_rows(df: DataFrame, path: str, ids: List[str], values: List[str]) -> DataFrame:
+    """A companion file's lines (from :func:`read_csv_lines`) -> one row per ``ids[0]``, ids as BIGINT.
+
+    A line with the wrong field count or an id that is not a whole number (a header, a garbled line)
+    is left out, and a second line for an id already listed loses to the smallest of its lines (by
+    ``values``, so the pick does not depend on the order lines are read): both are counted and logged,
+    and a file with lines but none usable is a :class:`SourceSchemaError`. The ids are try-cast, so
+    the result is the same whether ``spark.sql.ansi.enabled`` is on (a plain cast fails the job on one
+    such line) or off (a plain cast makes it null and a filter dropped it unseen). One pass over the
+    file for the counts, one per later use: a companion file is a catalogue, not the action log.
+    """
+    typed = df.select(*[_to_long(c).alias(c) for c in ids], *values, _CORRUPT)
+    good = reduce(lambda a, b: a & b, [F.col(c).isNotNull() for c in ids], F.col(_CORRUPT).isNull())
+    key = ids[0]
+    grouped = (typed.groupBy(F.when(good, F.col(key)).alias(key))
+               .agg(F.count(F.lit(1)).alias("_n"), F.min(F.struct(*ids[1:], *values)).alias("_v")))
+    c = grouped.agg(F.sum(F.when(F.col(key).isNull(), F.col("_n"))).alias("bad"),
+                    F.sum(F.when(F.col(key).isNotNull(), F.col("_n") - 1)).alias("dup"),
+                    F.count(key).alias("ids")).first()
+    bad, dup = c["bad"] or 0, c["dup"] or 0
+    if bad and not c["ids"]:
+        raise SourceSchemaError(f"{path}: none of its {bad:,} lines has the expected fields "
+                                f"{[*ids, *values]} with whole-number ids {ids}")
+    if bad or dup:
+        log.warning("%s: %d lines left out (wrong field count or an id %s that is not a whole number), "
+                    "%d lines for ids already listed (the smallest line of each id kept)", path, bad, ids, dup)
+    return grouped.where(F.col(key).isNotNull()).select(key, "_v.*")
+
+
 def _ml1m_movies(spark: SparkSession, path: str) -> DataFrame:
-    """movies.dat -> (movie_id, title, genres array). Latin-1, ``::``-separated."""
+    """movies.dat -> (movie_id, title, genres array), one row per movie. Latin-1, ``::``-separated."""
     df = read_csv_lines(spark, path, ["movie_id", "title", "genres"], "::", header=False, encoding="ISO-8859-1")
-    return df.select(F.col("movie_id").cast(LongType()).alias("movie_id"), "title",
-                     F.split("genres", r"\|").alias("genres")).where(F.col("movie_id").isNotNull())
+    return (_companion_rows(df, path, ["movie_id"], ["title", "genres"])
+            .select("movie_id", "title", F.split("genres", r"\|").alias("genres")))
 
 
 def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
@@ -198,7 +229,8 @@ def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
 
     ML-1M lists genres alphabetically, so "first genre" would make Action/Adventure/Animation
     swallow most films; the rarest genre is the most specific one (Toy Story -> Animation, not
-    Comedy). Ties go to the earlier genre in ML-1M's list. Input needs ``item_id, title, genres``.
+    Comedy). Ties go to the earlier genre in ML-1M's list. Input needs ``item_id, title, genres``, one
+    row per item (the readers make it so: a repeated item would be a repeated ``items`` row).
     """
     genre_ids = spark.createDataFrame([(g, i + 1) for i, g in enumerate(ML1M_GENRES)], "genre string, gid long")
     exploded = movies.select(S.ITEM_ID, F.explode("genres").alias("genre"))
@@ -215,11 +247,12 @@ def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
 
 
 def _ml1m_users(spark: SparkSession, path: str) -> DataFrame:
+    """users.dat -> (orig_user_id, features map), one row per user."""
     cols = ["user_id", "gender", "age", "occupation", "zip"]
     df = read_csv_lines(spark, path, cols, "::", header=False, encoding="ISO-8859-1")
-    return df.select(F.col("user_id").cast(LongType()).alias("orig_user_id"),
-                     F.create_map(*[x for c in cols[1:] for x in (F.lit(c), F.col(c))]).alias(S.FEATURES)
-                     ).where(F.col("orig_user_id").isNotNull())
+    return _companion_rows(df, path, cols[:1], cols[1:]).select(
+        F.col("user_id").alias("orig_user_id"),
+        F.create_map(*[x for c in cols[1:] for x in (F.lit(c), F.col(c))]).alias(S.FEATURES))
 
 
 def _with_item_categories(actions: DataFrame, items: DataFrame) -> DataFrame:
@@ -303,8 +336,9 @@ def source_files(cfg: IngestConfig) -> List[str]:
 
 
 def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:
+    """A SASRec id map (``left right`` per line) -> one ``right`` per ``left`` (see :func:`_companion_rows`)."""
     df = read_csv_lines(spark, path, [left, right], " ", header=False)
-    return df.select(F.col(left).cast(LongType()).alias(left), F.col(right).cast(LongType()).alias(right))
+    return _companion_rows(df, path, [left, right], [])
 
 
 def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str = "auto") -> RawSource:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from pyspark.sql import DataFrame, Window
+from pyspark.errors import PySparkException
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType
 
 from ml import schemas as S
-from ml.config import CANONICAL_FIELDS
+from ml.config import CANONICAL_FIELDS, ConfigError
 
 # Rejection reasons, checked in this order (the first that applies is recorded).
 MALFORMED = "malformed_row"
@@ -20,6 +21,7 @@ BAD_ITEM = "bad_item_id"
 MISSING_TS = "missing_ts"
 BAD_TS = "bad_ts"
 TS_OUT_OF_RANGE = "ts_out_of_range"
+MISSING_BEHAVIOR = "missing_behavior"
 BAD_BEHAVIOR = "unknown_behavior"
 BAD_CATEGORY = "bad_category_id"
 DUPLICATE = "duplicate"
@@ -51,6 +53,24 @@ def _parse_ts(ts_format: str):
     return F.try_to_timestamp(text, F.lit(ts_format))
 
 
+def check_ts_format(spark: SparkSession, ts_format: str) -> None:
+    """Raise :class:`ConfigError` naming ``ingest.ts_format`` for a pattern Spark refuses, or one that
+    cannot read back a time it writes itself. Either would otherwise surface from inside the job's
+    query: Spark's own exception (a bug's traceback, naming no key), or every row rejected as
+    ``bad_ts``. One literal is formatted and parsed on a one-row frame; the data is not read."""
+    try:
+        probe = spark.range(1).select(
+            F.date_format(F.lit("2001-02-03 14:05:06.789").cast("timestamp"), ts_format).alias(S.TS))
+        row = probe.select(S.TS, _parse_ts(ts_format).alias("t")).first()
+    except PySparkException as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()[:2])
+        raise ConfigError(f"ingest.ts_format={ts_format!r} is not a datetime pattern Spark can parse with: "
+                          f"{why}") from e
+    if row["t"] is None:
+        raise ConfigError(f"ingest.ts_format={ts_format!r} cannot parse a time it formats itself "
+                          f"({row[S.TS]!r}); see Spark's datetime patterns")
+
+
 def _to_seconds(ts_unit: str, ts_format: str):
     if ts_unit == "string":
         return F.unix_timestamp(_parse_ts(ts_format))
@@ -74,7 +94,10 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     ``reason`` is null for a good row. Exact duplicates of a good event (same user, item, ts in the
     source's own unit, behaviour and category) keep one copy; the others get reason ``duplicate``.
     Two events 400 ms apart are two events, although ``actions.ts`` holds both as the same second.
+    A ``ts_format`` Spark cannot parse with is a :class:`ConfigError`, raised here.
     """
+    if ts_unit == "string":
+        check_ts_format(raw.sparkSession, ts_format)
     df = raw.select(*[F.col(c) for c in raw.columns],
                     _to_long(S.USER_ID).alias("_u"), _to_long(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), _to_long(S.CATEGORY_ID).alias("_c"),
@@ -85,14 +108,17 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
         ts_ok = ts_ok & (F.col("_t") >= min_ts)
     if max_ts is not None:
         ts_ok = ts_ok & (F.col("_t") <= max_ts)
-    behavior_ok = F.lit(True) if not behaviors else (F.col("_b").isNull() | F.col("_b").isin(list(behaviors)))
     reason = (F.when(F.col(S.RAW_RECORD).isNotNull(), MALFORMED)
               .when(_blank(S.USER_ID), MISSING_USER).when(F.col("_u").isNull(), BAD_USER)
               .when(_blank(S.ITEM_ID), MISSING_ITEM).when(F.col("_i").isNull(), BAD_ITEM)
               .when(_blank(S.TS), MISSING_TS).when(F.col("_t").isNull(), BAD_TS)
-              .when(~ts_ok, TS_OUT_OF_RANGE)
-              .when(~behavior_ok, BAD_BEHAVIOR)
-              .when(~_blank(S.CATEGORY_ID) & F.col("_c").isNull(), BAD_CATEGORY))
+              .when(~ts_ok, TS_OUT_OF_RANGE))
+    if behaviors:
+        # A blank behaviour is none of the allowed ones; it needs its own test, since null.isin(...)
+        # is null and would let the row through as a good action.
+        reason = (reason.when(F.col("_b").isNull(), MISSING_BEHAVIOR)
+                  .when(~F.col("_b").isin(list(behaviors)), BAD_BEHAVIOR))
+    reason = reason.when(~_blank(S.CATEGORY_ID) & F.col("_c").isNull(), BAD_CATEGORY)
     df = df.withColumn(S.REASON, reason)
     # One copy of each exact duplicate survives; the key is the whole event, so a hot item or a
     # power user does not concentrate rows in one task (duplicates of one event are few). The copy

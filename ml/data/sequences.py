@@ -24,9 +24,10 @@ def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame
 
 
 def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
-    """One row per kept user: ``ev`` (their events in order, as :func:`build_sequences` uses them), ``n``
+    """One row per user: ``ev`` (their events in order, as :func:`build_sequences` uses them), ``n``
     and ``m``. The one shuffle of every action that both of :func:`split_user_events`'s tables come from
-    (a job writing both persists it)."""
+    (a job writing both persists it). Users with fewer than ``min_length`` actions are still here, for
+    the job to count from these rows without another shuffle; :func:`split_user_events` drops them."""
     if cfg.behaviors:
         actions = actions.where(F.col(S.BEHAVIOR).isin(list(cfg.behaviors)))
     # sort_array on (ts, item_id) structs: time order with an explicit, stable tie-break.
@@ -45,11 +46,17 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
         events = events.withColumn("ev", F.expr(f"slice(ev, 1, greatest(size(ev) - {cfg.holdout - 1}, 0))"))
     # n: the user's actions up to the target (all of them, also those beyond the bound); m: those in ev
     n = F.size("ev") if cfg.collapse_repeats else F.greatest(F.col("total") - (cfg.holdout - 1), F.lit(0))
-    return events.withColumn("n", n).withColumn("m", F.size("ev")).where(F.col("n") >= cfg.min_length)
+    return events.withColumn("n", n).withColumn("m", F.size("ev"))
+
+
+def kept(cfg: SequencesConfig):
+    """The rows of :func:`user_events` whose user has ``min_length`` actions (a Column)."""
+    return F.col("n") >= cfg.min_length
 
 
 def split_user_events(events: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame, DataFrame]:
     """:func:`user_events` -> ``(sequences, eval_targets)`` (see :func:`build_sequences`)."""
+    events = events.where(kept(cfg))
     train = F.slice("ev", 1, F.col("m") - 1)
     if cfg.max_length:
         keep = F.least(F.col("m") - 1, F.lit(cfg.max_length))

@@ -7,6 +7,8 @@ with no list, or a target not in it, is a miss (hit 0, reciprocal rank 0). Nothi
 from __future__ import annotations
 
 import datetime as dt
+import math
+from fractions import Fraction
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from pyspark.sql import DataFrame
@@ -26,6 +28,15 @@ def _lists(topk: DataFrame, kind: str, rank_col: str) -> Tuple[DataFrame, List[s
         return topk.select(S.USER_ID, F.col(S.ITEM_ID).alias(S.TARGET_ITEM),
                            F.col(S.RANK).alias(rank_col)), [S.USER_ID, S.TARGET_ITEM]
     raise ValueError(f"kind={kind!r}; expected i2i or u2i")
+
+
+_RECIPROCAL = "decimal(20,18)"
+
+
+def _reciprocal(rank_col: str):
+    """1 / rank, 0 for a miss, as a decimal: a sum of decimals is exact, so MRR does not depend on the
+    order in which a shuffle merges partial sums (a double sum does, in its last bits)."""
+    return F.coalesce((F.lit(1.0) / F.col(rank_col)).cast(_RECIPROCAL), F.lit(0).cast(_RECIPROCAL))
 
 
 def metric_names(kind: str) -> Tuple[str, str]:
@@ -56,22 +67,18 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
     """
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     ranked = target_ranks(eval_targets, topk, kind)
-    group_cols: List[Optional[str]] = [None]
-    if items is not None:
-        cats = items.select(F.col(S.ITEM_ID).alias(S.TARGET_ITEM), S.CATEGORY_ID)
-        ranked = ranked.join(cats, S.TARGET_ITEM, "left")
-        group_cols.append(S.CATEGORY_ID)
-    aggs = [F.count(F.lit(1)).alias(S.N_USERS),
-            F.avg(F.coalesce(1.0 / F.col(S.RANK), F.lit(0.0))).alias("mrr")]
+    aggs = [F.count(F.lit(1)).alias(S.N_USERS), F.avg(_reciprocal(S.RANK)).cast("double").alias("mrr")]
     aggs += [F.avg(F.when(F.col(S.RANK) <= k, 1.0).otherwise(0.0)).alias(f"pre_{k}") for k in ks]
-    out = None
-    for g in group_cols:
-        # Targets without a category are in the overall row only: a group of null categories would
-        # be a second row with category_id null, the contract's mark of the overall row.
-        agg = (ranked.where(F.col(g).isNotNull()).groupBy(g).agg(*aggs) if g
-               else ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)))
-        rows = _long_format(agg, ks, *metric_names(kind))
-        out = rows if out is None else out.unionByName(rows)
+    # The overall row comes from the targets themselves, before any join that could repeat one.
+    out = _long_format(ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)), ks, *metric_names(kind))
+    if items is not None:
+        # One category per item (the smallest, should `items` list one twice), so that no target
+        # counts twice; targets without a category are in the overall row only (a group of null
+        # categories would be a second row with category_id null, the contract's mark of the overall row).
+        cats = (items.where(F.col(S.CATEGORY_ID).isNotNull()).groupBy(F.col(S.ITEM_ID).alias(S.TARGET_ITEM))
+                .agg(F.min(S.CATEGORY_ID).alias(S.CATEGORY_ID)))
+        per_cat = ranked.join(cats, S.TARGET_ITEM).groupBy(S.CATEGORY_ID).agg(*aggs)
+        out = out.unionByName(_long_format(per_cat, ks, *metric_names(kind)))
     return out.select(F.lit(model).alias(S.MODEL), S.METRIC, F.col(S.K).cast("int"),
                       F.col(S.CATEGORY_ID).cast("long"), F.col(S.VALUE).cast("double"),
                       F.col(S.N_USERS).cast("long"), F.lit(run_ts).cast("timestamp").alias(S.RUN_TS))
@@ -96,14 +103,16 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
     la, ka = _lists(topk, kind, "rank_a")
     lb, kb = _lists(baseline_topk, baseline_kind, "rank_b")
     ranked = eval_targets.join(la, ka, "left").join(lb, kb, "left")
-    values = {k: (F.when(F.col("rank_a") <= k, 1.0).otherwise(0.0), F.when(F.col("rank_b") <= k, 1.0).otherwise(0.0))
+    values = {k: (F.when(F.col("rank_a") <= k, 1).otherwise(0), F.when(F.col("rank_b") <= k, 1).otherwise(0))
               for k in ks}
-    values[None] = (F.coalesce(1.0 / F.col("rank_a"), F.lit(0.0)), F.coalesce(1.0 / F.col("rank_b"), F.lit(0.0)))
+    values[None] = (_reciprocal("rank_a"), _reciprocal("rank_b"))
+    # Exact sums (integers; decimals for MRR), the mean and spread taken from them on the driver: a rerun
+    # gives the same bits whatever order the shuffle merges partial sums in.
     aggs = [F.count(F.lit(1)).alias("n")]
-    for i, (a, b) in enumerate(values.values()):
+    for i, (k, (a, b)) in enumerate(values.items()):
         d = a - b
-        aggs += [F.avg(a).alias(f"a{i}"), F.avg(b).alias(f"b{i}"), F.avg(d).alias(f"d{i}"),
-                 F.coalesce(F.stddev_samp(d), F.lit(0.0)).alias(f"s{i}"),
+        aggs += [F.sum(a).alias(f"a{i}"), F.sum(b).alias(f"b{i}"), F.sum(d).alias(f"d{i}"),
+                 F.sum(d * d if k is not None else (d * d).cast(_RECIPROCAL)).alias(f"q{i}"),
                  F.sum(F.when(d > 0, 1).otherwise(0)).alias(f"w{i}"),
                  F.sum(F.when(d < 0, 1).otherwise(0)).alias(f"l{i}")]
     agg = ranked.agg(*aggs).collect()[0]  # one row
@@ -112,11 +121,13 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
         raise InvalidInput("eval_targets is empty: nothing to compare")
     rows, (hit_name, mrr_name) = [], metric_names(kind)
     for i, k in enumerate(values):
-        mean, wins, losses = agg[f"d{i}"], agg[f"w{i}"], agg[f"l{i}"]
-        lo, hi, p = paired_stats(mean, agg[f"s{i}"], n, wins, losses, hits=k is not None)
+        sum_a, sum_b, sum_d, sum_dd = (Fraction(agg[f"{c}{i}"]) for c in "abdq")
+        var = (sum_dd - sum_d * sum_d / n) / (n - 1) if n > 1 else Fraction(0)  # stddev_samp's; 0 for one user
+        mean, sd, wins, losses = float(sum_d / n), math.sqrt(max(var, 0)), agg[f"w{i}"], agg[f"l{i}"]
+        lo, hi, p = paired_stats(mean, sd, n, wins, losses, hits=k is not None)
         rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: hit_name if k is not None else mrr_name, S.K: k,
                      "baseline_kind": baseline_kind,
-                     S.VALUE: agg[f"a{i}"], "baseline_value": agg[f"b{i}"], "diff": mean,
+                     S.VALUE: float(sum_a / n), "baseline_value": float(sum_b / n), "diff": mean,
                      "ci_low": lo, "ci_high": hi, "p_value": p,
                      "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
     return rows

@@ -341,3 +341,123 @@ def test_globs_and_hadoop_style_local_uris_still_read(spark, tmp_path):
     for path in (str(tmp_path / "*.csv"), f"file:{tmp_path}/a.csv"):
         _, good, _ = _run(spark, IngestConfig(format="csv", path=path))
         assert good == [(1, 2, 3, None, None)]
+
+
+def test_a_film_listed_twice_is_one_items_row_and_no_rating_is_doubled(spark, tmp_path, caplog):
+    # before: movies.dat listing film 2 twice gave two items rows, the join onto them doubled every
+    # rating of film 2, and dedupe rejected the copies as duplicates of rows the source never had
+    d = tmp_path / "ml"
+    d.mkdir()
+    _write(d, "ratings.dat", "1::1::5::978300760\n1::2::3::978300761\n2::2::4::978300000\n2::3::4::978300001\n")
+    _write(d, "movies.dat", MOVIES + "2::Café, again (1996)::Drama\n", encoding="latin-1")
+    with caplog.at_level("WARNING", logger="ml.data.formats"):
+        src, good, bad = _run(spark, IngestConfig(format="ml1m", path=str(d)))
+    assert bad == [] and len(good) == 4
+    items = {r.item_id: (r.title, r.category_name) for r in src.items.collect()}
+    assert src.items.count() == len(items) == 3
+    assert items[2] == ("Café (1996)", "Comedy")  # the smaller line, whatever order the lines are read in
+    assert "movies.dat: 0 lines left out" in caplog.text and "1 lines for ids already listed" in caplog.text
+
+
+def test_a_sas_id_mapped_twice_is_one_items_row(spark, tmp_path):
+    d = tmp_path / "sas"
+    d.mkdir()
+    _write(d, "train_input.txt", "1 2\n2 1\n")
+    _write(d, "sas_to_original_items.txt", "1 3\n2 2\n1 1\n")  # sas id 1 -> films 3 and 1: film 1 kept
+    _write(d, "movies.dat", MOVIES, encoding="latin-1")
+    src, good, bad = _run(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt")))
+    assert bad == [] and good == [(1, 1, 0, None, 3), (1, 2, 1, None, 5), (2, 1, 1, None, 3), (2, 2, 0, None, 5)]
+    assert sorted((r.item_id, r.title) for r in src.items.collect()) == [(1, "Toy Story (1995)"), (2, "Café (1996)")]
+
+
+@pytest.mark.parametrize("ansi", ["true", "false"])
+def test_unreadable_companion_lines_are_counted_and_left_out_whatever_ansi(spark, tmp_path, caplog, ansi):
+    # before: a header line made the plain cast fail the job under ANSI (Spark 4's default), and
+    # vanish unseen without it
+    d = tmp_path / "ml"
+    d.mkdir()
+    _write(d, "ratings.dat", "1::1::5::978300760\n2::3::4::978300000\n")
+    _write(d, "movies.dat", "movieId::title::genres\n" + MOVIES + "4::Two fields only\n", encoding="latin-1")
+    _write(d, "users.dat", "UserID::Gender::Age::Occupation::Zip\n1::F::1::10::48067\n2::M::56::16::70072\n")
+    sas = tmp_path / "sas"
+    sas.mkdir()
+    _write(sas, "train_input.txt", "1 2\n")
+    _write(sas, "sas_to_original_items.txt", "sas orig\n1 1\n2 x\n")
+    _write(sas, "movies.dat", MOVIES, encoding="latin-1")
+    previous = spark.conf.get("spark.sql.ansi.enabled")
+    spark.conf.set("spark.sql.ansi.enabled", ansi)
+    try:
+        with caplog.at_level("WARNING", logger="ml.data.formats"):
+            src, good, bad = _run(spark, IngestConfig(format="ml1m", path=str(d)))
+            sas_src, sas_good, _ = _run(spark, IngestConfig(format="sasrec", path=str(sas / "train_input.txt")))
+        assert good == [(1, 1, 978300760, "5", 3), (2, 3, 978300000, "4", 1)] and bad == []
+        assert sorted(r.item_id for r in src.items.collect()) == [1, 2, 3]
+        assert sorted(r.user_id for r in src.users.collect()) == [1, 2]
+        assert sas_good == [(1, 1, 0, None, 3), (1, 2, 1, None, None)]  # sas id 2 has no usable map line
+        assert [r.item_id for r in sas_src.items.collect()] == [1]
+    finally:
+        spark.conf.set("spark.sql.ansi.enabled", previous)
+    assert "movies.dat: 2 lines left out" in caplog.text and "users.dat: 1 lines left out" in caplog.text
+    assert "sas_to_original_items.txt: 2 lines left out" in caplog.text
+
+
+def test_a_companion_file_without_a_usable_line_is_an_error_naming_it(spark, tmp_path):
+    d = tmp_path / "ml"
+    d.mkdir()
+    _write(d, "ratings.dat", "1::1::5::978300760\n")
+    _write(d, "movies.dat", "1,Toy Story (1995),Animation\n2,Heat (1995),Action\n")  # commas, not ::
+    with pytest.raises(SourceSchemaError, match=r"movies.dat: none of its 2 lines has the expected fields"):
+        read_source(spark, IngestConfig(format="ml1m", path=str(d)), "")
+
+
+def test_a_blank_behaviour_is_rejected_where_the_behaviours_are_set(spark, tmp_path):
+    # before: a Taobao line with an empty behaviour was a good action with behavior NULL
+    path = _write(tmp_path, "ub.csv", "1,10,5,pv,1511600000\n1,11,5,,1511600001\n1,12,5, ,1511600002\n")
+    _, good, bad = _run(spark, IngestConfig(format="taobao", path=path))
+    assert good == [(1, 10, 1511600000, "pv", 5)]
+    assert [b[0] for b in bad] == [I.MISSING_BEHAVIOR] * 2
+    csv = _write(tmp_path, "log.csv", "user_id,item_id,ts,behavior\n1,10,1,click\n1,11,2,\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=csv, behaviors=["click"]))
+    assert [g[1] for g in good] == [10] and [b[0] for b in bad] == [I.MISSING_BEHAVIOR]
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=csv))  # no allowed list: blank is kept as null
+    assert [g[3] for g in good] == ["click", None] and bad == []
+
+
+@pytest.mark.parametrize("fmt", ["YYYY-MM-dd HH:mm:ss", "EEE MMM dd HH:mm:ss yyyy", "'x"])
+def test_a_ts_format_spark_cannot_parse_with_is_a_config_error_naming_the_key(spark, tmp_path, fmt):
+    # before: Spark's own exception from inside the query, a traceback that named no key
+    from ml.config import ConfigError
+
+    path = _write(tmp_path, "log.csv", "user_id,item_id,ts\n1,10,2020-01-01 00:00:00\n")
+    with pytest.raises(ConfigError, match=r"ingest.ts_format="):
+        _run(spark, IngestConfig(format="csv", path=path, ts_unit="string", ts_format=fmt))
+
+
+def test_every_ts_unreadable_says_to_check_ts_unit_and_ts_format(spark, tmp_path):
+    from jobs import ingest as ingest_job
+    from ml.config import load_config
+
+    path = _write(tmp_path, "log.csv", "u,i,t\n1,2,2020-01-01 10:00:00\n1,3,2020-01-01 11:00:00\n")
+    cfg = load_config(None, ["ingest.format=csv", "ingest.columns={user_id: u, item_id: i, ts: t}",
+                             f"warehouse={tmp_path / 'wh'}", f"ingest.path={path}", "ingest.ts_unit=string",
+                             "ingest.ts_format=yyyy-MM-dd hh:mm:ss a"])  # AM/PM the data does not have
+    with pytest.raises(ingest_job.NoActionsError, match=r"'bad_ts': 2.*check ingest.ts_unit / ingest.ts_format "
+                                                        r"\(ingest.ts_unit=string, ingest.ts_format='yyyy-MM-dd hh"):
+        ingest_job.run(cfg, spark)
+
+
+def test_the_ingest_log_counts_users_and_items_without_an_exact_distinct(spark, tmp_path, monkeypatch):
+    # an exact distinct count of billions of actions is a full shuffle (two, with an Expand doubling
+    # every row) only for a log line
+    from jobs import ingest as ingest_job
+    from ml.config import load_config
+
+    def refuse(*_a, **_k):
+        raise AssertionError("exact distinct count")
+
+    monkeypatch.setattr(F, "countDistinct", refuse)
+    monkeypatch.setattr(F, "count_distinct", refuse)
+    path = _write(tmp_path, "log.csv", "user_id,item_id,ts\n1,10,1\n1,11,2\n2,10,3\n3,12,4\n")
+    out = ingest_job.run(load_config(None, ["ingest.format=csv", f"warehouse={tmp_path / 'wh'}",
+                                            f"ingest.path={path}"]), spark)
+    assert (out["actions"], out["users"], out["items"]) == (4, 3, 3)  # approximate, exact at this size

@@ -234,3 +234,48 @@ def test_report_says_which_models_were_scored_on_other_eval_targets(spark, wareh
     html = open(out["report"]).read()
     assert "note: pop were scored on other eval targets than today&#x27;s 2 users" in html
     assert "cooc were" not in html
+
+
+def test_an_item_listed_twice_in_items_counts_its_targets_once(spark):
+    # before: the overall row was aggregated after the category join, so a target whose item had two
+    # items rows was two users (Pre@1 0.2 over 5 "users" instead of 0.3333 over 3)
+    topk = _topk(spark, [(1, 20, 1), (1, 30, 2)])
+    targets = spark.createDataFrame([(1, 1, 20, 0, 1), (2, 1, 40, 0, 1), (3, 1, 20, 0, 1)], S.EVAL_TARGETS)
+    items = spark.createDataFrame([(20, 200, None, None, None), (20, 100, None, None, None),
+                                   (40, 100, None, None, None)], S.ITEMS_TABLE)
+    alone = {(r.metric, r.k): (r.value, r.n_users) for r in compute_metrics(targets, topk, [1], "m").collect()}
+    assert alone == {("pre", 1): (pytest.approx(2 / 3), 3), ("mrr", None): (pytest.approx(2 / 3), 3)}
+    rows = compute_metrics(targets, topk, [1], "m", items).collect()
+    assert {(r.metric, r.k): (r.value, r.n_users) for r in rows if r.category_id is None} == alone
+    # item 20 in one category (the smaller id), so each target is in one category row
+    assert {(r.category_id, r.metric): (r.value, r.n_users) for r in rows if r.category_id is not None} == {
+        (100, "pre"): (pytest.approx(2 / 3), 3), (100, "mrr"): (pytest.approx(2 / 3), 3)}
+
+
+def _ranked(spark, ranks, parts):
+    """u2i lists and eval targets giving user u the target at rank ranks[u] (a miss for None),
+    as targets in ``parts`` partitions in the order given."""
+    u2i = spark.createDataFrame([(u, 1000 + u, 1.0, r, "m") for u, r in enumerate(ranks) if r], S.U2I_TOPK)
+    rows = [(u, 0, 1000 + u, 0, 1) for u in range(len(ranks))]
+    return spark.sparkContext.parallelize(rows, parts).toDF(S.EVAL_TARGETS), u2i
+
+
+def test_mrr_and_its_paired_interval_do_not_depend_on_the_order_of_the_targets(spark):
+    # before: reciprocal ranks were summed as doubles in partition order, and a shuffle merges partial
+    # sums in the order their blocks arrive: the same targets could give an MRR differing in its last bits
+    ranks = [1, 3, 6, 7, 11, 13, 29, 2, 97, 5, None, 4] * 3
+    base = [None, 2, 1, 9, 3, 13, 8, 1, None, 5, 17, 4] * 3
+    seen_mrr, seen_paired = set(), set()
+    for order in (lambda x: x, lambda x: x[::-1]):
+        for parts in (1, 3, 7):
+            targets, u2i = _ranked(spark, order(ranks), parts)
+            _, b = _ranked(spark, order(base), parts)
+            mrr = [r.value for r in compute_metrics(targets, u2i, [1], "m", kind="u2i").collect() if r.k is None]
+            seen_mrr.add(mrr[0].hex())
+            row = [r for r in paired_comparison(targets, u2i, b, [1], "m", "b", kind="u2i", baseline_kind="u2i")
+                   if r[S.K] is None][0]
+            seen_paired.add(tuple(float(row[c]).hex() for c in (S.VALUE, "baseline_value", "diff", "ci_low",
+                                                               "ci_high", "p_value")))
+    assert len(seen_mrr) == 1 and len(seen_paired) == 1
+    exact = sum(1 / r for r in ranks if r) / len(ranks)
+    assert float.fromhex(seen_mrr.pop()) == pytest.approx(exact, rel=1e-15)

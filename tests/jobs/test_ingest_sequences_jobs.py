@@ -52,3 +52,19 @@ def test_sequences_job_stops_instead_of_emptying_the_tables(spark, tmp_path):
         sequences.run(load_config(None, base + ["sequences.min_length=5"]), spark)
     after = table_version(cfg.table_path(S.T_SEQUENCES)), table_version(cfg.table_path(S.T_EVAL_TARGETS))
     assert after == before and io.read_table(spark, cfg.table_path(S.T_SEQUENCES)).count() == 3
+
+
+def test_sequences_counts_the_users_left_out_from_its_own_aggregation(spark, tmp_path, monkeypatch):
+    # before: a distinct count of every action's user, a full shuffle of the actions only for a log line
+    path = _csv(tmp_path)
+    with open(path, "a") as f:
+        f.write("4,9,0,pv\n5,9,0,pv\n5,8,1,pv\n")
+    base = [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={path}", "sequences.min_length=3"]
+    ingest.run(load_config(None, base), spark)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a distinct count of the actions")
+
+    monkeypatch.setattr(type(spark.range(1)), "distinct", refuse)  # the session's DataFrame class
+    out = sequences.run(load_config(None, base), spark)
+    assert (out["users"], out["excluded_users"]) == (3, 2)  # users 4 and 5 have 1 and 2 actions
