@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from ml import schemas as S
@@ -30,6 +30,13 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
     the job to count from these rows without another shuffle; :func:`split_user_events` drops them."""
     if cfg.behaviors:
         actions = actions.where(F.col(S.BEHAVIOR).isin(list(cfg.behaviors)))
+    if cfg.collapse_repeats:
+        # Before the aggregation, so that it stays bounded: a row whose item is the user's previous
+        # one (in (ts, item_id) order) goes. A window sort per user spills; a run of repeats can be
+        # any length, so collapsing after a bounded top-k would have needed every event in memory.
+        order = Window.partitionBy(S.USER_ID).orderBy(S.TS, S.ITEM_ID)
+        actions = (actions.withColumn("_prev", F.lag(S.ITEM_ID).over(order))
+                   .where(F.col("_prev").isNull() | (F.col("_prev") != F.col(S.ITEM_ID))).drop("_prev"))
     # sort_array on (ts, item_id) structs: time order with an explicit, stable tie-break.
     event = F.struct(F.col(S.TS).alias("t"), F.col(S.ITEM_ID).alias("i"))
     bound = _events_needed(cfg)
@@ -40,12 +47,10 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
     else:
         collected = F.collect_list(event)
     events = actions.groupBy(S.USER_ID).agg(F.sort_array(collected).alias("ev"), F.count(F.lit(1)).alias("total"))
-    if cfg.collapse_repeats:
-        events = events.withColumn("ev", F.expr("filter(ev, (x, k) -> k = 0 OR x.i != ev[k - 1].i)"))
     if cfg.holdout > 1:  # validation split: the last holdout-1 actions are never seen
         events = events.withColumn("ev", F.expr(f"slice(ev, 1, greatest(size(ev) - {cfg.holdout - 1}, 0))"))
     # n: the user's actions up to the target (all of them, also those beyond the bound); m: those in ev
-    n = F.size("ev") if cfg.collapse_repeats else F.greatest(F.col("total") - (cfg.holdout - 1), F.lit(0))
+    n = F.greatest(F.col("total") - (cfg.holdout - 1), F.lit(0))
     return events.withColumn("n", n).withColumn("m", F.size("ev"))
 
 
@@ -80,8 +85,8 @@ def split_user_events(events: DataFrame, cfg: SequencesConfig) -> Tuple[DataFram
 def _events_needed(cfg: SequencesConfig) -> int | None:
     """How many of a user's most recent events the tables can use (None: all of them): the last
     ``max_length`` training items, the target and the held-out ones (``min_length`` is checked on
-    the user's full count). Collapsing repeats needs every event (a run can be any length)."""
-    if not cfg.max_length or cfg.collapse_repeats or cfg.max_length + cfg.holdout > MAX_BY_K_LIMIT:
+    the user's full count; repeats are collapsed before)."""
+    if not cfg.max_length or cfg.max_length + cfg.holdout > MAX_BY_K_LIMIT:
         return None
     return cfg.max_length + cfg.holdout
 

@@ -76,3 +76,36 @@ def test_bounded_collection_gives_the_same_tables_as_collecting_everything(spark
     assert seqmod._events_needed(SequencesConfig(max_length=3, holdout=2)) == 5
     _, tgt = _collect(spark, [(1, i, i) for i in range(50)], max_length=2)
     assert tgt[1][3] == 49  # history_length counts every action before the target
+
+
+def _reference(rows, max_length=None, min_length=2, holdout=1, collapse_repeats=False):
+    """build_sequences in plain Python, one user at a time."""
+    seq, tgt = {}, {}
+    for u in sorted({r[0] for r in rows}):
+        ev = sorted((t, i) for uu, i, t in rows if uu == u)
+        if collapse_repeats:
+            ev = [e for k, e in enumerate(ev) if k == 0 or e[1] != ev[k - 1][1]]
+        ev = ev[:len(ev) - (holdout - 1)]
+        if len(ev) < min_length:
+            continue
+        train = ev[:-1][-max_length:] if max_length else ev[:-1]
+        seq[u] = ([i for _, i in train], [t for t, _ in train], len(train))
+        tgt[u] = (ev[-2][1], ev[-1][1], ev[-1][0], len(ev) - 1)
+    return seq, tgt
+
+
+def test_collapsed_repeats_stay_bounded_and_equal_collapsing_every_event(spark):
+    # collapse_repeats used to need every event of a user in one array (collect_list): a bot's 10^8
+    # page views were one aggregation buffer. Repeats now go before the bounded top-k aggregate.
+    import random
+
+    from ml.data.sequences import user_events
+
+    rnd = random.Random(5)
+    rows = [(u, rnd.randrange(3), rnd.randrange(10)) for u in range(15) for _ in range(rnd.randrange(1, 40))]
+    for kw in (dict(collapse_repeats=True), dict(collapse_repeats=True, max_length=3),
+               dict(collapse_repeats=True, max_length=2, holdout=2, min_length=3)):
+        assert _collect(spark, rows, **kw) == _reference(rows, **kw), kw
+    plan = user_events(_acts(spark, rows), SequencesConfig(collapse_repeats=True, max_length=3))._jdf \
+        .queryExecution().optimizedPlan().toString()
+    assert "max_by" in plan and "collect_list" not in plan
