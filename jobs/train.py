@@ -113,6 +113,31 @@ def publish(mdir: str, save_model: Callable[[str], None], metrics_path: str, run
         os.replace(final + ".new", final)
 
 
+def _checkpoint_versions(cfg: Config, section: str, ckpt_dir: str, log_it: bool) -> dict:
+    """{table: version} of the tables the latest checkpoint in ``ckpt_dir`` trained on ({} without
+    one); a version no longer readable (its log cleaned up) is an error that says so."""
+    from deltalake import DeltaTable
+
+    from ml.train.checkpoint import latest_checkpoint, read_checkpoint
+
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return {}
+    saved = read_checkpoint(path)["extra"].get("settings") or {}
+    out = {t: int(saved[f"{t} version"]) for t in _INPUTS[section] if f"{t} version" in saved}
+    for table, version in out.items():
+        try:
+            DeltaTable(cfg.table_path(table), version=version)
+        except Exception as e:  # noqa: BLE001 - delta-rs raises several kinds for a version it cannot load
+            raise InvalidInput(f"cannot resume from {path}: it trained on {table} version {version}, which is "
+                               f"no longer readable ({str(e).splitlines()[0]}); run without --resume") from e
+        latest = DeltaTable(cfg.table_path(table)).version()
+        if log_it and latest != version:
+            log.info("resuming on %s version %d, the one %s trained on (the table is at version %d now)",
+                     table, version, os.path.basename(path), latest)
+    return out
+
+
 def train_worker(cfg: Config, resume: bool) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
     from ml.train.distributed import cleanup, init_distributed
@@ -125,20 +150,26 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         # the side tables (vocabulary, graph, categories, users) at one version on every rank; the
         # samples table's version is agreed by its reader
         side = agreed_versions([cfg.table_path(t) for t in _INPUTS[section] if not t.startswith("samples_")])
+        # a resumed run reads the tables at the versions its checkpoint trained on (every rank reads the
+        # same checkpoint), so a commit since then, even a rerun of samples with the same rows, does not
+        # stop it
+        resumed = _checkpoint_versions(cfg, section, checkpoint_dir(cfg), ctx.is_main) if resume else {}
+        side.update({cfg.table_path(t): v for t, v in resumed.items() if not t.startswith("samples_")})
+        samples_version = resumed.get(f"samples_{section}")
         with pinned_versions(side):
             if cfg.model == "natm":
                 from ml.train.natm_task import (NATMTrainer, build_natm, natm_batches, positive_distribution,
                                                  save_artifact)
 
                 model, vocab = build_natm(cfg)
-                make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size)
+                make, ds = natm_batches(cfg, vocab, ctx.rank, ctx.world_size, samples_version)
                 trainer = NATMTrainer(model, cfg.natm.negatives or cfg.samples.num_negatives,
                                       positive_distribution(cfg, vocab) if cfg.natm.loss == "softmax" else None)
             else:
                 from ml.train.dat_task import DATTrainer, build_dat, dat_batches, save_dat_artifact
 
                 model, users, items = build_dat(cfg)
-                make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size)
+                make, ds = dat_batches(cfg, users, items, ctx.rank, ctx.world_size, samples_version)
                 trainer = DATTrainer(model)
         if ds.num_rows() == 0:
             raise InvalidInput(f"{ds.table_path} (version {ds.version}) has no rows: nothing to train "

@@ -42,7 +42,15 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
 
     more = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
                                                           "train.max_steps=12"])
+    # a commit to samples_natm since the checkpoint (a rerun of samples: the same rows) does not stop the
+    # resume, which reads the version the checkpoint trained on (it was refused: "checkpoint 0, this run 1")
+    from ml.data import io as delta_io
+
+    samples_path = more.table_path("samples_natm")
+    delta_io.write_table(spark, delta_io.read_table(spark, samples_path).localCheckpoint(), samples_path)
+    assert delta_io.table_version(samples_path) == 1
     assert train.run(more, resume=True)["steps"] == 12
+    assert json.load(open(os.path.join(mdir, "run.json")))["samples_version"] == 0
     # continued from the step-8 checkpoint: the same run (a run started over has a new id), each
     # logged step once (steps 5 and 10), the step-8 epoch record kept and a step-12 one added
     resumed = [json.loads(l) for l in open(os.path.join(mdir, "train_metrics.jsonl"))]
