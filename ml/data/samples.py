@@ -96,9 +96,10 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     ids, cdf, stored = _noise_arrays(q)
     if len(ids) <= len(exclude_cols):
         raise InvalidInput(f"cannot draw negatives: only {len(ids)} training items")
-    qs = np.diff(np.concatenate([[0.0], cdf]))
-    b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, qs))
-    b_stored = spark.sparkContext.broadcast(stored) if q_of else None
+    # three arrays of 8 bytes per training item go to every executor (the catalogue, not the action
+    # log); q of a drawn negative and of a looked-up positive are both noise_q's own values (the
+    # negatives' were the normalised CDF's differences, a fourth array, a few ulps off)
+    b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, stored))
     n_draw = 2 * k + 4
     keys = [F.col(c) for c in key_cols]
     staged = rows.withColumn("_u", _uniforms(seed, salt, n_draw, *keys)).withColumn(
@@ -138,7 +139,7 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
                 at = np.minimum(np.searchsorted(ids_, item), len(ids_) - 1)
                 if (ids_[at] != item).any():
                     raise ValueError(f"{q_of[0]} {item[ids_[at] != item][:5].tolist()} not in noise_q")
-                res[q_of[1]] = b_stored.value[at]  # noise_q's own value, as the join gave it
+                res[q_of[1]] = q_[at]  # noise_q's own value, as the join gave it
             res[NEGATIVES] = negs
             res[Q_NEGATIVES] = qn
             yield res
