@@ -73,7 +73,8 @@ def main() -> None:
         results[label] = (evaluate.run(c, spark, ["cooc"])["rows"], time.time() - t)
     cols = [f"Pre@{k}" for k in ks] + ["MRR"]
     split = "test" if args.holdout == 1 else f"validation (holdout {args.holdout})"
-    print(f"\nML-1M i2i, {split} split, 6040 eval users, machine: {describe()}")
+    n_users = next(iter(results.values()))[0][0]["n_users"]
+    print(f"\nML-1M i2i, {split} split, {n_users:,} eval users, machine: {describe()}")
     print(f"{'method':<22}" + "".join(f"{c:>9}" for c in cols) + f"{'time':>8}")
     for label, (rows, secs) in results.items():
         vals = {(f"Pre@{r['k']}" if r["metric"] == "pre" else "MRR"): r["value"] for r in rows}

@@ -39,7 +39,7 @@ def _values(rows, u2i: bool) -> dict:
 
 
 def _row(label: str, vals: dict, cols) -> str:
-    return f"{label:<46}" + "".join(f"{vals[c]:>9.4f}" for c in cols) + f"{sum(vals.values()):>9.4f}"
+    return f"{label:<46}" + "".join(f"{vals[c]:>9.4f}" for c in cols) + f"{sum(vals[c] for c in cols):>9.4f}"
 
 
 def split(args, holdout: int, spark=None):
@@ -50,7 +50,8 @@ def split(args, holdout: int, spark=None):
     ingest.run(cfg, spark)
     sequences.run(cfg, spark)
     baseline.run(cfg, spark, "cooc")
-    single = _values(evaluate.run(cfg, spark, ["cooc"])["rows"], u2i=False)
+    rows = evaluate.run(cfg, spark, ["cooc"])["rows"]
+    single = {**_values(rows, u2i=False), "users": rows[0]["n_users"]}
 
     def fused(settings: dict) -> dict:
         c = load_config(ROOT / "conf" / "ml1m_natm.yaml", base + [f"{k}={v}" for k, v in settings.items()])
@@ -71,9 +72,9 @@ def main() -> None:
     t0 = time.time()
     cols = [f"Pre@{k}" for k in (1, 5, 10, 50, 100)] + ["MRR"]
     header = "".join(f"{c:>9}" for c in cols) + f"{'sum':>9}"
-    print(f"ML-1M, 6,040 eval users; machine: {describe()}")
+    print(f"ML-1M; machine: {describe()}")
     spark, single, fused = split(args, 2)
-    print(f"\n{'validation split':<46}{header}")
+    print(f"\n{'validation split, ' + format(single['users'], ',') + ' eval users':<46}{header}")
     print(_row("cooc, the trigger's list alone", single, cols), flush=True)
     results = {}
     for values in itertools.product(*GRID.values()):
@@ -81,12 +82,12 @@ def main() -> None:
         results[values] = fused(s)
         print(_row("cooc_recent " + ", ".join(f"{k.split('.')[1]} {v}" for k, v in s.items()), results[values], cols),
               flush=True)
-    best = dict(zip(GRID, max(results, key=lambda v: sum(results[v].values()))))
+    best = dict(zip(GRID, max(results, key=lambda v: sum(results[v][c] for c in cols))))
     label = ", ".join(f"{k.split('.')[1]} {v}" for k, v in best.items())
     print(f"chosen on validation: {label}")
 
     _, single, fused = split(args, 1, spark)
-    print(f"\n{'test split':<46}{header}")
+    print(f"\n{'test split, ' + format(single['users'], ',') + ' eval users':<46}{header}")
     print(_row("cooc, the trigger's list alone", single, cols))
     print(_row(f"cooc_recent ({label})", fused(best), cols))
     print(_row("  same, the user's history excluded", fused({**best, "recent.exclude": "history"}), cols))

@@ -56,25 +56,27 @@ def weight_scale(window: int, decay: bool) -> int:
 
 
 def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False) -> DataFrame:
-    """Rows ``(item_id, neighbor_id, units)``: b follows a within ``window`` positions (a != b);
-    ``units`` = L // d for distance d (:func:`weight_scale`; 1 without decay)."""
+    """Rows ``(item_id, neighbor_id, units)``: b follows a within ``window`` positions (a != b), and with
+    ``symmetric`` also (b, a); ``units`` = L // d for distance d (:func:`weight_scale`; 1 without decay)."""
     # For each offset d, zip the sequence with itself shifted by d: O(length) per d, no self-join.
     # slice/arrays_zip are code-generated natives, ~8x faster than a transform() lambda here.
     n = F.size(S.ITEMS)
     scale = weight_scale(window, decay)
-    directed = None
+    out = None
     for d in range(1, window + 1):
         zipped = F.arrays_zip(F.slice(S.ITEMS, 1, n - d).alias("a"), F.slice(S.ITEMS, d + 1, n - d).alias("b"))
         units = F.lit((scale // d if scale else 1.0 / d) if decay else 1)
         pairs = (sequences.where(n > d).select(F.explode(zipped).alias("p"))
                  .select(F.col("p.a").alias(S.ITEM_ID), F.col("p.b").alias(S.NEIGHBOR_ID))
-                 .where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID))
-                 .withColumn(UNITS, units))
-        directed = pairs if directed is None else directed.unionByName(pairs)
-    if not symmetric:
-        return directed
-    reverse = directed.select(F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), F.col(S.ITEM_ID).alias(S.NEIGHBOR_ID), UNITS)
-    return directed.unionByName(reverse)
+                 .where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID)))
+        if symmetric:  # both directions from the one scan (a union with the reverse rescanned it all)
+            both = F.array(F.struct(F.col(S.ITEM_ID).alias("a"), F.col(S.NEIGHBOR_ID).alias("b")),
+                           F.struct(F.col(S.NEIGHBOR_ID).alias("a"), F.col(S.ITEM_ID).alias("b")))
+            pairs = pairs.select(F.explode(both).alias("p")).select(F.col("p.a").alias(S.ITEM_ID),
+                                                                   F.col("p.b").alias(S.NEIGHBOR_ID))
+        pairs = pairs.withColumn(UNITS, units)
+        out = pairs if out is None else out.unionByName(pairs)
+    return out
 
 
 def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1) -> DataFrame:

@@ -36,12 +36,23 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+_HITS = ("pre", "u2i_hr")  # Pre@K of i2i lists, HR@K of u2i lists (the same targets)
+
+
+def _series(rows: Sequence[dict]) -> Dict[str, List[dict]]:
+    """Hit-rate rows (i2i and u2i) by the name the text table shows them under ("dat", "dat u2i")."""
+    out: Dict[str, List[dict]] = {}
+    for r in rows:
+        if r["metric"] in _HITS:
+            out.setdefault(display_name(r["model"], r["metric"], r["k"])[0], []).append(r)
+    return out
+
+
 def plot_pre_at_k(rows: Sequence[dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in rows}):
-        pts = sorted((r["k"], r["value"]) for r in rows
-                     if r["model"] == model and r["metric"] == "pre" and r["category_id"] is None)
-        ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=model)
+    for name, series in sorted(_series(rows).items()):
+        pts = sorted((r["k"], r["value"]) for r in series if r["category_id"] is None)
+        ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xlabel("K")
     ax.set_ylabel("Pre@K (HitRate@K), all eval users")
@@ -52,13 +63,15 @@ def plot_pre_at_k(rows: Sequence[dict]) -> bytes:
 
 def plot_per_category(rows: Sequence[dict], k: int, names: Optional[Dict[int, str]] = None,
                       max_categories: int = 25) -> Optional[bytes]:
-    cat_rows = [r for r in rows if r["category_id"] is not None and r["metric"] == "pre" and r["k"] == k]
-    if not cat_rows:
+    by_name = {name: [r for r in series if r["category_id"] is not None and r["k"] == k]
+               for name, series in _series(rows).items()}
+    by_name = {name: series for name, series in by_name.items() if series}
+    if not by_name:
         return None
-    users = {r["category_id"]: r["n_users"] for r in cat_rows}
+    users = {r["category_id"]: r["n_users"] for series in by_name.values() for r in series}
     cats = sorted(users, key=lambda c: (-users[c], c))[:max_categories]
-    models = sorted({r["model"] for r in cat_rows})
-    val = {(r["model"], r["category_id"]): r["value"] for r in cat_rows}
+    models = sorted(by_name)
+    val = {(name, r["category_id"]): r["value"] for name, series in by_name.items() for r in series}
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cats) * max(1, len(models)) / 2), 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):

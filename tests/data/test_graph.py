@@ -30,6 +30,17 @@ def test_window_and_decay(spark):
     assert e[(1, 2)][2] == 1 and e[(1, 3)][2] == 2
 
 
+def test_symmetric_pairs_come_from_one_scan_per_offset(spark):
+    # the reverse direction was a union with the directed plan, which Spark computed again from the
+    # sequences: 2 x window scans instead of window
+    seqs = _seqs(spark, [(1, [1, 2, 3, 1]), (2, [3, 2])])
+    plan = windowed_pairs(seqs, 3, symmetric=True)._jdf.queryExecution().optimizedPlan().toString()
+    assert plan.count("LogicalRDD") == 3
+    pairs = sorted(tuple(r) for r in windowed_pairs(seqs, 3, symmetric=True).collect())
+    directed = sorted(tuple(r) for r in windowed_pairs(seqs, 3).collect())
+    assert pairs == sorted(directed + [(b, a, u) for a, b, u in directed])
+
+
 def test_symmetric_adds_reverse_edges(spark):
     e = _edges(spark, [(1, [1, 2])], window=1, symmetric=True)
     assert set(e) == {(1, 2), (2, 1)}
