@@ -20,7 +20,7 @@ from ml.config import Config
 from ml.data import io
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
-from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
+from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison, targets_fingerprint
 
 from jobs._cli import command, parse, print_tables
 
@@ -64,11 +64,13 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
                 raise InvalidInput(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)
+    targets_id = targets_fingerprint(targets)
     metrics = None
     for m in models:
         for kind, t in lists[m]:
-            part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind)
+            part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind, targets_id=targets_id)
             metrics = part if metrics is None else metrics.unionByName(part)
+    _add_targets_column(spark, cfg)
     io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
                    replace_where={S.MODEL: list(models)}, delta_mode=mode)
     written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(
@@ -103,9 +105,23 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                        delta_mode=mode)
     table = format_table(rows, list(cfg.eval.ks))
     log.info("metrics\n%s", table)
-    report = write_evaluation_report(cfg, spark, rows[0][S.N_USERS])  # every model's rows count every eval user
+    report = write_evaluation_report(cfg, spark, rows[0][S.N_USERS], targets_id)  # every model's rows: every eval user
     log.info("report: %s", report)
     return {"rows": rows, "table": table, "report": report, "paired": "\n\n".join(paired)}
+
+
+def _add_targets_column(spark, cfg: Config) -> None:
+    """A ``metrics`` table written before the ``targets`` column: rewritten once with it (null for its
+    rows, whose targets were not recorded), so that this run's rows, which have it, can be added."""
+    path = cfg.table_path(S.T_METRICS)
+    if not io.table_exists(path):
+        return
+    old = io.read_table(spark, path, delta_mode=cfg.io.delta_mode)
+    if S.TARGETS in old.columns:
+        return
+    log.info("metrics: adding the targets column (null for the %s rows written before it)", path)
+    io.write_table(spark, old.withColumn(S.TARGETS, F.lit(None).cast("string")).localCheckpoint(), path,
+                   mode="overwrite", partition_by=[S.MODEL], delta_mode=cfg.io.delta_mode, overwrite_schema=True)
 
 
 def _model_lists(model: str, topk_all, u2i_all) -> list:
@@ -136,9 +152,10 @@ def default_models(cfg: Config) -> List[str]:
     return [cfg.model] + ([model_name(cfg)] if cfg.recent.triggers > 0 else [])
 
 
-def write_evaluation_report(cfg: Config, spark, n_users: int) -> str:
-    """Report over every model in the metrics table; ``n_users``: today's eval users, which the models
-    scored on others are named beside."""
+def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: Optional[str] = None) -> str:
+    """Report over every model in the metrics table; ``n_users`` and ``targets_id``: today's eval
+    users and their :func:`~ml.eval.metrics.targets_fingerprint`, beside which the models scored on
+    other targets are named."""
     import os
 
     from ml.eval.report import read_loss_curve, write_report
@@ -165,7 +182,10 @@ def write_evaluation_report(cfg: Config, spark, n_users: int) -> str:
     table_text = format_table(overall, list(cfg.eval.ks))
     # metrics keeps each model's latest evaluation: a model not scored since the eval targets changed
     # would sit beside the others on other users
-    stale = sorted({r[S.MODEL] for r in overall if r[S.N_USERS] != n_users})
+    # (by the targets' fingerprint: the validation and test splits of ML-1M have the same 6,040 users;
+    # rows written before the fingerprint by their user count)
+    stale = sorted({r[S.MODEL] for r in overall
+                    if (r.get(S.TARGETS) != targets_id if r.get(S.TARGETS) and targets_id else r[S.N_USERS] != n_users)})
     if stale:
         note = (f"note: {', '.join(stale)} were scored on other eval targets than today's {n_users:,} users "
                 f"(rerun jobs.evaluate --model for them before comparing)")

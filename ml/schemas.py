@@ -83,6 +83,7 @@ K = "k"
 VALUE = "value"
 N_USERS = "n_users"
 RUN_TS = "run_ts"
+TARGETS = "targets"
 
 ITEM_GRAPH = StructType([
     StructField(ITEM_ID, LongType(), False),
@@ -125,6 +126,7 @@ METRICS = StructType([
     StructField(VALUE, DoubleType(), False),
     StructField(N_USERS, LongType(), False),
     StructField(RUN_TS, TimestampType(), False),
+    StructField(TARGETS, StringType(), True),  # fingerprint of the eval targets scored (null: before 2026-12-05)
 ])
 
 # One model against a baseline on the same eval targets, user by user (jobs.evaluate, eval.compare_to):

@@ -56,14 +56,24 @@ def target_ranks(eval_targets: DataFrame, topk: DataFrame, kind: str = "i2i") ->
     return eval_targets.join(lists, keys, "left")
 
 
+def targets_fingerprint(eval_targets: DataFrame) -> str:
+    """Which eval targets a run scored: their count and the exact sum of a 64-bit hash of each (user,
+    trigger, target). The same targets give the same string in any order; the validation and the test
+    split of ML-1M, both 6,040 users, do not (a count alone could not tell them apart)."""
+    h = F.xxhash64(S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM).cast("decimal(38,0)")
+    row = eval_targets.agg(F.count(F.lit(1)).alias("n"), F.sum(h).alias("h")).first()
+    return f"{row['n']}:{int(row['h'] or 0) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int], model: str,
                     items: Optional[DataFrame] = None, run_ts: Optional[dt.datetime] = None,
-                    kind: str = "i2i") -> DataFrame:
+                    kind: str = "i2i", targets_id: Optional[str] = None) -> DataFrame:
     """Metrics rows in the ``metrics`` contract: overall, plus per target category when ``items`` given.
 
     kind="i2i" scores ``i2i_topk`` (metrics "pre", "mrr"); kind="u2i" scores ``u2i_topk`` against the
     same targets (metrics "u2i_hr", "u2i_mrr"). MRR is the mean reciprocal rank over the whole list
-    (its length is the largest K written).
+    (its length is the largest K written). ``targets_id`` (:func:`targets_fingerprint`) goes with every
+    row, so that a report can tell which models were scored on which targets.
     """
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     ranked = target_ranks(eval_targets, topk, kind)
@@ -81,7 +91,8 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
         out = out.unionByName(_long_format(per_cat, ks, *metric_names(kind)))
     return out.select(F.lit(model).alias(S.MODEL), S.METRIC, F.col(S.K).cast("int"),
                       F.col(S.CATEGORY_ID).cast("long"), F.col(S.VALUE).cast("double"),
-                      F.col(S.N_USERS).cast("long"), F.lit(run_ts).cast("timestamp").alias(S.RUN_TS))
+                      F.col(S.N_USERS).cast("long"), F.lit(run_ts).cast("timestamp").alias(S.RUN_TS),
+                      F.lit(targets_id).cast("string").alias(S.TARGETS))
 
 
 def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: DataFrame, ks: Sequence[int],

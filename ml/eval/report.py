@@ -75,7 +75,7 @@ def plot_per_category(rows: Sequence[dict], k: int, names: Optional[Dict[int, st
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(cats) * max(1, len(models)) / 2), 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
-        ax.bar([j + i * width for j in range(len(cats))], [val.get((m, c), 0.0) for c in cats], width, label=m)
+        ax.bar([j + i * width for j in range(len(cats))], [val.get((m, c), math.nan) for c in cats], width, label=m)
     labels = [f"{(names or {}).get(c, c)}\n({users[c]})" for c in cats]
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], labels, rotation=60, fontsize=7)
     ax.set_ylabel(f"Pre@{k}")

@@ -234,6 +234,39 @@ def test_report_says_which_models_were_scored_on_other_eval_targets(spark, wareh
     html = open(out["report"]).read()
     assert "note: pop were scored on other eval targets than today&#x27;s 2 users" in html
     assert "cooc were" not in html
+    # other targets for as many users (ML-1M's validation and test splits: 6,040 each): the count alone
+    # did not tell them apart
+    other = [(1, 1, 2, 0, 1), (2, 5, 6, 0, 1)]
+    io.write_table(spark, spark.createDataFrame(other, S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    html = open(evaluate.run(cfg, spark, ["pop"])["report"]).read()
+    assert "note: cooc were scored on other eval targets than today&#x27;s 2 users" in html
+    assert "pop were" not in html
+    # the same targets in another order (a rewrite of eval_targets): the same fingerprint
+    io.write_table(spark, spark.createDataFrame(other[::-1], S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    html = open(evaluate.run(cfg, spark, ["cooc"])["report"]).read()
+    assert "note:" not in html
+
+
+def test_a_metrics_table_from_before_the_targets_column_gets_it(spark, warehouse):
+    from jobs import evaluate
+    from ml.config import load_config
+
+    cfg = load_config(None, [f"warehouse={warehouse}", "eval.compare_to=[]"])
+    io.write_table(spark, _topk(spark, [(1, 2, 1)], "pop"), cfg.table_path(S.T_I2I_TOPK), partition_by=[S.MODEL],
+                   replace_where={S.MODEL: "pop"})
+    io.write_table(spark, spark.createDataFrame([(1, 1, 2, 0, 1)], S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    old_schema = S.METRICS.fieldNames()[:-1]
+    import datetime
+
+    old = spark.createDataFrame([("cooc", "pre", 1, None, 0.5, 1, datetime.datetime(2026, 1, 1))],
+                                "model string, metric string, k int, category_id bigint, value double, "
+                                "n_users bigint, run_ts timestamp").select(*old_schema)
+    io.write_table(spark, old, cfg.table_path(S.T_METRICS), partition_by=[S.MODEL])
+    evaluate.run(cfg, spark, ["pop"])
+    got = io.read_table(spark, cfg.table_path(S.T_METRICS))
+    assert S.TARGETS in got.columns
+    by_model = {r.model: r.targets for r in got.where(F.col(S.K) == 1).collect()}
+    assert by_model["cooc"] is None and by_model["pop"].startswith("1:")
 
 
 def test_an_item_listed_twice_in_items_counts_its_targets_once(spark):
