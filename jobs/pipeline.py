@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from urllib.parse import unquote, urlparse
 
 from ml import schemas as S
-from ml.config import Config
+from ml.config import Config, ConfigError
 from ml.data import io
 from ml.data.delta_files import is_uri
 from ml.data.formats import source_files
@@ -96,7 +96,7 @@ def _state(cfg: Config, name: str) -> object:
     if name == "@source":
         if not cfg.ingest.path:
             return _state(cfg, cfg.generate.table)
-        if is_uri(cfg.ingest.path):
+        if is_uri(cfg.ingest.path) and not cfg.ingest.path.startswith("file:"):  # file: is read here
             try:  # a Delta source has an id and a version wherever it is
                 if io.table_exists(cfg.ingest.path):
                     return [_table_state(cfg.ingest.path)]
@@ -166,8 +166,14 @@ def _path_state(path: str) -> object:
     if os.path.isfile(path):
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
-    stats = []
-    for root, _, files in os.walk(path):
+    stats, seen = [], set()
+    # through symlinked folders, as Spark reads them (each real folder once: a link cycle ends)
+    for root, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         for f in sorted(files):
             st = os.stat(os.path.join(root, f))
             stats.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
@@ -210,10 +216,20 @@ def _up_to_date(cfg: Config, stage: str) -> bool:
 def _record(cfg: Config, stage: str, fingerprint: Optional[dict]) -> None:
     if is_uri(cfg.warehouse):  # no state kept there (_fingerprint)
         return
+    outputs = _stage_io(cfg, stage)[2]
+    # An output table whose latest commit is another process's (a second pipeline on this warehouse
+    # wrote it after this stage did): its state now is not what this stage wrote, and recorded it
+    # would make the stage skip on that other job's data. Not recorded: the stage runs next time.
+    foreign = [o for o in outputs if not _PARTITION.fullmatch(o) and not os.path.isabs(o)
+               and io.table_exists(cfg.table_path(o)) and io.last_writer(cfg.table_path(o)) not in (io.PROCESS_ID, None)]
+    if foreign:
+        log.warning("stage %s (%s): %s committed by another job since; its state is not recorded (it runs "
+                    "again next time)", stage, cfg.model, ", ".join(foreign))
+        return
     path = _state_file(cfg, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump({"fingerprint": fingerprint, "outputs": {o: _state(cfg, o) for o in _stage_io(cfg, stage)[2]},
+        json.dump({"fingerprint": fingerprint, "outputs": {o: _state(cfg, o) for o in outputs},
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
 
@@ -242,6 +258,8 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
         stages.remove("baselines")
     if start_from:  # the stages before it are not run (their records stay as they are)
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
+    if "train" in stages:
+        check_can_train(cfg)  # before ingest … samples have run for minutes
     results = {}
     skipped = []
     for stage in stages:
@@ -272,6 +290,20 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
     return results
 
 
+def check_can_train(cfg: Config) -> None:
+    """The training settings the train stage would refuse, refused before any stage runs."""
+    t = cfg.train
+    if t.launcher == "torchrun" and t.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"train.launcher=torchrun with train.num_processes={t.num_processes}: the pipeline cannot "
+                          "start torchrun itself; set train.launcher=distributor, or run the stages up to samples "
+                          "here and jobs.train under torchrun")
+    train.checkpoint_dir(cfg)  # a URI there is refused
+    if t.launcher != "distributor" or t.distributor_local:  # on this machine: its device must exist
+        from ml.train.distributed import resolve_device
+
+        resolve_device(t.device)
+
+
 def _baseline_stages(cfg: Config, base_cfgs: list) -> list:
     """(baseline config, stage): the topk, and recent when it is on, of each compared baseline."""
     subs = ["topk"] + (["recent"] if cfg.recent.triggers > 0 else [])
@@ -287,7 +319,10 @@ def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Option
     fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
     log.info("stage %s (%s) ...", stage, cfg.model)
     if stage == "train":
-        result = train.run(cfg)  # torch, no Spark; launcher from train.launcher
+        # torch, no Spark; launcher from train.launcher. A killed run of this same training (its
+        # checkpoints' settings and table versions are this run's) is continued, not trained again;
+        # --force / --from start it over.
+        result = train.run(cfg, resume=False if forced else train.SAME_RUN)
     elif stage == "topk" and cfg.model in baseline.BASELINES:
         result = baseline.run(cfg, spark)
     else:

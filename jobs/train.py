@@ -113,6 +113,37 @@ def publish(mdir: str, save_model: Callable[[str], None], metrics_path: str, run
         os.replace(final + ".new", final)
 
 
+SAME_RUN = "same_run"  # resume= value: resume only a checkpoint of this very run (the pipeline's)
+
+
+def _is_same_run(ckpt_dir: str, settings: dict, ctx) -> bool:
+    """Whether the latest checkpoint in ``ckpt_dir`` was written by a run of these settings (config
+    and table versions, run length aside) and world size: a killed run of the same training, which
+    the pipeline then continues instead of starting over. Rank 0 decides for every rank."""
+    from ml.train.checkpoint import latest_checkpoint, read_checkpoint
+    from ml.train.loop import RUN_LENGTH_KEYS
+
+    decision = [False]
+    if ctx.is_main:
+        path = latest_checkpoint(ckpt_dir)
+        if path is not None:
+            extra = read_checkpoint(path)["extra"]
+            saved = extra.get("settings")
+
+            def core(d: dict) -> dict:
+                return {k: v for k, v in d.items() if k not in RUN_LENGTH_KEYS}
+
+            decision[0] = (saved is not None and extra.get("world_size", 1) == ctx.world_size
+                           and core(saved) == core(settings))
+            log.info("%s: %s", path, "a checkpoint of this training (killed before it finished): continuing it"
+                     if decision[0] else "a checkpoint of another training: starting over")
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
 def _checkpoint_versions(cfg: Config, section: str, ckpt_dir: str, log_it: bool) -> dict:
     """{table: version} of the tables the latest checkpoint in ``ckpt_dir`` trained on ({} without
     one); a version no longer readable (its log cleaned up) is an error that says so."""
@@ -153,7 +184,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         # a resumed run reads the tables at the versions its checkpoint trained on (every rank reads the
         # same checkpoint), so a commit since then, even a rerun of samples with the same rows, does not
         # stop it
-        resumed = _checkpoint_versions(cfg, section, checkpoint_dir(cfg), ctx.is_main) if resume else {}
+        resumed = _checkpoint_versions(cfg, section, checkpoint_dir(cfg), ctx.is_main) if resume is True else {}
         side.update({cfg.table_path(t): v for t, v in resumed.items() if not t.startswith("samples_")})
         samples_version = resumed.get(f"samples_{section}")
         with pinned_versions(side):
@@ -195,15 +226,17 @@ def train_worker(cfg: Config, resume: bool) -> dict:
             # with its model: a killed run leaves the previous run's folder as it was
             metrics_path = os.path.join(ckpt_dir, METRICS)
             published = os.path.join(model_dir(cfg), METRICS)
-            if resume and ctx.is_main and not os.path.exists(metrics_path) and files.exists(published):
+            if resume is True and ctx.is_main and not os.path.exists(metrics_path) and files.exists(published):
                 # resumed on another machine (a shared train.checkpoint_dir) or from a checkpoint of a
                 # version that kept them in the model folder: start from the published file; training
                 # keeps the resumed run's records up to its checkpoint
                 os.makedirs(ckpt_dir, exist_ok=True)
                 files.copy_to_local(published, metrics_path)
+            settings = run_settings(cfg, ds.version, side)
+            if resume == SAME_RUN:
+                resume = _is_same_run(ckpt_dir, settings, ctx)
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
-                        metrics_path=metrics_path, steps_per_epoch=steps_per_epoch,
-                        settings=run_settings(cfg, ds.version, side))
+                        metrics_path=metrics_path, steps_per_epoch=steps_per_epoch, settings=settings)
             if ctx.is_main:
                 extra = {"samples_version": ds.version, "steps": res["steps"]}
                 save = (functools.partial(save_artifact, model=model, vocab=vocab, extra=extra) if cfg.model == "natm"
@@ -221,7 +254,11 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         cleanup()
 
 
-def run(cfg: Config, resume: bool = False) -> dict:
+def run(cfg: Config, resume: bool | str = False) -> dict:
+    """Train ``cfg.model``. ``resume``: True continues the latest checkpoint (refused if another run
+    wrote it), reading the tables at the versions it trained on; :data:`SAME_RUN` continues it only
+    if this very training wrote it (same settings and table versions), else starts over; False
+    starts over."""
     if cfg.model not in TRAINABLE:
         raise ConfigError(f"model={cfg.model!r} is not trainable here; expected one of {list(TRAINABLE)}")
     from ml.train.distributed import launch

@@ -46,6 +46,8 @@ from ml.errors import InvalidInput, MissingInput
 log = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 5  # delta-rs commits that met a concurrent commit are retried on the new version
 WRITE_ID_KEY = "spark_i2i.write_id"  # in each delta-rs commit's info: the data folder it committed
+PROCESS_KEY = "spark_i2i.process"  # in each commit's info (native: its userMetadata): the writing process
+PROCESS_ID = uuid.uuid4().hex  # this process's, so that a job can tell its own commits from another's
 
 WRITE_MODES = ("append", "overwrite")
 
@@ -111,6 +113,21 @@ def table_exists(path: str) -> bool:
     if "://" not in path and os.path.isfile(path):  # a local file is never a table (delta-rs errors on it)
         return False
     return DeltaTable.is_deltatable(table_uri(path))
+
+
+def last_writer(path: str) -> Optional[str]:
+    """The process (:data:`PROCESS_ID`) that made the table's latest commit; None when its commit info
+    does not say (a writer other than this project's, or one from before the key)."""
+    h = DeltaTable(table_uri(path)).history(1)
+    if not h:
+        return None
+    info = h[0]
+    if PROCESS_KEY in info:
+        return info[PROCESS_KEY]
+    try:  # native writes carry it in userMetadata
+        return json.loads(info.get("userMetadata") or "{}").get(PROCESS_KEY)
+    except (ValueError, AttributeError):
+        return None
 
 
 def table_version(path: str) -> int:
@@ -332,7 +349,7 @@ def _rs_filter(c: str, v: object) -> tuple:
 
 
 def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema) -> int:
-    writer = df.write.format("delta").mode(mode)
+    writer = df.write.format("delta").mode(mode).option("userMetadata", json.dumps({PROCESS_KEY: PROCESS_ID}))
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if replace_where:
@@ -369,7 +386,7 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
     arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
     # the commit carries its write id, by which its version is found afterwards (another job may have
     # committed after it, so the table's latest version need not be this one)
-    props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id})
+    props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID})
     created = False
     if not exists:
         from deltalake import Schema

@@ -62,6 +62,13 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         # Without Hadoop's native libs on a laptop, Spark logs a warning per job otherwise.
         "spark.hadoop.parquet.summary.metadata.level": "NONE",
     }
+    if submitted:
+        # on a cluster: the UI is the cluster's to decide, and the laptop default of 8 shuffle partitions
+        # would put billions of rows through 8 tasks (Spark's own 200, which adaptive execution coalesces,
+        # unless the config or the submitter sets a number)
+        settings.pop("spark.ui.enabled")
+        if cfg.shuffle_partitions == SparkConfig().shuffle_partitions:
+            settings.pop("spark.sql.shuffle.partitions")
     settings.update({k: str(v) for k, v in cfg.conf.items()})
     for k, v in settings.items():
         if k not in given:

@@ -230,6 +230,10 @@ def test_a_source_this_process_cannot_stat_is_never_taken_as_unchanged(tmp_path)
     assert pipeline._state(glob_cfg, "@source") != first
     file_cfg = load_config(None, ["ingest.format=csv", f"ingest.path=file:{tmp_path}/a.csv"])
     assert pipeline._state(file_cfg, "@source")[0][1] is not None  # read locally
+    # file:/// as well (it was taken for a remote URI: never unchanged, every run reran everything)
+    uri_cfg = load_config(None, ["ingest.format=csv", f"ingest.path=file://{tmp_path}/a.csv"])
+    assert pipeline._state(uri_cfg, "@source") == pipeline._state(uri_cfg, "@source")
+    assert pipeline._state(uri_cfg, "@source")[0][1] is not None
     unseen = load_config(None, ["ingest.format=csv", "ingest.path=/user/hive/logs/day.csv"])
     s1 = pipeline._state(unseen, "@source")
     time.sleep(0.01)
@@ -271,3 +275,58 @@ def test_pipeline_under_a_uri_warehouse_writes_the_model_and_report_through_the_
     # checkpoints need renames: a URI is refused, naming the key
     with pytest.raises(ValueError, match=r"train.checkpoint_dir='s3a://b/ck' is a URI; expected a local"):
         train.checkpoint_dir(load_config(None, ["train.checkpoint_dir=s3a://b/ck"]))
+
+
+def test_a_stage_whose_output_another_job_committed_since_is_not_recorded(spark, warehouse, monkeypatch):
+    # a second pipeline on the warehouse committed item_graph after this stage did: recording the table
+    # as it is now would make the stage skip, next time, on that other job's data
+    cfg = load_config(None, [f"warehouse={warehouse}"])
+    edges = spark.createDataFrame([(1, 2, 1.0, 1, 1)], "item_id long, neighbor_id long, weight double, count long, "
+                                                        "rank int")
+    counts = spark.createDataFrame([(1, 3)], "item_id long, count long")
+    io.write_table(spark, edges, cfg.table_path(S.T_ITEM_GRAPH))
+    io.write_table(spark, counts, cfg.table_path(S.T_ITEM_COUNTS))
+    with monkeypatch.context() as m:
+        m.setattr(io, "PROCESS_ID", "another-process")
+        io.write_table(spark, edges, cfg.table_path(S.T_ITEM_GRAPH))
+    assert io.last_writer(cfg.table_path(S.T_ITEM_GRAPH)) == "another-process"
+    pipeline._record(cfg, "graph", {"config": {}, "inputs": {}})
+    assert not os.path.exists(pipeline._state_file(cfg, "graph"))
+    io.write_table(spark, edges, cfg.table_path(S.T_ITEM_GRAPH))  # this process's own commit last: recorded
+    assert io.last_writer(cfg.table_path(S.T_ITEM_GRAPH)) == io.PROCESS_ID
+    pipeline._record(cfg, "graph", {"config": {}, "inputs": {}})
+    assert os.path.exists(pipeline._state_file(cfg, "graph"))
+
+
+def test_a_source_folders_state_sees_files_under_symlinked_folders(tmp_path):
+    # Spark reads through a symlinked subfolder (day=1 -> elsewhere); os.walk did not, so new data
+    # there never reran ingest. A link cycle must not loop.
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (real / "f1.csv").write_text("user_id,item_id,ts\n1,2,3\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "day=1").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(src, target_is_directory=True)
+    cfg = load_config(None, ["ingest.format=csv", f"ingest.path={src}"])
+    before = pipeline._state(cfg, "@source")
+    (real / "f2.csv").write_text("user_id,item_id,ts\n4,5,6\n")
+    assert pipeline._state(cfg, "@source") != before
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["train.launcher=torchrun", "train.num_processes=2"], "cannot start torchrun"),
+    (["train.checkpoint_dir=s3a://bucket/ck"], "train.checkpoint_dir='s3a://bucket/ck' is a URI"),
+    (["train.device=cuda"], "train.device=cuda"),
+])
+def test_training_settings_the_train_stage_would_refuse_fail_before_any_stage(spark, warehouse, settings, message):
+    import torch
+
+    from ml.config import ConfigError
+
+    if "train.device=cuda" in settings and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *settings])
+    with pytest.raises(ConfigError, match=message):
+        pipeline.run(cfg, spark)
+    assert not io.table_exists(cfg.table_path(S.T_ACTIONS))  # nothing ran

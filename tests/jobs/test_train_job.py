@@ -87,6 +87,17 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
         with pytest.raises(RuntimeError, match="killed"):
             train.run(other)
     assert folder() == done
+    # the pipeline continues a killed run of the same training (same settings, same table versions)
+    # from its checkpoint (step 5), where it trained it again from scratch
+    killed_run = {json.loads(line)["run"] for line in open(os.path.join(warehouse, "ck_kill", "train_metrics.jsonl"))}
+    assert train.run(other, resume=train.SAME_RUN)["steps"] == 9
+    assert {json.loads(line)["run"] for line in open(os.path.join(mdir, "train_metrics.jsonl"))} == killed_run
+    # and starts over when its checkpoints are another training's (here: another seed)
+    reseeded = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm", "seed=7",
+                                                              "train.max_steps=9", f"train.checkpoint_dir={warehouse}/ck_kill"])
+    assert train.run(reseeded, resume=train.SAME_RUN)["steps"] == 9
+    assert {json.loads(line)["run"] for line in open(os.path.join(mdir, "train_metrics.jsonl"))}.isdisjoint(killed_run)
+    done = folder()
 
     def dump_half(obj, f, **kwargs):
         f.write("{")
