@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -139,6 +140,13 @@ class IngestConfig:
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
         if self.format in ("csv", "parquet") and not self.path:
             raise ConfigError(f"ingest.path is required for ingest.format={self.format!r}")
+        if not self.csv_sep:  # Spark's own error ("Delimiter cannot be empty") names no key, after Spark starts
+            raise ConfigError(f"ingest.csv_sep={self.csv_sep!r} must not be empty; e.g. --set 'ingest.csv_sep=;' "
+                              "(a tab: --set 'ingest.csv_sep=\\t')")
+        if self.min_ts is not None and self.max_ts is not None and self.min_ts > self.max_ts:
+            # every row would be rejected, and only after a full scan of the source
+            raise ConfigError(f"ingest.min_ts={self.min_ts} must be <= ingest.max_ts={self.max_ts} (rows outside "
+                              "[min_ts, max_ts] are rejected: this window holds none)")
 
 
 @dataclass(frozen=True)
@@ -302,6 +310,11 @@ class TrainConfig:
         _check_choice("train.optimizer", self.optimizer, ["adam", "adamw", "sgd"])
         _check_choice("train.lr_schedule", self.lr_schedule, ["constant", "cosine", "linear"])
         _check_choice("train.launcher", self.launcher, ["local", "torchrun", "distributor"])
+        if self.launcher == "local" and self.num_processes > 1:
+            # it would train in one process anyway, and a change of it reruns the pipeline's training
+            raise ConfigError(f"train.num_processes={self.num_processes} is the world size of train.launcher="
+                              "torchrun or distributor; train.launcher='local' trains in one process: set "
+                              "train.launcher=distributor (or torchrun), or train.num_processes=1")
         _check_choice("train.device", self.device, ["auto", "cpu", "cuda"])
         if isinstance(self.amp, bool):  # YAML true/false, on/off
             object.__setattr__(self, "amp", "auto" if self.amp else "off")
@@ -426,6 +439,15 @@ class Config:
         if self.natm.negatives is not None and self.natm.negatives > self.samples.num_negatives:
             raise ConfigError(f"natm.negatives={self.natm.negatives} must be <= samples.num_negatives="
                               f"{self.samples.num_negatives} (the negatives stored with each sample)")
+        if self.model == "natm" and self.natm.num_neighbors > self.graph.top_n:
+            # the item graph keeps graph.top_n neighbours per item: the other slots would always be padding
+            raise ConfigError(f"natm.num_neighbors={self.natm.num_neighbors} must be <= graph.top_n="
+                              f"{self.graph.top_n} (the neighbours kept per item; the extra slots would always "
+                              "be padding): raise graph.top_n or lower natm.num_neighbors")
+        if max(self.eval.ks) > self.baseline.k:
+            raise ConfigError(f"eval.ks={list(self.eval.ks)} goes up to {max(self.eval.ks)}, but baseline.k="
+                              f"{self.baseline.k} writes lists of {self.baseline.k} items: raise baseline.k or "
+                              "drop the larger cut-offs from eval.ks")
 
     def table_path(self, name: str) -> str:
         """Location of table ``name`` under the warehouse."""
@@ -512,10 +534,7 @@ _FREE_KEY_MAPPINGS = ("spark.conf", "ingest.columns")
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for free in _FREE_KEY_MAPPINGS:
-        if dotted.startswith(free + ".") and len(dotted) > len(free) + 1:
-            parts = free.split(".") + [dotted[len(free) + 1:]]
+    parts = _split_key(dotted)
     node = d
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -524,22 +543,97 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _split_key(dotted: str) -> list:
+    for free in _FREE_KEY_MAPPINGS:
+        if dotted.startswith(free + ".") and len(dotted) > len(free) + 1:
+            return free.split(".") + [dotted[len(free) + 1:]]
+    return dotted.split(".")
+
+
+def _field_hint(parts: typing.Sequence[str]) -> Any:
+    """The annotation of the field at ``parts`` (a mapping's value type for a key inside a mapping
+    field), or None where the path names no field (``_build`` reports an unknown key)."""
+    hint: Any = Config
+    for p in parts:
+        if dataclasses.is_dataclass(hint):
+            hint = typing.get_type_hints(hint).get(p)
+        elif typing.get_origin(hint) in (Mapping, dict, collections.abc.Mapping) and len(typing.get_args(hint)) == 2:
+            hint = typing.get_args(hint)[1]
+        else:
+            return None
+        if hint is None:
+            return None
+    return hint
+
+
+def _is_str_field(hint: Any) -> bool:
+    return hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint)
+                           and all(a in (str, type(None)) for a in typing.get_args(hint)))
+
+
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _yaml_problem(e: yaml.YAMLError, line: bool = True) -> str:
+    """One line for a YAML error: what is wrong and where (the job prints config errors as one line)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        what = ", ".join(x for x in (e.context, e.problem) if x) or "malformed"
+        mark = e.problem_mark or e.context_mark
+        if mark is not None:
+            what += f" (line {mark.line + 1}, column {mark.column + 1})" if line else f" (column {mark.column + 1})"
+        return what
+    return " ".join(str(e).split())
+
+
+def _override_value(dotted: str, parts: typing.Sequence[str], raw: str) -> Any:
+    """The value of ``--set dotted=raw``: the text as written for a string field (YAML would make
+    ``|`` and ``>`` '', ``#x`` null and ``OFF`` false), unless it is quoted or null; YAML otherwise."""
+    text = raw.strip()
+    if raw == "" or text in _YAML_NULLS:
+        return None
+    if _is_str_field(_field_hint(parts)) and text[:1] not in ("'", '"'):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted + '=' + raw!r}: not valid YAML: {_yaml_problem(e, line=False)}; a list is "
+                          f"written [a, b], a mapping {{k: v}}, text with YAML's own characters in quotes") from None
+
+
 def parse_overrides(items: typing.Iterable[str]) -> dict:
-    """``["a.b=3", "c=x"]`` -> nested dict with YAML-typed values."""
+    """``["a.b=3", "c=x"]`` -> nested dict with YAML-typed values (a string field takes the text)."""
     out: dict = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        _set_path(out, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        key = key.strip()
+        _set_path(out, key, _override_value(key, _split_key(key), raw))
     return out
 
 
-def _merge(base: dict, over: Mapping) -> dict:
+@functools.lru_cache(maxsize=None)
+def _mapping_fields(cls: Optional[type] = None, prefix: str = "") -> frozenset:
+    """Dotted names of the fields that hold a free mapping (``spark.conf``, ``ingest.columns``)."""
+    out = set()
+    for name, hint in typing.get_type_hints(cls or Config).items():
+        if dataclasses.is_dataclass(hint):
+            out |= _mapping_fields(hint, f"{prefix}{name}.")
+        elif typing.get_origin(hint) in (Mapping, dict, collections.abc.Mapping):
+            out.add(prefix + name)
+    return frozenset(out)
+
+
+def _merge(base: dict, over: Mapping, prefix: str = "") -> dict:
+    """``over`` on top of ``base``, key by key; an explicit empty mapping for a mapping field
+    (``ingest.columns: {}``) replaces the inherited one instead of adding nothing to it."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(dict(out[k]), v)
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping) and not v and path in _mapping_fields():
+            out[k] = {}
+        elif isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v, path + ".")
         else:
             out[k] = v
     return out
@@ -553,21 +647,32 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Iterable[st
         data = _load_yaml(Path(path))
     if extra:
         data = _merge(data, extra)
-    data = _merge(data, parse_overrides(overrides))
+    for item in overrides:  # one at a time, in order: --set 'ingest.columns={}' --set ingest.columns.user_id=u
+        data = _merge(data, parse_overrides([item]))
     return _build(Config, data, "")
 
 
-def _load_yaml(path: Path) -> dict:
+def _load_yaml(path: Path, _chain: tuple = ()) -> dict:
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist" + (f" (base: of {_chain[-1]})" if _chain else ""))
+    if path.resolve() in (p.resolve() for p in _chain):
+        raise ConfigError(f"config file {path}: its base: files inherit from it again: "
+                          + " -> ".join(str(p) for p in (*_chain, path)))
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     bases = data.pop("base", None)
     if bases:
+        bases = [bases] if isinstance(bases, str) else bases
+        if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+            raise ConfigError(f"config file {path}: base={bases!r} must be a file name or a list of them")
         merged: dict = {}
-        for b in [bases] if isinstance(bases, str) else bases:
-            merged = _merge(merged, _load_yaml(path.parent / b))
+        for b in bases:
+            merged = _merge(merged, _load_yaml(path.parent / b, (*_chain, path)))
         data = _merge(merged, data)
     return data
 

@@ -16,7 +16,7 @@ CONF = "conf/synthetic.yaml"  # conf/ml1m_natm.yaml, conf/taobao.yaml, or your o
 MODEL = "natm"
 OVERRIDES = ["generate.num_users=2000", "generate.num_items=1000", "train.epochs=1"]
 DELTA_MODE = "auto"  # auto: native Delta when the jars are there, delta-rs commits otherwise
-LAUNCHER = "distributor"  # TorchDistributor; "local" trains in this driver process
+LAUNCHER = "distributor"  # TorchDistributor; "local" trains in this driver process (set NUM_PROCESSES = 1)
 NUM_PROCESSES = 2  # DDP world size: the number of GPUs to use, or CPU processes
 
 # COMMAND ----------

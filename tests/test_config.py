@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,6 @@ def test_bad_choice_names_key_and_allowed_values():
     ("ingest.min_ts=abc", "ingest.min_ts='abc' must be an integer"),
     ("eval.ks=5", "eval.ks=5 must be a list"),
     ("spark.conf=3", "spark.conf=3 must be a mapping"),
-    ("spark.log_level=OFF", "spark.log_level=False must be a string .quote it"),
     ("natm.dropout=2", r"natm.dropout=2 must be in \[0, 1\)"),
     ("train.lr=nan", "train.lr=nan must be a finite number"),
     ("eval.compare_to=cooc", r"eval.compare_to='cooc' must be a list, e.g. --set 'eval.compare_to=\[cooc\]'"),
@@ -206,3 +206,149 @@ def test_a_config_error_on_the_command_line_is_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(
         "error: ConfigError: unknown key 'graph.windw'; allowed keys: [")
+
+
+# ---------------------------------------------------------------- review_pipeline findings 6-10
+
+
+def test_natm_neighbours_beyond_the_graphs_top_n_are_refused_naming_both_keys():
+    # before: accepted; the item graph keeps graph.top_n neighbours, so the extra slots were always padding
+    with pytest.raises(ConfigError, match=r"natm.num_neighbors=20 must be <= graph.top_n=9.*padding"):
+        load_config(None, ["model=natm", "natm.num_neighbors=20"])
+    with pytest.raises(ConfigError, match=r"natm.num_neighbors=10 must be <= graph.top_n=9"):
+        load_config(ROOT / "conf" / "ml1m_natm.yaml", ["natm.num_neighbors=10"])
+    cfg = load_config(ROOT / "conf" / "ml1m_natm.yaml", ["natm.num_neighbors=20", "graph.top_n=20"])
+    assert (cfg.natm.num_neighbors, cfg.graph.top_n) == (20, 20)
+    assert load_config(None, ["model=natm", "natm.num_neighbors=3"]).natm.num_neighbors == 3
+    # the other models do not read NATM's neighbours
+    assert load_config(None, ["model=cooc", "natm.num_neighbors=20"]).model == "cooc"
+
+
+def test_a_yaml_error_in_a_set_value_or_a_config_file_names_the_key_or_the_file(tmp_path):
+    # before: a yaml.parser.ParserError traceback naming neither ('in "<unicode string>"')
+    with pytest.raises(ConfigError, match=r"--set 'eval.compare_to=\[cooc, pop': not valid YAML: .*flow sequence"):
+        load_config(None, ["eval.compare_to=[cooc, pop"])
+    with pytest.raises(ConfigError, match=r"--set 'spark.conf=\{a: 1': not valid YAML"):
+        load_config(None, ["spark.conf={a: 1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\ngraph:\n  window: [3\n")
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(bad))} is not valid YAML: .*line \d+"):
+        load_config(bad)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: bad.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(bad))} is not valid YAML"):
+        load_config(child)
+
+
+def test_a_yaml_error_in_a_set_value_exits_2_on_one_line_from_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "jobs.graph", "--set", "eval.compare_to=[cooc, pop"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2, r.stderr  # before: 1, with a 17-frame yaml traceback
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(
+        "error: ConfigError: --set 'eval.compare_to=[cooc, pop': not valid YAML")
+
+
+def test_a_string_field_takes_the_set_text_as_written():
+    # before: YAML read '|' and '>' as empty block scalars (''), '#' as a comment (null), OFF as false
+    for sep in ("|", ">", "#", ";", "\\t", " "):
+        assert load_config(None, [f"ingest.csv_sep={sep}"]).ingest.csv_sep == sep
+    assert load_config(None, ["spark.log_level=OFF"]).spark.log_level == "OFF"
+    assert load_config(None, ["spark.log_level='OFF'", "spark.app_name=\"a: b\""]).spark.app_name == "a: b"
+    assert load_config(None, ["spark.app_name=123"]).spark.app_name == "123"
+    # null and an empty value are still no value
+    cfg = load_config(None, ["ingest.path=null", "spark.master=~", "train.checkpoint_dir="])
+    assert (cfg.ingest.path, cfg.spark.master, cfg.train.checkpoint_dir) == (None, None, None)
+    # the values of the free-text mappings are strings too (a column named "on" is not True)
+    cfg = load_config(None, ["ingest.columns.user_id=on", "spark.conf.spark.ui.enabled=false"])
+    assert cfg.ingest.columns == {"user_id": "on"} and cfg.spark.conf == {"spark.ui.enabled": "false"}
+    # other types are still read as YAML
+    assert parse_overrides(["seed=3", "eval.ks=[1, 2]", "graph.decay=on"]) == {
+        "seed": 3, "eval": {"ks": [1, 2]}, "graph": {"decay": True}}
+
+
+def test_an_unquoted_yaml_boolean_for_a_string_field_in_a_file_gets_the_quote_hint(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("spark:\n  log_level: OFF\n")
+    with pytest.raises(ConfigError, match=r"spark.log_level=False must be a string .quote it"):
+        load_config(f)
+
+
+def test_an_empty_csv_separator_is_refused_naming_the_key(tmp_path):
+    # before: accepted, and ingest died in Spark with "Delimiter cannot be empty", naming no key
+    with pytest.raises(ConfigError, match=r"ingest.csv_sep='' must not be empty"):
+        load_config(None, ["ingest.csv_sep=''"])
+    f = tmp_path / "run.yaml"
+    f.write_text("ingest:\n  csv_sep: ''\n")
+    with pytest.raises(ConfigError, match=r"ingest.csv_sep='' must not be empty"):
+        load_config(f)
+
+
+def test_a_base_cycle_is_a_config_error_naming_the_files(tmp_path):
+    # before: RecursionError
+    (tmp_path / "self.yaml").write_text("base: self.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"self.yaml: its base: files inherit from it again: .*self.yaml -> .*self.yaml"):
+        load_config(tmp_path / "self.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: [c.yaml, a.yaml]\n")
+    (tmp_path / "c.yaml").write_text("seed: 3\n")
+    with pytest.raises(ConfigError, match=r"a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    # two files inheriting the same base is no cycle
+    (tmp_path / "d.yaml").write_text("base: c.yaml\nspark:\n  driver_memory: 1g\n")
+    (tmp_path / "e.yaml").write_text("base: c.yaml\nspark:\n  shuffle_partitions: 3\n")
+    (tmp_path / "f.yaml").write_text("base: [d.yaml, e.yaml]\n")
+    cfg = load_config(tmp_path / "f.yaml")
+    assert (cfg.seed, cfg.spark.driver_memory, cfg.spark.shuffle_partitions) == (3, "1g", 3)
+
+
+def test_num_processes_with_the_local_launcher_is_refused_naming_the_launchers_that_use_it():
+    # before: accepted; it trained in one process, yet a change of it reran the pipeline's training
+    with pytest.raises(ConfigError, match=r"train.num_processes=4 is the world size of train.launcher=torchrun "
+                                          r"or distributor; train.launcher='local'"):
+        load_config(None, ["train.num_processes=4"])
+    assert load_config(None, ["train.launcher=distributor", "train.num_processes=4"]).train.num_processes == 4
+    assert load_config(None, ["train.launcher=torchrun", "train.num_processes=2"]).train.num_processes == 2
+    assert load_config(None, ["train.launcher=local", "train.num_processes=1"]).train.launcher == "local"
+
+
+def test_an_explicit_empty_mapping_replaces_the_inherited_one(tmp_path):
+    (tmp_path / "base.yaml").write_text("ingest:\n  columns: {user_id: uid, item_id: iid}\n"
+                                        "spark:\n  conf: {spark.executor.memory: 8g}\n")
+    (tmp_path / "run.yaml").write_text("base: base.yaml\n")
+    # before: {} merged into the base's mapping, which changed nothing
+    cfg = load_config(tmp_path / "run.yaml", ["ingest.columns={}", "spark.conf={}"])
+    assert (dict(cfg.ingest.columns), dict(cfg.spark.conf)) == ({}, {})
+    # in a child YAML over its base
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ningest:\n  columns: {}\nspark:\n  conf: {}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (dict(cfg.ingest.columns), dict(cfg.spark.conf)) == ({}, {})
+    # a grandchild that says nothing keeps the child's cleared mapping
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\nseed: 5\n")
+    assert dict(load_config(tmp_path / "grandchild.yaml").ingest.columns) == {}
+    # a non-empty mapping still adds to the inherited one, and --set applies in order
+    cfg = load_config(tmp_path / "run.yaml", ["ingest.columns={ts: t}"])
+    assert dict(cfg.ingest.columns) == {"user_id": "uid", "item_id": "iid", "ts": "t"}
+    cfg = load_config(tmp_path / "run.yaml", ["ingest.columns={}", "ingest.columns.user_id=u"])
+    assert dict(cfg.ingest.columns) == {"user_id": "u"}
+    # a section is not a mapping field: an empty one changes nothing
+    assert load_config(tmp_path / "run.yaml", ["spark={}"]).spark.conf == {"spark.executor.memory": "8g"}
+
+
+def test_a_timestamp_window_that_holds_nothing_is_refused_naming_both_keys():
+    # before: accepted; ingest rejected every row, after a full scan
+    with pytest.raises(ConfigError, match=r"ingest.min_ts=20 must be <= ingest.max_ts=10"):
+        load_config(None, ["ingest.min_ts=20", "ingest.max_ts=10"])
+    cfg = load_config(None, ["ingest.min_ts=10", "ingest.max_ts=10"])
+    assert (cfg.ingest.min_ts, cfg.ingest.max_ts) == (10, 10)
+    assert load_config(None, ["ingest.min_ts=20"]).ingest.min_ts == 20  # one bound only
+
+
+def test_a_cut_off_beyond_the_list_length_is_refused_naming_both_keys():
+    # before: accepted; Pre@50 and Pre@100 were scored on 10-item lists
+    with pytest.raises(ConfigError, match=r"eval.ks=\[1, 5, 10, 50, 100\] goes up to 100, but baseline.k=10"):
+        load_config(None, ["baseline.k=10"])
+    assert load_config(None, ["baseline.k=10", "eval.ks=[1, 5, 10]"]).baseline.k == 10
+    assert load_config(None, ["eval.ks=[1, 100]", "baseline.k=100"]).eval.ks == [1, 100]
