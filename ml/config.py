@@ -176,6 +176,9 @@ class GraphConfig:
     decay: bool = False  # weight each co-occurrence by 1/distance instead of 1
     symmetric: bool = False  # also count a as a neighbour of b (undirected graph)
     min_count: int = 1  # drop edges seen fewer times than this (co-occurrence noise filter)
+    # count each user once per edge, at its nearest distance: weight and min_count over users, not
+    # occurrences (a user alternating between two items cannot make their edge alone)
+    per_user: bool = False
     top_n: int = 9  # neighbours kept per item (NATM paper's best N = 9)
     max_user_length: Optional[int] = 5000  # longer sequences keep their most recent items (logged)
 
@@ -194,6 +197,7 @@ class BaselineConfig:
     decay: bool = False
     symmetric: bool = True
     min_count: int = 1
+    per_user: bool = False  # as graph.per_user
     # Faiss index of the topk job (learned models): auto = exact up to exact_max items, else IVF
     index: str = "auto"  # auto | flat | ivf
     exact_max: int = 200_000

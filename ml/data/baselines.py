@@ -51,7 +51,7 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     filled item always ranks below every real neighbour.
     """
     k = cfg.k
-    edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count)
+    edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count, cfg.per_user)
     graph = top_n_neighbours(edges, k).select(S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.WEIGHT).alias(S.SCORE),
                                               F.lit(0).alias("prio"), F.col(S.RANK).alias("order"))
     # Fill-in candidates: enough popular items to complete any list after removing self and overlaps.

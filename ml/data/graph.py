@@ -55,9 +55,11 @@ def weight_scale(window: int, decay: bool) -> int:
     return scale if scale <= MAX_EXACT_SCALE else 0
 
 
-def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False) -> DataFrame:
-    """Rows ``(item_id, neighbor_id, units)``: b follows a within ``window`` positions (a != b), and with
-    ``symmetric`` also (b, a); ``units`` = L // d for distance d (:func:`weight_scale`; 1 without decay)."""
+def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False,
+                   keep_user: bool = False) -> DataFrame:
+    """Rows ``(item_id, neighbor_id, units)`` (``user_id`` first with ``keep_user``): b follows a within
+    ``window`` positions (a != b), and with ``symmetric`` also (b, a); ``units`` = L // d for distance d
+    (:func:`weight_scale`; 1 without decay)."""
     # For each offset d, zip the sequence with itself shifted by d: O(length) per d, no self-join.
     # slice/arrays_zip are code-generated natives, ~8x faster than a transform() lambda here.
     n = F.size(S.ITEMS)
@@ -66,23 +68,28 @@ def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symme
     for d in range(1, window + 1):
         zipped = F.arrays_zip(F.slice(S.ITEMS, 1, n - d).alias("a"), F.slice(S.ITEMS, d + 1, n - d).alias("b"))
         units = F.lit((scale // d if scale else 1.0 / d) if decay else 1)
-        pairs = (sequences.where(n > d).select(F.explode(zipped).alias("p"))
-                 .select(F.col("p.a").alias(S.ITEM_ID), F.col("p.b").alias(S.NEIGHBOR_ID))
+        user = [S.USER_ID] if keep_user else []
+        pairs = (sequences.where(n > d).select(*user, F.explode(zipped).alias("p"))
+                 .select(*user, F.col("p.a").alias(S.ITEM_ID), F.col("p.b").alias(S.NEIGHBOR_ID))
                  .where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID)))
         if symmetric:  # both directions from the one scan (a union with the reverse rescanned it all)
             both = F.array(F.struct(F.col(S.ITEM_ID).alias("a"), F.col(S.NEIGHBOR_ID).alias("b")),
                            F.struct(F.col(S.NEIGHBOR_ID).alias("a"), F.col(S.ITEM_ID).alias("b")))
-            pairs = pairs.select(F.explode(both).alias("p")).select(F.col("p.a").alias(S.ITEM_ID),
-                                                                   F.col("p.b").alias(S.NEIGHBOR_ID))
+            pairs = pairs.select(*user, F.explode(both).alias("p")).select(
+                *user, F.col("p.a").alias(S.ITEM_ID), F.col("p.b").alias(S.NEIGHBOR_ID))
         pairs = pairs.withColumn(UNITS, units)
         out = pairs if out is None else out.unionByName(pairs)
     return out
 
 
-def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1) -> DataFrame:
+def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1, per_user: bool = False) -> DataFrame:
     """Sum :func:`windowed_pairs` rows into edges ``(item_id, neighbor_id, weight, count)``, weight =
     units / ``scale`` (from :func:`weight_scale`; 0: the units are float weights already); drop
-    edges seen fewer than ``min_count`` times."""
+    edges seen fewer than ``min_count`` times. ``per_user`` (pairs with ``user_id``): each user adds
+    an edge once, at its nearest distance, so ``count`` is the number of users (a user alternating
+    between two items added to their edge at every step, and alone met any ``min_count``)."""
+    if per_user:  # keyed by (user, a, b) with map-side partial maxima: a heavy user spreads over tasks
+        pairs = pairs.groupBy(S.USER_ID, S.ITEM_ID, S.NEIGHBOR_ID).agg(F.max(UNITS).alias(UNITS))
     summed = F.sum(UNITS)
     edges = pairs.groupBy(S.ITEM_ID, S.NEIGHBOR_ID).agg(
         (summed / F.lit(scale) if scale else summed).cast("double").alias(S.WEIGHT),
@@ -91,10 +98,10 @@ def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1) -> DataFra
 
 
 def cooccurrence_edges(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False,
-                       min_count: int = 1) -> DataFrame:
+                       min_count: int = 1, per_user: bool = False) -> DataFrame:
     """``sequences`` -> every edge ``(item_id, neighbor_id, weight, count)`` of the windowed graph."""
-    return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric), weight_scale(window, decay),
-                           min_count)
+    return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric, keep_user=per_user),
+                           weight_scale(window, decay), min_count, per_user)
 
 
 def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
@@ -134,7 +141,7 @@ def has_top_k_aggregate(df: DataFrame) -> bool:
 def build_cooccurrence_graph(sequences: DataFrame, cfg: GraphConfig) -> DataFrame:
     """``sequences`` -> ``item_graph`` (see module docstring)."""
     seqs = cap_sequences(sequences, cfg.max_user_length)
-    edges = cooccurrence_edges(seqs, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count)
+    edges = cooccurrence_edges(seqs, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count, cfg.per_user)
     return top_n_neighbours(edges, cfg.top_n)
 
 

@@ -128,3 +128,17 @@ def test_no_eval_target_leakage(spark, warehouse):
     assert targets.first().target_item == 99
     assert edges.where((F.col(S.ITEM_ID) == 99) | (F.col(S.NEIGHBOR_ID) == 99)).count() == 0
     assert {r.item_id: r["count"] for r in item_counts(seqs).collect()} == {10: 1, 11: 1}
+
+
+def test_per_user_counts_each_user_once_per_edge_at_its_nearest_distance(spark):
+    # one user alternating 1, 2, 1, 2, ... made edge (1, 2) alone, past min_count and over the edge two
+    # users made; per user, weight and count are over users
+    rows = [(1, [1, 2, 1, 2, 1, 2, 1, 2]), (2, [1, 3]), (3, [1, 3])]
+    assert _edges(spark, rows, window=1, min_count=3) == {(1, 2): (4.0, 4, 1), (2, 1): (3.0, 3, 1)}
+    per_user = _edges(spark, rows, window=1, min_count=2, per_user=True)
+    assert per_user == {(1, 3): (2.0, 2, 1)}
+    top = _edges(spark, rows, window=1, per_user=True, top_n=1)
+    assert top[(1, 3)] == (2.0, 2, 1) and (1, 2) not in top
+    # with decay, a user's nearest occurrence counts: 1 -> 2 at distance 2 and at 1 gives weight 1
+    e = _edges(spark, [(1, [1, 9, 2, 1, 2])], window=2, decay=True, per_user=True)
+    assert e[(1, 2)] == (1.0, 1, 1) and e[(9, 1)] == (0.5, 1, 2)
