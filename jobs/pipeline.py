@@ -258,8 +258,11 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
         stages.remove("baselines")
     if start_from:  # the stages before it are not run (their records stay as they are)
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
-    if "train" in stages:
-        check_can_train(cfg)  # before ingest … samples have run for minutes
+    if "train" in stages and (force or start_from is not None or not _up_to_date(cfg, "train")):
+        # before ingest … samples have run for minutes; not when training is up to date (a model trained
+        # on a GPU box, its lists rebuilt on a laptop); _run_stage checks again should earlier stages
+        # change its inputs
+        check_can_train(cfg)
     results = {}
     skipped = []
     for stage in stages:
@@ -319,6 +322,7 @@ def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Option
     fingerprint = _fingerprint(cfg, stage) if stage != "evaluate" else None
     log.info("stage %s (%s) ...", stage, cfg.model)
     if stage == "train":
+        check_can_train(cfg)
         # torch, no Spark; launcher from train.launcher. A killed run of this same training (its
         # checkpoints' settings and table versions are this run's) is continued, not trained again;
         # --force / --from start it over.

@@ -116,32 +116,42 @@ def publish(mdir: str, save_model: Callable[[str], None], metrics_path: str, run
 SAME_RUN = "same_run"  # resume= value: resume only a checkpoint of this very run (the pipeline's)
 
 
-def _is_same_run(ckpt_dir: str, settings: dict, ctx) -> bool:
-    """Whether the latest checkpoint in ``ckpt_dir`` was written by a run of these settings (config
-    and table versions, run length aside) and world size: a killed run of the same training, which
-    the pipeline then continues instead of starting over. Rank 0 decides for every rank."""
+def _is_same_run(ckpt_dir: str, settings: dict, cfg: Config, ctx) -> bool:
+    """Whether the latest checkpoint in ``ckpt_dir`` is of this very training, killed before it
+    finished: the same settings (config, run length and table versions) and world size, and short of
+    ``train.epochs`` / ``train.max_steps``. The pipeline then continues it instead of starting over (a
+    finished run's last checkpoint is not continued: a change of device or of anything else the
+    pipeline reruns training for trains anew). Rank 0 decides for every rank."""
     from ml.train.checkpoint import latest_checkpoint, read_checkpoint
-    from ml.train.loop import RUN_LENGTH_KEYS
 
     decision = [False]
     if ctx.is_main:
         path = latest_checkpoint(ckpt_dir)
         if path is not None:
-            extra = read_checkpoint(path)["extra"]
-            saved = extra.get("settings")
-
-            def core(d: dict) -> dict:
-                return {k: v for k, v in d.items() if k not in RUN_LENGTH_KEYS}
-
-            decision[0] = (saved is not None and extra.get("world_size", 1) == ctx.world_size
-                           and core(saved) == core(settings))
-            log.info("%s: %s", path, "a checkpoint of this training (killed before it finished): continuing it"
-                     if decision[0] else "a checkpoint of another training: starting over")
+            state = read_checkpoint(path)
+            extra = state["extra"]
+            finished = state["epoch"] >= cfg.train.epochs or (
+                cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps)
+            decision[0] = (not finished and extra.get("settings") == settings
+                           and extra.get("world_size", 1) == ctx.world_size)
+            log.info("%s: %s", path, "a checkpoint of this training, killed before it finished: continuing it"
+                     if decision[0] else "not a checkpoint of an unfinished run of this training: starting over")
     if ctx.distributed:
         import torch.distributed as dist
 
         dist.broadcast_object_list(decision, src=0)
     return decision[0]
+
+
+def _agreed_checkpoint_versions(cfg: Config, section: str, ctx) -> dict:
+    """:func:`_checkpoint_versions` as rank 0 reads them, on every rank (a rank on another host with a
+    node-local folder would otherwise build its vocabulary from other versions)."""
+    box = [_checkpoint_versions(cfg, section, checkpoint_dir(cfg), True) if ctx.is_main else None]
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _checkpoint_versions(cfg: Config, section: str, ckpt_dir: str, log_it: bool) -> dict:
@@ -184,7 +194,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         # a resumed run reads the tables at the versions its checkpoint trained on (every rank reads the
         # same checkpoint), so a commit since then, even a rerun of samples with the same rows, does not
         # stop it
-        resumed = _checkpoint_versions(cfg, section, checkpoint_dir(cfg), ctx.is_main) if resume is True else {}
+        resumed = _agreed_checkpoint_versions(cfg, section, ctx) if resume is True else {}
         side.update({cfg.table_path(t): v for t, v in resumed.items() if not t.startswith("samples_")})
         samples_version = resumed.get(f"samples_{section}")
         with pinned_versions(side):
@@ -234,7 +244,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
                 files.copy_to_local(published, metrics_path)
             settings = run_settings(cfg, ds.version, side)
             if resume == SAME_RUN:
-                resume = _is_same_run(ckpt_dir, settings, ctx)
+                resume = _is_same_run(ckpt_dir, settings, cfg, ctx)
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
                         metrics_path=metrics_path, steps_per_epoch=steps_per_epoch, settings=settings)
             if ctx.is_main:

@@ -596,7 +596,7 @@ def _override_value(dotted: str, parts: typing.Sequence[str], raw: str) -> Any:
     if raw == "" or text in _YAML_NULLS:
         return None
     if _is_str_field(_field_hint(parts)) and text[:1] not in ("'", '"'):
-        return raw
+        return text or raw  # spaces around the text go, as YAML dropped them; a value of spaces stays
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as e:

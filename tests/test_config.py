@@ -258,6 +258,8 @@ def test_a_string_field_takes_the_set_text_as_written():
     assert load_config(None, ["spark.log_level=OFF"]).spark.log_level == "OFF"
     assert load_config(None, ["spark.log_level='OFF'", "spark.app_name=\"a: b\""]).spark.app_name == "a: b"
     assert load_config(None, ["spark.app_name=123"]).spark.app_name == "123"
+    # spaces around the text go (`--set model= natm` was ' natm', refused), a value of spaces stays
+    assert load_config(None, ["model= natm ", "ingest.path= /data/x.csv"]).ingest.path == "/data/x.csv"
     # null and an empty value are still no value
     cfg = load_config(None, ["ingest.path=null", "spark.master=~", "train.checkpoint_dir="])
     assert (cfg.ingest.path, cfg.spark.master, cfg.train.checkpoint_dir) == (None, None, None)

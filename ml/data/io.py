@@ -444,7 +444,13 @@ def _timestamp_zones(df: DataFrame, partition_by: list) -> dict:
     cols = [c for c in partition_by if isinstance(df.schema[c].dataType, TimestampType)]
     if not cols:
         return {}
-    zone = session_zone(df.sparkSession.conf.get("spark.sql.session.timeZone"))
+    name = df.sparkSession.conf.get("spark.sql.session.timeZone")
+    try:  # Spark's own reading of the name: its short ids (PST, IST, ...) are Java's, not Python's
+        jvm = df.sparkSession.sparkContext._jvm
+        name = str(jvm.java.time.ZoneId.of(name, jvm.java.time.ZoneId.SHORT_IDS).getId())
+    except Exception:  # noqa: BLE001 - no JVM gateway (Spark Connect): the name as given
+        pass
+    zone = session_zone(name)
     return {c: zone for c in cols}
 
 

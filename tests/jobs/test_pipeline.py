@@ -330,3 +330,21 @@ def test_training_settings_the_train_stage_would_refuse_fail_before_any_stage(sp
     with pytest.raises(ConfigError, match=message):
         pipeline.run(cfg, spark)
     assert not io.table_exists(cfg.table_path(S.T_ACTIONS))  # nothing ran
+
+
+def test_training_settings_are_not_checked_when_training_is_up_to_date(spark, warehouse, monkeypatch):
+    # a model trained with train.device=cuda on a GPU box, its lists rebuilt on a laptop: training is
+    # skipped there, so its device must not stop the pipeline (the stages are stubbed: only the check runs)
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", "train.device=cuda"])
+    ran = []
+    monkeypatch.setattr(pipeline, "_up_to_date", lambda c, stage: True)
+    monkeypatch.setattr(pipeline, "_run_stage", lambda c, stage, *a, **k: ran.append(stage))
+    pipeline.run(cfg, spark)
+    assert "train" in ran
+    monkeypatch.setattr(pipeline, "_up_to_date", lambda c, stage: stage != "train")
+    with pytest.raises(pipeline.ConfigError, match="train.device=cuda"):
+        pipeline.run(cfg, spark)

@@ -92,6 +92,10 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     killed_run = {json.loads(line)["run"] for line in open(os.path.join(warehouse, "ck_kill", "train_metrics.jsonl"))}
     assert train.run(other, resume=train.SAME_RUN)["steps"] == 9
     assert {json.loads(line)["run"] for line in open(os.path.join(mdir, "train_metrics.jsonl"))} == killed_run
+    # a finished run's last checkpoint is not continued (it trained nothing and published the old
+    # weights again, under a device or run length the pipeline had rerun training for)
+    assert train.run(other, resume=train.SAME_RUN)["steps"] == 9
+    assert {json.loads(line)["run"] for line in open(os.path.join(mdir, "train_metrics.jsonl"))}.isdisjoint(killed_run)
     # and starts over when its checkpoints are another training's (here: another seed)
     reseeded = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm", "seed=7",
                                                               "train.max_steps=9", f"train.checkpoint_dir={warehouse}/ck_kill"])
