@@ -12,13 +12,15 @@ How a table becomes batches:
   Delta log, not in the Parquet files, so they are read from the log's add actions and attached
   as constant columns of every row of that file.
 * The unit of work is one Parquet row group of one file (under DDP, when the table has fewer than
-  ``UNITS_PER_RANK`` row groups per rank, a strided piece of one: a row group cut into ``p`` pieces
-  gives piece ``i`` its rows ``i, i + p, i + 2p, ...``, so ranks get similar row counts and every
-  piece spans the whole row group). The units of the snapshot are put in a fixed order, permuted by
-  a generator seeded with ``(seed, epoch)`` — the same permutation on every process — and dealt
-  round-robin to the ``world_size × num_workers`` shards: shard ``rank * num_workers + worker_id``
-  reads ``units[shard::shard_count]``, its pieces of one row group one after the other (the row
-  group is decoded once per shard, not once per piece).
+  ``UNITS_PER_RANK`` row groups per rank or one row group larger than twice a unit's fair share, a
+  strided piece of one: a row group cut into ``p`` pieces, in proportion to its rows, gives piece
+  ``i`` its rows ``i, i + p, i + 2p, ...``, so ranks get similar row counts and every piece spans
+  the whole row group). The units of the snapshot are put in a fixed order, permuted by a
+  generator seeded with ``(seed, epoch)`` — the same permutation on every process — and dealt by
+  rows to the ``world_size × num_workers`` shards (shard ``rank * num_workers + worker_id``): each
+  unit in turn to the shard with the fewest rows so far, so shards differ by at most one unit. A
+  shard reads its units in the permutation's order, its pieces of one row group one after the other
+  (the row group is decoded once per shard, not once per piece).
 * Inside a shard, rows pass through a shuffle buffer of ``shuffle_buffer`` rows, shuffled by a
   generator seeded with ``(seed, epoch, shard)``, and leave it as batches of ``batch_size``.
 
@@ -44,6 +46,7 @@ tables with column mapping, null values in a selected column, variable-length li
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -258,8 +261,14 @@ class DeltaBatchDataset(IterableDataset):
         self._file_columns = [c for c in self.columns if c not in snap.partition_columns]
         self._dtypes = {c: _tensor_dtype(snap.schema.field(c).type) for c in self.columns}
         self._units = self._list_units(snap.files)
-        if self.world_size > 1 and len(self._units) < UNITS_PER_RANK * self.world_size:
-            self._units = _split_units(self._units, UNITS_PER_RANK * self.world_size)
+        self._deals: dict = {}
+        target = UNITS_PER_RANK * self.world_size
+        total = sum(u.num_rows for u in self._units)
+        # too few units to deal evenly, or one larger than a unit's fair share (one 10M-row group among
+        # many small ones went whole to one rank): cut them, each in proportion to its rows
+        if self.world_size > 1 and self._units and (
+                len(self._units) < target or max(u.num_rows for u in self._units) > 2 * total / target):
+            self._units = _split_units(self._units, target)
         logger.info("Delta table %s version %d: %d files, %d row groups, %d rows; columns %s; "
                     "rank %d of %d", table_path, self.version, len(snap.files), len(self._units),
                     self.num_rows(), self.columns, self.rank, self.world_size)
@@ -319,12 +328,28 @@ class DeltaBatchDataset(IterableDataset):
                                                                          epoch)))
                        for w in range(workers)) for r in range(self.world_size))
 
+    def _deal(self, epoch: int, shard_count: int) -> list[tuple[int, int]]:
+        """(unit index, shard) in the epoch's permutation order. Dealt by rows, not by count: each unit
+        goes to the shard with the fewest rows so far (ties: the lower shard), so shards differ by at
+        most one unit's rows (dealt alternately, units of unequal sizes left one rank with twice the
+        other's rows). The same on every rank: a function of the seed, the epoch and the units."""
+        key = (epoch, shard_count)
+        if key not in self._deals:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._units))
+            heap = [(0, k) for k in range(shard_count)]
+            out = []
+            for i in order:
+                load, to = heapq.heappop(heap)
+                out.append((int(i), to))
+                heapq.heappush(heap, (load + self._units[i].num_rows, to))
+            self._deals = {key: out}  # one epoch's deal at a time
+        return self._deals[key]
+
     def _shard_units(self, shard: int, shard_count: int, epoch: Optional[int] = None) -> list[_WorkUnit]:
         """The shard's units in the order read: that of the permutation, except that the pieces of
         a row group follow its first one, so the shard decodes it once (:meth:`_read_unit`)."""
         epoch = self.epoch if epoch is None else epoch
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self._units))
-        units = [self._units[i] for i in order[shard::shard_count]]
+        units = [self._units[i] for i, to in self._deal(epoch, shard_count) if to == shard]
         first: dict[tuple[str, int], int] = {}
         for u in units:
             first.setdefault((u.file, u.row_group), len(first))

@@ -271,3 +271,20 @@ def test_hadoop_s3_uris_reach_arrow_as_s3_and_stored_keys_stay_literal():
     assert _arrow_uri("s3a://b/t/s=a%20b/p.parquet") == "s3://b/t/s=a%2520b/p.parquet"
     assert _arrow_uri("gs://b/t/x y.parquet") == "gs://b/t/x%20y.parquet"
     assert _arrow_uri("abfss://c@acct.dfs.core.windows.net/t/p.parquet") == "abfss://c@acct.dfs.core.windows.net/t/p.parquet"
+
+
+def test_one_large_row_group_among_many_is_cut_too(tmp_path):
+    # 40 row groups of 10 rows and one of 2,000: enough units to deal, so nothing was cut, and the
+    # rank dealt the big one read 5x the other's rows
+    path = str(tmp_path / "one_big")
+    write_deltalake(path, _rows(0, 2000), writer_properties=WriterProperties(max_row_group_size=2000))
+    for i in range(4):
+        write_deltalake(path, _rows(2000 + 100 * i, 100), mode="append",
+                        writer_properties=WriterProperties(max_row_group_size=10))
+    per_rank = []
+    for rank in (0, 1):
+        ds = DeltaBatchDataset(path, columns=["id"], batch_size=32, shuffle_buffer=64, rank=rank, world_size=2)
+        assert len(ds._units) > 41 and max(u.num_rows for u in ds._units) <= 2400 / 16 + 1
+        per_rank.append(_ids(list(make_loader(ds, num_workers=0))))
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(2400))
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 2 * 150, [len(r) for r in per_rank]
