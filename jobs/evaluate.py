@@ -152,7 +152,7 @@ def default_models(cfg: Config) -> List[str]:
     return [cfg.model] + ([model_name(cfg)] if cfg.recent.triggers > 0 else [])
 
 
-def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: Optional[str] = None) -> str:
+def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: str) -> str:
     """Report over every model in the metrics table; ``n_users`` and ``targets_id``: today's eval
     users and their :func:`~ml.eval.metrics.targets_fingerprint`, beside which the models scored on
     other targets are named."""
@@ -184,8 +184,10 @@ def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: Option
     # would sit beside the others on other users
     # (by the targets' fingerprint: the validation and test splits of ML-1M have the same 6,040 users;
     # rows written before the fingerprint by their user count)
-    stale = sorted({r[S.MODEL] for r in overall
-                    if (r.get(S.TARGETS) != targets_id if r.get(S.TARGETS) and targets_id else r[S.N_USERS] != n_users)})
+    def other_targets(r: dict) -> bool:
+        return r[S.TARGETS] != targets_id if r[S.TARGETS] else r[S.N_USERS] != n_users
+
+    stale = sorted({r[S.MODEL] for r in overall if other_targets(r)})
     if stale:
         note = (f"note: {', '.join(stale)} were scored on other eval targets than today's {n_users:,} users "
                 f"(rerun jobs.evaluate --model for them before comparing)")

@@ -123,63 +123,56 @@ def _is_same_run(ckpt_dir: str, settings: dict, cfg: Config, ctx) -> bool:
     finished run's last checkpoint is not continued: a change of device or of anything else the
     pipeline reruns training for trains anew). Rank 0 decides for every rank."""
     from ml.train.checkpoint import latest_checkpoint, read_checkpoint
+    from ml.train.distributed import rank0_value
 
-    decision = [False]
-    if ctx.is_main:
+    def decide() -> bool:
         path = latest_checkpoint(ckpt_dir)
-        if path is not None:
-            state = read_checkpoint(path)
-            extra = state["extra"]
-            finished = state["epoch"] >= cfg.train.epochs or (
-                cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps)
-            decision[0] = (not finished and extra.get("settings") == settings
-                           and extra.get("world_size", 1) == ctx.world_size)
-            log.info("%s: %s", path, "a checkpoint of this training, killed before it finished: continuing it"
-                     if decision[0] else "not a checkpoint of an unfinished run of this training: starting over")
-    if ctx.distributed:
-        import torch.distributed as dist
+        if path is None:
+            return False
+        state = read_checkpoint(path)
+        extra = state["extra"]
+        finished = state["epoch"] >= cfg.train.epochs or (
+            cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps)
+        same = not finished and extra.get("settings") == settings and extra.get("world_size", 1) == ctx.world_size
+        log.info("%s: %s", path, "a checkpoint of this training, killed before it finished: continuing it"
+                 if same else "not a checkpoint of an unfinished run of this training: starting over")
+        return same
 
-        dist.broadcast_object_list(decision, src=0)
-    return decision[0]
+    return rank0_value(decide)
 
 
-def _agreed_checkpoint_versions(cfg: Config, section: str, ctx) -> dict:
-    """:func:`_checkpoint_versions` as rank 0 reads them, on every rank (a rank on another host with a
-    node-local folder would otherwise build its vocabulary from other versions)."""
-    box = [_checkpoint_versions(cfg, section, checkpoint_dir(cfg), True) if ctx.is_main else None]
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _checkpoint_versions(cfg: Config, section: str, ckpt_dir: str, log_it: bool) -> dict:
-    """{table: version} of the tables the latest checkpoint in ``ckpt_dir`` trained on ({} without
-    one); a version no longer readable (its log cleaned up) is an error that says so."""
+def _checkpoint_versions(cfg: Config, section: str) -> dict:
+    """{table: version} of the tables the latest checkpoint trained on ({} without one), as rank 0
+    reads them, on every rank (a rank on another host with a node-local folder would otherwise build
+    its vocabulary from other versions); a version no longer readable (its log cleaned up) is an
+    error that says so."""
     from deltalake import DeltaTable
 
     from ml.train.checkpoint import latest_checkpoint, read_checkpoint
+    from ml.train.distributed import rank0_value
 
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        return {}
-    saved = read_checkpoint(path)["extra"].get("settings") or {}
-    out = {t: int(saved[f"{t} version"]) for t in _INPUTS[section] if f"{t} version" in saved}
-    for table, version in out.items():
-        try:
-            DeltaTable(cfg.table_path(table), version=version)
-        except Exception as e:  # noqa: BLE001 - delta-rs raises several kinds for a version it cannot load
-            raise InvalidInput(f"cannot resume from {path}: it trained on {table} version {version}, which is "
-                               f"no longer readable ({str(e).splitlines()[0]}); run without --resume") from e
-        latest = DeltaTable(cfg.table_path(table)).version()
-        if log_it and latest != version:
-            log.info("resuming on %s version %d, the one %s trained on (the table is at version %d now)",
-                     table, version, os.path.basename(path), latest)
-    return out
+    def read() -> dict:
+        path = latest_checkpoint(checkpoint_dir(cfg))
+        if path is None:
+            return {}
+        saved = read_checkpoint(path)["extra"].get("settings") or {}
+        out = {t: int(saved[f"{t} version"]) for t in _INPUTS[section] if f"{t} version" in saved}
+        for table, version in out.items():
+            try:
+                DeltaTable(cfg.table_path(table), version=version)
+            except Exception as e:  # noqa: BLE001 - delta-rs raises several kinds for a version it cannot load
+                raise InvalidInput(f"cannot resume from {path}: it trained on {table} version {version}, which "
+                                   f"is no longer readable ({str(e).splitlines()[0]}); run without --resume") from e
+            latest = DeltaTable(cfg.table_path(table)).version()
+            if latest != version:
+                log.info("resuming on %s version %d, the one %s trained on (the table is at version %d now)",
+                         table, version, os.path.basename(path), latest)
+        return out
+
+    return rank0_value(read)
 
 
-def train_worker(cfg: Config, resume: bool) -> dict:
+def train_worker(cfg: Config, resume: bool | str) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
     from ml.train.distributed import cleanup, init_distributed
     from ml.train.loop import train
@@ -194,7 +187,7 @@ def train_worker(cfg: Config, resume: bool) -> dict:
         # a resumed run reads the tables at the versions its checkpoint trained on (every rank reads the
         # same checkpoint), so a commit since then, even a rerun of samples with the same rows, does not
         # stop it
-        resumed = _agreed_checkpoint_versions(cfg, section, ctx) if resume is True else {}
+        resumed = _checkpoint_versions(cfg, section) if resume is True else {}
         side.update({cfg.table_path(t): v for t, v in resumed.items() if not t.startswith("samples_")})
         samples_version = resumed.get(f"samples_{section}")
         with pinned_versions(side):

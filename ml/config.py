@@ -533,10 +533,6 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-# mappings whose keys are free text with dots of their own (spark.conf.spark.sql.session.timeZone)
-_FREE_KEY_MAPPINGS = ("spark.conf", "ingest.columns")
-
-
 def _set_path(d: dict, dotted: str, value: Any) -> None:
     parts = _split_key(dotted)
     node = d
@@ -548,7 +544,9 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
 
 
 def _split_key(dotted: str) -> list:
-    for free in _FREE_KEY_MAPPINGS:
+    """A --set key's path; inside a mapping field the rest is one key, dots and all
+    (spark.conf.spark.sql.session.timeZone)."""
+    for free in sorted(_mapping_fields()):
         if dotted.startswith(free + ".") and len(dotted) > len(free) + 1:
             return free.split(".") + [dotted[len(free) + 1:]]
     return dotted.split(".")

@@ -24,7 +24,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, IngestConfig
 from ml.data import io
-from ml.data.ingest import _to_long
+from ml.data.ingest import to_long
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def _companion_rows(df: DataFrame, path: str, ids: List[str], values: List[str])
     such line) or off (a plain cast makes it null and a filter dropped it unseen). One pass over the
     file for the counts, one per later use: a companion file is a catalogue, not the action log.
     """
-    typed = df.select(*[_to_long(c).alias(c) for c in ids], *values, _CORRUPT)
+    typed = df.select(*[to_long(c).alias(c) for c in ids], *values, _CORRUPT)
     good = reduce(lambda a, b: a & b, [F.col(c).isNotNull() for c in ids], F.col(_CORRUPT).isNull())
     key = ids[0]
     grouped = (typed.groupBy(F.when(good, F.col(key)).alias(key))

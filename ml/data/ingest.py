@@ -33,7 +33,7 @@ def _blank(c):
     return F.col(c).isNull() | (F.trim(F.col(c)) == "")
 
 
-def _to_long(c):
+def to_long(c):
     """Text -> BIGINT only for whole numbers that fit (no silent truncation of 12.7 or overflow)."""
     text = F.trim(F.col(c))
     return F.when(text.rlike(_INT_RE), F.expr(f"try_cast(trim(`{c}`) as bigint)")).cast(LongType())
@@ -74,7 +74,7 @@ def check_ts_format(spark: SparkSession, ts_format: str) -> None:
 def _to_seconds(ts_unit: str, ts_format: str):
     if ts_unit == "string":
         return F.unix_timestamp(_parse_ts(ts_format))
-    secs = _to_long(S.TS)
+    secs = to_long(S.TS)
     return F.floor(secs / 1000).cast(LongType()) if ts_unit == "ms" else secs
 
 
@@ -83,7 +83,7 @@ def _to_millis(ts_unit: str, ts_format: str):
     telling duplicates apart; null for whole seconds."""
     if ts_unit == "string":
         return F.unix_millis(_parse_ts(ts_format))
-    return _to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())
+    return to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())
 
 
 def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, ts_unit: str = "s",
@@ -99,8 +99,8 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     if ts_unit == "string":
         check_ts_format(raw.sparkSession, ts_format)
     df = raw.select(*[F.col(c) for c in raw.columns],
-                    _to_long(S.USER_ID).alias("_u"), _to_long(S.ITEM_ID).alias("_i"),
-                    _to_seconds(ts_unit, ts_format).alias("_t"), _to_long(S.CATEGORY_ID).alias("_c"),
+                    to_long(S.USER_ID).alias("_u"), to_long(S.ITEM_ID).alias("_i"),
+                    _to_seconds(ts_unit, ts_format).alias("_t"), to_long(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
                     _to_millis(ts_unit, ts_format).alias("_tms"))
     ts_ok = F.lit(True)

@@ -483,7 +483,7 @@ def _utc_instant(value) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def utc_partition_value(wall_clock: str, zone: dt.tzinfo, column: str) -> str:
+def _utc_partition_value(wall_clock: str, zone: dt.tzinfo, column: str) -> str:
     """A TIMESTAMP partition value Spark wrote as wall-clock time in ``zone`` -> the Delta log's
     unambiguous form, ISO 8601 in UTC (``2020-01-01T12:00:00.000000Z``), which delta-rs and Delta
     Spark read as the same instant whatever their session's zone (a zone-less value is read as UTC
@@ -498,10 +498,10 @@ def utc_partition_value(wall_clock: str, zone: dt.tzinfo, column: str) -> str:
                                "instant: partition by a date or a UTC string column, or set "
                                "spark.sql.session.timeZone=UTC")
         local = first
-    return local.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _utc_instant(local)
 
 
-def _add_actions(table: str, write_id: str, partition_by: list, zones: Optional[dict] = None) -> list:
+def _add_actions(table: str, write_id: str, partition_by: list, zones: dict) -> list:
     fs, root = _filesystem(f"{table}/{write_id}")
     infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
@@ -512,7 +512,7 @@ def _add_actions(table: str, write_id: str, partition_by: list, zones: Optional[
         rel = write_id + "/" + os.path.relpath(info.path, root).replace(os.sep, "/")
         # The stored name itself: delta-rs percent-encodes it into the log's URI on commit.
         adds.append(AddAction(path=rel, size=info.size,
-                              partition_values=_partition_values(rel, partition_by, zones or {}),
+                              partition_values=_partition_values(rel, partition_by, zones),
                               modification_time=int(info.mtime.timestamp() * 1000), data_change=True,
                               stats=st))
     return adds
@@ -528,7 +528,7 @@ def _partition_values(rel_path: str, partition_by: list, zones: dict) -> dict:
             if k in partition_by:
                 v = unquote(v)
                 v = None if v == "__HIVE_DEFAULT_PARTITION__" else v
-                values[k] = utc_partition_value(v, zones[k], k) if v is not None and k in zones else v
+                values[k] = _utc_partition_value(v, zones[k], k) if v is not None and k in zones else v
     missing = [c for c in partition_by if c not in values]
     if missing:
         raise RuntimeError(f"file {rel_path} has no directory for partition columns {missing}")

@@ -86,6 +86,17 @@ def init_distributed(device_pref: str = "auto", timeout: Optional[timedelta] = N
     return ctx
 
 
+def rank0_value(compute: Callable[[], Any]) -> Any:
+    """``compute()`` as rank 0 gets it, on every rank of an initialised process group (only rank 0
+    calls it); in a single process, simply ``compute()``. For what must be the same on every rank: a
+    table version, a checkpoint path, a decision about a checkpoint."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return compute()
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup() -> None:
     """Leave the process group, if one was joined (safe to call in a single process)."""
     if dist.is_available() and dist.is_initialized():

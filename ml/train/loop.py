@@ -60,7 +60,7 @@ from ml.config import ConfigError, TrainConfig
 from ml.errors import InvalidInput
 from ml.train.checkpoint import (apply_checkpoint, capture_rng_state, latest_checkpoint, list_checkpoints,
                                  read_checkpoint, restore_rng_state, save_checkpoint)
-from ml.train.distributed import DistContext
+from ml.train.distributed import DistContext, rank0_value
 
 logger = logging.getLogger(__name__)
 
@@ -461,11 +461,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             logger.warning("removed %d checkpoints of an earlier run from %s (a run without --resume starts over)",
                         len(stale), checkpoint_dir)
     if resume:
-        path = latest_checkpoint(checkpoint_dir)
-        if ctx.distributed:  # every rank resumes from the file rank 0 saw
-            shared = [path]
-            dist.broadcast_object_list(shared, src=0)
-            path = shared[0]
+        path = rank0_value(lambda: latest_checkpoint(checkpoint_dir))  # every rank resumes from the file rank 0 saw
         if ctx.distributed and path is not None:  # a node-local folder: another host's rank cannot read it
             seen = torch.tensor([int(os.path.exists(path))],
                                 device=device if dist.get_backend() == "nccl" else "cpu")

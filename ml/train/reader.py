@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ml.data.delta_files import check_readable, data_files
 from ml.data.files import arrow_uri
 from ml.errors import InvalidInput, MissingInput
+from ml.train.distributed import rank0_value
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +191,9 @@ def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, 
 def _agreed_version(table_path: str, version: Optional[int]) -> Optional[int]:
     """With several ranks and no pinned version, every rank must read the version rank 0 sees:
     a commit landing between two ranks' lookups would otherwise break exactly-once."""
-    if version is not None or not (dist.is_available() and dist.is_initialized()):
+    if version is not None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return version
-    if dist.get_world_size() == 1:
-        return version
-    box: list[Optional[int]] = [None]
-    if dist.get_rank() == 0 and DeltaTable.is_deltatable(table_path):
-        box[0] = DeltaTable(table_path).version()
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return rank0_value(lambda: DeltaTable(table_path).version() if DeltaTable.is_deltatable(table_path) else None)
 
 
 class DeltaBatchDataset(IterableDataset):

@@ -44,14 +44,9 @@ def pinned_versions(versions: Mapping[str, int]):
 def agreed_versions(paths: Sequence[str]) -> Dict[str, int]:
     """The current version of each existing table among ``paths``, as rank 0 sees it, on every rank
     (a commit landing between two ranks' reads would otherwise give them different vocabularies)."""
-    import torch.distributed as dist
+    from ml.train.distributed import rank0_value
 
-    box: list = [None]
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        box[0] = {p: DeltaTable(p).version() for p in paths if DeltaTable.is_deltatable(p)}
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return rank0_value(lambda: {p: DeltaTable(p).version() for p in paths if DeltaTable.is_deltatable(p)})
 
 
 def read_columns(path: str, columns: list, version: Optional[int] = None,
