@@ -51,6 +51,10 @@ def report_executors() -> None:
     print(f"driver: {next(_where(None))}")  # in client mode, the submitting machine's environment
     for line in seen:
         print(f"executors: {line}")
+    # the settings the jobs leave to the cluster unless the config names them
+    partitions = spark.conf.get("spark.sql.shuffle.partitions")
+    ui = spark.sparkContext.getConf().get("spark.ui.enabled", "true")
+    print(f"session: spark.sql.shuffle.partitions={partitions}, spark.ui.enabled={ui}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+# no spark.shuffle_partitions: under spark-submit the config's default is left to the submitter
 TINY = ["generate.num_users=200", "generate.num_items=300", "generate.actions_per_user=15", "generate.partitions=2",
-        "spark.shuffle_partitions=2", "spark.driver_memory=1g"]
+        "spark.driver_memory=1g"]
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
@@ -81,6 +82,8 @@ def test_pipeline_runs_through_spark_submit(packed):
     assert executors and all("environment/bin/python" in l and "spark_i2i.zip/ml" in l for l in executors), executors
     assert not any(str(ROOT / "ml") in l for l in executors)
     assert any(l.startswith("driver: ") for l in res.stdout.splitlines())  # the driver's own, printed beside
+    # the cluster's shuffle partitions (here Spark's own 200) and UI, not the laptop defaults (8, UI off)
+    assert "session: spark.sql.shuffle.partitions=200, spark.ui.enabled=true" in res.stdout, res.stdout[-2000:]
     from deltalake import DeltaTable
 
     topk = DeltaTable(str(wh / "i2i_topk")).to_pyarrow_table()

@@ -59,9 +59,12 @@ def target_ranks(eval_targets: DataFrame, topk: DataFrame, kind: str = "i2i") ->
 def targets_fingerprint(eval_targets: DataFrame) -> str:
     """Which eval targets a run scored: their count and the exact sum of a 64-bit hash of each (user,
     trigger, target). The same targets give the same string in any order; the validation and the test
-    split of ML-1M, both 6,040 users, do not (a count alone could not tell them apart)."""
+    split of ML-1M, both 6,040 users, do not (a count alone could not tell them apart). No targets:
+    :class:`InvalidInput`."""
     h = F.xxhash64(S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM).cast("decimal(38,0)")
     row = eval_targets.agg(F.count(F.lit(1)).alias("n"), F.sum(h).alias("h")).first()
+    if row["n"] == 0:  # every metric would be an average over no one
+        raise InvalidInput("eval_targets is empty: nothing to evaluate (rerun jobs.sequences)")
     return f"{row['n']}:{int(row['h'] or 0) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 

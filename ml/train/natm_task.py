@@ -100,7 +100,10 @@ def positive_distribution(cfg: Config, vocab: Vocab) -> torch.Tensor:
     counts = torch.from_numpy(t.column(S.COUNT).to_numpy().astype(np.float64))
     out = torch.zeros(vocab.size + 1, dtype=torch.float64)
     out.index_add_(0, idx[idx > 0], counts[idx > 0])
-    return out / out.sum().clamp(min=1.0)
+    if not out.sum() > 0:  # the positives would all get π from the negatives alone
+        raise InvalidInput(f"{cfg.table_path(S.T_ITEM_COUNTS)} counts none of the {vocab.size:,} training items "
+                           "(natm.loss=softmax needs their counts): rerun jobs.graph")
+    return out / out.sum()
 
 
 def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version: Optional[int] = None):

@@ -7,6 +7,7 @@ from ml.config import BaselineConfig
 from ml.data import io
 from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import item_counts
+from ml.errors import InvalidInput
 from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
 
 
@@ -245,6 +246,22 @@ def test_report_says_which_models_were_scored_on_other_eval_targets(spark, wareh
     io.write_table(spark, spark.createDataFrame(other[::-1], S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
     html = open(evaluate.run(cfg, spark, ["cooc"])["report"]).read()
     assert "note:" not in html
+
+
+def test_empty_eval_targets_is_an_error_and_writes_nothing(spark, warehouse):
+    from jobs import evaluate
+    from ml.config import load_config
+
+    cfg = load_config(None, [f"warehouse={warehouse}", "eval.compare_to=[]"])
+    io.write_table(spark, _topk(spark, [(1, 2, 1)], "pop"), cfg.table_path(S.T_I2I_TOPK), partition_by=[S.MODEL],
+                   replace_where={S.MODEL: "pop"})
+    io.write_table(spark, spark.createDataFrame([(1, 1, 2, 0, 1)], S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    evaluate.run(cfg, spark, ["pop"])
+    before = io.table_version(cfg.table_path(S.T_METRICS))
+    io.write_table(spark, spark.createDataFrame([], S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    with pytest.raises(InvalidInput, match="eval_targets is empty"):  # not metrics averaged over no one
+        evaluate.run(cfg, spark, ["pop"])
+    assert io.table_version(cfg.table_path(S.T_METRICS)) == before
 
 
 def test_a_metrics_table_from_before_the_targets_column_gets_it(spark, warehouse):

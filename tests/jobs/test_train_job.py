@@ -7,6 +7,7 @@ import torch
 
 from jobs import pipeline, samples, train
 from ml.config import load_config
+from ml.errors import InvalidInput
 from ml.train.natm_task import embed_items, load_artifact
 from ml.train.reader import DeltaBatchDataset
 from tests.conftest import ROOT
@@ -174,6 +175,10 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     assert share[0] == 0 and float(share.sum()) == pytest.approx(1.0)
     assert share[svocab.index(torch.tensor(some))].tolist() == pytest.approx(
         [counts[i] / sum(counts.values()) for i in some])
+    from ml.train.tables import Vocab
+
+    with pytest.raises(InvalidInput, match="item_counts counts none of the 2 training items"):
+        positive_distribution(sampled, Vocab(torch.tensor([max(counts) + 1, max(counts) + 2])))
     assert train.run(sampled)["steps"] == 2
     metrics = evaluate.run(more, spark, ["natm", "cooc"])["rows"]
     assert {r["model"] for r in metrics} == {"natm", "cooc"}
