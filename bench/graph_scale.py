@@ -98,7 +98,7 @@ def _vs(name: str, res: dict, ours: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8])
     p.add_argument("--naive-max", type=float, default=1e7, help="largest size the self-join is tried on")
     p.add_argument("--timeout", type=float, default=1200)

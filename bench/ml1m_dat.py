@@ -60,7 +60,7 @@ def with_amp(variants: dict, amps: list) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warehouse", default="/tmp/wh_ml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--ablations", action="store_true", help="also DAT with AMM only and with CAL only")

@@ -46,7 +46,7 @@ def transitions(warehouse: str, index_of, window: int = 1, decay: bool = False) 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warehouse", default="/tmp/wh_ml")
     p.add_argument("--betas", nargs="+", type=float, default=[0, 0.5, 1, 2, 4, 8, 1000])
     p.add_argument("--window", type=int, default=1, help="co-occurrence window of the count term")

@@ -178,7 +178,7 @@ def row(label: str, m: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
     p.add_argument("--bigram", action="store_true", help="also the neural bigram (torch, a few minutes)")
     a = p.parse_args()

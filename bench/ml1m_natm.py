@@ -50,7 +50,7 @@ def evaluate_artifact(cfg, artifact: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warehouse", default="/tmp/wh_ml")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args()

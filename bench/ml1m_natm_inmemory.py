@@ -89,7 +89,7 @@ def train(sp: Split, a) -> tuple[NATM, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
     p.add_argument("--holdout", type=int, default=2, help="2 = validation (default), 1 = test")
     p.add_argument("--graph", choices=sorted(GRAPHS), default="dir5")

@@ -44,7 +44,7 @@ COOC_SETTINGS = [  # (label, window, symmetric, decay)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
     p.add_argument("--warehouse", default="/tmp/bench_ml1m")
     p.add_argument("--holdout", type=int, default=1, help="1: test split; 2: validation split")

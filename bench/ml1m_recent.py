@@ -62,7 +62,7 @@ def split(args, holdout: int, spark=None):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml-1m"))
     p.add_argument("--warehouse", default="/tmp/bench_ml1m_recent")
     args = p.parse_args()

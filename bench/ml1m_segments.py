@@ -44,7 +44,7 @@ def lists(i2i_topk: pa.Table, model: str, queries: np.ndarray, depth: int = 100)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warehouse", default="/tmp/wh_pipe")
     p.add_argument("--models", nargs="+", help="default: every model in i2i_topk")
     p.add_argument("--buckets", type=int, default=4)

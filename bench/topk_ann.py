@@ -44,7 +44,7 @@ def timed_search(index, q, pos, k):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7])
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--queries", type=int, default=2000)

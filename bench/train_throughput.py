@@ -78,7 +78,7 @@ def _free_port() -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warehouse", default="/tmp/wh_ml")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])

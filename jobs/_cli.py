@@ -25,7 +25,8 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    # the docstring as written: its example commands on their own lines
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--conf", help="YAML config (conf/*.yaml); defaults apply when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set warehouse=/tmp/wh --set spark.master=local[4]")

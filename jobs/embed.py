@@ -19,11 +19,11 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import files, io
 from ml.data.session import get_spark, ship_path
-from ml.errors import MissingInput
+from ml.errors import InvalidInput, MissingInput
 from ml.index.spark_topk import embed_partitions
 
 from jobs._cli import command, parse, print_tables
-from jobs.train import model_dir
+from jobs.train import TRAINABLE, model_dir
 
 log = logging.getLogger("jobs.embed")
 T_ITEM_EMBEDDINGS = S.T_ITEM_EMBEDDINGS
@@ -45,12 +45,21 @@ USER_EMBEDDINGS = StructType([
 
 
 def run(cfg: Config, spark=None) -> dict:
+    from jobs.baseline import BASELINES
+
+    if cfg.model in BASELINES:
+        raise InvalidInput(f"model={cfg.model!r} is a baseline: it has no embeddings (its i2i_topk rows come "
+                           f"from `python -m jobs.baseline --model {cfg.model}`); embed a trained model, one of "
+                           f"{list(TRAINABLE)}")
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
     artifact = os.path.join(model_dir(cfg), "model.pt")
     if not files.exists(artifact):
         raise MissingInput(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
-    run_id = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json"))).get("finished_at", "unknown")
+    # the training run's id, which also tags its records in the metrics file (artifacts written before
+    # run ids: the time the run finished)
+    meta = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json")))
+    run_id = meta.get("run_id") or meta.get("finished_at", "unknown")
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     files.copy_to_local(artifact, shipped)
     spark.sparkContext.addFile(shipped)

@@ -37,27 +37,28 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     mode = cfg.io.delta_mode
     models = list(dict.fromkeys(models or default_models(cfg)))  # each once
     targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode)
-    topk_all = None
-    if io.table_exists(cfg.table_path(S.T_I2I_TOPK)):
-        topk_all = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK), delta_mode=mode)
     items = None
     if cfg.eval.per_category and io.table_exists(cfg.table_path(S.T_ITEMS)):
         items = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode)
-    u2i_all = None
-    if io.table_exists(cfg.table_path(S.T_U2I_TOPK)):
-        u2i_all = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK), delta_mode=mode)
+    # each model's lists read from its own partition (its files only), every read at the version of now
+    sources = [(kind, path, io.table_version(path)) for kind, path in
+               (("i2i", cfg.table_path(S.T_I2I_TOPK)), ("u2i", cfg.table_path(S.T_U2I_TOPK))) if io.table_exists(path)]
+
+    def model_lists(model: str) -> list:
+        return _model_lists(spark, sources, mode, model)
+
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     # Every model and baseline is checked before anything is written; then each table gets one
     # commit for all the models (a run that fails part-way leaves both tables as they were).
     lists = {}
     for m in models:
-        lists[m] = _model_lists(m, topk_all, u2i_all)
+        lists[m] = model_lists(m)
         if not lists[m]:
             raise InvalidInput(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
     explicit = compare_to is not None
     baselines = {}
     for b in (compare_to if explicit else cfg.eval.compare_to):
-        baselines[b] = lists.get(b) or _model_lists(b, topk_all, u2i_all)
+        baselines[b] = lists.get(b) or model_lists(b)
         if not baselines[b]:
             msg = (f"baseline {b!r} has no rows in i2i_topk or u2i_topk (run the pipeline with model={b} into "
                    "this warehouse first)")
@@ -71,10 +72,10 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind, targets_id=targets_id)
             metrics = part if metrics is None else metrics.unionByName(part)
     _add_targets_column(spark, cfg)
-    io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
-                   replace_where={S.MODEL: list(models)}, delta_mode=mode)
-    written = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode).where(
-        F.col(S.MODEL).isin(list(models)) & F.col(S.CATEGORY_ID).isNull())
+    version = io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
+                             replace_where={S.MODEL: list(models)}, delta_mode=mode)
+    written = io.read_table(spark, cfg.table_path(S.T_METRICS), version=version, delta_mode=mode,
+                            partitions={S.MODEL: list(models)}).where(F.col(S.CATEGORY_ID).isNull())
     by_model: dict = {}
     for r in written.collect():  # models x (len(ks) + 1) x kinds rows
         by_model.setdefault(r[S.MODEL], []).append(r.asDict())
@@ -85,7 +86,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
         for b, base in baselines.items():
             if m == b or not base:
                 continue
-            b, base = _like_for_like(m, b, base, lists, topk_all, u2i_all)
+            b, base = _like_for_like(m, b, base, lists, model_lists)
             if b in compared:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
                 continue
             compared.add(b)
@@ -124,15 +125,16 @@ def _add_targets_column(spark, cfg: Config) -> None:
                    mode="overwrite", partition_by=[S.MODEL], delta_mode=cfg.io.delta_mode, overwrite_schema=True)
 
 
-def _model_lists(model: str, topk_all, u2i_all) -> list:
+def _model_lists(spark, sources: list, mode: str, model: str) -> list:
     """[(kind, lists)] of a model: its i2i_topk rows (every model but the fused "<model>_recent"), its
-    u2i_topk rows (DAT, two-tower, *_recent); only the kinds it has rows in."""
-    parts = [(kind, t.where(F.col(S.MODEL) == model)) for kind, t in (("i2i", topk_all), ("u2i", u2i_all))
-             if t is not None]
+    u2i_topk rows (DAT, two-tower, *_recent); only the kinds it has rows in. ``sources``: (kind,
+    table path, version) of the list tables that exist."""
+    parts = [(kind, io.read_table(spark, path, version=v, delta_mode=mode, partitions={S.MODEL: [model]}))
+             for kind, path, v in sources]
     return [(kind, t) for kind, t in parts if t.limit(1).count()]
 
 
-def _like_for_like(model: str, b: str, base: list, lists: dict, topk_all, u2i_all) -> tuple:
+def _like_for_like(model: str, b: str, base: list, lists: dict, model_lists) -> tuple:
     """A fused recent-items model (``natm_recent``) is compared with the baseline's fused lists
     (``cooc_recent``) when they exist: the same fusion over the other model's lists. Otherwise, and
     for every other model, with the baseline itself."""
@@ -141,7 +143,7 @@ def _like_for_like(model: str, b: str, base: list, lists: dict, topk_all, u2i_al
     fused = b + SUFFIX
     if not model.endswith(SUFFIX) or model == fused:
         return b, base
-    fused_lists = lists.get(fused) or _model_lists(fused, topk_all, u2i_all)
+    fused_lists = lists.get(fused) or model_lists(fused)
     return (fused, fused_lists) if fused_lists else (b, base)
 
 

@@ -271,8 +271,9 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
             subs = _baseline_stages(cfg, base_cfgs)
             done = {f"{b.model}.{sub}": _run_stage(b, sub, spark, forced) for b, sub in subs}
             results[stage] = {k: v for k, v in done.items() if v is not None}
-            if not results[stage]:
+            if not results[stage]:  # every baseline up to date: skipped, not also among the stages run
                 skipped.append(stage)
+                del results[stage]
             continue
         if stage == "evaluate":
             # Each stage was recorded with the fingerprint taken before it ran and the outputs it
@@ -353,8 +354,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if res["skipped"]:
         print(f"skipped (unchanged): {', '.join(res['skipped'])}")
     if ing:
-        print(f"ingest: {ing['input_rows']:,} rows -> {ing['actions']:,} actions, {ing['users']:,} users, "
-              f"{ing['items']:,} items; rejected {ing['rejected'] or 'none'}")
+        print(f"ingest: {ing['input_rows']:,} rows -> {ing['actions']:,} actions (about {ing['users']:,} users, "
+              f"{ing['items']:,} items); rejected {ing['rejected'] or 'none'}")
     if seq:
         print(f"sequences: {seq['users']:,} users, {seq['train_actions']:,} training actions")
     if res.get("evaluate"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import Config, ConfigError
@@ -33,12 +32,17 @@ def run(cfg: Config, spark=None) -> dict:
         raise ConfigError("recent.triggers=0: set the number of recent items to fuse (e.g. --set recent.triggers=5)")
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
+    from jobs.baseline import BASELINES
+
     i2i_path = cfg.table_path(S.T_I2I_TOPK)
+    # a baseline's lists come from its own job, a trained model's from the topk job
+    make = (f"jobs.baseline --model {cfg.model}" if cfg.model in BASELINES
+            else f"the topk stage (jobs.topk) for model={cfg.model}")
     if not io.table_exists(i2i_path):
-        raise InvalidInput(f"{i2i_path} does not exist: run the topk stage for model={cfg.model!r} first")
-    i2i = io.read_table(spark, i2i_path, delta_mode=mode).where(F.col(S.MODEL) == cfg.model)
+        raise InvalidInput(f"{i2i_path} does not exist: run {make} first")
+    i2i = io.read_table(spark, i2i_path, delta_mode=mode, partitions={S.MODEL: [cfg.model]})
     if not i2i.limit(1).count():
-        raise InvalidInput(f"i2i_topk has no rows for model={cfg.model!r}: run the topk stage for it first")
+        raise InvalidInput(f"i2i_topk has no rows for model={cfg.model!r}: run {make} first")
     seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
     name = model_name(cfg)
     lists = fuse_recent(seqs, i2i, cfg.recent, name)

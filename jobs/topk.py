@@ -14,7 +14,6 @@ import os
 from typing import Optional, Sequence
 
 import numpy as np
-from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import Config
@@ -52,8 +51,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     run_ids = sorted(set(t.column("run_id").unique().to_pylist()))
     users = None
     if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
-        users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode).where(
-            F.col(S.MODEL) == cfg.model)
+        users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode,
+                              partitions={S.MODEL: [cfg.model]})
         # Item and user vectors must come from one model: an embed run killed between its two commits
         # would otherwise pair this run's items with the previous run's users, without a word.
         user_runs = sorted(r[0] for r in users.select("run_id").distinct().limit(2).collect())
@@ -77,8 +76,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)
     spark.sparkContext.addFile(ids_file)
-    queries = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode).where(
-        F.col(S.MODEL) == cfg.model).select(S.ITEM_ID, "vector")
+    queries = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode,
+                            partitions={S.MODEL: [cfg.model]}).select(S.ITEM_ID, "vector")
     topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                  cfg.model), S.I2I_TOPK)
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode)

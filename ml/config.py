@@ -133,8 +133,10 @@ class IngestConfig:
     def __post_init__(self) -> None:
         _check_choice("ingest.format", self.format, INPUT_FORMATS)
         _check_choice("ingest.ts_unit", self.ts_unit, ["s", "ms", "string"])
-        for k in self.columns:
-            _check_choice(f"ingest.columns key {k!r}", k, CANONICAL_FIELDS)
+        for k, v in self.columns.items():
+            if k not in CANONICAL_FIELDS:  # the key is ours, the value the source's column
+                raise ConfigError(f"ingest.columns.{k}={v!r}: {k!r} is not a field; expected one of "
+                                  f"{list(CANONICAL_FIELDS)} (each mapped to a column of the source)")
         if self.columns and self.format in ("ml1m", "sasrec", "taobao"):
             raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")

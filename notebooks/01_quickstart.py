@@ -35,7 +35,7 @@ from pyspark.sql import functions as F
 
 from ml.data import io
 
-topk = io.read_table(spark, cfg.table_path("i2i_topk")).where(F.col("model") == MODEL)
+topk = io.read_table(spark, cfg.table_path("i2i_topk"), partitions={"model": [MODEL]})  # its files only
 items = io.read_table(spark, cfg.table_path("items")).select("item_id", "title", "category_id")
 popular = io.read_table(spark, cfg.table_path("item_counts")).orderBy(F.desc("count"), "item_id").limit(3)
 sample = (popular.select("item_id").join(topk, "item_id").where("rank <= 5")

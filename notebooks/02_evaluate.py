@@ -45,7 +45,7 @@ from ml.eval.metrics import display_name
 cfg = configs[MODELS[0]]
 # the pipeline also wrote "<model>_recent": each user's list fused from the lists of their last items (u2i,
 # HR@K against the same targets). As in the job's table, u2i lists get their own row, "<model> u2i".
-metrics = io.read_table(spark, cfg.table_path("metrics")).where(F.col("model").isin(MODELS + [m + "_recent" for m in MODELS]))
+metrics = io.read_table(spark, cfg.table_path("metrics"), partitions={"model": MODELS + [m + "_recent" for m in MODELS]})
 overall = metrics.where(F.col("category_id").isNull()).toPandas()  # models x metrics: a few dozen rows
 overall[["row", "name"]] = overall.apply(lambda r: display_name(r.model, r.metric, r.k), axis=1, result_type="expand")
 summary = overall.pivot_table(index="row", columns="name", values="value")[[f"Pre@{k}" for k in cfg.eval.ks] + ["MRR"]]

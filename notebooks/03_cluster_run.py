@@ -54,5 +54,5 @@ run_info = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json")))
 print({k: run_info[k] for k in ("model", "world_size", "device", "steps", "samples_version")})
 versions = {t: io.table_version(cfg.table_path(t)) for t in ("item_graph", "item_embeddings", "i2i_topk")}
 print("pin these versions:", versions)
-pinned = io.read_table(spark, cfg.table_path("i2i_topk"), version=versions["i2i_topk"]).where(f"model = '{MODEL}'")
+pinned = io.read_table(spark, cfg.table_path("i2i_topk"), version=versions["i2i_topk"], partitions={"model": [MODEL]})
 print(pinned.orderBy("item_id", "rank").limit(5).toPandas().to_string())

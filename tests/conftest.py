@@ -23,6 +23,20 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op torch thread for the whole run, whatever order the tests run in. The tensors are
+    tiny: on a 2-core machine two spinning threads beside Spark's JVM made training tests 25x slower,
+    and a test that set one thread and left it set gave every later test another setting than it has
+    alone. (The DDP test's processes set their own.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def warehouse(tmp_path) -> str:
     return str(tmp_path / "wh")

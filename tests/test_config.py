@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from ml.config import Config, ConfigError, load_config, parse_overrides
+from ml.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -353,3 +354,25 @@ def test_a_cut_off_beyond_the_list_length_is_refused_naming_both_keys():
         load_config(None, ["baseline.k=10"])
     assert load_config(None, ["baseline.k=10", "eval.ks=[1, 5, 10]"]).baseline.k == 10
     assert load_config(None, ["eval.ks=[1, 100]", "baseline.k=100"]).eval.ks == [1, 100]
+
+
+def test_an_unknown_ingest_column_field_shows_the_key_and_the_source_column():
+    # was "ingest.columns key 'userid'='userid'": the key twice, and not the column it was given
+    with pytest.raises(ConfigError, match=r"ingest.columns.userid='uid': 'userid' is not a field; expected one of "
+                                          r"\['user_id'"):
+        load_config(None, ["ingest.columns.userid=uid"])
+
+
+def test_job_help_keeps_the_example_commands_on_their_own_lines():
+    from jobs import train
+    from jobs._cli import parser
+
+    text = parser(train.__doc__).format_help()
+    assert "\n    python -m jobs.train --conf conf/ml1m_natm.yaml [--resume]\n" in text
+
+
+def test_embedding_a_baseline_says_where_its_lists_come_from(tmp_path):
+    from jobs import embed
+
+    with pytest.raises(InvalidInput, match=r"model='cooc' is a baseline.*jobs.baseline --model cooc"):
+        embed.run(load_config(None, [f"warehouse={tmp_path}", "model=cooc"]))

@@ -8,7 +8,6 @@ bad-row handling.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from dataclasses import dataclass
@@ -97,14 +96,13 @@ def read_csv_lines(spark: SparkSession, path: str, columns: list, sep: str, head
             .csv(path))
 
 
-def _first_line_fields(spark: SparkSession, path: str, sep: str) -> list:
-    """The first non-blank line's fields, split as a CSV parser does (a quoted field may hold ``sep``)."""
-    first = spark.read.text(path).where(F.trim("value") != "").first()  # Spark's CSV reader skips blank lines
-    if first is None:
+def _first_line_field_count(spark: SparkSession, path: str, sep: str) -> int:
+    """The number of fields of the first non-blank line, as Spark's CSV reader splits it: its quoting,
+    and ``sep`` as Spark reads it (``\\t`` written out is a tab there, as the config's help says)."""
+    n = len(spark.read.option("header", False).option("sep", sep).csv(path).columns)
+    if n == 0:
         raise SourceSchemaError(f"{path}: the file is empty")
-    if len(sep) == 1:
-        return next(csv.reader([first[0]], delimiter=sep))
-    return first[0].split(sep)
+    return n
 
 
 def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
@@ -118,7 +116,7 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
             raise SourceSchemaError("ingest.csv_schema (column names in file order) is required when "
                                     "ingest.csv_header=false")
         columns = list(cfg.csv_schema)
-        n = len(_first_line_fields(spark, cfg.path, cfg.csv_sep))
+        n = _first_line_field_count(spark, cfg.path, cfg.csv_sep)
         if n != len(columns):
             what = (f"extra columns at positions {list(range(len(columns) + 1, n + 1))}" if n > len(columns)
                     else f"missing columns {columns[n:]}")
@@ -179,7 +177,7 @@ def _epoch_millis(df: DataFrame, name: str):
 
 def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     """Taobao UserBehavior CSV: ``user_id,item_id,category_id,behavior,timestamp``, no header."""
-    n = len(_first_line_fields(spark, cfg.path, ","))
+    n = _first_line_field_count(spark, cfg.path, ",")
     if n != len(TAOBAO_COLUMNS):
         raise SourceSchemaError(f"{cfg.path}: Taobao UserBehavior has {len(TAOBAO_COLUMNS)} columns "
                                 f"{TAOBAO_COLUMNS}, the first line has {n}")

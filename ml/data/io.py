@@ -155,21 +155,31 @@ def _spark_schema(dt: DeltaTable) -> StructType:
 
 
 def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
-               delta_mode: str = "auto") -> DataFrame:
-    """Read the latest (or a given) version of the Delta table at ``path``."""
+               delta_mode: str = "auto", partitions: Optional[Mapping[str, Sequence[str]]] = None) -> DataFrame:
+    """Read the latest (or a given) version of the Delta table at ``path``.
+
+    ``partitions``: {partition column: values}, e.g. ``{"model": ["natm"]}``: only the rows (and the
+    files) of those partitions. Without the Delta jars the partition values are joined on after the
+    read, so a ``where`` on them would still read every file; this reads only the matching ones.
+    """
     uri = table_uri(path)
+    wanted = {c: {str(v) for v in vs} for c, vs in (partitions or {}).items()}
     if use_native(spark, delta_mode):
         _require_table(path) if "://" not in uri else None
         reader = spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
-        return reader.load(uri)
+        return _only(reader.load(uri), wanted)  # Delta prunes the files by the filter
     dt = _delta_table(path, version)
     check_readable(dt, uri)
     schema = _spark_schema(dt)
     partition_cols = list(dt.metadata().partition_columns)
+    if set(wanted) - set(partition_cols):
+        raise ValueError(f"{uri}: {sorted(set(wanted) - set(partition_cols))} are not partition columns "
+                         f"({partition_cols})")
     data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
-    files = data_files(dt, uri)
+    files = [(f, values) for f, values in data_files(dt, uri)
+             if all(values[c] is not None and values[c] in vs for c, vs in wanted.items())]
     if not files:
         return spark.createDataFrame([], schema)
     df = spark.read.schema(data_schema).parquet(*[f for f, _ in files])
@@ -183,6 +193,12 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
     if partition_cols:
         df = _attach_partition_values(spark, df, files, schema, partition_cols)
     return df.select(*[f.name for f in schema.fields])
+
+
+def _only(df: DataFrame, wanted: Mapping[str, set]) -> DataFrame:
+    for c, vs in wanted.items():
+        df = df.where(F.col(c).cast("string").isin(sorted(vs)))
+    return df
 
 
 def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence, schema: StructType,
@@ -321,7 +337,7 @@ def replace_model_partition(spark: SparkSession, df: DataFrame, path: str, model
     other models' rows untouched). Returns (the new version, the model's rows in it)."""
     version = write_table(spark, df, path, mode="overwrite", partition_by=[S.MODEL], replace_where={S.MODEL: model},
                           delta_mode=delta_mode)
-    rows = read_table(spark, path, version=version, delta_mode=delta_mode).where(F.col(S.MODEL) == model).count()
+    rows = read_table(spark, path, version=version, delta_mode=delta_mode, partitions={S.MODEL: [model]}).count()
     return version, rows
 
 

@@ -598,7 +598,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
         samples_seen = int(total.item())
     result = {"steps": step, "epochs": epoch, "final_loss": last_loss, "seconds": seconds,
               "samples_per_s": samples_seen / max(seconds, 1e-9), "checkpoint": last_checkpoint,
-              "precision": "bf16" if amp_dtype else "fp32"}
+              "precision": "bf16" if amp_dtype else "fp32", "run_id": run_id}
     if ctx.is_main:
         logger.info("training finished: %d steps, %d epochs, final loss %s, %.1f s, %.0f samples/s",
                     step, epoch, last_loss, seconds, result["samples_per_s"])

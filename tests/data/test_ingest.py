@@ -105,6 +105,18 @@ def test_headerless_csv_first_line_is_split_as_csv(spark, tmp_path):
     assert [g[:2] for g in good] == [(1, 2), (4, 5)] and bad == []
 
 
+def test_headerless_tab_separated_file_with_the_tab_written_out(spark, tmp_path):
+    # --set 'ingest.csv_sep=\t' (what the config's error suggests) is a tab to Spark's reader; the
+    # header-less field count was split on the two characters backslash and t, and refused the file
+    path = _write(tmp_path, "log.tsv", "1\t2\t3\n4\t5\t6\n")
+    cols = {"user_id": "u", "item_id": "i", "ts": "t"}
+    for sep in ("\\t", "\t"):
+        cfg = IngestConfig(format="csv", path=path, csv_header=False, csv_sep=sep, csv_schema=["u", "i", "t"],
+                           ts_unit="s", columns=cols)
+        _, good, bad = _run(spark, cfg)
+        assert [g[:3] for g in good] == [(1, 2, 3), (4, 5, 6)] and bad == []
+
+
 def test_headerless_csv_field_count_mismatch(spark, tmp_path):
     path = _write(tmp_path, "log.csv", "1;2;3;x\n")
     with pytest.raises(SourceSchemaError, match=r"first line has 4 fields.*extra columns at positions \[4\]"):

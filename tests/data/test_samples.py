@@ -169,3 +169,45 @@ def test_dat_batches_mix_categories(spark):
     for start in range(0, len(cats) - 64, 64):
         window = set(cats[start:start + 64])
         assert major in window and len(window) >= 3
+
+
+def test_dat_cap_keeps_the_most_recent_positives(spark):
+    # sequences run oldest -> newest: a cap of 5 on 12 distinct items keeps the last 5 (the user's
+    # present taste), not the first 5
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    cfg = SamplesConfig(dat_negatives=1, dat_max_positives_per_user=5)
+    df = build_dat_samples(spark, seqs, q, None, None, cfg, seed=1)
+    got = {}
+    for r in df.where(F.col(LABEL) == 1.0).collect():
+        got.setdefault(r.user_id, []).append(r.item_id)
+    assert {u: sorted(v) for u, v in got.items()} == {u: sorted(items[-5:]) for u, items in SEQS}
+
+
+def test_dat_negatives_are_drawn_per_positive_not_per_user(spark):
+    # each (user, position) gets its own draw: keyed by the user alone, all 12 positives of a user
+    # would share one negative list (a user's negatives would be the same 4 items for every positive)
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    cfg = SamplesConfig(dat_negatives=4, dat_max_positives_per_user=None)
+    df = build_dat_samples(spark, seqs, q, None, None, cfg, seed=1)
+    negs = {}
+    for r in df.where(F.col(LABEL) == 0.0).collect():
+        negs.setdefault((r.user_id, r.position), []).append(r.item_id)
+    assert len(negs) == sum(len(items) for _, items in SEQS)
+    for u, items in SEQS:
+        lists = {tuple(sorted(negs[(u, p)])) for p in range(len(items))}
+        assert len(lists) >= 0.9 * len(items), (u, lists)
+
+
+def test_dat_balanced_brings_every_category_down_to_the_median_size(spark):
+    # positives per category 350 / 50 / 50 / 50: balanced keeps ~50 of each, so the major category
+    # holds ~1/4 (down to the mean, 125, it would still hold ~45%)
+    seqs = _seqs(spark, [(u, [1 + (u + i) % 7 for i in range(7)] + [8, 9, 10]) for u in range(1, 51)])
+    items = _items(spark, 10, lambda i: 0 if i <= 7 else i)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    cfg = SamplesConfig(stratify="balanced", dat_negatives=1, dat_max_positives_per_user=None)
+    counts = {r.category_id: r.positives
+              for r in category_counts(build_dat_samples(spark, seqs, q, items, None, cfg, 2)).collect()}
+    assert counts[8] == counts[9] == counts[10] == 50  # at the median already: all kept
+    assert counts[0] / sum(counts.values()) == pytest.approx(0.25, abs=0.05)

@@ -329,3 +329,16 @@ def test_mrr_and_its_paired_interval_do_not_depend_on_the_order_of_the_targets(s
     assert len(seen_mrr) == 1 and len(seen_paired) == 1
     exact = sum(1 / r for r in ranks if r) / len(ranks)
     assert float.fromhex(seen_mrr.pop()) == pytest.approx(exact, rel=1e-15)
+
+
+def test_format_paired_ratio_is_model_over_baseline(spark):
+    # the case of test_paired_comparison_hand_computed: Pre@2 0.8 vs 0.6, MRR 0.6 vs 0.5. An inverted
+    # ratio (baseline / model) would print 0.750 and 0.833: the better model reading as the worse
+    a = _topk(spark, [(1, 3, 1), (1, 2, 2), (5, 6, 1), (5, 7, 2)], "a")
+    b = _topk(spark, [(1, 2, 1), (1, 3, 2), (8, 2, 1)], "b")
+    targets = spark.createDataFrame([(1, 1, 3, 0, 1), (2, 1, 2, 0, 1), (3, 5, 6, 0, 1), (4, 8, 2, 0, 1),
+                                     (5, 5, 7, 0, 1)], S.EVAL_TARGETS)
+    lines = format_paired(paired_comparison(targets, a, b, [1, 2], "a", "b")).splitlines()
+    end = lines[1].index("ratio") + len("ratio")  # the columns are right-aligned under their names
+    ratios = {line.split()[0]: line[end - 8:end].strip() for line in lines[2:]}
+    assert ratios == {"Pre@1": "1.000", "Pre@2": "1.333", "MRR": "1.200"}

@@ -90,5 +90,24 @@ def test_recent_job_needs_triggers_and_a_source_list(spark, warehouse):
 
     with pytest.raises(ConfigError, match="recent.triggers"):
         recent.run(load_config(None, [f"warehouse={warehouse}"]), spark)
-    with pytest.raises(ValueError, match="topk stage"):
-        recent.run(load_config(None, [f"warehouse={warehouse}", "recent.triggers=3"]), spark)
+    with pytest.raises(ValueError, match=r"run the topk stage \(jobs.topk\) for model=natm first"):
+        recent.run(load_config(None, [f"warehouse={warehouse}", "recent.triggers=3", "model=natm"]), spark)
+    with pytest.raises(ValueError, match="run jobs.baseline --model pop first"):  # a baseline's lists: its own job
+        recent.run(load_config(None, [f"warehouse={warehouse}", "recent.triggers=3", "model=pop"]), spark)
+
+
+def test_recent_job_fuses_only_its_models_lists(spark, warehouse):
+    from jobs import recent
+    from ml.data import io
+
+    cfg = load_config(None, [f"warehouse={warehouse}", "model=cooc", "recent.triggers=2", "recent.decay=0.5",
+                             "recent.rrf_k=0", "recent.k=10"])
+    io.write_table(spark, _seqs(spark, SEQS), cfg.table_path(S.T_SEQUENCES))
+    other = {3: [20, 21], 2: [22]}  # another model's lists of the same items
+    lists = _i2i(spark, LISTS).withColumn(S.MODEL, F.lit("cooc")).unionByName(
+        _i2i(spark, other).withColumn(S.MODEL, F.lit("natm")))
+    io.write_table(spark, lists, cfg.table_path(S.T_I2I_TOPK), partition_by=[S.MODEL])
+    recent.run(cfg, spark)
+    got = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK)).where(F.col(S.MODEL) == "cooc_recent")
+    assert {u: [(r.item_id, r.score, r.rank) for r in sorted(rows, key=lambda r: r.rank)]
+            for u, rows in _by_user(got.collect()).items()} == _fused(spark)

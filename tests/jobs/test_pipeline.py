@@ -43,6 +43,7 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     again_run = pipeline.run(cfg, spark)
     assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk",
                                     "recent", "baselines"]
+    assert set(again_run) == {"evaluate", "skipped"}  # a skipped stage is not also among those run
     assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == 0
     # a graph setting changed: graph and what reads it (NATM's training, then its lists) rerun; the
     # stages before it, the samples and the cooc baseline (its own window) read no graph: skipped

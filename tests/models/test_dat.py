@@ -161,3 +161,50 @@ def test_loss_parts_are_detached_tensors_and_a_batch_without_positives_has_no_mi
     assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in parts.values())
     _, none = m(u, i, torch.zeros(3))
     assert none["mimic_u"].item() == none["mimic_v"].item() == 0.0
+
+
+def test_forward_loss_is_the_weighted_sum_of_its_parts_with_a_category_alignment_term():
+    # items 1..12 fall in categories 2, 3, 1, 2, 3, 1, ...: three categories of 4 items each, all at
+    # cal_min_items, so the CAL term is live (every other batch here has < 4 items per category)
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = _model(lambda_u=0.5, lambda_v=0.25, lambda_ca=0.3)
+    u, i = torch.arange(1, 13) % 10 + 1, torch.arange(1, 13)
+    y = (torch.arange(12) % 2).float()
+    loss, parts = m(u, i, y)
+    with torch.no_grad():
+        p_u, p_v = m.user_vectors(u), m.item_vectors(i)
+        cats = m.item_categories[i]
+        cal = category_alignment_loss(p_v, cats)  # on the item vectors (the query side has no categories)
+        loss_u, loss_v = mimic_losses(m.a_u(u), m.a_v(i), p_u, p_v, y)
+        logits = m.cfg.logit_scale * (p_u * p_v).sum(-1)  # the scale lets the sigmoid reach 0/1
+        bce = -(y * F.logsigmoid(logits) + (1 - y) * F.logsigmoid(-logits)).mean()
+    assert sorted(cats.unique(return_counts=True)[1].tolist()) == [4, 4, 4]
+    assert cal.item() > 1e-3 and abs(cal - category_alignment_loss(p_u, cats)).item() > 1e-4
+    assert parts["cal"].item() == pytest.approx(cal.item(), rel=1e-5)
+    assert parts["bce"].item() == pytest.approx(bce.item(), rel=1e-5)
+    assert parts["mimic_u"].item() == pytest.approx(loss_u.item(), rel=1e-5)
+    assert parts["mimic_v"].item() == pytest.approx(loss_v.item(), rel=1e-5)
+    # lambda_ca weighs the CAL term as the lambdas weigh the mimic terms
+    want = bce + 0.5 * loss_u + 0.25 * loss_v + 0.3 * cal
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(loss - (bce + 0.5 * loss_u + 0.25 * loss_v + cal)).item() > 1e-4  # the weight shows
+
+
+def test_item_categories_and_user_features_reach_the_vectors():
+    # an item's category (a user's feature values) is an input of its tower: changing it moves the vector
+    torch.manual_seed(0)
+    m = _model()
+    users, items = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    with torch.no_grad():
+        p_u, p_v = m.user_vectors(users), m.item_vectors(items)
+        m.item_categories[items] = m.item_categories[items] % 3 + 1  # each of the three to another category
+        m.user_features[users, 0] = (m.user_features[users, 0] + 1) % 3  # the first field only
+        moved_v, moved_u = m.item_vectors(items), m.user_vectors(users)
+        m.user_features[users, 0] = (m.user_features[users, 0] - 1) % 3  # the first field back
+        m.user_features[users, 1] = (m.user_features[users, 1] + 1) % 4  # then the second field only
+        moved_u2 = m.user_vectors(users)
+    assert ((moved_v - p_v).norm(dim=-1) > 1e-3).all()
+    assert ((moved_u - p_u).norm(dim=-1) > 1e-3).all()
+    assert ((moved_u2 - p_u).norm(dim=-1) > 1e-3).all()

@@ -47,6 +47,29 @@ def test_nce_loss_matches_hand_computation():
     assert nce_loss(R, q, k, g).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_nce_loss_with_an_offset_matches_hand_computation():
+    # p(y=1) = exp(gR - c) / (exp(gR - c) + k q): the normaliser c lowers the data side's log-odds
+    R = torch.tensor([[0.5, -0.2, 0.1], [0.1, 0.3, -0.4]])
+    q = torch.tensor([[0.01, 0.02, 0.05], [0.1, 0.03, 0.2]])
+    k, g, c = 2, 10.0, 2.0
+    expected = 0.0
+    for r, qq in zip(R.tolist(), q.tolist()):
+        e = [math.exp(g * x - c) for x in r]
+        expected -= math.log(e[0] / (e[0] + k * qq[0]))
+        expected -= sum(math.log(k * qn / (en + k * qn)) for en, qn in zip(e[1:], qq[1:]))
+    assert nce_loss(R, q, k, g, offset=c).item() == pytest.approx(expected / 2, rel=1e-5)
+    assert nce_loss(R, q, k, g, offset=torch.tensor(c)).item() == pytest.approx(expected / 2, rel=1e-5)
+    assert abs(nce_loss(R, q, k, g).item() - expected / 2) > 0.1  # the offset matters at these values
+
+
+@pytest.mark.parametrize("gamma", [10.0, 6.0])
+def test_learned_nce_offset_starts_at_half_gamma(gamma):
+    # c = gamma/2 puts the data/noise boundary near R = 0.5 at init; c = 0 left positives without gradient
+    model = NATM(NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, gamma=gamma), _toy_table(cats=False))
+    assert model.cfg.learn_nce_offset and model.nce_offset.requires_grad
+    assert model.nce_offset.item() == pytest.approx(gamma / 2)
+
+
 def test_batch_softmax_loss_matches_hand_computation():
     torch.manual_seed(0)
     cfg = NATMConfig(num_items=20, num_neighbors=3, dim=8, layers=0, dropout=0.0, loss="softmax")
@@ -78,7 +101,6 @@ def test_sampled_softmax_learns_the_true_next_item_distribution():
     # the learned softmax was 1.7x as steep as p (popular items over-predicted); corrected by the
     # chance of being in the batch it is calibrated.
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     V, B, k = 60, 256, 9
     none = torch.tensor([])
     cnt = 1.0 / torch.arange(1, V).float() ** 1.1  # items 2..V
@@ -247,6 +269,61 @@ def test_mlm_masks_only_real_neighbours_and_predicts_them():
     w = torch.randn(V + 1, 8)
     t = torch.tensor([1, 2, 3, 1])
     assert torch.isfinite(mlm_cross_entropy(s, t, w, None)) and torch.isfinite(mlm_cross_entropy(s, t, w, 16))
+
+
+def test_mlm_predicts_the_neighbour_ids_at_the_masked_positions(monkeypatch):
+    # the targets are the masked slots' own neighbour ids, in the order of the states predicting them
+    import ml.models.natm as natm
+
+    V = 20
+    model = NATM(NATMConfig(num_items=V, num_neighbors=3, dim=8, layers=1, heads=2, dropout=0.0, mlm_prob=0.5),
+                 _toy_table(V))
+    seen = {}
+
+    def spy(states, targets, out_weight, num_sampled, generator=None):
+        seen.update(states=states, targets=targets, out_weight=out_weight, num_sampled=num_sampled)
+        return mlm_cross_entropy(states, targets, out_weight, num_sampled, generator)
+
+    monkeypatch.setattr(natm, "mlm_cross_entropy", spy)
+    items = torch.tensor([5, 6, 11, 17])
+    loss = model.mlm_loss(items, generator=torch.Generator().manual_seed(0))
+    masked = torch.rand(4, 3, generator=torch.Generator().manual_seed(0)) < 0.5  # the same draw
+    want = model.table.neighbors[items][masked]
+    assert 3 <= len(want) < 12 and not torch.equal(want, want.roll(1))  # a shuffle of the targets would show
+    assert torch.equal(seen["targets"], want)
+    assert seen["num_sampled"] is None and torch.equal(seen["out_weight"], model.item_emb.weight[: V + 1])
+    # full softmax over the items 1..V (the tied id table), PAD not a class
+    by_hand = torch.nn.functional.cross_entropy(seen["states"] @ model.item_emb.weight[1: V + 1].T, want - 1)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_mlm_full_softmax_never_predicts_padding():
+    # cross-entropy over the item classes 1..V only: the PAD row of the id table is no class
+    g = torch.Generator().manual_seed(0)
+    s, w = torch.randn(5, 8, generator=g), torch.randn(11, 8, generator=g)
+    w[0] = 2.0 * s.mean(0)  # a PAD logit large enough to matter if it were left in
+    t = torch.tensor([1, 4, 10, 4, 7])
+    expected = torch.nn.functional.cross_entropy(s @ w[1:].T, t - 1)
+    assert mlm_cross_entropy(s, t, w, None).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mlm_sampled_softmax_leaves_out_accidental_hits():
+    # targets + S uniform negatives as classes; a negative (or another row's target) with the row's own
+    # id is not a competing class: its column is dropped from that row, the row's own column stays
+    V, S = 6, 8
+    g = torch.Generator().manual_seed(0)
+    s, w = torch.randn(4, 8, generator=g), torch.randn(V + 1, 8, generator=g)
+    t = torch.tensor([1, 2, 3, 1])
+    neg = torch.randint(1, V + 1, (S,), generator=torch.Generator().manual_seed(1))  # what the call draws
+    cand = torch.cat([t, neg]).tolist()
+    assert any(c in t.tolist() for c in neg.tolist())  # the draw repeats a target
+    expected = 0.0
+    for m, (row, target) in enumerate(zip(s, t.tolist())):
+        logits = [(row @ w[c]).item() for j, c in enumerate(cand) if j == m or c != target]
+        own = (row @ w[target]).item()
+        expected -= (own - math.log(sum(math.exp(x) for x in logits))) / len(t)
+    got = mlm_cross_entropy(s, t, w, S, torch.Generator().manual_seed(1))
+    assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_learns_planted_graph_far_above_popularity():

@@ -30,14 +30,6 @@ from ml.train.loop import lr_multiplier, train
 CPU = DistContext()  # rank 0 of a 1-process world on the CPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; the machine's 2 cores are shared
-    yield
-    torch.set_num_threads(before)
-
-
 def regression_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)

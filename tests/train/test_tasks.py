@@ -85,3 +85,70 @@ def test_natm_trainer_reports_its_metrics_as_detached_tensors(loss, mlm_weight):
     assert metrics and ("mlm" in metrics) == (mlm_weight > 0)
     assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
     assert total.requires_grad
+
+
+def _natm_batch():
+    import torch
+
+    return {"trigger": torch.tensor([1, 5, 9, 14]), "positive": torch.tensor([2, 7, 11, 3]),
+            "negatives": torch.tensor([[3, 4], [8, 9], [1, 2], [6, 20]]),
+            "q_positive": torch.tensor([0.05, 0.1, 0.02, 0.2]),
+            "q_negatives": torch.tensor([[0.02, 0.2], [0.05, 0.01], [0.1, 0.1], [0.03, 0.04]])}
+
+
+@pytest.mark.parametrize("mlm_weight", [0.1, 0.5])
+def test_natm_trainer_loss_is_nce_plus_the_weighted_mlm_of_triggers_and_positives(mlm_weight):
+    # loss = NCE + natm.mlm_weight * MLM over the quasi-sequences of the triggers and the positives;
+    # the pieces are recomputed from the same seed (the MLM mask is a random draw)
+    import torch
+
+    from ml.models.natm import NATM, NATMConfig, build_neighbor_table, nce_loss
+    from ml.train.natm_task import NATMTrainer
+
+    V, N = 20, 3
+    item = torch.arange(1, V + 1).repeat_interleave(N)
+    rank = torch.arange(1, N + 1).repeat(V)
+    table = build_neighbor_table(V, item, (item - 1 + rank) % V + 1, 2.0 ** (4 - rank).float(), rank, N, 16)
+    cfg = NATMConfig(num_items=V, num_neighbors=N, dim=8, layers=1, heads=2, dropout=0.0, loss="nce",
+                     mlm_prob=0.5, mlm_weight=mlm_weight)
+    torch.manual_seed(0)
+    model = NATM(cfg, table)
+    batch = _natm_batch()
+    torch.manual_seed(1)
+    total, metrics = NATMTrainer(model, k=2)(batch)
+    torch.manual_seed(1)
+    cands = torch.cat([batch["positive"][:, None], batch["negatives"]], 1)
+    q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], 1)
+    nce = nce_loss(model(batch["trigger"], cands), q, 2, cfg.gamma, model.nce_offset)
+    mlm = model.mlm_loss(torch.cat([batch["trigger"], batch["positive"]]))
+    torch.manual_seed(1)
+    triggers_only = model.mlm_loss(batch["trigger"])
+    assert mlm.item() > 0.5 and abs(mlm - triggers_only).item() > 1e-3  # what a wrong MLM input would change
+    assert metrics["nce"].item() == pytest.approx(nce.item(), rel=1e-5)
+    assert metrics["mlm"].item() == pytest.approx(mlm.item(), rel=1e-5)
+    assert total.item() == pytest.approx((nce + mlm_weight * mlm).item(), rel=1e-5)
+
+
+def test_natm_trainer_softmax_corrects_with_the_positives_distribution():
+    # natm.loss=softmax: the trainer passes each candidate's share of the training data (positive_prob)
+    # to the batch's inclusion correction; without it, q stands in for the positives' distribution
+    import torch
+
+    from ml.models.natm import NATM, NATMConfig, build_neighbor_table
+    from ml.train.natm_task import NATMTrainer
+
+    none = torch.zeros(0, dtype=torch.long)
+    cfg = NATMConfig(num_items=20, num_neighbors=0, dim=8, layers=0, dropout=0.0, loss="softmax", mlm_weight=0.0)
+    torch.manual_seed(0)
+    model = NATM(cfg, build_neighbor_table(20, none, none, none.float(), none, 0, 16, None))
+    batch = _natm_batch()
+    share = torch.linspace(1.0, 20.0, 21, dtype=torch.float64) ** 3
+    share[0] = 0.0
+    share /= share.sum()  # (V+1,): item 20 far the most frequent, item 1 the least
+    total, _ = NATMTrainer(model, k=2, positive_prob=share)(batch)
+    cands = torch.cat([batch["positive"][:, None], batch["negatives"]], 1)
+    q = torch.cat([batch["q_positive"][:, None], batch["q_negatives"]], 1)
+    with_p = model.batch_softmax_loss(batch["trigger"], cands, q, share[cands])
+    with_q = model.batch_softmax_loss(batch["trigger"], cands, q, None)
+    assert total.item() == pytest.approx(with_p.item(), rel=1e-6)
+    assert abs(with_p - with_q).item() > 1e-2  # the two corrections differ on this batch

@@ -1,0 +1,70 @@
+"""jobs.evaluate on hand-written lists: the rows it returns, which baseline lists a comparison scores,
+and whose earlier comparisons a run replaces."""
+import pytest
+from pyspark.sql import functions as F
+
+from jobs import evaluate
+from ml import schemas as S
+from ml.config import load_config
+from ml.data import io
+
+# (user, trigger, target): user 1 1 -> 2, user 2 5 -> 6, user 3 5 -> 7
+TARGETS = [(1, 1, 2, 0, 3), (2, 5, 6, 0, 3), (3, 5, 7, 0, 3)]
+I2I = {"dat": {1: [2], 5: [6]}, "two_tower": {1: [9], 5: [7]}}  # item -> list
+U2I = {"dat": {1: [3], 2: [6], 3: [8]}, "two_tower": {1: [2], 2: [6], 3: [7]}}  # user -> list
+CATEGORIES = [(2, 10), (6, 10), (7, 11)]
+
+
+def _lists(spark, lists, schema):
+    rows = [(key, nb, 1.0 / r, r, model) for model, by in lists.items() for key, nbs in by.items()
+            for r, nb in enumerate(nbs, 1)]
+    return spark.createDataFrame(rows, schema)
+
+
+@pytest.fixture
+def cfg(spark, warehouse):
+    cfg = load_config(None, [f"warehouse={warehouse}", "eval.ks=[1,2]", "eval.compare_to=[]"])
+    io.write_table(spark, spark.createDataFrame(TARGETS, S.EVAL_TARGETS), cfg.table_path(S.T_EVAL_TARGETS))
+    io.write_table(spark, _lists(spark, I2I, S.I2I_TOPK), cfg.table_path(S.T_I2I_TOPK), partition_by=[S.MODEL])
+    io.write_table(spark, _lists(spark, U2I, S.U2I_TOPK), cfg.table_path(S.T_U2I_TOPK), partition_by=[S.MODEL])
+    items = spark.createDataFrame([(i, c, None, None, None) for i, c in CATEGORIES], S.ITEMS_TABLE)
+    io.write_table(spark, items, cfg.table_path(S.T_ITEMS))
+    return cfg
+
+
+def _paired(spark, cfg):
+    return {(r.model, r.baseline, r.metric, r.k): r
+            for r in io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED)).collect()}
+
+
+def test_returned_rows_are_the_overall_ones_of_every_list_kind(spark, cfg):
+    out = evaluate.run(cfg, spark, ["dat"])
+    # per-category rows stay in the table; the rows returned (printed, and their n_users the report's)
+    # are the overall ones: i2i and u2i, (Pre@1, Pre@2, MRR) each
+    assert all(r[S.CATEGORY_ID] is None for r in out["rows"]) and len(out["rows"]) == 2 * 3
+    assert {r[S.N_USERS] for r in out["rows"]} == {3}
+    table = io.read_table(spark, cfg.table_path(S.T_METRICS))
+    assert table.where(F.col(S.CATEGORY_ID).isNotNull()).count() > 0
+    got = {(r[S.METRIC], r[S.K]): r[S.VALUE] for r in out["rows"]}
+    assert got[("pre", 1)] == pytest.approx(2 / 3) and got[("u2i_hr", 1)] == pytest.approx(1 / 3)
+
+
+def test_each_list_kind_is_compared_with_the_baselines_lists_of_the_same_kind(spark, cfg):
+    evaluate.run(cfg, spark, ["dat", "two_tower"], compare_to=["two_tower"], primary=["dat"])
+    paired = _paired(spark, cfg)
+    i2i, u2i = paired[("dat", "two_tower", "pre", 1)], paired[("dat", "two_tower", "u2i_hr", 1)]
+    # i2i: dat hits users 1 and 2, two_tower user 3; u2i: dat hits user 2, two_tower all three
+    assert (i2i.baseline_kind, i2i.value, i2i.baseline_value) == ("i2i", pytest.approx(2 / 3), pytest.approx(1 / 3))
+    assert (u2i.baseline_kind, u2i.value, u2i.baseline_value) == ("u2i", pytest.approx(1 / 3), 1.0)
+    assert (u2i.wins, u2i.losses) == (0, 2)
+
+
+def test_a_produced_models_earlier_comparisons_go_and_a_bystanders_stay(spark, cfg):
+    evaluate.run(cfg, spark, ["dat"], compare_to=["two_tower"])
+    assert {k[:2] for k in _paired(spark, cfg)} == {("dat", "two_tower")}
+    # dat scored beside another model (a pipeline's baseline, say), comparing nothing: its comparisons stay
+    evaluate.run(cfg, spark, ["two_tower", "dat"], compare_to=[], primary=["two_tower"])
+    assert {k[:2] for k in _paired(spark, cfg)} == {("dat", "two_tower")}
+    # dat produced by this run, which compares it with nothing: the earlier comparison is not this run's
+    evaluate.run(cfg, spark, ["dat"], compare_to=[], primary=["dat"])
+    assert _paired(spark, cfg) == {}
