@@ -56,10 +56,12 @@ def run(cfg: Config, spark=None) -> dict:
     artifact = os.path.join(model_dir(cfg), "model.pt")
     if not files.exists(artifact):
         raise MissingInput(f"no trained model at {artifact}: run jobs.train for model={cfg.model} first")
-    # the training run's id, which also tags its records in the metrics file (artifacts written before
-    # run ids: the time the run finished)
+    # "<training run>:<steps>": the run's id (its records' tag in the metrics file) and the weights'
+    # step: a run resumed to more steps publishes other weights under another id, so item and user
+    # vectors of two publications never pass as one model (artifacts from before run ids: the time
+    # the run finished)
     meta = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json")))
-    run_id = meta.get("run_id") or meta.get("finished_at", "unknown")
+    run_id = f"{meta['run_id']}:{meta['steps']}" if meta.get("run_id") else meta.get("finished_at", "unknown")
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     files.copy_to_local(artifact, shipped)
     spark.sparkContext.addFile(shipped)

@@ -42,7 +42,8 @@ def _file_path(root: str, add_path: str) -> str:
 
 def data_files(dt: DeltaTable, table_path: str) -> List[Tuple[str, Dict[str, Any]]]:
     """``(file, {partition column: value})`` for every data file of the snapshot ``dt`` of the table
-    at ``table_path``, sorted by file. Values are the log's strings (None for a null partition)."""
+    at ``table_path``, sorted by file. Values as delta-rs types them (str, int, date, datetime, ...; None
+    for a null partition)."""
     adds = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
     partition_columns = list(dt.metadata().partition_columns)
     root = table_root(table_path)

@@ -158,9 +158,10 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
                delta_mode: str = "auto", partitions: Optional[Mapping[str, Sequence[str]]] = None) -> DataFrame:
     """Read the latest (or a given) version of the Delta table at ``path``.
 
-    ``partitions``: {partition column: values}, e.g. ``{"model": ["natm"]}``: only the rows (and the
-    files) of those partitions. Without the Delta jars the partition values are joined on after the
-    read, so a ``where`` on them would still read every file; this reads only the matching ones.
+    ``partitions``: {string partition column: values}, e.g. ``{"model": ["natm"]}``: only the rows
+    (and the files) of those partitions. Without the Delta jars the partition values are joined on
+    after the read, so a ``where`` on them would still read every file; this reads only the matching
+    ones. Other columns (a date partition, say): filter with ``where``.
     """
     uri = table_uri(path)
     wanted = {c: {str(v) for v in vs} for c, vs in (partitions or {}).items()}
@@ -169,14 +170,18 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
         reader = spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
-        return _only(reader.load(uri), wanted)  # Delta prunes the files by the filter
+        df = reader.load(uri)
+        if wanted:
+            detail = spark.sql(f"DESCRIBE DETAIL delta.`{uri}`").first()
+            _check_partition_filter(uri, wanted, list(detail["partitionColumns"]), df.schema)
+        for c, vs in wanted.items():
+            df = df.where(F.col(c).isin(sorted(vs)))  # Delta prunes the files by the filter
+        return df
     dt = _delta_table(path, version)
     check_readable(dt, uri)
     schema = _spark_schema(dt)
     partition_cols = list(dt.metadata().partition_columns)
-    if set(wanted) - set(partition_cols):
-        raise ValueError(f"{uri}: {sorted(set(wanted) - set(partition_cols))} are not partition columns "
-                         f"({partition_cols})")
+    _check_partition_filter(uri, wanted, partition_cols, schema)
     data_schema = StructType([f for f in schema.fields if f.name not in partition_cols])
     files = [(f, values) for f, values in data_files(dt, uri)
              if all(values[c] is not None and values[c] in vs for c, vs in wanted.items())]
@@ -195,10 +200,15 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
     return df.select(*[f.name for f in schema.fields])
 
 
-def _only(df: DataFrame, wanted: Mapping[str, set]) -> DataFrame:
-    for c, vs in wanted.items():
-        df = df.where(F.col(c).cast("string").isin(sorted(vs)))
-    return df
+def _check_partition_filter(uri: str, wanted: Mapping[str, set], partition_cols: Sequence[str],
+                            schema: StructType) -> None:
+    if set(wanted) - set(partition_cols):
+        raise ValueError(f"{uri}: {sorted(set(wanted) - set(partition_cols))} are not partition columns "
+                         f"({list(partition_cols)})")
+    typed = sorted(c for c in wanted if not isinstance(schema[c].dataType, StringType))
+    if typed:  # the log's values of other types are typed, with their own spellings: compare with where()
+        raise ValueError(f"{uri}: partitions= takes string partition columns; {typed} are not (filter them "
+                         "with where())")
 
 
 def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence, schema: StructType,

@@ -58,6 +58,11 @@ def test_reading_some_partitions_reads_only_their_files(spark, warehouse):
     assert none.count() == 0 and none.columns == ["id", "model", "score"]
     with pytest.raises(ValueError, match=r"\['score'\] are not partition columns"):
         io.read_table(spark, path, delta_mode="delta-rs", partitions={"score": ["0.5"]})
+    # a partition column of another type: the log's values are typed (1, not "1"); refused, not 0 rows
+    by_id = f"{warehouse}/by_id"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), by_id, partition_by=["id"], delta_mode="delta-rs")
+    with pytest.raises(ValueError, match=r"takes string partition columns; \['id'\] are not"):
+        io.read_table(spark, by_id, delta_mode="delta-rs", partitions={"id": [1]})
 
 
 def test_table_written_by_delta_rs_reads_here(spark, warehouse):

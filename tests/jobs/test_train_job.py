@@ -122,12 +122,13 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     n_trained = io.read_table(spark, more.table_path("noise_q")).count()
     emb = embed.run(more, spark)
     assert emb["items"] == n_trained < vocab.size  # the catalogue's untrained items: none
-    # run_id names the training run: run.json's, the tag of that run's records in the metrics file
+    # run_id names the training run (run.json's, the tag of that run's records in the metrics file) and
+    # the step of the published weights (the reseeded run's 9): a run resumed to more steps is other weights
     mdir = train.model_dir(more)
     run_id = json.load(open(os.path.join(mdir, "run.json")))["run_id"]
-    assert emb["run_id"] == run_id and len(run_id) == 16
+    assert len(run_id) == 16 and emb["run_id"] == f"{run_id}:9"
     assert {l["run"] for l in map(json.loads, open(os.path.join(mdir, "train_metrics.jsonl")))} == {run_id}
-    assert {r.run_id for r in io.read_table(spark, more.table_path("item_embeddings")).collect()} == {run_id}
+    assert {r.run_id for r in io.read_table(spark, more.table_path("item_embeddings")).collect()} == {f"{run_id}:9"}
     topk.run(more, spark, k=10)
     lists = io.read_table(spark, more.table_path(S.T_I2I_TOPK)).cache()
     natm_rows = lists.where("model = 'natm'").collect()
