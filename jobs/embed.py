@@ -20,7 +20,7 @@ from ml.config import Config
 from ml.data import files, io
 from ml.data.session import get_spark, ship_path
 from ml.errors import InvalidInput, MissingInput
-from ml.index.spark_topk import embed_partitions
+from ml.index.spark_topk import embed_partitions, run_tag
 
 from jobs._cli import command, parse, print_tables
 from jobs.train import TRAINABLE, model_dir
@@ -59,9 +59,9 @@ def run(cfg: Config, spark=None) -> dict:
     # "<training run>:<steps>": the run's id (its records' tag in the metrics file) and the weights'
     # step: a run resumed to more steps publishes other weights under another id, so item and user
     # vectors of two publications never pass as one model (artifacts from before run ids: the time
-    # the run finished)
+    # the run finished). The tasks check it against the artifact's own.
     meta = json.loads(files.read_text(os.path.join(model_dir(cfg), "run.json")))
-    run_id = f"{meta['run_id']}:{meta['steps']}" if meta.get("run_id") else meta.get("finished_at", "unknown")
+    run_id = run_tag(meta) or meta.get("finished_at", "unknown")
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     files.copy_to_local(artifact, shipped)
     spark.sparkContext.addFile(shipped)

@@ -241,7 +241,8 @@ def train_worker(cfg: Config, resume: bool | str) -> dict:
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,
                         metrics_path=metrics_path, steps_per_epoch=steps_per_epoch, settings=settings)
             if ctx.is_main:
-                extra = {"samples_version": ds.version, "steps": res["steps"]}
+                # run_id and steps in the artifact too: embed checks them against run.json
+                extra = {"samples_version": ds.version, "steps": res["steps"], "run_id": res["run_id"]}
                 save = (functools.partial(save_artifact, model=model, vocab=vocab, extra=extra) if cfg.model == "natm"
                         else functools.partial(save_dat_artifact, model=model, users=users, items=items, extra=extra))
                 publish(mdir, save, metrics_path,

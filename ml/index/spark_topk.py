@@ -6,7 +6,7 @@ Nothing proportional to the catalogue is collected on the driver here.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,11 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
         from pyspark import SparkFiles
 
         encoders = _cached(artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
+        found = encoders["run"]
+        if found is not None and found != run_id:
+            raise InvalidInput(f"{artifact_name} holds the weights of run {found}, and run.json beside it names "
+                               f"{run_id}: the model folder mixes two runs (a training killed while publishing "
+                               "it); rerun jobs.train")
         if side not in encoders:
             raise InvalidInput(f"{artifact_name}: this model has no {side} tower")
         encode, vocab, same = encoders[side]
@@ -57,19 +62,27 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
     return fn
 
 
+def run_tag(meta: dict) -> Optional[str]:
+    """``<training run>:<steps>`` of a run.json or an artifact's extra; None before run ids."""
+    return f"{meta['run_id']}:{meta['steps']}" if meta.get("run_id") else None
+
+
 def load_encoders(path: str) -> dict:
-    """Artifact -> {side: (encode(indices, batch) -> (query-side, candidate-side) vectors, vocab, same sides?)}.
+    """Artifact -> {side: (encode(indices, batch) -> (query-side, candidate-side) vectors, vocab, same sides?)},
+    and "run": its :func:`run_tag`.
 
     Every model has the "item" side; DAT / two-tower also the "user" side (query tower).
     """
     import torch
 
-    kind = torch.load(path, map_location="cpu", weights_only=False).get("kind")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    kind, run = blob.get("kind"), run_tag(blob.get("extra") or {})
+    del blob
     if kind == "natm":
         from ml.train.natm_task import embed_items, load_artifact
 
         model, vocab, _ = load_artifact(path)
-        return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.asymmetric)}
+        return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.asymmetric), "run": run}
     if kind == "dat":
         from ml.train.dat_task import embed, load_dat_artifact
 
@@ -81,7 +94,7 @@ def load_encoders(path: str) -> dict:
                 return v, v
             return encode
 
-        return {"item": (tower("item"), items, True), "user": (tower("user"), users, True)}
+        return {"item": (tower("item"), items, True), "user": (tower("user"), users, True), "run": run}
     raise InvalidInput(f"{path}: unknown model artifact kind {kind!r}")
 
 

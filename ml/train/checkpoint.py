@@ -149,6 +149,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def remove_partial_saves(checkpoint_dir: str) -> int:
+    """Remove the temporary files of saves that never finished (a process killed while writing a
+    checkpoint leaves its ``.ckpt-*.tmp``, up to a checkpoint's size, one per kill). Call it from the
+    one process that writes ``checkpoint_dir``, before it saves. Returns how many went."""
+    if not os.path.isdir(checkpoint_dir):
+        return 0
+    partial = [n for n in os.listdir(checkpoint_dir) if n.startswith(".ckpt-") and n.endswith(".tmp")]
+    for name in partial:
+        os.remove(os.path.join(checkpoint_dir, name))
+    return len(partial)
+
+
 def list_checkpoints(checkpoint_dir: str) -> list[str]:
     """Complete checkpoint files in ``checkpoint_dir``, oldest step first (temporary files excluded)."""
     if not os.path.isdir(checkpoint_dir):

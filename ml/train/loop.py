@@ -59,7 +59,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ml.config import ConfigError, TrainConfig
 from ml.errors import InvalidInput
 from ml.train.checkpoint import (apply_checkpoint, capture_rng_state, latest_checkpoint, list_checkpoints,
-                                 read_checkpoint, restore_rng_state, save_checkpoint)
+                                 read_checkpoint, remove_partial_saves, restore_rng_state, save_checkpoint)
 from ml.train.distributed import DistContext, rank0_value
 
 logger = logging.getLogger(__name__)
@@ -451,6 +451,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
     last_checkpoint: Optional[str] = None
     run_id: Optional[str] = uuid.uuid4().hex[:16]  # tags this run's metrics records (a resume keeps its run's)
     seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, 0))
+    if ctx.is_main and remove_partial_saves(checkpoint_dir):
+        logger.info("removed the partial files of checkpoint saves killed before they finished from %s",
+                    checkpoint_dir)
     if not resume and ctx.is_main:
         if metrics_path and os.path.exists(metrics_path):
             os.remove(metrics_path)  # the metrics of this run only (a resume appends to its own)

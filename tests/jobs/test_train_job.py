@@ -129,6 +129,20 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     assert len(run_id) == 16 and emb["run_id"] == f"{run_id}:9"
     assert {l["run"] for l in map(json.loads, open(os.path.join(mdir, "train_metrics.jsonl")))} == {run_id}
     assert {r.run_id for r in io.read_table(spark, more.table_path("item_embeddings")).collect()} == {f"{run_id}:9"}
+    # a training killed between publishing model.pt and run.json leaves new weights beside the old
+    # run.json: embed refuses them instead of tagging them with the other run's id
+    run_json = os.path.join(mdir, "run.json")
+    kept = open(run_json).read()
+    with open(run_json, "w") as f:
+        json.dump({**json.loads(kept), "run_id": "0123456789abcdef"}, f)
+    before = io.table_version(more.table_path("item_embeddings"))
+    try:
+        with pytest.raises(Exception, match="mixes two runs"):
+            embed.run(more, spark)
+    finally:
+        with open(run_json, "w") as f:
+            f.write(kept)
+    assert io.table_version(more.table_path("item_embeddings")) == before
     topk.run(more, spark, k=10)
     lists = io.read_table(spark, more.table_path(S.T_I2I_TOPK)).cache()
     natm_rows = lists.where("model = 'natm'").collect()

@@ -138,6 +138,8 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
         return mse_loss(model, batch)
 
     calls["n"] = 0
+    # a save killed mid-write left its temporary file: the next run removes it
+    (tmp_path / "b" / ".ckpt-killed.tmp").write_bytes(b"half a checkpoint")
     resumed = mlp(123)  # different init: the weights must come from the checkpoint
     res_b = train(resumed, make, counted_loss, cfg, CPU, str(tmp_path / "b"), resume=True, metrics_path=str(metrics),
                   **kw)
@@ -152,6 +154,7 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
              if json.loads(line)["event"] == "step"]
     assert steps == list(range(5, 31, 5))
     assert res_b["steps"] == 30 and res_b["epochs"] == 2
+    assert not list((tmp_path / "b").glob(".ckpt-*.tmp"))
     assert_same_weights(uninterrupted.state_dict(), resumed.state_dict())
     assert res_b["final_loss"] == res_a["final_loss"]
 
