@@ -24,7 +24,6 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# no spark.shuffle_partitions: under spark-submit the config's default is left to the submitter
 TINY = ["generate.num_users=200", "generate.num_items=300", "generate.actions_per_user=15", "generate.partitions=2",
         "spark.driver_memory=1g"]
 
@@ -60,7 +59,8 @@ def _submit(out, wheel, env_tar, *args):
     cmd = [os.path.join(sys.prefix, "bin", "spark-submit"), "--master", "local-cluster[1,2,1024]",
            "--archives", f"{env_tar}#environment", "--py-files", wheel,
            "--conf", "spark.pyspark.python=./environment/bin/python",
-           "--conf", f"spark.pyspark.driver.python={sys.executable}", *args]
+           "--conf", f"spark.pyspark.driver.python={sys.executable}",
+           "--conf", "spark.sql.shuffle.partitions=2", *args]  # tiny data
     import pyspark
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_")}
@@ -82,8 +82,8 @@ def test_pipeline_runs_through_spark_submit(packed):
     assert executors and all("environment/bin/python" in l and "spark_i2i.zip/ml" in l for l in executors), executors
     assert not any(str(ROOT / "ml") in l for l in executors)
     assert any(l.startswith("driver: ") for l in res.stdout.splitlines())  # the driver's own, printed beside
-    # the cluster's shuffle partitions (here Spark's own 200) and UI, not the laptop defaults (8, UI off)
-    assert "session: spark.sql.shuffle.partitions=200, spark.ui.enabled=true" in res.stdout, res.stdout[-2000:]
+    # the submitter's shuffle partitions and the cluster's UI, not the laptop defaults (8, UI off)
+    assert "session: spark.sql.shuffle.partitions=2, spark.ui.enabled=true" in res.stdout, res.stdout[-2000:]
     from deltalake import DeltaTable
 
     topk = DeltaTable(str(wh / "i2i_topk")).to_pyarrow_table()

@@ -46,6 +46,19 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
     builder = SparkSession.builder.appName(cfg.app_name)
     if cfg.master and not submitted:
         builder = builder.master(cfg.master)
+    for k, v in session_settings(cfg, submitted, given).items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    _quiet_loggers(spark)
+    log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
+    return spark
+
+
+def session_settings(cfg: SparkConfig, submitted: bool, given: set) -> dict:
+    """The settings a new session is built with: ``cfg``'s, less the keys the submitter set
+    (``given``); under spark-submit (``submitted``) the UI and Spark's default shuffle partitions
+    are the cluster's."""
     settings = {
         "spark.sql.session.timeZone": "UTC",
         "spark.ui.showConsoleProgress": "false",
@@ -70,14 +83,7 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         if cfg.shuffle_partitions == SparkConfig().shuffle_partitions:
             settings.pop("spark.sql.shuffle.partitions")
     settings.update({k: str(v) for k, v in cfg.conf.items()})
-    for k, v in settings.items():
-        if k not in given:
-            builder = builder.config(k, v)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(cfg.log_level)
-    _quiet_loggers(spark)
-    log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
-    return spark
+    return {k: v for k, v in settings.items() if k not in given}
 
 
 # Spark loggers that print a Java stack trace at WARN for a condition the jobs report in one line

@@ -40,3 +40,19 @@ def test_a_killed_drivers_ship_directory_is_swept_by_the_next(tmp_path):
         os.utime(d, (os.path.getmtime(d) - old,) * 2)
     assert session.sweep_stale_ship_dirs(str(tmp_path)) == [left]
     assert not os.path.exists(left) and live.exists()
+
+
+def test_under_spark_submit_the_cluster_keeps_its_ui_and_shuffle_partitions():
+    from ml.config import SparkConfig
+    from ml.data.session import session_settings
+
+    local = session_settings(SparkConfig(), submitted=False, given=set())
+    assert local["spark.ui.enabled"] == "false" and local["spark.sql.shuffle.partitions"] == "8"
+    # submitted: no UI setting, and the laptop default of 8 partitions is not imposed on a cluster
+    cluster = session_settings(SparkConfig(), submitted=True, given=set())
+    assert "spark.ui.enabled" not in cluster and "spark.sql.shuffle.partitions" not in cluster
+    assert cluster["spark.sql.session.timeZone"] == "UTC"
+    # a number the config names is kept, unless the submitter set one
+    named = SparkConfig(shuffle_partitions=400)
+    assert session_settings(named, True, set())["spark.sql.shuffle.partitions"] == "400"
+    assert "spark.sql.shuffle.partitions" not in session_settings(named, True, {"spark.sql.shuffle.partitions"})
