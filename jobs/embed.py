@@ -23,6 +23,7 @@ from ml.errors import InvalidInput, MissingInput
 from ml.index.spark_topk import embed_partitions, run_tag
 
 from jobs._cli import command, parse, print_tables
+from jobs.baseline import BASELINES
 from jobs.train import TRAINABLE, model_dir
 
 log = logging.getLogger("jobs.embed")
@@ -45,8 +46,6 @@ USER_EMBEDDINGS = StructType([
 
 
 def run(cfg: Config, spark=None) -> dict:
-    from jobs.baseline import BASELINES
-
     if cfg.model in BASELINES:
         raise InvalidInput(f"model={cfg.model!r} is a baseline: it has no embeddings (its i2i_topk rows come "
                            f"from `python -m jobs.baseline --model {cfg.model}`); embed a trained model, one of "

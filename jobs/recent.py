@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-
 from ml import schemas as S
 from ml.config import Config, ConfigError
 from ml.data import io
@@ -17,6 +16,7 @@ from ml.errors import InvalidInput
 from ml.index.recent import fuse_recent
 
 from jobs._cli import command, parse, print_tables
+from jobs.baseline import BASELINES
 
 log = logging.getLogger("jobs.recent")
 SUFFIX = "_recent"
@@ -32,8 +32,6 @@ def run(cfg: Config, spark=None) -> dict:
         raise ConfigError("recent.triggers=0: set the number of recent items to fuse (e.g. --set recent.triggers=5)")
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
-    from jobs.baseline import BASELINES
-
     i2i_path = cfg.table_path(S.T_I2I_TOPK)
     # a baseline's lists come from its own job, a trained model's from the topk job
     make = (f"jobs.baseline --model {cfg.model}" if cfg.model in BASELINES

@@ -25,6 +25,7 @@ from ml.index.topk import build_index
 from ml.train.tables import read_columns
 
 from jobs._cli import command, parse, print_tables
+from jobs.baseline import BASELINES
 from jobs.embed import T_ITEM_EMBEDDINGS, T_USER_EMBEDDINGS, USER_MODELS
 
 log = logging.getLogger("jobs.topk")
@@ -32,8 +33,6 @@ log = logging.getLogger("jobs.topk")
 
 def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     import faiss
-
-    from jobs.baseline import BASELINES
 
     if cfg.model in BASELINES:
         raise InvalidInput(f"model={cfg.model!r} is a baseline: its i2i_topk rows come from "

@@ -75,18 +75,17 @@ def load_encoders(path: str) -> dict:
     """
     import torch
 
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=False)  # read once, for its kind and the model
     kind, run = blob.get("kind"), run_tag(blob.get("extra") or {})
-    del blob
     if kind == "natm":
         from ml.train.natm_task import embed_items, load_artifact
 
-        model, vocab, _ = load_artifact(path)
+        model, vocab, _ = load_artifact(path, blob)
         return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.asymmetric), "run": run}
     if kind == "dat":
         from ml.train.dat_task import embed, load_dat_artifact
 
-        model, users, items = load_dat_artifact(path)
+        model, users, items = load_dat_artifact(path, blob)
 
         def tower(side):
             def encode(idx, bs):

@@ -95,8 +95,9 @@ def save_dat_artifact(path: str, model: DAT, users: Vocab, items: Vocab, extra: 
     os.replace(tmp, path)
 
 
-def load_dat_artifact(path: str) -> tuple[DAT, Vocab, Vocab]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+def load_dat_artifact(path: str, blob: Optional[dict] = None) -> tuple[DAT, Vocab, Vocab]:
+    """``blob``: the file's contents when the caller has read it already."""
+    blob = torch.load(path, map_location="cpu", weights_only=False) if blob is None else blob
     c = blob["config"]
     c["hidden"], c["user_feature_sizes"] = tuple(c["hidden"]), tuple(c["user_feature_sizes"])
     model = DAT(DATConfig(**c))

@@ -156,8 +156,9 @@ def save_artifact(path: str, model: NATM, vocab: Vocab, extra: Optional[dict] = 
     os.replace(tmp, path)
 
 
-def load_artifact(path: str) -> tuple[NATM, Vocab, dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+def load_artifact(path: str, blob: Optional[dict] = None) -> tuple[NATM, Vocab, dict]:
+    """``blob``: the file's contents when the caller has read it already."""
+    blob = torch.load(path, map_location="cpu", weights_only=False) if blob is None else blob
     cfg = NATMConfig(**blob["config"])
     st = blob["state"]
     cats = st.get("table.categories")
