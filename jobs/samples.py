@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
+from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import Config
+from ml.errors import InvalidInput
 from ml.data import io
 from ml.data.graph import item_counts
 from ml.data.samples import (T_NOISE_Q, T_SAMPLES_DAT, T_SAMPLES_NATM, build_dat_samples, build_natm_samples,
@@ -27,12 +29,34 @@ def _optional(spark, cfg: Config, name: str):
     return io.read_table(spark, path, delta_mode=cfg.io.delta_mode) if io.table_exists(path) else None
 
 
+class CatalogueTooLarge(InvalidInput):
+    """More items (or DAT users) than the per-process arrays of the later stages are allowed to hold."""
+
+
+def _check_size(what: str, n: int, limit: int, key: str) -> None:
+    if n > limit:
+        raise CatalogueTooLarge(
+            f"samples: {n:,} {what}, above {key}={limit:,}. From the samples on, per-id arrays are held whole "
+            f"in one process (the noise table on the driver and in every executor, the id tables in every "
+            f"training rank, the vectors on the top-K driver; README, 'Memory at catalogue scale'): at this "
+            f"size expect out-of-memory failures. Raise {key} (--set {key}=...) if your driver and executors "
+            f"have the memory, or cut the catalogue upstream (rare items); nothing was written")
+
+
 def run(cfg: Config, spark=None, which: Sequence[str] = ("natm", "dat")) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode, sc = cfg.io.delta_mode, cfg.samples
     seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
-    q = noise_distribution(item_counts(seqs), sc.noise, sc.alpha)
-    io.write_table(spark, q, cfg.table_path(T_NOISE_Q), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+    if "dat" in which and sc.max_users:
+        _check_size("users", seqs.count(), sc.max_users, "samples.max_users")  # Parquet footers: no scan
+    # persisted: counted (the catalogue-size check), then written without computing it again
+    q = noise_distribution(item_counts(seqs), sc.noise, sc.alpha).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        if sc.max_items:
+            _check_size("training items", q.count(), sc.max_items, "samples.max_items")
+        io.write_table(spark, q, cfg.table_path(T_NOISE_Q), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+    finally:
+        q.unpersist()
     q = io.read_table(spark, cfg.table_path(T_NOISE_Q), delta_mode=mode)
     out: dict = {}
     if "natm" in which:

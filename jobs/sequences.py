@@ -31,8 +31,11 @@ def run(cfg: Config, spark=None) -> dict:
     # counted from its rows (a distinct count of the actions' users would be another full shuffle).
     events = user_events(actions, cfg.sequences).persist(StorageLevel.MEMORY_AND_DISK)
     try:
+        cap = cfg.sequences.max_length
+        longer = kept(cfg.sequences) & (F.col("n") - 1 > F.lit(cap)) if cap else F.lit(False)
         users = events.agg(F.count(F.lit(1)).alias("all"),
-                           F.count(F.when(kept(cfg.sequences), 1)).alias("kept")).first()
+                           F.count(F.when(kept(cfg.sequences), 1)).alias("kept"),
+                           F.count(F.when(longer, 1)).alias("truncated")).first()
         if not users["kept"]:
             _no_users(actions, cfg)
         sequences, targets = split_user_events(events, cfg.sequences)
@@ -46,10 +49,14 @@ def run(cfg: Config, spark=None) -> dict:
     s = seq.agg(F.count("*").alias("users"), F.sum(S.LENGTH).alias("actions"),
                 F.max(S.LENGTH).alias("max_len"), F.avg(S.LENGTH).alias("avg_len")).first()
     out = {"users": s["users"], "train_actions": s["actions"] or 0, "max_length": s["max_len"],
-           "avg_length": float(s["avg_len"] or 0.0), "excluded_users": users["all"] - users["kept"]}
+           "avg_length": float(s["avg_len"] or 0.0), "excluded_users": users["all"] - users["kept"],
+           "truncated_users": users["truncated"]}
     log.info("sequences: %d users (%d excluded: fewer than %d actions), %d training actions, "
              "avg length %.1f, max %s; %d eval targets", out["users"], out["excluded_users"],
              cfg.sequences.min_length, out["train_actions"], out["avg_length"], out["max_length"], out["users"])
+    if out["truncated_users"]:
+        log.info("sequences: %d users have more than sequences.max_length=%d training actions and keep their "
+                 "most recent %d", out["truncated_users"], cap, cap)
     return out
 
 
@@ -75,7 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, _ = parse(__doc__, argv)
     out = run(cfg)
     print(f"{out['users']:,} users, {out['train_actions']:,} training actions, "
-          f"{out['excluded_users']:,} users excluded (< {cfg.sequences.min_length} actions)")
+          f"{out['excluded_users']:,} users excluded (< {cfg.sequences.min_length} actions)"
+          + (f", {out['truncated_users']:,} cut to their last {cfg.sequences.max_length:,}" if out["truncated_users"]
+             else ""))
     print_tables(cfg, [S.T_SEQUENCES, S.T_EVAL_TARGETS])
 
 

@@ -156,7 +156,10 @@ class SequencesConfig:
     """``actions`` -> per-user training ``sequences`` + leave-last-out ``eval_targets``."""
 
     min_length: int = 2  # users with fewer actions are excluded (and counted in the log)
-    max_length: Optional[int] = None  # keep the most recent items of the training part
+    # keep the most recent items of each user's training part (counted in the log). A cap by default:
+    # a bot or a shared anonymous id with 10^8 events would otherwise be one multi-GB row, and as many
+    # NATM samples. None: no cap (every user's whole history is one row).
+    max_length: Optional[int] = 10_000
     collapse_repeats: bool = False  # drop an item equal to the one right before it
     behaviors: Optional[list] = None  # keep only these behaviours (None: all)
     # 1: leave-last-out (the test protocol). 2: drop each user's last action entirely and hold out the
@@ -263,8 +266,16 @@ class SamplesConfig:
     dat_max_positives_per_user: Optional[int] = 200  # most recent positives per user (caps power users)
     stratify: str = "proportional"  # category strategy for DAT positives: proportional | capped | balanced
     category_cap: float = 0.3  # capped: no category holds more than this share of positives
+    # From the samples on, per-item (and for DAT per-user) arrays live whole in one process: the noise
+    # table on the driver and in every executor, id tables in every training rank, vectors in the
+    # top-K driver (README, "Memory at catalogue scale"). Above these the samples job stops with an
+    # error before writing anything, instead of failing later on memory; raise them where it fits.
+    max_items: Optional[int] = 10_000_000
+    max_users: Optional[int] = 10_000_000  # DAT / two-tower: one id vector and one augmented vector per user
 
     def __post_init__(self) -> None:
+        _check_positive("samples.max_items", self.max_items, allow_none=True)
+        _check_positive("samples.max_users", self.max_users, allow_none=True)
         _check_positive("samples.num_negatives", self.num_negatives)
         _check_positive("samples.dat_negatives", self.dat_negatives)
         _check_choice("samples.noise", self.noise, ["unigram", "uniform"])

@@ -42,10 +42,18 @@ def packed(tmp_path_factory):
     code_zip = str(out / "dist" / "spark_i2i.zip")
     shutil.copyfile(wheel[0], code_zip)
     env_zip = out / "env.zip"
-    # the test environment minus this checkout's editable install: the code must come from the wheel
+    # the test environment minus this checkout's editable install (the code must come from the wheel),
+    # packed as the README's recipe packs it: without the lib64 link (followed, it stores every file a
+    # second time) and pyspark's jars (the executors run the cluster's Spark, here this checkout's)
     subprocess.run([os.path.join(sys.prefix, "bin", "venv-pack"), "-p", sys.prefix, "-o", str(env_zip),
-                    "--quiet", "--exclude", "*__editable__*", "--exclude", "*spark_i2i-*.dist-info*"],
+                    "--quiet", "--exclude", "*__editable__*", "--exclude", "*spark_i2i-*.dist-info*",
+                    "--exclude", "lib64", "--exclude", "lib/python*/site-packages/pyspark/jars/*"],
                    check=True, timeout=900)
+    import zipfile
+
+    names = zipfile.ZipFile(env_zip).namelist()
+    assert not [n for n in names if n.startswith("lib64/") or "/pyspark/jars/" in n]
+    assert any(n.endswith("/site-packages/torch/__init__.py") for n in names)
     yield out, code_zip, env_zip
     import pyspark
 

@@ -14,6 +14,7 @@ Weights are sums of integer units (:func:`weight_scale`), so they are exact, and
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from functools import reduce
 from typing import List, Tuple
@@ -27,6 +28,8 @@ from ml.config import GraphConfig
 MAX_BY_K_LIMIT = 100_000  # Spark rejects max_by(.., k) with k above this
 MAX_EXACT_SCALE = 2**31  # integer weight units while lcm(1..window) stays under this (window <= 22)
 UNITS = "units"
+
+log = logging.getLogger(__name__)
 
 
 def cap_sequences(sequences: DataFrame, max_user_length: int | None) -> DataFrame:
@@ -100,6 +103,10 @@ def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1, per_user: 
 def cooccurrence_edges(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False,
                        min_count: int = 1, per_user: bool = False) -> DataFrame:
     """``sequences`` -> every edge ``(item_id, neighbor_id, weight, count)`` of the windowed graph."""
+    if not weight_scale(window, decay):
+        log.warning("co-occurrence: window=%d with decay: lcm(1..%d) is over 2^31, so the weights are float "
+                    "sums of 1/d, not exact; equal weights can differ in the last bits (and rank by that, "
+                    "not by count and id). Windows up to 22 are exact.", window, window)
     return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric, keep_user=per_user),
                            weight_scale(window, decay), min_count, per_user)
 

@@ -1,4 +1,5 @@
 """Co-occurrence graph on hand-made sequences: every option changes the edges as documented."""
+import logging
 import random
 
 from pyspark.sql import functions as F
@@ -73,9 +74,15 @@ def test_decayed_weights_are_exact_so_ties_fall_to_the_id(spark):
     assert graph.weight_scale(22, True) == 232_792_560 and graph.weight_scale(23, True) == 0  # float weights
 
 
-def test_decay_beyond_exact_window_sums_float_weights(spark):
-    e = _edges(spark, [(1, [1, 2, 3]), (2, [1, 3])], window=23, decay=True)
+def test_decay_beyond_exact_window_sums_float_weights(spark, caplog):
+    with caplog.at_level(logging.WARNING, logger="ml.data.graph"):
+        e = _edges(spark, [(1, [1, 2, 3]), (2, [1, 3])], window=23, decay=True)
     assert e[(1, 3)] == (1.5, 2, 1) and e[(1, 2)] == (1.0, 1, 2)
+    assert "window=23 with decay" in caplog.text and "not exact" in caplog.text  # said, not silent
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ml.data.graph"):
+        _edges(spark, [(1, [1, 2, 3])], window=22, decay=True)
+    assert "not exact" not in caplog.text
 
 
 def test_user_cap_keeps_most_recent_items(spark):

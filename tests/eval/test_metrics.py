@@ -164,6 +164,16 @@ def test_pop_baseline_contract(spark):
     # popularity: 2 (x5), 1 (x3), 3 (x2), then 4/5/6 (x1) by id
     assert [r.neighbor_id for r in sorted(by_item[77], key=lambda r: r.rank)] == [2, 1, 3]
     assert [r.neighbor_id for r in sorted(by_item[2], key=lambda r: r.rank)] == [1, 3, 4]  # never itself
+    # every item's list is the popularity order without the item itself, first k (the ranks are
+    # computed, not sorted: an item in the middle of the order shifts only the entries below it)
+    order = [2, 1, 3, 4, 5, 6]
+    for item, lst in by_item.items():
+        assert [(r.neighbor_id, r.rank) for r in sorted(lst, key=lambda r: r.rank)] == \
+            [(n, i) for i, n in enumerate([n for n in order if n != item][:3], 1)], item
+    assert set(by_item) == {1, 2, 3, 4, 5, 6, 77}
+    assert [r.score for r in sorted(by_item[1], key=lambda r: r.rank)] == [5.0, 2.0, 1.0]
+    plan = popularity_topk(cat, counts, 3)._jdf.queryExecution().executedPlan().toString()
+    assert "Window" not in plan  # no per-item sort of catalogue x (k + 1) rows
 
 
 def test_cooc_baseline_graph_first_then_popularity_fill(spark):

@@ -68,3 +68,20 @@ def test_sequences_counts_the_users_left_out_from_its_own_aggregation(spark, tmp
     monkeypatch.setattr(type(spark.range(1)), "distinct", refuse)  # the session's DataFrame class
     out = sequences.run(load_config(None, base), spark)
     assert (out["users"], out["excluded_users"]) == (3, 2)  # users 4 and 5 have 1 and 2 actions
+
+
+def test_sequences_caps_long_users_by_default_and_counts_them(spark, tmp_path):
+    # A bot or a shared anonymous id must not become one multi-GB row: the cap is on unless lifted
+    from ml.config import SequencesConfig
+
+    assert SequencesConfig().max_length == 10_000
+    base = [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={_csv(tmp_path)}"]
+    ingest.run(load_config(None, base), spark)
+    out = sequences.run(load_config(None, base + ["sequences.max_length=2"]), spark)
+    # 4 actions each: 3 training actions, of which the last 2 are kept
+    assert (out["users"], out["truncated_users"], out["max_length"]) == (3, 3, 2)
+    rows = io.read_table(spark, load_config(None, base).table_path(S.T_SEQUENCES)).orderBy(S.USER_ID).collect()
+    assert [r[S.ITEMS] for r in rows] == [[2, 3], [3, 4], [4, 5]]
+    out = sequences.run(load_config(None, base + ["sequences.max_length=null"]), spark)
+    assert (out["truncated_users"], out["max_length"]) == (0, 3)
+    assert sequences.run(load_config(None, base), spark)["truncated_users"] == 0

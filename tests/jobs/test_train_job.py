@@ -27,6 +27,17 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     pipeline.run(cfg, spark)  # the tables up to the graph (a baseline's pipeline trains nothing)
     out = samples.run(cfg, spark)
     assert out["natm"] > 0 and out["dat"] > 0 and len(out["dat_categories"]) >= 3
+    # a catalogue (or DAT's user count) above its limit stops the job before it writes anything
+    from ml.data.io import table_version
+
+    tables = [cfg.table_path(t) for t in ("noise_q", "samples_natm", "samples_dat")]
+    before = [table_version(t) for t in tables]
+    for key, what in (("samples.max_items=10", r"\d+ training items, above samples.max_items=10\b"),
+                      ("samples.max_users=100", r"\d+ users, above samples.max_users=100\b")):
+        over = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=cooc", key])
+        with pytest.raises(samples.CatalogueTooLarge, match=what):
+            samples.run(over, spark)
+    assert [table_version(t) for t in tables] == before
 
     natm = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
                                                           "train.max_steps=8"])
