@@ -10,8 +10,8 @@ as integers, so a score does not depend on the order Spark adds the terms in.
 
 Cost is O(users x triggers x list length), linear in the data: the user x trigger rows join the
 lists on the trigger item (a popular trigger's rows are split by adaptive skew-join handling; its
-list is K rows), the contributions are summed with map-side partial aggregation, and the top k is
-a bounded per-user aggregate. Nothing is collected on the driver.
+list is K rows), then the contributions and the items to leave out are shuffled once, by user, for
+the sums, the exclusion and a bounded per-user top k. Nothing is collected on the driver.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ml.data.graph import top_k_per_key
 TRIGGER = "trigger_id"
 STEP = "step"  # 0 = the user's last item, 1 = the one before, ...
 UNITS = "units"
+SEEN = "seen"  # 1 on the rows of items the list must leave out
 SCORE_UNITS = float(2**40)  # each term <= 1, so a sum of up to 2^23 terms fits a long
 
 
@@ -43,13 +44,20 @@ def fuse_recent(sequences: DataFrame, i2i: DataFrame, cfg: RecentConfig, model: 
     # Summed as integer units of 2^-40: a float sum depends on the order the shuffle delivers the
     # terms in (a rerun could change a score's last bits, and which of two tied items wins).
     contrib = recent.join(lists, TRIGGER).select(S.USER_ID, S.ITEM_ID, F.round(term * SCORE_UNITS).cast("long")
-                                                 .alias(UNITS))
-    scores = contrib.groupBy(S.USER_ID, S.ITEM_ID).agg(F.sum(UNITS).alias(UNITS))
+                                                 .alias(UNITS), F.lit(0).alias(SEEN))
     if cfg.exclude == "history":
         seen = sequences.select(S.USER_ID, F.explode(F.array_distinct(S.ITEMS)).alias(S.ITEM_ID))
     else:
         seen = recent.select(S.USER_ID, F.col(TRIGGER).alias(S.ITEM_ID))
-    scores = scores.join(seen, [S.USER_ID, S.ITEM_ID], "left_anti")
+    # The excluded items ride along as rows flagged SEEN, and everything is shuffled once, by user: the
+    # sum per (user, item), the exclusion and the per-user top k all run on that partitioning (hash
+    # partitioning by user clusters every (user, item)). As a sum by (user, item), an anti-join with the
+    # excluded pairs and a top k by user it was three shuffles. A user brings at most triggers x K
+    # contributions (and, with exclude=history, sequences.max_length items), so no task gets a hot key.
+    rows = contrib.unionByName(seen.select(S.USER_ID, S.ITEM_ID, F.lit(0).cast("long").alias(UNITS),
+                                           F.lit(1).alias(SEEN))).repartition(S.USER_ID)
+    scores = (rows.groupBy(S.USER_ID, S.ITEM_ID).agg(F.sum(UNITS).alias(UNITS), F.max(SEEN).alias(SEEN))
+              .where(F.col(SEEN) == 0))
     top = top_k_per_key(scores, S.USER_ID, [F.col(UNITS), -F.col(S.ITEM_ID)], [S.ITEM_ID, UNITS], cfg.k)
     return top.select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"),
                       (F.col(UNITS) / F.lit(SCORE_UNITS)).cast("double").alias(S.SCORE),

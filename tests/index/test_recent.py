@@ -56,6 +56,15 @@ def test_history_exclusion_and_k(spark):
     assert [i for i, _, _ in _fused(spark, rrf_k=10.0)[1]][:2] == [11, 10]
 
 
+@pytest.mark.parametrize("exclude", ["triggers", "history"])
+def test_one_shuffle_by_user_for_the_sums_the_exclusion_and_the_top_k(spark, exclude):
+    # it was three: by (user, item) for the sums, by (user, item) for the excluded pairs, by user for the top k
+    cfg = RecentConfig(triggers=2, decay=0.5, rrf_k=0.0, k=10, exclude=exclude)
+    plan = fuse_recent(_seqs(spark, SEQS), _i2i(spark, LISTS), cfg, "m")._jdf.queryExecution().executedPlan()
+    shuffles = [line for line in plan.toString().splitlines() if "Exchange hashpartitioning" in line]
+    assert len([x for x in shuffles if "user_id" in x]) == 1 and not [x for x in shuffles if "item_id" in x]
+
+
 def test_equal_rank_multisets_tie_exactly_and_the_smaller_id_wins(spark):
     # Items 100 and 99 hold ranks 1..5 in the lists of the last five items, in different orders.
     # The real sums are equal; summed as floats they can differ in the last bit (1/11 + ... + 1/15
