@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -375,7 +375,9 @@ def _rs_filter(c: str, v: object) -> tuple:
 
 
 def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema) -> int:
-    writer = df.write.format("delta").mode(mode).option("userMetadata", json.dumps({PROCESS_KEY: PROCESS_ID}))
+    # the commit carries a write id, by which its version is found afterwards, as on the delta-rs path
+    meta = json.dumps({PROCESS_KEY: PROCESS_ID, WRITE_ID_KEY: uuid.uuid4().hex})
+    writer = df.write.format("delta").mode(mode).option("userMetadata", meta)
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if replace_where:
@@ -386,7 +388,16 @@ def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_s
     writer.save(uri)
     from delta.tables import DeltaTable as SparkDeltaTable  # only importable with the jars present
 
-    return int(SparkDeltaTable.forPath(spark, uri).history(1).select("version").first()[0])
+    recent = SparkDeltaTable.forPath(spark, uri).history(COMMIT_ATTEMPTS + 20).select("version", "userMetadata")
+    return own_version([(r[0], r[1]) for r in recent.collect()], meta)  # at most 25 rows
+
+
+def own_version(history: Sequence[Tuple[int, Optional[str]]], user_metadata: str) -> int:
+    """The version of the commit whose userMetadata is ``user_metadata`` among the table's latest
+    ``(version, userMetadata)`` rows: another job (a second model replacing its own partition of a
+    shared table) may have committed after this one, so the latest version need not be this write's.
+    The latest, should the commit be older than the rows read."""
+    return int(next((v for v, m in history if m == user_metadata), max(v for v, _ in history)))
 
 
 def _sql_literal(v: object) -> str:

@@ -30,21 +30,33 @@ class DATTrainer(nn.Module):
 
 
 def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Tensor, tuple]:
-    """(U+1, fields) category indices from ``users.features`` (0 = unknown) and each field's size."""
+    """(U+1, fields) category indices from ``users.features`` (0 = unknown) and each field's size.
+
+    A field's levels are its distinct values in sorted order (codes 1..n); a user without the field,
+    or not in the vocabulary, keeps 0; a map listing a key twice gives its last value. Arrow compute
+    over the map column, no Python object per user: 10^7 users are a second, not minutes and GBs.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     feats = torch.zeros(vocab.size + 1, len(fields), dtype=torch.long)
     if not fields or not DeltaTable.is_deltatable(users_path):
         return feats[:, :0], ()
-    t = read_columns(users_path, ["user_id", "features"]).to_pydict()
-    if not t["user_id"]:  # the source had no users (ingest writes the table empty)
+    t = read_columns(users_path, ["user_id", "features"])
+    if t.num_rows == 0:  # the source had no users (ingest writes the table empty)
         return feats[:, :0], ()
-    idx = vocab.index(torch.tensor(t["user_id"], dtype=torch.long))
+    idx = vocab.index(torch.from_numpy(t.column("user_id").to_numpy().astype(np.int64)))
+    known = idx > 0
+    maps = t.column("features").combine_chunks()
+    key_type = maps.type.key_type
     sizes = []
     for j, f in enumerate(fields):
-        values = [dict(m or {}).get(f) for m in t["features"]]
-        levels = sorted({v for v in values if v is not None})
-        code = {v: i + 1 for i, v in enumerate(levels)}
-        col = torch.tensor([code.get(v, 0) for v in values], dtype=torch.long)
-        feats[idx[idx > 0], j] = col[idx > 0]
+        values = pc.map_lookup(maps, pa.scalar(f, key_type), "last")
+        levels = pc.unique(values.drop_null())
+        levels = levels.take(pc.sort_indices(levels))
+        code = pc.fill_null(pc.index_in(values, value_set=levels), -1).to_numpy(zero_copy_only=False) + 1
+        col = torch.from_numpy(code.astype(np.int64))
+        feats[idx[known], j] = col[known]
         sizes.append(len(levels) + 1)
     return feats, tuple(sizes)
 

@@ -436,3 +436,12 @@ def test_timestamps_far_from_today_read_back_through_delta_rs(spark, warehouse):
                    delta_mode="delta-rs")
     got = sorted(pa.table(DeltaTable(path).to_pyarrow_table()).to_pylist(), key=lambda r: r["id"])
     assert [r["ts"] for r in got] == far
+
+
+def test_a_native_write_finds_its_own_commit_not_the_latest():
+    # with the Delta jars, a write's version was the table's latest, another job's when two models
+    # committed to a shared table one after the other; now the commit found by its userMetadata
+    mine = json.dumps({io.PROCESS_KEY: "p", io.WRITE_ID_KEY: "w1"})
+    other = json.dumps({io.PROCESS_KEY: "q", io.WRITE_ID_KEY: "w2"})
+    assert io.own_version([(7, other), (6, mine), (5, None)], mine) == 6
+    assert io.own_version([(7, other), (6, None)], mine) == 7  # not among the rows read: the latest

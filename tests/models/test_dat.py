@@ -1,4 +1,5 @@
 """DAT on tiny configs: AMM gradient flow, CAL, shapes, and learning a planted user->item structure."""
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,17 @@ def test_item_categories_and_user_features_reach_the_vectors():
     assert ((moved_v - p_v).norm(dim=-1) > 1e-3).all()
     assert ((moved_u - p_u).norm(dim=-1) > 1e-3).all()
     assert ((moved_u2 - p_u).norm(dim=-1) > 1e-3).all()
+
+
+def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
+    from ml.data import io
+    from ml.train.dat_task import load_user_features
+    from ml.train.tables import build_vocab
+
+    rows = [(1, {"gender": "F", "age": "25"}), (2, {"gender": "M"}), (3, None), (4, {"age": "35", "occ": "7"}),
+            (9, {"gender": "X"})]  # 9: not a training user, but its value is a level
+    path = f"{warehouse}/users_codes"
+    io.write_table(spark, spark.createDataFrame(rows, "user_id long, features map<string,string>"), path)
+    feats, sizes = load_user_features(path, build_vocab(np.array([1, 2, 3, 4, 5])), ["gender", "age", "occ"])
+    assert sizes == (4, 3, 2)  # F, M, X / 25, 35 / 7, each + 1 for unknown
+    assert feats.tolist() == [[0, 0, 0], [1, 1, 0], [2, 0, 0], [0, 0, 0], [0, 2, 1], [0, 0, 0]]  # row 0: padding
