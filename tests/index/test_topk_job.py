@@ -38,3 +38,21 @@ def test_check_finite_names_the_ids():
     check_finite(np.ones((3, 2), np.float32), np.array([1, 2, 3]), "v")
     with pytest.raises(InvalidInput, match=r"v: 2 of 3 vectors .* ids \[5, 7\]"):
         check_finite(np.array([[1, 0], [np.inf, 0], [np.nan, 1]], np.float32), np.array([1, 5, 7]), "v")
+
+
+def test_candidate_vectors_sort_by_id_across_chunks_without_losing_a_row():
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(50) + 100
+    vecs = rng.standard_normal((50, 4)).astype(np.float32)
+    batches = [pa.record_batch([pa.array(ids[a:b], pa.int64()),
+                                pa.array(list(vecs[a:b]), pa.list_(pa.float32()))], ["item_id", "vector"])
+               for a, b in ((0, 7), (7, 7), (7, 31), (31, 50))]  # an empty chunk among them
+    got_ids, got = topk.candidate_vectors(pa.Table.from_batches(batches), "t", "m")
+    order = np.argsort(ids)
+    assert got_ids.tolist() == ids[order].tolist() and got.dtype == np.float32
+    assert np.array_equal(got, vecs[order])
+    ragged = pa.table({"item_id": pa.array([1, 2], pa.int64()), "vector": pa.array([[1.0, 2.0], [3.0]])})
+    with pytest.raises(InvalidInput, match="t.vector: vectors of different lengths"):
+        topk.candidate_vectors(ragged, "t", "m")
