@@ -63,6 +63,19 @@ def run(cfg: Config, spark=None) -> dict:
     run_id = run_tag(meta) or meta.get("finished_at", "unknown")
     shipped = ship_path(f"{cfg.model}.pt")  # a uniquely named copy, removed when the driver exits
     files.copy_to_local(artifact, shipped)
+    user_side = None
+    if cfg.model in USER_MODELS:
+        # Two one-sided copies: the item pass's executors load no table per user, the user pass's none per item
+        import torch
+
+        from ml.train.dat_task import side_artifact
+
+        blob = torch.load(shipped, map_location="cpu", weights_only=False)
+        user_side = ship_path(f"{cfg.model}-users.pt")
+        torch.save(side_artifact(blob, "user"), user_side)
+        torch.save(side_artifact(blob, "item"), shipped)
+        del blob
+        spark.sparkContext.addFile(user_side)
     spark.sparkContext.addFile(shipped)
     # The items of the training data only (noise_q: every item of the training sequences). A catalogue
     # item no training sequence holds is in the model's vocabulary (for its category) but its id
@@ -83,7 +96,7 @@ def run(cfg: Config, spark=None) -> dict:
                      out["untrained_items"])
     if cfg.model in USER_MODELS:
         users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
-        uemb = users.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id, side="user"),
+        uemb = users.mapInPandas(embed_partitions(os.path.basename(user_side), cfg.model, run_id, side="user"),
                                  USER_EMBEDDINGS)
         _, out["users"] = io.replace_model_partition(spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), cfg.model, mode)
         out["skipped_users"] = users.count() - out["users"]

@@ -107,6 +107,22 @@ def save_dat_artifact(path: str, model: DAT, users: Vocab, items: Vocab, extra: 
     os.replace(tmp, path)
 
 
+# The per-id state of each side: a table row (and a buffer row) per user, or per item.
+_SIDE_STATE = {"user": ("query.user_emb.weight", "a_u.weight", "user_features"),
+               "item": ("item.item_emb.weight", "a_v.weight", "item_categories")}
+
+
+def side_artifact(blob: dict, side: str) -> dict:
+    """A DAT artifact's contents for embedding one ``side`` ("item" or "user") only: the other side's
+    per-id tables cut to their padding row and its vocabulary emptied, so that the executors embedding
+    items do not each load a table per user (at 10^7 users, 2.6 GB per Python worker), nor the reverse.
+    Everything ``side``'s vectors are computed from is kept as it was (tested: the same vectors)."""
+    other = "user" if side == "item" else "item"
+    state = {k: (v[:1].clone() if k in _SIDE_STATE[other] else v) for k, v in blob["state"].items()}
+    config = dict(blob["config"], **{f"num_{other}s": 0})
+    return dict(blob, config=config, state=state, **{f"{other}s": blob[f"{other}s"][:0]})
+
+
 def load_dat_artifact(path: str, blob: Optional[dict] = None) -> tuple[DAT, Vocab, Vocab]:
     """``blob``: the file's contents when the caller has read it already."""
     blob = torch.load(path, map_location="cpu", weights_only=False) if blob is None else blob

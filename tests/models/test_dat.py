@@ -223,3 +223,22 @@ def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
     feats, sizes = load_user_features(path, build_vocab(np.array([1, 2, 3, 4, 5])), ["gender", "age", "occ"])
     assert sizes == (4, 3, 2)  # F, M, X / 25, 35 / 7, each + 1 for unknown
     assert feats.tolist() == [[0, 0, 0], [1, 1, 0], [2, 0, 0], [0, 0, 0], [0, 2, 1], [0, 0, 0]]  # row 0: padding
+
+
+def test_one_sided_artifacts_give_the_same_vectors_without_the_other_sides_tables(tmp_path):
+    from ml.train.dat_task import embed, load_dat_artifact, save_dat_artifact, side_artifact
+    from ml.train.tables import build_vocab
+
+    model = _model(use_amm=True)
+    users, items = build_vocab(np.arange(10, 20)), build_vocab(np.arange(100, 120))
+    path = str(tmp_path / "model.pt")
+    save_dat_artifact(path, model, users, items, {"run_id": "r", "steps": 3})
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    full, _, _ = load_dat_artifact(path, blob)
+    u_idx, i_idx = torch.arange(1, 11), torch.arange(1, 21)
+    for side, idx, other_table in (("item", i_idx, "query.user_emb.weight"), ("user", u_idx, "item.item_emb.weight")):
+        one = side_artifact(blob, side)
+        assert one["state"][other_table].shape[0] == 1 and one["extra"] == {"run_id": "r", "steps": 3}
+        m, u, i = load_dat_artifact(path, one)
+        assert torch.equal(embed(m, idx, side), embed(full, idx, side))
+        assert (u.size, i.size) == ((10, 0) if side == "user" else (0, 20))
