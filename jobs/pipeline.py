@@ -51,7 +51,7 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     ``model = M`` partition of a table every model shares) or file paths. Inputs are what the
     stage's job reads, keys the config it uses: anything else would rerun it for nothing."""
     from jobs.recent import model_name
-    from jobs.train import _INPUTS, _NOT_SETTINGS
+    from jobs.train import _INPUTS, _NOT_SETTINGS, SAMPLES_GUARDS
 
     m = cfg.model
     model_dir = os.path.join("models", m)
@@ -73,7 +73,8 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
                                                                 S.T_USERS]),
         "sequences": (["sequences"], [S.T_ACTIONS], [S.T_SEQUENCES, S.T_EVAL_TARGETS]),
         "graph": (["graph"], [S.T_SEQUENCES], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS]),
-        "samples": (["seed", "samples"], [S.T_SEQUENCES, S.T_ITEMS, S.T_USERS],
+        "samples": (["seed", *[f"samples.{k}" for k in dataclasses.asdict(cfg.samples) if k not in SAMPLES_GUARDS]],
+                    [S.T_SEQUENCES, S.T_ITEMS, S.T_USERS],
                     ["samples_natm", "samples_dat", "noise_q"]),
         "train": (*train_io, [os.path.join(model_dir, "model.pt")]),
         "embed": (["model"], [os.path.join(model_dir, "model.pt"), "noise_q", S.T_ITEMS]

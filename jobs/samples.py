@@ -20,6 +20,7 @@ from ml.data.samples import (T_NOISE_Q, T_SAMPLES_DAT, T_SAMPLES_NATM, build_dat
 from ml.data.session import get_spark
 
 from jobs._cli import command, parse, print_tables
+from jobs.embed import USER_MODELS
 
 log = logging.getLogger("jobs.samples")
 
@@ -47,7 +48,7 @@ def run(cfg: Config, spark=None, which: Sequence[str] = ("natm", "dat")) -> dict
     spark = spark or get_spark(cfg.spark)
     mode, sc = cfg.io.delta_mode, cfg.samples
     seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
-    if "dat" in which and sc.max_users:
+    if cfg.model in USER_MODELS and sc.max_users:  # only a model with a user tower holds a table per user
         _check_size("users", seqs.count(), sc.max_users, "samples.max_users")  # Parquet footers: no scan
     # persisted: counted (the catalogue-size check), then written without computing it again
     q = noise_distribution(item_counts(seqs), sc.noise, sc.alpha).persist(StorageLevel.MEMORY_AND_DISK)

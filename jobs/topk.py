@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ml import schemas as S
 from ml.config import Config
@@ -103,16 +104,16 @@ def candidate_vectors(t, where: str, model: str):
     order = np.argsort(raw_ids, kind="stable")
     row = np.empty(n, dtype=np.int64)
     row[order] = np.arange(n)  # each table row's place in id order
-    dim = len(col.chunk(next(i for i in range(col.num_chunks) if len(col.chunk(i))))[0])
+    lengths = pc.min_max(pc.list_value_length(col))
+    dim = lengths["max"].as_py()
+    if lengths["min"].as_py() != dim or not dim:
+        raise InvalidInput(f"{where}.{name}: vectors of {lengths['min'].as_py()} to {dim} values, not one "
+                           f"length above 0: rerun jobs.embed for model={model}")
     vecs = np.empty((n, dim), dtype=np.float32)
     start = 0
     for chunk in col.chunks:
         m = len(chunk)
-        values = chunk.flatten().to_numpy(zero_copy_only=False)
-        if len(values) != m * dim:
-            raise InvalidInput(f"{where}.{name}: vectors of different lengths (the first has {dim}): "
-                               f"rerun jobs.embed for model={model}")
-        vecs[row[start:start + m]] = values.reshape(m, dim)
+        vecs[row[start:start + m]] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
         start += m
     ids = raw_ids[order]
     check_finite(vecs, ids, f"{where}.{name}")

@@ -64,6 +64,8 @@ def _local_state(cfg: Config) -> str:
 _INPUTS = {"natm": ("noise_q", "items", "item_graph", "item_counts", "samples_natm"),
            "dat": ("noise_q", "items", "sequences", "users", "samples_dat")}
 # train.* keys that do not change what is trained (where, how often to log / checkpoint)
+# samples.* keys that are guards, not settings: they stop a run or let it through, and change no row
+SAMPLES_GUARDS = ("max_items", "max_users")
 _NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "launcher", "num_processes", "distributor_local",
                  "device", "deterministic")
 
@@ -80,7 +82,7 @@ def run_settings(cfg: Config, samples_version: int, versions: Mapping[str, int])
     out: dict = {"model": cfg.model, "seed": cfg.seed}
     out.update({f"train.{k}": v for k, v in asdict(cfg.train).items() if k not in _NOT_SETTINGS})
     out.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
-    out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items()})
+    out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items() if k not in SAMPLES_GUARDS})
     for table in _INPUTS[section]:
         version = samples_version if table.startswith("samples_") else versions.get(cfg.table_path(table))
         if version is not None:

@@ -53,7 +53,8 @@ def fuse_recent(sequences: DataFrame, i2i: DataFrame, cfg: RecentConfig, model: 
     # sum per (user, item), the exclusion and the per-user top k all run on that partitioning (hash
     # partitioning by user clusters every (user, item)). As a sum by (user, item), an anti-join with the
     # excluded pairs and a top k by user it was three shuffles. A user brings at most triggers x K
-    # contributions (and, with exclude=history, sequences.max_length items), so no task gets a hot key.
+    # contributions (and, with exclude=history, up to sequences.max_length items: keep that cap set, or
+    # a bot's whole history goes to one task), so no task gets a hot key.
     rows = contrib.unionByName(seen.select(S.USER_ID, S.ITEM_ID, F.lit(0).cast("long").alias(UNITS),
                                            F.lit(1).alias(SEEN))).repartition(S.USER_ID)
     scores = (rows.groupBy(S.USER_ID, S.ITEM_ID).agg(F.sum(UNITS).alias(UNITS), F.max(SEEN).alias(SEEN))

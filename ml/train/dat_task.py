@@ -47,7 +47,7 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
         return feats[:, :0], ()
     idx = vocab.index(torch.from_numpy(t.column("user_id").to_numpy().astype(np.int64)))
     known = idx > 0
-    maps = t.column("features").combine_chunks()
+    maps = t.column("features")  # chunked as read: no concatenated copy
     key_type = maps.type.key_type
     sizes = []
     for j, f in enumerate(fields):

@@ -53,6 +53,8 @@ def test_candidate_vectors_sort_by_id_across_chunks_without_losing_a_row():
     order = np.argsort(ids)
     assert got_ids.tolist() == ids[order].tolist() and got.dtype == np.float32
     assert np.array_equal(got, vecs[order])
-    ragged = pa.table({"item_id": pa.array([1, 2], pa.int64()), "vector": pa.array([[1.0, 2.0], [3.0]])})
-    with pytest.raises(InvalidInput, match="t.vector: vectors of different lengths"):
-        topk.candidate_vectors(ragged, "t", "m")
+    # lengths 2, 1, 3 add up to 3 x 2: counted per vector, not per chunk
+    for bad in ([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]], [[], [], []]):
+        ragged = pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "vector": pa.array(bad, pa.list_(pa.float32()))})
+        with pytest.raises(InvalidInput, match=r"t.vector: vectors of \d to \d values, not one length above 0"):
+            topk.candidate_vectors(ragged, "t", "m")

@@ -32,12 +32,30 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
 
     tables = [cfg.table_path(t) for t in ("noise_q", "samples_natm", "samples_dat")]
     before = [table_version(t) for t in tables]
-    for key, what in (("samples.max_items=10", r"\d+ training items, above samples.max_items=10\b"),
-                      ("samples.max_users=100", r"\d+ users, above samples.max_users=100\b")):
-        over = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=cooc", key])
+    for model, key, what in (("cooc", "samples.max_items=10", r"\d+ training items, above samples.max_items=10\b"),
+                             ("dat", "samples.max_users=100", r"\d+ users, above samples.max_users=100\b")):
+        over = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, f"model={model}", key])
         with pytest.raises(samples.CatalogueTooLarge, match=what):
             samples.run(over, spark)
     assert [table_version(t) for t in tables] == before
+    # a model without a user tower holds nothing per user: its users are not limited
+    natm_users = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
+                                                                "samples.max_users=100"])
+
+    class Written(Exception):
+        pass
+
+    def write(*_a, **_k):
+        raise Written  # past the checks; nothing is written (the versions below stay those of the first run)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(samples.io, "write_table", write)
+        with pytest.raises(Written):
+            samples.run(natm_users, spark)
+    # the limits are guards, not settings: raising one reruns nothing and resumes any checkpoint
+    assert train.run_settings(natm_users, 0, {}) == train.run_settings(
+        load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm"]), 0, {})
+    assert not {"samples.max_items", "samples.max_users"} & set(pipeline._stage_io(natm_users, "samples")[0])
 
     natm = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=natm",
                                                           "train.max_steps=8"])
