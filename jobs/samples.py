@@ -12,12 +12,12 @@ from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.config import Config
-from ml.errors import InvalidInput
 from ml.data import io
 from ml.data.graph import item_counts
 from ml.data.samples import (T_NOISE_Q, T_SAMPLES_DAT, T_SAMPLES_NATM, build_dat_samples, build_natm_samples,
                              category_counts, noise_distribution)
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse, print_tables
 from jobs.embed import USER_MODELS
