@@ -63,9 +63,9 @@ def _local_state(cfg: Config) -> str:
 # Tables a model's training reads; their versions are part of what a checkpoint was trained on.
 _INPUTS = {"natm": ("noise_q", "items", "item_graph", "item_counts", "samples_natm"),
            "dat": ("noise_q", "items", "sequences", "users", "samples_dat")}
-# train.* keys that do not change what is trained (where, how often to log / checkpoint)
 # samples.* keys that are guards, not settings: they stop a run or let it through, and change no row
 SAMPLES_GUARDS = ("max_items", "max_users")
+# train.* keys that do not change what is trained (where, how often to log / checkpoint)
 _NOT_SETTINGS = ("checkpoint_every", "checkpoint_dir", "log_every", "mlflow", "launcher", "num_processes", "distributor_local",
                  "device", "deterministic")
 

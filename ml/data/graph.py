@@ -103,12 +103,13 @@ def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1, per_user: 
 def cooccurrence_edges(sequences: DataFrame, window: int, decay: bool = False, symmetric: bool = False,
                        min_count: int = 1, per_user: bool = False) -> DataFrame:
     """``sequences`` -> every edge ``(item_id, neighbor_id, weight, count)`` of the windowed graph."""
-    if not weight_scale(window, decay):
+    scale = weight_scale(window, decay)
+    if not scale:
         log.warning("co-occurrence: window=%d with decay: lcm(1..%d) is over 2^31, so the weights are float "
                     "sums of 1/d, not exact; equal weights can differ in the last bits (and rank by that, "
                     "not by count and id). Windows up to 22 are exact.", window, window)
-    return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric, keep_user=per_user),
-                           weight_scale(window, decay), min_count, per_user)
+    return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric, keep_user=per_user), scale,
+                           min_count, per_user)
 
 
 def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
