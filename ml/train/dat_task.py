@@ -12,6 +12,7 @@ from deltalake import DeltaTable
 from torch import nn
 
 from ml.config import Config
+from ml.errors import InvalidInput
 from ml.models.dat import DAT, DATConfig
 from ml.train.init import seeded_cpu_rng
 from ml.train.reader import DeltaBatchDataset, make_loader
@@ -45,6 +46,9 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
     t = read_columns(users_path, ["user_id", "features"])
     if t.num_rows == 0:  # the source had no users (ingest writes the table empty)
         return feats[:, :0], ()
+    if t.column("user_id").null_count:  # to_numpy would make them floats, and then some other id
+        raise InvalidInput(f"{users_path}: {t.column('user_id').null_count:,} rows with a null user_id "
+                           "(the users contract has none): rerun jobs.ingest")
     idx = vocab.index(torch.from_numpy(t.column("user_id").to_numpy().astype(np.int64)))
     known = idx > 0
     maps = t.column("features")  # chunked as read: no concatenated copy

@@ -223,6 +223,14 @@ def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
     feats, sizes = load_user_features(path, build_vocab(np.array([1, 2, 3, 4, 5])), ["gender", "age", "occ"])
     assert sizes == (4, 3, 2)  # F, M, X / 25, 35 / 7, each + 1 for unknown
     assert feats.tolist() == [[0, 0, 0], [1, 1, 0], [2, 0, 0], [0, 0, 0], [0, 2, 1], [0, 0, 0]]  # row 0: padding
+    # a null user_id (a table not written by ingest) is named, not coded as some other user
+    from ml.errors import InvalidInput
+
+    bad = f"{warehouse}/users_null"
+    io.write_table(spark, spark.createDataFrame([(1, {"gender": "F"}), (None, {"gender": "M"})],
+                                                "user_id long, features map<string,string>"), bad)
+    with pytest.raises(InvalidInput, match="1 rows with a null user_id"):
+        load_user_features(bad, build_vocab(np.array([1])), ["gender"])
 
 
 def test_one_sided_artifacts_give_the_same_vectors_without_the_other_sides_tables(tmp_path):
