@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -24,9 +25,19 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _prog() -> str:
+    """The command as typed: ``python -m jobs.pipeline`` (argparse's default names the file,
+    ``pipeline.py``), or the console script's name (``i2i-pipeline``)."""
+    path = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(path)
+    if name.endswith(".py") and os.path.basename(os.path.dirname(os.path.abspath(path))) == "jobs":
+        return f"python -m jobs.{name[:-3]}"
+    return name or "i2i"
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     # the docstring as written: its example commands on their own lines
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=_prog(), description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--conf", help="YAML config (conf/*.yaml); defaults apply when omitted")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set warehouse=/tmp/wh --set spark.master=local[4]")

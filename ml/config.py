@@ -106,6 +106,8 @@ class GenerateConfig:
 
 INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
 CANONICAL_FIELDS = ("user_id", "item_id", "ts", "behavior", "category_id")
+# numeric ts units and their parts of a second; "string" parses ingest.ts_format
+TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000, "string": None}
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class IngestConfig:
     csv_sep: str = ","
     csv_schema: Optional[list] = None  # column names of a header-less CSV, in file order
     allow_extra_columns: bool = False  # source columns not in the mapping: error unless True
-    ts_unit: str = "s"  # numeric ts: s or ms since epoch; "string" parses ts_format
+    ts_unit: str = "s"  # numeric ts: s, ms, us or ns since epoch; "string" parses ts_format
     ts_format: str = "yyyy-MM-dd HH:mm:ss"
     behaviors: Optional[list] = None  # allowed behaviour values; None accepts any
     min_ts: Optional[int] = None  # seconds; rows outside [min_ts, max_ts] are rejected
@@ -132,7 +134,11 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _check_choice("ingest.format", self.format, INPUT_FORMATS)
-        _check_choice("ingest.ts_unit", self.ts_unit, ["s", "ms", "string"])
+        _check_choice("ingest.ts_unit", self.ts_unit, list(TS_UNITS))
+        for name in self.csv_schema or ():
+            if not isinstance(name, str) or not name.strip() or len(name.split()) > 1:
+                raise ConfigError(f"ingest.csv_schema: {name!r} is not a column name; the key lists the names in "
+                                  "file order, without types (every column is read as text and checked per row)")
         for k, v in self.columns.items():
             if k not in CANONICAL_FIELDS:  # the key is ours, the value the source's column
                 raise ConfigError(f"ingest.columns.{k}={v!r}: {k!r} is not a field; expected one of "
@@ -251,6 +257,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.compare_to, (list, tuple)) or not all(isinstance(m, str) and m for m in self.compare_to):
             raise ConfigError(f"eval.compare_to={self.compare_to!r} must be a list of model names, e.g. [cooc]")
+        known = list(MODELS) + [f"{m}_recent" for m in MODELS]
+        for m in self.compare_to:  # a misspelt name was a warning that no lists exist, and no comparison
+            _check_choice("eval.compare_to", m, known)
         if not self.ks or any((not isinstance(k, int)) or k <= 0 for k in self.ks):
             raise ConfigError(f"eval.ks={self.ks!r} must be a non-empty list of positive integers")
 
@@ -540,6 +549,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         quote = " (quote it in YAML: YAML reads on/off/yes/no as booleans)" if hint is str and isinstance(value, bool) else ""
         if hint in (list, tuple):  # on the command line a list is written in brackets
             quote = f", e.g. --set '{key}=[{value if isinstance(value, str) else 'a, b'}]' (YAML: [a, b])"
+            if key == "ingest.csv_schema":
+                quote = ", e.g. --set 'ingest.csv_schema=[user_id, item_id, ts]': the column names in file order, no types"
         if hint is str and value is None:
             quote = " (an empty value is no value: give one)"
         raise ConfigError(f"{key}={value!r} must be {expected}{quote}")

@@ -15,6 +15,12 @@ MODEL = "cooc"  # pop | cooc
 
 # COMMAND ----------
 
+import os
+
+# CONF is relative to the project root; Jupyter and Databricks Repos run a notebook in its own folder
+if not os.path.exists(CONF) and os.path.exists(os.path.join("..", CONF)):
+    CONF = os.path.join("..", CONF)
+
 from jobs import pipeline
 from ml.config import load_config
 from ml.data.session import get_spark

@@ -12,10 +12,16 @@
 WAREHOUSE = "/tmp/i2i_evaluate"
 CONF = "conf/synthetic.yaml"  # or conf/ml1m_natm.yaml (then MODELS may add "dat", "two_tower")
 OVERRIDES = ["generate.num_users=2000", "generate.num_items=1000", "train.epochs=1"]
-MODELS = ["pop", "cooc", "natm"]
+MODELS = ["cooc", "pop", "natm"]  # cooc first: the others are compared with it (eval.compare_to)
 K = 10  # the cut-off for the per-category bars
 
 # COMMAND ----------
+
+import os
+
+# CONF is relative to the project root; Jupyter and Databricks Repos run a notebook in its own folder
+if not os.path.exists(CONF) and os.path.exists(os.path.join("..", CONF)):
+    CONF = os.path.join("..", CONF)
 
 from jobs import evaluate, pipeline
 from ml.config import load_config

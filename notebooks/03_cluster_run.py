@@ -21,6 +21,12 @@ NUM_PROCESSES = 2  # DDP world size: the number of GPUs to use, or CPU processes
 
 # COMMAND ----------
 
+import os
+
+# CONF is relative to the project root; Jupyter and Databricks Repos run a notebook in its own folder
+if not os.path.exists(CONF) and os.path.exists(os.path.join("..", CONF)):
+    CONF = os.path.join("..", CONF)
+
 from jobs import pipeline
 from ml.config import load_config
 from ml.data import io

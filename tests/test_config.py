@@ -47,6 +47,11 @@ def test_bad_choice_names_key_and_allowed_values():
     ("sequences.max_length=-1", "sequences.max_length=-1 must be a number > 0"),
     ("train.lr=nan", "train.lr=nan must be a finite number"),
     ("eval.compare_to=cooc", r"eval.compare_to='cooc' must be a list, e.g. --set 'eval.compare_to=\[cooc\]'"),
+    ("eval.compare_to=[pop, coc]", r"eval.compare_to='coc' is not allowed; expected one of \['pop', 'cooc', .*'cooc_recent'"),
+    ("ingest.csv_schema=user_id long, ts string", r"e.g. --set 'ingest.csv_schema=\[user_id, item_id, ts\]': the column "
+                                                  "names in file order, no types"),
+    ("ingest.csv_schema=[user_id long, ts string]", "ingest.csv_schema: 'user_id long' is not a column name; .*without types"),
+    ("ingest.ts_unit=sec", r"ingest.ts_unit='sec' is not allowed; expected one of \['s', 'ms', 'us', 'ns', 'string'\]"),
     ("warehouse=", "warehouse=None must be a string .an empty value is no value"),
     ("spark.master=banana", "spark.master='banana' is not a Spark master URL; expected local"),
     ("spark.conf.spark.sql.shuffle.partitions=3", "set spark.shuffle_partitions instead"),

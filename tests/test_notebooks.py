@@ -16,7 +16,7 @@ def _cells(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, spark, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(ROOT / "notebooks")  # where Jupyter and Databricks Repos run them; CONF is the root's
     ns: dict = {}
     for i, cell in enumerate(_cells(path)):
         if i == 1:  # parameters cell: tiny data in a temp warehouse

@@ -145,7 +145,7 @@ def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
             ok = isinstance(t, whole) or (isinstance(t, T.DecimalType) and t.scale == 0) or (
                 canon == "ts" and isinstance(t, _CLOCK_TYPES))
             if not ok:
-                expected = ("an integer (seconds or ms, ingest.ts_unit), a string or a timestamp" if canon == "ts"
+                expected = ("an integer (s, ms, us or ns since the epoch: ingest.ts_unit), a string or a timestamp" if canon == "ts"
                             else "an integer or a string of digits")
                 raise SourceSchemaError(f"{where}: column {src!r} ({canon}) is {t.simpleString()}; expected {expected} "
                                         f"(cast it in the source, or map another column with ingest.columns.{canon})")
@@ -153,26 +153,55 @@ def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
 
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
                       delta_mode: str = "auto") -> RawSource:
-    df = io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta" else spark.read.parquet(path)
+    df = io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta" else _read_parquet(spark, path)
     mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
     _check_types(df, mapping, path)
     ts_unit = cfg.ts_unit
     if isinstance(df.schema[mapping["ts"]].dataType, _CLOCK_TYPES):  # a clock of its own, whatever ts_unit says
-        df = df.withColumn(mapping["ts"], _epoch_millis(df, mapping["ts"]))
-        ts_unit = "ms"  # ms, so that two events 400 ms apart are not duplicates
+        df = df.withColumn(mapping["ts"], _epoch_micros(df, mapping["ts"]))
+        ts_unit = "us"  # Spark's own precision, so that two events 400 us apart are not duplicates
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 
-def _epoch_millis(df: DataFrame, name: str):
-    """Epoch ms of a TIMESTAMP (an instant), or of a TIMESTAMP_NTZ / DATE read as UTC wall-clock
+def _read_parquet(spark: SparkSession, path: str) -> DataFrame:
+    """``spark.read.parquet``, with Spark's refusal of nanosecond timestamps (pandas' default when it
+    writes Parquet) as a :class:`SourceSchemaError` naming the columns and the two ways out."""
+    try:
+        return spark.read.parquet(path)
+    except AnalysisException as e:
+        if "NANOS" not in str(e):
+            raise
+        raise SourceSchemaError(
+            f"{path}: Spark cannot read Parquet timestamps in nanoseconds ({_nanos_columns(path) or 'TIMESTAMP(NANOS)'}; "
+            "pandas writes them by default). Write them in microseconds (pandas: df.to_parquet(path, "
+            "coerce_timestamps='us', allow_truncated_timestamps=True)), or read them as integer nanoseconds with "
+            "--set spark.conf.spark.sql.legacy.parquet.nanosAsLong=true --set ingest.ts_unit=ns") from e
+
+
+def _nanos_columns(path: str) -> str:
+    """The columns of the first Parquet file under ``path`` that hold nanosecond timestamps, as text
+    for a message; "" where Arrow cannot open it (a URI it has no filesystem for)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        schema = ds.dataset(path, format="parquet").schema
+    except Exception:  # only a better message depends on it
+        return ""
+    cols = [f.name for f in schema if pa.types.is_timestamp(f.type) and f.type.unit == "ns"]
+    return f"column{'s' if len(cols) > 1 else ''} {', '.join(repr(c) for c in cols)}" if cols else ""
+
+
+def _epoch_micros(df: DataFrame, name: str):
+    """Epoch us of a TIMESTAMP (an instant), or of a TIMESTAMP_NTZ / DATE read as UTC wall-clock
     time: the same number whatever ``spark.sql.session.timeZone`` the session has (a cast of NTZ to
     TIMESTAMP would read it in the session's zone)."""
     col, t = F.col(f"`{name}`"), df.schema[name].dataType
     if isinstance(t, T.TimestampType):
-        return F.unix_millis(col)
+        return F.unix_micros(col)
     text = F.concat(col.cast("string"), F.lit(" 00:00:00 UTC" if isinstance(t, T.DateType) else " UTC"))
-    return F.unix_millis(text.cast("timestamp"))
+    return F.unix_micros(text.cast("timestamp"))
 
 
 def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:

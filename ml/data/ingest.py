@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType
 
 from ml import schemas as S
-from ml.config import CANONICAL_FIELDS, ConfigError
+from ml.config import CANONICAL_FIELDS, TS_UNITS, ConfigError
 
 # Rejection reasons, checked in this order (the first that applies is recorded).
 MALFORMED = "malformed_row"
@@ -71,19 +71,28 @@ def check_ts_format(spark: SparkSession, ts_format: str) -> None:
                           f"({row[S.TS]!r}); see Spark's datetime patterns")
 
 
+# Seconds a TIMESTAMP can hold (0001-01-01 to 9999-12-31 UTC). A numeric ts outside them is no
+# time: most often a finer unit than ingest.ts_unit says (ns read as seconds is the year 5 * 10^10).
+MIN_TS_SECONDS, MAX_TS_SECONDS = -62_135_596_800, 253_402_300_799
+
+
 def _to_seconds(ts_unit: str, ts_format: str):
     if ts_unit == "string":
         return F.unix_timestamp(_parse_ts(ts_format))
-    secs = to_long(S.TS)
-    return F.floor(secs / 1000).cast(LongType()) if ts_unit == "ms" else secs
+    per_second = TS_UNITS[ts_unit]
+    # floor in decimal: exact for any BIGINT (a double rounds a ns count to 256 ns, and could floor it to
+    # the next second); floor, not truncation, for times before 1970
+    exact = F.lit(per_second).cast("decimal(20,0)")
+    secs = to_long(S.TS) if per_second == 1 else F.floor(to_long(S.TS).cast("decimal(20,0)") / exact).cast(LongType())
+    return F.when(secs.between(MIN_TS_SECONDS, MAX_TS_SECONDS), secs)
 
 
-def _to_millis(ts_unit: str, ts_format: str):
-    """The ts to the ms where the source has them (ms, or a string with a fraction of a second), for
-    telling duplicates apart; null for whole seconds."""
+def _to_fine(ts_unit: str, ts_format: str):
+    """The ts in the source's finest unit where it is finer than a second (ms, us, ns, or a string with
+    a fraction of a second), for telling duplicates apart; null for whole seconds."""
     if ts_unit == "string":
         return F.unix_millis(_parse_ts(ts_format))
-    return to_long(S.TS) if ts_unit == "ms" else F.lit(None).cast(LongType())
+    return to_long(S.TS) if ts_unit != "s" else F.lit(None).cast(LongType())
 
 
 def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, ts_unit: str = "s",
@@ -102,7 +111,7 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
                     to_long(S.USER_ID).alias("_u"), to_long(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), to_long(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
-                    _to_millis(ts_unit, ts_format).alias("_tms"))
+                    _to_fine(ts_unit, ts_format).alias("_tms"))
     ts_ok = F.lit(True)
     if min_ts is not None:
         ts_ok = ts_ok & (F.col("_t") >= min_ts)

@@ -44,6 +44,7 @@ import random
 import sys
 import time
 import uuid
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
@@ -498,13 +499,18 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
 
     net: nn.Module = model
     if ctx.distributed:
-        # Buffers are broadcast from rank 0 before every forward only for running statistics
-        # (batch norm): NATM's and DAT's are constant lookup tables, synced once when DDP wraps the
-        # model, and sending them each step cost 22 ms per 72 MB table on loopback gloo.
+        # Buffers are broadcast from rank 0 only for running statistics (batch norm). NATM's and DAT's
+        # are constant lookup tables that every rank builds alike from the same pinned table versions;
+        # sending them each step cost 22 ms per 72 MB table on loopback gloo, and at wrap time (NATM's
+        # neighbour tables reach GBs at 10^7 items) would only copy what each rank has. torch 2.13
+        # deprecates broadcast_buffers for forward_sync_buffers, which always syncs at wrap time, and
+        # says to keep broadcast_buffers=False until init_sync_buffers exists: its warning is silenced.
         running_stats = any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=find_unused_parameters,
-                                      broadcast_buffers=running_stats)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers. is deprecated", category=FutureWarning)
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=find_unused_parameters,
+                                          broadcast_buffers=running_stats)
 
     def checkpoint(epoch_pos: int, batches_pos: int) -> Optional[str]:
         extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings,

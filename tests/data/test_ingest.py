@@ -147,6 +147,48 @@ def test_millisecond_and_string_timestamps(spark, tmp_path):
     assert good == [(1, 2, 1577836800, None, None)] * 2 and [b[0] for b in bad] == [I.DUPLICATE]
 
 
+def test_micro_and_nanosecond_timestamps_and_times_no_timestamp_holds(spark, tmp_path):
+    cols = {"user_id": "u", "item_id": "i", "ts": "t"}
+    # us and ns floor to the second exactly (a double would round 1500000000999999999 ns up to ...001 s);
+    # before 1970 the floor goes down; events 400 ns apart are two events, exact copies one
+    ns = _write(tmp_path, "ns.csv", "u,i,t\n1,2,1500000000999999999\n1,3,-1\n1,4,400\n1,4,800\n1,4,800\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=ns, ts_unit="ns", columns=cols))
+    assert good == [(1, 2, 1500000000, None, None), (1, 3, -1, None, None), (1, 4, 0, None, None),
+                    (1, 4, 0, None, None)] and [b[0] for b in bad] == [I.DUPLICATE]
+    us = _write(tmp_path, "us.csv", "u,i,t\n1,2,1500000000999999\n")
+    _, good, _ = _run(spark, IngestConfig(format="csv", path=us, ts_unit="us", columns=cols))
+    assert good == [(1, 2, 1500000000, None, None)]
+    # ms read as seconds is the year 49,503: no time a TIMESTAMP holds, so bad_ts (before: an action)
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=us, ts_unit="ms", columns=cols))
+    assert good == [] and [b[0] for b in bad] == [I.BAD_TS]
+    edge = _write(tmp_path, "edge.csv", f"u,i,t\n1,2,{I.MAX_TS_SECONDS}\n1,3,{I.MAX_TS_SECONDS + 1}\n"
+                                        f"1,4,{I.MIN_TS_SECONDS}\n1,5,{I.MIN_TS_SECONDS - 1}\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=edge, ts_unit="s", columns=cols))
+    assert [g[1] for g in good] == [2, 4] and sorted((b[0], b[2]) for b in bad) == [(I.BAD_TS, "3"), (I.BAD_TS, "5")]
+
+
+def test_parquet_with_nanosecond_timestamps_names_the_column_and_the_ways_out(spark, tmp_path):
+    # pandas writes datetime64[ns] as TIMESTAMP(NANOS), which Spark refuses: before, its
+    # AnalysisException came through as a bug's traceback
+    import pandas as pd
+
+    path = str(tmp_path / "ns")
+    (tmp_path / "ns").mkdir()
+    pd.DataFrame({"user_id": [1, 1], "item_id": [5, 6],
+                  "ts": pd.to_datetime(["2024-01-01 00:00:00.000000400", "2024-01-01 00:00:01.000000000"])}
+                 ).to_parquet(f"{path}/part-0.parquet")
+    with pytest.raises(SourceSchemaError, match=r"nanoseconds \(column 'ts'; pandas writes them by default\).*"
+                                                r"coerce_timestamps='us'.*nanosAsLong=true --set ingest.ts_unit=ns"):
+        read_source(spark, IngestConfig(format="parquet", path=path), "")
+    # the second way out, as the message gives it: ns as integers, floored to seconds
+    spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+    try:
+        _, good, bad = _run(spark, IngestConfig(format="parquet", path=path, ts_unit="ns"))
+    finally:
+        spark.conf.unset("spark.sql.legacy.parquet.nanosAsLong")
+    assert good == [(1, 5, 1704067200, None, None), (1, 6, 1704067201, None, None)] and bad == []
+
+
 def test_string_timestamps_are_read_as_utc_in_any_session_zone(spark, tmp_path):
     # before: parsed in spark.sql.session.timeZone, so a notebook in New York got other ts (and
     # other out-of-window rejections) than the laptop run; a pattern with its own zone keeps it

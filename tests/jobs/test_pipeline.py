@@ -120,7 +120,7 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
 
     # eval.compare_to: each model against pop user by user; a baseline without lists is skipped
     nightly = load_config(ROOT / "conf" / "synthetic.yaml",
-                          [f"warehouse={warehouse}", *TINY, "model=cooc", "eval.compare_to=[pop, no_such_model]"])
+                          [f"warehouse={warehouse}", *TINY, "model=cooc", "eval.compare_to=[pop, dat]"])  # dat: no lists here
     out = evaluate.run(nightly, spark, ["cooc", "cooc_recent"])
     paired = io.read_table(spark, cfg.table_path(S.T_METRICS_PAIRED))
     assert [(f.name, f.dataType) for f in paired.schema] == [(f.name, f.dataType) for f in S.METRICS_PAIRED]
