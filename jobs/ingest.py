@@ -1,4 +1,4 @@
-"""Raw logs -> ``actions`` (+ ``actions_rejected``, ``items``, ``users`` where the source has them).
+"""Raw logs -> ``actions`` (+ ``actions_rejected``, ``items``, ``users`` where the source has them, ``id_keys``).
 
     python -m jobs.ingest --conf conf/ml1m_natm.yaml
     python -m jobs.ingest --set ingest.format=taobao --set ingest.path=UserBehavior.csv
@@ -15,7 +15,8 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.formats import read_source
-from ml.data.ingest import BAD_TS, good_actions, items_from_actions, rejected_actions, validate_actions
+from ml.data.ingest import (BAD_TS, good_actions, id_collisions, id_keys, items_from_actions, rejected_actions,
+                            validate_actions)
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
 
@@ -31,7 +32,8 @@ def run(cfg: Config, spark=None) -> dict:
     ic, mode = cfg.ingest, cfg.io.delta_mode
     src = read_source(spark, ic, cfg.table_path(cfg.generate.table), mode)
     validated = validate_actions(src.actions, behaviors=src.behaviors, ts_unit=src.ts_unit,
-                                 ts_format=ic.ts_format, min_ts=ic.min_ts, max_ts=ic.max_ts)
+                                 ts_format=ic.ts_format, min_ts=ic.min_ts, max_ts=ic.max_ts,
+                                 string_ids=ic.string_ids)
     validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         actions = good_actions(validated)
@@ -41,6 +43,11 @@ def run(cfg: Config, spark=None) -> dict:
                        overwrite_schema=True)
         io.write_table(spark, rejected_actions(validated), cfg.table_path(S.T_ACTIONS_REJECTED),
                        mode="overwrite", delta_mode=mode, overwrite_schema=True)
+        # Always written, empty when the ids are integers: a previous source's keys must not name
+        # this one's ids.
+        keys = id_keys(validated) if ic.string_ids else spark.createDataFrame([], S.ID_KEYS)
+        io.write_table(spark, keys.select(*[F.col(f.name).cast(f.dataType) for f in S.ID_KEYS.fields]),
+                       cfg.table_path(S.T_ID_KEYS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
     finally:
         validated.unpersist()
     actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
@@ -52,13 +59,17 @@ def run(cfg: Config, spark=None) -> dict:
     users = src.users if src.users is not None else spark.createDataFrame([], S.USERS_TABLE)
     io.write_table(spark, users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
                    cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
-    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS]
+    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS, S.T_ID_KEYS]
+    collisions = id_collisions(io.read_table(spark, cfg.table_path(S.T_ID_KEYS), delta_mode=mode)) if ic.string_ids else {}
+    for kind, n in sorted(collisions.items()):
+        log.warning("ingest.string_ids: %d %s ids were hashed from more than one key (their actions are one %s's; "
+                    "the keys are in %s)", n, kind, kind, cfg.table_path(S.T_ID_KEYS))
     stats = actions.agg(F.count("*").alias("n"), F.approx_count_distinct(S.USER_ID, 0.01).alias("u"),
                         F.approx_count_distinct(S.ITEM_ID, 0.01).alias("i")).first()
     rejected = {r[S.REASON]: r["count"] for r in io.read_table(
         spark, cfg.table_path(S.T_ACTIONS_REJECTED), delta_mode=mode).groupBy(S.REASON).count().collect()}
     out = {"actions": stats["n"], "users": stats["u"], "items": stats["i"], "rejected": rejected,
-           "input_rows": stats["n"] + sum(rejected.values()), "tables": tables}
+           "input_rows": stats["n"] + sum(rejected.values()), "tables": tables, "id_collisions": collisions}
     log.info("ingested %s: %d input rows -> %d actions (about %d users, %d items); rejected %s",
              ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
     return out

@@ -70,7 +70,7 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     return {
         "generate": (["seed", "generate"], [], [cfg.generate.table]),
         "ingest": (["ingest", "generate.table"], ["@source"], [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS,
-                                                                S.T_USERS]),
+                                                                S.T_USERS, S.T_ID_KEYS]),
         "sequences": (["sequences"], [S.T_ACTIONS], [S.T_SEQUENCES, S.T_EVAL_TARGETS]),
         "graph": (["graph"], [S.T_SEQUENCES], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS]),
         "samples": (["seed", *[f"samples.{k}" for k in dataclasses.asdict(cfg.samples) if k not in SAMPLES_GUARDS]],
@@ -366,7 +366,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(res["evaluate"]["paired"])
         print(f"report: {res['evaluate']['report']}")
     print("tables:")
-    print_tables(cfg, ["actions", "actions_rejected", "items", "users", "sequences", "eval_targets", "item_graph",
+    print_tables(cfg, ["actions", "actions_rejected", "items", "users"] + (["id_keys"] if cfg.ingest.string_ids else [])
+                 + ["sequences", "eval_targets", "item_graph",
                        "item_counts"] + ([] if cfg.model in baseline.BASELINES else
                                          ["samples_natm", "samples_dat", "noise_q", "item_embeddings"])
                  + ["i2i_topk"]

@@ -122,6 +122,10 @@ class IngestConfig:
     csv_sep: str = ","
     csv_schema: Optional[list] = None  # column names of a header-less CSV, in file order
     allow_extra_columns: bool = False  # source columns not in the mapping: error unless True
+    # ids that are strings (SKUs, UUIDs): user_id and item_id are hashed to BIGINT (Spark's xxhash64 of
+    # the trimmed text: the same id for the same key on every run and cluster), and each key is kept
+    # with its id in the table id_keys. csv, parquet and delta only
+    string_ids: bool = False
     ts_unit: str = "s"  # numeric ts: s, ms, us or ns since epoch; "string" parses ts_format
     ts_format: str = "yyyy-MM-dd HH:mm:ss"
     behaviors: Optional[list] = None  # allowed behaviour values; None accepts any
@@ -146,6 +150,9 @@ class IngestConfig:
         if self.columns and self.format in ("ml1m", "sasrec", "taobao"):
             raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
+        if self.string_ids and self.format not in ("csv", "parquet", "delta"):
+            raise ConfigError(f"ingest.string_ids=true is for csv, parquet and delta sources; ingest.format="
+                              f"{self.format!r} has integer ids")
         if self.format in ("csv", "parquet") and not self.path:
             raise ConfigError(f"ingest.path is required for ingest.format={self.format!r}")
         if not self.csv_sep:  # Spark's own error ("Delimiter cannot be empty") names no key, after Spark starts

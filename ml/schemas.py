@@ -152,11 +152,20 @@ METRICS_PAIRED = StructType([
     StructField(RUN_TS, TimestampType(), False),
 ])
 
+# ingest.string_ids: each user / item key of the source and the BIGINT id it was hashed to (empty when
+# the ids are integers). kind is "user" or "item"; two keys with one id (a hash collision) are both listed.
+ID_KEYS = StructType([
+    StructField("kind", StringType(), False),
+    StructField("key", StringType(), False),
+    StructField("id", LongType(), False),
+])
+
 # Canonical table names under the warehouse.
 T_ACTIONS = "actions"
 T_ACTIONS_REJECTED = "actions_rejected"
 T_ITEMS = "items"
 T_USERS = "users"
+T_ID_KEYS = "id_keys"
 T_SEQUENCES = "sequences"
 T_EVAL_TARGETS = "eval_targets"
 T_ITEM_GRAPH = "item_graph"

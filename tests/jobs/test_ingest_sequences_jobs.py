@@ -85,3 +85,44 @@ def test_sequences_caps_long_users_by_default_and_counts_them(spark, tmp_path):
     out = sequences.run(load_config(None, base + ["sequences.max_length=null"]), spark)
     assert (out["truncated_users"], out["max_length"]) == (0, 3)
     assert sequences.run(load_config(None, base), spark)["truncated_users"] == 0
+
+
+def test_string_ids_are_hashed_kept_in_id_keys_and_reach_the_sequences(spark, tmp_path):
+    # SKUs and UUIDs: before, every such row was a bad_user_id / bad_item_id row
+    from pyspark.sql import functions as F
+
+    p = tmp_path / "skus.csv"
+    p.write_text("user_id,item_id,ts\n"
+                 "u-7f3a,SKU-A,1\nu-7f3a, SKU-B ,2\nu-7f3a,SKU-A,3\n"  # " SKU-B " is SKU-B
+                 "anon-1,SKU-B,1\nanon-1,42,2\nanon-1,SKU-C,3\n"       # a key of digits is a key like any other
+                 ",SKU-A,4\n")                                         # a blank user: missing, rejected
+    base = [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={p}", "sequences.min_length=2"]
+    cfg = load_config(None, base + ["ingest.string_ids=true"])
+    out = ingest.run(cfg, spark)
+    assert out["actions"] == 6 and out["rejected"] == {"missing_user_id": 1} and out["id_collisions"] == {}
+    keys = {(r.kind, r.key): r.id for r in io.read_table(spark, cfg.table_path(S.T_ID_KEYS)).collect()}
+    hashed = spark.createDataFrame([(k,) for _, k in keys], "k string").select("k", F.xxhash64("k").alias("h"))
+    assert {r.k: r.h for r in hashed.collect()} == {k: i for (_, k), i in keys.items()}  # Spark's xxhash64
+    assert sorted(keys) == [("item", "42"), ("item", "SKU-A"), ("item", "SKU-B"), ("item", "SKU-C"),
+                            ("user", "anon-1"), ("user", "u-7f3a")]
+    sequences.run(cfg, spark)
+    seqs = {r.user_id: r.items for r in io.read_table(spark, cfg.table_path(S.T_SEQUENCES)).collect()}
+    assert seqs == {keys[("user", "u-7f3a")]: [keys[("item", "SKU-A")], keys[("item", "SKU-B")]],
+                    keys[("user", "anon-1")]: [keys[("item", "SKU-B")], keys[("item", "42")]]}
+    # the same source again: the same ids (a rerun, or tomorrow's log with the same keys)
+    ingest.run(cfg, spark)
+    again = {(r.kind, r.key): r.id for r in io.read_table(spark, cfg.table_path(S.T_ID_KEYS)).collect()}
+    assert again == keys
+    # integer ids again: id_keys is emptied, not left naming other ids
+    out = ingest.run(load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv",
+                                        f"ingest.path={_csv(tmp_path)}"]), spark)
+    assert S.T_ID_KEYS in out["tables"] and io.read_table(spark, cfg.table_path(S.T_ID_KEYS)).count() == 0
+
+
+def test_id_collisions_counts_ids_shared_by_two_keys(spark):
+    from ml.data.ingest import id_collisions
+
+    keys = spark.createDataFrame([("item", "a", 1), ("item", "b", 1), ("item", "c", 2), ("user", "x", 1),
+                                  ("user", "y", 3), ("user", "z", 3), ("user", "w", 3)], S.ID_KEYS)
+    assert id_collisions(keys) == {"item": 1, "user": 1}
+    assert id_collisions(keys.where("id = 2")) == {}
