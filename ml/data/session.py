@@ -82,8 +82,49 @@ def session_settings(cfg: SparkConfig, submitted: bool, given: set) -> dict:
         settings.pop("spark.ui.enabled")
         if cfg.shuffle_partitions == SparkConfig().shuffle_partitions:
             settings.pop("spark.sql.shuffle.partitions")
+    else:
+        # the driver's log4j setup from its first line: Spark's default profile at WARN (where pyspark
+        # puts it anyway, with a notice; spark.log_level applies once the session is up), without the
+        # notices about itself and the native Hadoop library a laptop lacks. Only where the JVM is
+        # ours to start; spark.conf's own spark.driver.extraJavaOptions replaces it
+        settings["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={_log4j2_file()}"
     settings.update({k: str(v) for k, v in cfg.conf.items()})
     return {k: v for k, v in settings.items() if k not in given}
+
+
+_LOG4J2 = """# spark-i2i: a local session's driver logging (ml/data/session.py): Spark's default profile at WARN
+rootLogger.level = warn
+rootLogger.appenderRef.stdout.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.native.level = error
+logger.jetty.name = org.sparkproject.jetty
+logger.jetty.level = warn
+logger.jetty2.name = org.sparkproject.jetty.util.component.AbstractLifeCycle
+logger.jetty2.level = error
+logger.parquet.name = org.apache.parquet.CorruptStatistics
+logger.parquet.level = error
+"""
+
+
+def _log4j2_file() -> str:
+    """:data:`_LOG4J2` as a file under the temp dir (one per user, rewritten only when it differs)."""
+    path = os.path.join(tempfile.gettempdir(), f"i2i-log4j2-{os.getuid()}.properties")
+    try:
+        with open(path) as f:
+            if f.read() == _LOG4J2:
+                return path
+    except OSError:
+        pass
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(_LOG4J2)
+    os.replace(tmp, path)  # atomic: a JVM starting beside us reads a whole file
+    return path
 
 
 # Spark loggers that print a Java stack trace at WARN for a condition the jobs report in one line

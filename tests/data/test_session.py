@@ -56,3 +56,22 @@ def test_under_spark_submit_the_cluster_keeps_its_ui_and_shuffle_partitions():
     named = SparkConfig(shuffle_partitions=400)
     assert session_settings(named, True, set())["spark.sql.shuffle.partitions"] == "400"
     assert "spark.sql.shuffle.partitions" not in session_settings(named, True, {"spark.sql.shuffle.partitions"})
+
+
+def test_a_local_session_starts_without_spark_notices_about_itself():
+    # before: "Using Spark's default log4j profile" (twice), "Setting default log level to WARN" and
+    # its hint, and the missing native Hadoop library's WARN, on every job's first lines
+    from ml.config import SparkConfig
+    from ml.data.session import session_settings
+
+    opts = session_settings(SparkConfig(), submitted=False, given=set())["spark.driver.extraJavaOptions"]
+    path = opts.split("=", 1)[1]
+    assert opts.startswith("-Dlog4j2.configurationFile=") and "rootLogger.level = warn" in open(path).read()
+    assert "spark.driver.extraJavaOptions" not in session_settings(SparkConfig(), submitted=True, given=set())
+    own = SparkConfig(conf={"spark.driver.extraJavaOptions": "-Dx=1"})  # the user's options replace ours
+    assert session_settings(own, submitted=False, given=set())["spark.driver.extraJavaOptions"] == "-Dx=1"
+    code = ("from ml.config import SparkConfig\nfrom ml.data.session import get_spark\n"
+            "s = get_spark(SparkConfig(log_level='ERROR')); assert s.range(3).count() == 3")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    for notice in ("default log4j profile", "Setting default log level", "NativeCodeLoader"):
+        assert notice not in err, err
