@@ -70,7 +70,7 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
     return {
         "generate": (["seed", "generate"], [], [cfg.generate.table]),
         "ingest": (["ingest", "generate.table"], ["@source"], [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS,
-                                                                S.T_USERS, S.T_ID_KEYS]),
+                                                                S.T_USERS] + ([S.T_ID_KEYS] if cfg.ingest.string_ids else [])),
         "sequences": (["sequences"], [S.T_ACTIONS], [S.T_SEQUENCES, S.T_EVAL_TARGETS]),
         "graph": (["graph"], [S.T_SEQUENCES], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS]),
         "samples": (["seed", *[f"samples.{k}" for k in dataclasses.asdict(cfg.samples) if k not in SAMPLES_GUARDS]],
@@ -181,6 +181,12 @@ def _path_state(path: str) -> object:
     return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
 
 
+# Keys added to a fingerprinted section after warehouses were built with it: at their default they
+# change nothing the stage does, so they are left out of its fingerprint (with them in, an upgrade
+# reran every stage of every warehouse once, training included).
+ADDED_AT_DEFAULT = {"ingest.string_ids": False}
+
+
 def _fingerprint(cfg: Config, stage: str) -> Optional[dict]:
     """The stage's config keys and the state of its inputs; None under a URI warehouse, where no
     state is kept (the state files are plain local files: under s3a:// or dbfs:/ they would land in
@@ -195,6 +201,10 @@ def _fingerprint(cfg: Config, stage: str) -> Optional[dict]:
         for part in k.split("."):
             v = v[part]
         picked[k] = v
+    for key, default in ADDED_AT_DEFAULT.items():  # left out while at their default
+        section, name = key.split(".")
+        if isinstance(picked.get(section), dict) and picked[section].get(name) == default:
+            del picked[section][name]
     return {"config": picked, "inputs": {i: _state(cfg, i) for i in inputs}}
 
 

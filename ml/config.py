@@ -106,6 +106,10 @@ class GenerateConfig:
 
 INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
 CANONICAL_FIELDS = ("user_id", "item_id", "ts", "behavior", "category_id")
+# "name type" in ingest.csv_schema is a schema string's habit, not a column name
+_SPARK_TYPE_NAMES = {"string", "long", "bigint", "int", "integer", "short", "smallint", "byte", "tinyint", "double",
+                     "float", "real", "decimal", "numeric", "boolean", "bool", "timestamp", "timestamp_ntz", "date",
+                     "binary", "varchar", "char"}
 # numeric ts units and their parts of a second; "string" parses ingest.ts_format
 TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000, "string": None}
 
@@ -140,7 +144,8 @@ class IngestConfig:
         _check_choice("ingest.format", self.format, INPUT_FORMATS)
         _check_choice("ingest.ts_unit", self.ts_unit, list(TS_UNITS))
         for name in self.csv_schema or ():
-            if not isinstance(name, str) or not name.strip() or len(name.split()) > 1:
+            words = name.split() if isinstance(name, str) else []
+            if not words or (len(words) == 2 and words[1].lower().split("(")[0] in _SPARK_TYPE_NAMES):
                 raise ConfigError(f"ingest.csv_schema: {name!r} is not a column name; the key lists the names in "
                                   "file order, without types (every column is read as text and checked per row)")
         for k, v in self.columns.items():

@@ -17,9 +17,10 @@ MODEL = "cooc"  # pop | cooc
 
 import os
 
-# CONF is relative to the project root; Jupyter and Databricks Repos run a notebook in its own folder
+# CONF, and the paths in it (ingest.path), are relative to the project root: Jupyter and Databricks
+# Repos run a notebook in its own folder, one below it
 if not os.path.exists(CONF) and os.path.exists(os.path.join("..", CONF)):
-    CONF = os.path.join("..", CONF)
+    os.chdir("..")
 
 from jobs import pipeline
 from ml.config import load_config

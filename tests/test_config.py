@@ -9,6 +9,12 @@ from ml.errors import InvalidInput
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_csv_schema_names_may_hold_spaces_but_not_types():
+    cfg = load_config(None, ["ingest.format=csv", "ingest.path=x", "ingest.csv_header=false",
+                             "ingest.csv_schema=[user id, item id, ts]"])
+    assert cfg.ingest.csv_schema == ["user id", "item id", "ts"]
+
+
 def test_defaults_and_overrides_are_typed():
     cfg = load_config(None, ["warehouse=/tmp/x", "spark.shuffle_partitions=3", "generate.stay_prob=0.5",
                              "ingest.behaviors=[pv, buy]"])

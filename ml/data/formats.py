@@ -153,7 +153,8 @@ def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
 
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
                       delta_mode: str = "auto") -> RawSource:
-    df = io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta" else _read_parquet(spark, path)
+    df = (io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta"
+          else _read_parquet(spark, path, dict(cfg.columns).get("ts", "ts")))
     mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
     _check_types(df, mapping, path)
@@ -164,33 +165,43 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 
-def _read_parquet(spark: SparkSession, path: str) -> DataFrame:
+def _read_parquet(spark: SparkSession, path: str, ts_column: str) -> DataFrame:
     """``spark.read.parquet``, with Spark's refusal of nanosecond timestamps (pandas' default when it
-    writes Parquet) as a :class:`SourceSchemaError` naming the columns and the two ways out."""
+    writes Parquet; one such column, mapped or not, fails the whole read) as a
+    :class:`SourceSchemaError` naming the columns and the way out for each."""
     try:
         return spark.read.parquet(path)
     except AnalysisException as e:
         if "NANOS" not in str(e):
             raise
+        cols = _nanos_columns(path)
+        as_long = "--set spark.conf.spark.sql.legacy.parquet.nanosAsLong=true"
+        if cols is None:
+            how = (f"or read them as integers with {as_long}, and --set ingest.ts_unit=ns if the ts column ({ts_column!r}) "
+                   "is one of them")
+        elif ts_column in cols:
+            how = f"or read them as integer nanoseconds with {as_long} --set ingest.ts_unit=ns"
+        else:
+            how = (f"or, as {ts_column!r} (ts) is not one of them, read them as integers with {as_long} (ts is read "
+                   "as ingest.ts_unit says), or leave them out of the source")
+        which = f"column{'s' if cols and len(cols) > 1 else ''} {', '.join(map(repr, cols))}" if cols else "TIMESTAMP(NANOS)"
         raise SourceSchemaError(
-            f"{path}: Spark cannot read Parquet timestamps in nanoseconds ({_nanos_columns(path) or 'TIMESTAMP(NANOS)'}; "
-            "pandas writes them by default). Write them in microseconds (pandas: df.to_parquet(path, "
-            "coerce_timestamps='us', allow_truncated_timestamps=True)), or read them as integer nanoseconds with "
-            "--set spark.conf.spark.sql.legacy.parquet.nanosAsLong=true --set ingest.ts_unit=ns") from e
+            f"{path}: Spark cannot read Parquet timestamps in nanoseconds ({which}; pandas writes them by default). "
+            "Write them in microseconds (pandas: df.to_parquet(path, coerce_timestamps='us', "
+            f"allow_truncated_timestamps=True)), {how}") from e
 
 
-def _nanos_columns(path: str) -> str:
-    """The columns of the first Parquet file under ``path`` that hold nanosecond timestamps, as text
-    for a message; "" where Arrow cannot open it (a URI it has no filesystem for)."""
+def _nanos_columns(path: str) -> Optional[List[str]]:
+    """The columns of the Parquet files under ``path`` that hold nanosecond timestamps; None where
+    Arrow cannot open them (a URI it has no filesystem for)."""
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     try:
         schema = ds.dataset(path, format="parquet").schema
-    except Exception:  # only a better message depends on it
-        return ""
-    cols = [f.name for f in schema if pa.types.is_timestamp(f.type) and f.type.unit == "ns"]
-    return f"column{'s' if len(cols) > 1 else ''} {', '.join(repr(c) for c in cols)}" if cols else ""
+    except Exception:  # only the message depends on it
+        return None
+    return [f.name for f in schema if pa.types.is_timestamp(f.type) and f.type.unit == "ns"]
 
 
 def _epoch_micros(df: DataFrame, name: str):

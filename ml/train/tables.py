@@ -14,6 +14,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence
+from urllib.parse import unquote, urlparse
 
 import os
 
@@ -75,6 +76,8 @@ def table_filesystem(path: str) -> pafs.FileSystem:
     none through Arrow's filesystem. A training process or a user's script that reads a table must
     not fail after its work is done. URIs go through the same filesystems as the training reader's.
     """
+    if path.startswith("file:"):  # file:/x (Spark's spelling) and file:///x, percent-decoded as delta-rs does
+        path = unquote(urlparse(path).path)
     local = local_path(path)
     if local is None and is_uri(path):
         fs, base = _arrow(path)

@@ -158,6 +158,11 @@ def test_micro_and_nanosecond_timestamps_and_times_no_timestamp_holds(spark, tmp
     us = _write(tmp_path, "us.csv", "u,i,t\n1,2,1500000000999999\n")
     _, good, _ = _run(spark, IngestConfig(format="csv", path=us, ts_unit="us", columns=cols))
     assert good == [(1, 2, 1500000000, None, None)]
+    # string times to the us: 400 us apart are two events, as for a TIMESTAMP column (before: to the ms)
+    st = _write(tmp_path, "st_us.csv", "u,i,t\n1,2,2020-01-01 00:00:00.000100\n1,2,2020-01-01 00:00:00.000500\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=st, ts_unit="string", columns=cols,
+                                            ts_format="yyyy-MM-dd HH:mm:ss.SSSSSS"))
+    assert good == [(1, 2, 1577836800, None, None)] * 2 and bad == []
     # ms read as seconds is the year 49,503: no time a TIMESTAMP holds, so bad_ts (before: an action)
     _, good, bad = _run(spark, IngestConfig(format="csv", path=us, ts_unit="ms", columns=cols))
     assert good == [] and [b[0] for b in bad] == [I.BAD_TS]
@@ -187,6 +192,23 @@ def test_parquet_with_nanosecond_timestamps_names_the_column_and_the_ways_out(sp
     finally:
         spark.conf.unset("spark.sql.legacy.parquet.nanosAsLong")
     assert good == [(1, 5, 1704067200, None, None), (1, 6, 1704067201, None, None)] and bad == []
+    # a nanosecond column that is not ts fails the read too; ts_unit=ns would read ts (seconds) wrong
+    other = str(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    pd.DataFrame({"user_id": [1], "item_id": [5], "ts": [1700000000],
+                  "created": pd.to_datetime(["2024-01-01"])}).to_parquet(f"{other}/part-0.parquet")
+    cfg = IngestConfig(format="parquet", path=other, allow_extra_columns=True)
+    with pytest.raises(SourceSchemaError, match=r"\(column 'created';.*as 'ts' \(ts\) is not one of them, read them as "
+                                                r"integers with --set spark.conf.spark.sql.legacy.parquet.nanosAsLong=true "
+                                                r"\(ts is read as ingest.ts_unit says\)") as e:
+        read_source(spark, cfg, "")
+    assert "ts_unit=ns" not in str(e.value)
+    spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+    try:
+        _, good, _ = _run(spark, cfg)
+    finally:
+        spark.conf.unset("spark.sql.legacy.parquet.nanosAsLong")
+    assert good == [(1, 5, 1700000000, None, None)]
 
 
 def test_string_timestamps_are_read_as_utc_in_any_session_zone(spark, tmp_path):
@@ -515,3 +537,22 @@ def test_the_ingest_log_counts_users_and_items_without_an_exact_distinct(spark, 
     out = ingest_job.run(load_config(None, ["ingest.format=csv", f"warehouse={tmp_path / 'wh'}",
                                             f"ingest.path={path}"]), spark)
     assert (out["actions"], out["users"], out["items"]) == (4, 3, 3)  # approximate, exact at this size
+
+
+def test_seconds_from_finer_units_are_floored_exactly(spark):
+    # the double quotient corrected in BIGINT arithmetic, against Python's exact // on random times
+    # of years 1 to 9999 in each unit, the boundaries of a second, and values no time is
+    import random
+
+    rng = random.Random(7)
+    for unit, n in (("ms", 1_000), ("us", 1_000_000), ("ns", 1_000_000_000)):
+        lo, hi = max(I.MIN_TS_SECONDS * n, -2**63), min(I.MAX_TS_SECONDS * n + n - 1, 2**63 - 1)
+        values = [rng.randint(lo, hi) for _ in range(2000)] + [s * n + d for s in (-1, 0, 1, 1_500_000_000)
+                                                               for d in (-1, 0, 1, n - 1)]
+        values += [2**63 - 1, -2**63, hi, lo]
+        got = spark.createDataFrame([(str(v),) for v in values], "ts string").select(
+            I._to_seconds(unit, "").alias("s")).collect()
+        want = [v // n if I.MIN_TS_SECONDS <= v // n <= I.MAX_TS_SECONDS else None for v in values]
+        for v, w, r in zip(values, want, got):
+            edge = min(v + 2**63, 2**63 - 1 - v) < n  # within a second of BIGINT's ends: null is documented
+            assert r.s == w or (edge and r.s is None), (unit, v, w, r.s)

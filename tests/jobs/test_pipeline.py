@@ -349,3 +349,17 @@ def test_training_settings_are_not_checked_when_training_is_up_to_date(spark, wa
     monkeypatch.setattr(pipeline, "_up_to_date", lambda c, stage: stage != "train")
     with pytest.raises(pipeline.ConfigError, match="train.device=cuda"):
         pipeline.run(cfg, spark)
+
+
+def test_a_key_added_at_its_default_leaves_the_stage_fingerprint_as_it_was(tmp_path):
+    # ingest.string_ids came after warehouses were built: with it in the ingest fingerprint an upgrade
+    # reran ingest, so every stage after it (training included), on unchanged data and config
+    from jobs.pipeline import _fingerprint, _stage_io
+
+    base = [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={tmp_path / 'log.csv'}"]
+    default = _fingerprint(load_config(None, base), "ingest")["config"]["ingest"]
+    assert "string_ids" not in default and default["format"] == "csv"
+    on = load_config(None, base + ["ingest.string_ids=true"])
+    assert _fingerprint(on, "ingest")["config"]["ingest"]["string_ids"] is True
+    assert S.T_ID_KEYS in _stage_io(on, "ingest")[2]
+    assert S.T_ID_KEYS not in _stage_io(load_config(None, base), "ingest")[2]

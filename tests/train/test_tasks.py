@@ -170,6 +170,10 @@ def test_read_columns_reads_partitions_with_escaped_values_through_arrows_filesy
     one = read_columns(path, ["id"], partitions=[("s", "=", "x/y%z")])
     assert one.column("id").to_pylist() == [2]
     assert read_columns(f"file://{path}", ["id"]).num_rows == 3
+    assert read_columns(f"file:{path}", ["id"]).num_rows == 3  # Spark's spelling
+    spaced = str(tmp_path / "a b")
+    write_deltalake(spaced, pa.table({"id": [1, 2]}))
+    assert read_columns(f"file://{spaced.replace(' ', '%20')}", ["id"]).num_rows == 2
 
 
 def test_read_columns_leaves_a_process_that_exits_cleanly(tmp_path):
