@@ -40,7 +40,7 @@ def local_path(path: str) -> Optional[str]:
     return None if is_uri(path) else path
 
 
-def _arrow(path: str) -> tuple[pafs.FileSystem, str]:
+def arrow_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """Arrow's filesystem for the URI ``path``, or :class:`InvalidInput` naming it when Arrow has
     none for its scheme or cannot reach it (wasbs://, viewfs://, hdfs:// without libhdfs)."""
     try:
@@ -55,20 +55,20 @@ def check_reachable(path: str) -> None:
     """Raise :class:`InvalidInput` now, rather than after hours of training, when ``path`` is a URI
     that Arrow's filesystems cannot open."""
     if local_path(path) is None:
-        _arrow(path)
+        arrow_filesystem(path)
 
 
 def exists(path: str) -> bool:
     local = local_path(path)
     if local is not None:
         return os.path.exists(local)
-    fs, p = _arrow(path)
+    fs, p = arrow_filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def _arrow_file(path: str) -> tuple[pafs.FileSystem, str]:
-    """:func:`_arrow` for a file that must exist (:class:`MissingInput` otherwise)."""
-    fs, p = _arrow(path)
+    """:func:`arrow_filesystem` for a file that must exist (:class:`MissingInput` otherwise)."""
+    fs, p = arrow_filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         raise MissingInput(path)
     return fs, p
@@ -109,7 +109,7 @@ def staged_dir(path: str, upload: bool = True, local_dir: Optional[str] = None) 
         os.makedirs(local, exist_ok=True)
         yield local
         return
-    fs, p = _arrow(path) if upload else (None, None)
+    fs, p = arrow_filesystem(path) if upload else (None, None)
     tmp = local_dir or tempfile.mkdtemp(prefix="spark-i2i-")
     os.makedirs(tmp, exist_ok=True)
     try:

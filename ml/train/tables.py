@@ -11,12 +11,11 @@ are larger still (README, "Memory at catalogue scale": about 10^7 items is the p
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence
 from urllib.parse import unquote, urlparse
-
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,7 @@ import torch
 from deltalake import DeltaTable
 
 from ml.data.delta_files import check_readable, is_uri
-from ml.data.files import _arrow, local_path
+from ml.data.files import arrow_filesystem, local_path
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def table_filesystem(path: str) -> pafs.FileSystem:
         path = unquote(urlparse(path).path)
     local = local_path(path)
     if local is None and is_uri(path):
-        fs, base = _arrow(path)
+        fs, base = arrow_filesystem(path)
         return pafs.SubTreeFileSystem(base, fs)
     return pafs.SubTreeFileSystem(os.path.abspath(local or path), pafs.LocalFileSystem())
 
