@@ -139,9 +139,8 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     """
     if ts_unit == "string":
         check_ts_format(raw.sparkSession, ts_format)
-    df = raw.select(*[F.col(c) for c in raw.columns],
-                    (string_id if string_ids else to_long)(S.USER_ID).alias("_u"),
-                    (string_id if string_ids else to_long)(S.ITEM_ID).alias("_i"),
+    to_id = string_id if string_ids else to_long
+    df = raw.select(*[F.col(c) for c in raw.columns], to_id(S.USER_ID).alias("_u"), to_id(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), to_long(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
                     _to_fine(ts_unit, ts_format).alias("_tms"))
