@@ -51,7 +51,8 @@ def run(cfg: Config, spark=None) -> dict:
     finally:
         validated.unpersist()
     actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
-    items = src.items if src.items is not None else items_from_actions(actions)
+    keys = io.read_table(spark, cfg.table_path(S.T_ID_KEYS), delta_mode=mode) if ic.string_ids else None
+    items = src.items if src.items is not None else items_from_actions(actions, keys)
     io.write_table(spark, items.select(*[F.col(f.name).cast(f.dataType) for f in S.ITEMS_TABLE.fields]),
                    cfg.table_path(S.T_ITEMS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
     # Always written, empty when the source has no users: a previous dataset's users table left in
@@ -60,7 +61,7 @@ def run(cfg: Config, spark=None) -> dict:
     io.write_table(spark, users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
                    cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
     tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS, S.T_ID_KEYS]
-    collisions = id_collisions(io.read_table(spark, cfg.table_path(S.T_ID_KEYS), delta_mode=mode)) if ic.string_ids else {}
+    collisions = id_collisions(keys) if ic.string_ids else {}
     for kind, n in sorted(collisions.items()):
         log.warning("ingest.string_ids: %d %s ids were hashed from more than one key (their actions are one %s's; "
                     "the keys are in %s)", n, kind, kind, cfg.table_path(S.T_ID_KEYS))

@@ -113,11 +113,13 @@ def string_id(c):
 
 def id_keys(validated: DataFrame) -> DataFrame:
     """The ``id_keys`` rows of the good actions of :func:`validate_actions` (``string_ids``): each
-    distinct (kind, key, id) once."""
+    distinct (kind, key, id) once; kind ``user``, ``item`` or ``category``."""
     good = validated.where(F.col(S.REASON).isNull())
     users = good.select(F.lit("user").alias("kind"), F.trim(S.USER_ID).alias("key"), F.col("_u").alias("id"))
     items = good.select(F.lit("item").alias("kind"), F.trim(S.ITEM_ID).alias("key"), F.col("_i").alias("id"))
-    return users.unionByName(items).distinct()
+    cats = good.where(F.col("_c").isNotNull()).select(F.lit("category").alias("kind"),
+                                                      F.trim(S.CATEGORY_ID).alias("key"), F.col("_c").alias("id"))
+    return users.unionByName(items).unionByName(cats).distinct()
 
 
 def id_collisions(keys: DataFrame) -> dict:
@@ -135,13 +137,14 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     source's own unit, behaviour and category) keep one copy; the others get reason ``duplicate``.
     Two events 400 ms apart are two events, although ``actions.ts`` holds both as the same second.
     A ``ts_format`` Spark cannot parse with is a :class:`ConfigError`, raised here. With
-    ``string_ids`` every non-blank user_id / item_id is a key, hashed to its id (:func:`string_id`).
+    ``string_ids`` every non-blank user_id / item_id / category_id is a key, hashed to its id
+    (:func:`string_id`).
     """
     if ts_unit == "string":
         check_ts_format(raw.sparkSession, ts_format)
     to_id = string_id if string_ids else to_long
     df = raw.select(*[F.col(c) for c in raw.columns], to_id(S.USER_ID).alias("_u"), to_id(S.ITEM_ID).alias("_i"),
-                    _to_seconds(ts_unit, ts_format).alias("_t"), to_long(S.CATEGORY_ID).alias("_c"),
+                    _to_seconds(ts_unit, ts_format).alias("_t"), to_id(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
                     _to_fine(ts_unit, ts_format).alias("_tms"))
     ts_ok = F.lit(True)
@@ -188,14 +191,22 @@ def rejected_actions(validated: DataFrame) -> DataFrame:
         *[F.col(f.name).cast(f.dataType) for f in S.ACTIONS_REJECTED.fields])
 
 
-def items_from_actions(actions: DataFrame) -> DataFrame:
-    """One row per item; category = the item's most frequent category (ties: smallest id)."""
+def items_from_actions(actions: DataFrame, keys: Optional[DataFrame] = None) -> DataFrame:
+    """One row per item; category = the item's most frequent category (ties: smallest id), named by
+    its key in ``keys`` (``id_keys`` under ``string_ids``; the smallest key where two share an id),
+    else by the id's digits."""
     counts = actions.where(F.col(S.CATEGORY_ID).isNotNull()).groupBy(S.ITEM_ID, S.CATEGORY_ID).count()
     best = counts.groupBy(S.ITEM_ID).agg(
         F.min(F.struct(-F.col("count"), F.col(S.CATEGORY_ID))).alias("b"))
     all_items = actions.select(S.ITEM_ID).distinct()
-    return all_items.join(best, S.ITEM_ID, "left").select(
-        S.ITEM_ID, F.col(f"b.{S.CATEGORY_ID}").alias(S.CATEGORY_ID),
-        F.col(f"b.{S.CATEGORY_ID}").cast("string").alias(S.CATEGORY_NAME),
+    out = all_items.join(best, S.ITEM_ID, "left").select(S.ITEM_ID, F.col(f"b.{S.CATEGORY_ID}").alias(S.CATEGORY_ID))
+    name = F.col(S.CATEGORY_ID).cast("string")
+    if keys is not None:
+        names = (keys.where(F.col("kind") == "category").groupBy(F.col("id").alias("_cid"))
+                 .agg(F.min("key").alias("_name")))
+        out = out.join(names, out[S.CATEGORY_ID] == names["_cid"], "left")
+        name = F.coalesce(F.col("_name"), name)
+    return out.select(
+        S.ITEM_ID, S.CATEGORY_ID, name.alias(S.CATEGORY_NAME),
         F.lit(None).cast("string").alias(S.TITLE),
         F.lit(None).cast("map<string,string>").alias(S.FEATURES))

@@ -140,11 +140,12 @@ def load_categories(items_path: Optional[str], vocab: Vocab):
         return None, 0
     t = read_columns(items_path, ["item_id", "category_id"])
     ids = torch.from_numpy(t.column("item_id").to_numpy().copy())
-    cats = t.column("category_id").to_numpy(zero_copy_only=False)
-    cats = np.where(np.equal(cats, None), -1, cats).astype(np.int64) if cats.dtype == object else cats.astype(np.int64)
-    known = np.unique(cats[cats >= 0])
+    col = t.column("category_id")
+    has = ~col.is_null().to_numpy(zero_copy_only=False)  # negative ids are ids (hashed keys are signed)
+    cats = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    known = np.unique(cats[has])
     cat_index = np.searchsorted(known, cats) + 1  # 1..C
-    cat_index[cats < 0] = 0
+    cat_index[~has] = 0
     out = torch.zeros(vocab.size + 1, dtype=torch.long)
     idx = vocab.index(ids)
     out[idx[idx > 0]] = torch.from_numpy(cat_index)[idx > 0]

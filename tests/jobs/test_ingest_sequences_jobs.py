@@ -113,6 +113,16 @@ def test_string_ids_are_hashed_kept_in_id_keys_and_reach_the_sequences(spark, tm
     ingest.run(cfg, spark)
     again = {(r.kind, r.key): r.id for r in io.read_table(spark, cfg.table_path(S.T_ID_KEYS)).collect()}
     assert again == keys
+    # text categories are keys too: hashed, in id_keys, and named by their key in items
+    p.write_text("user_id,item_id,ts,category_id\n"
+                 "u1,SKU-A,1,Shoes > Running\nu1,SKU-B,2, Toys \nu2,SKU-A,1,Shoes > Running\nu2,SKU-C,2,\n")
+    ingest.run(cfg, spark)
+    cats = {r.key: r.id for r in io.read_table(spark, cfg.table_path(S.T_ID_KEYS)).where("kind = 'category'").collect()}
+    assert sorted(cats) == ["Shoes > Running", "Toys"]
+    items = {r.item_id: (r.category_id, r.category_name) for r in io.read_table(spark, cfg.table_path(S.T_ITEMS)).collect()}
+    item = {r.key: r.id for r in io.read_table(spark, cfg.table_path(S.T_ID_KEYS)).where("kind = 'item'").collect()}
+    assert items == {item["SKU-A"]: (cats["Shoes > Running"], "Shoes > Running"), item["SKU-B"]: (cats["Toys"], "Toys"),
+                     item["SKU-C"]: (None, None)}
     # integer ids again: id_keys is emptied, not left naming other ids
     out = ingest.run(load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv",
                                         f"ingest.path={_csv(tmp_path)}"]), spark)

@@ -191,3 +191,16 @@ def test_read_columns_leaves_a_process_that_exits_cleanly(tmp_path):
     code = f"from ml.train.tables import read_columns; assert read_columns({path!r}, ['id', 'v']).num_rows == 1000"
     codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(10)]
     assert codes == [0] * 10
+
+
+def test_load_categories_takes_negative_ids_as_categories_and_null_as_unknown(tmp_path):
+    # hashed category keys (ingest.string_ids) are signed: a negative id was taken as "no category"
+    from ml.train.tables import load_categories
+
+    path = str(tmp_path / "items")
+    write_deltalake(path, pa.table({"item_id": pa.array([10, 11, 12, 13, 14], pa.int64()),
+                                    "category_id": pa.array([-5, 3, None, -5, 9], pa.int64())}))
+    cats, n = load_categories(path, build_vocab([10, 11, 12, 13, 14, 15]))
+    assert n == 3  # -5, 3, 9 -> indices 1, 2, 3
+    assert cats.tolist() == [0, 1, 2, 0, 1, 3, 0]  # padding, items 10..14, item 15 has no row
+    assert load_categories(str(tmp_path / "absent"), build_vocab([1])) == (None, 0)
