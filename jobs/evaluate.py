@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
+from ml.data.ingest import category_names
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
 from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison, targets_fingerprint
@@ -168,8 +169,9 @@ def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: str) -
     overall = [r for r in all_rows if r[S.CATEGORY_ID] is None]
     names = None
     if io.table_exists(cfg.table_path(S.T_ITEMS)):
-        cats = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode).select(S.CATEGORY_ID, S.CATEGORY_NAME)
-        names = {r[0]: r[1] for r in cats.where(F.col(S.CATEGORY_ID).isNotNull()).distinct().limit(10_000).collect()}
+        # the names of the categories the metrics have rows for (the plot shows some of them)
+        names = category_names(io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode),
+                               {r[S.CATEGORY_ID] for r in all_rows})
     models = sorted({r[S.MODEL] for r in all_rows})
     curves = {m: read_loss_curve(cfg.table_path(os.path.join("models", m, "train_metrics.jsonl"))) for m in models}
     paired, paired_text = [], ""

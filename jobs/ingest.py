@@ -15,8 +15,8 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.formats import read_source
-from ml.data.ingest import (BAD_TS, good_actions, id_collisions, id_keys, items_from_actions, rejected_actions,
-                            validate_actions)
+from ml.data.ingest import (BAD_CATEGORY, BAD_ITEM, BAD_TS, BAD_USER, good_actions, id_collisions, id_keys,
+                            items_from_actions, rejected_actions, validate_actions)
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
 
@@ -94,7 +94,8 @@ def _no_actions(spark, cfg: Config, validated) -> None:
     raise NoActionsError(
         f"ingest: none of the {sum(reasons.values()):,} rows of {src} ({cfg.ingest.format}) is a valid action "
         f"(rejected: {dict(sorted(reasons.items()))}; the rows and reasons are in "
-        f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version{_ts_hint(cfg, reasons)}")
+        f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version{_ts_hint(cfg, reasons)}"
+        f"{_key_hint(cfg, reasons)}")
 
 
 def _ts_hint(cfg: Config, reasons: dict) -> str:
@@ -104,6 +105,15 @@ def _ts_hint(cfg: Config, reasons: dict) -> str:
         return ""
     how = f"ingest.ts_unit={ic.ts_unit}" + (f", ingest.ts_format={ic.ts_format!r}" if ic.ts_unit == "string" else "")
     return f"; no ts could be read: check ingest.ts_unit / ingest.ts_format ({how})"
+
+
+def _key_hint(cfg: Config, reasons: dict) -> str:
+    """Where every row's ids or categories are text, ``ingest.string_ids`` is the likely way out."""
+    text_keys = {BAD_USER, BAD_ITEM, BAD_CATEGORY}
+    if cfg.ingest.string_ids or not set(reasons) <= text_keys or cfg.ingest.format not in ("csv", "delta", "parquet"):
+        return ""
+    return ("; ids and categories must be integers unless ingest.string_ids=true (user_id, item_id and "
+            "category_id are then text keys, hashed to BIGINT ids)")
 
 
 @command

@@ -14,6 +14,7 @@ from ml import schemas as S
 from ml.config import Config
 from ml.data import io
 from ml.data.graph import item_counts
+from ml.data.ingest import category_names
 from ml.data.samples import (T_NOISE_Q, T_SAMPLES_DAT, T_SAMPLES_NATM, build_dat_samples, build_natm_samples,
                              category_counts, noise_distribution)
 from ml.data.session import get_spark
@@ -75,8 +76,11 @@ def run(cfg: Config, spark=None, which: Sequence[str] = ("natm", "dat")) -> dict
         out["dat"] = written.count()
         per_cat = category_counts(written).limit(1000).collect()  # categories, not rows: small
         out["dat_categories"] = {r[S.CATEGORY_ID]: r["positives"] for r in per_cat}
+        shown = list(out["dat_categories"].items())[:20]
+        items = _optional(spark, cfg, S.T_ITEMS)
+        names = category_names(items, [c for c, _ in shown]) if items is not None else {}
         log.info("samples_dat: %d rows (%s stratification); positives per category (largest first): %s",
-                 out["dat"], sc.stratify, ", ".join(f"{c}:{n}" for c, n in list(out["dat_categories"].items())[:20]))
+                 out["dat"], sc.stratify, ", ".join(f"{names.get(c, c)}:{n}" for c, n in shown))
     return out
 
 

@@ -210,3 +210,15 @@ def items_from_actions(actions: DataFrame, keys: Optional[DataFrame] = None) -> 
         S.ITEM_ID, S.CATEGORY_ID, name.alias(S.CATEGORY_NAME),
         F.lit(None).cast("string").alias(S.TITLE),
         F.lit(None).cast("map<string,string>").alias(S.FEATURES))
+
+
+def category_names(items: DataFrame, ids) -> dict:
+    """{category_id: category_name} for the given ids (a few: those a log line or a plot shows), from
+    the ``items`` table; the smallest name where an id has several, ids without a name left out."""
+    ids = sorted({int(i) for i in ids if i is not None})
+    if not ids:
+        return {}
+    wanted = items.sparkSession.createDataFrame([(i,) for i in ids], f"{S.CATEGORY_ID} long")
+    named = (items.where(F.col(S.CATEGORY_NAME).isNotNull()).join(F.broadcast(wanted), S.CATEGORY_ID)
+             .groupBy(S.CATEGORY_ID).agg(F.min(S.CATEGORY_NAME).alias(S.CATEGORY_NAME)))
+    return {r[0]: r[1] for r in named.collect()}  # at most len(ids) rows

@@ -377,8 +377,9 @@ def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spar
     version = io.table_version(f"{wh}/actions")
     bad = _write(tmp_path, "bad.csv", "u,i,t\nx,2,3\n1,,5\n")
     with pytest.raises(ingest_job.NoActionsError, match=r"none of the 2 rows of .*bad.csv.*"
-                                                        r"'bad_user_id': 1, 'missing_item_id': 1"):
+                                                        r"'bad_user_id': 1, 'missing_item_id': 1") as e:
         ingest_job.run(load_config(None, [*cols, f"ingest.path={bad}"]), spark)
+    assert "string_ids" not in str(e.value)  # a missing item is not a text key
     assert io.table_version(f"{wh}/actions") == version and io.read_table(spark, f"{wh}/actions").count() == 2
     rejected = io.read_table(spark, f"{wh}/actions_rejected")  # the bad rows are kept, with their reasons
     assert sorted(r[S.REASON] for r in rejected.collect()) == [I.BAD_USER, I.MISSING_ITEM]
@@ -386,6 +387,11 @@ def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spar
     with pytest.raises(ingest_job.NoActionsError, match=r"empty.csv \(csv\) has no rows"):
         ingest_job.run(load_config(None, [*cols, f"ingest.path={empty}"]), spark)
     assert io.table_version(f"{wh}/actions") == version
+    # text categories (or ids) in every row: the error names the key that reads them
+    text = _write(tmp_path, "text.csv", "u,i,t,c\n1,2,3,Shoes\n1,4,5,Toys > Lego\n")
+    with pytest.raises(ingest_job.NoActionsError, match=r"'bad_category_id': 2\}.*unless ingest.string_ids=true"):
+        ingest_job.run(load_config(None, ["ingest.format=csv", f"warehouse={wh}", f"ingest.path={text}",
+                                          "ingest.columns={user_id: u, item_id: i, ts: t, category_id: c}"]), spark)
 
 
 def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_says_so(spark, tmp_path):
@@ -556,3 +562,12 @@ def test_seconds_from_finer_units_are_floored_exactly(spark):
         for v, w, r in zip(values, want, got):
             edge = min(v + 2**63, 2**63 - 1 - v) < n  # within a second of BIGINT's ends: null is documented
             assert r.s == w or (edge and r.s is None), (unit, v, w, r.s)
+
+
+def test_category_names_of_the_ids_asked_for(spark):
+    from ml.data.ingest import category_names
+
+    items = spark.createDataFrame([(1, -7, "Shoes"), (2, -7, "Shoes"), (3, 5, "Toys"), (4, 5, "toys"), (5, 9, None),
+                                   (6, None, None), (7, 11, "Books")], "item_id long, category_id long, category_name string")
+    assert category_names(items, [-7, 5, 9, None, 42]) == {-7: "Shoes", 5: "Toys"}  # the smallest of two names
+    assert category_names(items, []) == {}
