@@ -118,12 +118,16 @@ def _add_targets_column(spark, cfg: Config) -> None:
     path = cfg.table_path(S.T_METRICS)
     if not io.table_exists(path):
         return
-    old = io.read_table(spark, path, delta_mode=cfg.io.delta_mode)
+    version = io.table_version(path)
+    old = io.read_table(spark, path, version=version, delta_mode=cfg.io.delta_mode)
     if S.TARGETS in old.columns:
         return
     log.info("metrics: adding the targets column (null for the %s rows written before it)", path)
+    # a rewrite of every model's rows from this read: it fails, rather than replace another job's
+    # newer rows with this copy, if that job committed since
     io.write_table(spark, old.withColumn(S.TARGETS, F.lit(None).cast("string")).localCheckpoint(), path,
-                   mode="overwrite", partition_by=[S.MODEL], delta_mode=cfg.io.delta_mode, overwrite_schema=True)
+                   mode="overwrite", partition_by=[S.MODEL], delta_mode=cfg.io.delta_mode, overwrite_schema=True,
+                   base_version=version)
 
 
 def _model_lists(spark, sources: list, mode: str, model: str) -> list:

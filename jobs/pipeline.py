@@ -16,6 +16,7 @@ STAGE`` reruns from that stage on, ``--force`` reruns everything; evaluate alway
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -24,6 +25,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from typing import Optional, Sequence
 from urllib.parse import unquote, urlparse
 
@@ -239,10 +241,19 @@ def _record(cfg: Config, stage: str, fingerprint: Optional[dict]) -> None:
         return
     path = _state_file(cfg, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"fingerprint": fingerprint, "outputs": {o: _state(cfg, o) for o in outputs},
-                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    # a temporary file of this writer's own: two pipelines record a shared stage (the cooc lists: the
+    # cooc pipeline's and a learned model's baselines stage) at once, and one name for both made one
+    # writer's rename fail after the other's had taken the file
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": fingerprint, "outputs": {o: _state(cfg, o) for o in outputs},
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def compared_baselines(cfg: Config) -> list:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -44,16 +45,21 @@ from ml.data.delta_files import check_readable, data_files, table_root
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
-COMMIT_ATTEMPTS = 5  # delta-rs commits that met a concurrent commit are retried on the new version
+COMMIT_ATTEMPTS = 10  # delta-rs commits that lost a race with another job's are written again on the new version
 WRITE_ID_KEY = "spark_i2i.write_id"  # in each delta-rs commit's info: the data folder it committed
 PROCESS_KEY = "spark_i2i.process"  # in each commit's info (native: its userMetadata): the writing process
 PROCESS_ID = uuid.uuid4().hex  # this process's, so that a job can tell its own commits from another's
 
 WRITE_MODES = ("append", "overwrite")
+_JITTER = random.Random()  # the waits between commit attempts, apart from the seeded random state
 
 
 class TableNotFoundError(MissingInput):
     """No Delta table at the given path (or not at the requested version)."""
+
+
+class ConcurrentWriteError(InvalidInput):
+    """Another job committed to the table after the version this write's data was read from."""
 
 
 class SchemaMismatchError(InvalidInput):
@@ -287,13 +293,15 @@ def _check_schema(df_schema: StructType, table: StructType, path: str) -> None:
 def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "overwrite",
                 partition_by: Optional[Sequence[str]] = None,
                 replace_where: Optional[Mapping[str, object]] = None,
-                delta_mode: str = "auto", overwrite_schema: bool = False) -> int:
+                delta_mode: str = "auto", overwrite_schema: bool = False, base_version: Optional[int] = None) -> int:
     """Write ``df`` as a new version of the Delta table at ``path``; return that version.
 
     mode: ``append`` or ``overwrite``. ``replace_where`` (overwrite only) replaces just the rows of
     the given partition values (a list: any of them) (every column in it must be a partition column), leaving the rest
     of the table untouched. The first write creates the table. The schema must match an existing
-    table's unless ``overwrite_schema`` (full overwrite only).
+    table's unless ``overwrite_schema`` (full overwrite only). A write that lost a race with another
+    job's commit is made again on the new version, unless ``base_version`` (the version ``df`` was
+    read from) is given: then any commit after it fails the write with :class:`ConcurrentWriteError`.
     """
     if mode not in WRITE_MODES:
         raise ValueError(f"mode={mode!r}; expected one of {list(WRITE_MODES)}")
@@ -323,9 +331,13 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
             v is None or (isinstance(v, (list, tuple)) and None in v) for v in replace_where.values()):
         raise ValueError(f"replace_where={dict(replace_where)!r}: a null partition value needs the Delta jars "
                          "(io.delta_mode=native); delta-rs commits take no null partition filter")
-    if native:
+    if base_version is not None and (dt is None or dt.version() != base_version):
+        raise ConcurrentWriteError(f"{uri}: at version {dt.version() if dt else None}, this write read version "
+                                   f"{base_version}; not written, so another job's rows are not replaced by a "
+                                   "stale copy: run it again")
+    if native:  # (with the jars, a commit in the moment after the check above is Delta's to resolve)
         return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
-    return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema)
+    return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema, base_version)
 
 
 def _check_enforceable(dt: DeltaTable, uri: str) -> None:
@@ -406,9 +418,15 @@ def _sql_literal(v: object) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
+def _lost_race(e: Exception) -> bool:
+    """A delta-rs commit (retries off) that failed because another commit took its version."""
+    msg = str(e)
+    return bool(re.fullmatch(r"Failed to commit transaction: \d+", msg.strip())) or "concurrent" in msg.lower()
+
+
 def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                     replace_where: Optional[Mapping[str, object]], exists: bool,
-                    overwrite_schema: bool) -> int:
+                    overwrite_schema: bool, base_version: Optional[int] = None) -> int:
     write_id = f"data-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
     staging = f"{uri}/{write_id}"
     writer = df.write.mode("error")
@@ -421,42 +439,48 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         _remove_dir(staging)  # best effort; uncommitted files are invisible to readers anyway
         raise
     arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
-    # the commit carries its write id, by which its version is found afterwards (another job may have
-    # committed after it, so the table's latest version need not be this one)
-    props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID})
-    created = False
+    # The commit carries its write id and this process's id. delta-rs's own retries are off: a commit
+    # it retried after another job's moved onto the newer version without checking what that job
+    # wrote, so two first writes of one table, or of one new partition, both kept their rows (a
+    # doubled table). Here a lost race fails, and the loop below writes again on a fresh snapshot,
+    # which replaces what the other job committed where the write replaces anything.
+    props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID}, max_commit_retries=0)
+    version = None
     if not exists:
         from deltalake import Schema
 
         try:
             create_table_with_add_actions(uri, Schema.from_arrow(arrow_schema), adds, mode="error",
                                           partition_by=partition_by or None, commit_properties=props)
-            created = True
+            version = 0
         except Exception as e:  # noqa: BLE001 - delta-rs raises a plain error for an existing table
-            if "already exists" not in str(e):
+            if "already exists" not in str(e) and not _lost_race(e):
                 raise
             # another job created it since this one looked (two models' first runs at once): commit
             # into it as into any existing table
             log.warning("%s was created by another job meanwhile; committing into it", uri)
-    if not created:
+    if version is None:
         filters = [_rs_filter(c, v) for c, v in replace_where.items()] if replace_where else None
         for attempt in range(COMMIT_ATTEMPTS):
-            # A fresh snapshot each try: another job's commit since this one's (a second model replacing
-            # its own partition of i2i_topk) fails this commit; on the new version it is the same one.
-            dt = DeltaTable(uri)
+            # the snapshot the commit is made on: the latest, or the one the data was read from
+            dt = DeltaTable(uri) if base_version is None else DeltaTable(uri, version=base_version)
             try:
                 dt.create_write_transaction(adds, mode=mode, schema=arrow_schema, partition_by=partition_by or None,
                                             partition_filters=filters, commit_properties=props)
+                version = dt.version() + 1  # without retries, a commit is the snapshot's next version
                 break
             except CommitFailedError as e:
-                if attempt == COMMIT_ATTEMPTS - 1 or "concurrent" not in str(e).lower():
+                if not _lost_race(e):
                     raise  # not a conflict with another commit (an append-only table, say): no retry
-                log.warning("commit to %s met a concurrent commit (%s); retrying on the new version",
-                            uri, str(e).splitlines()[0])
-                time.sleep(0.5 * 2 ** attempt)
-    latest = DeltaTable(uri)
-    version = next((int(h["version"]) for h in latest.history(COMMIT_ATTEMPTS + 20)
-                    if h.get(WRITE_ID_KEY) == write_id), latest.version())
+                if base_version is not None:
+                    raise ConcurrentWriteError(
+                        f"{uri}: another job committed version {base_version + 1} after this write read version "
+                        f"{base_version}; not written, so that job's rows are not replaced by a stale copy: "
+                        "run it again") from e
+                if attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+                log.warning("commit to %s met another job's commit; writing again on the new version", uri)
+                time.sleep(min(0.2 * 2 ** attempt, 5.0) * (1 + _JITTER.random()))
     log.info("committed %d files to %s as version %d (%s)", len(adds), uri, version, mode)
     return version
 

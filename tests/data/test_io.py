@@ -142,6 +142,56 @@ def test_a_commit_that_meets_a_concurrent_one_is_retried_on_the_new_version(spar
     assert got == [(21, "natm"), (32, "dat")]
 
 
+def test_two_first_writes_of_one_partition_or_table_at_once_leave_one_writers_rows(spark, warehouse, monkeypatch):
+    # delta-rs retried a commit that lost the race onto the newer version without looking at it: the
+    # first writes of one new partition (two pipelines' cooc lists), or of one new table (two
+    # pipelines' first ingest), each kept both writers' rows
+    path = f"{warehouse}/first"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    original = DeltaTable.create_write_transaction
+    raced = []
+
+    def racing(self, *args, **kwargs):
+        if not raced:  # another job fills the same new partition after this snapshot was taken
+            raced.append(self.version())
+            write_deltalake(path, pa.table({"id": [40, 41], "model": ["cooc", "cooc"], "score": [1.0, 1.0]}),
+                            mode="overwrite", predicate="model = 'cooc'")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", racing)
+    version, n = io.replace_model_partition(spark, spark.createDataFrame([(50, "cooc", 2.0)], SCHEMA), path, "cooc",
+                                            "delta-rs")
+    assert raced == [0] and (version, n) == (2, 1)  # written again on version 1, replacing the other job's rows
+    assert sorted(DeltaTable(path).to_pyarrow_table().column("id").to_pylist()) == [1, 2, 3, 50]
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", original)
+
+    fresh = f"{warehouse}/fresh"
+    original_create = io.create_table_with_add_actions
+
+    def creating(*args, **kwargs):  # another job creates the table after this one saw none
+        write_deltalake(fresh, pa.table({"id": pa.array([7, 8], pa.int64()), "model": ["x", "x"],
+                                         "score": [0.0, 0.0]}))
+        return original_create(*args, **kwargs)
+
+    monkeypatch.setattr(io, "create_table_with_add_actions", creating)
+    assert io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), fresh, delta_mode="delta-rs") == 1
+    assert sorted(r.id for r in io.read_table(spark, fresh, delta_mode="delta-rs").collect()) == [1, 2, 3]
+
+
+def test_a_write_from_a_read_version_fails_when_another_job_committed_since(spark, warehouse):
+    # rewriting a whole table from a copy of it (evaluate adding the metrics' targets column) must not
+    # replace another job's newer rows with that copy
+    path = f"{warehouse}/based"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    copy = io.read_table(spark, path, version=0, delta_mode="delta-rs").localCheckpoint()
+    io.write_table(spark, spark.createDataFrame([(9, "natm", 9.0)], SCHEMA), path, mode="overwrite",
+                   partition_by=["model"], replace_where={"model": "natm"}, delta_mode="delta-rs")
+    with pytest.raises(io.ConcurrentWriteError, match=r"at version 1, this write read version 0; not written"):
+        io.write_table(spark, copy, path, partition_by=["model"], delta_mode="delta-rs", base_version=0)
+    assert io.table_version(path) == 1
+    assert io.write_table(spark, copy, path, partition_by=["model"], delta_mode="delta-rs", base_version=1) == 2
+
+
 def test_replace_where_with_a_list_replaces_those_partitions_in_one_commit(spark, warehouse):
     path = f"{warehouse}/rwl"
     rows = ROWS + [(4, "pop", 0.0)]

@@ -1,4 +1,5 @@
 """The main job end to end on tiny synthetic data: CLI, tables, rerun determinism."""
+import json
 import os
 import subprocess
 import sys
@@ -363,3 +364,21 @@ def test_a_key_added_at_its_default_leaves_the_stage_fingerprint_as_it_was(tmp_p
     assert _fingerprint(on, "ingest")["config"]["ingest"]["string_ids"] is True
     assert S.T_ID_KEYS in _stage_io(on, "ingest")[2]
     assert S.T_ID_KEYS not in _stage_io(load_config(None, base), "ingest")[2]
+
+
+def test_two_pipelines_recording_one_stage_at_once_both_succeed(tmp_path):
+    # the cooc pipeline and a learned model's baselines stage both record topk-cooc: one temporary
+    # file name for both made a rename fail ("No such file or directory: ...topk-cooc.json.tmp")
+    # after the stage's work was done, killing that pipeline
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={tmp_path / 'wh'}", "model=cooc"])
+
+    def record(_):
+        for _ in range(150):
+            pipeline._record(cfg, "topk", {"k": 1})
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(record, range(4)))  # raises what a thread raised
+    assert json.load(open(pipeline._state_file(cfg, "topk")))["fingerprint"] == {"k": 1}
+    assert os.listdir(os.path.dirname(pipeline._state_file(cfg, "topk"))) == ["topk-cooc.json"]  # no leftovers
