@@ -118,16 +118,22 @@ def _add_targets_column(spark, cfg: Config) -> None:
     path = cfg.table_path(S.T_METRICS)
     if not io.table_exists(path):
         return
-    version = io.table_version(path)
-    old = io.read_table(spark, path, version=version, delta_mode=cfg.io.delta_mode)
-    if S.TARGETS in old.columns:
-        return
-    log.info("metrics: adding the targets column (null for the %s rows written before it)", path)
-    # a rewrite of every model's rows from this read: it fails, rather than replace another job's
-    # newer rows with this copy, if that job committed since
-    io.write_table(spark, old.withColumn(S.TARGETS, F.lit(None).cast("string")).localCheckpoint(), path,
-                   mode="overwrite", partition_by=[S.MODEL], delta_mode=cfg.io.delta_mode, overwrite_schema=True,
-                   base_version=version)
+    for attempt in range(io.COMMIT_ATTEMPTS):
+        version = io.table_version(path)
+        old = io.read_table(spark, path, version=version, delta_mode=cfg.io.delta_mode)
+        if S.TARGETS in old.columns:  # (another evaluation may have added it meanwhile)
+            return
+        log.info("metrics: adding the targets column (null for the %s rows written before it)", path)
+        # a rewrite of every model's rows from this read: it fails, rather than replace another job's
+        # newer rows with this copy, if that job committed since; then read again
+        try:
+            io.write_table(spark, old.withColumn(S.TARGETS, F.lit(None).cast("string")).localCheckpoint(), path,
+                           mode="overwrite", partition_by=[S.MODEL], delta_mode=cfg.io.delta_mode,
+                           overwrite_schema=True, base_version=version)
+            return
+        except io.ConcurrentWriteError:
+            if attempt == io.COMMIT_ATTEMPTS - 1:
+                raise
 
 
 def _model_lists(spark, sources: list, mode: str, model: str) -> list:

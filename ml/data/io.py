@@ -45,7 +45,7 @@ from ml.data.delta_files import check_readable, data_files, table_root
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
-COMMIT_ATTEMPTS = 10  # delta-rs commits that lost a race with another job's are written again on the new version
+COMMIT_ATTEMPTS = 10  # a delta-rs commit that lost a race with another job's is made again (same files) on the new version
 WRITE_ID_KEY = "spark_i2i.write_id"  # in each delta-rs commit's info: the data folder it committed
 PROCESS_KEY = "spark_i2i.process"  # in each commit's info (native: its userMetadata): the writing process
 PROCESS_ID = uuid.uuid4().hex  # this process's, so that a job can tell its own commits from another's
@@ -316,17 +316,9 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
     uri = table_uri(path)
     exists = table_exists(path)
     dt = DeltaTable(uri) if exists else None
-    if dt is not None:
-        if not (overwrite_schema and mode == "overwrite" and not replace_where):
-            _check_schema(df.schema, _spark_schema(dt), uri)
-        existing_parts = list(dt.metadata().partition_columns)
-        if existing_parts != partition_by:  # also with overwrite_schema: delta-rs keeps the old partitioning
-            raise SchemaMismatchError(
-                f"table {uri} is partitioned by {existing_parts}, the write asks for {partition_by}; "
-                "partitioning cannot change in place: write a new table")
     native = use_native(spark, delta_mode)
-    if dt is not None and not native:
-        _check_enforceable(dt, uri)
+    if dt is not None:
+        _check_target(dt, df.schema, uri, mode, partition_by, replace_where, overwrite_schema, native)
     if replace_where and not native and any(
             v is None or (isinstance(v, (list, tuple)) and None in v) for v in replace_where.values()):
         raise ValueError(f"replace_where={dict(replace_where)!r}: a null partition value needs the Delta jars "
@@ -335,9 +327,27 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
         raise ConcurrentWriteError(f"{uri}: at version {dt.version() if dt else None}, this write read version "
                                    f"{base_version}; not written, so another job's rows are not replaced by a "
                                    "stale copy: run it again")
-    if native:  # (with the jars, a commit in the moment after the check above is Delta's to resolve)
+    if native:
+        # Delta checks conflicts from the version its own transaction starts at: a commit between the
+        # check above and that start goes unseen (a moment; the delta-rs path has no such gap)
         return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
     return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema, base_version)
+
+
+def _check_target(dt: DeltaTable, schema: StructType, uri: str, mode: str, partition_by: list,
+                  replace_where: Optional[Mapping[str, object]], overwrite_schema: bool, native: bool) -> None:
+    """Refuse a write the table at ``dt``'s version cannot take: other columns (unless a full
+    overwrite with ``overwrite_schema``), other partition columns, rules a delta-rs commit would not
+    enforce."""
+    if not (overwrite_schema and mode == "overwrite" and not replace_where):
+        _check_schema(schema, _spark_schema(dt), uri)
+    existing_parts = list(dt.metadata().partition_columns)
+    if existing_parts != partition_by:  # also with overwrite_schema: delta-rs keeps the old partitioning
+        raise SchemaMismatchError(
+            f"table {uri} is partitioned by {existing_parts}, the write asks for {partition_by}; "
+            "partitioning cannot change in place: write a new table")
+    if not native:
+        _check_enforceable(dt, uri)
 
 
 def _check_enforceable(dt: DeltaTable, uri: str) -> None:
@@ -401,7 +411,7 @@ def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_s
     from delta.tables import DeltaTable as SparkDeltaTable  # only importable with the jars present
 
     recent = SparkDeltaTable.forPath(spark, uri).history(COMMIT_ATTEMPTS + 20).select("version", "userMetadata")
-    return own_version([(r[0], r[1]) for r in recent.collect()], meta)  # at most 25 rows
+    return own_version([(r[0], r[1]) for r in recent.collect()], meta)  # at most COMMIT_ATTEMPTS + 20 rows
 
 
 def own_version(history: Sequence[Tuple[int, Optional[str]]], user_metadata: str) -> int:
@@ -419,14 +429,15 @@ def _sql_literal(v: object) -> str:
 
 
 def _lost_race(e: Exception) -> bool:
-    """A delta-rs commit (retries off) that failed because another commit took its version."""
-    msg = str(e)
-    return bool(re.fullmatch(r"Failed to commit transaction: \d+", msg.strip())) or "concurrent" in msg.lower()
+    """A delta-rs 1.6 commit with its retries off that failed because another commit took its version
+    (with retries off delta-rs runs no conflict check, so this is the only race error it gives)."""
+    return isinstance(e, CommitFailedError) and bool(re.fullmatch(r"Failed to commit transaction: \d+", str(e).strip()))
 
 
 def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                     replace_where: Optional[Mapping[str, object]], exists: bool,
                     overwrite_schema: bool, base_version: Optional[int] = None) -> int:
+    """Stage ``df``'s files with Spark, then commit them with delta-rs (see :func:`write_table`)."""
     write_id = f"data-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
     staging = f"{uri}/{write_id}"
     writer = df.write.mode("error")
@@ -454,7 +465,7 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                                           partition_by=partition_by or None, commit_properties=props)
             version = 0
         except Exception as e:  # noqa: BLE001 - delta-rs raises a plain error for an existing table
-            if "already exists" not in str(e) and not _lost_race(e):
+            if "table already exists" not in str(e) and not _lost_race(e):
                 raise
             # another job created it since this one looked (two models' first runs at once): commit
             # into it as into any existing table
@@ -462,8 +473,11 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
     if version is None:
         filters = [_rs_filter(c, v) for c, v in replace_where.items()] if replace_where else None
         for attempt in range(COMMIT_ATTEMPTS):
-            # the snapshot the commit is made on: the latest, or the one the data was read from
+            # the snapshot the commit is made on: the latest, or the one the data was read from; checked
+            # again, as the table may be another job's since write_table looked (created by it, or
+            # its schema overwritten)
             dt = DeltaTable(uri) if base_version is None else DeltaTable(uri, version=base_version)
+            _check_target(dt, df.schema, uri, mode, partition_by, replace_where, overwrite_schema, native=False)
             try:
                 dt.create_write_transaction(adds, mode=mode, schema=arrow_schema, partition_by=partition_by or None,
                                             partition_filters=filters, commit_properties=props)
@@ -478,7 +492,8 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                         f"{base_version}; not written, so that job's rows are not replaced by a stale copy: "
                         "run it again") from e
                 if attempt == COMMIT_ATTEMPTS - 1:
-                    raise
+                    raise ConcurrentWriteError(f"{uri}: every one of {COMMIT_ATTEMPTS} commits lost a race with "
+                                               "another job's commit; not written: run it again") from e
                 log.warning("commit to %s met another job's commit; writing again on the new version", uri)
                 time.sleep(min(0.2 * 2 ** attempt, 5.0) * (1 + _JITTER.random()))
     log.info("committed %d files to %s as version %d (%s)", len(adds), uri, version, mode)

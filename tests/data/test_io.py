@@ -6,6 +6,7 @@ import os
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
@@ -165,20 +166,42 @@ def test_two_first_writes_of_one_partition_or_table_at_once_leave_one_writers_ro
     assert sorted(DeltaTable(path).to_pyarrow_table().column("id").to_pylist()) == [1, 2, 3, 50]
     monkeypatch.setattr(DeltaTable, "create_write_transaction", original)
 
-    fresh = f"{warehouse}/fresh"
+    # another job creates the table after this one saw none: delta-rs says so ("already exists"), or,
+    # when both commit version 0 at once, fails the loser's commit
     original_create = io.create_table_with_add_actions
+    for how in ("already exists", "commit failed"):
+        fresh = f"{warehouse}/fresh-{how.replace(' ', '-')}"
 
-    def creating(*args, **kwargs):  # another job creates the table after this one saw none
-        write_deltalake(fresh, pa.table({"id": pa.array([7, 8], pa.int64()), "model": ["x", "x"],
-                                         "score": [0.0, 0.0]}))
-        return original_create(*args, **kwargs)
+        def creating(uri, *args, **kwargs):
+            write_deltalake(uri, pa.table({"id": pa.array([7, 8], pa.int64()), "model": ["x", "x"],
+                                           "score": [0.0, 0.0]}))
+            if how == "commit failed":
+                raise CommitFailedError("Failed to commit transaction: 0")
+            return original_create(uri, *args, **kwargs)
 
-    monkeypatch.setattr(io, "create_table_with_add_actions", creating)
-    assert io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), fresh, delta_mode="delta-rs") == 1
-    assert sorted(r.id for r in io.read_table(spark, fresh, delta_mode="delta-rs").collect()) == [1, 2, 3]
+        monkeypatch.setattr(io, "create_table_with_add_actions", creating)
+        assert io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), fresh, delta_mode="delta-rs") == 1
+        assert sorted(r.id for r in io.read_table(spark, fresh, delta_mode="delta-rs").collect()) == [1, 2, 3]
+
+    # a table the other job created with other columns is refused, as when it was there before
+    def creating_other(uri, *args, **kwargs):
+        write_deltalake(uri, pa.table({"id": pa.array([7], pa.int64()), "name": ["x"]}))
+        return original_create(uri, *args, **kwargs)
+
+    monkeypatch.setattr(io, "create_table_with_add_actions", creating_other)
+    with pytest.raises(io.SchemaMismatchError, match=r"missing columns \['name'\]"):
+        io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), f"{warehouse}/other", mode="append",
+                       delta_mode="delta-rs")
+    assert DeltaTable(f"{warehouse}/other").version() == 0  # nothing committed into it
 
 
-def test_a_write_from_a_read_version_fails_when_another_job_committed_since(spark, warehouse):
+def test_only_a_commit_that_lost_its_version_counts_as_a_lost_race():
+    assert io._lost_race(CommitFailedError("Failed to commit transaction: 3"))
+    assert not io._lost_race(CommitFailedError("Metadata changed since last commit."))
+    assert not io._lost_race(ValueError("Failed to commit transaction: 0"))  # not delta-rs's commit error
+
+
+def test_a_write_from_a_read_version_fails_when_another_job_committed_since(spark, warehouse, monkeypatch):
     # rewriting a whole table from a copy of it (evaluate adding the metrics' targets column) must not
     # replace another job's newer rows with that copy
     path = f"{warehouse}/based"
@@ -189,7 +212,20 @@ def test_a_write_from_a_read_version_fails_when_another_job_committed_since(spar
     with pytest.raises(io.ConcurrentWriteError, match=r"at version 1, this write read version 0; not written"):
         io.write_table(spark, copy, path, partition_by=["model"], delta_mode="delta-rs", base_version=0)
     assert io.table_version(path) == 1
-    assert io.write_table(spark, copy, path, partition_by=["model"], delta_mode="delta-rs", base_version=1) == 2
+    # the other job commits while this write's files are being committed: the commit fails too
+    original = DeltaTable.create_write_transaction
+
+    def racing(self, *args, **kwargs):
+        write_deltalake(path, pa.table({"id": [40], "model": ["dat"], "score": [4.0]}), mode="overwrite",
+                        predicate="model = 'dat'")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", racing)
+    with pytest.raises(io.ConcurrentWriteError, match=r"another job committed version 2 after this write read version 1"):
+        io.write_table(spark, copy, path, partition_by=["model"], delta_mode="delta-rs", base_version=1)
+    monkeypatch.setattr(DeltaTable, "create_write_transaction", original)
+    assert sorted(r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()) == [9, 40]
+    assert io.write_table(spark, copy, path, partition_by=["model"], delta_mode="delta-rs", base_version=2) == 3
 
 
 def test_replace_where_with_a_list_replaces_those_partitions_in_one_commit(spark, warehouse):

@@ -274,7 +274,8 @@ def test_empty_eval_targets_is_an_error_and_writes_nothing(spark, warehouse):
     assert io.table_version(cfg.table_path(S.T_METRICS)) == before
 
 
-def test_a_metrics_table_from_before_the_targets_column_gets_it(spark, warehouse):
+@pytest.mark.parametrize("raced", [False, True])
+def test_a_metrics_table_from_before_the_targets_column_gets_it(spark, warehouse, monkeypatch, raced):
     from jobs import evaluate
     from ml.config import load_config
 
@@ -289,11 +290,23 @@ def test_a_metrics_table_from_before_the_targets_column_gets_it(spark, warehouse
                                 "model string, metric string, k int, category_id bigint, value double, "
                                 "n_users bigint, run_ts timestamp").select(*old_schema)
     io.write_table(spark, old, cfg.table_path(S.T_METRICS), partition_by=[S.MODEL])
+    if raced:  # another evaluation adds the column, with its own cooc rows, as this one rewrites the table
+        write, other = io.write_table, []
+
+        def racing(*args, **kwargs):
+            if kwargs.get("base_version") is not None and not other:
+                other.append(1)
+                newer = old.withColumn(S.VALUE, F.lit(0.7)).withColumn(S.TARGETS, F.lit("other"))
+                write(spark, newer, cfg.table_path(S.T_METRICS), partition_by=[S.MODEL], overwrite_schema=True)
+            return write(*args, **kwargs)
+
+        monkeypatch.setattr(io, "write_table", racing)
     evaluate.run(cfg, spark, ["pop"])
     got = io.read_table(spark, cfg.table_path(S.T_METRICS))
     assert S.TARGETS in got.columns
-    by_model = {r.model: r.targets for r in got.where(F.col(S.K) == 1).collect()}
-    assert by_model["cooc"] is None and by_model["pop"].startswith("1:")
+    by_model = {r.model: (r.value, r.targets) for r in got.where(F.col(S.K) == 1).collect()}
+    # raced: the other job's rows stay; the stale copy read before them was not written over them
+    assert by_model["cooc"] == ((0.7, "other") if raced else (0.5, None)) and by_model["pop"][1].startswith("1:")
 
 
 def test_an_item_listed_twice_in_items_counts_its_targets_once(spark):
