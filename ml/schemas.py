@@ -152,8 +152,9 @@ METRICS_PAIRED = StructType([
     StructField(RUN_TS, TimestampType(), False),
 ])
 
-# ingest.string_ids: each user / item key of the source and the BIGINT id it was hashed to (empty when
-# the ids are integers). kind is "user" or "item"; two keys with one id (a hash collision) are both listed.
+# ingest.string_ids: each user / item / category key of the source and the BIGINT id it was hashed to
+# (empty when the ids are integers). kind is "user", "item" or "category"; two keys with one id (a hash
+# collision) are both listed.
 ID_KEYS = StructType([
     StructField("kind", StringType(), False),
     StructField("key", StringType(), False),
