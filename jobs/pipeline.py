@@ -336,8 +336,46 @@ def _baseline_stages(cfg: Config, base_cfgs: list) -> list:
     return [(b, sub) for b in base_cfgs for sub in subs]
 
 
+@contextlib.contextmanager
+def _stage_lock(cfg: Config, stage: str):
+    """Hold ``<state file>.lock`` while a stage is checked, run and recorded: a second pipeline on this
+    warehouse (another model's) waits for the first's ingest, graph, ... and then skips them, where
+    both used to run them and neither record them (the next run repeated them, training included).
+    An advisory lock the kernel drops when its process dies, so a killed run leaves none behind; no
+    lock where the file system takes none (nor under a URI warehouse, where no state is kept)."""
+    if is_uri(cfg.warehouse):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = _state_file(cfg, stage) + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("stage %s (%s): waiting for another pipeline on this warehouse to finish it (%s)",
+                         stage, cfg.model, path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some network mounts): run unlocked
+            log.warning("stage %s (%s): no lock on %s (%s); a concurrent pipeline may run it too", stage, cfg.model,
+                        path, e)
+        yield  # closing the file releases the lock
+
+
 def _run_stage(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Optional[dict]:
     """Run one stage for ``cfg.model`` and record its state; None when it is up to date (skipped)."""
+    if stage == "evaluate":  # not recorded, and two evaluations at once each commit their own rows
+        return _run_stage_unlocked(cfg, stage, spark, forced, **kwargs)
+    with _stage_lock(cfg, stage):
+        return _run_stage_unlocked(cfg, stage, spark, forced, **kwargs)
+
+
+def _run_stage_unlocked(cfg: Config, stage: str, spark, forced: bool, **kwargs) -> Optional[dict]:
     t = time.time()
     if stage != "evaluate" and not forced and _up_to_date(cfg, stage):
         log.info("stage %s (%s): inputs, config and outputs unchanged - skipped", stage, cfg.model)

@@ -382,3 +382,39 @@ def test_two_pipelines_recording_one_stage_at_once_both_succeed(tmp_path):
         list(pool.map(record, range(4)))  # raises what a thread raised
     assert json.load(open(pipeline._state_file(cfg, "topk")))["fingerprint"] == {"k": 1}
     assert os.listdir(os.path.dirname(pipeline._state_file(cfg, "topk"))) == ["topk-cooc.json"]  # no leftovers
+
+
+def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, monkeypatch):
+    # two pipelines (two models) started together on a fresh warehouse both ran ingest, graph, ...,
+    # and neither recorded the stages the other wrote last: the next run redid everything
+    import threading
+
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={tmp_path / 'wh'}"])
+    recorded, runs, started = [], [], threading.Event()
+
+    def graph_job(cfg, spark, **kwargs):
+        runs.append(threading.current_thread().name)
+        started.set()
+        threading.Event().wait(0.5)  # the first pipeline's graph takes a while
+        return {"edges": 1}
+
+    monkeypatch.setattr(pipeline.graph, "run", graph_job)
+    monkeypatch.setattr(pipeline, "_fingerprint", lambda cfg, stage: {"stage": stage})
+    monkeypatch.setattr(pipeline, "_record", lambda cfg, stage, fp: recorded.append(stage))
+    monkeypatch.setattr(pipeline, "_up_to_date", lambda cfg, stage: stage in recorded)
+    results = {}
+
+    def one(name):
+        results[name] = pipeline._run_stage(cfg, "graph", None, forced=False)
+
+    first = threading.Thread(target=one, args=("first",), name="first")
+    first.start()
+    started.wait(10)
+    second = threading.Thread(target=one, args=("second",), name="second")
+    second.start()
+    first.join(10), second.join(10)
+    assert runs == ["first"] and results == {"first": {"edges": 1}, "second": None}  # waited, then skipped
+    assert os.path.exists(pipeline._state_file(cfg, "graph") + ".lock")
+    # a URI warehouse keeps no state and takes no lock
+    with pipeline._stage_lock(load_config(None, ["warehouse=s3a://bucket/wh"]), "graph"):
+        pass
