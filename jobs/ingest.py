@@ -12,7 +12,7 @@ from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
 from ml import schemas as S
-from ml.config import Config
+from ml.config import MAPPED_FORMATS, Config
 from ml.data import io
 from ml.data.formats import read_source
 from ml.data.ingest import (BAD_CATEGORY, BAD_ITEM, BAD_TS, BAD_USER, good_actions, id_collisions, id_keys,
@@ -101,7 +101,7 @@ def _no_actions(spark, cfg: Config, validated) -> None:
 def _ts_hint(cfg: Config, reasons: dict) -> str:
     """Where every row's ts is unreadable, the keys that say how ts is read are the likely cause."""
     ic = cfg.ingest
-    if set(reasons) != {BAD_TS} or ic.format not in ("csv", "delta", "parquet"):  # the others fix the unit
+    if set(reasons) != {BAD_TS} or ic.format not in MAPPED_FORMATS:  # the others fix the unit
         return ""
     how = f"ingest.ts_unit={ic.ts_unit}" + (f", ingest.ts_format={ic.ts_format!r}" if ic.ts_unit == "string" else "")
     return f"; no ts could be read: check ingest.ts_unit / ingest.ts_format ({how})"
@@ -110,7 +110,7 @@ def _ts_hint(cfg: Config, reasons: dict) -> str:
 def _key_hint(cfg: Config, reasons: dict) -> str:
     """Where every row's ids or categories are text, ``ingest.string_ids`` is the likely way out."""
     text_keys = {BAD_USER, BAD_ITEM, BAD_CATEGORY}
-    if cfg.ingest.string_ids or not set(reasons) <= text_keys or cfg.ingest.format not in ("csv", "delta", "parquet"):
+    if cfg.ingest.string_ids or not set(reasons) <= text_keys or cfg.ingest.format not in MAPPED_FORMATS:
         return ""
     return ("; ids and categories must be integers unless ingest.string_ids=true (user_id, item_id and "
             "category_id are then text keys, hashed to BIGINT ids)")

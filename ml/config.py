@@ -105,6 +105,8 @@ class GenerateConfig:
 
 
 INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
+# the formats whose columns, id types and ts unit are the source's own (the others fix them)
+MAPPED_FORMATS = ("csv", "parquet", "delta")
 CANONICAL_FIELDS = ("user_id", "item_id", "ts", "behavior", "category_id")
 # "name type" in ingest.csv_schema is a schema string's habit, not a column name
 _SPARK_TYPE_NAMES = {"string", "long", "bigint", "int", "integer", "short", "smallint", "byte", "tinyint", "double",
@@ -152,10 +154,10 @@ class IngestConfig:
             if k not in CANONICAL_FIELDS:  # the key is ours, the value the source's column
                 raise ConfigError(f"ingest.columns.{k}={v!r}: {k!r} is not a field; expected one of "
                                   f"{list(CANONICAL_FIELDS)} (each mapped to a column of the source)")
-        if self.columns and self.format in ("ml1m", "sasrec", "taobao"):
+        if self.columns and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
-        if self.string_ids and self.format not in ("csv", "parquet", "delta"):
+        if self.string_ids and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.string_ids=true is for csv, parquet and delta sources; ingest.format="
                               f"{self.format!r} has integer ids")
         if self.format in ("csv", "parquet") and not self.path:
