@@ -418,3 +418,31 @@ def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, 
     # a URI warehouse keeps no state and takes no lock
     with pipeline._stage_lock(load_config(None, ["warehouse=s3a://bucket/wh"]), "graph"):
         pass
+
+
+def test_a_killed_pipelines_stage_lock_does_not_hold_up_the_next(tmp_path):
+    # the lock is the kernel's: a pipeline killed inside a stage leaves a lock file but no lock
+    import fcntl
+    import signal
+
+    wh = tmp_path / "wh"
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={wh}"])
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+from jobs import pipeline
+from ml.config import load_config
+cfg = load_config({str(ROOT / 'conf' / 'synthetic.yaml')!r}, ["warehouse={wh}"])
+with pipeline._stage_lock(cfg, "graph"):
+    print("held", flush=True)
+    import time; time.sleep(600)
+"""], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = pipeline._state_file(cfg, "graph") + ".lock"
+        with open(lock) as f:  # held by the other process
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    with open(lock) as f:  # free at once: a stale lock would make the next pipeline wait forever
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
