@@ -77,10 +77,10 @@ def run(cfg: Config, spark=None) -> dict:
         del blob
         spark.sparkContext.addFile(user_side)
     spark.sparkContext.addFile(shipped)
-    # The items of the training data only (noise_q: every item of the training sequences). A catalogue
-    # item no training sequence holds is in the model's vocabulary (for its category) but its id
-    # vectors never met a positive: they are their random initial values, and in the index they took
-    # top-K places from trained items. It gets no vector until it has interactions.
+    # The items of the training data only (noise_q: every item of the training sequences, the model's
+    # vocabulary). A catalogue item no training sequence holds has no id row: nothing could have been
+    # learned about it, and random vectors in the index would take top-K places from trained items. It
+    # gets a vector once it has interactions (and the model is retrained).
     items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)
     emb = items.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)

@@ -67,7 +67,7 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
 
 def build_dat(cfg: Config) -> tuple[DAT, Vocab, Vocab]:
     two_tower = cfg.model == "two_tower"
-    items = load_vocab(cfg.table_path("noise_q"), cfg.table_path("items"))
+    items = load_vocab(cfg.table_path("noise_q"))
     user_ids = read_columns(cfg.table_path("sequences"), ["user_id"]).column("user_id").to_numpy()
     users = build_vocab(user_ids)
     cats, n_cats = load_categories(cfg.table_path("items"), items)

@@ -70,7 +70,7 @@ def natm_config(cfg: Config, num_items: int, num_categories: int) -> NATMConfig:
 
 def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     """Vocabulary, neighbour table and the model, from the warehouse's tables."""
-    vocab = load_vocab(cfg.table_path("noise_q"), cfg.table_path("items"))
+    vocab = load_vocab(cfg.table_path("noise_q"))
     cats, n_cats = load_categories(cfg.table_path("items"), vocab) if cfg.natm.use_categories else (None, 0)
     item, nbr, weight, rank = load_graph(cfg.table_path("item_graph"), vocab)
     table = build_neighbor_table(vocab.size, item, nbr, weight, rank, cfg.natm.num_neighbors,

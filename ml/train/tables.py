@@ -116,12 +116,13 @@ def build_vocab(*id_arrays: np.ndarray) -> Vocab:
     return Vocab(torch.from_numpy(ids))
 
 
-def load_vocab(noise_q_path: str, items_path: Optional[str] = None) -> Vocab:
-    """Training items (``noise_q``) plus the catalogue (``items``) when it exists."""
-    arrays = [read_columns(noise_q_path, ["item_id"]).column("item_id").to_numpy()]
-    if items_path and DeltaTable.is_deltatable(items_path):
-        arrays.append(read_columns(items_path, ["item_id"]).column("item_id").to_numpy())
-    return build_vocab(*arrays)
+def load_vocab(noise_q_path: str) -> Vocab:
+    """The training items (``noise_q``: every item of the training sequences), exactly what
+    ``samples.max_items`` checked. Catalogue items without a training action (``items`` rows of
+    held-out targets, of behaviours or users the sequences leave out) get no id row: nothing would
+    train it, the embed job gives vectors to the training items only, and at 10⁸ catalogue items
+    those rows alone would be gigabytes in every rank and executor."""
+    return build_vocab(read_columns(noise_q_path, ["item_id"]).column("item_id").to_numpy())
 
 
 def load_graph(graph_path: str, vocab: Vocab):

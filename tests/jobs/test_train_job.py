@@ -63,6 +63,13 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     assert res["steps"] == 8
     mdir = train.model_dir(natm)
     model, vocab, extra = load_artifact(os.path.join(mdir, "model.pt"))
+    # the id tables hold the training items (what samples.max_items checked), not catalogue items
+    # nothing trains (here the held-out targets' items seen nowhere else)
+    from ml.train.tables import read_columns
+
+    trained = sorted(read_columns(natm.table_path("noise_q"), ["item_id"]).column("item_id").to_pylist())
+    catalogue = set(read_columns(natm.table_path("items"), ["item_id"]).column("item_id").to_pylist())
+    assert vocab.ids.tolist() == trained and catalogue - set(trained), (len(trained), len(catalogue))
     vecs, _ = embed_items(model, torch.arange(1, vocab.size + 1))
     assert vecs.shape == (vocab.size, 16) and torch.isfinite(vecs).all()
     lines = [json.loads(l) for l in open(os.path.join(mdir, "train_metrics.jsonl"))]
@@ -150,7 +157,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
 
     n_trained = io.read_table(spark, more.table_path("noise_q")).count()
     emb = embed.run(more, spark)
-    assert emb["items"] == n_trained < vocab.size  # the catalogue's untrained items: none
+    assert emb["items"] == n_trained == vocab.size  # the training items, each with its vector
     # run_id names the training run (run.json's, the tag of that run's records in the metrics file) and
     # the step of the published weights (the reseeded run's 9): a run resumed to more steps is other weights
     mdir = train.model_dir(more)
