@@ -171,17 +171,25 @@ def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: str) -
     other targets are named."""
     import os
 
-    from ml.eval.report import read_loss_curve, write_report
+    from ml.eval.report import HITS, MAX_CATEGORIES, category_k, read_loss_curve, write_report
 
     mode = cfg.io.delta_mode
     metrics = io.read_table(spark, cfg.table_path(S.T_METRICS), delta_mode=mode)
-    all_rows = [r.asDict() for r in metrics.collect()]  # models x metrics x categories: small
+    # to the driver: the overall rows (models x metrics x K) and, of the per-category rows (x categories:
+    # 10⁵ hashed category keys are millions of rows), those the plot shows: its K, the categories with
+    # the most eval users
+    cat = F.col(S.CATEGORY_ID)
+    plotted = metrics.where(cat.isNotNull() & (F.col(S.K) == category_k(cfg.eval.ks)) & F.col(S.METRIC).isin(*HITS))
+    top = (plotted.groupBy(S.CATEGORY_ID).agg(F.max(S.N_USERS).alias("users"))
+           .orderBy(F.desc("users"), S.CATEGORY_ID).limit(MAX_CATEGORIES).select(S.CATEGORY_ID))
+    all_rows = [r.asDict() for r in metrics.where(cat.isNull()).unionByName(plotted.join(top, S.CATEGORY_ID))
+                .collect()]
     overall = [r for r in all_rows if r[S.CATEGORY_ID] is None]
     names = None
     if io.table_exists(cfg.table_path(S.T_ITEMS)):
-        # the names of the categories the metrics have rows for (the plot shows some of them)
+        # the names of the categories the plot shows
         names = category_names(io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode),
-                               {r[S.CATEGORY_ID] for r in all_rows})
+                               {r[S.CATEGORY_ID] for r in all_rows if r[S.CATEGORY_ID] is not None})
     models = sorted({r[S.MODEL] for r in all_rows})
     curves = {m: read_loss_curve(cfg.table_path(os.path.join("models", m, "train_metrics.jsonl"))) for m in models}
     paired, paired_text = [], ""

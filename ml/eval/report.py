@@ -36,14 +36,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-_HITS = ("pre", "u2i_hr")  # Pre@K of i2i lists, HR@K of u2i lists (the same targets)
+HITS = ("pre", "u2i_hr")  # Pre@K of i2i lists, HR@K of u2i lists (the same targets)
+MAX_CATEGORIES = 25  # the per-category plot: the categories with the most eval users
+
+
+def category_k(ks: Sequence[int]) -> int:
+    """The K of the per-category plot: Pre@50 where it is reported, else the largest K."""
+    return 50 if 50 in ks else max(ks)
 
 
 def _series(rows: Sequence[dict]) -> Dict[str, List[dict]]:
     """Hit-rate rows (i2i and u2i) by the name the text table shows them under ("dat", "dat u2i")."""
     out: Dict[str, List[dict]] = {}
     for r in rows:
-        if r["metric"] in _HITS:
+        if r["metric"] in HITS:
             out.setdefault(display_name(r["model"], r["metric"], r["k"])[0], []).append(r)
     return out
 
@@ -62,7 +68,7 @@ def plot_pre_at_k(rows: Sequence[dict]) -> bytes:
 
 
 def plot_per_category(rows: Sequence[dict], k: int, names: Optional[Dict[int, str]] = None,
-                      max_categories: int = 25) -> Optional[bytes]:
+                      max_categories: int = MAX_CATEGORIES) -> Optional[bytes]:
     by_name = {name: [r for r in series if r["category_id"] is not None and r["k"] == k]
                for name, series in _series(rows).items()}
     by_name = {name: series for name, series in by_name.items() if series}
@@ -159,7 +165,7 @@ def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_te
         fallback = tempfile.mkdtemp(prefix="spark-i2i-report-")
         log.warning("report: %s; written to %s instead", e, fallback)
         out_dir = fallback
-    k_cat = 50 if 50 in ks else max(ks)
+    k_cat = category_k(ks)
     figures = [("pre_at_k.png", "Pre@K by model", plot_pre_at_k(rows)),
                ("per_category.png", f"Pre@{k_cat} by target category", plot_per_category(rows, k_cat, category_names)),
                ("training_loss.png", "Training loss", plot_losses(loss_curves or {}))]

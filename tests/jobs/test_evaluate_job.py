@@ -68,3 +68,36 @@ def test_a_produced_models_earlier_comparisons_go_and_a_bystanders_stay(spark, c
     # dat produced by this run, which compares it with nothing: the earlier comparison is not this run's
     evaluate.run(cfg, spark, ["dat"], compare_to=[], primary=["dat"])
     assert _paired(spark, cfg) == {}
+
+
+def test_the_report_takes_to_the_driver_only_the_rows_it_shows(spark, cfg, monkeypatch):
+    """Per-category metric rows grow with the categories (10⁵ hashed keys are millions of rows): the
+    report collects the overall rows and the per-category rows of the plot (its K, Pre@K/HR@K, the 25
+    categories with the most eval users), and looks up those categories' names only."""
+    import datetime
+
+    from ml.eval import report
+
+    evaluate.run(cfg, spark, ["dat"])
+    ts = datetime.datetime(2026, 1, 1)
+    # 40 more categories, each with rows at both Ks and an MRR row; category c has c eval users
+    extra = [("dat", m, k, c, 0.5, c, ts, None) for c in range(100, 140)
+             for m, k in (("pre", 1), ("pre", 2), ("mrr", None))]
+    io.write_table(spark, spark.createDataFrame(extra, S.METRICS), cfg.table_path(S.T_METRICS), mode="append",
+                   partition_by=[S.MODEL])
+    seen = {}
+
+    def capture(out_dir, rows, ks, table_text, curves, names, **kw):
+        seen.update(rows=rows, names=names)
+        return "report.html"
+
+    monkeypatch.setattr(report, "write_report", capture)
+    names = []
+    monkeypatch.setattr(evaluate, "category_names", lambda items, ids: names.append(set(ids)) or {})
+    evaluate.write_evaluation_report(cfg, spark, 3, "")
+    cats = {r[S.CATEGORY_ID] for r in seen["rows"] if r[S.CATEGORY_ID] is not None}
+    assert cats == set(range(115, 140))  # the 25 largest; the fixture's 1-user categories are not among them
+    assert {(r[S.METRIC], r[S.K]) for r in seen["rows"] if r[S.CATEGORY_ID] is not None} == {("pre", 2)}
+    overall = io.read_table(spark, cfg.table_path(S.T_METRICS)).where(F.col(S.CATEGORY_ID).isNull()).count()
+    assert sum(r[S.CATEGORY_ID] is None for r in seen["rows"]) == overall > 0
+    assert names == [cats]
