@@ -187,6 +187,49 @@ def test_cooc_baseline_graph_first_then_popularity_fill(spark):
     assert one[0].neighbor_id == 2 and one[0].score == 3.0  # 1 -> 2 three times
 
 
+def _cooc_by_sorting(seqs, catalogue, counts, cfg):
+    """The cooc lists as a per-item sort of graph and fill-in candidates would rank them (the plan the
+    baseline had): the reference the computed fill-in ranks must equal."""
+    from pyspark.sql import Window
+
+    from ml.data.baselines import most_popular
+    from ml.data.graph import cooccurrence_edges, top_n_neighbours
+
+    k = cfg.k
+    graph = top_n_neighbours(cooccurrence_edges(seqs, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count,
+                                                cfg.per_user), k)
+    cands = graph.select(S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.WEIGHT).alias(S.SCORE), F.lit(0).alias("prio"),
+                         F.col(S.RANK).alias("order")).unionByName(
+        catalogue.select(S.ITEM_ID).distinct().crossJoin(most_popular(counts, 2 * k + 1)).select(
+            S.ITEM_ID, S.NEIGHBOR_ID, (-F.col("pop_rank")).cast("double").alias(S.SCORE), F.lit(1).alias("prio"),
+            F.col("pop_rank").alias("order")))
+    cands = cands.withColumn("_r", F.row_number().over(
+        Window.partitionBy(S.ITEM_ID, S.NEIGHBOR_ID).orderBy("prio"))).where("_r = 1")
+    order = Window.partitionBy(S.ITEM_ID).orderBy("prio", F.desc(S.SCORE), "order", S.NEIGHBOR_ID)
+    ranked = cands.where(F.col(S.ITEM_ID) != F.col(S.NEIGHBOR_ID)).withColumn(S.RANK, F.row_number().over(order))
+    return {(r[0], r[1], r[2], r[3]) for r in ranked.where(F.col(S.RANK) <= k)
+            .select(S.ITEM_ID, S.NEIGHBOR_ID, S.SCORE, S.RANK).collect()}
+
+
+@pytest.mark.parametrize("k,window,symmetric", [(2, 1, False), (5, 2, True), (12, 3, False)])
+def test_cooc_fill_in_ranks_are_computed_as_a_per_item_sort_would_rank_them(spark, k, window, symmetric):
+    import random
+
+    rnd = random.Random(k)
+    # a Zipf-ish log: popular items in many lists (skipped by their fill-ins), items with a short list,
+    # items only in the catalogue (all fill-in), ties of popularity
+    seqs = _seqs(spark, [(u, [min(int(rnd.paretovariate(1.2)), 40) for _ in range(rnd.randint(1, 8))])
+                         for u in range(60)])
+    counts = item_counts(seqs)
+    catalogue = counts.select(S.ITEM_ID).union(spark.createDataFrame([(900,), (901,)], "item_id long"))
+    cfg = BaselineConfig(k=k, window=window, symmetric=symmetric)
+    got = cooccurrence_topk(seqs, catalogue, counts, cfg)
+    _contract(got, k)
+    assert {(r[0], r[1], r[2], r[3]) for r in got.select(S.ITEM_ID, S.NEIGHBOR_ID, S.SCORE, S.RANK).collect()} == \
+        _cooc_by_sorting(seqs, catalogue, counts, cfg)
+    assert "Window" not in got._jdf.queryExecution().executedPlan().toString()  # no per-item sort
+
+
 def test_cooc_baseline_ranks_equal_weights_as_the_graph_does(spark):
     # with 1/d decay, 9 -> 3 once at distance 1 and 9 -> 8 twice at distance 2 both weigh 1.0: the
     # graph ranks the larger count first (8, then 3); the cooc list re-ranked its top-k by id (3, 8)
