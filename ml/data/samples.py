@@ -197,6 +197,7 @@ def _cap_limit(sizes: list, cap: float) -> float:
     none holds more than ``cap`` of the positives (water-filling; bisection on a concave function)."""
     if not sizes:
         return 1.0
+    sizes = sorted(sizes)  # the float sums below must not depend on the order the rows arrived in
     if cap * len(sizes) <= 1.0:  # the cap cannot hold for every category: equalise them
         return float(min(sizes))
     lo, hi = 0.0, float(max(sizes))

@@ -107,6 +107,14 @@ def test_cap_limit_water_filling():
     assert L == pytest.approx(0.3 * (L + 300))  # after capping, the big category holds exactly 30%
     assert _cap_limit([10, 10], 0.9) == 10  # nothing to cap
     assert _cap_limit([50, 5, 5], 0.2) == 5  # 0.2 x 3 categories < 1: equalise
+    # the categories' sizes arrive from Spark in no fixed order: the limit (a float) must not depend on it
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(50):
+        sizes = [rnd.randint(1, 10**6) for _ in range(rnd.randint(3, 200))]
+        limits = {_cap_limit(rnd.sample(sizes, len(sizes)), 0.1) for _ in range(5)}
+        assert len(limits) == 1, limits
 
 
 def _items(spark, n_items, cat):
