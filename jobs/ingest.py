@@ -15,8 +15,9 @@ from ml import schemas as S
 from ml.config import MAPPED_FORMATS, Config
 from ml.data import io
 from ml.data.formats import read_source
-from ml.data.ingest import (BAD_CATEGORY, BAD_ITEM, BAD_TS, BAD_USER, good_actions, id_collisions, id_keys,
-                            items_from_actions, rejected_actions, validate_actions)
+from ml.data.ingest import (BAD_BEHAVIOR, BAD_CATEGORY, BAD_ITEM, BAD_TS, BAD_USER, MISSING_BEHAVIOR,
+                            TS_OUT_OF_RANGE, good_actions, id_collisions, id_keys, items_from_actions,
+                            rejected_actions, validate_actions)
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
 
@@ -95,7 +96,7 @@ def _no_actions(spark, cfg: Config, validated) -> None:
         f"ingest: none of the {sum(reasons.values()):,} rows of {src} ({cfg.ingest.format}) is a valid action "
         f"(rejected: {dict(sorted(reasons.items()))}; the rows and reasons are in "
         f"{cfg.table_path(S.T_ACTIONS_REJECTED)}); actions left at its previous version{_ts_hint(cfg, reasons)}"
-        f"{_key_hint(cfg, reasons)}")
+        f"{_key_hint(cfg, reasons)}{_filter_hint(cfg, reasons)}")
 
 
 def _ts_hint(cfg: Config, reasons: dict) -> str:
@@ -114,6 +115,19 @@ def _key_hint(cfg: Config, reasons: dict) -> str:
         return ""
     return ("; ids and categories must be integers unless ingest.string_ids=true (user_id, item_id and "
             "category_id are then text keys, hashed to BIGINT ids)")
+
+
+def _filter_hint(cfg: Config, reasons: dict) -> str:
+    """Where every row fell to a filter of the config, the filter's key and value."""
+    ic = cfg.ingest
+    if set(reasons) <= {BAD_BEHAVIOR, MISSING_BEHAVIOR}:
+        return (f"; every row's behaviour is missing or not in ingest.behaviors={ic.behaviors} (set the values "
+                f"your log uses, or ingest.behaviors=null to accept any; a behaviour column under another name "
+                f"is mapped with ingest.columns)")
+    if set(reasons) == {TS_OUT_OF_RANGE}:
+        return (f"; every ts is outside ingest.min_ts={ic.min_ts} .. ingest.max_ts={ic.max_ts} (seconds since the "
+                f"epoch, after ingest.ts_unit={ic.ts_unit} is applied)")
+    return ""
 
 
 @command

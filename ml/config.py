@@ -107,6 +107,7 @@ class GenerateConfig:
 INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
 # the formats whose columns, id types and ts unit are the source's own (the others fix them)
 MAPPED_FORMATS = ("csv", "parquet", "delta")
+MAX_TS_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 CANONICAL_FIELDS = ("user_id", "item_id", "ts", "behavior", "category_id")
 # "name type" in ingest.csv_schema is a schema string's habit, not a column name
 _SPARK_TYPE_NAMES = {"string", "long", "bigint", "int", "integer", "short", "smallint", "byte", "tinyint", "double",
@@ -165,6 +166,12 @@ class IngestConfig:
         if not self.csv_sep:  # Spark's own error ("Delimiter cannot be empty") names no key, after Spark starts
             raise ConfigError(f"ingest.csv_sep={self.csv_sep!r} must not be empty; e.g. --set 'ingest.csv_sep=;' "
                               "(a tab: --set 'ingest.csv_sep=\\t')")
+        for key, value in (("min_ts", self.min_ts), ("max_ts", self.max_ts)):
+            # ts is stored in seconds whatever ingest.ts_unit reads: a window in ms or µs holds no row
+            if value is not None and not -MAX_TS_SECONDS <= value <= MAX_TS_SECONDS:
+                raise ConfigError(f"ingest.{key}={value} is not a time in seconds since the epoch (|{key}| <= "
+                                  f"{MAX_TS_SECONDS}, the end of year 9999); the window is in seconds whatever "
+                                  f"ingest.ts_unit reads, e.g. {value // 1000} for a value in milliseconds")
         if self.min_ts is not None and self.max_ts is not None and self.min_ts > self.max_ts:
             # every row would be rejected, and only after a full scan of the source
             raise ConfigError(f"ingest.min_ts={self.min_ts} must be <= ingest.max_ts={self.max_ts} (rows outside "

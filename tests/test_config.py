@@ -50,6 +50,8 @@ def test_bad_choice_names_key_and_allowed_values():
     ("spark.conf=3", "spark.conf=3 must be a mapping"),
     ("natm.dropout=2", r"natm.dropout=2 must be in \[0, 1\)"),
     ("samples.max_items=0", "samples.max_items=0 must be a number > 0"),
+    ("ingest.min_ts=1600000000000", r"ingest.min_ts=1600000000000 is not a time in seconds .* e.g. 1600000000 "),
+    ("ingest.max_ts=-253402300800", r"ingest.max_ts=-253402300800 is not a time in seconds"),
     ("sequences.max_length=-1", "sequences.max_length=-1 must be a number > 0"),
     ("train.lr=nan", "train.lr=nan must be a finite number"),
     ("eval.compare_to=cooc", r"eval.compare_to='cooc' must be a list, e.g. --set 'eval.compare_to=\[cooc\]'"),

@@ -392,6 +392,17 @@ def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spar
     with pytest.raises(ingest_job.NoActionsError, match=r"'bad_category_id': 2\}.*unless ingest.string_ids=true"):
         ingest_job.run(load_config(None, ["ingest.format=csv", f"warehouse={wh}", f"ingest.path={text}",
                                           "ingest.columns={user_id: u, item_id: i, ts: t, category_id: c}"]), spark)
+    # every row outside a filter of the config: the error names the filter's key and value
+    clicks = _write(tmp_path, "clicks.csv", "u,i,t,b\n1,2,3,click\n1,4,5,click\n")
+    with pytest.raises(ingest_job.NoActionsError, match=r"'unknown_behavior': 2\}.*not in ingest.behaviors=\['pv', "
+                                                        r"'buy'\].*ingest.behaviors=null"):
+        ingest_job.run(load_config(None, [*cols[:1], f"warehouse={wh}", f"ingest.path={clicks}",
+                                          "ingest.columns={user_id: u, item_id: i, ts: t, behavior: b}",
+                                          "ingest.behaviors=[pv, buy]"]), spark)
+    with pytest.raises(ingest_job.NoActionsError, match=r"'ts_out_of_range': 2\}.*outside ingest.min_ts=1000 \.\. "
+                                                        r"ingest.max_ts=None \(seconds"):
+        ingest_job.run(load_config(None, [*cols, f"ingest.path={good}", "ingest.min_ts=1000"]), spark)
+    assert io.table_version(f"{wh}/actions") == version
 
 
 def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_says_so(spark, tmp_path):
