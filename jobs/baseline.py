@@ -14,6 +14,7 @@ from ml.data import io
 from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import cap_sequences, item_counts
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse, print_tables
 
@@ -46,6 +47,9 @@ def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
         # edges NATM's graph never sees
         topk = cooccurrence_topk(cap_sequences(seqs, cfg.graph.max_user_length), cat, counts, cfg.baseline)
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), model, mode)
+    if not n:  # before: the next stage said "run jobs.baseline first", of the stage that had just run
+        raise InvalidInput(f"i2i_topk[{model}]: no item has a list: the training sequences hold "
+                           f"{counts.count():,} item(s), and a list never holds its own item")
     counts.unpersist()
     log.info("i2i_topk[%s]: %d rows (k=%d), version %d", model, n, cfg.baseline.k, version)
     return {"model": model, "rows": n, "version": version}

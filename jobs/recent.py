@@ -40,7 +40,8 @@ def run(cfg: Config, spark=None) -> dict:
         raise InvalidInput(f"{i2i_path} does not exist: run {make} first")
     i2i = io.read_table(spark, i2i_path, delta_mode=mode, partitions={S.MODEL: [cfg.model]})
     if not i2i.limit(1).count():
-        raise InvalidInput(f"i2i_topk has no rows for model={cfg.model!r}: run {make} first")
+        raise InvalidInput(f"i2i_topk has no rows for model={cfg.model!r}: run {make} first (a run that wrote "
+                           f"none has said why)")
     seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
     name = model_name(cfg)
     lists = fuse_recent(seqs, i2i, cfg.recent, name)
@@ -48,6 +49,10 @@ def run(cfg: Config, spark=None) -> dict:
     r = cfg.recent
     log.info("u2i_topk[%s]: %d rows (last %d items, decay %g, rrf_k %g, k %d, excluding %s), version %d",
              name, n, r.triggers, r.decay, r.rrf_k, r.k, r.exclude, version)
+    if not n:  # before: evaluate said "run its topk (or recent) stage first", of the stage that had just run
+        raise InvalidInput(f"u2i_topk[{name}]: every user's list is empty: the items recent.exclude={r.exclude} "
+                           f"leaves out cover every item of their lists in i2i_topk[{cfg.model}] (a catalogue of a "
+                           f"few items?); --set recent.triggers=0 leaves the stage out")
     return {"model": name, "rows": n, "version": version}
 
 

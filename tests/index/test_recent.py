@@ -120,3 +120,22 @@ def test_recent_job_fuses_only_its_models_lists(spark, warehouse):
     got = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK)).where(F.col(S.MODEL) == "cooc_recent")
     assert {u: [(r.item_id, r.score, r.rank) for r in sorted(rows, key=lambda r: r.rank)]
             for u, rows in _by_user(got.collect()).items()} == _fused(spark)
+
+
+def test_empty_lists_stop_the_stage_that_made_them_with_the_reason(spark, warehouse):
+    # a catalogue of two items, each user has seen both: every fused list is empty (history excluded),
+    # and a catalogue of one item has no i2i list at all. Before, the next stage blamed a stage
+    # that had just run ("run jobs.baseline first", "run its topk (or recent) stage first").
+    from jobs import baseline, recent
+    from ml.data import io
+
+    cfg = load_config(None, [f"warehouse={warehouse}", "model=cooc", "recent.triggers=2", "recent.exclude=history"])
+    io.write_table(spark, _seqs(spark, [(1, [1, 2, 1]), (2, [2, 1])]), cfg.table_path(S.T_SEQUENCES))
+    assert baseline.run(cfg, spark)["rows"] == 2  # 1 -> 2 and 2 -> 1
+    with pytest.raises(ValueError, match=r"u2i_topk\[cooc_recent\]: every user's list is empty: .*recent.exclude="
+                                         r"history .*recent.triggers=0 leaves the stage out"):
+        recent.run(cfg, spark)
+    io.write_table(spark, _seqs(spark, [(1, [7, 7]), (2, [7])]), cfg.table_path(S.T_SEQUENCES), mode="overwrite")
+    with pytest.raises(ValueError, match=r"i2i_topk\[cooc\]: no item has a list: the training sequences hold 1 "
+                                         r"item\(s\), and a list never holds its own item"):
+        baseline.run(cfg, spark)
