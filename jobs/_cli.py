@@ -5,11 +5,12 @@ import argparse
 import functools
 import logging
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
 from ml.config import Config, ConfigError, load_config
-from ml.errors import InputError
+from ml.errors import InputError, UnreadableFile
 
 log = logging.getLogger("jobs")
 
@@ -79,7 +80,32 @@ def command(main: Callable[..., None]) -> Callable[..., None]:
             main(argv)
         except USER_ERRORS as e:
             exit_with(e)
+        except Exception as e:  # noqa: BLE001 - Py4JJavaError and Spark's own exceptions
+            unreadable = unreadable_file(e)
+            if unreadable is None:
+                raise
+            exit_with(unreadable)
     return run_command
+
+
+# Spark's error class for a file it cannot read as the others, and the cause it gives
+_READ_FAILURE = re.compile(r"\[FAILED_READ_FILE\.(\w+)\] (.+?)(?:\s+SQLSTATE: \w+)?\s*$", re.M)
+_CAUSE = re.compile(r"^Caused by: [\w.$]+: (.+?)\s*$", re.M)
+
+
+def unreadable_file(e: BaseException) -> Optional[UnreadableFile]:
+    """A Spark job that failed on one file of its input (a Parquet file with another column type, a
+    CSV file with another header) as a user error naming the file, or None for any other error."""
+    text = str(e)
+    found = _READ_FAILURE.search(text)
+    if not found:
+        return None
+    msg = found.group(2).strip()
+    cause = _CAUSE.search(text)
+    if found.group(1) == "NO_HINT" and cause:  # the message names the file only: the cause says why
+        msg += f" {cause.group(1)}"
+    return UnreadableFile(f"{msg.rstrip('.')}: the files of one input must have the same columns and types (for CSV, the same "
+                          f"header); fix or move that file and rerun (--log-level DEBUG shows Spark's trace)")
 
 
 def print_tables(cfg: Config, names: Sequence[str]) -> None:

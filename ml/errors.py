@@ -12,5 +12,10 @@ class InvalidInput(InputError, ValueError):
     """A value, schema, table content or state that is not what a job expects."""
 
 
+class UnreadableFile(InvalidInput):
+    """A file of an input Spark could not read as the others (another column type, another CSV
+    header): Spark's own message, without its Java stack."""
+
+
 class MissingInput(InputError, FileNotFoundError):
     """A table, model or file a job reads is not there (its producing job has not run)."""

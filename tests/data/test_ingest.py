@@ -1,4 +1,6 @@
 """Every input format -> the same typed actions; bad rows kept with a reason; nothing lost."""
+import re
+
 import pytest
 from pyspark.sql import functions as F
 
@@ -582,3 +584,32 @@ def test_category_names_of_the_ids_asked_for(spark):
                                    (6, None, None), (7, 11, "Books")], "item_id long, category_id long, category_name string")
     assert category_names(items, [-7, 5, 9, None, 42]) == {-7: "Shoes", 5: "Toys"}  # the smallest of two names
     assert category_names(items, []) == {}
+
+
+def test_a_file_unlike_the_others_is_one_line_naming_it(spark, tmp_path, capsys):
+    # Spark reads a folder with the first file's schema and fails on the one that differs, with a
+    # Java stack of 140 frames; the command line now prints Spark's sentence naming the file
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import ingest as ingest_job
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"user_id": [1, 2], "item_id": [3, 4], "ts": [5, 6]}), folder / "a.parquet")
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "item_id": [3, 4], "ts": [7, 8]}), folder / "b.parquet")
+    csv = tmp_path / "csv"
+    csv.mkdir()
+    (csv / "a.csv").write_text("user_id,item_id,ts\n1,2,3\n")
+    (csv / "b.csv").write_text("item_id,user_id,ts\n2,1,4\n")  # the same columns in another order
+    for fmt, path, what in (("parquet", folder, r"[ab].parquet. Data type mismatches when reading Parquet column "
+                                                r"\[user_id\]"),
+                            ("csv", csv, r"\.csv. CSV header does not conform to the schema: ")):
+        with pytest.raises(SystemExit) as e:
+            ingest_job.main(["--set", f"warehouse={tmp_path / 'wh'}", "--set", f"ingest.format={fmt}",
+                             "--set", f"ingest.path={path}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "Traceback" not in err, err[-2000:]
+        line = [l for l in err.splitlines() if l.startswith("error: ")]
+        assert len(line) == 1 and re.search(r"error: UnreadableFile: Encountered error while reading file .*" + what +
+                                            ".*the files of one input must have the same columns and types", line[0])
