@@ -47,10 +47,11 @@ def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
         # edges NATM's graph never sees
         topk = cooccurrence_topk(cap_sequences(seqs, cfg.graph.max_user_length), cat, counts, cfg.baseline)
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), model, mode)
-    if not n:  # before: the next stage said "run jobs.baseline first", of the stage that had just run
-        raise InvalidInput(f"i2i_topk[{model}]: no item has a list: the training sequences hold "
-                           f"{counts.count():,} item(s), and a list never holds its own item")
+    n_items = counts.count() if not n else None
     counts.unpersist()
+    if not n:  # before: the next stage said "run jobs.baseline first", of the stage that had just run
+        raise InvalidInput(f"i2i_topk[{model}]: no item has a list: the training sequences hold {n_items:,} "
+                           f"item(s), and a list never holds its own item")
     log.info("i2i_topk[%s]: %d rows (k=%d), version %d", model, n, cfg.baseline.k, version)
     return {"model": model, "rows": n, "version": version}
 
