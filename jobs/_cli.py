@@ -84,13 +84,14 @@ def command(main: Callable[..., None]) -> Callable[..., None]:
             unreadable = unreadable_file(e)
             if unreadable is None:
                 raise
+            unreadable.__cause__ = e  # --log-level DEBUG logs Spark's trace with it
             exit_with(unreadable)
     return run_command
 
 
 # Spark's error class for a file it cannot read as the others, and the cause it gives
 _READ_FAILURE = re.compile(r"\[FAILED_READ_FILE\.(\w+)\] (.+?)(?:\s+SQLSTATE: \w+)?\s*$", re.M)
-_CAUSE = re.compile(r"^Caused by: [\w.$]+: (.+?)\s*$", re.M)
+_CAUSE = re.compile(r"^Caused by: ([\w.$]+)(?:: (.*?))?\s*$", re.M)
 
 
 def unreadable_file(e: BaseException) -> Optional[UnreadableFile]:
@@ -100,12 +101,16 @@ def unreadable_file(e: BaseException) -> Optional[UnreadableFile]:
     found = _READ_FAILURE.search(text)
     if not found:
         return None
-    msg = found.group(2).strip()
-    cause = _CAUSE.search(text)
-    if found.group(1) == "NO_HINT" and cause:  # the message names the file only: the cause says why
-        msg += f" {cause.group(1)}"
-    return UnreadableFile(f"{msg.rstrip('.')}: the files of one input must have the same columns and types (for CSV, the same "
-                          f"header); fix or move that file and rerun (--log-level DEBUG shows Spark's trace)")
+    kind, msg = found.group(1), found.group(2).strip()
+    cause = _CAUSE.search(text)  # the first: the error Spark's names the file of
+    if kind == "NO_HINT" and cause:  # the message names the file only: the cause says why
+        msg += f" {cause.group(2) or cause.group(1)}"
+    if kind == "PARQUET_COLUMN_DATA_TYPE_MISMATCH" or "CSV header does not conform" in msg:
+        advice = "the files of one input must have the same columns and types (for CSV, the same header)"
+    else:
+        advice = "Spark could not read that file (damaged, removed or unlike the others?)"
+    return UnreadableFile(f"{msg.rstrip('.')}: {advice}; fix or move that file and rerun (--log-level DEBUG shows "
+                          f"Spark's trace)")
 
 
 def print_tables(cfg: Config, names: Sequence[str]) -> None:

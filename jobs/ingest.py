@@ -120,7 +120,7 @@ def _key_hint(cfg: Config, reasons: dict) -> str:
 def _filter_hint(cfg: Config, reasons: dict) -> str:
     """Where every row fell to a filter of the config, the filter's key and value."""
     ic = cfg.ingest
-    if set(reasons) <= {BAD_BEHAVIOR, MISSING_BEHAVIOR}:
+    if set(reasons) <= {BAD_BEHAVIOR, MISSING_BEHAVIOR} and ic.format in MAPPED_FORMATS:  # others fix the values
         return (f"; every row's behaviour is missing or not in ingest.behaviors={ic.behaviors} (set the values "
                 f"your log uses, or ingest.behaviors=null to accept any; a behaviour column under another name "
                 f"is mapped with ingest.columns)")

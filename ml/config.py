@@ -390,7 +390,7 @@ class NATMSection:
     neighbor_pointer: bool = False  # trigger vector + learned weights x its top-N neighbours' candidate vectors
     learn_nce_offset: bool = True  # learned NCE normaliser c in exp(gamma*R - c); False = paper's formula
     # nce (the paper's) | softmax (sampled softmax over the batch's candidates, logQ-corrected) |
-    # full (exact softmax over every catalogue item each step; up to full_softmax_max items)
+    # full (exact softmax over every training item each step; up to full_softmax_max items)
     loss: str = "nce"
     full_softmax_max: int = 100_000
     negatives: Optional[int] = None  # train on the first n of each sample's negatives (None: all of samples.num_negatives)

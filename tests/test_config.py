@@ -391,3 +391,40 @@ def test_embedding_a_baseline_says_where_its_lists_come_from(tmp_path):
 
     with pytest.raises(InvalidInput, match=r"model='cooc' is a baseline.*jobs.baseline --model cooc"):
         embed.run(load_config(None, [f"warehouse={tmp_path}", "model=cooc"]))
+
+
+def test_a_spark_read_failure_becomes_one_line_with_advice_that_fits_it():
+    from jobs._cli import unreadable_file
+
+    trace = "\n\tat org.apache.spark.Foo(Foo.scala:1)\n"
+    mismatch = unreadable_file(Exception(
+        "An error occurred while calling o1.count.\n: org.apache.spark.SparkException: [FAILED_READ_FILE."
+        "PARQUET_COLUMN_DATA_TYPE_MISMATCH] Encountered error while reading file file:///d/b.parquet. Data type "
+        "mismatches when reading Parquet column [user_id]. Expected Spark type bigint, actual Parquet type BINARY. "
+        "SQLSTATE: KD001" + trace + "Caused by: org.apache.spark.X: column: [user_id]" + trace))
+    assert str(mismatch).startswith("Encountered error while reading file file:///d/b.parquet. Data type mismatches "
+                                    "when reading Parquet column [user_id]. Expected Spark type bigint, actual "
+                                    "Parquet type BINARY: the files of one input must have the same columns")
+    # the cause of a NO_HINT error is the first one, with or without a message; other failures get no
+    # advice about columns
+    npe = unreadable_file(Exception(
+        ": org.apache.spark.SparkException: [FAILED_READ_FILE.NO_HINT] Encountered error while reading file "
+        "file:///d/a.csv.gz.  SQLSTATE: KD001" + trace + "Caused by: java.lang.NullPointerException" + trace +
+        "Caused by: java.io.EOFException: Unexpected end of input stream" + trace))
+    assert "a.csv.gz. java.lang.NullPointerException: Spark could not read that file" in str(npe)
+    assert "columns" not in str(npe) and "EOFException" not in str(npe)
+    assert unreadable_file(ValueError("a bug")) is None
+
+
+def test_the_debug_log_of_a_read_failure_holds_sparks_trace(caplog):
+    from jobs._cli import command
+
+    @command
+    def job(argv):
+        raise RuntimeError(": org.apache.spark.SparkException: [FAILED_READ_FILE.NO_HINT] Encountered error while "
+                           "reading file file:///x.csv.  SQLSTATE: KD001\nCaused by: java.io.IOException: boom")
+
+    with caplog.at_level("DEBUG", logger="jobs"), pytest.raises(SystemExit):
+        job()
+    rec = [r for r in caplog.records if r.exc_info]
+    assert rec and isinstance(rec[0].exc_info[1].__cause__, RuntimeError)

@@ -61,7 +61,8 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     listed = (graph.join(ranks, S.NEIGHBOR_ID, "left").groupBy(S.ITEM_ID)
               .agg(F.count(F.lit(1)).alias("n"), F.collect_list("pop_rank").alias("skip")))  # nulls not collected
     own = ranks.select(F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), F.col("pop_rank").alias("own"))
-    short = (catalogue.select(S.ITEM_ID).distinct().join(listed, S.ITEM_ID, "left").join(own, S.ITEM_ID, "left")
+    items = catalogue.select(S.ITEM_ID).where(F.col(S.ITEM_ID).isNotNull()).distinct()  # a null id has no list
+    short = (items.join(listed, S.ITEM_ID, "left").join(own, S.ITEM_ID, "left")
              .select(S.ITEM_ID, F.coalesce("n", F.lit(0)).alias("n"),
                      F.concat(F.coalesce("skip", F.array().cast("array<int>")),
                               F.when(F.col("own").isNull(), F.array().cast("array<int>"))

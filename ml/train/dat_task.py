@@ -97,7 +97,7 @@ def dat_batches(cfg: Config, users: Vocab, items: Vocab, rank: int, world_size: 
         for b in make_loader(ds, cfg.train.num_workers):
             batch = {"user": users.index(b["user_id"]), "item": items.index(b["item_id"]), "label": b["label"]}
             check_known(batch["user"], b["user_id"], where, "user_ids", "sequences")
-            check_known(batch["item"], b["item_id"], where, "item_ids", "noise_q + items")
+            check_known(batch["item"], b["item_id"], where, "item_ids", "noise_q")
             yield batch
 
     return make, ds

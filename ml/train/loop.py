@@ -484,7 +484,17 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             state = read_checkpoint(path, map_location="cpu")
             _check_same_world_size(path, state["extra"].get("world_size", ctx.world_size), ctx.world_size)
             _check_same_settings(path, state["extra"].get("settings"), settings)  # before anything is applied
-            apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
+            try:
+                apply_checkpoint(state, model=model, optimizer=optimizer, scheduler=scheduler)
+            except RuntimeError as e:
+                if "size mismatch" not in str(e):
+                    raise
+                # same settings, other shapes: a checkpoint of an earlier version of the code (until
+                # 2026-12-06 the item vocabulary also held catalogue items without a training action)
+                raise InvalidInput(f"cannot resume from {path}: its tensors have other shapes than this run's "
+                                   f"model ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
+                                   f"); it was written by another version of the code. Run without --resume "
+                                   f"(the pipeline: --force) to start over") from e
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
             last_loss = state["extra"].get("last_loss")
             run_id = state["extra"].get("run_id")  # the resumed run's (None: written before run ids)

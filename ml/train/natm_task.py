@@ -130,7 +130,7 @@ def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version:
                              q_negatives=b["q_negatives"])
             for name, col in (("trigger", "trigger_item"), ("positive", "positive_item"), ("negatives", "negatives")):
                 if name in batch:
-                    check_known(batch[name], b[col], where, f"{col} ids", "noise_q + items")
+                    check_known(batch[name], b[col], where, f"{col} ids", "noise_q")
             yield batch
 
     return make, ds

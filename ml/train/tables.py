@@ -4,7 +4,7 @@
   the mapping is deterministic and invertible with ``searchsorted``;
 * the neighbour lookup of NATM (``item_graph`` rows as index tensors) and item categories.
 
-These are per-item tables (catalogue-sized, not action-sized): at 10^8 items the vocabulary is
+These are per-item tables (sized by the training items, not the actions): at 10^8 items the vocabulary is
 0.8 GB of int64 per trainer process and NATM's neighbour tables 14 GB; the model's dense id tables
 are larger still (README, "Memory at catalogue scale": about 10^7 items is the practical bound).
 """

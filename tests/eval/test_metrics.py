@@ -221,7 +221,7 @@ def test_cooc_fill_in_ranks_are_computed_as_a_per_item_sort_would_rank_them(spar
     seqs = _seqs(spark, [(u, [min(int(rnd.paretovariate(1.2)), 40) for _ in range(rnd.randint(1, 8))])
                          for u in range(60)])
     counts = item_counts(seqs)
-    catalogue = counts.select(S.ITEM_ID).union(spark.createDataFrame([(900,), (901,)], "item_id long"))
+    catalogue = counts.select(S.ITEM_ID).union(spark.createDataFrame([(900,), (901,), (None,)], "item_id long"))
     cfg = BaselineConfig(k=k, window=window, symmetric=symmetric)
     got = cooccurrence_topk(seqs, catalogue, counts, cfg)
     _contract(got, k)

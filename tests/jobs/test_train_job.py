@@ -256,8 +256,8 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     trained_ids = sorted(r.item_id for r in io.read_table(spark, c.table_path("noise_q")).collect())
     assert emb["items"] == len(trained_ids) and emb["users"] == users.size
     assert emb["skipped_items"] == 0 and emb["skipped_users"] == 0  # every trained item and user has a vector
-    # catalogue items in no training sequence: in the vocabulary (for their category), with id vectors
-    # no positive ever moved; they get no vector and so take no one's top-K places
+    # catalogue items in no training sequence: not in the vocabulary (nothing could train them); they
+    # get no vector and so take no one's top-K places
     catalogue = {r.item_id for r in io.read_table(spark, c.table_path(S.T_ITEMS)).collect()}
     assert emb["untrained_items"] == len(catalogue - set(trained_ids)) > 0
     embedded = {r.item_id for r in io.read_table(spark, c.table_path(S.T_ITEM_EMBEDDINGS))

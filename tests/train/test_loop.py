@@ -188,6 +188,12 @@ def test_a_new_run_never_resumes_an_earlier_runs_checkpoint(tmp_path):
     assert [Path(p).name for p in list_checkpoints(ckpt)] == [checkpoint_name(s) for s in (4, 8)]
     with pytest.raises(ValueError, match=r"other settings \(data: checkpoint 2, this run 3\)"):
         train(mlp(1), make, mse_loss, short_cfg, CPU, ckpt, resume=True, settings={"lr": 0.01, "data": 3}, **kw)
+    # the same settings, tensors of other shapes (a checkpoint of an earlier version of the code, whose
+    # vocabulary held more items): refused as a user error naming the tensor, not torch's RuntimeError
+    wider = nn.Sequential(nn.Linear(8, 33), nn.ReLU(), nn.Dropout(0.2), nn.Linear(33, 1))
+    with pytest.raises(InvalidInput, match=r"cannot resume from .*: its tensors have other shapes than this "
+                                           r"run's model \(size mismatch for 0.weight.*Run without --resume"):
+        train(wider, make, mse_loss, short_cfg, CPU, ckpt, resume=True, settings={"lr": 0.01, "data": 2}, **kw)
     resumed = mlp(123)
     res = train(resumed, make, mse_loss, short_cfg, CPU, ckpt, resume=True, settings={"lr": 0.01, "data": 2}, **kw)
     assert res["steps"] == 30
