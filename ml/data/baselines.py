@@ -56,7 +56,8 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     k = cfg.k
     edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count, cfg.per_user)
     graph = top_n_neighbours(edges, k)  # ranks 1..n per item, no self-edges
-    top = F.broadcast(most_popular(counts, 2 * k + 1))  # enough to complete any list after the skips
+    # enough to complete any list after the skips (validated sequences hold no null id; none is listed)
+    top = F.broadcast(most_popular(counts.where(F.col(S.ITEM_ID).isNotNull()), 2 * k + 1))
     ranks = top.select(S.NEIGHBOR_ID, "pop_rank")
     listed = (graph.join(ranks, S.NEIGHBOR_ID, "left").groupBy(S.ITEM_ID)
               .agg(F.count(F.lit(1)).alias("n"), F.collect_list("pop_rank").alias("skip")))  # nulls not collected
