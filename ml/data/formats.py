@@ -61,6 +61,17 @@ def _raw_select(df: DataFrame, mapping: dict, corrupt_col: Optional[str] = None)
     return df.select(*cols, raw.alias(S.RAW_RECORD))
 
 
+def _sep_hint(source_cols: list) -> str:
+    """A header read as one column that holds another separator: the likely fix, ``ingest.csv_sep``."""
+    if len(source_cols) != 1:
+        return ""
+    for sep, label, setting in ((";", "';'", ";"), ("\t", "a tab", "\\t"), ("|", "'|'", "|")):
+        if sep in str(source_cols[0]):
+            return (f"; the header was read as one column holding {label}: if that separates the fields, "
+                    f"--set 'ingest.csv_sep={setting}'")
+    return ""
+
+
 def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: str) -> None:
     missing = [f"{canon}->{src}" for canon, src in mapping.items() if src not in source_cols]
     unmapped = [req for req in ("user_id", "item_id", "ts") if req not in mapping]
@@ -68,7 +79,8 @@ def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: s
         what = f"field {unmapped[0]!r}" if len(unmapped) == 1 else f"fields {unmapped}"
         how = " ".join(f"--set ingest.columns.{req}=<column>" for req in unmapped)
         raise SourceSchemaError(f"{where}: ingest.columns has no mapping for required {what}; source has "
-                                f"{source_cols} (map {'it' if len(unmapped) == 1 else 'them'} with {how})")
+                                f"{source_cols} (map {'it' if len(unmapped) == 1 else 'them'} with {how})"
+                                f"{_sep_hint(source_cols)}")
     extra = [c for c in source_cols if c not in mapping.values()]
     if missing or (extra and not allow_extra):
         msg = f"{where}: columns do not match ingest.columns; source has {source_cols}"
@@ -76,7 +88,7 @@ def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: s
             msg += f"; missing mapped columns {missing}"
         if extra and not allow_extra:
             msg += f"; extra columns {extra} (map them or set ingest.allow_extra_columns=true)"
-        raise SourceSchemaError(msg)
+        raise SourceSchemaError(msg + _sep_hint(source_cols))
 
 
 def read_csv_lines(spark: SparkSession, path: str, columns: list, sep: str, header: bool,

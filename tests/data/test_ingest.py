@@ -407,6 +407,14 @@ def test_a_source_with_no_valid_action_fails_and_keeps_the_previous_actions(spar
     assert io.table_version(f"{wh}/actions") == version
 
 
+def test_a_file_with_another_separator_gets_the_key_that_reads_it(spark, tmp_path):
+    # read with the default ',' the header is one column: the error says which key splits it
+    path = _write(tmp_path, "semi.csv", "user_id;item_id;ts\n1;2;3\n")
+    with pytest.raises(SourceSchemaError, match=r"holding ';': if that separates the fields, --set 'ingest.csv_sep=;'"):
+        _run(spark, IngestConfig(format="csv", path=path))
+    assert _run(spark, IngestConfig(format="csv", path=path, csv_sep=";"))[1] == [(1, 2, 3, None, None)]
+
+
 def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_says_so(spark, tmp_path):
     path = _write(tmp_path, "canon.csv", "user_id,item_id,ts\n1,2,3\n")
     _, good, _ = _run(spark, IngestConfig(format="csv", path=path))
