@@ -490,11 +490,13 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                 if "size mismatch" not in str(e):
                     raise
                 # same settings, other shapes: a checkpoint of an earlier version of the code (until
-                # 2026-12-06 the item vocabulary also held catalogue items without a training action)
+                # 2026-12-06 the item vocabulary also held catalogue items without a training action);
+                # torch's message: a heading line, then one line per mismatched tensor
+                lines = str(e).splitlines()
+                first = lines[1].strip() if len(lines) > 1 else str(e)
                 raise InvalidInput(f"cannot resume from {path}: its tensors have other shapes than this run's "
-                                   f"model ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}"
-                                   f"); it was written by another version of the code. Run without --resume "
-                                   f"(the pipeline: --force) to start over") from e
+                                   f"model ({first}); it was written by another version of the code. Run "
+                                   f"without --resume (the pipeline: --force) to start over") from e
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
             last_loss = state["extra"].get("last_loss")
             run_id = state["extra"].get("run_id")  # the resumed run's (None: written before run ids)

@@ -111,9 +111,9 @@ def check_known(index: torch.Tensor, ids: torch.Tensor, where: str, what: str, v
                            f"{ids[index == 0].flatten()[:3].tolist()}: rerun jobs.samples")
 
 
-def build_vocab(*id_arrays: np.ndarray) -> Vocab:
-    ids = np.unique(np.concatenate([np.asarray(a, dtype=np.int64) for a in id_arrays if len(a)]))
-    return Vocab(torch.from_numpy(ids))
+def build_vocab(ids) -> Vocab:
+    """The sorted distinct ids (one table's: the training items, or the users)."""
+    return Vocab(torch.from_numpy(np.unique(np.asarray(ids, dtype=np.int64))))
 
 
 def load_vocab(noise_q_path: str) -> Vocab:
