@@ -147,20 +147,32 @@ _CLOCK_TYPES = (T.TimestampType, T.TimestampNTZType, T.DateType)  # a ts column 
 def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
     """A typed source's mapped columns have types ingest can read row by row: ids integers (or
     strings, checked per row like CSV text), ts integers, strings or a timestamp / date. Anything
-    else (float ids, say) would make every row a rejected one, so it is a schema error naming the
-    column."""
+    else (float user or item ids, say) would make every row a rejected one, so it is a schema error
+    naming the column. A float category_id is read (:func:`_float_category`): pandas writes an integer
+    column with a missing value as floats."""
     types = {f.name: f.dataType for f in df.schema.fields}
     whole = (T.ByteType, T.ShortType, T.IntegerType, T.LongType, T.StringType)
     for canon, src in mapping.items():
         t = types[src]
         if canon in _ID_FIELDS or canon == "ts":
             ok = isinstance(t, whole) or (isinstance(t, T.DecimalType) and t.scale == 0) or (
-                canon == "ts" and isinstance(t, _CLOCK_TYPES))
+                canon == "ts" and isinstance(t, _CLOCK_TYPES)) or (canon == "category_id" and isinstance(t, _FLOATS))
             if not ok:
                 expected = ("an integer (s, ms, us or ns since the epoch: ingest.ts_unit), a string or a timestamp" if canon == "ts"
                             else "an integer or a string of digits")
                 raise SourceSchemaError(f"{where}: column {src!r} ({canon}) is {t.simpleString()}; expected {expected} "
                                         f"(cast it in the source, or map another column with ingest.columns.{canon})")
+
+
+_FLOATS = (T.FloatType, T.DoubleType)
+
+
+def _float_category(col):
+    """A float category id as text ``to_long`` reads: a whole number below 2^53 (where every integer is
+    exact in a double) as its digits; anything else (4.5, NaN, 1e17) as Spark writes it, so the row is
+    rejected as ``bad_category_id``, not truncated."""
+    whole = (col % 1 == 0) & (F.abs(col) < 2 ** 53)
+    return F.when(whole, col.cast("long").cast("string")).otherwise(col.cast("string"))
 
 
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
@@ -174,6 +186,9 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
     if isinstance(df.schema[mapping["ts"]].dataType, _CLOCK_TYPES):  # a clock of its own, whatever ts_unit says
         df = df.withColumn(mapping["ts"], _epoch_micros(df, mapping["ts"]))
         ts_unit = "us"  # Spark's own precision, so that two events 400 us apart are not duplicates
+    cat = mapping.get("category_id")
+    if cat and isinstance(df.schema[cat].dataType, _FLOATS):
+        df = df.withColumn(cat, _float_category(F.col(f"`{cat}`")))
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 

@@ -26,7 +26,9 @@ BAD_BEHAVIOR = "unknown_behavior"
 BAD_CATEGORY = "bad_category_id"
 DUPLICATE = "duplicate"
 
-_INT_RE = r"^\s*[+-]?[0-9]+\s*$"
+# A whole number, as digits or as a decimal with only zeros after the point ("4.0", "4."): pandas writes an
+# integer column holding a missing value as floats, and the text is still exact.
+_INT_RE = r"^\s*[+-]?[0-9]+(\.0*)?\s*$"
 
 
 def _blank(c):
@@ -34,9 +36,11 @@ def _blank(c):
 
 
 def to_long(c):
-    """Text -> BIGINT only for whole numbers that fit (no silent truncation of 12.7 or overflow)."""
+    """Text -> BIGINT only for whole numbers that fit ("4" and "4.0"; no silent truncation of 12.7 or
+    overflow)."""
     text = F.trim(F.col(c))
-    return F.when(text.rlike(_INT_RE), F.expr(f"try_cast(trim(`{c}`) as bigint)")).cast(LongType())
+    digits = F.regexp_extract(text, r"^[+-]?[0-9]+", 0)
+    return F.when(text.rlike(_INT_RE), digits.try_cast(LongType()))
 
 
 def _has_zone(ts_format: str) -> bool:

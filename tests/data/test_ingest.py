@@ -343,6 +343,25 @@ def test_parquet_column_types_ingest_cannot_read_are_a_schema_error_naming_the_c
         read_source(spark, IngestConfig(format="parquet", path=path), "")
 
 
+def test_whole_numbers_written_as_floats_are_ids(spark, tmp_path):
+    # pandas writes an integer column holding a missing value as floats: "4.0" in a CSV, a double in
+    # Parquet. A whole number is still exact there and reads as the id; 4.5 is no id, nor is a double
+    # at or beyond 2^53 (not every integer there is a double) or NaN: rejected, never truncated.
+    path = _write(tmp_path, "floats.csv", "uid,iid,when,cat\n1.0,10,100,4.0\n2,11.,101,+4.00\n3,12,102,4.5\n"
+                                          "4,13,103,\n")
+    cols = {"user_id": "uid", "item_id": "iid", "ts": "when", "category_id": "cat"}
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=path, columns=cols))
+    assert good == [(1, 10, 100, None, 4), (2, 11, 101, None, 4), (4, 13, 103, None, None)]
+    assert [(r[0], r[1]) for r in bad] == [(I.BAD_CATEGORY, "3")]
+    path = str(tmp_path / "floats")
+    spark.createDataFrame([(1, 10, 100, 4.0), (2, 11, 101, None), (3, 12, 102, 4.5), (4, 13, 103, 2.0 ** 53),
+                           (5, 14, 104, float("nan")), (6, 15, 105, -3.0)],
+                          "user_id long, item_id long, ts long, category_id double").write.parquet(path)
+    _, good, bad = _run(spark, IngestConfig(format="parquet", path=path))
+    assert good == [(1, 10, 100, None, 4), (2, 11, 101, None, None), (6, 15, 105, None, -3)]
+    assert sorted((r[0], r[1]) for r in bad) == [(I.BAD_CATEGORY, u) for u in ("3", "4", "5")]
+
+
 def test_parquet_timestamp_and_string_id_columns(spark, tmp_path):
     # a TIMESTAMP ts (the usual type in a lakehouse) is read as epoch seconds, whatever ts_unit says;
     # two events 400 ms apart are two events; TIMESTAMP_NTZ and DATE read as UTC in any session zone

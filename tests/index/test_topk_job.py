@@ -32,6 +32,11 @@ def test_topk_refuses_non_finite_vectors_and_reads_one_vector_column(spark, ware
     assert out["rows"] == 6
     got = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).where("model = 'natm' AND rank = 1").collect()
     assert sorted((r.item_id, r.neighbor_id) for r in got) == [(1, 2), (2, 1), (4, 2)]
+    # one item: a list never holds its own item, so there is nothing to serve; the stage says so
+    # rather than leaving the evaluation to report that topk was never run
+    _write(spark, cfg, [(7, "natm", unit(0.5), None, "r2")])
+    with pytest.raises(InvalidInput, match=r"i2i_topk\[natm\]: no item has a list: the model has vectors for 1 item"):
+        topk.run(cfg, spark, k=2)
 
 
 def test_check_finite_names_the_ids():
