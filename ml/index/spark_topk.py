@@ -67,6 +67,32 @@ def run_tag(meta: dict) -> Optional[str]:
     return f"{meta['run_id']}:{meta['steps']}" if meta.get("run_id") else None
 
 
+def widen_to_float64(model):
+    """Score in float64 (the encoders' outputs are rounded to float32 at the end): a vector is then the
+    same bits whatever partition, Arrow batch or chunk it was scored in. In float32 the kernels' sums
+    run in an order set by the batch's shape (and the pointer encodes a batch's distinct neighbours
+    together), so the same item scored alone and among 4,096 differed in the last bit, and a rerun
+    over the same table partitioned another way (another cluster, another
+    ``spark.sql.shuffle.partitions``) wrote another table. float64's own differences vanish in the
+    rounding, but for about 10^-9 of the values. The id tables (the memory at catalogue scale) stay
+    float32; their rows are widened as they are read."""
+    from torch import nn
+
+    def widen(_module, _inputs, out):
+        return out.double()
+
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.register_forward_hook(widen)
+            continue
+        for p in m.parameters(recurse=False):
+            p.data = p.data.double()
+        for name, b in m.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(m, name, b.double())
+    return model
+
+
 def load_encoders(path: str) -> dict:
     """Artifact -> {side: (encode(indices, batch) -> (query-side, candidate-side) vectors, vocab, same sides?)},
     and "run": its :func:`run_tag`.
@@ -81,11 +107,13 @@ def load_encoders(path: str) -> dict:
         from ml.train.natm_task import embed_items, load_artifact
 
         model, vocab, _ = load_artifact(path, blob)
+        widen_to_float64(model)
         return {"item": ((lambda idx, bs: embed_items(model, idx, bs)), vocab, not model.asymmetric), "run": run}
     if kind == "dat":
         from ml.train.dat_task import embed, load_dat_artifact
 
         model, users, items = load_dat_artifact(path, blob)
+        widen_to_float64(model)
 
         def tower(side):
             def encode(idx, bs):

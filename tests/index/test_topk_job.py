@@ -63,3 +63,60 @@ def test_candidate_vectors_sort_by_id_across_chunks_without_losing_a_row():
         ragged = pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "vector": pa.array(bad, pa.list_(pa.float32()))})
         with pytest.raises(InvalidInput, match=r"t.vector: vectors of \d to \d values, not one length above 0"):
             topk.candidate_vectors(ragged, "t", "m")
+
+
+def _random_natm(V, N, **kw):
+    import torch
+
+    from ml.models.natm import NATM, NATMConfig, build_neighbor_table
+
+    g = torch.Generator().manual_seed(1)
+    items, rank = torch.arange(1, V + 1).repeat_interleave(N), torch.arange(1, N + 1).repeat(V)
+    nbr, weight = torch.randint(1, V + 1, (V * N,), generator=g), torch.randint(1, 200, (V * N,), generator=g).float()
+    model = NATM(NATMConfig(num_items=V, num_neighbors=N, dropout=0.0, **kw), build_neighbor_table(V, items, nbr, weight, rank, N, 16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["natm_pointer", "natm_transformer", "dat"])
+def test_an_items_vector_is_the_same_bits_whatever_else_is_scored_with_it(tmp_path, kind):
+    """The embed job's tasks get the ids in whatever partitions and Arrow batches the table gives, and
+    a vector must not depend on them. In float32 the same item scored alone, or among 100, came out
+    different in the last bit on the 2-core Intel Xeon box (kernels sum in an order set by the batch's
+    shape; the pointer encodes a batch's distinct neighbours together), so a rerun of the pipeline on
+    another cluster shape wrote another table."""
+    import torch
+
+    from ml.index.spark_topk import load_encoders
+    from ml.train.tables import build_vocab
+
+    V = 700
+    path = str(tmp_path / "model.pt")
+    if kind == "dat":
+        from ml.models.dat import DAT, DATConfig
+        from ml.train.dat_task import save_dat_artifact
+
+        torch.manual_seed(0)
+        cfg = DATConfig(num_users=V, num_items=V, num_categories=5, user_feature_sizes=(3, 4), id_dim=64,
+                        feature_dim=16, hidden=(256, 128, 32), use_amm=True)
+        model = DAT(cfg, torch.randint(0, 3, (V + 1, 2)), torch.cat([torch.zeros(1), torch.arange(V) % 5 + 1]).long())
+        save_dat_artifact(path, model, build_vocab(np.arange(V)), build_vocab(np.arange(V)), {"run_id": "r", "steps": 1})
+    else:
+        from ml.train.natm_task import save_artifact
+
+        kw = (dict(layers=0, residual=True, neighbor_pointer=True, separate_encoders=True, dim=128)
+              if kind == "natm_pointer" else dict(layers=2, heads=4, dim=64))
+        save_artifact(path, _random_natm(V, 9, **kw), build_vocab(np.arange(V)), {"run_id": "r", "steps": 1})
+    encoders = load_encoders(path)
+    for side in ("item", "user") if kind == "dat" else ("item",):
+        encode = encoders[side][0]
+        with torch.no_grad():
+            ref = encode(torch.arange(1, V + 1), 256)
+            for n in (1, 7, 100, 333):
+                pick = torch.randperm(V, generator=torch.Generator().manual_seed(n))[:n] + 1
+                got = encode(pick, 256)
+                assert got[0].dtype == torch.float32
+                for a, b in zip(got, ref):
+                    assert torch.equal(a, b[pick - 1]), (side, n)
