@@ -68,7 +68,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     index = build_index(vecs, kind=b.index, exact_max=b.exact_max, nlist=b.nlist, nprobe=b.nprobe, seed=cfg.seed)
     del vecs  # the index holds its own copy
     index_file, ids_file = ship_path(f"{cfg.model}.faiss"), ship_path(f"{cfg.model}-ids.npy")
-    faiss.write_index(faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index, index_file)
+    faiss.write_index(index, index_file)
     del index  # the executors load the file; the driver needs no index while they search
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)

@@ -15,6 +15,7 @@ folder too, or ``train.checkpoint_dir`` names a local or mounted one.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import math
@@ -275,9 +276,21 @@ def run(cfg: Config, resume: bool | str = False) -> dict:
         get_spark(cfg.spark)
     t = time.time()
     res = launch(train_worker, cfg.train, cfg, resume)
+    _release_gpu_memory()
     log.info("trained %s: %s steps in %.0fs (%.0f samples/s)", cfg.model, res["steps"], time.time() - t,
              res["samples_per_s"])
     return res
+
+
+def _release_gpu_memory() -> None:
+    """Hand the GPU memory torch's caching allocator kept from training back to the device (a training
+    in this process: launcher local or torchrun with one process): the pipeline's topk stage next
+    allocates its faiss-gpu index outside that allocator."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @command

@@ -382,7 +382,9 @@ class NATMSection:
     gamma: float = 10.0  # NCE smoothing factor
     mlm_prob: float = 0.15
     mlm_weight: float = 0.1
-    mlm_negatives: Optional[int] = None  # None: full softmax; else sampled softmax with this many
+    # sampled softmax with this many uniform negatives; None: full softmax up to full_softmax_max items,
+    # 8,192 negatives beyond (the full softmax's logits are masked tokens x items)
+    mlm_negatives: Optional[int] = None
     separate_encoders: bool = False  # trigger and candidate towers, each with its own id table (directed R)
     trigger_projection: bool = False  # learned D x D map on the trigger side: directed R without a second encoder
     item_bias: bool = False  # a per-item popularity term inside the unit vectors (dim + 1 wide; ml/models/natm.py)
@@ -402,6 +404,7 @@ class NATMSection:
         _check_choice("natm.loss", self.loss, ["nce", "softmax", "full"])
         _check_positive("natm.full_softmax_max", self.full_softmax_max)
         _check_positive("natm.negatives", self.negatives, allow_none=True)
+        _check_positive("natm.mlm_negatives", self.mlm_negatives, allow_none=True)
         for k in ("dim", "heads", "gamma", "weight_buckets"):
             _check_positive(f"natm.{k}", getattr(self, k))
         if not 0 <= self.dropout < 1:

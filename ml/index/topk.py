@@ -2,7 +2,8 @@
 
 Vectors are L2-normalised, so inner product = cosine. Small catalogues get an exact
 ``IndexFlatIP``; large ones an ``IndexIVFFlat`` (nlist ~ 4·sqrt(n), nprobe from config) trained
-on a deterministic sample. A GPU index is used when faiss-gpu and a GPU are present.
+on a deterministic sample. The IVF vectors are assigned to their lists on a GPU when faiss-gpu and a
+GPU are present; the index returned is a CPU index either way.
 """
 from __future__ import annotations
 
@@ -38,9 +39,17 @@ def build_index(vectors: np.ndarray, kind: str = "auto", exact_max: int = 200_00
         index.nprobe = min(nprobe, nlist)
     else:
         raise InvalidInput(f"index kind={kind!r}; expected auto, flat or ivf")
-    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(x)
+    if kind == "ivf" and use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        # An IVF add's cost is assigning every vector to a list (n x nlist products): on one GPU, and the
+        # index back on the CPU, where it is written and searched (the executors search a CPU copy).
+        # Across all GPUs each replica would repeat the whole add, and the IndexReplicas it gives
+        # cannot be written. A flat add is a copy: the CPU does it.
+        gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        gpu.add(x)
+        index = faiss.index_gpu_to_cpu(gpu)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        index.add(x)
     log.info("faiss %s index: %d x %d", kind, n, d)
     return index
 

@@ -25,6 +25,7 @@ from ml.config import check_natm_combinations
 from ml.errors import InvalidInput
 
 PAD = 0
+MLM_NEGATIVES_AT_SCALE = 8192  # the MLM's sampled negatives above natm.full_softmax_max items (NATMConfig.mlm_sampled)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,16 @@ class NATMConfig:
         if self.layers < 0 or self.num_neighbors < 0:
             raise InvalidInput("natm.layers and natm.num_neighbors must be >= 0")
         check_natm_combinations(self)  # the checks the config runs when it is read (a ValueError)
+
+    @property
+    def mlm_sampled(self) -> Optional[int]:
+        """Negatives of the MLM's sampled softmax; None: a full softmax over the items. ``mlm_negatives``
+        when set; unset, full up to ``full_softmax_max`` items and :data:`MLM_NEGATIVES_AT_SCALE`
+        beyond: the full softmax's (masked tokens x items) logits are about 14 bytes each at the
+        backward's peak, 9 GiB at 10^6 items and a batch of 256 (some 690 masked tokens)."""
+        if self.mlm_negatives is not None or self.num_items <= self.full_softmax_max:
+            return self.mlm_negatives
+        return MLM_NEGATIVES_AT_SCALE
 
     @property
     def uses_mlm(self) -> bool:
@@ -439,20 +450,20 @@ class NATM(nn.Module):
         states = self.mlm_head(h[:, 1:][masked])  # (M, D)
         targets = tokens[:, 1:][masked]  # (M,)
         return mlm_cross_entropy(states, targets, self.item_emb.weight[: self.cfg.num_items + 1],
-                                 self.cfg.mlm_negatives, generator)
+                                 self.cfg.mlm_sampled, generator)
 
 
 def mlm_cross_entropy(states: torch.Tensor, targets: torch.Tensor, out_weight: torch.Tensor,
                       num_sampled: Optional[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Full softmax over items, or sampled softmax: targets + ``num_sampled`` uniform negatives."""
     if num_sampled is None:
-        logits = states @ out_weight.T  # (M, V+1)
+        logits = (states @ out_weight.T).float()  # (M, V+1); the matmul may run in bf16, the softmax in fp32
         logits[:, PAD] = float("-inf")
         return F.cross_entropy(logits, targets)
     V = out_weight.shape[0] - 1
     neg = torch.randint(1, V + 1, (num_sampled,), device=states.device, generator=generator)
     cand = torch.cat([targets, neg])  # (M + S,)
-    logits = states @ out_weight[cand].T  # (M, M + S)
+    logits = (states @ out_weight[cand].T).float()  # (M, M + S)
     same = targets[:, None] == cand[None, :]
     eye = torch.zeros_like(same)
     eye[:, : len(targets)] = torch.eye(len(targets), dtype=torch.bool, device=states.device)

@@ -49,6 +49,12 @@ class DistContext:
         return self.world_size > 1
 
 
+# How long a rank waits in a collective: while rank 0 alone writes a checkpoint or publishes the model
+# (gigabytes at 10^7 items, to a shared mount), the others wait in the next barrier. NCCL's own default
+# is 10 minutes (gloo's 30); past it the watchdog tears the waiting ranks down.
+DIST_TIMEOUT = timedelta(minutes=30)
+
+
 def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` requires it."""
     if device_pref not in ("auto", "cpu", "cuda"):
@@ -57,7 +63,11 @@ def resolve_device(device_pref: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but torch.cuda.is_available() is False; expected auto or cpu here")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    n = torch.cuda.device_count()
+    if local_rank >= n:  # wrapped onto a GPU another rank uses, NCCL would fail with "Duplicate GPU detected"
+        raise ConfigError(f"training process with local rank {local_rank} on a node with {n} visible GPU(s): one "
+                          f"process per GPU, so at most {n} per node (train.num_processes, torchrun's --nproc-per-node)")
+    return torch.device("cuda", local_rank)
 
 
 def init_distributed(device_pref: str = "auto", timeout: Optional[timedelta] = None) -> DistContext:
@@ -75,9 +85,8 @@ def init_distributed(device_pref: str = "auto", timeout: Optional[timedelta] = N
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
-            dist.init_process_group(backend=backend, init_method="env://", rank=rank,
-                                    world_size=world_size, **kwargs)
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                    timeout=timeout or DIST_TIMEOUT)
         rank, world_size = dist.get_rank(), dist.get_world_size()
     ctx = DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                       is_main=rank == 0)
@@ -125,18 +134,19 @@ class _Rank0Output:
     is that of whichever rank finished last; in local mode the driver can read this file instead.
     """
 
-    def __init__(self, fn: Callable[..., Any], path: str) -> None:
+    def __init__(self, fn: Callable[..., Any], path: Optional[str]) -> None:
         self.fn = fn
-        self.path = path
+        self.path = path  # None on the executors: the driver's folder is not on their hosts
 
     def __call__(self, *args: Any) -> Any:
         rank = int(os.environ.get("RANK", "0"))
         try:
             out = self.fn(*args)
         except Exception as e:
-            _keep_error(e, f"{self.path}.error{rank}")
+            if self.path is not None:
+                _keep_error(e, f"{self.path}.error{rank}")
             raise
-        if rank == 0:
+        if rank == 0 and self.path is not None:
             with open(self.path + ".tmp", "wb") as f:
                 pickle.dump(out, f)
             os.replace(self.path + ".tmp", self.path)
@@ -179,6 +189,28 @@ def _distributor_gpu(device: str, local: bool) -> bool:
     return float(conf.get("spark.task.resource.gpu.amount", "0") or 0) > 0
 
 
+def _distributor_use_gpu(gpu: bool, local: bool, num_processes: int) -> bool:
+    """TorchDistributor's ``use_gpu`` for processes that train on GPUs (``gpu``). On the executors,
+    True: Spark schedules the GPUs (``spark.task.resource.gpu.amount``) and each task sees its own. On
+    the driver, True only where the driver declares GPUs (``spark.driver.resource.gpu.amount``; each
+    process then sees those): TorchDistributor refuses to start without them ("GPUs were unable to be
+    found on the driver"), which a plain session does not set. Without them each process takes
+    ``cuda:<local rank>`` of the GPUs it sees, so there must be at least ``num_processes``."""
+    if not gpu:
+        return False
+    if not local:
+        return True
+    from pyspark.sql import SparkSession
+
+    if "gpu" in SparkSession.getActiveSession().sparkContext.resources:
+        return True
+    n = torch.cuda.device_count()
+    if num_processes > n:
+        raise ConfigError(f"train.num_processes={num_processes} with train.launcher=distributor on the driver and "
+                          f"{n} GPU(s) here: one process per GPU, so expected at most {n}")
+    return False
+
+
 def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> Any:
     """Run ``train_fn(*args)`` with ``cfg_train.launcher``; returns what rank 0's call returned.
 
@@ -202,8 +234,12 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
         from pyspark.ml.torch.distributor import TorchDistributor
 
         local = cfg_train.distributor_local
-        distributor = TorchDistributor(num_processes=cfg_train.num_processes, local_mode=local,
-                                       use_gpu=_distributor_gpu(cfg_train.device, local))
+        use_gpu = _distributor_use_gpu(_distributor_gpu(cfg_train.device, local), local, cfg_train.num_processes)
+        distributor = TorchDistributor(num_processes=cfg_train.num_processes, local_mode=local, use_gpu=use_gpu)
+        if not local:
+            # TorchDistributor returns the first task's value (rank 0's) and reports a failed one as its
+            # own error; the process's exception and traceback are in that executor's log
+            return distributor.run(_Rank0Output(train_fn, None), *args)
         with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
             path = os.path.join(tmp, "rank0_output.pkl")
             try:

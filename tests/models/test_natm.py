@@ -297,6 +297,28 @@ def test_mlm_predicts_the_neighbour_ids_at_the_masked_positions(monkeypatch):
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
+def test_mlm_samples_its_negatives_beyond_the_full_softmax_bound(monkeypatch):
+    # the full MLM softmax's logits are masked tokens x items (9 GiB at 10^6 items, batch 256): unset,
+    # natm.mlm_negatives is full up to natm.full_softmax_max items and sampled beyond
+    import ml.models.natm as natm
+
+    V = 20
+    kw = dict(num_items=V, num_neighbors=3, dim=8, layers=1, heads=2, dropout=0.0, mlm_prob=0.5)
+    assert NATMConfig(**kw).mlm_sampled is None and NATMConfig(**kw, mlm_negatives=5).mlm_sampled == 5
+    cfg = NATMConfig(**kw, full_softmax_max=V - 1)
+    assert cfg.mlm_sampled == natm.MLM_NEGATIVES_AT_SCALE
+    assert NATMConfig(**kw, full_softmax_max=V - 1, mlm_negatives=5).mlm_sampled == 5
+    seen = {}
+
+    def spy(states, targets, out_weight, num_sampled, generator=None):
+        seen["num_sampled"] = num_sampled
+        return mlm_cross_entropy(states, targets, out_weight, num_sampled, generator)
+
+    monkeypatch.setattr(natm, "mlm_cross_entropy", spy)
+    loss = NATM(cfg, _toy_table(V)).mlm_loss(torch.tensor([5, 6, 11, 17]), generator=torch.Generator().manual_seed(0))
+    assert seen["num_sampled"] == natm.MLM_NEGATIVES_AT_SCALE and torch.isfinite(loss)
+
+
 def test_mlm_full_softmax_never_predicts_padding():
     # cross-entropy over the item classes 1..V only: the PAD row of the id table is no class
     g = torch.Generator().manual_seed(0)

@@ -462,6 +462,32 @@ def test_single_process_context_and_launchers(monkeypatch):
         "-m", "jobs.train", "--conf", "c.yaml"]
 
 
+def test_gpu_placement_errors_and_the_distributors_gpu_setting(spark, monkeypatch, tmp_path):
+    """The choices made for GPUs, on this CPU box with torch.cuda's answers set by hand."""
+    from ml.train import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.resolve_device("auto", 1) == torch.device("cuda", 1)
+    # a third rank on a 2-GPU node wrapped onto GPU 0 before, and NCCL failed with "Duplicate GPU detected"
+    with pytest.raises(ConfigError, match=r"local rank 2 on a node with 2 visible GPU\(s\): .* at most 2 per node"):
+        D.resolve_device("cuda", 2)
+    # On the driver without declared GPUs, TorchDistributor(use_gpu=True) refuses to start ("GPUs were
+    # unable to be found on the driver"): each process takes cuda:<local rank> itself, one per GPU
+    assert "gpu" not in spark.sparkContext.resources
+    assert D._distributor_use_gpu(True, local=True, num_processes=2) is False
+    with pytest.raises(ConfigError, match=r"train.num_processes=3 .* 2 GPU\(s\) here: .* at most 2"):
+        D._distributor_use_gpu(True, local=True, num_processes=3)
+    assert D._distributor_use_gpu(True, local=False, num_processes=8) is True  # Spark schedules executors' GPUs
+    assert D._distributor_use_gpu(False, local=True, num_processes=3) is False
+    # On the executors rank 0 keeps nothing in a driver folder its host does not have
+    monkeypatch.setenv("RANK", "0")
+    assert D._Rank0Output(lambda a: a + 1, None)(1) == 2
+    with pytest.raises(InvalidInput, match="boom"):
+        D._Rank0Output(lambda: (_ for _ in ()).throw(InvalidInput("boom")), None)()
+    assert D.DIST_TIMEOUT.total_seconds() >= 1800  # NCCL's own 10 minutes, not waited for a rank 0 that writes
+
+
 def _rank_value(base):
     rank = int(os.environ["RANK"])
     if base == -2 or (base == -1 and rank == 1):
