@@ -177,7 +177,7 @@ def _checkpoint_versions(cfg: Config, section: str) -> dict:
 
 def train_worker(cfg: Config, resume: bool | str) -> dict:
     """Body of one training process (rank); the same function for local, torchrun and TorchDistributor."""
-    from ml.train.distributed import cleanup, init_distributed
+    from ml.train.distributed import cleanup, init_distributed, rank0_value
     from ml.train.loop import train
     from ml.train.tables import agreed_versions, pinned_versions
 
@@ -256,6 +256,10 @@ def train_worker(cfg: Config, resume: bool | str) -> dict:
             import torch.distributed as dist  # while rank 0 still writes could abort the process
 
             dist.barrier()
+            # every rank returns rank 0's figures: a launcher may hand back any rank's value (TorchDistributor
+            # on the executors returns the last of a task's processes to finish)
+            mine = res
+            res = rank0_value(lambda: mine)
         return res
     finally:
         cleanup()

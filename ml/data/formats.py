@@ -144,7 +144,7 @@ _ID_FIELDS = ("user_id", "item_id", "category_id")
 _CLOCK_TYPES = (T.TimestampType, T.TimestampNTZType, T.DateType)  # a ts column with a clock of its own
 
 
-def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
+def _check_types(df: DataFrame, mapping: dict, where: str, string_ids: bool = False) -> None:
     """A typed source's mapped columns have types ingest can read row by row: ids integers (or
     strings, checked per row like CSV text), ts integers, strings or a timestamp / date. Anything
     else (float user or item ids, say) would make every row a rejected one, so it is a schema error
@@ -156,7 +156,8 @@ def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
         t = types[src]
         if canon in _ID_FIELDS or canon == "ts":
             ok = isinstance(t, whole) or (isinstance(t, T.DecimalType) and t.scale == 0) or (
-                canon == "ts" and isinstance(t, _CLOCK_TYPES)) or (canon == "category_id" and isinstance(t, _FLOATS))
+                canon == "ts" and isinstance(t, _CLOCK_TYPES)) or (
+                canon == "category_id" and isinstance(t, _FLOATS) and not string_ids)  # hashed, 4.5 would be a key
             if not ok:
                 expected = ("an integer (s, ms, us or ns since the epoch: ingest.ts_unit), a string or a timestamp" if canon == "ts"
                             else "an integer or a string of digits")
@@ -167,11 +168,11 @@ def _check_types(df: DataFrame, mapping: dict, where: str) -> None:
 _FLOATS = (T.FloatType, T.DoubleType)
 
 
-def _float_category(col):
-    """A float category id as text ``to_long`` reads: a whole number below 2^53 (where every integer is
-    exact in a double) as its digits; anything else (4.5, NaN, 1e17) as Spark writes it, so the row is
-    rejected as ``bad_category_id``, not truncated."""
-    whole = (col % 1 == 0) & (F.abs(col) < 2 ** 53)
+def _float_category(col, exact: int):
+    """A float category id as text ``to_long`` reads: a whole number below 2^53 for a double, 2^24 for a
+    float (where every integer is exact) as its digits; anything else (4.5, NaN, 1e17) as Spark writes
+    it, so the row is rejected as ``bad_category_id``, not truncated."""
+    whole = (col % 1 == 0) & (F.abs(col) < exact)
     return F.when(whole, col.cast("long").cast("string")).otherwise(col.cast("string"))
 
 
@@ -181,14 +182,15 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
           else _read_parquet(spark, path, dict(cfg.columns).get("ts", "ts")))
     mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
-    _check_types(df, mapping, path)
+    _check_types(df, mapping, path, cfg.string_ids)
     ts_unit = cfg.ts_unit
     if isinstance(df.schema[mapping["ts"]].dataType, _CLOCK_TYPES):  # a clock of its own, whatever ts_unit says
         df = df.withColumn(mapping["ts"], _epoch_micros(df, mapping["ts"]))
         ts_unit = "us"  # Spark's own precision, so that two events 400 us apart are not duplicates
     cat = mapping.get("category_id")
     if cat and isinstance(df.schema[cat].dataType, _FLOATS):
-        df = df.withColumn(cat, _float_category(F.col(f"`{cat}`")))
+        exact = 2 ** 24 if isinstance(df.schema[cat].dataType, T.FloatType) else 2 ** 53
+        df = df.withColumn(cat, _float_category(F.col(f"`{cat}`"), exact))
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 

@@ -36,10 +36,10 @@ def _blank(c):
 
 
 def to_long(c):
-    """Text -> BIGINT only for whole numbers that fit ("4" and "4.0"; no silent truncation of 12.7 or
-    overflow)."""
-    text = F.trim(F.col(c))
-    digits = F.regexp_extract(text, r"^[+-]?[0-9]+", 0)
+    """Text -> BIGINT only for whole numbers that fit ("4", "4.0", " 4 "; no silent truncation of 12.7
+    or overflow). Ids and integer timestamps alike."""
+    text = F.col(c)
+    digits = F.regexp_extract(text, r"^\s*([+-]?[0-9]+)", 1)  # any leading white space, tabs too, as a cast reads it
     return F.when(text.rlike(_INT_RE), digits.try_cast(LongType()))
 
 

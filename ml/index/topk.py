@@ -44,6 +44,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", exact_max: int = 200_00
         # index back on the CPU, where it is written and searched (the executors search a CPU copy).
         # Across all GPUs each replica would repeat the whole add, and the IndexReplicas it gives
         # cannot be written. A flat add is a copy: the CPU does it.
+        index.nprobe = 1  # the GPU copy refuses nprobe above 2,048 (its k-selection bound); the add needs none
         gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         gpu.add(x)
         index = faiss.index_gpu_to_cpu(gpu)

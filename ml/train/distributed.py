@@ -202,7 +202,13 @@ def _distributor_use_gpu(gpu: bool, local: bool, num_processes: int) -> bool:
         return True
     from pyspark.sql import SparkSession
 
-    if "gpu" in SparkSession.getActiveSession().sparkContext.resources:
+    conf = SparkSession.getActiveSession().sparkContext.getConf()
+    declared = int(float(conf.get("spark.driver.resource.gpu.amount", "0") or 0))
+    if declared:  # TorchDistributor would quietly train with fewer processes than asked
+        if num_processes > declared:
+            raise ConfigError(f"train.num_processes={num_processes} with train.launcher=distributor on the driver, "
+                              f"which declares {declared} GPU(s) (spark.driver.resource.gpu.amount): one process "
+                              f"per GPU, so expected at most {declared}")
         return True
     n = torch.cuda.device_count()
     if num_processes > n:
@@ -237,8 +243,9 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
         use_gpu = _distributor_use_gpu(_distributor_gpu(cfg_train.device, local), local, cfg_train.num_processes)
         distributor = TorchDistributor(num_processes=cfg_train.num_processes, local_mode=local, use_gpu=use_gpu)
         if not local:
-            # TorchDistributor returns the first task's value (rank 0's) and reports a failed one as its
-            # own error; the process's exception and traceback are in that executor's log
+            # TorchDistributor returns the first task's value (every rank returns rank 0's: train_worker)
+            # and reports a failed one as its own error; the exception and traceback are in that
+            # executor's log
             return distributor.run(_Rank0Output(train_fn, None), *args)
         with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
             path = os.path.join(tmp, "rank0_output.pkl")
