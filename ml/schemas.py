@@ -29,6 +29,7 @@ WEIGHT = "weight"
 SCORE = "score"
 RANK = "rank"
 MODEL = "model"
+TS_MICROS = "ts_micros"
 
 ACTIONS = StructType([
     StructField(USER_ID, LongType(), False),
@@ -36,6 +37,9 @@ ACTIONS = StructType([
     StructField(TS, LongType(), False),
     StructField(BEHAVIOR, StringType(), True),
     StructField(CATEGORY_ID, LongType(), True),
+    # The event time in microseconds where the source is finer than seconds (ms / us / ns integers,
+    # timestamp columns, time strings); null for whole seconds. Orders a user's events within a second.
+    StructField(TS_MICROS, LongType(), True),
 ])
 
 # Rejected rows keep every source value as text so nothing is lost, plus why they were rejected.

@@ -72,6 +72,15 @@ def _sep_hint(source_cols: list) -> str:
     return ""
 
 
+def _with_same_names(mapping: dict, source_cols: list) -> dict:
+    """``ingest.columns`` plus, for every canonical field it leaves out, the source column of the same
+    name (unless the mapping reads that column as another field): mapping one renamed column does not
+    make the user map the columns that already have their names."""
+    taken = set(mapping.values())
+    same = {f: f for f in CANONICAL_FIELDS if f not in mapping and f in source_cols and f not in taken}
+    return {**mapping, **same}
+
+
 def _check_mapping(source_cols: list, mapping: dict, allow_extra: bool, where: str) -> None:
     missing = [f"{canon}->{src}" for canon, src in mapping.items() if src not in source_cols]
     unmapped = [req for req in ("user_id", "item_id", "ts") if req not in mapping]
@@ -134,7 +143,7 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
                     else f"missing columns {columns[n:]}")
             raise SourceSchemaError(f"{cfg.path}: first line has {n} fields, ingest.csv_schema names "
                                     f"{len(columns)} {columns}: {what}")
-    mapping = mapping or {f: f for f in CANONICAL_FIELDS if f in columns}  # default: same names, as Parquet
+    mapping = _with_same_names(mapping, columns)  # default: same names, as Parquet
     _check_mapping(columns, mapping, cfg.allow_extra_columns, cfg.path)
     df = read_csv_lines(spark, cfg.path, columns, cfg.csv_sep, cfg.csv_header)
     return RawSource(_raw_select(df, mapping, _CORRUPT), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
@@ -180,7 +189,7 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
                       delta_mode: str = "auto") -> RawSource:
     df = (io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta"
           else _read_parquet(spark, path, dict(cfg.columns).get("ts", "ts")))
-    mapping = dict(cfg.columns) or {f: f for f in CANONICAL_FIELDS if f in df.columns}
+    mapping = _with_same_names(dict(cfg.columns), df.columns)
     _check_mapping(df.columns, mapping, cfg.allow_extra_columns, path)
     _check_types(df, mapping, path, cfg.string_ids)
     ts_unit = cfg.ts_unit

@@ -21,7 +21,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from ml import schemas as S
-from ml.config import GenerateConfig
+from ml.config import CANONICAL_FIELDS, GenerateConfig
 
 BASE_TS = 1_700_000_000  # 2023-11-14, seconds
 _MASK = 2**52
@@ -101,7 +101,7 @@ def generate_actions(spark: SparkSession, cfg: GenerateConfig, seed: int) -> Dat
     out = out.select(uid, item_id(F.col("idx")).alias(S.ITEM_ID), S.TS, S.BEHAVIOR,
                      category_of(F.col("idx")).alias(S.CATEGORY_ID), "s", "j")
     out = _inject_defects(out, cfg, seed)
-    return out.select(*[F.col(f.name).cast(f.dataType) for f in S.ACTIONS.fields])
+    return out.select(*[F.col(f.name).cast(f.dataType) for f in S.ACTIONS.fields if f.name in CANONICAL_FIELDS])
 
 
 def _inject_defects(df: DataFrame, cfg: GenerateConfig, seed: int) -> DataFrame:

@@ -107,6 +107,21 @@ def _to_fine(ts_unit: str, ts_format: str):
     return to_long(S.TS) if ts_unit != "s" else F.lit(None).cast(LongType())
 
 
+def _to_micros(ts_unit: str, ts_format: str):
+    """The ts in microseconds where the source is finer than a second (``actions.ts_micros``, which
+    orders a user's events within a second); null for whole seconds. Nanoseconds are floored."""
+    if ts_unit == "string":
+        return F.unix_micros(_parse_ts(ts_format))
+    if ts_unit == "s":
+        return F.lit(None).cast(LongType())
+    per_micro = TS_UNITS[ts_unit] / 1_000_000
+    if per_micro == 1:
+        return to_long(S.TS)
+    if per_micro > 1:
+        return _floor_div(to_long(S.TS), int(per_micro))
+    return F.try_multiply(to_long(S.TS), F.lit(int(round(1 / per_micro))))
+
+
 def string_id(c):
     """A text key -> BIGINT: Spark's xxhash64 of the trimmed text's UTF-8 bytes (xxHash64, seed 42;
     null for a blank key), a function of the key alone: the same id on every run and cluster. Two keys
@@ -150,7 +165,7 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     df = raw.select(*[F.col(c) for c in raw.columns], to_id(S.USER_ID).alias("_u"), to_id(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), to_id(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
-                    _to_fine(ts_unit, ts_format).alias("_tms"))
+                    _to_fine(ts_unit, ts_format).alias("_tms"), _to_micros(ts_unit, ts_format).alias("_tus"))
     ts_ok = F.lit(True)
     if min_ts is not None:
         ts_ok = ts_ok & (F.col("_t") >= min_ts)
@@ -187,7 +202,7 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
 def good_actions(validated: DataFrame) -> DataFrame:
     return validated.where(F.col(S.REASON).isNull()).select(
         F.col("_u").alias(S.USER_ID), F.col("_i").alias(S.ITEM_ID), F.col("_t").alias(S.TS),
-        F.col("_b").alias(S.BEHAVIOR), F.col("_c").alias(S.CATEGORY_ID))
+        F.col("_b").alias(S.BEHAVIOR), F.col("_c").alias(S.CATEGORY_ID), F.col("_tus").alias(S.TS_MICROS))
 
 
 def rejected_actions(validated: DataFrame) -> DataFrame:

@@ -12,7 +12,7 @@ from ml.data.graph import MAX_BY_K_LIMIT, has_top_k_aggregate
 
 
 def build_sequences(actions: DataFrame, cfg: SequencesConfig) -> Tuple[DataFrame, DataFrame]:
-    """Order each user's actions by (ts, item_id) and hold out the last one.
+    """Order each user's actions by (ts, ts_micros, item_id) and hold out the last one.
 
     Returns ``(sequences, eval_targets)``. ``sequences`` holds the training part only (every
     action but the last, the most recent ``max_length`` of them when set); ``eval_targets`` holds
@@ -30,15 +30,21 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
     the job to count from these rows without another shuffle; :func:`split_user_events` drops them."""
     if cfg.behaviors:
         actions = actions.where(F.col(S.BEHAVIOR).isin(list(cfg.behaviors)))
+    # Within a second, the source's finer time orders the events (ts_micros; an actions table written
+    # before it had only seconds, and then the item id decides, as it does between events of one µs)
+    fine = F.col(S.TS) * 1_000_000
+    if S.TS_MICROS in actions.columns:
+        fine = F.coalesce(F.col(S.TS_MICROS), fine)
+    actions = actions.withColumn("_f", fine)
     if cfg.collapse_repeats:
         # Before the aggregation, so that it stays bounded: a row whose item is the user's previous
-        # one (in (ts, item_id) order) goes. A window sort per user spills; a run of repeats can be
-        # any length, so collapsing after a bounded top-k would have needed every event in memory.
-        order = Window.partitionBy(S.USER_ID).orderBy(S.TS, S.ITEM_ID)
+        # one (in (ts, ts_micros, item_id) order) goes. A window sort per user spills; a run of repeats
+        # can be any length, so collapsing after a bounded top-k would have needed every event in memory.
+        order = Window.partitionBy(S.USER_ID).orderBy(S.TS, "_f", S.ITEM_ID)
         actions = (actions.withColumn("_prev", F.lag(S.ITEM_ID).over(order))
                    .where(F.col("_prev").isNull() | (F.col("_prev") != F.col(S.ITEM_ID))).drop("_prev"))
-    # sort_array on (ts, item_id) structs: time order with an explicit, stable tie-break.
-    event = F.struct(F.col(S.TS).alias("t"), F.col(S.ITEM_ID).alias("i"))
+    # sort_array on (ts, µs, item_id) structs: time order with an explicit, stable tie-break.
+    event = F.struct(F.col(S.TS).alias("t"), F.col("_f").alias("f"), F.col(S.ITEM_ID).alias("i"))
     bound = _events_needed(cfg)
     if bound and has_top_k_aggregate(actions):
         # Only the most recent `bound` events can reach the tables: a bounded top-k aggregate keeps

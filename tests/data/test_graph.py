@@ -129,7 +129,8 @@ def test_no_eval_target_leakage(spark, warehouse):
     from ml.config import SequencesConfig
     from ml.data.sequences import build_sequences
 
-    acts = spark.createDataFrame([(1, 10, 1, None, None), (1, 11, 2, None, None), (1, 99, 3, None, None)], S.ACTIONS)
+    acts = spark.createDataFrame([(1, 10, 1, None, None, None), (1, 11, 2, None, None, None),
+                                  (1, 99, 3, None, None, None)], S.ACTIONS)
     seqs, targets = build_sequences(acts, SequencesConfig())
     edges = build_cooccurrence_graph(seqs, GraphConfig(window=5, symmetric=True))
     assert targets.first().target_item == 99

@@ -14,7 +14,10 @@ def _run(spark, cfg: IngestConfig):
     src = read_source(spark, cfg, default_path="unused", delta_mode="delta-rs")
     v = I.validate_actions(src.actions, behaviors=src.behaviors, ts_unit=src.ts_unit, ts_format=cfg.ts_format,
                            min_ts=cfg.min_ts, max_ts=cfg.max_ts)
-    good = sorted(tuple(r) for r in I.good_actions(v).collect())
+    rows = I.good_actions(v).collect()
+    # the finer time, where there is one, is within the row's second
+    assert all(r[S.TS_MICROS] is None or r[S.TS_MICROS] // 1_000_000 == r[S.TS] for r in rows)
+    good = sorted(tuple(r)[:5] for r in rows)
     bad = sorted((r[S.REASON], r[S.USER_ID], r[S.ITEM_ID], r[S.RAW_RECORD]) for r in I.rejected_actions(v).collect())
     return src, good, bad
 
@@ -323,8 +326,9 @@ def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
 
 
 def test_items_from_actions_takes_most_frequent_category(spark):
-    acts = spark.createDataFrame([(1, 10, 1, None, 5), (2, 10, 2, None, 6), (3, 10, 3, None, 6), (1, 11, 4, None, 9),
-                                  (2, 11, 5, None, 8), (3, 12, 6, None, None)], S.ACTIONS)
+    acts = spark.createDataFrame([(1, 10, 1, None, 5, None), (2, 10, 2, None, 6, None), (3, 10, 3, None, 6, None),
+                                  (1, 11, 4, None, 9, None), (2, 11, 5, None, 8, None), (3, 12, 6, None, None, None)],
+                                 S.ACTIONS)
     got = {r.item_id: r.category_id for r in I.items_from_actions(acts).collect()}
     assert got == {10: 6, 11: 8, 12: None}
 
@@ -457,6 +461,15 @@ def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_
     _, good, _ = _run(spark, IngestConfig(format="csv", path=bare, csv_header=False,
                                           csv_schema=["user_id", "item_id", "ts"]))
     assert good == [(1, 2, 3, None, None)]
+    # one renamed column mapped: the others keep their names (before, the mapping had to name every
+    # field, and with allow_extra_columns the category and behaviour were dropped without a word)
+    part = _write(tmp_path, "part.csv", "user_id,product,category_id,behavior,ts\n1,2,7,pv,3\n")
+    _, good, _ = _run(spark, IngestConfig(format="csv", path=part, columns={"item_id": "product"}))
+    assert good == [(1, 2, 3, "pv", 7)]
+    # a column the mapping reads as another field is not also its namesake's
+    swap = _write(tmp_path, "swap.csv", "user_id,item_id,ts,sku\n1,2,3,9\n")
+    _, good, _ = _run(spark, IngestConfig(format="csv", path=swap, columns={"item_id": "sku", "category_id": "item_id"}))
+    assert good == [(1, 9, 3, None, 2)]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "taobao", "parquet", "delta", "ml1m"])

@@ -6,7 +6,7 @@ from ml.data.sequences import build_sequences
 
 
 def _acts(spark, rows):
-    return spark.createDataFrame([(u, i, t, "pv", None) for u, i, t in rows], S.ACTIONS)
+    return spark.createDataFrame([(u, i, t, "pv", None, None) for u, i, t in rows], S.ACTIONS)
 
 
 def _collect(spark, rows, **kw):
@@ -22,6 +22,38 @@ def test_time_order_tie_break_and_leave_last_out(spark):
     seq, tgt = _collect(spark, rows)
     assert seq == {1: ([10, 20, 25], [1, 2, 2], 3), 2: ([7], [5], 1)}
     assert tgt == {1: (25, 30, 3, 3), 2: (7, 8, 6, 1)}
+
+
+def test_events_within_a_second_keep_the_sources_order(spark, tmp_path):
+    # a click log in ms: user 2 saw 9, then 1, in one second; the sequence must say so, and the eval
+    # trigger is 1. Before, ts was floored to the second and the item id ordered the two: [1, 9].
+    from ml.config import IngestConfig
+    from ml.data import ingest as I
+    from ml.data.formats import read_source
+
+    path = tmp_path / "ms.csv"
+    path.write_text("u,i,t\n1,9,1700000000100\n1,1,1700000000900\n1,5,1700000001100\n1,3,1700000005000\n"
+                    "2,9,1700000000100\n2,1,1700000000900\n2,5,1700000009000\n2,1,1700000000950\n")
+    for unit, scale in (("ms", 1), ("us", 1000), ("ns", 1_000_000)):
+        if unit != "ms":  # the same times in a finer unit
+            lines = path.read_text().splitlines()
+            (tmp_path / f"{unit}.csv").write_text("\n".join(
+                [lines[0]] + [",".join(ln.split(",")[:2] + [str(int(ln.split(",")[2]) * scale)]) for ln in lines[1:]]) + "\n")
+        cfg = IngestConfig(format="csv", path=str(tmp_path / f"{unit}.csv") if unit != "ms" else str(path), ts_unit=unit,
+                           columns={"user_id": "u", "item_id": "i", "ts": "t"})
+        src = read_source(spark, cfg, default_path="unused")
+        actions = I.good_actions(I.validate_actions(src.actions, ts_unit=src.ts_unit))
+        micros = sorted(r[S.TS_MICROS] for r in actions.where("user_id = 2").collect())
+        assert micros == [1700000000100000, 1700000000900000, 1700000000950000, 1700000009000000], unit
+        seq, tgt = build_sequences(actions, SequencesConfig(collapse_repeats=True))
+        got = {r.user_id: r["items"] for r in seq.collect()}
+        # user 2's two 1s (900 and 950 ms) are one repeat, collapsed in the source's order
+        assert got == {1: [9, 1, 5], 2: [9, 1]}, unit
+        assert {r.user_id: (r.trigger_item, r.target_item) for r in tgt.collect()} == {1: (5, 3), 2: (1, 5)}
+    # an actions table written before ts_micros (seconds only) still reads, in (ts, item_id) order
+    old = actions.drop(S.TS_MICROS)
+    seq, _ = build_sequences(old, SequencesConfig())
+    assert {r.user_id: r["items"] for r in seq.collect()}[2] == [1, 1, 9]
 
 
 def test_eval_target_never_in_training_sequence_and_ids_unchanged(spark):
