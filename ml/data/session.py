@@ -50,7 +50,7 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
         builder = builder.config(k, v)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(cfg.log_level)
-    _quiet_loggers(spark)
+    _quiet_loggers(spark, cfg.log_level)
     log.info("Spark %s session %s (master=%s)", spark.version, cfg.app_name, spark.sparkContext.master)
     return spark
 
@@ -133,12 +133,27 @@ QUIET_LOGGERS = ("org.apache.spark.sql.execution.streaming.FileStreamSink",
                  "org.apache.spark.sql.execution.streaming.sinks.FileStreamSink")
 
 
-def _quiet_loggers(spark: SparkSession) -> None:
+# In local mode the tasks run in the driver's JVM, and a failed one is logged with its Java stack
+# (~80 lines) by the executor and again by the scheduler before the job's own one-line error (a
+# Parquet column of another type in one file, a CSV header in another order, pandas' nanosecond
+# timestamps), and the other tasks, cancelled, warn for each temporary shuffle file. The failure
+# reaches the driver whole (its trace under --log-level DEBUG), so these are off there unless
+# spark.log_level asks for Spark's INFO or more; on a cluster they stay.
+LOCAL_TASK_LOGGERS = ("org.apache.spark.executor.Executor", "org.apache.spark.scheduler.TaskSetManager",
+                      "org.apache.spark.storage.DiskBlockObjectWriter")
+
+
+def _quiet_loggers(spark: SparkSession, log_level: str = "WARN") -> None:
     try:
         jvm = spark.sparkContext._jvm
-        error = jvm.org.apache.logging.log4j.Level.ERROR
+        level = jvm.org.apache.logging.log4j.Level
+        configurator = jvm.org.apache.logging.log4j.core.config.Configurator
         for name in QUIET_LOGGERS:
-            jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, error)
+            configurator.setLevel(name, level.ERROR)
+        local = spark.sparkContext.master.startswith("local[") or spark.sparkContext.master == "local"
+        if local and log_level.upper() in ("WARN", "ERROR", "FATAL", "OFF"):
+            for name in LOCAL_TASK_LOGGERS:
+                configurator.setLevel(name, level.OFF)
     except Exception as e:  # another logging backend: the trace stays, nothing else changes
         log.debug("could not quiet Spark's loggers: %s", e)
 

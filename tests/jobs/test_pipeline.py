@@ -186,6 +186,18 @@ def test_cli_missing_input_is_one_line_without_a_java_trace(tmp_path):
     assert res.returncode == 1 and f"error: MissingInput: ingest.path='{gone}': nothing there" in res.stderr
     # Spark's FileStreamSink logged the FileNotFoundException's stack at WARN before it (~90 lines)
     assert "FileNotFoundException" not in res.stderr and "\tat " not in res.stderr, res.stderr[-3000:]
+    # a failed task: the executor and the scheduler logged its Java stack (~80 lines) before the one line
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"user_id": [1], "item_id": [3], "ts": [5]}), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.table({"user_id": ["u1"], "item_id": [3], "ts": [7]}), tmp_path / "pq" / "b.parquet")
+    res = subprocess.run([sys.executable, "-m", "jobs.ingest", "--set", "ingest.format=parquet", "--set",
+                          f"ingest.path={tmp_path / 'pq'}", "--set", f"warehouse={tmp_path / 'wh'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "error: UnreadableFile: " in res.stderr, res.stderr[-3000:]
+    assert "\tat " not in res.stderr and len(res.stderr.splitlines()) < 8, res.stderr[-3000:]
 
 
 def test_source_state_is_the_input_and_its_companions_not_its_folder(tmp_path):
