@@ -67,14 +67,24 @@ def run(cfg: Config, spark=None) -> dict:
         log.warning("ingest.string_ids: %d %s ids were hashed from more than one key (their actions are one %s's; "
                     "the keys are in %s)", n, kind, kind, cfg.table_path(S.T_ID_KEYS))
     stats = actions.agg(F.count("*").alias("n"), F.approx_count_distinct(S.USER_ID, 0.01).alias("u"),
-                        F.approx_count_distinct(S.ITEM_ID, 0.01).alias("i")).first()
+                        F.approx_count_distinct(S.ITEM_ID, 0.01).alias("i"), F.max(S.TS).alias("last")).first()
     rejected = {r[S.REASON]: r["count"] for r in io.read_table(
         spark, cfg.table_path(S.T_ACTIONS_REJECTED), delta_mode=mode).groupBy(S.REASON).count().collect()}
     out = {"actions": stats["n"], "users": stats["u"], "items": stats["i"], "rejected": rejected,
            "input_rows": stats["n"] + sum(rejected.values()), "tables": tables, "id_collisions": collisions}
     log.info("ingested %s: %d input rows -> %d actions (about %d users, %d items); rejected %s",
              ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
+    hints = f"{_ts_hint(cfg, {**rejected, None: stats['n']})}{_key_hint(cfg, {**rejected, None: stats['n']})}" \
+            f"{_filter_hint(cfg, {**rejected, None: stats['n']})}"
+    if hints:  # most rows rejected for one cause: the job succeeds on the rest, and says what to check
+        log.warning("ingest: most input rows were rejected%s", hints)
+    if ic.ts_unit in ("ms", "us", "ns") and stats["last"] is not None and stats["last"] < EARLY_1973:
+        log.warning("ingest: every ts is before 1973 (the latest: %d s since the epoch) with ingest.ts_unit=%s: "
+                    "if the source counts in a coarser unit, set it (s, ms, us, ns)", stats["last"], ic.ts_unit)
     return out
+
+
+EARLY_1973 = 100_000_000  # 1973-03-03 in seconds: a log of ms read as µs lands on 1970-01-20
 
 
 class NoActionsError(InvalidInput):
@@ -99,33 +109,40 @@ def _no_actions(spark, cfg: Config, validated) -> None:
         f"{_key_hint(cfg, reasons)}{_filter_hint(cfg, reasons)}")
 
 
+def _most(reasons: dict, wanted: set) -> bool:
+    """Do the rows with these reasons make up more than half of ``reasons``' rows? (A stray malformed
+    line or duplicate must not hide the setting that rejected everything else.)"""
+    total = sum(reasons.values())
+    return 2 * sum(n for r, n in reasons.items() if r in wanted) > total
+
+
 def _ts_hint(cfg: Config, reasons: dict) -> str:
-    """Where every row's ts is unreadable, the keys that say how ts is read are the likely cause."""
+    """Where most rows' ts is unreadable, the keys that say how ts is read are the likely cause."""
     ic = cfg.ingest
-    if set(reasons) != {BAD_TS} or ic.format not in MAPPED_FORMATS:  # the others fix the unit
+    if not _most(reasons, {BAD_TS}) or ic.format not in MAPPED_FORMATS:  # the others fix the unit
         return ""
     how = f"ingest.ts_unit={ic.ts_unit}" + (f", ingest.ts_format={ic.ts_format!r}" if ic.ts_unit == "string" else "")
     return f"; no ts could be read: check ingest.ts_unit / ingest.ts_format ({how})"
 
 
 def _key_hint(cfg: Config, reasons: dict) -> str:
-    """Where every row's ids or categories are text, ``ingest.string_ids`` is the likely way out."""
+    """Where most rows' ids or categories are text, ``ingest.string_ids`` is the likely way out."""
     text_keys = {BAD_USER, BAD_ITEM, BAD_CATEGORY}
-    if cfg.ingest.string_ids or not set(reasons) <= text_keys or cfg.ingest.format not in MAPPED_FORMATS:
+    if cfg.ingest.string_ids or not _most(reasons, text_keys) or cfg.ingest.format not in MAPPED_FORMATS:
         return ""
     return ("; ids and categories must be integers unless ingest.string_ids=true (user_id, item_id and "
             "category_id are then text keys, hashed to BIGINT ids)")
 
 
 def _filter_hint(cfg: Config, reasons: dict) -> str:
-    """Where every row fell to a filter of the config, the filter's key and value."""
+    """Where most rows fell to a filter of the config, the filter's key and value."""
     ic = cfg.ingest
-    if set(reasons) <= {BAD_BEHAVIOR, MISSING_BEHAVIOR} and ic.format in MAPPED_FORMATS:  # others fix the values
-        return (f"; every row's behaviour is missing or not in ingest.behaviors={ic.behaviors} (set the values "
+    if _most(reasons, {BAD_BEHAVIOR, MISSING_BEHAVIOR}) and ic.format in MAPPED_FORMATS:  # others fix the values
+        return (f"; most rows' behaviour is missing or not in ingest.behaviors={ic.behaviors} (set the values "
                 f"your log uses, or ingest.behaviors=null to accept any; a behaviour column under another name "
                 f"is mapped with ingest.columns)")
-    if set(reasons) == {TS_OUT_OF_RANGE}:
-        return (f"; every ts is outside ingest.min_ts={ic.min_ts} .. ingest.max_ts={ic.max_ts} (seconds since the "
+    if _most(reasons, {TS_OUT_OF_RANGE}):
+        return (f"; most ts are outside ingest.min_ts={ic.min_ts} .. ingest.max_ts={ic.max_ts} (seconds since the "
                 f"epoch, after ingest.ts_unit={ic.ts_unit} is applied)")
     return ""
 

@@ -579,17 +579,33 @@ def test_a_ts_format_spark_cannot_parse_with_is_a_config_error_naming_the_key(sp
         _run(spark, IngestConfig(format="csv", path=path, ts_unit="string", ts_format=fmt))
 
 
-def test_every_ts_unreadable_says_to_check_ts_unit_and_ts_format(spark, tmp_path):
+def test_every_ts_unreadable_says_to_check_ts_unit_and_ts_format(spark, tmp_path, caplog):
     from jobs import ingest as ingest_job
     from ml.config import load_config
 
-    path = _write(tmp_path, "log.csv", "u,i,t\n1,2,2020-01-01 10:00:00\n1,3,2020-01-01 11:00:00\n")
+    # a stray line of another shape does not hide the hint (it needed every row to be bad_ts)
+    path = _write(tmp_path, "log.csv", "u,i,t\n1,2,2020-01-01 10:00:00\n1,3,2020-01-01 11:00:00\n1,2\n")
     cfg = load_config(None, ["ingest.format=csv", "ingest.columns={user_id: u, item_id: i, ts: t}",
                              f"warehouse={tmp_path / 'wh'}", f"ingest.path={path}", "ingest.ts_unit=string",
                              "ingest.ts_format=yyyy-MM-dd hh:mm:ss a"])  # AM/PM the data does not have
     with pytest.raises(ingest_job.NoActionsError, match=r"'bad_ts': 2.*check ingest.ts_unit / ingest.ts_format "
                                                         r"\(ingest.ts_unit=string, ingest.ts_format='yyyy-MM-dd hh"):
         ingest_job.run(cfg, spark)
+    # most rows unreadable but one: the job runs on that one, and says what to check
+    path = _write(tmp_path, "most.csv", "u,i,t\n1,2,2020-01-01 10:00:00\n1,3,2020-01-01 11:00:00\n1,4,1700000000\n")
+    cfg = load_config(None, ["ingest.format=csv", "ingest.columns={user_id: u, item_id: i, ts: t}",
+                             f"warehouse={tmp_path / 'wh'}", f"ingest.path={path}"])
+    with caplog.at_level("WARNING", logger="jobs.ingest"):
+        assert ingest_job.run(cfg, spark)["actions"] == 1
+    assert "most input rows were rejected; no ts could be read: check ingest.ts_unit" in caplog.text
+    # seconds read as ms land in January 1970: said, not silently used
+    path = _write(tmp_path, "secs.csv", "u,i,t\n1,2,1700000000\n1,3,1700000100\n")
+    cfg = load_config(None, ["ingest.format=csv", "ingest.columns={user_id: u, item_id: i, ts: t}", "ingest.ts_unit=ms",
+                             f"warehouse={tmp_path / 'wh'}", f"ingest.path={path}"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jobs.ingest"):
+        ingest_job.run(cfg, spark)
+    assert "every ts is before 1973 (the latest: 1700000 s since the epoch) with ingest.ts_unit=ms" in caplog.text
 
 
 def test_the_ingest_log_counts_users_and_items_without_an_exact_distinct(spark, tmp_path, monkeypatch):
