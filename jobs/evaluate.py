@@ -61,8 +61,10 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     for b in (compare_to if explicit else cfg.eval.compare_to):
         baselines[b] = lists.get(b) or model_lists(b)
         if not baselines[b]:
-            msg = (f"baseline {b!r} has no rows in i2i_topk or u2i_topk (run the pipeline with model={b} into "
-                   "this warehouse first)")
+            base = b[: -len("_recent")] if b.endswith("_recent") else None
+            how = (f"the pipeline with model={base} and recent.triggers > 0" if base
+                   else f"the pipeline with model={b}")
+            msg = f"baseline {b!r} has no rows in i2i_topk or u2i_topk (run {how} into this warehouse first)"
             if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
                 raise InvalidInput(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)

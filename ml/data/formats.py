@@ -226,7 +226,7 @@ def _read_parquet(spark: SparkSession, path: str, ts_column: str) -> DataFrame:
         raise SourceSchemaError(
             f"{path}: Spark cannot read Parquet timestamps in nanoseconds ({which}; pandas writes them by default). "
             "Write them in microseconds (pandas: df.to_parquet(path, coerce_timestamps='us', "
-            f"allow_truncated_timestamps=True)), {how}") from e
+            f"allow_truncated_timestamps=True, index=False)), {how}") from e
 
 
 def _nanos_columns(path: str) -> Optional[List[str]]:

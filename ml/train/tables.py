@@ -54,16 +54,20 @@ def agreed_versions(paths: Sequence[str]) -> Dict[str, int]:
 
 
 def read_columns(path: str, columns: list, version: Optional[int] = None,
-                 partitions: Optional[list] = None) -> pa.Table:
+                 partitions: Optional[list | dict] = None) -> pa.Table:
     """The given columns of a Delta snapshot (``version``, else the one pinned by
-    :func:`pinned_versions`, else the latest); ``partitions`` (e.g. ``[("model", "=", "natm")]``)
-    reads only the files of those partitions."""
+    :func:`pinned_versions`, else the latest); ``partitions`` (``[("model", "=", "natm")]``, or
+    ``{"model": ["natm"]}`` as :func:`ml.data.io.read_table` takes it) reads only the files of those
+    partitions."""
     if not DeltaTable.is_deltatable(path):
         raise MissingInput(f"no Delta table at {path} (has its producing job run?)")
     version = _PINNED.get(path) if version is None else version
     dt = DeltaTable(path, version=version) if version is not None else DeltaTable(path)
     check_readable(dt, path)  # column mapping on the older protocol read as all nulls here
-    return pa.table(dt.to_pyarrow_table(columns=columns, partitions=partitions, filesystem=table_filesystem(path)))
+    if isinstance(partitions, dict):
+        partitions = [(k, "in", list(v)) for k, v in partitions.items()]
+    # delta-rs's filters prune the files by their partition values (its `partitions` is deprecated)
+    return pa.table(dt.to_pyarrow_table(columns=columns, filters=partitions or None, filesystem=table_filesystem(path)))
 
 
 def table_filesystem(path: str) -> pafs.FileSystem:

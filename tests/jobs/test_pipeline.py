@@ -147,6 +147,9 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     assert pairs == {("cooc_recent", "cooc")}
     with pytest.raises(ValueError, match=r"--compare-to: baseline 'no_such_model' has no rows"):
         evaluate.run(cfg, spark, ["cooc"], compare_to=["no_such_model"])  # asked for explicitly: an error
+    # a fused list's advice is its model with the recent stage (model=dat_recent is no model)
+    with pytest.raises(ValueError, match=r"'dat_recent' has no rows .*run the pipeline with model=dat and recent.triggers > 0"):
+        evaluate.run(cfg, spark, ["cooc"], compare_to=["dat_recent"])
     # one commit per table for all the models; a run that fails on a later model writes nothing
     tables = [cfg.table_path(S.T_METRICS), cfg.table_path(S.T_METRICS_PAIRED)]
     before = [io.table_version(t) for t in tables]

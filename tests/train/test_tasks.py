@@ -169,6 +169,8 @@ def test_read_columns_reads_partitions_with_escaped_values_through_arrows_filesy
         (1, "a b"), (2, "x/y%z"), (3, "plain")]
     one = read_columns(path, ["id"], partitions=[("s", "=", "x/y%z")])
     assert one.column("id").to_pylist() == [2]
+    # io.read_table's spelling of the same filter
+    assert sorted(read_columns(path, ["id"], partitions={"s": ["x/y%z", "plain"]}).column("id").to_pylist()) == [2, 3]
     assert read_columns(f"file://{path}", ["id"]).num_rows == 3
     assert read_columns(f"file:{path}", ["id"]).num_rows == 3  # Spark's spelling
     spaced = str(tmp_path / "a b")
