@@ -441,6 +441,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
     total_steps = total_training_steps(cfg, steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg, total_steps, warn=ctx.is_main)
     amp_dtype = autocast_dtype(cfg.amp, device, warn=ctx.is_main)
+    precision = "bf16" if amp_dtype else "fp32"
     if ctx.is_main:
         logger.info("training on %s in %s", device, "bf16 autocast" if amp_dtype else "fp32")
 
@@ -500,6 +501,12 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
             last_loss = state["extra"].get("last_loss")
             run_id = state["extra"].get("run_id")  # the resumed run's (None: written before run ids)
+            written_in = state["extra"].get("precision")  # None: written before it was recorded
+            if ctx.is_main and written_in not in (None, precision):
+                # train.amp=auto resolves per device: a CPU run continued on a GPU (or the reverse)
+                logger.warning("resume: %s was trained in %s and continues in %s (train.amp=%s on %s): the "
+                               "run is no longer the same as one that was never interrupted", path, written_in,
+                               precision, cfg.amp, device)
             last_checkpoint = path
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
             if ctx.is_main:
@@ -526,7 +533,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
 
     def checkpoint(epoch_pos: int, batches_pos: int) -> Optional[str]:
         extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings,
-                 "run_id": run_id}
+                 "run_id": run_id, "precision": precision}
         return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                step=step, epoch=epoch_pos, batches_done_in_epoch=batches_pos,
                                extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)
@@ -619,7 +626,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
         samples_seen = int(total.item())
     result = {"steps": step, "epochs": epoch, "final_loss": last_loss, "seconds": seconds,
               "samples_per_s": samples_seen / max(seconds, 1e-9), "checkpoint": last_checkpoint,
-              "precision": "bf16" if amp_dtype else "fp32", "run_id": run_id}
+              "precision": precision, "run_id": run_id}
     if ctx.is_main:
         logger.info("training finished: %d steps, %d epochs, final loss %s, %.1f s, %.0f samples/s",
                     step, epoch, last_loss, seconds, result["samples_per_s"])

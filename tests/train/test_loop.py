@@ -105,6 +105,27 @@ def test_max_steps_stops_and_writes_final_checkpoint(tmp_path):
     assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == (7, 1, 3)
 
 
+def test_a_resume_in_another_precision_says_so(tmp_path, monkeypatch, caplog):
+    # train.amp=auto resolves per device: a CPU run in fp32 continued on a bf16 GPU changed precision
+    # without a word
+    from ml.train import loop
+
+    x, y = regression_data(64)
+    cfg = TrainConfig(epochs=2, max_steps=3, batch_size=16, checkpoint_every=100, device="cpu", amp="auto")
+    monkeypatch.setattr(loop, "autocast_dtype", lambda *a, **k: None)
+    train(nn.Linear(8, 1), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, str(tmp_path))
+    assert load_checkpoint(latest_checkpoint(str(tmp_path)))["extra"]["precision"] == "fp32"
+    more = dataclasses.replace(cfg, max_steps=5)
+    with caplog.at_level("WARNING", logger=loop.logger.name):
+        train(nn.Linear(8, 1), shuffled_batches(x, y, 16), mse_loss, more, CPU, str(tmp_path), resume=True)
+    assert "was trained in" not in caplog.text  # the same precision: nothing to say
+    monkeypatch.setattr(loop, "autocast_dtype", lambda *a, **k: torch.bfloat16)
+    with caplog.at_level("WARNING", logger=loop.logger.name):
+        res = train(nn.Linear(8, 1), shuffled_batches(x, y, 16), mse_loss, dataclasses.replace(cfg, max_steps=7),
+                    CPU, str(tmp_path), resume=True)
+    assert res["precision"] == "bf16" and "was trained in fp32 and continues in bf16 (train.amp=auto on cpu)" in caplog.text
+
+
 # crash in the loss of step `crash_at`; the newest checkpoint is then mid-epoch 0 or mid-epoch 1
 @pytest.mark.parametrize("crash_at,resume_step,resume_pos", [(11, 8, (0, 8)), (23, 20, (1, 5))])
 def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resume_pos):
