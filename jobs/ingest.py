@@ -74,8 +74,8 @@ def run(cfg: Config, spark=None) -> dict:
            "input_rows": stats["n"] + sum(rejected.values()), "tables": tables, "id_collisions": collisions}
     log.info("ingested %s: %d input rows -> %d actions (about %d users, %d items); rejected %s",
              ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
-    hints = f"{_ts_hint(cfg, {**rejected, None: stats['n']})}{_key_hint(cfg, {**rejected, None: stats['n']})}" \
-            f"{_filter_hint(cfg, {**rejected, None: stats['n']})}"
+    every_row = {**rejected, None: stats["n"]}  # None: the good rows
+    hints = f"{_ts_hint(cfg, every_row)}{_key_hint(cfg, every_row)}{_filter_hint(cfg, every_row)}"
     if hints:  # most rows rejected for one cause: the job succeeds on the rest, and says what to check
         log.warning("ingest: most input rows were rejected%s", hints)
     if ic.ts_unit in ("ms", "us", "ns") and stats["last"] is not None and stats["last"] < EARLY_1973:

@@ -151,6 +151,7 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
 
 _ID_FIELDS = ("user_id", "item_id", "category_id")
 _CLOCK_TYPES = (T.TimestampType, T.TimestampNTZType, T.DateType)  # a ts column with a clock of its own
+_FLOATS = (T.FloatType, T.DoubleType)  # read as a category_id only (:func:`_float_category`)
 
 
 def _check_types(df: DataFrame, mapping: dict, where: str, string_ids: bool = False) -> None:
@@ -174,9 +175,6 @@ def _check_types(df: DataFrame, mapping: dict, where: str, string_ids: bool = Fa
                                         f"(cast it in the source, or map another column with ingest.columns.{canon})")
 
 
-_FLOATS = (T.FloatType, T.DoubleType)
-
-
 def _float_category(col, exact: int):
     """A float category id as text ``to_long`` reads: a whole number below 2^53 for a double, 2^24 for a
     float (where every integer is exact) as its digits; anything else (4.5, NaN, 1e17) as Spark writes
@@ -197,9 +195,9 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
         df = df.withColumn(mapping["ts"], _epoch_micros(df, mapping["ts"]))
         ts_unit = "us"  # Spark's own precision, so that two events 400 us apart are not duplicates
     cat = mapping.get("category_id")
-    if cat and isinstance(df.schema[cat].dataType, _FLOATS):
-        exact = 2 ** 24 if isinstance(df.schema[cat].dataType, T.FloatType) else 2 ** 53
-        df = df.withColumn(cat, _float_category(F.col(f"`{cat}`"), exact))
+    cat_type = df.schema[cat].dataType if cat else None
+    if isinstance(cat_type, _FLOATS):
+        df = df.withColumn(cat, _float_category(F.col(f"`{cat}`"), 2 ** 24 if isinstance(cat_type, T.FloatType) else 2 ** 53))
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 

@@ -107,19 +107,15 @@ def _to_fine(ts_unit: str, ts_format: str):
     return to_long(S.TS) if ts_unit != "s" else F.lit(None).cast(LongType())
 
 
-def _to_micros(ts_unit: str, ts_format: str):
-    """The ts in microseconds where the source is finer than a second (``actions.ts_micros``, which
-    orders a user's events within a second); null for whole seconds. Nanoseconds are floored."""
-    if ts_unit == "string":
-        return F.unix_micros(_parse_ts(ts_format))
-    if ts_unit == "s":
-        return F.lit(None).cast(LongType())
-    per_micro = TS_UNITS[ts_unit] / 1_000_000
-    if per_micro == 1:
-        return to_long(S.TS)
-    if per_micro > 1:
-        return _floor_div(to_long(S.TS), int(per_micro))
-    return F.try_multiply(to_long(S.TS), F.lit(int(round(1 / per_micro))))
+def _micros(fine, ts_unit: str):
+    """:func:`_to_fine`'s column in microseconds (``actions.ts_micros``, which orders a user's events
+    within a second); null for whole seconds. Nanoseconds are floored."""
+    per_second = TS_UNITS[ts_unit]
+    if per_second is None or per_second in (1, 1_000_000):  # a string's µs, null for seconds, or µs
+        return fine
+    if per_second > 1_000_000:
+        return _floor_div(fine, per_second // 1_000_000)
+    return F.try_multiply(fine, F.lit(1_000_000 // per_second))
 
 
 def string_id(c):
@@ -165,7 +161,8 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     df = raw.select(*[F.col(c) for c in raw.columns], to_id(S.USER_ID).alias("_u"), to_id(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), to_id(S.CATEGORY_ID).alias("_c"),
                     F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
-                    _to_fine(ts_unit, ts_format).alias("_tms"), _to_micros(ts_unit, ts_format).alias("_tus"))
+                    _to_fine(ts_unit, ts_format).alias("_tms"))
+    df = df.withColumn("_tus", _micros(F.col("_tms"), ts_unit))
     ts_ok = F.lit(True)
     if min_ts is not None:
         ts_ok = ts_ok & (F.col("_t") >= min_ts)

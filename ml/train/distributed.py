@@ -204,17 +204,13 @@ def _distributor_use_gpu(gpu: bool, local: bool, num_processes: int) -> bool:
 
     conf = SparkSession.getActiveSession().sparkContext.getConf()
     declared = int(float(conf.get("spark.driver.resource.gpu.amount", "0") or 0))
-    if declared:  # TorchDistributor would quietly train with fewer processes than asked
-        if num_processes > declared:
-            raise ConfigError(f"train.num_processes={num_processes} with train.launcher=distributor on the driver, "
-                              f"which declares {declared} GPU(s) (spark.driver.resource.gpu.amount): one process "
-                              f"per GPU, so expected at most {declared}")
-        return True
-    n = torch.cuda.device_count()
+    # declared: TorchDistributor would quietly train with fewer processes than asked
+    n, where = ((declared, f", which declares {declared} GPU(s) (spark.driver.resource.gpu.amount)") if declared
+                else (torch.cuda.device_count(), f" and {torch.cuda.device_count()} GPU(s) here"))
     if num_processes > n:
-        raise ConfigError(f"train.num_processes={num_processes} with train.launcher=distributor on the driver and "
-                          f"{n} GPU(s) here: one process per GPU, so expected at most {n}")
-    return False
+        raise ConfigError(f"train.num_processes={num_processes} with train.launcher=distributor on the driver{where}: "
+                          f"one process per GPU, so expected at most {n}")
+    return bool(declared)
 
 
 def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> Any:
