@@ -149,6 +149,21 @@ def use_deterministic_ops(on: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def deterministic_attention(on: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """``train.deterministic`` on CUDA: attention through the math kernel (matmuls and a softmax).
+
+    The fused kernels torch picks on a GPU (memory-efficient, flash) accumulate the backward's
+    gradients with atomic adds, so two runs differ; under ``warn_only`` torch only warns (for the
+    memory-efficient kernel once the neighbour list passes one key block, N >= 64). The math kernel
+    is deterministic and, for NATM's 1 + N tokens, costs little. A no-op on CPU and when off.
+    """
+    if not (on and device.type == "cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX, through oneDNN).
@@ -558,7 +573,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                     n = _batch_len(batch)
                     batch = _to_device(batch, device)
                     optimizer.zero_grad(set_to_none=True)
-                    with autocast():
+                    with autocast(), deterministic_attention(cfg.deterministic, device):
                         out = loss_fn(net, batch)
                     loss, metrics = out if isinstance(out, tuple) else (out, {})
                     loss.backward()

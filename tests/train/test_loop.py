@@ -596,6 +596,40 @@ def test_training_turns_on_deterministic_kernels(tmp_path):
         torch.use_deterministic_algorithms(was)
 
 
+def test_deterministic_training_on_cuda_computes_attention_with_the_math_kernel(tmp_path, monkeypatch):
+    """The fused GPU attention kernels' backward is not deterministic (atomic adds; torch only warns under
+    warn_only), so deterministic CUDA training must select the math kernel. No GPU here: the helper's
+    kernel flags are checked for a CUDA device, a transformer's step runs inside it, and train() is
+    checked to compute each loss inside it."""
+    from ml.train import loop
+
+    def flags():
+        b = torch.backends.cuda
+        return b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
+
+    before = flags()
+    with loop.deterministic_attention(True, torch.device("cuda")):
+        assert flags() == (False, False, True)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, 0.0, batch_first=True)
+        layer(torch.randn(3, 10, 16)).sum().backward()  # the math kernel runs where there is no GPU too
+    assert flags() == before
+    for on, device in ((False, "cuda"), (True, "cpu")):
+        with loop.deterministic_attention(on, torch.device(device)):
+            assert flags() == before
+
+    seen = []
+
+    def recording(on, device):
+        seen.append((on, device.type))
+        return loop.contextlib.nullcontext()
+
+    monkeypatch.setattr(loop, "deterministic_attention", recording)
+    x, y = regression_data(32)
+    cfg = TrainConfig(epochs=1, batch_size=16, log_every=5, checkpoint_every=1000, device="cpu", amp=False)
+    train(nn.Linear(8, 1), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, str(tmp_path / "ck"))
+    assert seen == [(True, "cpu")] * 2  # once per step, with the run's setting and device
+
+
 def test_deferred_allocation_without_init_leaves_the_init_to_the_caller():
     calls = []
 
