@@ -140,18 +140,21 @@ def load_graph(graph_path: str, vocab: Vocab):
 
 
 def load_categories(items_path: Optional[str], vocab: Vocab):
-    """(V+1,) category index per item index (0 = unknown) and the number of categories."""
+    """(V+1,) category index per item index (0 = unknown) and the number of categories.
+
+    The categories are those of the vocabulary's items: a category held only by catalogue items
+    without a training action would be an embedding row that nothing trains."""
     if not items_path or not DeltaTable.is_deltatable(items_path):
         return None, 0
     t = read_columns(items_path, ["item_id", "category_id"])
-    ids = torch.from_numpy(t.column("item_id").to_numpy().copy())
+    idx = vocab.index(torch.from_numpy(t.column("item_id").to_numpy().copy())).numpy()
+    trained = idx > 0
     col = t.column("category_id")
-    has = ~col.is_null().to_numpy(zero_copy_only=False)  # negative ids are ids (hashed keys are signed)
-    cats = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    has = ~col.is_null().to_numpy(zero_copy_only=False)[trained]  # negative ids are ids (hashed keys are signed)
+    cats = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[trained]
     known = np.unique(cats[has])
     cat_index = np.searchsorted(known, cats) + 1  # 1..C
     cat_index[~has] = 0
     out = torch.zeros(vocab.size + 1, dtype=torch.long)
-    idx = vocab.index(ids)
-    out[idx[idx > 0]] = torch.from_numpy(cat_index)[idx > 0]
+    out[torch.from_numpy(idx[trained])] = torch.from_numpy(cat_index)
     return out, int(len(known))

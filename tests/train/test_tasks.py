@@ -206,3 +206,6 @@ def test_load_categories_takes_negative_ids_as_categories_and_null_as_unknown(tm
     assert n == 3  # -5, 3, 9 -> indices 1, 2, 3
     assert cats.tolist() == [0, 1, 2, 0, 1, 3, 0]  # padding, items 10..14, item 15 has no row
     assert load_categories(str(tmp_path / "absent"), build_vocab([1])) == (None, 0)
+    # categories of the vocabulary's items only: 9 belongs to item 14 alone, which did not train
+    cats, n = load_categories(path, build_vocab([10, 11, 12, 13]))
+    assert n == 2 and cats.tolist() == [0, 1, 2, 0, 1]
