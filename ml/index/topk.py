@@ -59,20 +59,43 @@ def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k index positions and scores per query, excluding the query's own position.
 
-    Asks Faiss for k+1 and drops the self hit (or the last one). Ties in score are broken by
-    the smaller position, so equal scores always give the same order.
+    Ties in score go to the smaller position, also at the k-th place. Faiss orders equal scores
+    as it meets them, and returns an arbitrary subset of the items tied at its last place; so the
+    hits are sorted by (score, position) before the self hit (or, where the query's own position is
+    not among them, the weakest) is dropped, and a query whose k-th kept score equals the weakest
+    score Faiss returned is searched again with twice the hits until it does not (or the index is
+    exhausted): an equal-scored item of smaller position that Faiss left out is not lost.
+    Positions -1 (fewer hits than k, with IVF) come last.
     """
+    # Faiss computes inner products with BLAS from a batch size on (nq x d >= 128,000 in faiss 1.15)
+    # and pair by pair below it, and the two differ in the last bits (every row of 600 256-d queries,
+    # by up to 8e-7): a query's scores, and the order of its near-ties, depended on how many queries
+    # shared its batch. Always BLAS: the same bits in every batch size (tested), at the same speed.
+    faiss.cvar.distance_compute_blas_threshold = 0
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    scores, pos = index.search(q, k + 1)
-    if query_pos is not None:
-        drop = pos == query_pos[:, None]
-        # rows without a self hit drop their last (weakest) result instead
-        no_self = ~drop.any(axis=1)
-        drop[no_self, -1] = True
-        pos = pos[~drop].reshape(len(q), k)
-        scores = scores[~drop].reshape(len(q), k)
-    else:
-        pos, scores = pos[:, :k], scores[:, :k]
+    fetch = k + (query_pos is not None)
+    pos, scores, last = _cut(index, q, query_pos, k, fetch)
+    rows = np.arange(len(q))
+    while fetch < index.ntotal:
+        tied = (pos[rows, k - 1] >= 0) & (scores[rows, k - 1] == last[rows]) if k else np.zeros(len(rows), bool)
+        rows = rows[tied]
+        if not len(rows):
+            break
+        fetch = min(2 * fetch, index.ntotal)
+        pos[rows], scores[rows], last[rows] = _cut(index, q[rows], None if query_pos is None else query_pos[rows],
+                                                  k, fetch)
+    return pos, scores
+
+
+def _cut(index: faiss.Index, q: np.ndarray, query_pos: Optional[np.ndarray], k: int, fetch: int,
+         ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first k of ``fetch`` hits by (score desc, position asc) without the query's own position,
+    and the weakest score returned (NaN where Faiss returned fewer than ``fetch``: nothing was left)."""
+    scores, pos = index.search(q, fetch)
     valid = pos >= 0
     order = np.lexsort((np.where(valid, pos, np.iinfo(np.int64).max), -np.where(valid, scores, -np.inf)), axis=1)
-    return np.take_along_axis(pos, order, 1), np.take_along_axis(scores, order, 1)
+    pos, scores = np.take_along_axis(pos, order, 1), np.take_along_axis(scores, order, 1)
+    last = np.where(pos[:, -1] >= 0, scores[:, -1], np.nan)
+    drop = (pos == query_pos[:, None]) & (pos >= 0) if query_pos is not None else np.zeros(pos.shape, bool)
+    keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the hits in order, the self hit moved past the k-th
+    return np.take_along_axis(pos, keep, 1), np.take_along_axis(scores, keep, 1), last

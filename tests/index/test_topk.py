@@ -1,4 +1,5 @@
-"""search_topk on hand-built exact indexes: self-exclusion, the weakest hit dropped, ties by position."""
+"""search_topk on hand-built exact indexes: self-exclusion, the weakest hit dropped, ties by position
+(at the k-th place too), and scores that do not depend on the batch."""
 import numpy as np
 
 from ml.index.topk import build_index, search_topk
@@ -28,3 +29,53 @@ def test_a_row_without_its_self_hit_drops_its_weakest_result():
     # without query positions, the plain top k
     pos, _ = search_topk(index, q, None, k=2)
     assert pos.tolist() == [[0, 1], [3, 2]]
+
+
+def test_ties_at_the_cut_go_to_the_smaller_position_whatever_faiss_returned():
+    # three equal vectors, k = 1: Faiss returns query 2's two hits as [1, 0], and the weakest was dropped
+    # before the sort (the list read [1]); it must be [0]
+    index = build_index(np.array([[1, 0]] * 3, np.float32), kind="flat", use_gpu=False)
+    pos, _ = search_topk(index, np.array([[1, 0]] * 3, np.float32), np.arange(3), k=1)
+    assert pos.tolist() == [[1], [0], [0]]
+    # 200 equal vectors: Faiss returns some k + 1 of them, not the smallest positions; the tied items it
+    # left out are fetched by searching again, so every list is the smallest positions but its own
+    x = np.array([[0.6, 0.8]] * 200 + [[1, 0]] * 5, np.float32)
+    index = build_index(x, kind="flat", use_gpu=False)
+    queries = np.array([0, 3, 150, 199, 200], np.int64)
+    pos, scores = search_topk(index, x[queries], queries, k=4)
+    assert pos.tolist() == [[1, 2, 3, 4], [0, 1, 2, 4], [0, 1, 2, 3], [0, 1, 2, 3], [201, 202, 203, 204]]
+    np.testing.assert_allclose(scores, 1.0, rtol=1e-6)
+    pos, _ = search_topk(index, x[[0]], None, k=3)  # u2i: no self to drop
+    assert pos.tolist() == [[0, 1, 2]]
+    # IVF scans its lists nearest first and keeps the first of equal scores: positions 0 and 1 score the
+    # same for the query, 1 sits in the list scanned first, and Faiss's top 1 is [1]; it must be [0]
+    rng = np.random.default_rng(0)
+
+    def around(v, n):
+        y = np.array(v, np.float32) + 0.05 * rng.standard_normal((n, 2)).astype(np.float32)
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    xi = np.vstack([[[c, -s], [c, s]], around([0.5, 0.866], 50), around([0, -1], 50)]).astype(np.float32)
+    ivf = build_index(xi, kind="ivf", nlist=2, nprobe=2, use_gpu=False)
+    q = np.array([[1, 0]], np.float32)
+    assert ivf.search(q, 1)[1].tolist() == [[1]]  # what Faiss alone answers
+    assert search_topk(ivf, q, None, k=1)[0].tolist() == [[0]]
+    # an item with no row in the index (position -1) keeps k hits, and a -1 from IVF is never taken as it
+    pos, _ = search_topk(index, x[[0]], np.array([-1]), k=2)
+    assert pos.tolist() == [[0, 1]]
+
+
+def test_a_querys_scores_are_the_same_bits_in_any_batch():
+    # Faiss switches from pair-by-pair products to BLAS at a batch size, and the two differ in the last
+    # bits: at d = 256 every one of 600 queries scored differently alone than in one batch of 600
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 256)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = build_index(x, kind="flat", use_gpu=False)
+    q = np.arange(600)
+    pos, scores = search_topk(index, x[q], q, k=10)
+    for size in (1, 7, 333):
+        parts = [search_topk(index, x[q[i:i + size]], q[i:i + size], k=10) for i in range(0, 600, size)]
+        assert np.array_equal(np.vstack([p for p, _ in parts]), pos)
+        assert np.array_equal(np.vstack([s for _, s in parts]), scores), size
