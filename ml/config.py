@@ -61,13 +61,22 @@ class SparkConfig:
                               "(one key, not two that could disagree)")
 
 
+MIN_RETENTION_HOURS = 24
+
+
 @dataclass(frozen=True)
 class IOConfig:
     # auto: native format("delta") when the Delta jars are on the classpath, else delta-rs commits
     delta_mode: str = "auto"
+    # jobs.vacuum: data files no version of the last this-many hours reads are deleted (Delta's default: a week)
+    retention_hours: float = 168.0
 
     def __post_init__(self) -> None:
         _check_choice("io.delta_mode", self.delta_mode, ["auto", "native", "delta-rs"])
+        if not isinstance(self.retention_hours, (int, float)) or self.retention_hours < MIN_RETENTION_HOURS:
+            raise ConfigError(f"io.retention_hours={self.retention_hours!r}: expected a number of hours >= "
+                              f"{MIN_RETENTION_HOURS}. A vacuum also deletes the files of writes that have not "
+                              "committed yet once they are that old, and readers lose the versions it passes")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import re
 import random
@@ -121,13 +122,36 @@ def table_exists(path: str) -> bool:
     return DeltaTable.is_deltatable(table_uri(path))
 
 
+# Commits that change neither the data nor its files: Delta's and delta-rs's VACUUM write a START and
+# an END commit (commit info only) around the files they delete.
+MAINTENANCE_OPERATIONS = frozenset({"VACUUM START", "VACUUM END"})
+_HISTORY_SCAN = 100  # commits looked through for the latest one that wrote data
+
+
+def _latest_data_commit(path: str) -> Optional[dict]:
+    """Commit info of the table's newest commit that is not maintenance (:data:`MAINTENANCE_OPERATIONS`)."""
+    for info in DeltaTable(table_uri(path)).history(_HISTORY_SCAN):
+        if info.get("operation") not in MAINTENANCE_OPERATIONS:
+            return info
+    return None
+
+
+def data_version(path: str) -> int:
+    """The version of the table's newest commit that wrote data. A vacuum adds versions but leaves
+    every row and file of the current version as it was: the pipeline's stage state reads this, so a
+    stage is not rerun because its output was vacuumed."""
+    _require_table(path)
+    info = _latest_data_commit(path)
+    return int(info["version"]) if info and info.get("version") is not None else table_version(path)
+
+
 def last_writer(path: str) -> Optional[str]:
-    """The process (:data:`PROCESS_ID`) that made the table's latest commit; None when its commit info
-    does not say (a writer other than this project's, or one from before the key)."""
-    h = DeltaTable(table_uri(path)).history(1)
-    if not h:
+    """The process (:data:`PROCESS_ID`) that made the table's latest data commit (vacuums skipped);
+    None when its commit info does not say (a writer other than this project's, or one from before
+    the key)."""
+    info = _latest_data_commit(path)
+    if info is None:
         return None
-    info = h[0]
     if PROCESS_KEY in info:
         return info[PROCESS_KEY]
     try:  # native writes carry it in userMetadata
@@ -140,6 +164,42 @@ def table_version(path: str) -> int:
     """Latest committed version of the table at ``path``."""
     _require_table(path)
     return DeltaTable(table_uri(path)).version()
+
+
+def vacuum_table(spark: Optional[SparkSession], path: str, retention_hours: float, delta_mode: str = "auto",
+                 dry_run: bool = False) -> int:
+    """Delta VACUUM: delete the data files no version newer than ``retention_hours`` ago reads, and
+    the files of writes that never committed (a killed job's) once they are that old. Returns how
+    many files it deleted (``dry_run``: would delete). Readers pinned to a version older than that lose it.
+
+    delta-rs (``full=True``, which also finds the uncommitted files; then a log checkpoint and the
+    removal of log entries past the table's log retention, 30 days by default), or Delta's own
+    ``VACUUM ... RETAIN n HOURS`` on the native path. Both add two commits (VACUUM START / END) that
+    change no data: :func:`data_version` and :func:`last_writer` look past them.
+    """
+    _require_table(path)
+    uri = table_uri(path)
+    if spark is not None and use_native(spark, delta_mode):
+        check = "spark.databricks.delta.retentionDurationCheck.enabled"
+        before = spark.conf.get(check, "true")
+        spark.conf.set(check, "false")  # its minimum is a week; the caller's retention is checked by config
+        vacuum = f"VACUUM delta.`{uri}` RETAIN {float(retention_hours)} HOURS"
+        try:
+            n = spark.sql(vacuum + " DRY RUN").count()  # the real run does not say how many
+            if not dry_run and n:
+                spark.sql(vacuum).collect()
+        finally:
+            spark.conf.set(check, before)
+        return n
+    table = DeltaTable(uri)
+    removed = table.vacuum(retention_hours=int(math.ceil(retention_hours)), dry_run=dry_run,
+                        enforce_retention_duration=False, full=True,
+                        commit_properties=CommitProperties(custom_metadata={PROCESS_KEY: PROCESS_ID}))
+    if not dry_run:
+        table = DeltaTable(uri)
+        table.create_checkpoint()
+        table.cleanup_metadata()
+    return len(removed)
 
 
 def _require_table(path: str) -> None:

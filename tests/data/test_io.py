@@ -531,3 +531,72 @@ def test_a_native_write_finds_its_own_commit_not_the_latest():
     other = json.dumps({io.PROCESS_KEY: "q", io.WRITE_ID_KEY: "w2"})
     assert io.own_version([(7, other), (6, mine), (5, None)], mine) == 6
     assert io.own_version([(7, other), (6, None)], mine) == 7  # not among the rows read: the latest
+
+
+def _data_files_on_disk(path: str) -> set:
+    return {os.path.relpath(os.path.join(d, f), path) for d, _, files in os.walk(path) if "_delta_log" not in d
+            for f in files if f.endswith(".parquet")}
+
+
+def test_vacuum_deletes_only_what_no_recent_version_reads_and_leaves_the_data_as_it_was(spark, warehouse):
+    from jobs import pipeline
+
+    path = f"{warehouse}/vac"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
+    io.write_table(spark, spark.createDataFrame([(20, "natm", 2.0)], SCHEMA), path, mode="overwrite",
+                   partition_by=["model"], replace_where={"model": "natm"}, delta_mode="delta-rs")
+    # a job killed after Spark wrote its files, before the commit
+    spark.createDataFrame([(99, "x", 9.9)], SCHEMA).write.parquet(os.path.join(path, "data-killed-job"))
+    current = {os.path.relpath(f, path) for f in DeltaTable(path).file_uris()}
+    on_disk = _data_files_on_disk(path)
+    stale = on_disk - current
+    assert stale and current < on_disk  # version 0's natm files and the killed job's
+    before = (pipeline._table_state(path), io.data_version(path), io.last_writer(path))
+    version = io.table_version(path)
+
+    # within the retention (everything here is seconds old) nothing goes
+    assert io.vacuum_table(spark, path, 24, "delta-rs") == 0 and _data_files_on_disk(path) == on_disk
+    n = io.vacuum_table(spark, path, 0, "delta-rs", dry_run=True)
+    assert n >= len(stale)  # with Spark's _SUCCESS and .crc files beside them
+    assert _data_files_on_disk(path) == on_disk  # a dry run deletes nothing
+    assert io.vacuum_table(spark, path, 0, "delta-rs") == n
+    assert _data_files_on_disk(path) == current
+
+    # the same rows through Spark and delta-rs; new versions, but the same data version, writer and
+    # pipeline state: a stage whose output was vacuumed is not rerun
+    assert {(r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect()} == {(20, "natm"),
+                                                                                                 (3, "dat")}
+    assert sorted(DeltaTable(path).to_pyarrow_table().column("id").to_pylist()) == [3, 20]
+    assert io.table_version(path) > version
+    assert (pipeline._table_state(path), io.data_version(path), io.last_writer(path)) == before
+    # the next write is a data version again, and a version whose files were deleted is an error
+    v = io.write_table(spark, spark.createDataFrame([(5, "x", 1.0)], SCHEMA), path, mode="append",
+                       partition_by=["model"], delta_mode="delta-rs")
+    assert io.data_version(path) == v == io.table_version(path)
+    with pytest.raises(Exception):
+        io.read_table(spark, path, version=0, delta_mode="delta-rs").collect()
+
+
+def test_vacuum_job_covers_every_table_under_the_warehouse_and_its_retention_is_checked(spark, tmp_path, capsys):
+    from jobs import vacuum
+    from ml.config import ConfigError, load_config
+
+    wh = tmp_path / "wh"
+    for name in ("a", "b"):
+        for _ in range(2):
+            io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), str(wh / name), delta_mode="delta-rs")
+    os.makedirs(wh / "_pipeline")
+    os.makedirs(wh / "models" / "natm")  # not a table
+    cfg = load_config(None, [f"warehouse={wh}", "io.delta_mode=delta-rs"])
+    assert cfg.io.retention_hours == 168
+    assert vacuum.warehouse_tables(cfg) == ["a", "b"]
+    files = _data_files_on_disk(str(wh / "a"))
+    vacuum.main([f"--set=warehouse={wh}", "--set=io.delta_mode=delta-rs", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "0 files would be deleted from 2 tables" in out and "versions older than 168 hours" in out
+    assert vacuum.run(cfg, spark) == {"a": 0, "b": 0}  # a week's retention: nothing here is that old
+    assert _data_files_on_disk(str(wh / "a")) == files
+    assert vacuum.run(load_config(None, [f"warehouse={tmp_path / 'none'}"]), spark) == {}
+    for bad in ("12", "abc"):
+        with pytest.raises(ConfigError, match="io.retention_hours"):
+            load_config(None, [f"io.retention_hours={bad}"])
