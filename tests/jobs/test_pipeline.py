@@ -40,12 +40,21 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     assert {(r.model, r.baseline) for r in paired.select(S.MODEL, S.BASELINE).distinct().collect()} == {
         ("natm", "cooc"), ("natm_recent", "cooc_recent"), ("cooc_recent", "cooc")}  # fused vs fused
 
-    # unchanged config and inputs: every stage but evaluate is skipped, no table gets a new version
+    # a vacuum of every table deletes files and adds versions, but changes no data
+    from jobs import vacuum
+
+    tables = vacuum.warehouse_tables(cfg)
+    assert {S.T_SEQUENCES, S.T_I2I_TOPK, S.T_METRICS, "raw_actions", "samples_natm"} <= set(tables)
+    assert sum(io.vacuum_table(spark, cfg.table_path(t), 0, "delta-rs") for t in tables) > 0
+    vacuumed = io.table_version(cfg.table_path(S.T_SEQUENCES))
+    assert vacuumed > 0
+    # unchanged config and inputs (vacuumed or not): every stage but evaluate is skipped, no table gets
+    # a new version
     again_run = pipeline.run(cfg, spark)
     assert again_run["skipped"] == ["generate", "ingest", "sequences", "graph", "samples", "train", "embed", "topk",
                                     "recent", "baselines"]
     assert set(again_run) == {"evaluate", "skipped"}  # a skipped stage is not also among those run
-    assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == 0
+    assert io.table_version(cfg.table_path(S.T_SEQUENCES)) == vacuumed
     # a graph setting changed: graph and what reads it (NATM's training, then its lists) rerun; the
     # stages before it, the samples and the cooc baseline (its own window) read no graph: skipped
     wider = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "graph.window=2"])
