@@ -199,7 +199,25 @@ def vacuum_table(spark: Optional[SparkSession], path: str, retention_hours: floa
         table = DeltaTable(uri)
         table.create_checkpoint()
         table.cleanup_metadata()
+        if "://" not in uri:
+            _remove_empty_write_dirs(uri, retention_hours)
     return len(removed)
+
+
+def _remove_empty_write_dirs(root: str, retention_hours: float) -> None:
+    """The folders of this project's writes (``data-<UTC time>-<id>``, :func:`_write_delta_rs`) begun
+    more than ``retention_hours`` ago that a vacuum emptied: a nightly run would leave one per table
+    each night. Only empty folders go (``rmdir`` refuses any other)."""
+    cutoff = time.time() - retention_hours * 3600
+    for name in os.listdir(root):
+        m = re.fullmatch(r"data-(\d{8}T\d{6})-[0-9a-f]+", name)
+        if not m or dt.datetime.strptime(m[1], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc).timestamp() > cutoff:
+            continue
+        for folder, _, _ in sorted(os.walk(os.path.join(root, name)), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: data the table still reads
+                pass
 
 
 def _require_table(path: str) -> None:

@@ -543,8 +543,9 @@ def test_vacuum_deletes_only_what_no_recent_version_reads_and_leaves_the_data_as
 
     path = f"{warehouse}/vac"
     io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, partition_by=["model"], delta_mode="delta-rs")
-    io.write_table(spark, spark.createDataFrame([(20, "natm", 2.0)], SCHEMA), path, mode="overwrite",
-                   partition_by=["model"], replace_where={"model": "natm"}, delta_mode="delta-rs")
+    for i in (20, 21):  # the second write's folder ends with no file a version reads
+        io.write_table(spark, spark.createDataFrame([(i, "natm", 2.0)], SCHEMA), path, mode="overwrite",
+                       partition_by=["model"], replace_where={"model": "natm"}, delta_mode="delta-rs")
     # a job killed after Spark wrote its files, before the commit
     spark.createDataFrame([(99, "x", 9.9)], SCHEMA).write.parquet(os.path.join(path, "data-killed-job"))
     current = {os.path.relpath(f, path) for f in DeltaTable(path).file_uris()}
@@ -561,12 +562,14 @@ def test_vacuum_deletes_only_what_no_recent_version_reads_and_leaves_the_data_as
     assert _data_files_on_disk(path) == on_disk  # a dry run deletes nothing
     assert io.vacuum_table(spark, path, 0, "delta-rs") == n
     assert _data_files_on_disk(path) == current
+    # and the folder of a write it emptied (one per write and table would pile up night after night)
+    assert {d for d in os.listdir(path) if d.startswith("data-2")} == {f.split("/")[0] for f in current}
 
     # the same rows through Spark and delta-rs; new versions, but the same data version, writer and
     # pipeline state: a stage whose output was vacuumed is not rerun
-    assert {(r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect()} == {(20, "natm"),
+    assert {(r.id, r.model) for r in io.read_table(spark, path, delta_mode="delta-rs").collect()} == {(21, "natm"),
                                                                                                  (3, "dat")}
-    assert sorted(DeltaTable(path).to_pyarrow_table().column("id").to_pylist()) == [3, 20]
+    assert sorted(DeltaTable(path).to_pyarrow_table().column("id").to_pylist()) == [3, 21]
     assert io.table_version(path) > version
     assert (pipeline._table_state(path), io.data_version(path), io.last_writer(path)) == before
     # the next write is a data version again, and a version whose files were deleted is an error
