@@ -12,6 +12,7 @@ A vacuum changes no table's data: the pipeline skips the same stages after it as
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional, Sequence
 
@@ -19,8 +20,9 @@ import pyarrow.fs as pafs
 
 from ml.config import Config
 from ml.data import io
-from ml.data.delta_files import table_root
+from ml.data.files import arrow_filesystem, local_path
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse
 
@@ -28,14 +30,24 @@ log = logging.getLogger("jobs.vacuum")
 
 
 def warehouse_tables(cfg: Config) -> list:
-    """The Delta tables directly under the warehouse (local folder or URI), by name."""
-    fs, root = io._filesystem(table_root(cfg.warehouse))
+    """The Delta tables directly under the warehouse (a local or mounted folder, or a URI Arrow's
+    filesystems reach: s3://, s3a://, gs://, abfss://, hdfs://), by name; none when the warehouse
+    does not exist. A warehouse that cannot be listed (permissions, credentials) is an error."""
+    local = local_path(cfg.warehouse)
     try:
-        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return []
-    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
-    return [n for n in names if not n.startswith(("_", ".")) and io.table_exists(cfg.table_path(n))]
+        if local is not None:
+            if not os.path.isdir(local):
+                return []
+            names = sorted(n for n in os.listdir(local) if os.path.isdir(os.path.join(local, n, "_delta_log")))
+        else:
+            fs, root = arrow_filesystem(cfg.warehouse)
+            folders = [e.base_name for e in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                       if e.type == pafs.FileType.Directory]
+            logs = fs.get_file_info([f"{root}/{n}/_delta_log" for n in folders])
+            names = sorted(n for n, e in zip(folders, logs) if e.type == pafs.FileType.Directory)
+    except OSError as e:  # permissions, credentials: a nightly vacuum must fail, not report 0 tables
+        raise InvalidInput(f"cannot list the tables under warehouse={cfg.warehouse}: {e}") from e
+    return [n for n in names if not n.startswith(("_", "."))]
 
 
 def run(cfg: Config, spark=None, dry_run: bool = False) -> dict:

@@ -128,11 +128,35 @@ MAINTENANCE_OPERATIONS = frozenset({"VACUUM START", "VACUUM END"})
 _HISTORY_SCAN = 100  # commits looked through for the latest one that wrote data
 
 
+DATA_VERSION_KEY = "spark_i2i.data_version"  # in a vacuum's commits: the data version it found
+
+
+def _commit_keys(info: dict) -> dict:
+    """This project's keys of a commit: delta-rs commits carry them as keys of the commit info, native
+    ones as a JSON object in its userMetadata."""
+    keys = {k: v for k, v in info.items() if k.startswith("spark_i2i.")}
+    try:
+        extra = json.loads(info.get("userMetadata") or "{}")
+    except (TypeError, ValueError):
+        extra = None
+    if isinstance(extra, dict):
+        keys.update({k: v for k, v in extra.items() if k.startswith("spark_i2i.")})
+    return keys
+
+
 def _latest_data_commit(path: str) -> Optional[dict]:
-    """Commit info of the table's newest commit that is not maintenance (:data:`MAINTENANCE_OPERATIONS`)."""
+    """``{"version", PROCESS_KEY?}`` of the table's newest commit that is not maintenance
+    (:data:`MAINTENANCE_OPERATIONS`). A vacuum by :func:`vacuum_table` records the data version and
+    its writer in its own commits, so they are known after the log entry of that write has expired
+    (the log keeps 30 days): a table whose data is older than that, vacuumed every night, is still
+    the same table."""
     for info in DeltaTable(table_uri(path)).history(_HISTORY_SCAN):
+        keys = _commit_keys(info)
         if info.get("operation") not in MAINTENANCE_OPERATIONS:
-            return info
+            return {"version": info.get("version"), **({PROCESS_KEY: keys[PROCESS_KEY]} if PROCESS_KEY in keys else {})}
+        if DATA_VERSION_KEY in keys:
+            return {"version": int(keys[DATA_VERSION_KEY]),
+                    **({PROCESS_KEY: keys[PROCESS_KEY]} if keys.get(PROCESS_KEY) else {})}
     return None
 
 
@@ -150,14 +174,7 @@ def last_writer(path: str) -> Optional[str]:
     None when its commit info does not say (a writer other than this project's, or one from before
     the key)."""
     info = _latest_data_commit(path)
-    if info is None:
-        return None
-    if PROCESS_KEY in info:
-        return info[PROCESS_KEY]
-    try:  # native writes carry it in userMetadata
-        return json.loads(info.get("userMetadata") or "{}").get(PROCESS_KEY)
-    except (ValueError, AttributeError):
-        return None
+    return None if info is None else info.get(PROCESS_KEY)
 
 
 def table_version(path: str) -> int:
@@ -170,31 +187,49 @@ def vacuum_table(spark: Optional[SparkSession], path: str, retention_hours: floa
                  dry_run: bool = False) -> int:
     """Delta VACUUM: delete the data files no version newer than ``retention_hours`` ago reads, and
     the files of writes that never committed (a killed job's) once they are that old. Returns how
-    many files it deleted (``dry_run``: would delete). Readers pinned to a version older than that lose it.
+    many files it deleted (``dry_run``: would delete). Readers pinned to a version older than that
+    lose it. A write in progress is told from a killed one by the age of its files only: the
+    retention must exceed the longest write (``io.retention_hours`` is at least 24).
 
-    delta-rs (``full=True``, which also finds the uncommitted files; then a log checkpoint and the
-    removal of log entries past the table's log retention, 30 days by default), or Delta's own
-    ``VACUUM ... RETAIN n HOURS`` on the native path. Both add two commits (VACUUM START / END) that
-    change no data: :func:`data_version` and :func:`last_writer` look past them.
+    delta-rs (``full=True``, which also finds the uncommitted files; then a log checkpoint, the
+    removal of log entries past the table's log retention, 30 days by default, and of the emptied
+    write folders), or Delta's own ``VACUUM ... RETAIN n HOURS`` on the native path. Both add two
+    commits (VACUUM START / END) that change no data; they record the data version and its writer
+    (:data:`DATA_VERSION_KEY`), which :func:`data_version` and :func:`last_writer` report.
     """
-    _require_table(path)
     uri = table_uri(path)
-    if spark is not None and use_native(spark, delta_mode):
-        check = "spark.databricks.delta.retentionDurationCheck.enabled"
-        before = spark.conf.get(check, "true")
-        spark.conf.set(check, "false")  # its minimum is a week; the caller's retention is checked by config
+    native = spark is not None and use_native(spark, delta_mode)
+    if not native:
+        _require_table(path)
+    try:  # what the vacuum's commits record; a native table delta-rs cannot read records nothing
+        info = _latest_data_commit(path) or {}
+    except Exception:  # noqa: BLE001 - delta-rs cannot open it (a dbfs: path, a table feature)
+        info = {}
+    keys = {DATA_VERSION_KEY: str(info["version"])} if info.get("version") is not None else {}
+    if info.get(PROCESS_KEY):
+        keys[PROCESS_KEY] = info[PROCESS_KEY]
+    if native:
+        confs = {"spark.databricks.delta.retentionDurationCheck.enabled": "false",  # else a week at least
+                 "spark.databricks.delta.commitInfo.userMetadata": json.dumps(keys)}
+        before = {k: spark.conf.get(k, None) for k in confs}
         vacuum = f"VACUUM delta.`{uri}` RETAIN {float(retention_hours)} HOURS"
         try:
+            for k, v in confs.items():
+                spark.conf.set(k, v)
             n = spark.sql(vacuum + " DRY RUN").count()  # the real run does not say how many
             if not dry_run and n:
                 spark.sql(vacuum).collect()
         finally:
-            spark.conf.set(check, before)
+            for k, v in before.items():
+                if v is None:
+                    spark.conf.unset(k)
+                else:
+                    spark.conf.set(k, v)
         return n
     table = DeltaTable(uri)
     removed = table.vacuum(retention_hours=int(math.ceil(retention_hours)), dry_run=dry_run,
-                        enforce_retention_duration=False, full=True,
-                        commit_properties=CommitProperties(custom_metadata={PROCESS_KEY: PROCESS_ID}))
+                           enforce_retention_duration=False, full=True,
+                           commit_properties=CommitProperties(custom_metadata=keys))
     if not dry_run:
         table = DeltaTable(uri)
         table.create_checkpoint()

@@ -7,8 +7,8 @@ rank r in that item's list adds ``decay ** j / (rrf_k + r)`` (reciprocal rank fu
 common score scale, so co-occurrence weights and cosines fuse alike); sums per (user, item), the
 ``k`` best per user, ties to the smaller item id. Terms are rounded to units of 2^-40 and summed
 as integers, so a score does not depend on the order Spark adds the terms in; sums equal only in
-exact arithmetic (possible with decay 1 or a power of 2: 1/12 = 1/20 + 1/30 at rrf_k 10) can round
-a unit apart and are then ordered by the rounding, not the id.
+exact arithmetic (1/12 = 1/20 + 0.7/21 at the defaults) can round a unit apart and are then ordered
+by the rounding, not the id (the same order on every run).
 
 Cost is O(users x triggers x list length), linear in the data: the user x trigger rows join the
 lists on the trigger item (a popular trigger's rows are split by adaptive skew-join handling; its

@@ -55,6 +55,9 @@ def build_index(vectors: np.ndarray, kind: str = "auto", exact_max: int = 200_00
     return index
 
 
+MAX_TIED_EXTRA = 1024  # hits searched beyond 2(k+1) to place ties at the k-th score (search_topk)
+
+
 def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.ndarray], k: int,
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k index positions and scores per query, excluding the query's own position.
@@ -64,24 +67,28 @@ def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.
     hits are sorted by (score, position) before the self hit (or, where the query's own position is
     not among them, the weakest) is dropped, and a query whose k-th kept score equals the weakest
     score Faiss returned is searched again with twice the hits until it does not (or the index is
-    exhausted): an equal-scored item of smaller position that Faiss left out is not lost.
-    Positions -1 (fewer hits than k, with IVF) come last.
+    exhausted): an equal-scored item of smaller position that Faiss left out is not lost. The
+    search stops at twice the first search's hits + :data:`MAX_TIED_EXTRA`: in a larger group of equal
+    scores (many identical vectors) the cut is among those. Positions -1 (fewer hits than k, with IVF) come last.
     """
     # Faiss computes inner products with BLAS from a batch size on (nq x d >= 128,000 in faiss 1.15)
     # and pair by pair below it, and the two differ in the last bits (every row of 600 256-d queries,
     # by up to 8e-7): a query's scores, and the order of its near-ties, depended on how many queries
-    # shared its batch. Always BLAS: the same bits in every batch size (tested), at the same speed.
+    # shared its batch. Always BLAS: the same bits in every batch size (tested); as fast or faster from
+    # 16 queries a search on (the job's searches hold thousands), 3x slower for a query alone.
     faiss.cvar.distance_compute_blas_threshold = 0
     q = np.ascontiguousarray(queries, dtype=np.float32)
+    if k <= 0 or not len(q):
+        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
     fetch = k + (query_pos is not None)
     pos, scores, last = _cut(index, q, query_pos, k, fetch)
     rows = np.arange(len(q))
-    while fetch < index.ntotal:
-        tied = (pos[rows, k - 1] >= 0) & (scores[rows, k - 1] == last[rows]) if k else np.zeros(len(rows), bool)
-        rows = rows[tied]
+    most = min(index.ntotal, 2 * fetch + MAX_TIED_EXTRA)
+    while fetch < most:
+        rows = rows[(pos[rows, k - 1] >= 0) & (scores[rows, k - 1] == last[rows])]
         if not len(rows):
             break
-        fetch = min(2 * fetch, index.ntotal)
+        fetch = min(2 * fetch, most)
         pos[rows], scores[rows], last[rows] = _cut(index, q[rows], None if query_pos is None else query_pos[rows],
                                                   k, fetch)
     return pos, scores

@@ -2,6 +2,7 @@
 import datetime as dt
 import json
 import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -600,6 +601,27 @@ def test_vacuum_job_covers_every_table_under_the_warehouse_and_its_retention_is_
     assert vacuum.run(cfg, spark) == {"a": 0, "b": 0}  # a week's retention: nothing here is that old
     assert _data_files_on_disk(str(wh / "a")) == files
     assert vacuum.run(load_config(None, [f"warehouse={tmp_path / 'none'}"]), spark) == {}
+    uri = load_config(None, [f"warehouse=file://{wh}", "io.delta_mode=delta-rs"])  # listed through Arrow
+    assert vacuum.warehouse_tables(uri) == ["a", "b"] and vacuum.run(uri, spark) == {"a": 0, "b": 0}
+    with pytest.raises(io.InvalidInput, match="nosuch://x"):
+        vacuum.warehouse_tables(load_config(None, ["warehouse=nosuch://x"]))
     for bad in ("12", "abc"):
         with pytest.raises(ConfigError, match="io.retention_hours"):
             load_config(None, [f"io.retention_hours={bad}"])
+
+
+def test_the_data_version_outlives_the_log_entries_a_vacuum_expires(spark, warehouse):
+    # a table whose data is older than the log's retention (30 days), vacuumed every night: the log entry of
+    # its last write expires, and its vacuums' commits are all that is left; they say which data they kept
+    path = f"{warehouse}/old"
+    for _ in range(2):
+        io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+    assert io.vacuum_table(spark, path, 0, "delta-rs") > 0
+    month_ago = time.time() - 31 * 86400
+    log_dir = os.path.join(path, "_delta_log")
+    for f in os.listdir(log_dir):
+        os.utime(os.path.join(log_dir, f), (month_ago, month_ago))
+    io.vacuum_table(spark, path, 24, "delta-rs")
+    assert {h.get("operation") for h in DeltaTable(path).history()} <= io.MAINTENANCE_OPERATIONS  # no write left
+    assert io.data_version(path) == 1 and io.last_writer(path) == io.PROCESS_ID
+    assert sorted(r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()) == [1, 2, 3]

@@ -79,3 +79,18 @@ def test_a_querys_scores_are_the_same_bits_in_any_batch():
         parts = [search_topk(index, x[q[i:i + size]], q[i:i + size], k=10) for i in range(0, 600, size)]
         assert np.array_equal(np.vstack([p for p, _ in parts]), pos)
         assert np.array_equal(np.vstack([s for _, s in parts]), scores), size
+
+
+def test_the_search_again_for_ties_is_bounded(monkeypatch):
+    # 5,000 identical vectors tie for every query: the searches stop at 2(k+1) + MAX_TIED_EXTRA hits
+    from ml.index import topk
+
+    fetched = []
+    real = topk._cut
+    monkeypatch.setattr(topk, "_cut", lambda index, q, qp, k, fetch: fetched.append(fetch) or real(index, q, qp, k, fetch))
+    x = np.array([[1, 0]] * 5000, np.float32)
+    index = build_index(x, kind="flat", use_gpu=False)
+    pos, _ = search_topk(index, x[:3], np.arange(3), k=3)
+    assert pos.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3]]
+    assert fetched[0] == 4 and max(fetched) == 2 * 4 + topk.MAX_TIED_EXTRA
+    assert search_topk(index, x[:2], None, k=0)[0].shape == (2, 0)
