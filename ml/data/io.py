@@ -150,14 +150,17 @@ def _latest_data_commit(path: str) -> Optional[dict]:
     its writer in its own commits, so they are known after the log entry of that write has expired
     (the log keeps 30 days): a table whose data is older than that, vacuumed every night, is still
     the same table."""
-    for info in DeltaTable(table_uri(path)).history(_HISTORY_SCAN):
+    recorded = None
+    for info in DeltaTable(table_uri(path)).history(_HISTORY_SCAN):  # newest first
         keys = _commit_keys(info)
         if info.get("operation") not in MAINTENANCE_OPERATIONS:
+            # the newest data commit still in the log is the truth, also over what a later vacuum
+            # recorded: a write can commit between a vacuum's reading of the data version and its commits
             return {"version": info.get("version"), **({PROCESS_KEY: keys[PROCESS_KEY]} if PROCESS_KEY in keys else {})}
-        if DATA_VERSION_KEY in keys:
-            return {"version": int(keys[DATA_VERSION_KEY]),
-                    **({PROCESS_KEY: keys[PROCESS_KEY]} if keys.get(PROCESS_KEY) else {})}
-    return None
+        if recorded is None and DATA_VERSION_KEY in keys:
+            recorded = {"version": int(keys[DATA_VERSION_KEY]),
+                        **({PROCESS_KEY: keys[PROCESS_KEY]} if keys.get(PROCESS_KEY) else {})}
+    return recorded  # the log holds no data commit any more (expired): the newest vacuum's record
 
 
 def data_version(path: str) -> int:

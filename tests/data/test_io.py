@@ -625,3 +625,19 @@ def test_the_data_version_outlives_the_log_entries_a_vacuum_expires(spark, wareh
     assert {h.get("operation") for h in DeltaTable(path).history()} <= io.MAINTENANCE_OPERATIONS  # no write left
     assert io.data_version(path) == 1 and io.last_writer(path) == io.PROCESS_ID
     assert sorted(r.id for r in io.read_table(spark, path, delta_mode="delta-rs").collect()) == [1, 2, 3]
+
+
+def test_a_write_committed_during_a_vacuum_is_the_data_version_not_what_the_vacuum_read(spark, warehouse, monkeypatch):
+    path = f"{warehouse}/race"
+    for _ in range(2):
+        io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+    real = DeltaTable.vacuum
+
+    def write_first(self, *args, **kwargs):  # another job commits after the vacuum read the data version
+        io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), path, delta_mode="delta-rs")
+        return real(DeltaTable(path), *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "vacuum", write_first)
+    assert io.vacuum_table(spark, path, 0, "delta-rs") > 0
+    assert [h["operation"] for h in DeltaTable(path).history(3)] == ["VACUUM END", "VACUUM START", "WRITE"]
+    assert io.data_version(path) == 2  # the vacuum's commits say 1
