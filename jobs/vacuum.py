@@ -38,13 +38,15 @@ def warehouse_tables(cfg: Config) -> list:
         if local is not None:
             if not os.path.isdir(local):
                 return []
-            names = sorted(n for n in os.listdir(local) if os.path.isdir(os.path.join(local, n, "_delta_log")))
+            fs, root = pafs.LocalFileSystem(), os.path.abspath(local)
         else:
             fs, root = arrow_filesystem(cfg.warehouse)
-            folders = [e.base_name for e in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-                       if e.type == pafs.FileType.Directory]
-            logs = fs.get_file_info([f"{root}/{n}/_delta_log" for n in folders])
-            names = sorted(n for n, e in zip(folders, logs) if e.type == pafs.FileType.Directory)
+        folders = [e.base_name for e in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                   if e.type == pafs.FileType.Directory]
+        # a table has a commit or a checkpoint in its log (a folder whose first commit never landed: none)
+        names = sorted(n for n in folders if any(
+            e.base_name.endswith((".json", ".checkpoint.parquet")) for e in
+            fs.get_file_info(pafs.FileSelector(f"{root}/{n}/_delta_log", allow_not_found=True))))
     except OSError as e:  # permissions, credentials: a nightly vacuum must fail, not report 0 tables
         raise InvalidInput(f"cannot list the tables under warehouse={cfg.warehouse}: {e}") from e
     return [n for n in names if not n.startswith(("_", "."))]

@@ -591,6 +591,7 @@ def test_vacuum_job_covers_every_table_under_the_warehouse_and_its_retention_is_
             io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), str(wh / name), delta_mode="delta-rs")
     os.makedirs(wh / "_pipeline")
     os.makedirs(wh / "models" / "natm")  # not a table
+    os.makedirs(wh / "c" / "_delta_log")  # a table whose first commit never landed: not a table yet
     cfg = load_config(None, [f"warehouse={wh}", "io.delta_mode=delta-rs"])
     assert cfg.io.retention_hours == 168
     assert vacuum.warehouse_tables(cfg) == ["a", "b"]
