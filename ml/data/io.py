@@ -52,6 +52,7 @@ PROCESS_KEY = "spark_i2i.process"  # in each commit's info (native: its userMeta
 PROCESS_ID = uuid.uuid4().hex  # this process's, so that a job can tell its own commits from another's
 
 WRITE_MODES = ("append", "overwrite")
+WRITE_TIME = "%Y%m%dT%H%M%S"  # UTC start of a delta-rs write, in its data folder's name (data-<time>-<id>)
 _JITTER = random.Random()  # the waits between commit attempts, apart from the seeded random state
 
 
@@ -145,7 +146,7 @@ def _commit_keys(info: dict) -> dict:
 
 
 def _latest_data_commit(path: str) -> Optional[dict]:
-    """``{"version", PROCESS_KEY?}`` of the table's newest commit that is not maintenance
+    """``{"version", PROCESS_KEY}`` (the writer, None when unknown) of the table's newest commit that is not maintenance
     (:data:`MAINTENANCE_OPERATIONS`). A vacuum by :func:`vacuum_table` records the data version and
     its writer in its own commits, so they are known after the log entry of that write has expired
     (the log keeps 30 days): a table whose data is older than that, vacuumed every night, is still
@@ -156,10 +157,9 @@ def _latest_data_commit(path: str) -> Optional[dict]:
         if info.get("operation") not in MAINTENANCE_OPERATIONS:
             # the newest data commit still in the log is the truth, also over what a later vacuum
             # recorded: a write can commit between a vacuum's reading of the data version and its commits
-            return {"version": info.get("version"), **({PROCESS_KEY: keys[PROCESS_KEY]} if PROCESS_KEY in keys else {})}
+            return {"version": info.get("version"), PROCESS_KEY: keys.get(PROCESS_KEY)}
         if recorded is None and DATA_VERSION_KEY in keys:
-            recorded = {"version": int(keys[DATA_VERSION_KEY]),
-                        **({PROCESS_KEY: keys[PROCESS_KEY]} if keys.get(PROCESS_KEY) else {})}
+            recorded = {"version": int(keys[DATA_VERSION_KEY]), PROCESS_KEY: keys.get(PROCESS_KEY) or None}
     return recorded  # the log holds no data commit any more (expired): the newest vacuum's record
 
 
@@ -249,7 +249,7 @@ def _remove_empty_write_dirs(root: str, retention_hours: float) -> None:
     cutoff = time.time() - retention_hours * 3600
     for name in os.listdir(root):
         m = re.fullmatch(r"data-(\d{8}T\d{6})-[0-9a-f]+", name)
-        if not m or dt.datetime.strptime(m[1], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc).timestamp() > cutoff:
+        if not m or dt.datetime.strptime(m[1], WRITE_TIME).replace(tzinfo=dt.timezone.utc).timestamp() > cutoff:
             continue
         for folder, _, _ in sorted(os.walk(os.path.join(root, name)), key=lambda w: -len(w[0])):
             try:
@@ -554,7 +554,7 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                     replace_where: Optional[Mapping[str, object]], exists: bool,
                     overwrite_schema: bool, base_version: Optional[int] = None) -> int:
     """Stage ``df``'s files with Spark, then commit them with delta-rs (see :func:`write_table`)."""
-    write_id = f"data-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+    write_id = f"data-{time.strftime(WRITE_TIME, time.gmtime())}-{uuid.uuid4().hex[:12]}"
     staging = f"{uri}/{write_id}"
     writer = df.write.mode("error")
     if partition_by:
