@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 from ml import schemas as S
 from ml.config import MAPPED_FORMATS, Config
 from ml.data import io
-from ml.data.formats import read_source
+from ml.data.formats import read_source, source_read_errors
 from ml.data.ingest import (BAD_BEHAVIOR, BAD_CATEGORY, BAD_ITEM, BAD_TS, BAD_USER, MISSING_BEHAVIOR,
                             TS_OUT_OF_RANGE, good_actions, id_collisions, id_keys, items_from_actions,
                             rejected_actions, validate_actions)
@@ -36,21 +36,22 @@ def run(cfg: Config, spark=None) -> dict:
                                  ts_format=ic.ts_format, min_ts=ic.min_ts, max_ts=ic.max_ts,
                                  string_ids=ic.string_ids)
     validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        actions = good_actions(validated)
-        if not actions.limit(1).count():  # on the persisted rows: the writes below reuse the pass it makes
-            _no_actions(spark, cfg, validated)
-        io.write_table(spark, actions, cfg.table_path(S.T_ACTIONS), mode="overwrite", delta_mode=mode,
-                       overwrite_schema=True)
-        io.write_table(spark, rejected_actions(validated), cfg.table_path(S.T_ACTIONS_REJECTED),
-                       mode="overwrite", delta_mode=mode, overwrite_schema=True)
-        # Always written, empty when the ids are integers: a previous source's keys must not name
-        # this one's ids.
-        keys = id_keys(validated) if ic.string_ids else spark.createDataFrame([], S.ID_KEYS)
-        io.write_table(spark, keys.select(*[F.col(f.name).cast(f.dataType) for f in S.ID_KEYS.fields]),
-                       cfg.table_path(S.T_ID_KEYS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
-    finally:
-        validated.unpersist()
+    with source_read_errors(ic):  # the first action over the source reads it (then the persisted rows)
+        try:
+            actions = good_actions(validated)
+            if not actions.limit(1).count():  # on the persisted rows: the writes below reuse the pass it makes
+                _no_actions(spark, cfg, validated)
+            io.write_table(spark, actions, cfg.table_path(S.T_ACTIONS), mode="overwrite", delta_mode=mode,
+                           overwrite_schema=True)
+            io.write_table(spark, rejected_actions(validated), cfg.table_path(S.T_ACTIONS_REJECTED),
+                           mode="overwrite", delta_mode=mode, overwrite_schema=True)
+            # Always written, empty when the ids are integers: a previous source's keys must not name
+            # this one's ids.
+            keys = id_keys(validated) if ic.string_ids else spark.createDataFrame([], S.ID_KEYS)
+            io.write_table(spark, keys.select(*[F.col(f.name).cast(f.dataType) for f in S.ID_KEYS.fields]),
+                           cfg.table_path(S.T_ID_KEYS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+        finally:
+            validated.unpersist()
     actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
     keys = io.read_table(spark, cfg.table_path(S.T_ID_KEYS), delta_mode=mode) if ic.string_ids else None
     items = src.items if src.items is not None else items_from_actions(actions, keys)

@@ -8,8 +8,10 @@ bad-row handling.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from functools import reduce
 from typing import List, Optional
@@ -37,6 +39,12 @@ ML1M_GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crim
                "Thriller", "War", "Western"]
 TAOBAO_COLUMNS = ["user_id", "item_id", "category_id", "behavior", "ts"]
 TAOBAO_BEHAVIORS = ["pv", "buy", "cart", "fav"]
+# Spark's CSV parser fails the whole read on a line with more fields than its ``maxColumns`` (20,480 by
+# default), instead of reading it as a malformed row; at 2^20 a garbled line of up to a million
+# separators is a malformed row, for no cost in time (the parser's one array of this length per task).
+CSV_MAX_FIELDS = 1 << 20
+# header-less CSV and Taobao: lines read to tell a wrong column list from a few bad lines
+FIELD_COUNT_SAMPLE = 1000
 
 
 class SourceSchemaError(InvalidInput):
@@ -114,22 +122,51 @@ def read_csv_lines(spark: SparkSession, path: str, columns: list, sep: str, head
             .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", _CORRUPT)
             .option("columnPruning", False)
             .option("enforceSchema", False)
+            .option("maxColumns", CSV_MAX_FIELDS)
             .csv(path))
 
 
 def _first_line_field_count(spark: SparkSession, path: str, sep: str) -> int:
     """The number of fields of the first non-blank line, as Spark's CSV reader splits it: its quoting,
     and ``sep`` as Spark reads it (``\\t`` written out is a tab there, as the config's help says)."""
-    n = len(spark.read.option("header", False).option("sep", sep).csv(path).columns)
+    n = len(spark.read.option("header", False).option("sep", sep).option("maxColumns", CSV_MAX_FIELDS)
+            .csv(path).columns)
     if n == 0:
         raise SourceSchemaError(f"{path}: the file is empty")
     return n
 
 
+def _check_field_count(spark: SparkSession, path: str, columns: list, sep: str, what: str,
+                       encoding: str = "UTF-8") -> None:
+    """Fail when a header-less source's lines do not have the fields ``columns`` names: when most of
+    the first :data:`FIELD_COUNT_SAMPLE` lines Spark reads have another count (a wrong
+    ``ingest.csv_schema``, or another format). A few such lines are bad rows, not a wrong schema:
+    they are read as ``malformed_row`` and kept in ``actions_rejected``. The error names the file
+    with the most such lines among those read, and that file's first line's field count."""
+    sample = (read_csv_lines(spark, path, columns, sep, header=False, encoding=encoding).limit(FIELD_COUNT_SAMPLE)
+              .select(F.col(columns[0]), F.col(_CORRUPT).isNotNull().cast("int").alias("bad"),
+                      F.col("_metadata.file_path").alias("f")))
+    # a data column in the query: Spark refuses a CSV query that reads the corrupt-record column alone
+    files = sample.groupBy("f").agg(F.count(F.lit(1)).alias("n"), F.sum("bad").alias("bad"),
+                                    F.count(columns[0])).collect()  # at most FIELD_COUNT_SAMPLE rows
+    n, bad = sum(r["n"] for r in files), sum(r["bad"] for r in files)
+    if not n:
+        raise SourceSchemaError(f"{path}: the file is empty")
+    if bad * 2 <= n:
+        return
+    where = min(files, key=lambda r: (-r["bad"], r["f"]))["f"]
+    first = _first_line_field_count(spark, where, sep)
+    detail = (f"extra columns at positions {list(range(len(columns) + 1, first + 1))}" if first > len(columns)
+              else f"missing columns {columns[first:]}" if first < len(columns) else "other lines differ")
+    raise SourceSchemaError(f"{where}: {bad:,} of the first {n:,} lines read do not have the {len(columns)} fields "
+                            f"{what} {columns}; its first line has {first} fields: {detail}")
+
+
 def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     mapping = dict(cfg.columns)
     if cfg.csv_header:
-        columns = spark.read.option("header", True).option("sep", cfg.csv_sep).csv(cfg.path).columns
+        columns = (spark.read.option("header", True).option("sep", cfg.csv_sep).option("encoding", cfg.csv_encoding)
+                   .csv(cfg.path).columns)
         if not columns:
             raise SourceSchemaError(f"{cfg.path}: the file is empty (no header line; ingest.csv_header=true)")
     else:
@@ -137,15 +174,10 @@ def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
             raise SourceSchemaError("ingest.csv_schema (column names in file order) is required when "
                                     "ingest.csv_header=false")
         columns = list(cfg.csv_schema)
-        n = _first_line_field_count(spark, cfg.path, cfg.csv_sep)
-        if n != len(columns):
-            what = (f"extra columns at positions {list(range(len(columns) + 1, n + 1))}" if n > len(columns)
-                    else f"missing columns {columns[n:]}")
-            raise SourceSchemaError(f"{cfg.path}: first line has {n} fields, ingest.csv_schema names "
-                                    f"{len(columns)} {columns}: {what}")
+        _check_field_count(spark, cfg.path, columns, cfg.csv_sep, "ingest.csv_schema names", cfg.csv_encoding)
     mapping = _with_same_names(mapping, columns)  # default: same names, as Parquet
     _check_mapping(columns, mapping, cfg.allow_extra_columns, cfg.path)
-    df = read_csv_lines(spark, cfg.path, columns, cfg.csv_sep, cfg.csv_header)
+    df = read_csv_lines(spark, cfg.path, columns, cfg.csv_sep, cfg.csv_header, cfg.csv_encoding)
     return RawSource(_raw_select(df, mapping, _CORRUPT), behaviors=cfg.behaviors, ts_unit=cfg.ts_unit)
 
 
@@ -253,10 +285,7 @@ def _epoch_micros(df: DataFrame, name: str):
 
 def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     """Taobao UserBehavior CSV: ``user_id,item_id,category_id,behavior,timestamp``, no header."""
-    n = _first_line_field_count(spark, cfg.path, ",")
-    if n != len(TAOBAO_COLUMNS):
-        raise SourceSchemaError(f"{cfg.path}: Taobao UserBehavior has {len(TAOBAO_COLUMNS)} columns "
-                                f"{TAOBAO_COLUMNS}, the first line has {n}")
+    _check_field_count(spark, cfg.path, TAOBAO_COLUMNS, ",", "of Taobao UserBehavior")
     df = read_csv_lines(spark, cfg.path, TAOBAO_COLUMNS, ",", header=False)
     actions = _raw_select(df, {c: c for c in TAOBAO_COLUMNS}, _CORRUPT)
     return RawSource(actions, behaviors=cfg.behaviors or TAOBAO_BEHAVIORS, ts_unit="s")
@@ -303,13 +332,21 @@ def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
 
     ML-1M lists genres alphabetically, so "first genre" would make Action/Adventure/Animation
     swallow most films; the rarest genre is the most specific one (Toy Story -> Animation, not
-    Comedy). Ties go to the earlier genre in ML-1M's list. Input needs ``item_id, title, genres``, one
-    row per item (the readers make it so: a repeated item would be a repeated ``items`` row).
+    Comedy). Ties go to the earlier genre in ML-1M's list. Only ML-1M's 18 genres are categories: a
+    genre outside them (a custom ``movies.dat``'s "IMAX") is left out of the choice, counted and logged,
+    and a film with none of the 18 has no category. Input needs ``item_id, title, genres``, one row per
+    item (the readers make it so: a repeated item would be a repeated ``items`` row).
     """
     genre_ids = spark.createDataFrame([(g, i + 1) for i, g in enumerate(ML1M_GENRES)], "genre string, gid long")
     exploded = movies.select(S.ITEM_ID, F.explode("genres").alias("genre"))
-    freq = exploded.groupBy("genre").count()
-    ranked = (exploded.join(freq, "genre").join(F.broadcast(genre_ids), "genre", "left")
+    unknown = (exploded.join(F.broadcast(genre_ids), "genre", "left_anti").groupBy("genre").count()
+               .orderBy(F.desc("count"), "genre").limit(10).collect())
+    if unknown:
+        log.warning("genres that are not ML-1M's 18 left out of the films' categories (film count): %s",
+                    ", ".join(f"{r['genre']!r} ({r['count']:,})" for r in unknown))
+    known = exploded.join(F.broadcast(genre_ids), "genre")
+    freq = known.groupBy("genre").count()
+    ranked = (known.join(freq, "genre")
               .groupBy(S.ITEM_ID)
               .agg(F.min(F.struct("count", "gid", "genre")).alias("p")))
     return (movies.join(ranked, S.ITEM_ID, "left")
@@ -359,8 +396,9 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     in the line (the format has no clock). Categories come from ``sas_to_original_items.txt`` +
     ``movies.dat`` next to the file (or ``ingest.sasrec_item_map`` / ``ingest.sasrec_movies``).
     """
+    spark.read.text(cfg.path)  # a path with nothing there fails here, as PATH_NOT_FOUND (read_source names it)
     lines = spark.sparkContext.textFile(cfg.path).zipWithIndex()  # order-preserving, distributed
-    df = lines.toDF(["line", "idx"])
+    df = spark.createDataFrame(lines, "line string, idx long")  # a schema of its own: an empty file has no row to infer from
     df = df.select((F.col("idx") + 1).cast("string").alias(S.USER_ID),
                    F.posexplode(F.split(F.trim("line"), r"\s+")).alias("pos", S.ITEM_ID))
     actions = df.where(F.col(S.ITEM_ID) != "").select(
@@ -426,6 +464,25 @@ def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta
             raise  # the generated default table's error names its producing job
         raise MissingInput(f"ingest.path={cfg.path!r}: nothing there (ingest.format={cfg.format}): "
                            f"{str(e).splitlines()[0]}") from e
+
+
+@contextlib.contextmanager
+def source_read_errors(cfg: IngestConfig):
+    """Around the first actions over a source: a CSV file whose header differs from the first file's
+    (the columns in another order, say), which Spark finds only as it reads that file, as a
+    :class:`SourceSchemaError` naming the file and both headers instead of a JVM trace."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised as it is unless it is that failure
+        text = str(e)
+        if cfg.format != "csv" or "CSV header does not conform to the schema" not in text:
+            raise
+        found = {k: re.search(rf"^\s*{k}:\s*(.*)$", text, re.M) for k in ("Header", "Schema", "CSV file")}
+        got = {k: m[1].strip() for k, m in found.items() if m}
+        raise SourceSchemaError(
+            f"{got.get('CSV file', cfg.path)}: its header ({got.get('Header', '?')}) is not the header the source "
+            f"was read with ({got.get('Schema', '?')}, the first file's): every CSV file under ingest.path needs "
+            "the same columns in the same order") from None
 
 
 def _read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str) -> RawSource:

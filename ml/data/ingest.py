@@ -31,8 +31,19 @@ DUPLICATE = "duplicate"
 _INT_RE = r"^\s*[+-]?[0-9]+(\.0*)?\s*$"
 
 
+def _strip(c):
+    """The text without white space at either end: tabs, line breaks and the like too (Spark's ``trim``
+    takes spaces only, and a tab-only id was a key)."""
+    return F.regexp_replace(F.col(c), r"^\s+|\s+$", "")
+
+
 def _blank(c):
-    return F.col(c).isNull() | (F.trim(F.col(c)) == "")
+    return F.col(c).isNull() | (_strip(c) == "")
+
+
+# What a decoder puts for bytes it cannot read (CSV is read as ingest.csv_encoding, UTF-8 by default):
+# two keys that differ only there would be one key after decoding, so such a key is a bad id.
+UNDECODED = "\ufffd"
 
 
 def to_long(c):
@@ -49,7 +60,7 @@ def _has_zone(ts_format: str) -> bool:
 
 
 def _parse_ts(ts_format: str):
-    text = F.trim(F.col(S.TS))
+    text = _strip(S.TS)
     if not _has_zone(ts_format):
         # A wall-clock time is read as UTC, not in spark.sql.session.timeZone (a notebook's or a
         # cluster's zone would otherwise change every ts, and the rows a time window rejects).
@@ -120,20 +131,20 @@ def _micros(fine, ts_unit: str):
 
 def string_id(c):
     """A text key -> BIGINT: Spark's xxhash64 of the trimmed text's UTF-8 bytes (xxHash64, seed 42;
-    null for a blank key), a function of the key alone: the same id on every run and cluster. Two keys
+    null for a blank key, and for one holding :data:`UNDECODED`, so a ``bad_*_id`` row), a function of the key alone: the same id on every run and cluster. Two keys
     share an id with probability about n^2 / 2^65 for n keys (3 * 10^-4 at 10^8 items), counted by
     :func:`id_collisions`."""
-    return F.when(~_blank(c), F.xxhash64(F.trim(F.col(c))))
+    return F.when(~_blank(c) & ~F.col(c).contains(UNDECODED), F.xxhash64(_strip(c)))
 
 
 def id_keys(validated: DataFrame) -> DataFrame:
     """The ``id_keys`` rows of the good actions of :func:`validate_actions` (``string_ids``): each
     distinct (kind, key, id) once; kind ``user``, ``item`` or ``category``."""
     good = validated.where(F.col(S.REASON).isNull())
-    users = good.select(F.lit("user").alias("kind"), F.trim(S.USER_ID).alias("key"), F.col("_u").alias("id"))
-    items = good.select(F.lit("item").alias("kind"), F.trim(S.ITEM_ID).alias("key"), F.col("_i").alias("id"))
+    users = good.select(F.lit("user").alias("kind"), _strip(S.USER_ID).alias("key"), F.col("_u").alias("id"))
+    items = good.select(F.lit("item").alias("kind"), _strip(S.ITEM_ID).alias("key"), F.col("_i").alias("id"))
     cats = good.where(F.col("_c").isNotNull()).select(F.lit("category").alias("kind"),
-                                                      F.trim(S.CATEGORY_ID).alias("key"), F.col("_c").alias("id"))
+                                                      _strip(S.CATEGORY_ID).alias("key"), F.col("_c").alias("id"))
     return users.unionByName(items).unionByName(cats).distinct()
 
 
@@ -160,7 +171,7 @@ def validate_actions(raw: DataFrame, behaviors: Optional[Sequence[str]] = None, 
     to_id = string_id if string_ids else to_long
     df = raw.select(*[F.col(c) for c in raw.columns], to_id(S.USER_ID).alias("_u"), to_id(S.ITEM_ID).alias("_i"),
                     _to_seconds(ts_unit, ts_format).alias("_t"), to_id(S.CATEGORY_ID).alias("_c"),
-                    F.nullif(F.trim(S.BEHAVIOR), F.lit("")).alias("_b"),
+                    F.nullif(_strip(S.BEHAVIOR), F.lit("")).alias("_b"),
                     _to_fine(ts_unit, ts_format).alias("_tms"))
     df = df.withColumn("_tus", _micros(F.col("_tms"), ts_unit))
     ts_ok = F.lit(True)

@@ -5,7 +5,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from ml import schemas as S
-from ml.config import IngestConfig
+from ml.config import ConfigError, IngestConfig
 from ml.data import ingest as I
 from ml.data.formats import SourceSchemaError, items_from_movies, read_source
 
@@ -124,7 +124,8 @@ def test_headerless_tab_separated_file_with_the_tab_written_out(spark, tmp_path)
 
 def test_headerless_csv_field_count_mismatch(spark, tmp_path):
     path = _write(tmp_path, "log.csv", "1;2;3;x\n")
-    with pytest.raises(SourceSchemaError, match=r"first line has 4 fields.*extra columns at positions \[4\]"):
+    with pytest.raises(SourceSchemaError, match=r"log.csv: 1 of the first 1 lines.*the 3 fields ingest.csv_schema names.*"
+                                                r"first line has 4 fields: extra columns at positions \[4\]"):
         read_source(spark, IngestConfig(format="csv", path=path, csv_header=False, csv_sep=";",
                                         csv_schema=["u", "i", "t"], columns={"user_id": "u", "item_id": "i", "ts": "t"}), "")
 
@@ -280,8 +281,31 @@ def test_taobao_format_with_rejects(spark, tmp_path):
 
 def test_taobao_wrong_column_count(spark, tmp_path):
     path = _write(tmp_path, "ub.csv", "1,100,7,pv\n")
-    with pytest.raises(SourceSchemaError, match="has 5 columns.*first line has 4"):
+    with pytest.raises(SourceSchemaError, match="the 5 fields of Taobao UserBehavior.*first line has 4"):
         read_source(spark, IngestConfig(format="taobao", path=path), "")
+
+
+def test_a_bad_first_line_is_a_rejected_row_and_most_bad_lines_name_the_file(spark, tmp_path):
+    # one truncated line is a bad row wherever it is in the file, first line included; a file whose
+    # lines mostly have another count is a wrong format, and the error names that file of the folder
+    folder = tmp_path / "ub"
+    folder.mkdir()
+    (folder / "a.csv").write_text("1,100,7,pv\n1,100,7,pv,1511658000\n2,101,7,buy,1511658060\n")
+    _, good, bad = _run(spark, IngestConfig(format="taobao", path=str(folder)))
+    assert [g[:2] for g in good] == [(1, 100), (2, 101)]
+    assert [(b[0], b[-1]) for b in bad] == [(I.MALFORMED, "1,100,7,pv")]
+    (folder / "b.csv").write_text("".join(f"{u},100,7,pv\n" for u in range(30)))
+    with pytest.raises(SourceSchemaError, match=r"b\.csv: 31 of the first 33 lines.*first line has 4 fields"):
+        read_source(spark, IngestConfig(format="taobao", path=str(folder)), "")
+
+
+def test_a_line_of_thousands_of_fields_is_a_malformed_row(spark, tmp_path):
+    # Spark's CSV parser stops the whole read at a line of more than 20,480 fields (its maxColumns)
+    garbage = "," * 30_000
+    path = _write(tmp_path, "log.csv", f"u,i,t\n1,2,3\n{garbage}\n4,5,6\n")
+    _, good, bad = _run(spark, IngestConfig(format="csv", path=path, columns={"user_id": "u", "item_id": "i", "ts": "t"}))
+    assert [g[:3] for g in good] == [(1, 2, 3), (4, 5, 6)]
+    assert [(b[0], b[-1]) for b in bad] == [(I.MALFORMED, garbage)]
 
 
 MOVIES = "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Café (1996)::Comedy\n3::Heat (1995)::Action|Crime|Thriller\n"
@@ -311,6 +335,17 @@ def test_primary_genre_is_the_rarest(spark):
     assert got == {1: "Animation", 2: "Comedy", 3: "Drama", 4: "Drama", 5: "Animation"}
 
 
+def test_a_genre_outside_ml1ms_list_is_left_out_of_the_category(spark, caplog):
+    movies = spark.createDataFrame(
+        [(1, "a", ["Action", "Adventure", "IMAX"]), (2, "b", ["IMAX"]), (3, "c", ["Adventure"])],
+        "item_id long, title string, genres array<string>")
+    with caplog.at_level("WARNING", logger="ml.data.formats"):
+        got = {r.item_id: (r.category_id, r.category_name) for r in items_from_movies(spark, movies).collect()}
+    # the rarest genre with an id: IMAX (2 films) would be rarer than Adventure but has none
+    assert got == {1: (1, "Action"), 2: (None, None), 3: (2, "Adventure")}
+    assert "'IMAX' (2)" in caplog.text
+
+
 def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
     d = tmp_path / "sas"
     d.mkdir()
@@ -323,6 +358,8 @@ def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
                            (2, 2, 0, None, 5), (2, 2, 1, None, 5),
                            (3, 5, 0, None, 5), (3, 4, 1, None, 3), (3, 1, 2, None, 3), (3, 3, 3, None, 1)])
     assert src.items.count() == 5
+    _write(d, "train_input.txt", "")  # no line: no action (the ingest job then stops, keeping its tables)
+    assert _run(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt")))[1:] == ([], [])
 
 
 def test_items_from_actions_takes_most_frequent_category(spark):
@@ -472,7 +509,7 @@ def test_csv_header_with_the_canonical_names_needs_no_mapping_and_an_empty_file_
     assert good == [(1, 9, 3, None, 2)]
 
 
-@pytest.mark.parametrize("fmt", ["csv", "taobao", "parquet", "delta", "ml1m"])
+@pytest.mark.parametrize("fmt", ["csv", "taobao", "parquet", "delta", "ml1m", "sasrec"])
 def test_a_missing_source_path_is_one_error_naming_it(spark, tmp_path, fmt):
     from ml.errors import MissingInput
 
@@ -669,14 +706,52 @@ def test_a_file_unlike_the_others_is_one_line_naming_it(spark, tmp_path, capsys)
     csv.mkdir()
     (csv / "a.csv").write_text("user_id,item_id,ts\n1,2,3\n")
     (csv / "b.csv").write_text("item_id,user_id,ts\n2,1,4\n")  # the same columns in another order
-    for fmt, path, what in (("parquet", folder, r"[ab].parquet. Data type mismatches when reading Parquet column "
-                                                r"\[user_id\]"),
-                            ("csv", csv, r"\.csv. CSV header does not conform to the schema: ")):
+    unreadable = (r"error: UnreadableFile: Encountered error while reading file .*{}"
+                  r".*the files of one input must have the same columns and types")
+    for fmt, path, what in (("parquet", folder, unreadable.format(r"[ab].parquet. Data type mismatches when reading "
+                                                                  r"Parquet column \[user_id\]")),
+                            # the ingest job's own error (in run(), for notebooks too), naming both headers
+                            ("csv", csv, r"error: SourceSchemaError: .*b\.csv: its header \(item_id, user_id, ts\) is "
+                                         r"not the header the source was read with \(user_id, item_id, ts, the first file's\)")):
         with pytest.raises(SystemExit) as e:
             ingest_job.main(["--set", f"warehouse={tmp_path / 'wh'}", "--set", f"ingest.format={fmt}",
                              "--set", f"ingest.path={path}"])
         err = capsys.readouterr().err
         assert e.value.code == 1 and "Traceback" not in err, err[-2000:]
         line = [l for l in err.splitlines() if l.startswith("error: ")]
-        assert len(line) == 1 and re.search(r"error: UnreadableFile: Encountered error while reading file .*" + what +
-                                            ".*the files of one input must have the same columns and types", line[0])
+        assert len(line) == 1 and re.search(what, line[0]), line
+
+
+def _run_keys(spark, cfg):
+    src = read_source(spark, cfg, default_path="unused")
+    v = I.validate_actions(src.actions, string_ids=True)
+    good = sorted((r[S.USER_ID], r[S.ITEM_ID]) for r in I.good_actions(v).collect())
+    bad = sorted((r[S.REASON], r[S.ITEM_ID]) for r in I.rejected_actions(v).collect())
+    return good, bad, sorted((r.kind, r.key) for r in I.id_keys(v).collect())
+
+
+def test_white_space_of_any_kind_around_a_key_is_not_part_of_it(spark, tmp_path):
+    # Spark's trim takes spaces only: a tab-only item was a key of its own, and "b\t" another key than "b"
+    path = _write(tmp_path, "log.csv", "user_id,item_id,ts\nu1,\t,1\nu1,b\t,2\nu1, b,3\n\tu2,\t \x0b,4\n")
+    good, bad, keys = _run_keys(spark, IngestConfig(format="csv", path=path, string_ids=True))
+    assert bad == [(I.MISSING_ITEM, "\t"), (I.MISSING_ITEM, "\t \x0b")]
+    assert len(set(good)) == 1 and len(good) == 2  # "b\t" and " b" are one key: the same action twice, 1 s apart
+    assert keys == [("item", "b"), ("user", "u1")]
+    # integer ids: a tab is a missing id, not a bad one
+    ints = _write(tmp_path, "ints.csv", "user_id,item_id,ts\n1,\t,1\n\t,2,2\n3,4,5\n")
+    _, good, rejected = _run(spark, IngestConfig(format="csv", path=ints))
+    assert [b[0] for b in rejected] == [I.MISSING_ITEM, I.MISSING_USER] and len(good) == 1
+
+
+def test_undecodable_bytes_make_a_bad_key_and_csv_encoding_reads_them(spark, tmp_path):
+    # café and cafè in Latin-1 bytes: read as UTF-8 both are caf\ufffd, one key for two items
+    path = tmp_path / "log.csv"
+    path.write_bytes("user_id,item_id,ts\nu,café,1\nu,cafè,2\nu,tea,3\n".encode("latin-1"))
+    good, bad, keys = _run_keys(spark, IngestConfig(format="csv", path=str(path), string_ids=True))
+    assert [r for r, _ in bad] == [I.BAD_ITEM, I.BAD_ITEM] and len(good) == 1
+    good, bad, keys = _run_keys(spark, IngestConfig(format="csv", path=str(path), string_ids=True,
+                                                    csv_encoding="ISO-8859-1"))
+    assert bad == [] and len(set(good)) == 3
+    assert [k for kind, k in keys if kind == "item"] == ["cafè", "café", "tea"]
+    with pytest.raises(ConfigError, match="ingest.csv_encoding='latin-9x' is not a character set"):
+        IngestConfig(format="csv", path=str(path), csv_encoding="latin-9x")

@@ -136,3 +136,17 @@ def test_id_collisions_counts_ids_shared_by_two_keys(spark):
                                   ("user", "y", 3), ("user", "z", 3), ("user", "w", 3)], S.ID_KEYS)
     assert id_collisions(keys) == {"item": 1, "user": 1}
     assert id_collisions(keys.where("id = 2")) == {}
+
+
+def test_a_csv_folder_whose_files_order_the_columns_differently_is_an_error_naming_the_file(spark, tmp_path):
+    from ml.data.formats import SourceSchemaError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text("user_id,item_id,ts\n1,10,100\n1,11,101\n")
+    (src / "b.csv").write_text("item_id,user_id,ts\n20,2,100\n21,2,101\n")
+    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={src}"])
+    with pytest.raises(SourceSchemaError, match=r"b\.csv: its header \(item_id, user_id, ts\) is not the header the "
+                                                r"source was read with \(user_id, item_id, ts, the first file's\)"):
+        ingest.run(cfg, spark)
+    assert not io.table_exists(cfg.table_path(S.T_ACTIONS))
