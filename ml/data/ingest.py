@@ -130,9 +130,9 @@ def _micros(fine, ts_unit: str):
 
 
 def string_id(c):
-    """A text key -> BIGINT: Spark's xxhash64 of the trimmed text's UTF-8 bytes (xxHash64, seed 42;
-    null for a blank key, and for one holding :data:`UNDECODED`, so a ``bad_*_id`` row), a function of the key alone: the same id on every run and cluster. Two keys
-    share an id with probability about n^2 / 2^65 for n keys (3 * 10^-4 at 10^8 items), counted by
+    """A text key -> BIGINT: Spark's xxhash64 of the stripped text's UTF-8 bytes (xxHash64, seed 42;
+    null for a blank key, and for one holding :data:`UNDECODED`, so a ``bad_*_id`` row), a function
+    of the key alone: the same id on every run and cluster. Two keys share an id with probability about n^2 / 2^65 for n keys (3 * 10^-4 at 10^8 items), counted by
     :func:`id_collisions`."""
     return F.when(~_blank(c) & ~F.col(c).contains(UNDECODED), F.xxhash64(_strip(c)))
 
