@@ -6,7 +6,6 @@ an unknown or invalid key raises :class:`ConfigError` naming the key and what is
 from __future__ import annotations
 
 import codecs
-
 import collections.abc
 import dataclasses
 import functools

@@ -144,11 +144,11 @@ def _check_field_count(spark: SparkSession, path: str, columns: list, sep: str, 
     they are read as ``malformed_row`` and kept in ``actions_rejected``. The error names the file
     with the most such lines among those read, and that file's first line's field count."""
     sample = (read_csv_lines(spark, path, columns, sep, header=False, encoding=encoding).limit(FIELD_COUNT_SAMPLE)
-              .select(F.col(columns[0]), F.col(_CORRUPT).isNotNull().cast("int").alias("bad"),
+              .select(F.col(f"`{columns[0]}`").alias("c0"), F.col(_CORRUPT).isNotNull().cast("int").alias("bad"),
                       F.col("_metadata.file_path").alias("f")))
     # a data column in the query: Spark refuses a CSV query that reads the corrupt-record column alone
     files = sample.groupBy("f").agg(F.count(F.lit(1)).alias("n"), F.sum("bad").alias("bad"),
-                                    F.count(columns[0])).collect()  # at most FIELD_COUNT_SAMPLE rows
+                                    F.count("c0")).collect()  # at most FIELD_COUNT_SAMPLE rows
     n, bad = sum(r["n"] for r in files), sum(r["bad"] for r in files)
     if not n:
         raise SourceSchemaError(f"{path}: the file is empty")
