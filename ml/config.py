@@ -370,6 +370,7 @@ class TrainConfig:
             _check_positive(f"train.{k}", getattr(self, k))
         _check_positive("train.max_steps", self.max_steps, allow_none=True)
         _check_positive("train.grad_clip", self.grad_clip, allow_none=True)
+        _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("train.num_workers", self.num_workers, allow_zero=True)
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_choice("train.optimizer", self.optimizer, ["adam", "adamw", "sgd"])
@@ -423,8 +424,12 @@ class NATMSection:
         _check_positive("natm.full_softmax_max", self.full_softmax_max)
         _check_positive("natm.negatives", self.negatives, allow_none=True)
         _check_positive("natm.mlm_negatives", self.mlm_negatives, allow_none=True)
-        for k in ("dim", "heads", "gamma", "weight_buckets"):
+        for k in ("dim", "heads", "gamma", "ffn_mult"):
             _check_positive(f"natm.{k}", getattr(self, k))
+        _check_positive("natm.mlm_weight", self.mlm_weight, allow_zero=True)
+        if self.weight_buckets < 2:  # one bucket holds every count: the weight embedding would say nothing
+            raise ConfigError(f"natm.weight_buckets={self.weight_buckets!r} must be >= 2 (log2 buckets of the "
+                              "co-occurrence weight; one bucket would hold every weight)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"natm.dropout={self.dropout!r} must be in [0, 1)")
         # here, so that a bad combination fails when the config is read, not after ingest, graph and
@@ -474,8 +479,13 @@ class DATSection:
     logit_scale: float = 10.0
 
     def __post_init__(self) -> None:
-        for k in ("id_dim", "feature_dim", "logit_scale", "cal_min_items"):
+        for k in ("id_dim", "feature_dim", "logit_scale"):
             _check_positive(f"dat.{k}", getattr(self, k))
+        for k in ("lambda_u", "lambda_v", "lambda_ca"):  # a negative weight would push apart what the term aligns
+            _check_positive(f"dat.{k}", getattr(self, k), allow_zero=True)
+        if self.cal_min_items < 2:  # one item has no covariance: it would count as a zero matrix
+            raise ConfigError(f"dat.cal_min_items={self.cal_min_items!r} must be >= 2 (a category's items in a batch "
+                              "needed for its covariance)")
         if not self.hidden or any(not isinstance(h, int) or isinstance(h, bool) or h <= 0 for h in self.hidden):
             raise ConfigError(f"dat.hidden={self.hidden!r} must be a non-empty list of positive sizes")
 

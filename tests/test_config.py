@@ -63,6 +63,16 @@ def test_bad_choice_names_key_and_allowed_values():
     ("warehouse=", "warehouse=None must be a string .an empty value is no value"),
     ("spark.master=banana", "spark.master='banana' is not a Spark master URL; expected local"),
     ("spark.conf.spark.sql.shuffle.partitions=3", "set spark.shuffle_partitions instead"),
+    # accepted before, then ignored (a negative MLM weight turned MLM off), built into a zero-width layer,
+    # or failing at the model's build or the first step without the key
+    ("natm.mlm_weight=-0.5", "natm.mlm_weight=-0.5 must be a number >= 0"),
+    ("natm.ffn_mult=0", "natm.ffn_mult=0 must be a number > 0"),
+    ("natm.weight_buckets=1", "natm.weight_buckets=1 must be >= 2"),
+    ("train.weight_decay=-1", "train.weight_decay=-1 must be a number >= 0"),
+    ("dat.lambda_ca=-5", "dat.lambda_ca=-5 must be a number >= 0"),
+    ("dat.lambda_u=-1", "dat.lambda_u=-1 must be a number >= 0"),
+    ("dat.cal_min_items=1", "dat.cal_min_items=1 must be >= 2"),
+    ("ingest.csv_encoding=latin-9x", "ingest.csv_encoding='latin-9x' is not a character set"),
 ])
 def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(override, message):
     # before: some were a TypeError without the key ("graph.: '<=' not supported ..."), others

@@ -57,6 +57,10 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
     for j, f in enumerate(fields):
         values = pc.map_lookup(maps, pa.scalar(f, key_type), "last")
         levels = pc.unique(values.drop_null())
+        if not len(levels):  # a misspelt field would be a feature that is always 0, trained on nothing
+            present = pc.unique(pa.chunked_array([c.keys for c in maps.chunks], key_type).drop_null())
+            raise InvalidInput(f"dat.user_fields: {f!r} has a value in no row of {users_path} (its users' features "
+                               f"are {sorted(present.to_pylist())[:20]}): fix or drop it in dat.user_fields")
         levels = levels.take(pc.sort_indices(levels))
         code = pc.fill_null(pc.index_in(values, value_set=levels), -1).to_numpy(zero_copy_only=False) + 1
         col = torch.from_numpy(code.astype(np.int64))

@@ -389,6 +389,36 @@ class _Window:
         out["samples_per_s"] = self.samples / seconds
         return out
 
+    def state(self) -> dict[str, Any]:
+        """For a checkpoint: the sums as Python floats (a float32 sum's value exactly), so a resumed
+        run's next record averages the same steps, to the same bits, as a run never interrupted."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
+                "samples": self.samples, "seconds": time.time() - self.t0}
+
+    @classmethod
+    def restored(cls, state: Optional[dict[str, Any]]) -> "_Window":
+        window = cls()
+        if state:  # None: a checkpoint from before windows were saved, or at an epoch's start
+            window.sums, window.steps, window.samples = dict(state["sums"]), state["steps"], state["samples"]
+            window.t0 -= state["seconds"]  # samples/s over the steps' own time, not the time since the resume
+        return window
+
+
+class TrainingDiverged(InvalidInput):
+    """The loss or the weights went NaN or infinite: nothing is checkpointed or published from here."""
+
+
+def _check_finite(model: nn.Module, step: int, loss: Optional[float], cfg: TrainConfig) -> None:
+    """Raise :class:`TrainingDiverged` when the loss is not finite or a weight is NaN or infinite."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not bad and (loss is None or math.isfinite(loss)):
+        return
+    what = f"{len(bad)} weight tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) hold NaN or inf" if bad \
+        else f"the loss is {loss}"
+    raise TrainingDiverged(f"training diverged by step {step}: {what}. No checkpoint or model was written from it "
+                           f"(a published model stays as it was). Lower train.lr (now {cfg.lr}), set train.grad_clip "
+                           f"(now {cfg.grad_clip}), or train in fp32 (train.amp=off, now {cfg.amp})")
+
 
 RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # may change on resume: continue training
 
@@ -465,6 +495,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
 
     step, epoch, batches_done = 0, 0, 0
     last_loss: Optional[float] = None
+    resumed_windows: Optional[dict[str, Any]] = None
     last_checkpoint: Optional[str] = None
     run_id: Optional[str] = uuid.uuid4().hex[:16]  # tags this run's metrics records (a resume keeps its run's)
     seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, 0))
@@ -514,6 +545,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                    f"model ({first}); it was written by another version of the code. Run "
                                    f"without --resume (the pipeline: --force) to start over") from e
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done_in_epoch"]
+            resumed_windows = state["extra"].get("windows")  # the records' running sums, on rank 0
             last_loss = state["extra"].get("last_loss")
             run_id = state["extra"].get("run_id")  # the resumed run's (None: written before run ids)
             written_in = state["extra"].get("precision")  # None: written before it was recorded
@@ -546,9 +578,10 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                           find_unused_parameters=find_unused_parameters,
                                           broadcast_buffers=running_stats)
 
-    def checkpoint(epoch_pos: int, batches_pos: int) -> Optional[str]:
+    def checkpoint(epoch_pos: int, batches_pos: int, windows: Optional[dict[str, Any]] = None) -> Optional[str]:
+        _check_finite(model, step, last_loss, cfg)  # a diverged run's weights are never saved
         extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings,
-                 "run_id": run_id, "precision": precision}
+                 "run_id": run_id, "precision": precision, "windows": windows}
         return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                step=step, epoch=epoch_pos, batches_done_in_epoch=batches_pos,
                                extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)
@@ -566,7 +599,10 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
         while epoch < cfg.epochs and not stopped:
             stream = _epoch_stream(make_batches, epoch, derive_seed(seed, ctx.rank, _DATA_STREAM, epoch),
                                    batches_done)
-            window, epoch_window = _Window(), _Window()
+            # mid-epoch after a resume: the windows go on from the checkpoint's sums, so the records
+            # are those of a run never interrupted (then empty, from the next epoch on)
+            windows, resumed_windows = resumed_windows or {}, None
+            window, epoch_window = _Window.restored(windows.get("step")), _Window.restored(windows.get("epoch"))
             last_loss_t: Optional[torch.Tensor] = None
             with Join([net]) if ctx.distributed else contextlib.nullcontext():
                 for batch in stream:
@@ -597,6 +633,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                             rec = {"event": "step", "run": run_id, "epoch": epoch, "step": step, "lr": lr,
                                    **window.record(), "elapsed_s": time.time() - t_start,
                                    "time": time.time(), "world_size": ctx.world_size}
+                            if not math.isfinite(rec["loss"]):
+                                _check_finite(model, step, rec["loss"], cfg)
                             sink.emit(rec)
                             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
                             logger.info("epoch %d step %d loss %.5f lr %.3g %.0f samples/s",
@@ -609,7 +647,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                         last_loss = float(last_loss_t)
                         seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
                         if ctx.is_main:
-                            last_checkpoint = checkpoint(epoch, batches_done)
+                            last_checkpoint = checkpoint(epoch, batches_done,
+                                                         {"step": window.state(), "epoch": epoch_window.state()})
             if last_loss_t is not None:
                 last_loss = float(last_loss_t)
             if ctx.distributed:
@@ -627,7 +666,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             if not stopped:
                 epoch, batches_done = epoch + 1, 0
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
-            saved = checkpoint(epoch, batches_done)
+            # stopped by train.max_steps inside the epoch: a resume with more steps goes on with its sums
+            saved = checkpoint(epoch, batches_done,
+                               {"step": window.state(), "epoch": epoch_window.state()} if stopped else None)
             last_checkpoint = saved or last_checkpoint
     finally:
         bar.close()

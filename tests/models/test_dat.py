@@ -231,6 +231,10 @@ def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
                                                 "user_id long, features map<string,string>"), bad)
     with pytest.raises(InvalidInput, match="1 rows with a null user_id"):
         load_user_features(bad, build_vocab(np.array([1])), ["gender"])
+    # a field no user has (a misspelt dat.user_fields entry) is named, not trained as a feature always 0
+    with pytest.raises(InvalidInput, match=r"dat.user_fields: 'gendre' has a value in no row of .*users_codes \(its "
+                                           r"users' features are \['age', 'gender', 'occ'\]\)"):
+        load_user_features(path, build_vocab(np.array([1, 2])), ["gender", "gendre"])
 
 
 def test_one_sided_artifacts_give_the_same_vectors_without_the_other_sides_tables(tmp_path):

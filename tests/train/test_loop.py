@@ -137,7 +137,8 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
     kw = dict(seed=7, steps_per_epoch=15)
 
     uninterrupted = mlp(0)
-    res_a = train(uninterrupted, make, mse_loss, cfg, CPU, str(tmp_path / "a"), **kw)
+    metrics_a = tmp_path / "a_metrics.jsonl"
+    res_a = train(uninterrupted, make, mse_loss, cfg, CPU, str(tmp_path / "a"), metrics_path=str(metrics_a), **kw)
     assert res_a["steps"] == 30
 
     calls = {"n": 0}
@@ -169,6 +170,15 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if json.loads(line)["event"] == "step"]
     assert steps == list(range(5, 31, 5))
+
+    # and they are the uninterrupted run's records: each step record averages the same steps, and the
+    # resumed epoch's record its every step (before, only those since the resume), to the same bits
+    def records(path):
+        timing = {"run", "elapsed_s", "time", "samples_per_s"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in path.read_text().splitlines()]
+
+    assert records(metrics) == records(metrics_a)
+    assert [r["event"] for r in records(metrics)].count("epoch") == 2
     # a resume that finds no checkpoint starts over, and so does its metrics file
     train(mlp(0), make, mse_loss, cfg, CPU, str(tmp_path / "empty"), resume=True, metrics_path=str(metrics), **kw)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
@@ -725,3 +735,26 @@ def test_resume_trims_the_metrics_file_to_the_resumed_runs_records(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:2]
     _trim_metrics(str(path), 0, None)  # resumed from nothing: starts over
     assert path.read_text() == ""
+
+
+def test_a_diverging_run_stops_naming_the_settings_and_saves_no_checkpoint_of_it(tmp_path):
+    from ml.train.loop import TrainingDiverged
+
+    x, y = regression_data(160)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e30, optimizer="sgd", grad_clip=None, checkpoint_every=4,
+                      log_every=2, device="cpu", amp=False)
+    with pytest.raises(TrainingDiverged, match=r"training diverged by step [0-9]+: .*Lower train.lr \(now 1e\+30\), "
+                                               r"set train.grad_clip \(now None\)"):
+        train(mlp(0, dropout=0.0), shuffled_batches(x, y, 16), mse_loss, cfg, CPU, str(tmp_path), seed=1)
+    for path in list_checkpoints(str(tmp_path)):  # what was saved before it diverged is finite
+        weights = load_checkpoint(path)["model"]
+        assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    # with no log step to see the loss, non-finite weights are caught before the checkpoint at the end
+    one = TrainConfig(epochs=1, batch_size=16, lr=0.01, max_steps=3, checkpoint_every=100, log_every=100,
+                      device="cpu", amp=False, grad_clip=None)
+    model = nn.Linear(8, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match=r"2 weight tensors \(weight, bias\) hold NaN or inf"):
+        train(model, shuffled_batches(x, y, 16), mse_loss, one, CPU, str(tmp_path / "inf"), seed=1)
+    assert list_checkpoints(str(tmp_path / "inf")) == []
