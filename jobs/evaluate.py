@@ -21,7 +21,8 @@ from ml.data import io
 from ml.data.ingest import category_names
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
-from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison, targets_fingerprint
+from ml.eval.metrics import (check_lists, compute_metrics, format_paired, format_table, paired_comparison,
+                             targets_fingerprint)
 
 from jobs._cli import command, parse, print_tables
 
@@ -46,7 +47,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                (("i2i", cfg.table_path(S.T_I2I_TOPK)), ("u2i", cfg.table_path(S.T_U2I_TOPK))) if io.table_exists(path)]
 
     def model_lists(model: str) -> list:
-        return _model_lists(spark, sources, mode, model)
+        return _model_lists(spark, sources, mode, model, targets)
 
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     # Every model and baseline is checked before anything is written; then each table gets one
@@ -138,13 +139,17 @@ def _add_targets_column(spark, cfg: Config) -> None:
                 raise
 
 
-def _model_lists(spark, sources: list, mode: str, model: str) -> list:
+def _model_lists(spark, sources: list, mode: str, model: str, targets) -> list:
     """[(kind, lists)] of a model: its i2i_topk rows (every model but the fused "<model>_recent"), its
-    u2i_topk rows (DAT, two-tower, *_recent); only the kinds it has rows in. ``sources``: (kind,
-    table path, version) of the list tables that exist."""
+    u2i_topk rows (DAT, two-tower, *_recent); only the kinds it has rows in, each checked
+    (:func:`check_lists`) for the lists ``targets`` look up. ``sources``: (kind, table path, version)
+    of the list tables that exist."""
     parts = [(kind, io.read_table(spark, path, version=v, delta_mode=mode, partitions={S.MODEL: [model]}))
              for kind, path, v in sources]
-    return [(kind, t) for kind, t in parts if t.limit(1).count()]
+    parts = [(kind, t) for kind, t in parts if t.limit(1).count()]
+    for kind, t in parts:
+        check_lists(t, kind, model, targets)
+    return parts
 
 
 def _like_for_like(model: str, b: str, base: list, lists: dict, model_lists) -> tuple:

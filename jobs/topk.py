@@ -102,9 +102,16 @@ def candidate_vectors(t, where: str, model: str):
     col = t.column(name)
     if col.null_count:
         raise InvalidInput(f"{where}: {col.null_count:,} items without a {name}: rerun jobs.embed for model={model}")
+    if t.column("item_id").null_count:  # to_numpy would make the ids floats, and a null some other id
+        raise InvalidInput(f"{where}: {t.column('item_id').null_count:,} rows without an item_id: rerun jobs.embed "
+                           f"for model={model}")
     raw_ids = t.column("item_id").to_numpy()
     n = len(raw_ids)
     order = np.argsort(raw_ids, kind="stable")
+    twice = np.unique(raw_ids[order][1:][raw_ids[order][1:] == raw_ids[order][:-1]])
+    if len(twice):  # two vectors for one item: its lists would interleave, and other lists hold it twice
+        raise InvalidInput(f"{where}: {len(twice):,} items with more than one vector (e.g. item_id "
+                           f"{', '.join(map(str, twice[:3]))}): rerun jobs.embed for model={model}")
     row = np.empty(n, dtype=np.int64)
     row[order] = np.arange(n)  # each table row's place in id order
     lengths = pc.min_max(pc.list_value_length(col))

@@ -49,6 +49,35 @@ def metric_order(row: dict) -> tuple:
     return row[S.K] is None, row[S.K] or 0
 
 
+def check_lists(topk: DataFrame, kind: str, model: str, eval_targets: DataFrame) -> None:
+    """Refuse lists the metrics would score wrongly, before anything is written: a neighbour listed
+    twice in one list (the target's row joined twice counts a user twice), ranks other than 1..n
+    (two items at rank 1 are two hits at K = 1; a rank of 0 or below), a null score, and, for i2i,
+    the trigger in its own list (a target equal to its trigger would be a hit). Only the lists the
+    eval targets look up are read: one aggregation over at most eval users x K rows."""
+    key, item = (S.ITEM_ID, S.NEIGHBOR_ID) if kind == "i2i" else (S.USER_ID, S.ITEM_ID)
+    wanted = eval_targets.select(F.col(S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID).alias(key)).distinct()
+    per = topk.join(wanted, key, "left_semi").groupBy(key).agg(
+        F.count(F.lit(1)).alias("n"), F.size(F.array_distinct(F.collect_list(item))).alias("items"),
+        F.size(F.array_distinct(F.collect_list(S.RANK))).alias("ranks"), F.min(S.RANK).alias("lo"),
+        F.max(S.RANK).alias("hi"), F.count(S.SCORE).alias("scored"),
+        F.sum((F.col(item) == F.col(key)).cast("int") if kind == "i2i" else F.lit(0)).alias("self"))
+    reason = (F.when(F.col("self") > 0, "its own item in the list")
+              .when(F.col("items") < F.col("n"), "an item listed twice (or a null one)")
+              .when((F.col("ranks") < F.col("n")) | (F.col("lo") != 1) | (F.col("hi") != F.col("n")),
+                    "ranks other than 1..n (repeated, missing, null, or below 1)")
+              .when(F.col("scored") < F.col("n"), "a null score"))
+    bad = (per.select(key, reason.alias("why")).where(F.col("why").isNotNull())
+           .groupBy("why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example")).collect())  # <= 4 rows
+    if bad:
+        what = "; ".join(f"{r['lists']:,} lists with {r['why']} (e.g. {key} {r['example']})"
+                         for r in sorted(bad, key=lambda r: r["why"]))
+        table = S.T_I2I_TOPK if kind == "i2i" else S.T_U2I_TOPK
+        raise InvalidInput(f"{table}, model {model!r}: {what}; each list must hold distinct items at ranks 1..n "
+                           f"with a score{', without the item itself' if kind == 'i2i' else ''}: rerun its "
+                           "topk (or recent) stage")
+
+
 def target_ranks(eval_targets: DataFrame, topk: DataFrame, kind: str = "i2i") -> DataFrame:
     """``eval_targets`` + the target's ``rank`` in the trigger's list (i2i) or the user's list (u2i),
     null when absent."""
@@ -82,7 +111,7 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
     ranked = target_ranks(eval_targets, topk, kind)
     aggs = [F.count(F.lit(1)).alias(S.N_USERS), F.avg(_reciprocal(S.RANK)).cast("double").alias("mrr")]
     aggs += [F.avg(F.when(F.col(S.RANK) <= k, 1.0).otherwise(0.0)).alias(f"pre_{k}") for k in ks]
-    # The overall row comes from the targets themselves, before any join that could repeat one.
+    # One row per target: the join cannot repeat one, since each list holds an item once (check_lists).
     out = _long_format(ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)), ks, *metric_names(kind))
     if items is not None:
         # One category per item (the smallest, should `items` list one twice), so that no target

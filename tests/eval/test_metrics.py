@@ -8,7 +8,7 @@ from ml.data import io
 from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import item_counts
 from ml.errors import InvalidInput
-from ml.eval.metrics import compute_metrics, format_paired, format_table, paired_comparison
+from ml.eval.metrics import check_lists, compute_metrics, format_paired, format_table, paired_comparison
 
 
 def _topk(spark, rows, model="m"):
@@ -39,6 +39,34 @@ def test_metrics_hand_computed(spark):
     assert cat200[("pre", 3)] == 0.0
     text = format_table([r.asDict() for r in rows], [1, 2, 3])
     assert "0.2000" in text and "0.3667" in text
+
+
+def test_lists_that_would_be_scored_wrongly_are_refused_naming_the_model_and_a_list(spark):
+    # each of these was scored as given: a row twice counted a user twice (Pre@1 0.25 over 4 "users" of 3),
+    # two items at rank 1 were two hits at K = 1, rank 0 divided by zero, a self-neighbour made a
+    # target equal to its trigger a hit
+    targets = spark.createDataFrame([(1, 1, 3, 0, 1), (2, 5, 6, 0, 1), (3, 4, 4, 0, 1)], S.EVAL_TARGETS)
+    def _topk(spark, rows):  # any rank, 0 included
+        return spark.createDataFrame([(i, n, 1.0 / (r + 1), r, "m") for i, n, r in rows], S.I2I_TOPK)
+
+    others = [(5, 6, 1), (4, 7, 1), (9, 9, 1)]  # 9 lists itself, but no target looks it up
+    check_lists(_topk(spark, [(1, 2, 1), (1, 3, 2)] + others), "i2i", "m", targets)
+    for rows, why in (([(1, 3, 1), (1, 3, 2)], "an item listed twice"),
+                      ([(1, 2, 1), (1, 3, 1)], "ranks other than 1..n"),
+                      ([(1, 2, 0), (1, 3, 1)], "ranks other than 1..n"),
+                      ([(1, 2, 1), (1, 3, 3)], "ranks other than 1..n"),
+                      ([(1, 1, 1), (1, 3, 2)], "its own item in the list")):
+        with pytest.raises(InvalidInput, match=rf"i2i_topk, model 'm': 1 lists with {why}.*\(e\.g\. item_id 1\)"):
+            check_lists(_topk(spark, rows + others), "i2i", "m", targets)
+    from pyspark.sql.types import StructField, StructType
+
+    nullable = StructType([StructField(f.name, f.dataType, True) for f in S.I2I_TOPK.fields])  # not the contract's
+    null_score = spark.createDataFrame([(1, 3, None, 1, "m")], nullable)
+    with pytest.raises(InvalidInput, match="1 lists with a null score"):
+        check_lists(null_score, "i2i", "m", targets)
+    u2i = spark.createDataFrame([(1, 3, 0.9, 1, "m"), (1, 7, 0.8, 1, "m"), (2, 1, 0.5, 1, "m")], S.U2I_TOPK)
+    with pytest.raises(InvalidInput, match=r"u2i_topk, model 'm': 1 lists with ranks other than 1\.\.n .*\(e\.g\. user_id 1\)"):
+        check_lists(u2i, "u2i", "m", targets)
 
 
 def test_u2i_metrics_hand_computed(spark):

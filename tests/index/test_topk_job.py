@@ -63,6 +63,14 @@ def test_candidate_vectors_sort_by_id_across_chunks_without_losing_a_row():
         ragged = pa.table({"item_id": pa.array([1, 2, 3], pa.int64()), "vector": pa.array(bad, pa.list_(pa.float32()))})
         with pytest.raises(InvalidInput, match=r"t.vector: vectors of \d to \d values, not one length above 0"):
             topk.candidate_vectors(ragged, "t", "m")
+    # an item with two vectors (a table appended to by hand): its lists would interleave, others hold it twice
+    twice = pa.table({"item_id": pa.array([5, 3, 5, 4, 3], pa.int64()),
+                      "vector": pa.array([[1.0, 0.0]] * 5, pa.list_(pa.float32()))})
+    with pytest.raises(InvalidInput, match=r"t: 2 items with more than one vector \(e.g. item_id 3, 5\): rerun jobs.embed"):
+        topk.candidate_vectors(twice, "t", "m")
+    nulls = pa.table({"item_id": pa.array([1, None], pa.int64()), "vector": pa.array([[1.0]] * 2, pa.list_(pa.float32()))})
+    with pytest.raises(InvalidInput, match="t: 1 rows without an item_id"):
+        topk.candidate_vectors(nulls, "t", "m")
 
 
 def _random_natm(V, N, **kw):
