@@ -5,7 +5,6 @@ an unknown or invalid key raises :class:`ConfigError` naming the key and what is
 """
 from __future__ import annotations
 
-import codecs
 import collections.abc
 import dataclasses
 import functools
@@ -138,12 +137,12 @@ class IngestConfig:
     csv_header: bool = True
     csv_sep: str = ","
     csv_schema: Optional[list] = None  # column names of a header-less CSV, in file order
-    # the CSV's character set (Spark's and Java's names: UTF-8, ISO-8859-1, windows-1252, ...); bytes it
-    # cannot decode read as U+FFFD, and a string id holding one is a bad id row
+    # the CSV's character set (UTF-8, UTF-16, UTF-32, ISO-8859-1, US-ASCII: what Spark 4 reads; see
+    # formats.SPARK_CHARSETS); bytes it cannot decode read as U+FFFD, and a string id holding one is a bad id row
     csv_encoding: str = "UTF-8"
     allow_extra_columns: bool = False  # source columns not in the mapping: error unless True
     # ids that are strings (SKUs, UUIDs): user_id and item_id are hashed to BIGINT (Spark's xxhash64 of
-    # the trimmed text: the same id for the same key on every run and cluster), and each key is kept
+    # the text stripped of white space at both ends: the same id for the same key on every run and cluster), and each key is kept
     # with its id in the table id_keys. csv, parquet and delta only
     string_ids: bool = False
     ts_unit: str = "s"  # numeric ts: s, ms, us or ns since epoch; "string" parses ts_format
@@ -176,11 +175,8 @@ class IngestConfig:
                               f"{self.format!r} has integer ids")
         if self.format in ("csv", "parquet") and not self.path:
             raise ConfigError(f"ingest.path is required for ingest.format={self.format!r}")
-        try:  # Spark's own error for an unknown name comes from inside the read, naming no key
-            codecs.lookup(self.csv_encoding)
-        except LookupError:
-            raise ConfigError(f"ingest.csv_encoding={self.csv_encoding!r} is not a character set; e.g. UTF-8, "
-                              "ISO-8859-1, windows-1252") from None
+        if not self.csv_encoding:  # a name Java does not know is refused when the CSV is read (formats.py)
+            raise ConfigError("ingest.csv_encoding must not be empty; e.g. UTF-8, ISO-8859-1, windows-1252")
         if not self.csv_sep:  # Spark's own error ("Delimiter cannot be empty") names no key, after Spark starts
             raise ConfigError(f"ingest.csv_sep={self.csv_sep!r} must not be empty; e.g. --set 'ingest.csv_sep=;' "
                               "(a tab: --set 'ingest.csv_sep=\\t')")

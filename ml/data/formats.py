@@ -8,6 +8,7 @@ bad-row handling.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -15,6 +16,7 @@ import re
 from dataclasses import dataclass
 from functools import reduce
 from typing import List, Optional
+from urllib.parse import unquote
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
@@ -23,7 +25,7 @@ from pyspark.sql import types as T
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from ml import schemas as S
-from ml.config import CANONICAL_FIELDS, IngestConfig
+from ml.config import CANONICAL_FIELDS, ConfigError, IngestConfig
 from ml.data import io
 from ml.data.ingest import to_long
 from ml.errors import InvalidInput, MissingInput
@@ -126,11 +128,11 @@ def read_csv_lines(spark: SparkSession, path: str, columns: list, sep: str, head
             .csv(path))
 
 
-def _first_line_field_count(spark: SparkSession, path: str, sep: str) -> int:
+def _first_line_field_count(spark: SparkSession, path: str, sep: str, encoding: str = "UTF-8") -> int:
     """The number of fields of the first non-blank line, as Spark's CSV reader splits it: its quoting,
     and ``sep`` as Spark reads it (``\\t`` written out is a tab there, as the config's help says)."""
-    n = len(spark.read.option("header", False).option("sep", sep).option("maxColumns", CSV_MAX_FIELDS)
-            .csv(path).columns)
+    n = len(spark.read.option("header", False).option("sep", sep).option("encoding", encoding)
+            .option("maxColumns", CSV_MAX_FIELDS).csv(path).columns)
     if n == 0:
         raise SourceSchemaError(f"{path}: the file is empty")
     return n
@@ -143,27 +145,48 @@ def _check_field_count(spark: SparkSession, path: str, columns: list, sep: str, 
     ``ingest.csv_schema``, or another format). A few such lines are bad rows, not a wrong schema:
     they are read as ``malformed_row`` and kept in ``actions_rejected``. The error names the file
     with the most such lines among those read, and that file's first line's field count."""
-    sample = (read_csv_lines(spark, path, columns, sep, header=False, encoding=encoding).limit(FIELD_COUNT_SAMPLE)
-              .select(F.col(f"`{columns[0]}`").alias("c0"), F.col(_CORRUPT).isNotNull().cast("int").alias("bad"),
-                      F.col("_metadata.file_path").alias("f")))
-    # a data column in the query: Spark refuses a CSV query that reads the corrupt-record column alone
-    files = sample.groupBy("f").agg(F.count(F.lit(1)).alias("n"), F.sum("bad").alias("bad"),
-                                    F.count("c0")).collect()  # at most FIELD_COUNT_SAMPLE rows
-    n, bad = sum(r["n"] for r in files), sum(r["bad"] for r in files)
+    # the first lines Spark reads, in partition order (a limit collected scans partitions one after
+    # another, as far as it needs: no task per split of the whole source); a data column is in the
+    # query as Spark refuses a CSV query that reads the corrupt-record column alone
+    sample = (read_csv_lines(spark, path, columns, sep, header=False, encoding=encoding)
+              .select(F.col(f"`{columns[0]}`").isNull().alias("c0"), F.col(_CORRUPT).isNotNull().alias("bad"),
+                      F.col("_metadata.file_path").alias("f"))
+              .limit(FIELD_COUNT_SAMPLE).collect())
+    n, bad = len(sample), sum(r["bad"] for r in sample)
     if not n:
         raise SourceSchemaError(f"{path}: the file is empty")
     if bad * 2 <= n:
         return
-    where = min(files, key=lambda r: (-r["bad"], r["f"]))["f"]
-    first = _first_line_field_count(spark, where, sep)
-    detail = (f"extra columns at positions {list(range(len(columns) + 1, first + 1))}" if first > len(columns)
-              else f"missing columns {columns[first:]}" if first < len(columns) else "other lines differ")
+    per_file = collections.Counter(r["f"] for r in sample if r["bad"])
+    where = min(per_file, key=lambda f: (-per_file[f], f))  # the file with the most such lines
+    where = unquote(where)  # Spark's file path is a URI: a space in a name is %20 there
+    try:  # a second read of that one file, for the message only: never an error of its own
+        first = _first_line_field_count(spark, where, sep, encoding)
+        detail = (f"extra columns at positions {list(range(len(columns) + 1, first + 1))}" if first > len(columns)
+                  else f"missing columns {columns[first:]}" if first < len(columns) else "other lines differ")
+        detail = f"; its first line has {first} fields: {detail}"
+    except Exception:  # noqa: BLE001 - a name Spark reads as a glob ([ab].csv), say
+        detail = ""
     raise SourceSchemaError(f"{where}: {bad:,} of the first {n:,} lines read do not have the {len(columns)} fields "
-                            f"{what} {columns}; its first line has {first} fields: {detail}")
+                            f"{what} {columns}{detail}")
+
+
+# The character sets Spark 4's CSV reader takes (others only with spark.sql.legacy.javaCharsets=true)
+SPARK_CHARSETS = ("utf-8", "utf-16", "utf-16be", "utf-16le", "utf-32", "iso-8859-1", "us-ascii")
+
+
+def _check_encoding(spark: SparkSession, encoding: str) -> None:
+    """``ingest.csv_encoding`` must be one Spark reads: its own error, from inside the read, names no key."""
+    if encoding.lower() in SPARK_CHARSETS or spark.conf.get("spark.sql.legacy.javaCharsets", "false").lower() == "true":
+        return
+    raise ConfigError(f"ingest.csv_encoding={encoding!r} is not a character set Spark reads CSV in; expected one of "
+                      f"{list(SPARK_CHARSETS)} (another Java character set, windows-1252 say, with --set "
+                      "spark.conf.spark.sql.legacy.javaCharsets=true)")
 
 
 def read_csv(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     mapping = dict(cfg.columns)
+    _check_encoding(spark, cfg.csv_encoding)
     if cfg.csv_header:
         columns = (spark.read.option("header", True).option("sep", cfg.csv_sep).option("encoding", cfg.csv_encoding)
                    .csv(cfg.path).columns)

@@ -28,13 +28,13 @@ DUPLICATE = "duplicate"
 
 # A whole number, as digits or as a decimal with only zeros after the point ("4.0", "4."): pandas writes an
 # integer column holding a missing value as floats, and the text is still exact.
-_INT_RE = r"^\s*[+-]?[0-9]+(\.0*)?\s*$"
+_INT_RE = r"(?U)^\s*[+-]?[0-9]+(\.0*)?\s*$"  # (?U): white space as _strip takes it
 
 
 def _strip(c):
-    """The text without white space at either end: tabs, line breaks and the like too (Spark's ``trim``
-    takes spaces only, and a tab-only id was a key)."""
-    return F.regexp_replace(F.col(c), r"^\s+|\s+$", "")
+    """The text without white space at either end: tabs, line breaks, no-break and ideographic spaces
+    too (Unicode's White_Space; Spark's ``trim`` takes spaces only, and a tab-only id was a key)."""
+    return F.regexp_replace(F.col(c), r"(?U)^\s+|\s+$", "")
 
 
 def _blank(c):
@@ -50,7 +50,7 @@ def to_long(c):
     """Text -> BIGINT only for whole numbers that fit ("4", "4.0", " 4 "; no silent truncation of 12.7
     or overflow). Ids and integer timestamps alike."""
     text = F.col(c)
-    digits = F.regexp_extract(text, r"^\s*([+-]?[0-9]+)", 1)  # any leading white space, tabs too, as a cast reads it
+    digits = F.regexp_extract(text, r"(?U)^\s*([+-]?[0-9]+)", 1)  # any leading white space, tabs too, as a cast reads it
     return F.when(text.rlike(_INT_RE), digits.try_cast(LongType()))
 
 

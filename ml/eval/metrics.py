@@ -53,20 +53,21 @@ def check_lists(topk: DataFrame, kind: str, model: str, eval_targets: DataFrame)
     """Refuse lists the metrics would score wrongly, before anything is written: a neighbour listed
     twice in one list (the target's row joined twice counts a user twice), ranks other than 1..n
     (two items at rank 1 are two hits at K = 1; a rank of 0 or below), a null score, and, for i2i,
-    the trigger in its own list (a target equal to its trigger would be a hit). Only the lists the
-    eval targets look up are read: one aggregation over at most eval users x K rows."""
+    the trigger in its own list (a target equal to its trigger would be a hit). One more pass over
+    the model's lists: a semi-join on the eval targets' keys, then one aggregation over at most eval
+    users x K rows."""
     key, item = (S.ITEM_ID, S.NEIGHBOR_ID) if kind == "i2i" else (S.USER_ID, S.ITEM_ID)
     wanted = eval_targets.select(F.col(S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID).alias(key)).distinct()
     per = topk.join(wanted, key, "left_semi").groupBy(key).agg(
         F.count(F.lit(1)).alias("n"), F.size(F.array_distinct(F.collect_list(item))).alias("items"),
         F.size(F.array_distinct(F.collect_list(S.RANK))).alias("ranks"), F.min(S.RANK).alias("lo"),
-        F.max(S.RANK).alias("hi"), F.count(S.SCORE).alias("scored"),
+        F.max(S.RANK).alias("hi"), F.count(F.when(~F.isnan(S.SCORE), F.col(S.SCORE))).alias("scored"),
         F.sum((F.col(item) == F.col(key)).cast("int") if kind == "i2i" else F.lit(0)).alias("self"))
     reason = (F.when(F.col("self") > 0, "its own item in the list")
               .when(F.col("items") < F.col("n"), "an item listed twice (or a null one)")
               .when((F.col("ranks") < F.col("n")) | (F.col("lo") != 1) | (F.col("hi") != F.col("n")),
                     "ranks other than 1..n (repeated, missing, null, or below 1)")
-              .when(F.col("scored") < F.col("n"), "a null score"))
+              .when(F.col("scored") < F.col("n"), "a null or NaN score"))
     bad = (per.select(key, reason.alias("why")).where(F.col("why").isNotNull())
            .groupBy("why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example")).collect())  # <= 4 rows
     if bad:

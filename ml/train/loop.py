@@ -410,9 +410,12 @@ class TrainingDiverged(InvalidInput):
 
 def _check_finite(model: nn.Module, step: int, loss: Optional[float], cfg: TrainConfig) -> None:
     """Raise :class:`TrainingDiverged` when the loss is not finite or a weight is NaN or infinite."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if not bad and (loss is None or math.isfinite(loss)):
+    params = [(name, p) for name, p in model.named_parameters()]
+    # a sum per tensor (inf or NaN where an element is), one wait on the device, no tensor-sized temporary
+    sums = torch.stack([p.detach().float().sum() for _, p in params]) if params else torch.zeros(0)
+    if bool(torch.isfinite(sums).all()) and (loss is None or math.isfinite(loss)):
         return
+    bad = [name for (name, p), s in zip(params, sums.tolist()) if not math.isfinite(s)]
     what = f"{len(bad)} weight tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) hold NaN or inf" if bad \
         else f"the loss is {loss}"
     raise TrainingDiverged(f"training diverged by step {step}: {what}. No checkpoint or model was written from it "
@@ -645,6 +648,8 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                         break
                     if step % cfg.checkpoint_every == 0:
                         last_loss = float(last_loss_t)
+                        # every rank (DDP keeps the weights alike): all stop together, none waits on the others
+                        _check_finite(model, step, None, cfg)
                         seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
                         if ctx.is_main:
                             last_checkpoint = checkpoint(epoch, batches_done,

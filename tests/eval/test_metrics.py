@@ -61,9 +61,9 @@ def test_lists_that_would_be_scored_wrongly_are_refused_naming_the_model_and_a_l
     from pyspark.sql.types import StructField, StructType
 
     nullable = StructType([StructField(f.name, f.dataType, True) for f in S.I2I_TOPK.fields])  # not the contract's
-    null_score = spark.createDataFrame([(1, 3, None, 1, "m")], nullable)
-    with pytest.raises(InvalidInput, match="1 lists with a null score"):
-        check_lists(null_score, "i2i", "m", targets)
+    for score in (None, float("nan")):
+        with pytest.raises(InvalidInput, match="1 lists with a null or NaN score"):
+            check_lists(spark.createDataFrame([(1, 3, score, 1, "m")], nullable), "i2i", "m", targets)
     u2i = spark.createDataFrame([(1, 3, 0.9, 1, "m"), (1, 7, 0.8, 1, "m"), (2, 1, 0.5, 1, "m")], S.U2I_TOPK)
     with pytest.raises(InvalidInput, match=r"u2i_topk, model 'm': 1 lists with ranks other than 1\.\.n .*\(e\.g\. user_id 1\)"):
         check_lists(u2i, "u2i", "m", targets)
