@@ -108,7 +108,8 @@ def candidate_vectors(t, where: str, model: str):
     raw_ids = t.column("item_id").to_numpy()
     n = len(raw_ids)
     order = np.argsort(raw_ids, kind="stable")
-    twice = np.unique(raw_ids[order][1:][raw_ids[order][1:] == raw_ids[order][:-1]])
+    ids = raw_ids[order]
+    twice = np.unique(ids[1:][ids[1:] == ids[:-1]])
     if len(twice):  # two vectors for one item: its lists would interleave, and other lists hold it twice
         raise InvalidInput(f"{where}: {len(twice):,} items with more than one vector (e.g. item_id "
                            f"{', '.join(map(str, twice[:3]))}): rerun jobs.embed for model={model}")
@@ -125,7 +126,6 @@ def candidate_vectors(t, where: str, model: str):
         m = len(chunk)
         vecs[row[start:start + m]] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
         start += m
-    ids = raw_ids[order]
     check_finite(vecs, ids, f"{where}.{name}")
     return ids, vecs
 

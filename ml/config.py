@@ -142,8 +142,8 @@ class IngestConfig:
     csv_encoding: str = "UTF-8"
     allow_extra_columns: bool = False  # source columns not in the mapping: error unless True
     # ids that are strings (SKUs, UUIDs): user_id and item_id are hashed to BIGINT (Spark's xxhash64 of
-    # the text stripped of white space at both ends: the same id for the same key on every run and cluster), and each key is kept
-    # with its id in the table id_keys. csv, parquet and delta only
+    # the text stripped of white space at both ends: the same id for the same key on every run and
+    # cluster), and each key is kept with its id in the table id_keys. csv, parquet and delta only
     string_ids: bool = False
     ts_unit: str = "s"  # numeric ts: s, ms, us or ns since epoch; "string" parses ts_format
     ts_format: str = "yyyy-MM-dd HH:mm:ss"
@@ -175,8 +175,8 @@ class IngestConfig:
                               f"{self.format!r} has integer ids")
         if self.format in ("csv", "parquet") and not self.path:
             raise ConfigError(f"ingest.path is required for ingest.format={self.format!r}")
-        if not self.csv_encoding:  # a name Java does not know is refused when the CSV is read (formats.py)
-            raise ConfigError("ingest.csv_encoding must not be empty; e.g. UTF-8, ISO-8859-1, windows-1252")
+        if not self.csv_encoding:  # one Spark cannot read CSV in is refused when the CSV is read (formats.py)
+            raise ConfigError("ingest.csv_encoding must not be empty; e.g. UTF-8, ISO-8859-1")
         if not self.csv_sep:  # Spark's own error ("Delimiter cannot be empty") names no key, after Spark starts
             raise ConfigError(f"ingest.csv_sep={self.csv_sep!r} must not be empty; e.g. --set 'ingest.csv_sep=;' "
                               "(a tab: --set 'ingest.csv_sep=\\t')")

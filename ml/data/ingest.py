@@ -132,9 +132,10 @@ def _micros(fine, ts_unit: str):
 def string_id(c):
     """A text key -> BIGINT: Spark's xxhash64 of the stripped text's UTF-8 bytes (xxHash64, seed 42;
     null for a blank key, and for one holding :data:`UNDECODED`, so a ``bad_*_id`` row), a function
-    of the key alone: the same id on every run and cluster. Two keys share an id with probability about n^2 / 2^65 for n keys (3 * 10^-4 at 10^8 items), counted by
-    :func:`id_collisions`."""
-    return F.when(~_blank(c) & ~F.col(c).contains(UNDECODED), F.xxhash64(_strip(c)))
+    of the key alone: the same id on every run and cluster. Two keys share an id with probability
+    about n^2 / 2^65 for n keys (3 * 10^-4 at 10^8 items), counted by :func:`id_collisions`."""
+    key = _strip(c)  # null for a null key: so is the id
+    return F.when((key != "") & ~F.col(c).contains(UNDECODED), F.xxhash64(key))
 
 
 def id_keys(validated: DataFrame) -> DataFrame:

@@ -52,7 +52,7 @@ def metric_order(row: dict) -> tuple:
 def check_lists(topk: DataFrame, kind: str, model: str, eval_targets: DataFrame) -> None:
     """Refuse lists the metrics would score wrongly, before anything is written: a neighbour listed
     twice in one list (the target's row joined twice counts a user twice), ranks other than 1..n
-    (two items at rank 1 are two hits at K = 1; a rank of 0 or below), a null score, and, for i2i,
+    (two items at rank 1 are two hits at K = 1; a rank of 0 or below), a null or NaN score, and, for i2i,
     the trigger in its own list (a target equal to its trigger would be a hit). One more pass over
     the model's lists: a semi-join on the eval targets' keys, then one aggregation over at most eval
     users x K rows."""

@@ -582,7 +582,6 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                           broadcast_buffers=running_stats)
 
     def checkpoint(epoch_pos: int, batches_pos: int, windows: Optional[dict[str, Any]] = None) -> Optional[str]:
-        _check_finite(model, step, last_loss, cfg)  # a diverged run's weights are never saved
         extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings,
                  "run_id": run_id, "precision": precision, "windows": windows}
         return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -648,8 +647,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                         break
                     if step % cfg.checkpoint_every == 0:
                         last_loss = float(last_loss_t)
-                        # every rank (DDP keeps the weights alike): all stop together, none waits on the others
-                        _check_finite(model, step, None, cfg)
+                        # before every checkpoint, on every rank (DDP keeps the weights alike): all stop
+                        # together, none waits on the others, and a diverged run's weights are never saved
+                        _check_finite(model, step, last_loss, cfg)
                         seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
                         if ctx.is_main:
                             last_checkpoint = checkpoint(epoch, batches_done,
@@ -671,6 +671,7 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
             if not stopped:
                 epoch, batches_done = epoch + 1, 0
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+            _check_finite(model, step, last_loss, cfg)
             # stopped by train.max_steps inside the epoch: a resume with more steps goes on with its sums
             saved = checkpoint(epoch, batches_done,
                                {"step": window.state(), "epoch": epoch_window.state()} if stopped else None)
