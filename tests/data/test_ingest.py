@@ -128,6 +128,11 @@ def test_headerless_csv_field_count_mismatch(spark, tmp_path):
                                                 r"first line has 4 fields: extra columns at positions \[4\]"):
         read_source(spark, IngestConfig(format="csv", path=path, csv_header=False, csv_sep=";",
                                         csv_schema=["u", "i", "t"], columns={"user_id": "u", "item_id": "i", "ts": "t"}), "")
+    empty = _write(tmp_path, "empty.csv", "")  # no line to count: an empty file, said so (csv and taobao alike)
+    for cfg in (IngestConfig(format="csv", path=empty, csv_header=False, csv_schema=["user_id", "item_id", "ts"]),
+                IngestConfig(format="taobao", path=empty)):
+        with pytest.raises(SourceSchemaError, match="empty.csv: the file is empty"):
+            read_source(spark, cfg, "")
 
 
 def test_millisecond_and_string_timestamps(spark, tmp_path):
