@@ -559,6 +559,9 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                precision, cfg.amp, device)
             last_checkpoint = path
             seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+            rng_by_rank = state["extra"].get("rng_by_rank")  # a stop by train.max_steps under DDP: every rank's
+            if rng_by_rank:
+                restore_rng_state(rng_by_rank[ctx.rank])
             if ctx.is_main:
                 # records after the checkpoint (a crashed run's last steps) are trained again
                 _trim_metrics(metrics_path, step, run_id)
@@ -581,9 +584,10 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                                           find_unused_parameters=find_unused_parameters,
                                           broadcast_buffers=running_stats)
 
-    def checkpoint(epoch_pos: int, batches_pos: int, windows: Optional[dict[str, Any]] = None) -> Optional[str]:
+    def checkpoint(epoch_pos: int, batches_pos: int, windows: Optional[dict[str, Any]] = None,
+                   rng_by_rank: Optional[list[dict[str, Any]]] = None) -> Optional[str]:
         extra = {"last_loss": last_loss, "seed": seed, "world_size": ctx.world_size, "settings": settings,
-                 "run_id": run_id, "precision": precision, "windows": windows}
+                 "run_id": run_id, "precision": precision, "windows": windows, "rng_by_rank": rng_by_rank}
         return save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                step=step, epoch=epoch_pos, batches_done_in_epoch=batches_pos,
                                extra=extra, rank=ctx.rank, keep_last=keep_checkpoints)
@@ -670,11 +674,20 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
                             "stopped" if stopped else "done", step, rec["loss"])
             if not stopped:
                 epoch, batches_done = epoch + 1, 0
-            seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+            rng_by_rank = None
+            if not stopped or step % cfg.checkpoint_every == 0:  # where a run never stopped reseeds too
+                seed_everything(derive_seed(seed, ctx.rank, _STEP_STREAM, step))
+            elif ctx.distributed:
+                # stopped by train.max_steps between reseeds: the checkpoint keeps each rank's RNG as it
+                # is (rank 0's alone is in every checkpoint), so that a resume with more steps draws
+                # the dropout masks and negatives of a run never stopped
+                rng_by_rank = [None] * ctx.world_size
+                dist.all_gather_object(rng_by_rank, capture_rng_state())
             _check_finite(model, step, last_loss, cfg)
             # stopped by train.max_steps inside the epoch: a resume with more steps goes on with its sums
             saved = checkpoint(epoch, batches_done,
-                               {"step": window.state(), "epoch": epoch_window.state()} if stopped else None)
+                               {"step": window.state(), "epoch": epoch_window.state()} if stopped else None,
+                               rng_by_rank)
             last_checkpoint = saved or last_checkpoint
     finally:
         bar.close()

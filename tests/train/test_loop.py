@@ -190,6 +190,35 @@ def test_killed_run_resumes_bit_identical(tmp_path, crash_at, resume_step, resum
     assert res_b["final_loss"] == res_a["final_loss"]
 
 
+# a stop by train.max_steps between checkpoints (10) and at one (8); the model has dropout, so the
+# resumed run matches only if its RNG goes on as a run never stopped would
+@pytest.mark.parametrize("stop_at", [10, 8])
+def test_a_run_stopped_by_max_steps_and_resumed_longer_is_the_run_never_stopped(tmp_path, stop_at):
+    x, y = regression_data(240)
+    make = shuffled_batches(x, y, 16, seed=3)  # 15 batches per epoch
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, checkpoint_every=4, log_every=3, device="cpu", amp=False)
+    whole = mlp(0)
+    metrics_a, metrics_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    res_a = train(whole, make, mse_loss, cfg, CPU, str(tmp_path / "a"), seed=7, metrics_path=str(metrics_a))
+    stopped = mlp(0)
+    res = train(stopped, make, mse_loss, dataclasses.replace(cfg, max_steps=stop_at), CPU, str(tmp_path / "b"),
+                seed=7, metrics_path=str(metrics_b))
+    assert res["steps"] == stop_at
+    resumed = mlp(5)
+    res_b = train(resumed, make, mse_loss, cfg, CPU, str(tmp_path / "b"), seed=7, resume=True,
+                  metrics_path=str(metrics_b))
+    assert res_b["steps"] == res_a["steps"] == 30
+    assert_same_weights(whole.state_dict(), resumed.state_dict())
+
+    def records(path):
+        timing = {"run", "elapsed_s", "time", "samples_per_s"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in path.read_text().splitlines()]
+
+    # the stopped epoch's partial record stays; the others are the uninterrupted run's
+    assert [r for r in records(metrics_b) if r.get("complete") is not False] == records(metrics_a)
+
+
 def test_a_new_run_never_resumes_an_earlier_runs_checkpoint(tmp_path):
     # Before: a finished 4-epoch run left ckpt-45..60; a new 2-epoch run's checkpoints (steps 4..28)
     # were pruned as soon as written (the newest 3 by step were the old run's), and --resume after
@@ -328,6 +357,14 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         resumed = mlp(999 + rank)
         res_b = train(resumed, make, mse_loss, cfg, ctx, b, resume=True, seed=5)
         torch.save(resumed.state_dict(), os.path.join(out, f"b{rank}.pt"))
+        # stopped by train.max_steps at step 10 (no checkpoint step; both ranks mid-epoch 1), then run
+        # to the end: each rank's dropout masks go on as in the run never stopped
+        d, d_metrics = os.path.join(out, "d"), os.path.join(out, "d.jsonl")
+        train(mlp(100 + rank), make, mse_loss, dataclasses.replace(cfg, max_steps=10), ctx, d, seed=5,
+              metrics_path=d_metrics)
+        longer = mlp(7 + rank)
+        train(longer, make, mse_loss, cfg, ctx, d, resume=True, seed=5, metrics_path=d_metrics)
+        torch.save(longer.state_dict(), os.path.join(out, f"d{rank}.pt"))
         # checkpoints in a node-local folder: rank 1 (another host) cannot see the file rank 0 found,
         # and every rank stops with the same error instead of rank 1 alone failing or hanging
         c = os.path.join(out, "c")
@@ -388,8 +425,17 @@ def test_two_process_gloo_ddp_uneven_batches(tmp_path):
     assert_same_weights(a0, a1)
     for r in (0, 1):  # resume reproduces the uninterrupted DDP run on every rank
         assert_same_weights(torch.load(tmp_path / f"b{r}.pt"), a0)
+        assert_same_weights(torch.load(tmp_path / f"d{r}.pt"), a0)  # and so does a longer run after a stop
     logged = [json.loads(s) for s in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["event"] == "epoch"] == [7, 14, 21]
+    timing = {"run", "elapsed_s", "time", "samples_per_s"}
+
+    def records(name):
+        return [{k: v for k, v in json.loads(s).items() if k not in timing}
+                for s in (tmp_path / name).read_text().splitlines()]
+
+    # the stopped epoch's partial record stays; every other record is the uninterrupted run's
+    assert [r for r in records("d.jsonl") if r.get("complete") is not False] == records("m.jsonl")
 
 
 # ---------------------------------------------------------------- checkpoints
