@@ -309,7 +309,7 @@ class SamplesConfig:
     dat_negatives: int = 4  # S random negatives per DAT positive
     dat_max_positives_per_user: Optional[int] = 200  # most recent positives per user (caps power users)
     stratify: str = "proportional"  # category strategy for DAT positives: proportional | capped | balanced
-    category_cap: float = 0.3  # capped: no category holds more than this share of positives
+    category_cap: float = 0.3  # capped: no category holds more than this share of positives (in expectation)
     # From the samples on, per-item (and for DAT per-user) arrays live whole in one process: the noise
     # table on the driver and in every executor, id tables in every training rank, vectors in the
     # top-K driver (README, "Memory at catalogue scale"). Above these the samples job stops with an
@@ -362,8 +362,9 @@ class TrainConfig:
     mlflow: bool = False  # also log to MLflow when installed and configured
 
     def __post_init__(self) -> None:
-        for k in ("epochs", "batch_size", "lr", "checkpoint_every", "num_processes", "log_every", "shuffle_buffer"):
+        for k in ("epochs", "batch_size", "lr", "checkpoint_every", "num_processes", "log_every"):
             _check_positive(f"train.{k}", getattr(self, k))
+        _check_positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)  # 0: the files' row order
         _check_positive("train.max_steps", self.max_steps, allow_none=True)
         _check_positive("train.grad_clip", self.grad_clip, allow_none=True)
         _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
@@ -510,6 +511,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("model", self.model, MODELS)
+        # every job hashes it with the rows (xxhash64) and the training seeds numpy and torch with it:
+        # a negative one passed the Spark stages and stopped the training reader, unnamed
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"seed={self.seed!r} must be a whole number in [0, 2^63)")
         if self.natm.negatives is not None and self.natm.negatives > self.samples.num_negatives:
             raise ConfigError(f"natm.negatives={self.natm.negatives} must be <= samples.num_negatives="
                               f"{self.samples.num_negatives} (the negatives stored with each sample)")

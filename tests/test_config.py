@@ -72,12 +72,22 @@ def test_bad_choice_names_key_and_allowed_values():
     ("dat.lambda_ca=-5", "dat.lambda_ca=-5 must be a number >= 0"),
     ("dat.lambda_u=-1", "dat.lambda_u=-1 must be a number >= 0"),
     ("dat.cal_min_items=1", "dat.cal_min_items=1 must be >= 2"),
+    # passed the Spark stages (hashed with the rows) and stopped the training reader, without the key
+    ("seed=-1", r"seed=-1 must be a whole number in \[0, 2\^63\)"),
+    ("seed=9223372036854775808", r"seed=9223372036854775808 must be a whole number in \[0, 2\^63\)"),
+    ("train.shuffle_buffer=-1", "train.shuffle_buffer=-1 must be a number >= 0"),
 ])
 def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(override, message):
     # before: some were a TypeError without the key ("graph.: '<=' not supported ..."), others
     # (window=2.5, min_ts=abc, dropout=2) passed and failed in a job after Spark work
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_edge_values_that_are_settings_pass():
+    # 0 is the reader's "keep the files' row order" (it was refused by the config alone)
+    assert load_config(None, ["train.shuffle_buffer=0", "seed=0"]).train.shuffle_buffer == 0
+    assert load_config(None, [f"seed={2 ** 63 - 1}"]).seed == 2 ** 63 - 1
 
 
 def test_master_urls_spark_accepts_pass_and_fixed_formats_take_no_column_mapping():

@@ -126,6 +126,12 @@ def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version:
                     raise InvalidInput(f"{where} stores {b['negatives'].shape[1]} negatives per sample, training "
                                        f"uses {k} (natm.negatives or samples.num_negatives): rerun jobs.samples "
                                        "with this config, or lower natm.negatives")
+                # NCE takes log(k·q): a q of 0, below 0, inf or NaN (a hand-made table; the samples job
+                # writes q from positive counts) made the loss NaN a few steps later, unnamed
+                q = torch.cat([b["q_positive"][:, None], b["q_negatives"][:, :k]], dim=1)  # what the loss reads
+                if not bool(((q > 0) & torch.isfinite(q)).all()):
+                    raise InvalidInput(f"{where}: q_positive / q_negatives hold a value that is not a finite "
+                                       "number > 0 (the noise probability NCE divides by): rerun jobs.samples")
                 batch.update(negatives=vocab.index(b["negatives"]), q_positive=b["q_positive"],
                              q_negatives=b["q_negatives"])
             for name, col in (("trigger", "trigger_item"), ("positive", "positive_item"), ("negatives", "negatives")):
