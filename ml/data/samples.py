@@ -65,15 +65,30 @@ def noise_distribution(counts: DataFrame, noise: str, alpha: float) -> DataFrame
     return weighted.crossJoin(total).select(S.ITEM_ID, (F.col("w") / F.col("t")).alias("q"))
 
 
-def _noise_arrays(q: DataFrame) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids sorted, cumulative q, q as stored) for inverse-CDF sampling; one row per training item."""
-    pdf = q.orderBy(S.ITEM_ID).toPandas()  # bounded by the catalogue, not by the action count
+def _noise_arrays(q: DataFrame, attr: Optional[str] = None) -> Tuple[np.ndarray, ...]:
+    """(ids sorted, cumulative q, q as stored, attr) for inverse-CDF sampling; one row per training
+    item. ``attr``: a BIGINT column of ``q`` also wanted per drawn item, as (values, null flags): a
+    nullable long would come back from pandas as a float."""
+    cols = [S.ITEM_ID, "q"] + ([F.coalesce(attr, F.lit(0)).alias("_a"), F.col(attr).isNull().alias("_null")]
+                               if attr else [])
+    pdf = q.select(*cols).orderBy(S.ITEM_ID).toPandas()  # bounded by the catalogue, not by the action count
     if pdf.empty:
         raise InvalidInput("cannot draw negatives: noise_q has no items (the sequences table is empty)")
     ids = pdf[S.ITEM_ID].to_numpy(np.int64)
+    twice = ids[1:][ids[1:] == ids[:-1]]
+    if len(twice):  # an item's q counted twice in the CDF (q joined with a side table holding it twice)
+        raise InvalidInput(f"cannot draw negatives: noise_q lists item {int(twice[0])} more than once")
     cdf = np.cumsum(pdf["q"].to_numpy(np.float64))
     cdf /= cdf[-1]
-    return ids, cdf, pdf["q"].to_numpy(np.float64)
+    values = (pdf["_a"].to_numpy(np.int64), pdf["_null"].to_numpy(bool)) if attr else None
+    return ids, cdf, pdf["q"].to_numpy(np.float64), values
+
+
+def _nullable(values: Tuple[np.ndarray, np.ndarray], at: np.ndarray) -> np.ndarray:
+    """The attribute of the items at positions ``at``, as Python ints and None (an object array)."""
+    out = values[0][at].astype(object)
+    out[values[1][at]] = None
+    return out
 
 
 def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
@@ -85,21 +100,25 @@ def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
 
 def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, seed: int, salt: str,
                    exclude_cols: Tuple[str, ...], key_cols: Tuple[str, ...],
-                   q_of: Optional[Tuple[str, str]] = None) -> DataFrame:
+                   q_of: Optional[Tuple[str, str]] = None, attr_of: Optional[Tuple[str, str]] = None) -> DataFrame:
     """Add ``negatives`` (k ids drawn from q, none equal to any of ``exclude_cols``) and ``q_negatives``;
-    ``q_of=(item column, name)`` also adds that column's q(.) as ``name`` (every row's item must be in q).
+    ``q_of=(item column, name)`` also adds that column's q(.) as ``name`` (every row's item must be in q);
+    ``attr_of=(q column, name)`` adds the array of that BIGINT column's values of the k negatives
+    (a lookup in one more broadcast array, not a join by item: the hot items, drawn most often, would
+    put their rows in one task).
 
     2k+4 candidate draws per row (with replacement, as in NCE) come from hashes of ``key_cols``; the
     first k valid ones are kept. A row left short (only in tiny catalogues) is completed by a
     per-row seeded generator, uniformly over the allowed items.
     """
-    ids, cdf, stored = _noise_arrays(q)
+    ids, cdf, stored, attrs = _noise_arrays(q, attr_of[0] if attr_of else None)
     if len(ids) <= len(exclude_cols):
         raise InvalidInput(f"cannot draw negatives: only {len(ids)} training items")
     # three arrays of 8 bytes per training item go to every executor (the catalogue, not the action
     # log); q of a drawn negative and of a looked-up positive are both noise_q's own values (the
     # negatives' were the normalised CDF's differences, a fourth array, a few ulps off)
     b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, stored))
+    b_attrs = spark.sparkContext.broadcast(attrs) if attr_of else None
     n_draw = 2 * k + 4
     keys = [F.col(c) for c in key_cols]
     staged = rows.withColumn("_u", _uniforms(seed, salt, n_draw, *keys)).withColumn(
@@ -107,7 +126,8 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     looked_up = [StructField(q_of[1], DoubleType(), False)] if q_of else []
     out_schema = StructType(rows.schema.fields + looked_up + [
         StructField(NEGATIVES, ArrayType(LongType(), False), False),
-        StructField(Q_NEGATIVES, ArrayType(DoubleType(), False), False)])
+        StructField(Q_NEGATIVES, ArrayType(DoubleType(), False), False)]
+        + ([StructField(attr_of[1], ArrayType(LongType(), True), False)] if attr_of else []))
     names = rows.columns
 
     def sample(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -142,6 +162,8 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
                 res[q_of[1]] = q_[at]  # noise_q's own value, as the join gave it
             res[NEGATIVES] = negs
             res[Q_NEGATIVES] = qn
+            if b_attrs is not None:
+                res[attr_of[1]] = list(_nullable(b_attrs.value, sel))
             yield res
 
     return staged.mapInPandas(sample, out_schema)
@@ -224,21 +246,33 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
         POSITION, F.col(POSITION).cast("long"))
     cats = (items.select(S.ITEM_ID, S.CATEGORY_ID) if items is not None
             else pos.select(S.ITEM_ID).distinct().withColumn(S.CATEGORY_ID, F.lit(None).cast("long")))
-    pos = pos.join(cats, S.ITEM_ID, "left")
-    pos = _stratify(pos, cfg, seed)
-    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID), q, cfg.dat_negatives, seed,
-                               "dat", (S.ITEM_ID,), (S.USER_ID, POSITION))
-    positives = pos.select(S.USER_ID, POSITION, S.ITEM_ID, F.lit(1.0).alias(LABEL))
-    negatives = with_negs.select(S.USER_ID, POSITION, F.explode(NEGATIVES).alias(S.ITEM_ID)).withColumn(
-        LABEL, F.lit(0.0))
-    rows = positives.unionByName(negatives).join(cats, S.ITEM_ID, "left")
+    pos = pos.join(cats, S.ITEM_ID, "left")  # a hot item's positives: a skewed join AQE splits
+    # spread by (user, position) after that join: the negatives are drawn (in Python) evenly, not
+    # a hot item's positives in one task (684k of 2M positives, 13 s against a median of 1 s)
+    pos = _stratify(pos, cfg, seed).repartition(S.USER_ID, POSITION)
+    # The negatives' categories come with their draw, from an array beside q (q joined with the items,
+    # each item once on either side), not from a join of every row by item: that put a hot item's
+    # negatives, drawn in proportion to its q, in one task (with an item in 30 % of 2.6M actions, 1.4M
+    # of the 9.9M rows in one of 16 tasks) and AQE did not split it.
+    neg_cat = "_neg_category"
+    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID), q.join(cats, S.ITEM_ID, "left"),
+                               cfg.dat_negatives, seed, "dat", (S.ITEM_ID,), (S.USER_ID, POSITION),
+                               attr_of=(S.CATEGORY_ID, neg_cat))
+    positives = pos.select(S.USER_ID, POSITION, S.ITEM_ID, S.CATEGORY_ID, F.lit(1.0).alias(LABEL))
+    drawn = F.transform(NEGATIVES, lambda x, i: F.struct(x.alias(S.ITEM_ID), F.col(neg_cat)[i].alias(S.CATEGORY_ID),
+                                                          F.lit(0.0).alias(LABEL)))
+    negatives = with_negs.select(S.USER_ID, POSITION, F.explode(drawn).alias("_n")).select(S.USER_ID, POSITION, "_n.*")
+    rows = positives.unionByName(negatives)
     if users is not None:
         rows = rows.join(users.select(S.USER_ID, F.col(S.FEATURES).alias(USER_FEATURES)), S.USER_ID, "left")
     else:
         rows = rows.withColumn(USER_FEATURES, F.lit(None).cast("map<string,string>"))
     # hash order: contiguous rows (and so batches) mix users and categories
     order = F.xxhash64(F.lit(seed), F.lit("order"), S.USER_ID, POSITION, S.ITEM_ID, LABEL)
-    return (rows.withColumn("_o", order).repartitionByRange("_o").sortWithinPartitions("_o")
+    # (hash partitions, each sorted by the hash: a range partitioning samples its input in a job of its
+    # own, which with no shuffle before it, since the negatives' categories need no join, drew every
+    # negative twice)
+    return (rows.withColumn("_o", order).repartition("_o").sortWithinPartitions("_o")
             .select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"), F.col(LABEL).cast("double"),
                     F.col(S.CATEGORY_ID).cast("long"), USER_FEATURES, POSITION))
 

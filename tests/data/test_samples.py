@@ -137,6 +137,20 @@ def test_dat_rows_labels_features(spark):
     df.unpersist()
 
 
+def test_dat_rows_carry_their_items_category_negatives_too(spark):
+    # the negatives' categories come from an array beside q (a join by item put a hot item's rows in
+    # one task): each row's category is its item's, null where the item has none
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "unigram", 0.75)
+    category = {i: (None if i % 5 == 0 else 10 ** 12 + i % 3) for i in range(1, 41)}
+    cfg = SamplesConfig(dat_negatives=4)
+    df = build_dat_samples(spark, seqs, q, _items(spark, 40, category.get), None, cfg, seed=3)
+    rows = df.collect()
+    assert {r.label for r in rows} == {0.0, 1.0} and len(rows) == 5 * sum(len(s[1]) for s in SEQS)
+    assert all(r.category_id == category[r.item_id] for r in rows)
+    assert any(r.category_id is None and r.label == 0.0 for r in rows)
+
+
 def test_dat_stratification_caps_the_major_category(spark):
     # category 0 holds 70% of the positives
     seqs = _seqs(spark, [(u, [1 + (u + i) % 7 if (u + i) % 10 < 7 else 8 + (u + i) % 3 for i in range(30)])
