@@ -7,11 +7,12 @@ stored with the row because the NCE loss needs k·q(s_c).
 
 DAT (paper §2.3): (user, item, label) rows — each positive (a recent item of the user) plus S
 negatives drawn from q(.). Positives are category-stratified (proportional / capped / balanced) and
-rows are written in hash order so any contiguous run of rows — and so every training batch —
+each file's rows are in hash order, so any contiguous run of rows — and so every training batch —
 mixes categories, the major one included, as the Category Alignment Loss needs.
 
 Sampling is reproducible: every random draw is a hash of (seed, user, position, draw index),
-computed on executors; the q table (one row per training item) is the only broadcast.
+computed on executors; the q table (one row per training item) is the only broadcast, as arrays
+(for DAT with the items' categories beside it).
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     if len(ids) <= len(exclude_cols):
         raise InvalidInput(f"cannot draw negatives: only {len(ids)} training items")
     # three arrays of 8 bytes per training item go to every executor (the catalogue, not the action
-    # log); q of a drawn negative and of a looked-up positive are both noise_q's own values (the
+    # log; with attr_of, 9 bytes more: the value and its null flag); q of a drawn negative and of a looked-up positive are both noise_q's own values (the
     # negatives' were the normalised CDF's differences, a fourth array, a few ulps off)
     b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, stored))
     b_attrs = spark.sparkContext.broadcast(attrs) if attr_of else None
@@ -255,7 +256,9 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
     # negatives, drawn in proportion to its q, in one task (with an item in 30 % of 2.6M actions, 1.4M
     # of the 9.9M rows in one of 16 tasks) and AQE did not split it.
     neg_cat = "_neg_category"
-    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID), q.join(cats, S.ITEM_ID, "left"),
+    q_cat = (q.join(cats, S.ITEM_ID, "left") if items is not None  # one row per item on either side
+             else q.withColumn(S.CATEGORY_ID, F.lit(None).cast("long")))
+    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID), q_cat,
                                cfg.dat_negatives, seed, "dat", (S.ITEM_ID,), (S.USER_ID, POSITION),
                                attr_of=(S.CATEGORY_ID, neg_cat))
     positives = pos.select(S.USER_ID, POSITION, S.ITEM_ID, S.CATEGORY_ID, F.lit(1.0).alias(LABEL))

@@ -149,6 +149,28 @@ def test_dat_rows_carry_their_items_category_negatives_too(spark):
     assert {r.label for r in rows} == {0.0, 1.0} and len(rows) == 5 * sum(len(s[1]) for s in SEQS)
     assert all(r.category_id == category[r.item_id] for r in rows)
     assert any(r.category_id is None and r.label == 0.0 for r in rows)
+    # the same rows from other input and shuffle partitionings; each file's rows in hash order
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "5")
+    try:
+        other = build_dat_samples(spark, seqs.repartition(3), q, _items(spark, 40, category.get), None, cfg,
+                                  seed=3).collect()
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+    key = lambda r: (r.user_id, r.position, r.label, r.item_id)  # noqa: E731
+    assert sorted(rows, key=key) == sorted(other, key=key)
+    # no items table: every category null, the same draws
+    bare = build_dat_samples(spark, seqs, q, None, None, cfg, seed=3).collect()
+    assert [(r.user_id, r.item_id) for r in sorted(bare, key=key)] == [(r.user_id, r.item_id) for r in sorted(rows, key=key)]
+    assert {r.category_id for r in bare} == {None}
+
+
+def test_a_noise_table_listing_an_item_twice_is_refused(spark):
+    # q joined with a side table holding an item twice would count its q twice in the CDF
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "uniform", 0.75)
+    with pytest.raises(ValueError, match=r"noise_q lists item 7 more than once"):
+        build_natm_samples(spark, seqs, q.unionByName(q.where("item_id = 7")), SamplesConfig(), seed=1)
 
 
 def test_dat_stratification_caps_the_major_category(spark):

@@ -10,17 +10,18 @@ from ml.train.tables import build_vocab
 from tests.conftest import ROOT
 
 
-def _natm_samples(path, negatives_width, ids=(1, 2, 3), q_negatives=None):
+def _natm_samples(path, negatives_width, ids=(1, 2, 3), q_negatives=None, q_positive=None):
     n = len(ids)
     q_negatives = q_negatives or [[0.1] * negatives_width] * n
     write_deltalake(path, pa.table({
         "trigger_item": pa.array(list(ids), pa.int64()), "positive_item": pa.array([2] * n, pa.int64()),
         "negatives": pa.array([[3] * negatives_width] * n, pa.list_(pa.int64())),
-        "q_positive": pa.array([0.1] * n), "q_negatives": pa.array(q_negatives, pa.list_(pa.float64()))},
+        "q_positive": pa.array(q_positive or [0.1] * n),
+        "q_negatives": pa.array(q_negatives, pa.list_(pa.float64()))},
     ), mode="overwrite")
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf"), 1e-300])  # 1e-300: 0 in float32
 def test_natm_samples_with_a_noise_probability_nce_cannot_take(tmp_path, bad):
     # before: a q of 0 or NaN in a hand-made table trained into a NaN loss, unnamed
     wh = str(tmp_path / "wh")
@@ -29,6 +30,10 @@ def test_natm_samples_with_a_noise_probability_nce_cannot_take(tmp_path, bad):
     make, _ = natm_batches(cfg, build_vocab([1, 2, 3]), 0, 1)
     assert len(next(iter(make(0)))["trigger"]) == 3  # beyond the k = 2 the loss reads: not its business
     _natm_samples(f"{wh}/samples_natm", negatives_width=3, q_negatives=[[0.1, 0.1, 0.1], [0.1, bad, 0.1], [0.1] * 3])
+    make, _ = natm_batches(cfg, build_vocab([1, 2, 3]), 0, 1)
+    with pytest.raises(ValueError, match=r"q_positive / q_negatives hold a value that is not a finite number > 0"):
+        next(iter(make(0)))
+    _natm_samples(f"{wh}/samples_natm", negatives_width=3, q_positive=[0.1, 0.1, bad])
     make, _ = natm_batches(cfg, build_vocab([1, 2, 3]), 0, 1)
     with pytest.raises(ValueError, match=r"q_positive / q_negatives hold a value that is not a finite number > 0"):
         next(iter(make(0)))
