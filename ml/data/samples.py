@@ -116,8 +116,9 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     if len(ids) <= len(exclude_cols):
         raise InvalidInput(f"cannot draw negatives: only {len(ids)} training items")
     # three arrays of 8 bytes per training item go to every executor (the catalogue, not the action
-    # log; with attr_of, 9 bytes more: the value and its null flag); q of a drawn negative and of a looked-up positive are both noise_q's own values (the
-    # negatives' were the normalised CDF's differences, a fourth array, a few ulps off)
+    # log; with attr_of, 9 bytes more: the value and its null flag); q of a drawn negative and of a
+    # looked-up positive are both noise_q's own values (the negatives' were the normalised CDF's
+    # differences, a fourth array, a few ulps off)
     b_ids, b_cdf, b_q = (spark.sparkContext.broadcast(a) for a in (ids, cdf, stored))
     b_attrs = spark.sparkContext.broadcast(attrs) if attr_of else None
     n_draw = 2 * k + 4
@@ -245,9 +246,13 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
         seqs = seqs.withColumn(S.ITEMS, F.when(n > m, F.slice(S.ITEMS, n - m + 1, m)).otherwise(F.col(S.ITEMS)))
     pos = seqs.select(S.USER_ID, F.posexplode(S.ITEMS).alias(POSITION, S.ITEM_ID)).withColumn(
         POSITION, F.col(POSITION).cast("long"))
-    cats = (items.select(S.ITEM_ID, S.CATEGORY_ID) if items is not None
-            else pos.select(S.ITEM_ID).distinct().withColumn(S.CATEGORY_ID, F.lit(None).cast("long")))
-    pos = pos.join(cats, S.ITEM_ID, "left")  # a hot item's positives: a skewed join AQE splits
+
+    def with_categories(t: DataFrame) -> DataFrame:  # no items table: every category null, no join
+        if items is None:
+            return t.withColumn(S.CATEGORY_ID, F.lit(None).cast("long"))
+        return t.join(items.select(S.ITEM_ID, S.CATEGORY_ID), S.ITEM_ID, "left")
+
+    pos = with_categories(pos)  # a hot item's positives: a skewed join AQE splits
     # spread by (user, position) after that join: the negatives are drawn (in Python) evenly, not
     # a hot item's positives in one task (684k of 2M positives, 13 s against a median of 1 s)
     pos = _stratify(pos, cfg, seed).repartition(S.USER_ID, POSITION)
@@ -256,9 +261,8 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
     # negatives, drawn in proportion to its q, in one task (with an item in 30 % of 2.6M actions, 1.4M
     # of the 9.9M rows in one of 16 tasks) and AQE did not split it.
     neg_cat = "_neg_category"
-    q_cat = (q.join(cats, S.ITEM_ID, "left") if items is not None  # one row per item on either side
-             else q.withColumn(S.CATEGORY_ID, F.lit(None).cast("long")))
-    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID), q_cat,
+    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID),
+                               with_categories(q),  # one row per item on either side
                                cfg.dat_negatives, seed, "dat", (S.ITEM_ID,), (S.USER_ID, POSITION),
                                attr_of=(S.CATEGORY_ID, neg_cat))
     positives = pos.select(S.USER_ID, POSITION, S.ITEM_ID, S.CATEGORY_ID, F.lit(1.0).alias(LABEL))

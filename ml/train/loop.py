@@ -410,7 +410,7 @@ class TrainingDiverged(InvalidInput):
 
 def _check_finite(model: nn.Module, step: int, loss: Optional[float], cfg: TrainConfig) -> None:
     """Raise :class:`TrainingDiverged` when the loss is not finite or a weight is NaN or infinite."""
-    params = [(name, p) for name, p in model.named_parameters()]
+    params = list(model.named_parameters())
     # a sum per tensor (inf or NaN where an element is), one wait on the device, no tensor-sized temporary
     sums = torch.stack([p.detach().float().sum() for _, p in params]) if params else torch.zeros(0)
     if bool(torch.isfinite(sums).all()) and (loss is None or math.isfinite(loss)):

@@ -127,8 +127,8 @@ def natm_batches(cfg: Config, vocab: Vocab, rank: int, world_size: int, version:
                                        f"uses {k} (natm.negatives or samples.num_negatives): rerun jobs.samples "
                                        "with this config, or lower natm.negatives")
                 # NCE takes log(k·q): a q of 0, below 0, inf or NaN (a hand-made table; the samples job
-                # writes q from positive counts) made the loss NaN a few steps later, unnamed
-                # as the loss reads them: in float32, where a q under ~1e-45 is 0
+                # writes q from positive counts) made the loss NaN a few steps later, unnamed. Checked
+                # in float32, as the loss reads q: there a q under ~1e-45 is 0
                 q = torch.cat([b["q_positive"][:, None], b["q_negatives"][:, :k]], dim=1).float()
                 if not bool(((q > 0) & torch.isfinite(q)).all()):
                     raise InvalidInput(f"{where}: q_positive / q_negatives hold a value that is not a finite "

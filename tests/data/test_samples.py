@@ -161,7 +161,8 @@ def test_dat_rows_carry_their_items_category_negatives_too(spark):
     assert sorted(rows, key=key) == sorted(other, key=key)
     # no items table: every category null, the same draws
     bare = build_dat_samples(spark, seqs, q, None, None, cfg, seed=3).collect()
-    assert [(r.user_id, r.item_id) for r in sorted(bare, key=key)] == [(r.user_id, r.item_id) for r in sorted(rows, key=key)]
+    pairs = lambda rs: [(r.user_id, r.item_id) for r in sorted(rs, key=key)]  # noqa: E731
+    assert pairs(bare) == pairs(rows)
     assert {r.category_id for r in bare} == {None}
 
 
