@@ -3,8 +3,9 @@
     python -m bench.ml1m_dat --warehouse /tmp/wh_ml [--seeds 1 2 3] [--ablations] [--amp off bf16]
         [--set train.epochs=1 ...]
 
-Needs the warehouse of conf/ml1m_natm.yaml through the samples job. Every model trains with
-conf/ml1m_dat.yaml's settings (the two-tower with ``model=two_tower``, as conf/ml1m_two_tower.yaml), on
+Needs the warehouse of conf/ml1m_natm.yaml through the graph and samples jobs (POP ranks by
+``item_counts``; the tables are read before any training, so a missing one stops the bench at
+once). Every model trains with conf/ml1m_dat.yaml's settings (the two-tower with ``model=two_tower``, as conf/ml1m_two_tower.yaml), on
 samples_dat (training data only); the query is the user tower, the target the user's held-out
 last item, candidates every item (the user's training items are not removed, the same for all).
 With several ``--seeds`` every model trains once per seed (initialisation and data order change)
@@ -70,6 +71,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging("WARNING")
     cats = read_columns(str(Path(a.warehouse) / "items"), ["item_id", "category_name"]).to_pydict()
+    counts = read_columns(str(Path(a.warehouse) / "item_counts"), ["item_id", "count"]).to_pydict()
     cat_of = dict(zip(cats["item_id"], cats["category_name"]))
     results = {}  # model -> [(metrics, seconds, topk) per seed]
     variants = {"two_tower": ["model=two_tower"], "dat": ["model=dat"]}
@@ -89,7 +91,6 @@ def main() -> None:
             results.setdefault(model, []).append((hit_metrics(topk, target, KS), secs, topk))
             print(f"seed {seed} {model} ({res['precision']}): HR@100 {results[model][-1][0]['Pre@100']:.4f} "
                   f"({secs:.0f}s)", flush=True)
-    counts = read_columns(str(Path(a.warehouse) / "item_counts"), ["item_id", "count"]).to_pydict()
     order = np.lexsort((np.array(counts["item_id"]), -np.array(counts["count"])))
     pop = np.tile(np.array(counts["item_id"])[order][:100], (len(target), 1))
     results["pop"] = [(hit_metrics(pop, target, KS), 0.0, pop)]
