@@ -21,7 +21,7 @@ from ml.data import io
 from ml.data.ingest import category_names
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
-from ml.eval.metrics import (check_lists, compute_metrics, format_paired, format_table, paired_comparison,
+from ml.eval.metrics import (check_lists, format_paired, format_table, paired_comparisons, score_lists,
                              targets_fingerprint)
 
 from jobs._cli import command, parse, print_tables
@@ -45,9 +45,20 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     # each model's lists read from its own partition (its files only), every read at the version of now
     sources = [(kind, path, io.table_version(path)) for kind, path in
                (("i2i", cfg.table_path(S.T_I2I_TOPK)), ("u2i", cfg.table_path(S.T_U2I_TOPK))) if io.table_exists(path)]
+    from jobs.recent import SUFFIX
+
+    named = list(compare_to if compare_to is not None else cfg.eval.compare_to)
+    # which of the models, the baselines and the baselines' fused lists (see _like_for_like) have rows
+    # in each list table: from the tables' logs, before any data is read
+    fused = [b + SUFFIX for b in named] if any(m.endswith(SUFFIX) for m in models) else []
+    wanted = list(dict.fromkeys([*models, *named, *fused]))
+    present = {kind: io.partitions_with_rows(spark, path, S.MODEL, wanted, version, mode)
+               for kind, path, version in sources}
 
     def model_lists(model: str) -> list:
-        return _model_lists(spark, sources, mode, model, targets)
+        """[(kind, lists)]: the model's lists in each table it has rows in (none: an empty list)."""
+        return [(kind, io.read_table(spark, path, version=v, delta_mode=mode, partitions={S.MODEL: [model]}))
+                for kind, path, v in sources if model in present[kind]]
 
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     # Every model and baseline is checked before anything is written; then each table gets one
@@ -59,7 +70,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             raise InvalidInput(f"model {m!r} has no rows in i2i_topk or u2i_topk: run its topk (or recent) stage first")
     explicit = compare_to is not None
     baselines = {}
-    for b in (compare_to if explicit else cfg.eval.compare_to):
+    for b in named:
         baselines[b] = lists.get(b) or model_lists(b)
         if not baselines[b]:
             base = b[: -len("_recent")] if b.endswith("_recent") else None
@@ -69,12 +80,20 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
                 raise InvalidInput(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)
+    # the lists each comparison will read, then one check of every model's lists per table
+    compared = {m: [_like_for_like(m, b, base, lists, model_lists) for b, base in baselines.items()
+                    if m != b and base] for m in models}
+    used = set(models) | {b for pairs in compared.values() for b, _ in pairs}
+    for kind, path, version in sources:
+        checked = sorted(used & present[kind])
+        if checked:
+            check_lists(io.read_table(spark, path, version=version, delta_mode=mode, partitions={S.MODEL: checked}),
+                        kind, None, targets)
     targets_id = targets_fingerprint(targets)
-    metrics = None
-    for m in models:
-        for kind, t in lists[m]:
-            part = compute_metrics(targets, t, list(cfg.eval.ks), m, items, run_ts, kind=kind, targets_id=targets_id)
-            metrics = part if metrics is None else metrics.unionByName(part)
+    # every model's lists, of both kinds, scored in one pass over the eval targets
+    parts = [(kind, io.read_table(spark, path, version=version, delta_mode=mode, partitions={S.MODEL: scored}), scored)
+             for kind, path, version in sources for scored in [[m for m in models if m in present[kind]]] if scored]
+    metrics = score_lists(targets, parts, list(cfg.eval.ks), items, run_ts, targets_id)
     _add_targets_column(spark, cfg)
     version = io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
                              replace_where={S.MODEL: list(models)}, delta_mode=mode)
@@ -84,22 +103,27 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     for r in written.collect():  # models x (len(ks) + 1) x kinds rows
         by_model.setdefault(r[S.MODEL], []).append(r.asDict())
     rows = [r for m in models for r in by_model.get(m, [])]
-    paired, all_prs, replaced = [], [], []
+    # every comparison, of every model, in one pass: (model, kind) against (baseline, kind) lists
+    frames, pairs = {}, []
     for m in models:
-        prs, compared = [], set()
-        for b, base in baselines.items():
-            if m == b or not base:
+        done = set()
+        for b, base in compared[m]:
+            if b in done:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
                 continue
-            b, base = _like_for_like(m, b, base, lists, model_lists)
-            if b in compared:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
-                continue
-            compared.add(b)
+            done.add(b)
             for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
                 bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
-                prs_kind = paired_comparison(targets, t, bt, list(cfg.eval.ks), m, b, kind, bkind, run_ts)
-                paired.append(format_paired(prs_kind))
+                frames[(m, kind)], frames[(b, bkind)] = t, bt
+                pairs.append(((m, kind), (b, bkind)))
+    by_pair = paired_comparisons(targets, frames, pairs, list(cfg.eval.ks), run_ts) if pairs else []
+    paired, all_prs, replaced = [], [], []
+    for m in models:
+        prs = []
+        for ((model, _), _), prs_pair in zip(pairs, by_pair):
+            if model == m:
+                paired.append(format_paired(prs_pair))
                 log.info("%s", paired[-1])
-                prs += prs_kind
+                prs += prs_pair
         # a produced model's comparisons are this run's: earlier ones (other lists, other baselines) go
         if prs or primary is None or m in primary:
             replaced.append(m)
@@ -137,19 +161,6 @@ def _add_targets_column(spark, cfg: Config) -> None:
         except io.ConcurrentWriteError:
             if attempt == io.COMMIT_ATTEMPTS - 1:
                 raise
-
-
-def _model_lists(spark, sources: list, mode: str, model: str, targets) -> list:
-    """[(kind, lists)] of a model: its i2i_topk rows (every model but the fused "<model>_recent"), its
-    u2i_topk rows (DAT, two-tower, *_recent); only the kinds it has rows in, each checked
-    (:func:`check_lists`) for the lists ``targets`` look up. ``sources``: (kind, table path, version)
-    of the list tables that exist."""
-    parts = [(kind, io.read_table(spark, path, version=v, delta_mode=mode, partitions={S.MODEL: [model]}))
-             for kind, path, v in sources]
-    parts = [(kind, t) for kind, t in parts if t.limit(1).count()]
-    for kind, t in parts:
-        check_lists(t, kind, model, targets)
-    return parts
 
 
 def _like_for_like(model: str, b: str, base: list, lists: dict, model_lists) -> tuple:

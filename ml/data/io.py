@@ -42,7 +42,7 @@ from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 
 from ml import schemas as S
 from ml.config import ConfigError
-from ml.data.delta_files import check_readable, data_files, table_root
+from ml.data.delta_files import PARTITION_PREFIX, check_readable, data_files, table_root
 from ml.errors import InvalidInput, MissingInput
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,38 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None,
     if partition_cols:
         df = _attach_partition_values(spark, df, files, schema, partition_cols)
     return df.select(*[f.name for f in schema.fields])
+
+
+def partitions_with_rows(spark: SparkSession, path: str, column: str, values: Sequence[str],
+                         version: Optional[int] = None, delta_mode: str = "auto") -> set:
+    """Which of ``values`` of the string partition ``column`` hold at least one row at ``version``.
+    Without the Delta jars, from the log alone (each add action's row count; no Spark job), a value
+    whose files carry no count by reading one row of it; with the jars, by reading one row of each."""
+    values = list(dict.fromkeys(str(v) for v in values))
+
+    def has_rows(v: str) -> bool:
+        return read_table(spark, path, version, delta_mode, partitions={column: [v]}).limit(1).count() > 0
+
+    if use_native(spark, delta_mode):
+        return {v for v in values if has_rows(v)}
+    dt = _delta_table(path, version)
+    check_readable(dt, table_uri(path))
+    _check_partition_filter(table_uri(path), {column: set(values)}, list(dt.metadata().partition_columns),
+                            _spark_schema(dt))
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    keep = [c for c in ("num_records", PARTITION_PREFIX + column) if c in adds.column_names]
+    adds = adds.select(keep).to_pydict()  # not every file's stats: 10^5 files are 10^5 rows of them
+    counted, uncounted = set(), set()
+    values_of = adds.get(PARTITION_PREFIX + column) or []
+    counts = adds.get("num_records") or [None] * len(values_of)
+    for v, n in zip(values_of, counts):
+        if v is None or str(v) not in values:
+            continue
+        if n is None:  # a file written without statistics
+            uncounted.add(str(v))
+        elif n > 0:
+            counted.add(str(v))
+    return counted | {v for v in uncounted - counted if has_rows(v)}
 
 
 def _check_partition_filter(uri: str, wanted: Mapping[str, set], partition_cols: Sequence[str],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from fractions import Fraction
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -19,14 +19,16 @@ from ml.errors import InvalidInput
 from ml.eval.offline import p_text, paired_stats
 
 
-def _lists(topk: DataFrame, kind: str, rank_col: str) -> Tuple[DataFrame, List[str]]:
-    """A model's lists as (join keys..., rank_col) for a left join onto ``eval_targets``."""
+def _lists(topk: DataFrame, kind: str, rank_col: str, with_model: bool = False,
+           with_list: bool = False) -> Tuple[DataFrame, List[str]]:
+    """A model's lists as (join keys..., rank_col[, model][, list]) for a join onto ``eval_targets``."""
+    model = ([S.MODEL] if with_model else []) + (["list"] if with_list else [])
     if kind == "i2i":
         return topk.select(F.col(S.ITEM_ID).alias(S.TRIGGER_ITEM), F.col(S.NEIGHBOR_ID).alias(S.TARGET_ITEM),
-                           F.col(S.RANK).alias(rank_col)), [S.TRIGGER_ITEM, S.TARGET_ITEM]
+                           F.col(S.RANK).alias(rank_col), *model), [S.TRIGGER_ITEM, S.TARGET_ITEM]
     if kind == "u2i":
         return topk.select(S.USER_ID, F.col(S.ITEM_ID).alias(S.TARGET_ITEM),
-                           F.col(S.RANK).alias(rank_col)), [S.USER_ID, S.TARGET_ITEM]
+                           F.col(S.RANK).alias(rank_col), *model), [S.USER_ID, S.TARGET_ITEM]
     raise ValueError(f"kind={kind!r}; expected i2i or u2i")
 
 
@@ -36,7 +38,21 @@ _RECIPROCAL = "decimal(20,18)"
 def _reciprocal(rank_col: str):
     """1 / rank, 0 for a miss, as a decimal: a sum of decimals is exact, so MRR does not depend on the
     order in which a shuffle merges partial sums (a double sum does, in its last bits)."""
-    return F.coalesce((F.lit(1.0) / F.col(rank_col)).cast(_RECIPROCAL), F.lit(0).cast(_RECIPROCAL))
+    return _reciprocal_of(F.col(rank_col))
+
+
+def _reciprocal_of(rank):
+    return F.coalesce((F.lit(1.0) / rank).cast(_RECIPROCAL), F.lit(0).cast(_RECIPROCAL))
+
+
+def _mean_reciprocal(total, n):
+    """A sum of :func:`_reciprocal` values (decimal(30,18)) over ``n`` users as the double ``avg()``
+    gives over the n values: Spark's Average divides its decimal(30,18) sum by the count to 38
+    significant digits and rounds that once, half up, to decimal(24,22). A decimal(34,18) over a
+    decimal(20,0) is a decimal(38,22): the same two roundings (the decimal(30,18) sum divided
+    directly is a decimal(38,26), rounded a third time on the cast, which differs in the last bit
+    when digits 23-26 are 4999 and the next is 5 or more)."""
+    return (total.cast("decimal(34,18)") / n.cast("decimal(20,0)")).cast("decimal(24,22)").cast("double")
 
 
 def metric_names(kind: str) -> Tuple[str, str]:
@@ -49,16 +65,18 @@ def metric_order(row: dict) -> tuple:
     return row[S.K] is None, row[S.K] or 0
 
 
-def check_lists(topk: DataFrame, kind: str, model: str, eval_targets: DataFrame) -> None:
+def check_lists(topk: DataFrame, kind: str, model: Optional[str], eval_targets: DataFrame) -> None:
     """Refuse lists the metrics would score wrongly, before anything is written: a neighbour listed
     twice in one list (the target's row joined twice counts a user twice), ranks other than 1..n
     (two items at rank 1 are two hits at K = 1; a rank of 0 or below), a null or NaN score, and, for i2i,
-    the trigger in its own list (a target equal to its trigger would be a hit). One more pass over
-    the model's lists: a semi-join on the eval targets' keys, then one aggregation over at most eval
-    users x K rows."""
+    the trigger in its own list (a target equal to its trigger would be a hit). ``model``: the name
+    the lists go by; None: every model in ``topk``'s ``model`` column, each list checked within its
+    model. One more pass over the lists: a semi-join on the eval targets' keys, then one aggregation
+    over at most models x eval users x K rows."""
     key, item = (S.ITEM_ID, S.NEIGHBOR_ID) if kind == "i2i" else (S.USER_ID, S.ITEM_ID)
     wanted = eval_targets.select(F.col(S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID).alias(key)).distinct()
-    per = topk.join(wanted, key, "left_semi").groupBy(key).agg(
+    named = topk.withColumn(S.MODEL, F.lit(model)) if model is not None else topk
+    per = named.join(wanted, key, "left_semi").groupBy(S.MODEL, key).agg(
         F.count(F.lit(1)).alias("n"), F.size(F.array_distinct(F.collect_list(item))).alias("items"),
         F.size(F.array_distinct(F.collect_list(S.RANK))).alias("ranks"), F.min(S.RANK).alias("lo"),
         F.max(S.RANK).alias("hi"), F.count(F.when(~F.isnan(S.SCORE), F.col(S.SCORE))).alias("scored"),
@@ -68,22 +86,18 @@ def check_lists(topk: DataFrame, kind: str, model: str, eval_targets: DataFrame)
               .when((F.col("ranks") < F.col("n")) | (F.col("lo") != 1) | (F.col("hi") != F.col("n")),
                     "ranks other than 1..n (repeated, missing, null, or below 1)")
               .when(F.col("scored") < F.col("n"), "a null or NaN score"))
-    bad = (per.select(key, reason.alias("why")).where(F.col("why").isNotNull())
-           .groupBy("why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example")).collect())  # <= 4 rows
+    bad = (per.select(S.MODEL, key, reason.alias("why")).where(F.col("why").isNotNull())
+           .groupBy(S.MODEL, "why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example"))
+           .collect())  # <= 4 rows per model
     if bad:
-        what = "; ".join(f"{r['lists']:,} lists with {r['why']} (e.g. {key} {r['example']})"
-                         for r in sorted(bad, key=lambda r: r["why"]))
+        by_model: dict = {}
+        for r in sorted(bad, key=lambda r: (r[S.MODEL], r["why"])):
+            by_model.setdefault(r[S.MODEL], []).append(f"{r['lists']:,} lists with {r['why']} (e.g. {key} {r['example']})")
+        what = "; ".join(f"model {m!r}: {'; '.join(w)}" for m, w in by_model.items())
         table = S.T_I2I_TOPK if kind == "i2i" else S.T_U2I_TOPK
-        raise InvalidInput(f"{table}, model {model!r}: {what}; each list must hold distinct items at ranks 1..n "
+        raise InvalidInput(f"{table}, {what}; each list must hold distinct items at ranks 1..n "
                            f"with a score{', without the item itself' if kind == 'i2i' else ''}: rerun its "
                            "topk (or recent) stage")
-
-
-def target_ranks(eval_targets: DataFrame, topk: DataFrame, kind: str = "i2i") -> DataFrame:
-    """``eval_targets`` + the target's ``rank`` in the trigger's list (i2i) or the user's list (u2i),
-    null when absent."""
-    lists, keys = _lists(topk, kind, S.RANK)
-    return eval_targets.join(lists, keys, "left")
 
 
 def targets_fingerprint(eval_targets: DataFrame) -> str:
@@ -101,80 +115,169 @@ def targets_fingerprint(eval_targets: DataFrame) -> str:
 def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int], model: str,
                     items: Optional[DataFrame] = None, run_ts: Optional[dt.datetime] = None,
                     kind: str = "i2i", targets_id: Optional[str] = None) -> DataFrame:
-    """Metrics rows in the ``metrics`` contract: overall, plus per target category when ``items`` given.
+    """Metrics rows in the ``metrics`` contract of one model's lists (``topk``, named ``model``):
+    :func:`score_lists` with one part."""
+    return score_lists(eval_targets, [(kind, topk.withColumn(S.MODEL, F.lit(model)), [model])], ks, items, run_ts,
+                       targets_id)
 
-    kind="i2i" scores ``i2i_topk`` (metrics "pre", "mrr"); kind="u2i" scores ``u2i_topk`` against the
-    same targets (metrics "u2i_hr", "u2i_mrr"). MRR is the mean reciprocal rank over the whole list
+
+def score_lists(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, Sequence[str]]], ks: Sequence[int],
+                items: Optional[DataFrame] = None, run_ts: Optional[dt.datetime] = None,
+                targets_id: Optional[str] = None) -> DataFrame:
+    """Metrics rows in the ``metrics`` contract: overall, plus per target category when ``items`` given,
+    for every model of every part, all from one aggregation (a join of the eval targets per part).
+
+    ``parts``: (kind, lists, models): kind="i2i" scores ``i2i_topk`` rows (metrics "pre", "mrr"),
+    kind="u2i" ``u2i_topk`` rows against the same targets (metrics "u2i_hr", "u2i_mrr"); the lists'
+    ``model`` column names their model, and each of ``models`` is scored over all eval targets (a
+    model with no hit gets its rows, of zeros). MRR is the mean reciprocal rank over the whole list
     (its length is the largest K written). ``targets_id`` (:func:`targets_fingerprint`) goes with every
     row, so that a report can tell which models were scored on which targets.
+
+    Only the hits leave the joins: a miss adds 0 to every sum, and each mean is its sum over the eval
+    users (the same value, to the bit, as a mean over a left join with the misses in it). The overall
+    and the per-category sums come from one aggregation (grouping sets).
     """
+    spark = eval_targets.sparkSession
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
-    ranked = target_ranks(eval_targets, topk, kind)
-    aggs = [F.count(F.lit(1)).alias(S.N_USERS), F.avg(_reciprocal(S.RANK)).cast("double").alias("mrr")]
-    aggs += [F.avg(F.when(F.col(S.RANK) <= k, 1.0).otherwise(0.0)).alias(f"pre_{k}") for k in ks]
-    # One row per target: the join cannot repeat one, since each list holds an item once (check_lists).
-    out = _long_format(ranked.agg(*aggs).withColumn(S.CATEGORY_ID, F.lit(None)), ks, *metric_names(kind))
-    if items is not None:
+    hits = None
+    for kind, topk, models in parts:
+        lists, keys = _lists(topk, kind, S.RANK, with_model=True)
+        # one row per (target, model) hit: the join cannot repeat one, since each list holds an item
+        # once (check_lists)
+        h = (eval_targets.select(*keys).join(lists.where(F.col(S.MODEL).isin(*models)), keys)
+             .select(S.MODEL, F.lit(kind).alias("kind"), S.TARGET_ITEM, S.RANK))
+        hits = h if hits is None else hits.unionByName(h)
+    if hits is None:
+        raise ValueError("score_lists: no lists to score")
+    names = spark.createDataFrame(list(dict.fromkeys((m, kind) for kind, _, models in parts for m in models)),
+                                  f"{S.MODEL} string, kind string")
+    sums = [F.sum(_reciprocal(S.RANK)).alias("rr")] + [F.count(F.when(F.col(S.RANK) <= k, 1)).alias(f"hit_{k}")
+                                                        for k in ks]
+    users = eval_targets.select(S.TARGET_ITEM)
+    if items is None:
+        hit_sums = hits.groupBy(S.MODEL, "kind").agg(*sums).withColumn(S.CATEGORY_ID, F.lit(None).cast("long"))
+        counts = users.agg(F.count(F.lit(1)).alias(S.N_USERS)).withColumn(S.CATEGORY_ID, F.lit(None).cast("long"))
+    else:
         # One category per item (the smallest, should `items` list one twice), so that no target
-        # counts twice; targets without a category are in the overall row only (a group of null
+        # counts twice; targets without a category are in the overall rows only (a group of null
         # categories would be a second row with category_id null, the contract's mark of the overall row).
         cats = (items.where(F.col(S.CATEGORY_ID).isNotNull()).groupBy(F.col(S.ITEM_ID).alias(S.TARGET_ITEM))
                 .agg(F.min(S.CATEGORY_ID).alias(S.CATEGORY_ID)))
-        per_cat = ranked.join(cats, S.TARGET_ITEM).groupBy(S.CATEGORY_ID).agg(*aggs)
-        out = out.unionByName(_long_format(per_cat, ks, *metric_names(kind)))
-    return out.select(F.lit(model).alias(S.MODEL), S.METRIC, F.col(S.K).cast("int"),
-                      F.col(S.CATEGORY_ID).cast("long"), F.col(S.VALUE).cast("double"),
-                      F.col(S.N_USERS).cast("long"), F.lit(run_ts).cast("timestamp").alias(S.RUN_TS),
-                      F.lit(targets_id).cast("string").alias(S.TARGETS))
+
+        def by_category(df: DataFrame, keys: list, aggs: list) -> DataFrame:
+            """The sums overall (category_id null) and per category, in one aggregation."""
+            sets = [keys, [*keys, S.CATEGORY_ID]]
+            out = (df.join(cats, S.TARGET_ITEM, "left").groupingSets(sets, *keys, S.CATEGORY_ID)
+                   .agg(*aggs, F.grouping(S.CATEGORY_ID).alias("overall")))
+            return out.where((F.col("overall") == 1) | F.col(S.CATEGORY_ID).isNotNull()).drop("overall")
+
+        hit_sums = by_category(hits, [S.MODEL, "kind"], sums)
+        counts = by_category(users, [], [F.count(F.lit(1)).alias(S.N_USERS)])
+    same_category = F.col("c." + S.CATEGORY_ID).eqNullSafe(F.col("h." + S.CATEGORY_ID))
+    joined = (names.crossJoin(counts).alias("c")
+              .join(hit_sums.alias("h"), [F.col("c." + S.MODEL) == F.col("h." + S.MODEL),
+                                          F.col("c.kind") == F.col("h.kind"), same_category], "left")
+              .select("c.*", "h.rr", *[f"h.hit_{k}" for k in ks]))
+    n = F.col(S.N_USERS)
+    mrr = _mean_reciprocal(F.coalesce(F.col("rr"), F.lit(0).cast("decimal(30,18)")), n)
+    (hit_i2i, mrr_i2i), (hit_u2i, mrr_u2i), i2i = metric_names("i2i"), metric_names("u2i"), F.col("kind") == "i2i"
+    values = [F.struct(F.when(i2i, hit_i2i).otherwise(hit_u2i).alias(S.METRIC), F.lit(k).alias(S.K),
+                       (F.coalesce(F.col(f"hit_{k}"), F.lit(0)) / n).cast("double").alias(S.VALUE)) for k in ks]
+    values.append(F.struct(F.when(i2i, mrr_i2i).otherwise(mrr_u2i).alias(S.METRIC), F.lit(None).cast("int").alias(S.K),
+                           mrr.alias(S.VALUE)))
+    return joined.select(S.MODEL, S.CATEGORY_ID, S.N_USERS, F.explode(F.array(*values)).alias("m")).select(
+        S.MODEL, "m." + S.METRIC, F.col("m." + S.K).cast("int").alias(S.K), F.col(S.CATEGORY_ID).cast("long"),
+        F.col("m." + S.VALUE).cast("double").alias(S.VALUE), F.col(S.N_USERS).cast("long"),
+        F.lit(run_ts).cast("timestamp").alias(S.RUN_TS), F.lit(targets_id).cast("string").alias(S.TARGETS))
 
 
 def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: DataFrame, ks: Sequence[int],
                       model: str, baseline: str, kind: str = "i2i", baseline_kind: str = "i2i",
                       run_ts: Optional[dt.datetime] = None) -> List[dict]:
-    """``model`` against ``baseline`` on the same eval targets, user by user: rows of the
-    ``metrics_paired`` contract, one per Pre@K and one for MRR.
+    """``model``'s lists ``topk`` against ``baseline``'s: :func:`paired_comparisons` of one pair."""
+    if (model, kind) == (baseline, baseline_kind):
+        raise ValueError(f"paired_comparison: {model!r} ({kind}) against itself")
+    lists = {(model, kind): topk, (baseline, baseline_kind): baseline_topk}
+    return paired_comparisons(eval_targets, lists, [((model, kind), (baseline, baseline_kind))], ks, run_ts)[0]
+
+
+def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], DataFrame],
+                       pairs: Sequence[Tuple[Tuple[str, str], Tuple[str, str]]], ks: Sequence[int],
+                       run_ts: Optional[dt.datetime] = None) -> List[List[dict]]:
+    """Models against baselines on the same eval targets, user by user: for each of ``pairs``, rows
+    of the ``metrics_paired`` contract, one per Pre@K and one for MRR. ``lists``: {(name, kind):
+    lists} (kind "i2i": ``i2i_topk`` rows, "u2i": ``u2i_topk`` rows); ``pairs``: ((model, kind),
+    (baseline, kind)) keys of ``lists``.
 
     Each target gets both models' values (hit within K, or reciprocal rank; 0 for a miss, as in
-    :func:`compute_metrics`); the difference d = model - baseline is averaged over all targets, with
+    :func:`score_lists`); the difference d = model - baseline is averaged over all targets, with
     a 95 % interval mean(d) +- 1.96 sd(d) / sqrt(n) and a two-sided p-value from z = mean / (sd /
     sqrt(n)) (the paired t-test at large n; for hits close to McNemar's test of wins vs losses; when
     every user's difference is the same, the sign test; NaN for a single user). Paired,
     because the two models see the same users: most of the user-to-user spread cancels, and the
-    interval says whether a difference of a few tenths of a percent is more than noise. One
-    aggregation over the targets (two left joins, no per-user rows leave Spark).
+    interval says whether a difference of a few tenths of a percent is more than noise.
+
+    One pass for every pair: the targets joined once per list kind with all the lists of that kind,
+    each target's ranks side by side (only targets some list hits: a target no list hits adds 0 to
+    every sum), then one aggregation; no per-user rows leave Spark.
     """
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
-    la, ka = _lists(topk, kind, "rank_a")
-    lb, kb = _lists(baseline_topk, baseline_kind, "rank_b")
-    ranked = eval_targets.join(la, ka, "left").join(lb, kb, "left")
-    values = {k: (F.when(F.col("rank_a") <= k, 1).otherwise(0), F.when(F.col("rank_b") <= k, 1).otherwise(0))
-              for k in ks}
-    values[None] = (_reciprocal("rank_a"), _reciprocal("rank_b"))
+    ids = {key: i for i, key in enumerate(dict.fromkeys(k for pair in pairs for k in pair))}
+    target = [S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM]
+    # a target listed twice counts twice, as in score_lists: each distinct target with its count w
+    weighted = eval_targets.groupBy(*target).agg(F.count(F.lit(1)).alias("w"))
+    ranks = None
+    for kind in dict.fromkeys(k for _, k in ids):
+        tagged = None
+        for key, i in ids.items():
+            if key[1] == kind:
+                t = lists[key].select(S.ITEM_ID, S.NEIGHBOR_ID if kind == "i2i" else S.USER_ID, S.RANK,
+                                      F.lit(i).alias("list"))
+                tagged = t if tagged is None else tagged.unionByName(t)
+        kind_lists, keys = _lists(tagged, kind, S.RANK, with_list=True)
+        r = weighted.join(kind_lists, keys).select(*target, "w", "list", S.RANK)
+        ranks = r if ranks is None else ranks.unionByName(r)
+    # each target's rank in every list (null: not in it), targets hit by some list only
+    wide = ranks.groupBy(*target, "w").pivot("list", list(ids.values())).agg(F.min(S.RANK))
     # Exact sums (integers; decimals for MRR), the mean and spread taken from them on the driver: a rerun
     # gives the same bits whatever order the shuffle merges partial sums in.
-    aggs = [F.count(F.lit(1)).alias("n")]
-    for i, (k, (a, b)) in enumerate(values.items()):
-        d = a - b
-        aggs += [F.sum(a).alias(f"a{i}"), F.sum(b).alias(f"b{i}"), F.sum(d).alias(f"d{i}"),
-                 F.sum(d * d if k is not None else (d * d).cast(_RECIPROCAL)).alias(f"q{i}"),
-                 F.sum(F.when(d > 0, 1).otherwise(0)).alias(f"w{i}"),
-                 F.sum(F.when(d < 0, 1).otherwise(0)).alias(f"l{i}")]
-    agg = ranked.agg(*aggs).collect()[0]  # one row
+    aggs, metrics = [], [*ks, None]
+    for p, (ka, kb) in enumerate(pairs):
+        ra, rb = F.col(f"`{ids[ka]}`"), F.col(f"`{ids[kb]}`")
+        for i, k in enumerate(metrics):
+            a, b = ((F.when(ra <= k, 1).otherwise(0), F.when(rb <= k, 1).otherwise(0)) if k is not None
+                    else (_reciprocal_of(ra), _reciprocal_of(rb)))
+            # w as a decimal(10,0): a decimal(20,18) times a long (a decimal(20,0)) would be a
+            # decimal(38,15), each reciprocal rounded to 15 places; times a decimal(10,0), exact
+            d, count = a - b, F.col("w")
+            w = count.cast("decimal(10,0)") if k is None else count
+            aggs += [F.sum(a * w).alias(f"a{p}_{i}"), F.sum(b * w).alias(f"b{p}_{i}"), F.sum(d * w).alias(f"d{p}_{i}"),
+                     F.sum((d * d if k is not None else (d * d).cast(_RECIPROCAL)) * w).alias(f"q{p}_{i}"),
+                     F.sum(F.when(d > 0, count).otherwise(0)).alias(f"w{p}_{i}"),
+                     F.sum(F.when(d < 0, count).otherwise(0)).alias(f"l{p}_{i}")]
+    n_users = eval_targets.agg(F.count(F.lit(1)).alias("n"))
+    agg = wide.agg(*aggs).crossJoin(n_users).collect()[0]  # one row
     n = agg["n"]
     if n == 0:
         raise InvalidInput("eval_targets is empty: nothing to compare")
-    rows, (hit_name, mrr_name) = [], metric_names(kind)
-    for i, k in enumerate(values):
-        sum_a, sum_b, sum_d, sum_dd = (Fraction(agg[f"{c}{i}"]) for c in "abdq")
-        var = (sum_dd - sum_d * sum_d / n) / (n - 1) if n > 1 else Fraction(0)  # stddev_samp's; 0 for one user
-        mean, sd, wins, losses = float(sum_d / n), math.sqrt(max(var, 0)), agg[f"w{i}"], agg[f"l{i}"]
-        lo, hi, p = paired_stats(mean, sd, n, wins, losses, hits=k is not None)
-        rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: hit_name if k is not None else mrr_name, S.K: k,
-                     "baseline_kind": baseline_kind,
-                     S.VALUE: float(sum_a / n), "baseline_value": float(sum_b / n), "diff": mean,
-                     "ci_low": lo, "ci_high": hi, "p_value": p,
-                     "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
-    return rows
+    out = []
+    for p, ((model, kind), (baseline, baseline_kind)) in enumerate(pairs):
+        rows, (hit_name, mrr_name) = [], metric_names(kind)
+        for i, k in enumerate(metrics):
+            # a sum over no hit at all is null: 0
+            sum_a, sum_b, sum_d, sum_dd = (Fraction(agg[f"{c}{p}_{i}"] or 0) for c in "abdq")
+            var = (sum_dd - sum_d * sum_d / n) / (n - 1) if n > 1 else Fraction(0)  # stddev_samp's; 0 for one user
+            mean, sd = float(sum_d / n), math.sqrt(max(var, 0))
+            wins, losses = agg[f"w{p}_{i}"] or 0, agg[f"l{p}_{i}"] or 0
+            lo, hi, pv = paired_stats(mean, sd, n, wins, losses, hits=k is not None)
+            rows.append({S.MODEL: model, S.BASELINE: baseline, S.METRIC: hit_name if k is not None else mrr_name,
+                         S.K: k, "baseline_kind": baseline_kind,
+                         S.VALUE: float(sum_a / n), "baseline_value": float(sum_b / n), "diff": mean,
+                         "ci_low": lo, "ci_high": hi, "p_value": pv,
+                         "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
+        out.append(rows)
+    return out
 
 
 def format_paired(rows: Sequence[dict]) -> str:
@@ -197,15 +300,6 @@ def format_paired(rows: Sequence[dict]) -> str:
                      f"{interval:>22}{ratio:>8.3f}"
                      f"{r['wins']:>8,}{r['losses']:>8,}{p_text(r['p_value']):>8}")
     return "\n".join(lines)
-
-
-def _long_format(agg: DataFrame, ks: Iterable[int], hit_name: str, mrr_name: str) -> DataFrame:
-    metrics = [F.struct(F.lit(hit_name).alias(S.METRIC), F.lit(k).alias(S.K), F.col(f"pre_{k}").alias(S.VALUE))
-               for k in ks]
-    metrics.append(F.struct(F.lit(mrr_name).alias(S.METRIC), F.lit(None).cast("int").alias(S.K),
-                            F.col("mrr").alias(S.VALUE)))
-    return agg.select(S.CATEGORY_ID, S.N_USERS, F.explode(F.array(*metrics)).alias("m")).select(
-        S.CATEGORY_ID, S.N_USERS, "m.*")
 
 
 def display_name(model: str, metric: str, k) -> Tuple[str, str]:

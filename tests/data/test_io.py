@@ -67,6 +67,35 @@ def test_reading_some_partitions_reads_only_their_files(spark, warehouse):
         io.read_table(spark, by_id, delta_mode="delta-rs", partitions={"id": [1]})
 
 
+def test_the_partitions_with_rows_come_from_the_log_at_any_version(spark, warehouse, monkeypatch):
+    # the evaluation job asks which models have lists before it reads any: from the add actions' row
+    # counts, without a Spark job
+    path = f"{warehouse}/parts"
+    io.write_table(spark, spark.createDataFrame(ROWS + [(4, "pop", 1.0)], SCHEMA), path, partition_by=["model"])
+    io.write_table(spark, spark.createDataFrame([], SCHEMA), path, partition_by=["model"],
+                   replace_where={"model": "pop"})  # pop emptied in version 1
+    real_read, reads = io.read_table, []
+
+    def read(spark, path, *args, **kwargs):
+        reads.append(kwargs.get("partitions"))
+        return real_read(spark, path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "read_table", read)
+    assert io.partitions_with_rows(spark, path, "model", ["natm", "pop", "nope"]) == {"natm"}
+    assert io.partitions_with_rows(spark, path, "model", ["natm", "pop", "nope"], version=0) == {"natm", "pop"}
+    assert reads == []  # the log's row counts, no read
+    with pytest.raises(ValueError, match=r"\['score'\] are not partition columns"):
+        io.partitions_with_rows(spark, path, "score", ["0.5"])
+    # files written without statistics (another writer's): those partitions are read, one row each
+    monkeypatch.setattr(io, "_file_stats", lambda fs, p: None)
+    plain = f"{warehouse}/plain"
+    io.write_table(spark, spark.createDataFrame(ROWS, SCHEMA), plain, partition_by=["model"])
+    counts = pa.table(DeltaTable(plain).get_add_actions(flatten=True))["num_records"]
+    assert counts.null_count == len(counts) > 0
+    assert io.partitions_with_rows(spark, plain, "model", ["dat", "pop"]) == {"dat"}
+    assert reads == [{"model": ["dat"]}]  # pop has no file: nothing to read
+
+
 def test_table_written_by_delta_rs_reads_here(spark, warehouse):
     path = f"{warehouse}/rs"
     data = pa.table({"id": pa.array([5, 6, 7], pa.int64()), "model": ["a", "b", "a"],

@@ -8,7 +8,8 @@ from ml.data import io
 from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import item_counts
 from ml.errors import InvalidInput
-from ml.eval.metrics import check_lists, compute_metrics, format_paired, format_table, paired_comparison
+from ml.eval.metrics import (check_lists, compute_metrics, format_paired, format_table, paired_comparison,
+                             paired_comparisons, score_lists)
 
 
 def _topk(spark, rows, model="m"):
@@ -394,6 +395,108 @@ def test_an_item_listed_twice_in_items_counts_its_targets_once(spark):
     # item 20 in one category (the smaller id), so each target is in one category row
     assert {(r.category_id, r.metric): (r.value, r.n_users) for r in rows if r.category_id is not None} == {
         (100, "pre"): (pytest.approx(2 / 3), 3), (100, "mrr"): (pytest.approx(2 / 3), 3)}
+
+
+def test_models_and_kinds_scored_in_one_pass_give_each_models_rows(spark):
+    # the evaluation job scores the lists of every model and kind in one aggregation, and compares every
+    # pair in another: each row must be what that model's lists alone give, checked against a
+    # target-by-target count here (a model without a hit, a u2i model, per category, a target row
+    # listed twice: counted twice, as every eval target row is a user)
+    import random
+    from decimal import ROUND_HALF_UP, Decimal
+    from fractions import Fraction
+
+    rnd = random.Random(7)
+    n_items, users, ks = 40, 300, [1, 5]
+    lists = {m: [(i, n, 1.0 / r, r, m) for i in range(n_items)
+                 for r, n in enumerate(rnd.sample([x for x in range(n_items) if x != i], 12), 1)]
+             for m in ("a", "b")}
+    lists["c"] = [(999, 1, 1.0, 1, "c")]  # one list, for no target's trigger
+    lists["d"] = [(u, (u + j) % n_items, 1.0, j + 1, "d") for u in range(0, users, 2) for j in (0, 1)]  # u2i
+    topk = spark.createDataFrame(lists["a"] + lists["b"] + lists["c"], S.I2I_TOPK)
+    u2i = spark.createDataFrame(lists["d"], S.U2I_TOPK)
+    def rank(m, row):
+        key = row[0] if m == "d" else row[1]
+        return next((r for k, n, _, r, _ in lists[m] if k == key and n == row[2]), None)
+
+    rows = [(u, rnd.randrange(n_items), rnd.randrange(n_items), 0, 1) for u in range(users)]
+    rows.append(next(r for r in rows if rank("a", r) and not rank("b", r)))  # a target row twice, a hit of a's
+    targets = spark.createDataFrame(rows, S.EVAL_TARGETS)
+    items = spark.createDataFrame([(i, i % 4, None, None, None) for i in range(n_items - 1)], S.ITEMS_TABLE)
+    cat = {i: i % 4 for i in range(n_items - 1)}  # the last item has no category: overall rows only
+
+    got = {(r.model, r.metric, r.k, r.category_id): (r.value, r.n_users) for r in
+           score_lists(targets, [("i2i", topk, ["a", "b", "c"]), ("u2i", u2i, ["d"])], ks, items).collect()}
+    expected = {}
+    for m in "abcd":
+        hit, mrr = ("u2i_hr", "u2i_mrr") if m == "d" else ("pre", "mrr")
+        for c in [None, 0, 1, 2, 3]:
+            mine = [rank(m, r) for r in rows if c is None or cat.get(r[2]) == c]
+            for k in ks:
+                expected[(m, hit, k, c)] = (sum(1 for x in mine if x and x <= k) / len(mine), len(mine))
+            expected[(m, mrr, None, c)] = (pytest.approx(sum(1 / x for x in mine if x) / len(mine), rel=1e-15),
+                                           len(mine))
+    assert got == expected
+    assert 0 < got[("a", "pre", 5, None)][0] < 1 and got[("d", "u2i_hr", 5, None)][0] > 0
+    assert all(v[0] == 0 for k, v in got.items() if k[0] == "c")
+    alone = {(r.model, r.metric, r.k, r.category_id): (r.value, r.n_users)
+             for r in compute_metrics(targets, u2i, ks, "d", items, kind="u2i").collect()}
+    assert alone == {k: v for k, v in got.items() if k[0] == "d"}
+    with pytest.raises(ValueError, match="no lists to score"):
+        score_lists(targets, [], [1])
+
+    # the comparisons: three pairs in one pass (a u2i model against i2i lists, lists that hit nothing)
+    frames = {("a", "i2i"): topk.where("model = 'a'"), ("b", "i2i"): topk.where("model = 'b'"),
+              ("c", "i2i"): topk.where("model = 'c'"), ("d", "u2i"): u2i}
+    pairs = [(("a", "i2i"), ("b", "i2i")), (("c", "i2i"), ("a", "i2i")), (("d", "u2i"), ("a", "i2i"))]
+    for ((m, _), (b, _)), prs in zip(pairs, paired_comparisons(targets, frames, pairs, ks)):
+        for r in prs:
+            k = r[S.K]
+            # a hit, or the reciprocal rank as Spark keeps it (the double 1 / rank, by its decimal
+            # string, as a decimal(20,18))
+            value = ((lambda x: 1 if x and x <= k else 0) if k is not None
+                     else (lambda x: Fraction(Decimal(repr(1 / x)).quantize(Decimal("1e-18"), ROUND_HALF_UP))
+                           if x else 0))
+            va, vb = [value(rank(m, t)) for t in rows], [value(rank(b, t)) for t in rows]
+            d = [x - y for x, y in zip(va, vb)]
+            assert (r["wins"], r["losses"], r[S.N_USERS]) == (sum(x > 0 for x in d), sum(x < 0 for x in d), users + 1)
+            assert all(type(r[c]) is int for c in ("wins", "losses", S.N_USERS))  # the contract's longs
+            # exact sums: the same doubles
+            assert (r[S.VALUE], r["baseline_value"], r["diff"]) == (
+                float(Fraction(sum(va), len(rows))), float(Fraction(sum(vb), len(rows))), float(Fraction(sum(d), len(rows))))
+            assert r[S.VALUE] == got[(m, r[S.METRIC], k, None)][0]  # the same value as in metrics
+            assert r["baseline_kind"] == ("u2i" if b == "d" else "i2i")
+
+    # the lists of several models checked in one pass: each bad model named with its reason
+    bad = spark.createDataFrame(lists["a"] + [(1, 1, 1.0, 1, "x"), (2, 3, 1.0, 1, "y"), (2, 4, 1.0, 1, "y")],
+                                S.I2I_TOPK)
+    check_lists(topk, "i2i", None, targets)
+    with pytest.raises(InvalidInput, match=r"model 'x': 1 lists with its own item in the list.*; "
+                                           r"model 'y': 1 lists with ranks other than 1\.\.n"):
+        check_lists(bad, "i2i", None, targets.union(spark.createDataFrame([(0, 1, 2, 0, 1), (1, 2, 3, 0, 1)],
+                                                                          S.EVAL_TARGETS)))
+
+
+def test_mrr_is_the_double_avg_gives_where_one_more_rounding_would_differ(spark):
+    # from a review: the sum divided as a decimal(30,18) is a decimal(38,26), rounded once more than
+    # Spark's avg() rounds; at 10,000,019 users and this sum the two doubles differ in the last bit.
+    # Spark's own avg() over n decimal(20,18) values summing to it is the reference.
+    from decimal import Decimal
+
+    from ml.eval.metrics import _mean_reciprocal
+
+    total, n = Decimal("2298872.082080427288786972"), 10_000_019
+    full = int(total // 99)
+    value = (F.when(F.col("id") < full, F.lit(99)).when(F.col("id") == full, F.lit(total - 99 * full))
+             .otherwise(F.lit(0)).cast("decimal(20,18)"))
+    row = spark.range(n).select(value.alias("v")).agg(
+        F.avg("v").cast("double").alias("avg"), F.sum("v").alias("total"), F.count(F.lit(1)).alias("n")).first()
+    assert (row["total"], row["n"]) == (total, n)
+    pair = spark.createDataFrame([(total, n)], "total decimal(30,18), n long")
+    ours = pair.select(_mean_reciprocal(F.col("total"), F.col("n"))).first()[0]
+    three_roundings = pair.select((F.col("total") / F.col("n").cast("decimal(20,0)")).cast("decimal(24,22)")
+                                  .cast("double")).first()[0]
+    assert ours == row["avg"] and three_roundings != row["avg"]
 
 
 def _ranked(spark, ranks, parts):
