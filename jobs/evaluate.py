@@ -91,8 +91,12 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                         kind, None, targets)
     targets_id = targets_fingerprint(targets)
     # every model's lists, of both kinds, scored in one pass over the eval targets
-    parts = [(kind, io.read_table(spark, path, version=version, delta_mode=mode, partitions={S.MODEL: scored}), scored)
-             for kind, path, version in sources for scored in [[m for m in models if m in present[kind]]] if scored]
+    parts = []
+    for kind, path, version in sources:
+        scored = [m for m in models if m in present[kind]]
+        if scored:
+            parts.append((kind, io.read_table(spark, path, version=version, delta_mode=mode,
+                                              partitions={S.MODEL: scored}), scored))
     metrics = score_lists(targets, parts, list(cfg.eval.ks), items, run_ts, targets_id)
     _add_targets_column(spark, cfg)
     version = io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],

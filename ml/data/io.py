@@ -334,10 +334,9 @@ def partitions_with_rows(spark: SparkSession, path: str, column: str, values: Se
 
     if use_native(spark, delta_mode):
         return {v for v in values if has_rows(v)}
-    dt = _delta_table(path, version)
-    check_readable(dt, table_uri(path))
-    _check_partition_filter(table_uri(path), {column: set(values)}, list(dt.metadata().partition_columns),
-                            _spark_schema(dt))
+    dt, uri = _delta_table(path, version), table_uri(path)
+    check_readable(dt, uri)
+    _check_partition_filter(uri, {column: set(values)}, list(dt.metadata().partition_columns), _spark_schema(dt))
     adds = pa.table(dt.get_add_actions(flatten=True))
     keep = [c for c in ("num_records", PARTITION_PREFIX + column) if c in adds.column_names]
     adds = adds.select(keep).to_pydict()  # not every file's stats: 10^5 files are 10^5 rows of them

@@ -19,10 +19,9 @@ from ml.errors import InvalidInput
 from ml.eval.offline import p_text, paired_stats
 
 
-def _lists(topk: DataFrame, kind: str, rank_col: str, with_model: bool = False,
-           with_list: bool = False) -> Tuple[DataFrame, List[str]]:
-    """A model's lists as (join keys..., rank_col[, model][, list]) for a join onto ``eval_targets``."""
-    model = ([S.MODEL] if with_model else []) + (["list"] if with_list else [])
+def _lists(topk: DataFrame, kind: str, rank_col: str, with_model: bool = False) -> Tuple[DataFrame, List[str]]:
+    """A model's lists as (join keys..., rank_col[, model]) for a join onto ``eval_targets``."""
+    model = [S.MODEL] if with_model else []
     if kind == "i2i":
         return topk.select(F.col(S.ITEM_ID).alias(S.TRIGGER_ITEM), F.col(S.NEIGHBOR_ID).alias(S.TARGET_ITEM),
                            F.col(S.RANK).alias(rank_col), *model), [S.TRIGGER_ITEM, S.TARGET_ITEM]
@@ -35,13 +34,11 @@ def _lists(topk: DataFrame, kind: str, rank_col: str, with_model: bool = False,
 _RECIPROCAL = "decimal(20,18)"
 
 
-def _reciprocal(rank_col: str):
-    """1 / rank, 0 for a miss, as a decimal: a sum of decimals is exact, so MRR does not depend on the
-    order in which a shuffle merges partial sums (a double sum does, in its last bits)."""
-    return _reciprocal_of(F.col(rank_col))
-
-
-def _reciprocal_of(rank):
+def _reciprocal(rank):
+    """1 / rank (a column or its name), 0 for a miss, as a decimal: a sum of decimals is exact, so MRR
+    does not depend on the order in which a shuffle merges partial sums (a double sum does, in its
+    last bits)."""
+    rank = F.col(rank) if isinstance(rank, str) else rank
     return F.coalesce((F.lit(1.0) / rank).cast(_RECIPROCAL), F.lit(0).cast(_RECIPROCAL))
 
 
@@ -232,11 +229,10 @@ def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], 
         tagged = None
         for key, i in ids.items():
             if key[1] == kind:
-                t = lists[key].select(S.ITEM_ID, S.NEIGHBOR_ID if kind == "i2i" else S.USER_ID, S.RANK,
-                                      F.lit(i).alias("list"))
+                t, keys = _lists(lists[key], kind, S.RANK)
+                t = t.withColumn("list", F.lit(i))
                 tagged = t if tagged is None else tagged.unionByName(t)
-        kind_lists, keys = _lists(tagged, kind, S.RANK, with_list=True)
-        r = weighted.join(kind_lists, keys).select(*target, "w", "list", S.RANK)
+        r = weighted.join(tagged, keys).select(*target, "w", "list", S.RANK)
         ranks = r if ranks is None else ranks.unionByName(r)
     # each target's rank in every list (null: not in it), targets hit by some list only
     wide = ranks.groupBy(*target, "w").pivot("list", list(ids.values())).agg(F.min(S.RANK))
@@ -247,7 +243,7 @@ def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], 
         ra, rb = F.col(f"`{ids[ka]}`"), F.col(f"`{ids[kb]}`")
         for i, k in enumerate(metrics):
             a, b = ((F.when(ra <= k, 1).otherwise(0), F.when(rb <= k, 1).otherwise(0)) if k is not None
-                    else (_reciprocal_of(ra), _reciprocal_of(rb)))
+                    else (_reciprocal(ra), _reciprocal(rb)))
             # w as a decimal(10,0): a decimal(20,18) times a long (a decimal(20,0)) would be a
             # decimal(38,15), each reciprocal rounded to 15 places; times a decimal(10,0), exact
             d, count = a - b, F.col("w")
