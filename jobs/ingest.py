@@ -67,8 +67,12 @@ def run(cfg: Config, spark=None) -> dict:
     for kind, n in sorted(collisions.items()):
         log.warning("ingest.string_ids: %d %s ids were hashed from more than one key (their actions are one %s's; "
                     "the keys are in %s)", n, kind, kind, cfg.table_path(S.T_ID_KEYS))
-    stats = actions.agg(F.count("*").alias("n"), F.approx_count_distinct(S.USER_ID, 0.01).alias("u"),
-                        F.approx_count_distinct(S.ITEM_ID, 0.01).alias("i"), F.max(S.TS).alias("last")).first()
+    # HLL sketches (Apache DataSketches, lgConfigK 14: about 0.8 % error) rather than approx_count_distinct
+    # at 1 %: its 2^14-register buffer cost every input partition ~0.2 s and the single final merge more
+    # (25 s at 100 partitions of 10⁷ rows against 0.7 s, on 2 cores; at 10⁹ actions, minutes)
+    stats = actions.agg(F.count("*").alias("n"), F.hll_sketch_estimate(F.hll_sketch_agg(S.USER_ID, 14)).alias("u"),
+                        F.hll_sketch_estimate(F.hll_sketch_agg(S.ITEM_ID, 14)).alias("i"),
+                        F.max(S.TS).alias("last")).first()
     rejected = {r[S.REASON]: r["count"] for r in io.read_table(
         spark, cfg.table_path(S.T_ACTIONS_REJECTED), delta_mode=mode).groupBy(S.REASON).count().collect()}
     out = {"actions": stats["n"], "users": stats["u"], "items": stats["i"], "rejected": rejected,

@@ -3,7 +3,10 @@
 One submit: ``jobs/submit.py pipeline`` on tiny synthetic data, as a cluster's client-mode driver
 would run it; submit.py then prints which Python and which copy of ``ml`` the executors ran. They
 must be the packed environment's (``--archives env.zip#environment``) and the wheel's
-(``--py-files``, under a .zip name), not this checkout's.
+(``--py-files``, under a .zip name), not this checkout's. The pipeline is the default one (NATM, with
+the cooc lists it is compared with), so the executors also run torch from the packed environment
+(the embed job's UDF). submit.py runs the job as ``python -m jobs.pipeline`` does (its ``__main__``),
+so this is also the test of what the README's first command prints.
 
 The master is ``local-cluster[1,2,1024]``: one standalone worker with its own executor JVM and
 working directory, on this machine. Under ``local[N]`` the executor shares the driver's working
@@ -81,10 +84,15 @@ def test_pipeline_runs_through_spark_submit(packed):
     out, wheel, env_tar = packed
     wh = out / "wh"
     args = [str(ROOT / "jobs" / "submit.py"), "pipeline", "--conf", str(ROOT / "conf" / "synthetic.yaml"),
-            "--set", f"warehouse={wh}", "--set", "model=cooc", *[x for s in TINY for x in ("--set", s)]]
+            "--set", f"warehouse={wh}", *[x for s in TINY for x in ("--set", s)]]
     res = _submit(out, wheel, env_tar, *args)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Pre@10" in res.stdout and f"{wh}/i2i_topk" in res.stdout
+    # what the CLI prints: where the tables are, the counts, the metrics and the paired comparison with
+    # the cooc lists the pipeline builds beside NATM's
+    for table in ("sequences", "actions_rejected", "item_embeddings", "i2i_topk", "metrics"):
+        assert f"{wh}/{table}" in res.stdout, (table, res.stdout[-3000:])
+    assert "training actions" in res.stdout and "Pre@10" in res.stdout
+    assert "natm vs cooc, paired over" in res.stdout
     # the executors ran the packed environment's Python and the code shipped in the zip
     executors = [l for l in res.stdout.splitlines() if l.startswith("executors: ")]
     assert executors and all("environment/bin/python" in l and "spark_i2i.zip/ml" in l for l in executors), executors
@@ -95,4 +103,6 @@ def test_pipeline_runs_through_spark_submit(packed):
     from deltalake import DeltaTable
 
     topk = DeltaTable(str(wh / "i2i_topk")).to_pyarrow_table()
-    assert topk.num_rows > 0 and set(topk.column("model").to_pylist()) == {"cooc"}
+    assert topk.num_rows > 0 and set(topk.column("model").to_pylist()) == {"natm", "cooc"}
+    emb = DeltaTable(str(wh / "item_embeddings")).to_pyarrow_table()
+    assert emb.num_rows > 0  # embedded on the executor, by the packed environment's torch

@@ -24,6 +24,7 @@ import re
 import random
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
@@ -73,14 +74,26 @@ def table_uri(path: str) -> str:
     return table_root(path)
 
 
+_DELTA_JARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # SparkContext -> bool
+
+
 def has_delta_jars(spark: SparkSession) -> bool:
-    """True when ``format("delta")`` works in this session (Delta classes on the JVM classpath)."""
+    """True when ``format("delta")`` works in this session (Delta classes on the JVM classpath).
+    Looked up once per SparkContext: its classpath is set when it starts, and each miss is a
+    ClassNotFoundException across Py4J (~35 ms; every read and write asks)."""
     try:
         jvm = spark._jvm  # None / missing under Spark Connect, where Delta is the platform's own
     except Exception:  # noqa: BLE001 - pyspark raises various errors under Connect
         return True
     if jvm is None:
         return True
+    sc = spark.sparkContext
+    if sc not in _DELTA_JARS:
+        _DELTA_JARS[sc] = _delta_classes_found(jvm)
+    return _DELTA_JARS[sc]
+
+
+def _delta_classes_found(jvm) -> bool:
     # --packages / --jars / spark.jars add to Spark's context class loader, not the system one that
     # a plain Class.forName searches from a Py4J thread
     try:

@@ -16,6 +16,7 @@ Launchers (``train.launcher``):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -213,6 +214,22 @@ def _distributor_use_gpu(gpu: bool, local: bool, num_processes: int) -> bool:
     return bool(declared)
 
 
+@contextlib.contextmanager
+def _torchrun_logs_in(folder: str) -> Iterator[None]:
+    """Point the torchrun that TorchDistributor starts at ``folder`` for its log files (``--log-dir``
+    read from ``PET_LOG_DIR``), so that they go with the launch's temporary folder: without a log
+    directory torchrun makes a ``/tmp/torchelastic_*`` one per launch and never removes it. A
+    ``PET_LOG_DIR`` the user set is kept (their logs stay where they asked)."""
+    if "PET_LOG_DIR" in os.environ:
+        yield
+        return
+    os.environ["PET_LOG_DIR"] = os.path.join(folder, "torchrun")
+    try:
+        yield
+    finally:
+        os.environ.pop("PET_LOG_DIR", None)
+
+
 def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> Any:
     """Run ``train_fn(*args)`` with ``cfg_train.launcher``; returns what rank 0's call returned.
 
@@ -243,7 +260,7 @@ def launch(train_fn: Callable[..., Any], cfg_train: TrainConfig, *args: Any) -> 
             # and reports a failed one as its own error; the exception and traceback are in that
             # executor's log
             return distributor.run(_Rank0Output(train_fn, None), *args)
-        with tempfile.TemporaryDirectory(prefix="launch-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="launch-") as tmp, _torchrun_logs_in(tmp):
             path = os.path.join(tmp, "rank0_output.pkl")
             try:
                 out = distributor.run(_Rank0Output(train_fn, path), *args)

@@ -339,6 +339,16 @@ def test_auto_mode_without_jars_uses_delta_rs(spark):
         io.use_native(spark, "native")
 
 
+def test_the_delta_classes_are_looked_up_once_per_spark_context(spark, monkeypatch):
+    # every read and write asks; each miss was a ClassNotFoundException across Py4J (~35 ms)
+    import weakref
+
+    calls = []
+    monkeypatch.setattr(io, "_DELTA_JARS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(io, "_delta_classes_found", lambda jvm: calls.append(jvm) or False)
+    assert [io.use_native(spark, "auto") for _ in range(3)] == [False] * 3 and len(calls) == 1
+
+
 def test_bad_arguments(spark, warehouse):
     df = spark.createDataFrame(ROWS, SCHEMA)
     with pytest.raises(ValueError, match="mode='upsert'"):

@@ -582,7 +582,15 @@ def test_distributor_returns_rank_0s_value_and_raises_a_process_error_as_itself(
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                       os.environ.get("PYTHONPATH", "")]))
     cfg = TrainConfig(launcher="distributor", num_processes=2, device="cpu")
+    import glob
+    import tempfile
+
+    monkeypatch.delenv("PET_LOG_DIR", raising=False)
+    left = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
     assert launch(_rank_value, cfg, 5) == 5
+    # torchrun's log folder went with the launch: before, each launch left a /tmp/torchelastic_* one
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) == left
+    assert "PET_LOG_DIR" not in os.environ
     # rank 1 fails, rank 0 returns: pyspark's torchrun wrapper exits 0 and TorchDistributor returned
     # rank 0's value as a success
     with pytest.raises(InvalidInput, match="rank 1: no column 'item_id'"):
