@@ -29,6 +29,9 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     seq_v0 = io.read_table(spark, cfg.table_path(S.T_SEQUENCES))
     snapshot = seq_v0.collect()
     assert first["sequences"]["users"] == io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS)).count()
+    item_graph = io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH))  # its counts, counted by rank 1
+    assert (first["graph"]["edges"], first["graph"]["items_with_neighbours"]) == (
+        item_graph.count(), item_graph.select(S.ITEM_ID).distinct().count())
 
     # the default (NATM) trains, and the pipeline builds the cooc lists of eval.compare_to beside it
     assert first["train"]["steps"] > 0 and set(first["baselines"]) == {"cooc.topk", "cooc.recent"}
