@@ -5,8 +5,9 @@ would run it; submit.py then prints which Python and which copy of ``ml`` the ex
 must be the packed environment's (``--archives env.zip#environment``) and the wheel's
 (``--py-files``, under a .zip name), not this checkout's. The pipeline is the default one (NATM, with
 the cooc lists it is compared with), so the executors also run torch from the packed environment
-(the embed job's UDF). submit.py runs the job as ``python -m jobs.pipeline`` does (its ``__main__``),
-so this is also the test of what the README's first command prints.
+(the embed job's UDF). submit.py runs the job's ``__main__`` as ``python -m jobs.pipeline`` does, so
+this also checks what the CLI prints; the session there is the submitter's, not one started from
+the config's ``spark.*`` keys (tests/data/test_session.py starts those).
 
 The master is ``local-cluster[1,2,1024]``: one standalone worker with its own executor JVM and
 working directory, on this machine. Under ``local[N]`` the executor shares the driver's working

@@ -348,6 +348,15 @@ def test_the_delta_classes_are_looked_up_once_per_spark_context(spark, monkeypat
     monkeypatch.setattr(io, "_delta_classes_found", lambda jvm: calls.append(jvm) or False)
     assert [io.use_native(spark, "auto") for _ in range(3)] == [False] * 3 and len(calls) == 1
 
+    class Context:  # another SparkContext (a session stopped and started again): looked up again
+        pass
+
+    class Session:
+        _jvm, sparkContext = spark._jvm, Context()
+
+    other = Session()
+    assert [io.has_delta_jars(other) for _ in range(2)] == [False] * 2 and len(calls) == 2
+
 
 def test_bad_arguments(spark, warehouse):
     df = spark.createDataFrame(ROWS, SCHEMA)

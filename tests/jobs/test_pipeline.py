@@ -177,8 +177,8 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
         len(cfg.eval.ks) + 1  # the model named twice is scored once
 
 # What `python -m jobs.pipeline` prints (tables, counts, metrics, the paired comparison) is checked by
-# tests/test_spark_submit.py: jobs/submit.py runs the same __main__, and the packed environment's
-# executors embed the items there.
+# tests/test_spark_submit.py: jobs/submit.py runs the same __main__ (under spark-submit's session),
+# and the packed environment's executors embed the items there.
 
 
 def test_cli_rejects_bad_config_with_the_key_name(tmp_path):

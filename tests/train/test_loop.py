@@ -576,7 +576,7 @@ def _rank_value(base):
     return base + 10 * rank
 
 
-def test_distributor_returns_rank_0s_value_and_raises_a_process_error_as_itself(spark, monkeypatch):
+def test_distributor_returns_rank_0s_value_and_raises_a_process_error_as_itself(spark, monkeypatch, tmp_path):
     # real TorchDistributor (local mode, 2 processes under torchrun): the driver gets rank 0's return
     # value, and a training process's own error, whether or not TorchDistributor noticed it
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[2]),
@@ -585,12 +585,13 @@ def test_distributor_returns_rank_0s_value_and_raises_a_process_error_as_itself(
     import glob
     import tempfile
 
+    # a temporary folder of the test's own (torchrun inherits TMPDIR): other jobs' folders in /tmp do not count
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     monkeypatch.delenv("PET_LOG_DIR", raising=False)
-    left = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
     assert launch(_rank_value, cfg, 5) == 5
-    # torchrun's log folder went with the launch: before, each launch left a /tmp/torchelastic_* one
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) == left
-    assert "PET_LOG_DIR" not in os.environ
+    # torchrun's log folder went with the launch: before, each launch left a torchelastic_* one there
+    assert glob.glob(os.path.join(tmp_path, "torchelastic_*")) == [] and "PET_LOG_DIR" not in os.environ
     # rank 1 fails, rank 0 returns: pyspark's torchrun wrapper exits 0 and TorchDistributor returned
     # rank 0's value as a success
     with pytest.raises(InvalidInput, match="rank 1: no column 'item_id'"):
