@@ -602,6 +602,21 @@ def test_distributor_returns_rank_0s_value_and_raises_a_process_error_as_itself(
     assert isinstance(err.value.__cause__, RuntimeError)
 
 
+def test_a_log_dir_the_user_set_for_torchrun_is_kept(monkeypatch, tmp_path):
+    from ml.train.distributed import _torchrun_logs_in
+
+    monkeypatch.setenv("PET_LOG_DIR", "/var/log/mine")
+    with _torchrun_logs_in(str(tmp_path)):
+        assert os.environ["PET_LOG_DIR"] == "/var/log/mine"
+    assert os.environ["PET_LOG_DIR"] == "/var/log/mine"  # not removed after the launch either
+    monkeypatch.delenv("PET_LOG_DIR")
+    with pytest.raises(RuntimeError):  # a failed launch does not leave ours set
+        with _torchrun_logs_in(str(tmp_path)):
+            assert os.environ["PET_LOG_DIR"] == os.path.join(str(tmp_path), "torchrun")
+            raise RuntimeError("a rank failed")
+    assert "PET_LOG_DIR" not in os.environ
+
+
 def test_lr_schedule_warmup_then_decay():
     assert lr_multiplier(0, "cosine", 4, 104) == 0.25 and lr_multiplier(3, "cosine", 4, 104) == 1.0
     assert lr_multiplier(54, "cosine", 4, 104) == pytest.approx(0.5)
