@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -29,6 +29,18 @@ def _check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _check_names(key: str, values: Optional[Sequence[Any]], what: str, allow_empty: bool = False) -> None:
+    """A list of non-empty strings (None passes): ``[]`` meant "any" where a list of none was written,
+    and a number was compared with a string column."""
+    if values is None:
+        return
+    if not values and not allow_empty:
+        raise ConfigError(f"{key}=[] lists nothing; expected a list of {what}")
+    bad = [v for v in values if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ConfigError(f"{key}: {bad[0]!r} is not a name; expected a list of {what} (quote numbers in YAML)")
 
 
 def _check_positive(key: str, value: Optional[float], allow_none: bool = False, allow_zero=False) -> None:
@@ -59,9 +71,23 @@ class SparkConfig:
         if "spark.sql.shuffle.partitions" in self.conf:
             raise ConfigError("spark.conf.spark.sql.shuffle.partitions: set spark.shuffle_partitions instead "
                               "(one key, not two that could disagree)")
+        for conf_key, ours in (("spark.driver.memory", "spark.driver_memory"), ("spark.master", "spark.master"),
+                               ("spark.app.name", "spark.app_name")):
+            if conf_key in self.conf:  # spark.conf was applied last, so it won, past the checks of ours
+                raise ConfigError(f"spark.conf.{conf_key}: set {ours} instead (one key, not two that could disagree)")
+        # the JVM refuses -Xmx<bad> at its start: a JAVA_GATEWAY_EXITED traceback without the key
+        if not (isinstance(self.driver_memory, str)
+                and re.fullmatch(r"\d+\s*([kmgtp]b?|b)?", self.driver_memory.strip(), re.IGNORECASE)):
+            raise ConfigError(f"spark.driver_memory={self.driver_memory!r} is not a memory size; expected a whole "
+                              "number with a unit, e.g. 512m, 4g")
 
 
 MIN_RETENTION_HOURS = 24
+# what the stages write under the warehouse (ml.schemas' T_* and the samples job's tables), and its folders
+_PIPELINE_TABLES = frozenset({
+    "actions", "actions_rejected", "items", "users", "id_keys", "sequences", "eval_targets", "item_graph",
+    "item_counts", "noise_q", "samples_natm", "samples_dat", "item_embeddings", "user_embeddings", "i2i_topk",
+    "u2i_topk", "metrics", "metrics_paired", "models", "report"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,13 @@ class GenerateConfig:
                 raise ConfigError(f"generate.{key}={v!r} must be in [0, 1]")
         if self.num_items < self.cluster_size:
             raise ConfigError("generate.num_items must be >= generate.cluster_size")
+        if self.min_actions_per_user > self.max_actions_per_user:  # the cap won, silently
+            raise ConfigError(f"generate.min_actions_per_user={self.min_actions_per_user} must be <= "
+                              f"generate.max_actions_per_user={self.max_actions_per_user}")
+        # the generator writes under the warehouse: a pipeline table's name would be overwritten by its stage
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.table) or self.table in _PIPELINE_TABLES:
+            raise ConfigError(f"generate.table={self.table!r} must be a table name (a letter, then letters, digits or _) under "
+                              f"the warehouse, not one of the pipeline's own tables {sorted(_PIPELINE_TABLES)}")
 
 
 INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
@@ -163,6 +196,15 @@ class IngestConfig:
             if not words or (len(words) == 2 and words[1].lower().split("(")[0] in _SPARK_TYPE_NAMES):
                 raise ConfigError(f"ingest.csv_schema: {name!r} is not a column name; the key lists the names in "
                                   "file order, without types (every column is read as text and checked per row)")
+        if self.csv_schema is not None:
+            seen = [n.strip().lower() for n in self.csv_schema]  # Spark's column names are case-insensitive
+            twice = sorted({n for n in self.csv_schema if seen.count(n.strip().lower()) > 1})
+            if twice:  # Spark's COLUMN_ALREADY_EXISTS, as a traceback from the read
+                raise ConfigError(f"ingest.csv_schema names {twice} more than once (names are case-insensitive)")
+            if self.csv_header:  # the header's names were read and these ignored
+                raise ConfigError("ingest.csv_schema names the columns of a header-less CSV; set "
+                                  "ingest.csv_header=false with it (with a header line, its names are the columns)")
+        _check_names("ingest.behaviors", self.behaviors, "behaviour values, or null for any")
         for k, v in self.columns.items():
             if k not in CANONICAL_FIELDS:  # the key is ours, the value the source's column
                 raise ConfigError(f"ingest.columns.{k}={v!r}: {k!r} is not a field; expected one of "
@@ -212,6 +254,7 @@ class SequencesConfig:
             raise ConfigError(f"sequences.min_length={self.min_length} must be >= 2 (trigger + target)")
         _check_positive("sequences.max_length", self.max_length, allow_none=True)
         _check_positive("sequences.holdout", self.holdout)
+        _check_names("sequences.behaviors", self.behaviors, "behaviour values, or null for all")
 
 
 @dataclass(frozen=True)
@@ -295,8 +338,10 @@ class EvalConfig:
         known = list(MODELS) + [f"{m}_recent" for m in MODELS]
         for m in self.compare_to:  # a misspelt name was a warning that no lists exist, and no comparison
             _check_choice("eval.compare_to", m, known)
-        if not self.ks or any((not isinstance(k, int)) or k <= 0 for k in self.ks):
+        if not self.ks or any((not isinstance(k, int)) or isinstance(k, bool) or k <= 0 for k in self.ks):
             raise ConfigError(f"eval.ks={self.ks!r} must be a non-empty list of positive integers")
+        if len(set(self.ks)) < len(self.ks):  # one metric row twice; the scoring's columns collided
+            raise ConfigError(f"eval.ks={list(self.ks)} names a cut-off more than once")
 
 
 @dataclass(frozen=True)
@@ -485,6 +530,7 @@ class DATSection:
                               "needed for its covariance)")
         if not self.hidden or any(not isinstance(h, int) or isinstance(h, bool) or h <= 0 for h in self.hidden):
             raise ConfigError(f"dat.hidden={self.hidden!r} must be a non-empty list of positive sizes")
+        _check_names("dat.user_fields", self.user_fields, "keys of the users table's features", allow_empty=True)
 
 
 MODELS = ("pop", "cooc", "natm", "dat", "two_tower")
@@ -527,6 +573,12 @@ class Config:
             raise ConfigError(f"eval.ks={list(self.eval.ks)} goes up to {max(self.eval.ks)}, but baseline.k="
                               f"{self.baseline.k} writes lists of {self.baseline.k} items: raise baseline.k or "
                               "drop the larger cut-offs from eval.ks")
+        if self.recent.triggers and max(self.eval.ks) > self.recent.k:  # HR@50 of a 10-item list is HR@10
+            raise ConfigError(f"eval.ks={list(self.eval.ks)} goes up to {max(self.eval.ks)}, but recent.k="
+                              f"{self.recent.k} writes fused lists of {self.recent.k} items: raise recent.k or "
+                              "drop the larger cut-offs from eval.ks")
+        if not self.warehouse.strip():  # the tables were written into the working directory
+            raise ConfigError(f"warehouse={self.warehouse!r} must name a directory or URI")
 
     def table_path(self, name: str) -> str:
         """Location of table ``name`` under the warehouse."""

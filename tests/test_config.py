@@ -76,12 +76,50 @@ def test_bad_choice_names_key_and_allowed_values():
     ("seed=-1", r"seed=-1 must be a whole number in \[0, 2\^63\)"),
     ("seed=9223372036854775808", r"seed=9223372036854775808 must be a whole number in \[0, 2\^63\)"),
     ("train.shuffle_buffer=-1", "train.shuffle_buffer=-1 must be a number >= 0"),
+    # accepted, then an AMBIGUOUS_REFERENCE in the evaluation (after training), or `rank <= true`
+    ("eval.ks=[1, 5, 10, 10]", r"eval.ks=\[1, 5, 10, 10\] names a cut-off more than once"),
+    ("eval.ks=[1, true]", r"eval.ks=\[1, True\] must be a non-empty list of positive integers"),
+    # a 10-item fused list scored at 50 and 100 gave HR@10 three times, without a word
+    ("recent.triggers=5", None),
+    ("spark.driver_memory=lots", "spark.driver_memory='lots' is not a memory size; expected .* e.g. 512m, 4g"),
+    ("spark.conf.spark.driver.memory=64g", "spark.conf.spark.driver.memory: set spark.driver_memory instead"),
+    ("spark.conf.spark.master=yarn", "spark.conf.spark.master: set spark.master instead"),
+    ("ingest.behaviors=[]", r"ingest.behaviors=\[\] lists nothing; expected a list of behaviour values, or null"),
+    ("sequences.behaviors=[1, 2]", "sequences.behaviors: 1 is not a name; expected a list of behaviour values"),
+    ("dat.user_fields=[1]", "dat.user_fields: 1 is not a name; expected a list of keys"),
+    ("generate.min_actions_per_user=60000", "generate.min_actions_per_user=60000 must be <= "
+                                            "generate.max_actions_per_user=50000"),
+    ("generate.table=actions", r"generate.table='actions' must be a table name .* not one of the pipeline's own"),
+    ("generate.table=../x", r"generate.table='../x' must be a table name"),
 ])
 def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(override, message):
     # before: some were a TypeError without the key ("graph.: '<=' not supported ..."), others
     # (window=2.5, min_ts=abc, dropout=2) passed and failed in a job after Spark work
+    if message is None:  # a setting that passes alone, and fails beside another
+        assert load_config(None, [override])
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_settings_that_fail_together_name_both_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.ks=\[1, 5, 10, 50, 100\] goes up to 100, but recent.k=10 .*raise "
+                                          "recent.k"):
+        load_config(None, ["recent.triggers=5", "recent.k=10"])
+    assert load_config(None, ["recent.triggers=0", "recent.k=10"]).recent.k == 10  # the stage is off
+    with pytest.raises(ConfigError, match=r"ingest.csv_schema names \['TS', 'ts'\] more than once"):
+        load_config(None, ["ingest.format=csv", "ingest.path=x", "ingest.csv_header=false",
+                           "ingest.csv_schema=[user_id, item_id, ts, TS]"])
+    with pytest.raises(ConfigError, match="ingest.csv_schema names the columns of a header-less CSV; set "
+                                          "ingest.csv_header=false"):
+        load_config(None, ["ingest.format=csv", "ingest.path=x", "ingest.csv_schema=[user_id, item_id, ts]"])
+    (tmp_path / "w.yaml").write_text("warehouse: ' '\n")  # a blank warehouse wrote into the working directory
+    with pytest.raises(ConfigError, match="warehouse=' ' must name a directory or URI"):
+        load_config(tmp_path / "w.yaml", [])
+    # sizes Spark takes pass; a user's own table name passes
+    for size in ("512m", "4g", "2G", "1024", "8gb"):
+        assert load_config(None, [f"spark.driver_memory={size}"]).spark.driver_memory == size
+    assert load_config(None, ["generate.table=raw_actions_v2", "dat.user_fields=[]"]).generate.table == "raw_actions_v2"
 
 
 def test_edge_values_that_are_settings_pass():
