@@ -18,7 +18,7 @@ from pyspark.sql.types import ArrayType, FloatType, LongType, StringType, Struct
 from ml import schemas as S
 from ml.config import Config
 from ml.data import files, io
-from ml.data.session import get_spark, ship_path
+from ml.data.session import get_spark, ship_path, tasks_for
 from ml.errors import InvalidInput, MissingInput
 from ml.index.spark_topk import embed_partitions, run_tag
 
@@ -27,6 +27,7 @@ from jobs.baseline import BASELINES
 from jobs.train import TRAINABLE, model_dir
 
 log = logging.getLogger("jobs.embed")
+ITEMS_PER_TASK = 20_000  # items embedded per task (at 10^7 items: 500 tasks)
 T_ITEM_EMBEDDINGS = S.T_ITEM_EMBEDDINGS
 T_USER_EMBEDDINGS = S.T_USER_EMBEDDINGS
 USER_MODELS = ("dat", "two_tower")  # models with a query (user) tower
@@ -82,9 +83,14 @@ def run(cfg: Config, spark=None) -> dict:
     # learned about it, and random vectors in the index would take top-K places from trained items. It
     # gets a vector once it has interactions (and the model is retrained).
     items = io.read_table(spark, cfg.table_path("noise_q"), delta_mode=mode).select(S.ITEM_ID)
-    emb = items.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
+    n_items = items.count()  # Parquet footers
+    # one task per ITEMS_PER_TASK items: noise_q is small in bytes, so its files (one per task that
+    # wrote it, or a compacted few) can be far fewer than the encoder's work needs (a vector is the
+    # same bits in any batch: widen_to_float64)
+    spread = items.repartition(tasks_for(spark, n_items, ITEMS_PER_TASK), S.ITEM_ID)
+    emb = spread.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)
-    out = {"items": n, "run_id": run_id, "skipped_items": items.count() - n, "untrained_items": 0}
+    out = {"items": n, "run_id": run_id, "skipped_items": n_items - n, "untrained_items": 0}
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
     _log_skipped(out["skipped_items"], "items", "noise_q", cfg.model)
     if io.table_exists(cfg.table_path(S.T_ITEMS)):

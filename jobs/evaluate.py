@@ -61,8 +61,10 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                 for kind, path, v in sources if model in present[kind]]
 
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
-    # Every model and baseline is checked before anything is written; then each table gets one
-    # commit for all the models (a run that fails part-way leaves both tables as they were).
+    # Every model and baseline is checked, and every metric and comparison computed, before anything
+    # is written; then each table gets one commit for all the models (a run that fails before the
+    # commits leaves both tables as they were; one killed between them, metrics new and metrics_paired
+    # the earlier run's, both with their run_ts).
     lists = {}
     for m in models:
         lists[m] = model_lists(m)
@@ -98,15 +100,6 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             parts.append((kind, io.read_table(spark, path, version=version, delta_mode=mode,
                                               partitions={S.MODEL: scored}), scored))
     metrics = score_lists(targets, parts, list(cfg.eval.ks), items, run_ts, targets_id)
-    _add_targets_column(spark, cfg)
-    version = io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
-                             replace_where={S.MODEL: list(models)}, delta_mode=mode)
-    written = io.read_table(spark, cfg.table_path(S.T_METRICS), version=version, delta_mode=mode,
-                            partitions={S.MODEL: list(models)}).where(F.col(S.CATEGORY_ID).isNull())
-    by_model: dict = {}
-    for r in written.collect():  # models x (len(ks) + 1) x kinds rows
-        by_model.setdefault(r[S.MODEL], []).append(r.asDict())
-    rows = [r for m in models for r in by_model.get(m, [])]
     # every comparison, of every model, in one pass: (model, kind) against (baseline, kind) lists
     frames, pairs = {}, []
     for m in models:
@@ -120,6 +113,15 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                 frames[(m, kind)], frames[(b, bkind)] = t, bt
                 pairs.append(((m, kind), (b, bkind)))
     by_pair = paired_comparisons(targets, frames, pairs, list(cfg.eval.ks), run_ts) if pairs else []
+    _add_targets_column(spark, cfg)
+    version = io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
+                             replace_where={S.MODEL: list(models)}, delta_mode=mode)
+    written = io.read_table(spark, cfg.table_path(S.T_METRICS), version=version, delta_mode=mode,
+                            partitions={S.MODEL: list(models)}).where(F.col(S.CATEGORY_ID).isNull())
+    by_model: dict = {}
+    for r in written.collect():  # models x (len(ks) + 1) x kinds rows
+        by_model.setdefault(r[S.MODEL], []).append(r.asDict())
+    rows = [r for m in models for r in by_model.get(m, [])]
     paired, all_prs, replaced = [], [], []
     for m in models:
         prs = []

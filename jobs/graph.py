@@ -15,6 +15,7 @@ from ml.config import Config
 from ml.data import io
 from ml.data.graph import build_cooccurrence_graph, capped_users, item_counts
 from ml.data.session import get_spark
+from ml.errors import InvalidInput
 
 from jobs._cli import command, parse, print_tables
 
@@ -30,8 +31,14 @@ def run(cfg: Config, spark=None) -> dict:
     n_capped = capped.count() if cap else 0
     if n_capped:
         log.info("graph: %d users longer than graph.max_user_length=%d keep their most recent items", n_capped, cap)
+    # no edge at all (a min_count above every pair's count): NATM would train on padding alone, after
+    # an INFO line; the graph of the last good run stays, and so does item_counts
     io.write_table(spark, build_cooccurrence_graph(seqs, g), cfg.table_path(S.T_ITEM_GRAPH), mode="overwrite",
-                   delta_mode=mode, overwrite_schema=True)
+                   delta_mode=mode, overwrite_schema=True, refuse_empty=lambda: InvalidInput(
+                       f"item_graph: no edge: no pair of items within graph.window={g.window} of each other in the "
+                       f"training sequences reaches graph.min_count={g.min_count}"
+                       f"{' users (graph.per_user)' if g.per_user else ''}: lower graph.min_count or widen "
+                       "graph.window; item_graph and item_counts are left as they were"))
     io.write_table(spark, item_counts(seqs), cfg.table_path(S.T_ITEM_COUNTS), mode="overwrite", delta_mode=mode,
                    overwrite_schema=True)
     graph = io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH), delta_mode=mode)

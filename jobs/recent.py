@@ -45,14 +45,17 @@ def run(cfg: Config, spark=None) -> dict:
     seqs = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode)
     name = model_name(cfg)
     lists = fuse_recent(seqs, i2i, cfg.recent, name)
-    version, n = io.replace_model_partition(spark, lists, cfg.table_path(S.T_U2I_TOPK), name, mode)
     r = cfg.recent
+    # before: evaluate said "run its topk (or recent) stage first", of the stage that had just run
+    version, n = io.replace_model_partition(spark, lists, cfg.table_path(S.T_U2I_TOPK), name, mode,
+                                            refuse_empty=lambda: InvalidInput(
+                                                f"u2i_topk[{name}]: every user's list is empty: the items "
+                                                f"recent.exclude={r.exclude} leaves out cover every item of their "
+                                                f"lists in i2i_topk[{cfg.model}] (a catalogue of a few items?); "
+                                                "--set recent.triggers=0 leaves the stage out; the fused lists "
+                                                "are left as they were"))
     log.info("u2i_topk[%s]: %d rows (last %d items, decay %g, rrf_k %g, k %d, excluding %s), version %d",
              name, n, r.triggers, r.decay, r.rrf_k, r.k, r.exclude, version)
-    if not n:  # before: evaluate said "run its topk (or recent) stage first", of the stage that had just run
-        raise InvalidInput(f"u2i_topk[{name}]: every user's list is empty: the items recent.exclude={r.exclude} "
-                           f"leaves out cover every item of their lists in i2i_topk[{cfg.model}] (a catalogue of a "
-                           f"few items?); --set recent.triggers=0 leaves the stage out")
     return {"model": name, "rows": n, "version": version}
 
 

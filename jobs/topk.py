@@ -77,11 +77,12 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
                             partitions={S.MODEL: [cfg.model]}).select(S.ITEM_ID, "vector")
     topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                  cfg.model), S.I2I_TOPK)
-    version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode)
+    version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode,
+                                            refuse_empty=lambda: InvalidInput(
+                                                f"i2i_topk[{cfg.model}]: no item has a list: the model has vectors "
+                                                f"for {len(ids):,} item(s), and a list never holds its own item; "
+                                                "the model's lists are left as they were"))
     log.info("i2i_topk[%s]: %d rows for %d items (k=%d), version %d", cfg.model, n, len(ids), k, version)
-    if not n:
-        raise InvalidInput(f"i2i_topk[{cfg.model}]: no item has a list: the model has vectors for {len(ids):,} "
-                           f"item(s), and a list never holds its own item")
     out = {"rows": n, "items": len(ids), "version": version}
     if users is not None:
         u2i = users.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,

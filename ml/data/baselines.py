@@ -1,6 +1,8 @@
 """Non-learned i2i producers writing the ``i2i_topk`` contract: ``pop`` and ``cooc``."""
 from __future__ import annotations
 
+from typing import Optional
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -39,7 +41,8 @@ def popularity_topk(catalogue: DataFrame, counts: DataFrame, k: int) -> DataFram
         F.col(S.RANK).cast("int"), F.lit("pop").alias(S.MODEL))
 
 
-def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFrame, cfg: BaselineConfig) -> DataFrame:
+def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFrame, cfg: BaselineConfig,
+                      tasks: Optional[int] = None) -> DataFrame:
     """Each item's top-k co-occurrence neighbours, then popular items to fill short lists.
 
     score = co-occurrence weight for graph neighbours (rank = the graph's: weight, then the larger
@@ -51,7 +54,7 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     :func:`popularity_topk` computes its ranks: n listed + its popularity rank - the entries ranked
     above it that it skips (those among the 2k + 1 most popular, at most n + 1 per item). Sorting
     the candidates per item instead (a window over item x (k + 2k + 1) rows) is 3·10¹⁰ rows at 10⁸
-    items and k = 100.
+    items and k = 100. ``tasks``: the fill-ins' tasks (see jobs.baseline.catalogue).
     """
     k = cfg.k
     edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count, cfg.per_user)
@@ -69,6 +72,8 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
                               F.when(F.col("own").isNull(), F.array().cast("array<int>"))
                               .otherwise(F.array("own"))).alias("skip"))
              .where(F.col("n") < k))
+    if tasks:  # each short item becomes up to 2k + 1 rows: spread by rows, not by the ids' bytes
+        short = short.repartition(tasks, S.ITEM_ID)
     above = F.size(F.filter("skip", lambda r: r < F.col("pop_rank")))
     fill = (short.crossJoin(top).where(~F.array_contains("skip", F.col("pop_rank")))
             .withColumn(S.RANK, F.col("n") + F.col("pop_rank") - above).where(F.col(S.RANK) <= k)

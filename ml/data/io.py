@@ -26,7 +26,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -453,7 +453,8 @@ def _check_schema(df_schema: StructType, table: StructType, path: str) -> None:
 def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "overwrite",
                 partition_by: Optional[Sequence[str]] = None,
                 replace_where: Optional[Mapping[str, object]] = None,
-                delta_mode: str = "auto", overwrite_schema: bool = False, base_version: Optional[int] = None) -> int:
+                delta_mode: str = "auto", overwrite_schema: bool = False, base_version: Optional[int] = None,
+                refuse_empty: Optional[Callable[[], BaseException]] = None) -> int:
     """Write ``df`` as a new version of the Delta table at ``path``; return that version.
 
     mode: ``append`` or ``overwrite``. ``replace_where`` (overwrite only) replaces just the rows of
@@ -462,6 +463,10 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
     table's unless ``overwrite_schema`` (full overwrite only). A write that lost a race with another
     job's commit is made again on the new version, unless ``base_version`` (the version ``df`` was
     read from) is given: then any commit after it fails the write with :class:`ConcurrentWriteError`.
+    ``refuse_empty``: when ``df`` has no rows, the error it returns is raised and the table keeps the
+    rows it had (a stage that found nothing to write must not replace yesterday's output with nothing).
+    Without the Delta jars nothing is committed; with them (Spark commits as it writes) the emptied rows
+    are written back from the version before, as one more version.
     """
     if mode not in WRITE_MODES:
         raise ValueError(f"mode={mode!r}; expected one of {list(WRITE_MODES)}")
@@ -490,8 +495,22 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
     if native:
         # Delta checks conflicts from the version its own transaction starts at: a commit between the
         # check above and that start goes unseen (a moment; the delta-rs path has no such gap)
-        return _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
-    return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema, base_version)
+        before = dt.version() if dt is not None else None
+        version = _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema)
+        if refuse_empty is not None:
+            written = read_table(spark, path, version=version, delta_mode=delta_mode)
+            if replace_where:
+                written = written.filter(_predicate_column(replace_where))
+            if not written.limit(1).count():
+                if before is not None:  # put back what the empty write replaced
+                    old = read_table(spark, path, version=before, delta_mode=delta_mode)
+                    if replace_where:
+                        old = old.filter(_predicate_column(replace_where))
+                    _write_native(spark, old, uri, mode, partition_by, replace_where, overwrite_schema)
+                raise refuse_empty()
+        return version
+    return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema, base_version,
+                           refuse_empty)
 
 
 def _check_target(dt: DeltaTable, schema: StructType, uri: str, mode: str, partition_by: list,
@@ -524,11 +543,13 @@ def _check_enforceable(dt: DeltaTable, uri: str) -> None:
 
 
 def replace_model_partition(spark: SparkSession, df: DataFrame, path: str, model: str,
-                            delta_mode: str = "auto") -> tuple[int, int]:
+                            delta_mode: str = "auto",
+                            refuse_empty: Optional[Callable[[], BaseException]] = None) -> tuple[int, int]:
     """Replace the ``model = <model>`` partition of a table partitioned by ``model`` (one commit;
-    other models' rows untouched). Returns (the new version, the model's rows in it)."""
+    other models' rows untouched). Returns (the new version, the model's rows in it). ``refuse_empty``:
+    as :func:`write_table`'s (no rows: its error, and the model keeps its previous rows)."""
     version = write_table(spark, df, path, mode="overwrite", partition_by=[S.MODEL], replace_where={S.MODEL: model},
-                          delta_mode=delta_mode)
+                          delta_mode=delta_mode, refuse_empty=refuse_empty)
     rows = read_table(spark, path, version=version, delta_mode=delta_mode, partitions={S.MODEL: [model]}).count()
     return version, rows
 
@@ -596,7 +617,8 @@ def _lost_race(e: Exception) -> bool:
 
 def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
                     replace_where: Optional[Mapping[str, object]], exists: bool,
-                    overwrite_schema: bool, base_version: Optional[int] = None) -> int:
+                    overwrite_schema: bool, base_version: Optional[int] = None,
+                    refuse_empty: Optional[Callable[[], BaseException]] = None) -> int:
     """Stage ``df``'s files with Spark, then commit them with delta-rs (see :func:`write_table`)."""
     write_id = f"data-{time.strftime(WRITE_TIME, time.gmtime())}-{uuid.uuid4().hex[:12]}"
     staging = f"{uri}/{write_id}"
@@ -606,6 +628,8 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
     try:
         writer.parquet(staging)
         adds = _add_actions(uri, write_id, partition_by, _timestamp_zones(df, partition_by))
+        if refuse_empty is not None and not sum(json.loads(a.stats)["numRecords"] for a in adds):
+            raise refuse_empty()  # before the commit: the table keeps its rows
     except BaseException:
         _remove_dir(staging)  # best effort; uncommitted files are invisible to readers anyway
         raise

@@ -261,15 +261,24 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
     # negatives, drawn in proportion to its q, in one task (with an item in 30 % of 2.6M actions, 1.4M
     # of the 9.9M rows in one of 16 tasks) and AQE did not split it.
     neg_cat = "_neg_category"
-    with_negs = draw_negatives(spark, pos.select(S.USER_ID, POSITION, S.ITEM_ID),
+    # The positive and its negatives come out of one row: a union of the positives with the drawn
+    # rows computed the positives twice (the sequences' scan, the explode, the join with the items and
+    # the shuffle above; the two sides' columns differ, so Spark shared no exchange). The positive's
+    # category rides through the draw as a non-null BIGINT and a null flag: pandas would carry a
+    # nullable BIGINT as float64, which rounds hashed ids above 2^53.
+    pc, pc_null = "_pos_category", "_pos_category_null"
+    carried = pos.select(S.USER_ID, POSITION, S.ITEM_ID, F.coalesce(S.CATEGORY_ID, F.lit(0).cast("long")).alias(pc),
+                         F.col(S.CATEGORY_ID).isNull().alias(pc_null))
+    with_negs = draw_negatives(spark, carried,
                                with_categories(q),  # one row per item on either side
                                cfg.dat_negatives, seed, "dat", (S.ITEM_ID,), (S.USER_ID, POSITION),
                                attr_of=(S.CATEGORY_ID, neg_cat))
-    positives = pos.select(S.USER_ID, POSITION, S.ITEM_ID, S.CATEGORY_ID, F.lit(1.0).alias(LABEL))
+    positive = F.struct(F.col(S.ITEM_ID).alias(S.ITEM_ID),
+                        F.when(~F.col(pc_null), F.col(pc)).alias(S.CATEGORY_ID), F.lit(1.0).alias(LABEL))
     drawn = F.transform(NEGATIVES, lambda x, i: F.struct(x.alias(S.ITEM_ID), F.col(neg_cat)[i].alias(S.CATEGORY_ID),
                                                           F.lit(0.0).alias(LABEL)))
-    negatives = with_negs.select(S.USER_ID, POSITION, F.explode(drawn).alias("_n")).select(S.USER_ID, POSITION, "_n.*")
-    rows = positives.unionByName(negatives)
+    rows = (with_negs.select(S.USER_ID, POSITION, F.explode(F.concat(F.array(positive), drawn)).alias("_n"))
+            .select(S.USER_ID, POSITION, "_n.*"))
     if users is not None:
         rows = rows.join(users.select(S.USER_ID, F.col(S.FEATURES).alias(USER_FEATURES)), S.USER_ID, "left")
     else:

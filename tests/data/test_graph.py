@@ -150,3 +150,25 @@ def test_per_user_counts_each_user_once_per_edge_at_its_nearest_distance(spark):
     # with decay, a user's nearest occurrence counts: 1 -> 2 at distance 2 and at 1 gives weight 1
     e = _edges(spark, [(1, [1, 9, 2, 1, 2])], window=2, decay=True, per_user=True)
     assert e[(1, 2)] == (1.0, 1, 1) and e[(9, 1)] == (0.5, 1, 2)
+
+
+def test_graph_job_that_finds_no_edge_keeps_the_last_graph(spark, tmp_path):
+    # a min_count above every pair's count: before, item_graph was replaced by an empty table, and NATM
+    # then trained on padding neighbours after one INFO line
+    import pytest
+
+    from jobs import graph as graph_job
+    from ml.config import load_config
+    from ml.data import io
+    from ml.errors import InvalidInput
+
+    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "graph.window=1"])
+    io.write_table(spark, _seqs(spark, [(1, [1, 2, 3]), (2, [1, 2])]), cfg.table_path(S.T_SEQUENCES))
+    assert graph_job.run(cfg, spark)["edges"] == 2
+    versions = [io.table_version(cfg.table_path(t)) for t in (S.T_ITEM_GRAPH, S.T_ITEM_COUNTS)]
+    strict = load_config(None, [f"warehouse={tmp_path / 'wh'}", "graph.window=1", "graph.min_count=3"])
+    with pytest.raises(InvalidInput, match=r"item_graph: no edge: no pair of items within graph.window=1 .*reaches "
+                                           r"graph.min_count=3: lower graph.min_count .*left as they were"):
+        graph_job.run(strict, spark)
+    assert [io.table_version(cfg.table_path(t)) for t in (S.T_ITEM_GRAPH, S.T_ITEM_COUNTS)] == versions
+    assert io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH)).count() == 2

@@ -142,9 +142,13 @@ def test_dat_rows_carry_their_items_category_negatives_too(spark):
     # one task): each row's category is its item's, null where the item has none
     seqs = _seqs(spark, SEQS)
     q = noise_distribution(item_counts(seqs), "unigram", 0.75)
-    category = {i: (None if i % 5 == 0 else 10 ** 12 + i % 3) for i in range(1, 41)}
+    # hashed category keys (ingest.string_ids) fill 64 bits: float64 would round 2^62 + 1 to 2^62
+    category = {i: (None if i % 5 == 0 else 2 ** 62 + i % 3 + 1) for i in range(1, 41)}
     cfg = SamplesConfig(dat_negatives=4)
     df = build_dat_samples(spark, seqs, q, _items(spark, 40, category.get), None, cfg, seed=3)
+    # the positive and its negatives come from one row: the positives (explode, join with the items,
+    # shuffle) are computed once (a union computed them twice)
+    assert df._jdf.queryExecution().optimizedPlan().toString().count("posexplode") == 1
     rows = df.collect()
     assert {r.label for r in rows} == {0.0, 1.0} and len(rows) == 5 * sum(len(s[1]) for s in SEQS)
     assert all(r.category_id == category[r.item_id] for r in rows)

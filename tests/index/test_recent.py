@@ -110,7 +110,7 @@ def test_recent_job_fuses_only_its_models_lists(spark, warehouse):
     from ml.data import io
 
     cfg = load_config(None, [f"warehouse={warehouse}", "model=cooc", "recent.triggers=2", "recent.decay=0.5",
-                             "recent.rrf_k=0", "recent.k=10"])
+                             "recent.rrf_k=0", "recent.k=10", "eval.ks=[1, 5, 10]"])
     io.write_table(spark, _seqs(spark, SEQS), cfg.table_path(S.T_SEQUENCES))
     other = {3: [20, 21], 2: [22]}  # another model's lists of the same items
     lists = _i2i(spark, LISTS).withColumn(S.MODEL, F.lit("cooc")).unionByName(
@@ -132,10 +132,45 @@ def test_empty_lists_stop_the_stage_that_made_them_with_the_reason(spark, wareho
     cfg = load_config(None, [f"warehouse={warehouse}", "model=cooc", "recent.triggers=2", "recent.exclude=history"])
     io.write_table(spark, _seqs(spark, [(1, [1, 2, 1]), (2, [2, 1])]), cfg.table_path(S.T_SEQUENCES))
     assert baseline.run(cfg, spark)["rows"] == 2  # 1 -> 2 and 2 -> 1
+    # yesterday's fused lists, which the empty run must leave as they are (before, it replaced them
+    # with nothing and then raised)
+    u2i = cfg.table_path(S.T_U2I_TOPK)
+    io.write_table(spark, spark.createDataFrame([(1, 5, 1.0, 1, "cooc_recent")], S.U2I_TOPK), u2i,
+                   partition_by=[S.MODEL])
     with pytest.raises(ValueError, match=r"u2i_topk\[cooc_recent\]: every user's list is empty: .*recent.exclude="
-                                         r"history .*recent.triggers=0 leaves the stage out"):
+                                         r"history .*recent.triggers=0 leaves the stage out; the fused lists are "
+                                         "left as they were"):
         recent.run(cfg, spark)
+    assert io.table_version(u2i) == 0 and [tuple(r) for r in io.read_table(spark, u2i).collect()] == [
+        (1, 5, 1.0, 1, "cooc_recent")]
+    i2i = cfg.table_path(S.T_I2I_TOPK)
+    kept = sorted(tuple(r) for r in io.read_table(spark, i2i).collect())
     io.write_table(spark, _seqs(spark, [(1, [7, 7]), (2, [7])]), cfg.table_path(S.T_SEQUENCES), mode="overwrite")
+    version = io.table_version(i2i)
     with pytest.raises(ValueError, match=r"i2i_topk\[cooc\]: no item has a list: the training sequences hold 1 "
-                                         r"item\(s\), and a list never holds its own item"):
+                                         r"item\(s\), and a list never holds its own item; the model's lists are "
+                                         "left as they were"):
         baseline.run(cfg, spark)
+    assert io.table_version(i2i) == version and sorted(tuple(r) for r in io.read_table(spark, i2i).collect()) == kept
+    assert len(kept) == 2
+
+
+def test_baseline_lists_are_spread_by_their_rows_not_by_the_ids_bytes(spark, warehouse, monkeypatch):
+    # the catalogue's ids are small in bytes: adaptive execution gave the k + 1 rows per id (10^9 at
+    # 10^7 items) the few tasks their bytes asked for. Now one task per baseline.LIST_ROWS_PER_TASK rows.
+    from deltalake import DeltaTable
+
+    from jobs import baseline
+    from ml.data import io
+
+    cfg = load_config(None, [f"warehouse={warehouse}", "baseline.k=20", "eval.ks=[1, 5]"])
+    io.write_table(spark, _seqs(spark, [(u, [(u * 7 + j) % 40 + 1 for j in range(6)]) for u in range(1, 31)]),
+                   cfg.table_path(S.T_SEQUENCES))
+    monkeypatch.setattr(baseline, "LIST_ROWS_PER_TASK", 40 * 21 // 5)  # 40 items x (k + 1) rows: five tasks
+    for model in ("pop", "cooc"):
+        baseline.run(cfg, spark, model)
+        lists = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).where(F.col(S.MODEL) == model)
+        assert lists.count() == 40 * 20  # every item a full list (cooc: most of it filled from the popular items)
+        # pop: the five tasks; cooc: the graph's part (2 shuffle partitions here) and the fill-ins' five
+        files = len(DeltaTable(cfg.table_path(S.T_I2I_TOPK)).file_uris([(S.MODEL, "=", model)]))
+        assert 3 <= files <= 7, (model, files)

@@ -35,8 +35,13 @@ def test_topk_refuses_non_finite_vectors_and_reads_one_vector_column(spark, ware
     # one item: a list never holds its own item, so there is nothing to serve; the stage says so
     # rather than leaving the evaluation to report that topk was never run
     _write(spark, cfg, [(7, "natm", unit(0.5), None, "r2")])
-    with pytest.raises(InvalidInput, match=r"i2i_topk\[natm\]: no item has a list: the model has vectors for 1 item"):
+    version = io.table_version(cfg.table_path(S.T_I2I_TOPK))
+    with pytest.raises(InvalidInput, match=r"i2i_topk\[natm\]: no item has a list: the model has vectors for 1 "
+                                           r"item.*the model's lists are left as they were"):
         topk.run(cfg, spark, k=2)
+    # the last good lists stay (before, the empty run replaced them with nothing before it raised)
+    assert io.table_version(cfg.table_path(S.T_I2I_TOPK)) == version
+    assert io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).count() == 6
 
 
 def test_check_finite_names_the_ids():

@@ -156,8 +156,18 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     from ml.data import io
 
     n_trained = io.read_table(spark, more.table_path("noise_q")).count()
-    emb = embed.run(more, spark)
+    per_task = embed.ITEMS_PER_TASK
+    embed.ITEMS_PER_TASK = -(-n_trained // 5)  # five tasks' worth of items
+    try:
+        emb = embed.run(more, spark)
+    finally:
+        embed.ITEMS_PER_TASK = per_task
     assert emb["items"] == n_trained == vocab.size  # the training items, each with its vector
+    # the items are spread by their number, not by noise_q's files (at most 2 here: 2 shuffle partitions)
+    from deltalake import DeltaTable
+
+    files = len(DeltaTable(more.table_path("item_embeddings")).file_uris([("model", "=", "natm")]))
+    assert 3 <= files <= 5, files
     # run_id names the training run (run.json's, the tag of that run's records in the metrics file) and
     # the step of the published weights (the reseeded run's 9): a run resumed to more steps is other weights
     mdir = train.model_dir(more)
