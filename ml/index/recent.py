@@ -11,9 +11,13 @@ exact arithmetic (1/12 = 1/20 + 0.7/21 at the defaults) can round a unit apart a
 by the rounding, not the id (the same order on every run).
 
 Cost is O(users x triggers x list length), linear in the data: the user x trigger rows join the
-lists on the trigger item (a popular trigger's rows are split by adaptive skew-join handling; its
-list is K rows), then the contributions and the items to leave out are shuffled once, by user, for
-the sums, the exclusion and a bounded per-user top k. Nothing is collected on the driver.
+lists on the trigger item, then the contributions and the items to leave out are shuffled once, by
+user, for the sums, the exclusion and a bounded per-user top k. A popular trigger (the last item of
+millions of users) would make one join task produce its rows x K: its rows are spread over
+``ceil(rows / HOT_TRIGGER_ROWS)`` salts by a hash of the user, and its K-row list copied to each
+(adaptive skew-join handling did not act on it: it splits by the input's bytes, 5x the median and
+256 MB, and these rows are ~30 bytes each). Nothing is collected on the driver but the hot triggers'
+counts (at most rows / HOT_TRIGGER_ROWS of them).
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ STEP = "step"  # 0 = the user's last item, 1 = the one before, ...
 UNITS = "units"
 SEEN = "seen"  # 1 on the rows of items the list must leave out
 SCORE_UNITS = float(2**40)  # each term <= 1, so a sum of up to 2^23 terms fits a long
+SALT = "_salt"
+HOT_TRIGGER_ROWS = 100_000  # a trigger's user rows per join task (x K output rows each)
+MAX_SALTS = 4096
 
 
 def recent_triggers(sequences: DataFrame, triggers: int) -> DataFrame:
@@ -45,8 +52,8 @@ def fuse_recent(sequences: DataFrame, i2i: DataFrame, cfg: RecentConfig, model: 
     term = F.pow(F.lit(float(cfg.decay)), F.col(STEP)) / (F.lit(float(cfg.rrf_k)) + F.col(S.RANK))
     # Summed as integer units of 2^-40: a float sum depends on the order the shuffle delivers the
     # terms in (a rerun could change a score's last bits, and which of two tied items wins).
-    contrib = recent.join(lists, TRIGGER).select(S.USER_ID, S.ITEM_ID, F.round(term * SCORE_UNITS).cast("long")
-                                                 .alias(UNITS), F.lit(0).alias(SEEN))
+    contrib = _join_spreading_hot_triggers(recent, lists).select(
+        S.USER_ID, S.ITEM_ID, F.round(term * SCORE_UNITS).cast("long").alias(UNITS), F.lit(0).alias(SEEN))
     if cfg.exclude == "history":
         seen = sequences.select(S.USER_ID, F.explode(F.array_distinct(S.ITEMS)).alias(S.ITEM_ID))
     else:
@@ -65,3 +72,18 @@ def fuse_recent(sequences: DataFrame, i2i: DataFrame, cfg: RecentConfig, model: 
     return top.select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"),
                       (F.col(UNITS) / F.lit(SCORE_UNITS)).cast("double").alias(S.SCORE),
                       F.col(S.RANK).cast("int"), F.lit(model).alias(S.MODEL))
+
+
+def _join_spreading_hot_triggers(recent: DataFrame, lists: DataFrame) -> DataFrame:
+    """``recent`` joined with ``lists`` on the trigger; a trigger with more than HOT_TRIGGER_ROWS user
+    rows is joined in salts (its rows by a hash of the user, its list copied to every salt)."""
+    counts = recent.groupBy(TRIGGER).agg(F.count(F.lit(1)).alias("_n")).where(F.col("_n") > HOT_TRIGGER_ROWS)
+    hot = [(r[TRIGGER], min(MAX_SALTS, -(-r["_n"] // HOT_TRIGGER_ROWS))) for r in counts.collect()]
+    if not hot:
+        return recent.join(lists, TRIGGER)
+    salts = F.broadcast(recent.sparkSession.createDataFrame(hot, f"{TRIGGER} long, _salts int"))
+    n = F.coalesce(F.col("_salts"), F.lit(1))
+    users = recent.join(salts, TRIGGER, "left").withColumn(
+        SALT, F.pmod(F.xxhash64(F.lit("recent-salt"), S.USER_ID), n).cast("int")).drop("_salts")
+    copies = lists.join(salts, TRIGGER, "left").withColumn(SALT, F.explode(F.sequence(F.lit(0), n - 1))).drop("_salts")
+    return users.join(copies, [TRIGGER, SALT]).drop(SALT)

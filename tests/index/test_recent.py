@@ -49,6 +49,29 @@ def test_fused_scores_by_hand(spark):
     assert 3 not in got  # no list for the only trigger: no rows (evaluation counts a miss)
 
 
+def test_a_hot_trigger_is_joined_in_salts_and_gives_the_same_lists(spark, monkeypatch):
+    # 30 users end on item 3 (a hot trigger), 10 on item 2: above HOT_TRIGGER_ROWS rows, a trigger's
+    # rows are split over salts by user and its list copied to each (adaptive skew handling splits by
+    # bytes, and these rows are a few bytes each: one task made all of a hot item's rows x K)
+    from ml.index import recent as recent_mod
+
+    seqs = _seqs(spark, [(u, [1 + u % 4, 3]) for u in range(30)] + [(100 + u, [2]) for u in range(10)])
+    cfg = RecentConfig(triggers=2, decay=0.5, rrf_k=1.0, k=10)
+    plain = fuse_recent(seqs, _i2i(spark, LISTS), cfg, "m_recent")
+    assert "_salt" not in plain._jdf.queryExecution().optimizedPlan().toString()
+    expected = sorted(tuple(r) for r in plain.collect())
+    monkeypatch.setattr(recent_mod, "HOT_TRIGGER_ROWS", 4)  # item 3: 30 rows, 8 salts; item 2: 3 salts
+    salted = fuse_recent(seqs, _i2i(spark, LISTS), cfg, "m_recent")
+    plan = salted._jdf.queryExecution().optimizedPlan().toString()
+    assert "_salt" in plan and "xxhash64(recent-salt" in plan
+    assert sorted(tuple(r) for r in salted.collect()) == expected and len(expected) > 100
+    joined = recent_mod._join_spreading_hot_triggers(recent_triggers(seqs, 2), _i2i(spark, LISTS).select(
+        F.col(S.ITEM_ID).alias("trigger_id"), F.col(S.NEIGHBOR_ID).alias(S.ITEM_ID), S.RANK))
+    # each trigger row x its list, once: 30 x item 3's 3, the step-1 items 2 (8 users) and 3 (7; items 1
+    # and 4 have no list), 10 x item 2's 4
+    assert joined.count() == 30 * 3 + 8 * 4 + 7 * 3 + 10 * 4
+
+
 def test_history_exclusion_and_k(spark):
     assert _fused(spark, exclude="history")[1] == [(10, 1.0, 1), (11, 1.0, 2), (12, 0.25, 3)]
     assert [i for i, _, _ in _fused(spark, k=2)[1]] == [10, 11]
