@@ -66,6 +66,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     pa.default_memory_pool().release_unused()
     b = cfg.baseline
     index = build_index(vecs, kind=b.index, exact_max=b.exact_max, nlist=b.nlist, nprobe=b.nprobe, seed=cfg.seed)
+    index_type = type(index).__name__
     del vecs  # the index holds its own copy
     index_file, ids_file = ship_path(f"{cfg.model}.faiss"), ship_path(f"{cfg.model}-ids.npy")
     faiss.write_index(index, index_file)
@@ -83,6 +84,11 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
                                                 f"for {len(ids):,} item(s), and a list never holds its own item; "
                                                 "the model's lists are left as they were"))
     log.info("i2i_topk[%s]: %d rows for %d items (k=%d), version %d", cfg.model, n, len(ids), k, version)
+    full = len(ids) * min(k, len(ids) - 1)  # every item queried, itself never in its list
+    if n < full:  # an IVF index searched too few lists (exact search fills every list)
+        log.warning("i2i_topk[%s]: %d of %d list rows are missing (lists shorter than k=%d): the %s index "
+                    "found fewer neighbours than asked; raise baseline.nprobe (now %d) or set "
+                    "baseline.index=flat", cfg.model, full - n, full, k, index_type, b.nprobe)
     out = {"rows": n, "items": len(ids), "version": version}
     if users is not None:
         u2i = users.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,

@@ -368,13 +368,15 @@ def partitions_with_rows(spark: SparkSession, path: str, column: str, values: Se
 
 def _check_partition_filter(uri: str, wanted: Mapping[str, set], partition_cols: Sequence[str],
                             schema: StructType) -> None:
+    # a table of the user's (an i2i_topk written by another tool, say) that is not partitioned as the
+    # contract says: an InvalidInput, one line from the command line, not a traceback
     if set(wanted) - set(partition_cols):
-        raise ValueError(f"{uri}: {sorted(set(wanted) - set(partition_cols))} are not partition columns "
-                         f"({list(partition_cols)})")
+        raise InvalidInput(f"{uri}: {sorted(set(wanted) - set(partition_cols))} are not partition columns "
+                           f"({list(partition_cols)})")
     typed = sorted(c for c in wanted if not isinstance(schema[c].dataType, StringType))
     if typed:  # the log's values of other types are typed, with their own spellings: compare with where()
-        raise ValueError(f"{uri}: partitions= takes string partition columns; {typed} are not (filter them "
-                         "with where())")
+        raise InvalidInput(f"{uri}: partitions= takes string partition columns; {typed} are not (filter them "
+                           "with where())")
 
 
 def _attach_partition_values(spark: SparkSession, df: DataFrame, files: Sequence, schema: StructType,

@@ -135,6 +135,10 @@ def load_graph(graph_path: str, vocab: Vocab):
     item = vocab.index(torch.from_numpy(t.column("item_id").to_numpy().copy()))
     nbr = vocab.index(torch.from_numpy(t.column("neighbor_id").to_numpy().copy()))
     keep = (item > 0) & (nbr > 0)
+    dropped = int((~keep).sum())
+    if dropped:  # item_graph from other sequences than noise_q (a stage rerun on its own, or killed between)
+        log.warning("item_graph: %d of %d edges name items not in noise_q (the training items) and are left "
+                    "out; rerun jobs.graph and jobs.samples on the same sequences", dropped, len(keep))
     return (item[keep], nbr[keep], torch.from_numpy(t.column("weight").to_numpy().copy()).float()[keep],
             torch.from_numpy(t.column("rank").to_numpy().astype(np.int64))[keep])
 

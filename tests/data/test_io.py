@@ -12,6 +12,7 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from ml.data import io
+from ml.errors import InvalidInput
 
 ROWS = [(1, "natm", 0.5), (2, "natm", 1.5), (3, "dat", None)]
 SCHEMA = "id bigint, model string, score double"
@@ -58,7 +59,7 @@ def test_reading_some_partitions_reads_only_their_files(spark, warehouse):
     assert sorted(r.id for r in two.collect()) == [3, 4]
     none = io.read_table(spark, path, delta_mode="delta-rs", partitions={"model": ["nope"]})
     assert none.count() == 0 and none.columns == ["id", "model", "score"]
-    with pytest.raises(ValueError, match=r"\['score'\] are not partition columns"):
+    with pytest.raises(InvalidInput, match=r"\['score'\] are not partition columns"):
         io.read_table(spark, path, delta_mode="delta-rs", partitions={"score": ["0.5"]})
     # a partition column of another type: the log's values are typed (1, not "1"); refused, not 0 rows
     by_id = f"{warehouse}/by_id"

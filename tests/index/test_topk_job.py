@@ -133,3 +133,25 @@ def test_an_items_vector_is_the_same_bits_whatever_else_is_scored_with_it(tmp_pa
                 assert got[0].dtype == torch.float32
                 for a, b in zip(got, ref):
                     assert torch.equal(a, b[pick - 1]), (side, n)
+
+
+def test_lists_an_ivf_search_left_short_are_counted_in_a_warning(spark, warehouse, caplog):
+    # an IVF index probing one of 10 lists finds about a tenth of the catalogue per query: lists of
+    # fewer than k items, which were written without a word
+    cfg = load_config(None, [f"warehouse={warehouse}", "model=natm", "baseline.index=ivf", "baseline.nlist=10",
+                             "baseline.nprobe=1"])
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(60, 4))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    _write(spark, cfg, [(i, "natm", vecs[i].tolist(), None, "r1") for i in range(60)])
+    with caplog.at_level("WARNING", logger="jobs.topk"):
+        out = topk.run(cfg, spark, k=20)
+    short = [r.getMessage() for r in caplog.records if "list rows are missing" in r.getMessage()]
+    assert out["rows"] < 60 * 20 and short == [
+        f"i2i_topk[natm]: {60 * 20 - out['rows']} of 1200 list rows are missing (lists shorter than k=20): the "
+        "IndexIVFFlat index found fewer neighbours than asked; raise baseline.nprobe (now 1) or set "
+        "baseline.index=flat"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jobs.topk"):  # exact search: every list full, no warning
+        assert topk.run(load_config(None, [f"warehouse={warehouse}", "model=natm"]), spark, k=20)["rows"] == 1200
+    assert not [r for r in caplog.records if "missing" in r.getMessage()]

@@ -229,3 +229,23 @@ def test_load_categories_takes_negative_ids_as_categories_and_null_as_unknown(tm
     # categories of the vocabulary's items only: 9 belongs to item 14 alone, which did not train
     cats, n = load_categories(path, build_vocab([10, 11, 12, 13]))
     assert n == 2 and cats.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_graph_edges_of_items_outside_the_vocabulary_are_left_out_with_a_count(tmp_path, caplog):
+    # an item_graph built from other sequences than noise_q (a stage rerun alone): its unknown items'
+    # edges were dropped without a word
+    import torch
+
+    from ml.train.tables import load_graph
+
+    path = str(tmp_path / "g")
+    write_deltalake(path, pa.table({"item_id": pa.array([1, 1, 2, 9], pa.int64()),
+                                    "neighbor_id": pa.array([2, 3, 1, 1], pa.int64()),
+                                    "weight": [3.0, 1.0, 2.0, 5.0], "rank": pa.array([1, 2, 1, 1], pa.int32())}))
+    with caplog.at_level("WARNING", logger="ml.train.tables"):
+        item, nbr, weight, rank = load_graph(path, build_vocab([1, 2, 3]))
+    vocab = build_vocab([1, 2, 3])
+    assert item.tolist() == vocab.index(torch.tensor([1, 1, 2])).tolist() and weight.tolist() == [3.0, 1.0, 2.0]
+    assert [r.getMessage() for r in caplog.records] == [
+        "item_graph: 1 of 4 edges name items not in noise_q (the training items) and are left out; rerun "
+        "jobs.graph and jobs.samples on the same sequences"]
