@@ -406,8 +406,10 @@ def read_ml1m(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     movies = _ml1m_movies(spark, movies_path).withColumnRenamed("movie_id", S.ITEM_ID)
     items = items_from_movies(spark, movies)
     users = None
-    if os.path.exists(users_path) or "://" in users_path:
+    if _companion_present(users_path, "ingest.ml1m_users", cfg.ml1m_users is not None):
         users = _ml1m_users(spark, users_path).withColumnRenamed("orig_user_id", S.USER_ID)
+    else:
+        log.warning("no %s: MovieLens users get no features (gender, age, occupation)", users_path)
     return RawSource(_with_item_categories(actions, items), items=items, users=users,
                      behaviors=cfg.behaviors, ts_unit="s")
 
@@ -430,7 +432,9 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         F.lit(None).cast("string").alias(S.RAW_RECORD))
     item_map, movies_path, user_map, users_path = _sasrec_companions(cfg)
     items = users = None
-    if os.path.exists(item_map) and os.path.exists(movies_path):
+    # (both checked, so that a key naming a file that is not there is an error, not a warning)
+    has_map = _companion_present(item_map, "ingest.sasrec_item_map", cfg.sasrec_item_map is not None)
+    if _companion_present(movies_path, "ingest.sasrec_movies", cfg.sasrec_movies is not None) and has_map:
         imap = _id_map(spark, item_map, "sas_id", "movie_id")
         movies = _ml1m_movies(spark, movies_path)
         joined = imap.join(movies, "movie_id", "left").select(F.col("sas_id").alias(S.ITEM_ID), "title", "genres")
@@ -438,9 +442,12 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         actions = _with_item_categories(actions, items)
     else:
         log.warning("no %s / %s: SASRec items get no categories", item_map, movies_path)
-    if os.path.exists(user_map) and os.path.exists(users_path):
+    has_users = _companion_present(users_path, "ingest.ml1m_users", cfg.ml1m_users is not None)
+    if _companion_present(user_map, "", False) and has_users:
         umap = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
         users = umap.join(_ml1m_users(spark, users_path), "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
+    else:
+        log.warning("no %s / %s: SASRec users get no features", user_map, users_path)
     return RawSource(actions, items=items, users=users, behaviors=cfg.behaviors, ts_unit="s")
 
 
@@ -448,6 +455,18 @@ def _ml1m_files(cfg: IngestConfig) -> List[str]:
     """ratings.dat, movies.dat and users.dat (or ``ingest.ml1m_users``) of the ``ml1m`` folder."""
     return [os.path.join(cfg.path, "ratings.dat"), os.path.join(cfg.path, "movies.dat"),
             cfg.ml1m_users or os.path.join(cfg.path, "users.dat")]
+
+
+def _companion_present(path: str, key: str, named: bool) -> bool:
+    """Whether a companion file is there to read. One its key names (``named``) must be: a misspelt
+    path was a warning (SASRec) or nothing at all (ml1m users), and the features went without a word.
+    A URI is taken as there: Spark reads it, and a missing one fails that read, naming it."""
+    if "://" in path or os.path.exists(path):
+        return True
+    if named:
+        raise MissingInput(f"{key}={path!r}: nothing there (leave the key out to read the file beside "
+                           "ingest.path, when there is one)")
+    return False
 
 
 def _sasrec_companions(cfg: IngestConfig) -> List[str]:

@@ -41,10 +41,15 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
     import pyarrow.compute as pc
 
     feats = torch.zeros(vocab.size + 1, len(fields), dtype=torch.long)
-    if not fields or not DeltaTable.is_deltatable(users_path):
+    if not fields:
         return feats[:, :0], ()
-    t = read_columns(users_path, ["user_id", "features"])
-    if t.num_rows == 0:  # the source had no users (ingest writes the table empty)
+    t = read_columns(users_path, ["user_id", "features"]) if DeltaTable.is_deltatable(users_path) else None
+    if t is None or t.num_rows == 0:  # the source had no users (ingest writes the table empty)
+        # not an error (Taobao has no user features, and the default names MovieLens'), but said: the
+        # query tower trains on ids alone
+        log.warning("dat.user_fields=%s: %s has no users, so the query tower has no user features (ids "
+                    "only); set dat.user_fields=[] to say so, or give ingest the users' file", list(fields),
+                    users_path)
         return feats[:, :0], ()
     if t.column("user_id").null_count:  # to_numpy would make them floats, and then some other id
         raise InvalidInput(f"{users_path}: {t.column('user_id').null_count:,} rows with a null user_id "

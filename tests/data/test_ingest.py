@@ -329,6 +329,15 @@ def test_ml1m_original_format(spark, tmp_path):
     assert titles[2] == ("Café (1996)", "Comedy")  # Latin-1 decoded
     users = {r.user_id: r.features for r in src.users.collect()}
     assert users[2]["age"] == "56" and users[1]["gender"] == "F"
+    # a users file the key names must be there: before, a misspelt path was read as no users, and DAT
+    # trained without its user features after one INFO line
+    from ml.errors import MissingInput
+
+    gone = str(tmp_path / "nope" / "users.dat")
+    with pytest.raises(MissingInput, match=f"ingest.ml1m_users='{re.escape(gone)}': nothing there"):
+        read_source(spark, IngestConfig(format="ml1m", path=str(d), ml1m_users=gone), "unused")
+    (d / "users.dat").unlink()  # none beside ratings.dat, and no key: no features, with a warning
+    assert read_source(spark, IngestConfig(format="ml1m", path=str(d)), "unused").users is None
 
 
 def test_primary_genre_is_the_rarest(spark):
@@ -363,6 +372,12 @@ def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
                            (2, 2, 0, None, 5), (2, 2, 1, None, 5),
                            (3, 5, 0, None, 5), (3, 4, 1, None, 3), (3, 1, 2, None, 3), (3, 3, 3, None, 1)])
     assert src.items.count() == 5
+    from ml.errors import MissingInput
+
+    for key in ("sasrec_item_map", "sasrec_movies", "ml1m_users"):  # named, so it must be there
+        with pytest.raises(MissingInput, match=f"ingest.{key}='/nope/x': nothing there"):
+            read_source(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt"), **{key: "/nope/x"}),
+                        "unused")
     _write(d, "train_input.txt", "")  # no line: no action (the ingest job then stops, keeping its tables)
     assert _run(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt")))[1:] == ([], [])
 

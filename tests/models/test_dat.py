@@ -237,6 +237,20 @@ def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
         load_user_features(path, build_vocab(np.array([1, 2])), ["gender", "gendre"])
 
 
+def test_user_fields_without_a_users_table_train_on_ids_with_a_warning(tmp_path, caplog):
+    # a source without users (Taobao) and the default MovieLens fields: ids only, and said (before: an
+    # INFO line's "(0 feature fields)")
+    from ml.train.dat_task import load_user_features
+    from ml.train.tables import build_vocab
+
+    with caplog.at_level("WARNING", logger="ml.train.dat_task"):
+        feats, sizes = load_user_features(str(tmp_path / "users"), build_vocab(np.array([1, 2])), ["gender", "age"])
+    assert tuple(feats.shape) == (3, 0) and sizes == ()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"dat.user_fields=['gender', 'age']: {tmp_path / 'users'} has no users, so the query tower has no user "
+        "features (ids only); set dat.user_fields=[] to say so, or give ingest the users' file"]
+
+
 def test_one_sided_artifacts_give_the_same_vectors_without_the_other_sides_tables(tmp_path):
     from ml.train.dat_task import embed, load_dat_artifact, save_dat_artifact, side_artifact
     from ml.train.tables import build_vocab
