@@ -75,8 +75,8 @@ def split_user_events(events: DataFrame, cfg: SequencesConfig) -> Tuple[DataFram
     events = events.withColumn("train", train)
     sequences = events.select(
         F.col(S.USER_ID),
-        F.transform("train", lambda x: x["i"]).alias(S.ITEMS),
-        F.transform("train", lambda x: x["t"]).alias(S.TIMESTAMPS),
+        F.col("train.i").alias(S.ITEMS),  # a field of an array of structs: the array of that field
+        F.col("train.t").alias(S.TIMESTAMPS),
         F.size("train").alias(S.LENGTH))
     last = F.element_at("ev", -1)
     eval_targets = events.select(
