@@ -288,3 +288,20 @@ def test_one_large_row_group_among_many_is_cut_too(tmp_path):
         per_rank.append(_ids(list(make_loader(ds, num_workers=0))))
     assert sorted(per_rank[0] + per_rank[1]) == list(range(2400))
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 2 * 150, [len(r) for r in per_rank]
+
+
+def test_units_keep_the_files_order_and_a_file_without_a_column_is_named(tmp_path):
+    # the footers are read by threads: the units must still follow the snapshot's file order (the
+    # deal to ranks depends on it), and one bad file's error must still reach the caller
+    from ml.errors import InvalidInput
+
+    path = str(tmp_path / "t")
+    for i in range(6):
+        write_deltalake(path, pa.table({"id": pa.array(range(i * 10, i * 10 + 10), pa.int64())}), mode="append")
+    ds = DeltaBatchDataset(path, columns=["id"], batch_size=8, rank=0, world_size=1)
+    _, files = snapshot_files(path)
+    assert len(files) == 6 and [u.file for u in ds._units] == files
+    write_deltalake(path, pa.table({"id": pa.array([99], pa.int64()), "x": pa.array([1.0])}), mode="append",
+                    schema_mode="merge")
+    with pytest.raises(InvalidInput, match=r"lacks columns \['x'\]"):
+        DeltaBatchDataset(path, columns=["id", "x"], batch_size=8, rank=0, world_size=1)
