@@ -8,6 +8,8 @@ import logging
 from typing import Optional, Sequence
 
 
+from pyspark.sql import DataFrame
+
 from ml import schemas as S
 from ml.config import Config, ConfigError
 from ml.data import io
@@ -23,7 +25,7 @@ BASELINES = ("pop", "cooc")
 LIST_ROWS_PER_TASK = 5_000_000  # list rows written per task (at 10^7 items and k = 100: 202 tasks)
 
 
-def catalogue(spark, cfg: Config, counts) -> tuple:
+def catalogue(spark, cfg: Config, counts) -> tuple[DataFrame, int]:
     """(every item that can be a trigger: the items table plus every training item, the tasks its lists
     take). The ids are spread over one task per LIST_ROWS_PER_TASK rows of lists (k + 1 per item):
     they are small in bytes, and adaptive execution sized their tasks by that, though each id becomes

@@ -15,7 +15,6 @@ from ml.config import Config
 from ml.data import io
 from ml.data.graph import build_cooccurrence_graph, capped_users, item_counts
 from ml.data.session import get_spark
-from ml.errors import InvalidInput
 
 from jobs._cli import command, parse, print_tables
 
@@ -31,14 +30,10 @@ def run(cfg: Config, spark=None) -> dict:
     n_capped = capped.count() if cap else 0
     if n_capped:
         log.info("graph: %d users longer than graph.max_user_length=%d keep their most recent items", n_capped, cap)
-    # no edge at all (a min_count above every pair's count): NATM would train on padding alone, after
-    # an INFO line; the graph of the last good run stays, and so does item_counts
+    # An empty graph is written (it is what these sequences and settings give, and pipelines of the
+    # other models run on): NATM's training refuses it (natm_task.build_natm), and this log says it.
     io.write_table(spark, build_cooccurrence_graph(seqs, g), cfg.table_path(S.T_ITEM_GRAPH), mode="overwrite",
-                   delta_mode=mode, overwrite_schema=True, refuse_empty=lambda: InvalidInput(
-                       f"item_graph: no edge: no pair of items within graph.window={g.window} of each other in the "
-                       f"training sequences reaches graph.min_count={g.min_count}"
-                       f"{' users (graph.per_user)' if g.per_user else ''}: lower graph.min_count or widen "
-                       "graph.window; item_graph and item_counts are left as they were"))
+                   delta_mode=mode, overwrite_schema=True)
     io.write_table(spark, item_counts(seqs), cfg.table_path(S.T_ITEM_COUNTS), mode="overwrite", delta_mode=mode,
                    overwrite_schema=True)
     graph = io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH), delta_mode=mode)
@@ -50,6 +45,9 @@ def run(cfg: Config, spark=None) -> dict:
     log.info("item_graph: %d edges over %d items (window=%d decay=%s symmetric=%s min_count=%d top_n=%d) in %.1fs",
              out["edges"], out["items_with_neighbours"], g.window, g.decay, g.symmetric, g.min_count, g.top_n,
              out["seconds"])
+    if not out["edges"]:
+        log.warning("item_graph is empty: no pair of items within graph.window=%d reaches graph.min_count=%d "
+                    "(NATM cannot train on it)", g.window, g.min_count)
     return out
 
 

@@ -75,11 +75,11 @@ class SparkConfig:
                                ("spark.app.name", "spark.app_name")):
             if conf_key in self.conf:  # spark.conf was applied last, so it won, past the checks of ours
                 raise ConfigError(f"spark.conf.{conf_key}: set {ours} instead (one key, not two that could disagree)")
-        # the JVM refuses -Xmx<bad> at its start: a JAVA_GATEWAY_EXITED traceback without the key
-        if not (isinstance(self.driver_memory, str)
-                and re.fullmatch(r"\d+\s*([kmgtp]b?|b)?", self.driver_memory.strip(), re.IGNORECASE)):
+        # the local JVM gets -Xmx<value>, and refuses a bad one at its start (a JAVA_GATEWAY_EXITED
+        # traceback without the key); a bare number is bytes there: too small a heap
+        if not (isinstance(self.driver_memory, str) and re.fullmatch(r"\d+[kmgt]", self.driver_memory, re.IGNORECASE)):
             raise ConfigError(f"spark.driver_memory={self.driver_memory!r} is not a memory size; expected a whole "
-                              "number with a unit, e.g. 512m, 4g")
+                              "number with a unit k, m, g or t, e.g. 512m, 4g")
 
 
 MIN_RETENTION_HOURS = 24
@@ -87,7 +87,7 @@ MIN_RETENTION_HOURS = 24
 _PIPELINE_TABLES = frozenset({
     "actions", "actions_rejected", "items", "users", "id_keys", "sequences", "eval_targets", "item_graph",
     "item_counts", "noise_q", "samples_natm", "samples_dat", "item_embeddings", "user_embeddings", "i2i_topk",
-    "u2i_topk", "metrics", "metrics_paired", "models", "report"})
+    "u2i_topk", "metrics", "metrics_paired", "models", "checkpoints", "report"})
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,8 @@ class GenerateConfig:
             raise ConfigError(f"generate.min_actions_per_user={self.min_actions_per_user} must be <= "
                               f"generate.max_actions_per_user={self.max_actions_per_user}")
         # the generator writes under the warehouse: a pipeline table's name would be overwritten by its stage
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.table) or self.table in _PIPELINE_TABLES:
+        # (in lower case: on a case-insensitive file system Items is items)
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.table) or self.table.lower() in _PIPELINE_TABLES:
             raise ConfigError(f"generate.table={self.table!r} must be a table name (a letter, then letters, digits or _) under "
                               f"the warehouse, not one of the pipeline's own tables {sorted(_PIPELINE_TABLES)}")
 

@@ -116,9 +116,14 @@ def test_settings_that_fail_together_name_both_keys(tmp_path):
     (tmp_path / "w.yaml").write_text("warehouse: ' '\n")  # a blank warehouse wrote into the working directory
     with pytest.raises(ConfigError, match="warehouse=' ' must name a directory or URI"):
         load_config(tmp_path / "w.yaml", [])
-    # sizes Spark takes pass; a user's own table name passes
-    for size in ("512m", "4g", "2G", "1024", "8gb"):
+    # sizes the JVM's -Xmx takes pass; a bare number (bytes there) and Spark's "gb" do not
+    for size in ("512m", "4g", "2G", "1t"):
         assert load_config(None, [f"spark.driver_memory={size}"]).spark.driver_memory == size
+    for size in ("1024", "8gb", "4 g"):
+        with pytest.raises(ConfigError, match=f"spark.driver_memory='{size}' is not a memory size"):
+            load_config(None, [f"spark.driver_memory={size}"])
+    with pytest.raises(ConfigError, match="generate.table='Items' must be a table name"):
+        load_config(None, ["generate.table=Items"])
     assert load_config(None, ["generate.table=raw_actions_v2", "dat.user_fields=[]"]).generate.table == "raw_actions_v2"
 
 

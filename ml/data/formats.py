@@ -27,6 +27,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, ConfigError, IngestConfig
 from ml.data import io
+from ml.data.delta_files import is_uri
 from ml.data.ingest import to_long
 from ml.errors import InvalidInput, MissingInput
 
@@ -406,7 +407,7 @@ def read_ml1m(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     movies = _ml1m_movies(spark, movies_path).withColumnRenamed("movie_id", S.ITEM_ID)
     items = items_from_movies(spark, movies)
     users = None
-    if _companion_present(users_path, "ingest.ml1m_users", cfg.ml1m_users is not None):
+    if _companion_present(users_path, "ingest.ml1m_users" if cfg.ml1m_users else None):
         users = _ml1m_users(spark, users_path).withColumnRenamed("orig_user_id", S.USER_ID)
     else:
         log.warning("no %s: MovieLens users get no features (gender, age, occupation)", users_path)
@@ -433,8 +434,8 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     item_map, movies_path, user_map, users_path = _sasrec_companions(cfg)
     items = users = None
     # (both checked, so that a key naming a file that is not there is an error, not a warning)
-    has_map = _companion_present(item_map, "ingest.sasrec_item_map", cfg.sasrec_item_map is not None)
-    if _companion_present(movies_path, "ingest.sasrec_movies", cfg.sasrec_movies is not None) and has_map:
+    has_map = _companion_present(item_map, "ingest.sasrec_item_map" if cfg.sasrec_item_map else None)
+    if _companion_present(movies_path, "ingest.sasrec_movies" if cfg.sasrec_movies else None) and has_map:
         imap = _id_map(spark, item_map, "sas_id", "movie_id")
         movies = _ml1m_movies(spark, movies_path)
         joined = imap.join(movies, "movie_id", "left").select(F.col("sas_id").alias(S.ITEM_ID), "title", "genres")
@@ -442,8 +443,8 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         actions = _with_item_categories(actions, items)
     else:
         log.warning("no %s / %s: SASRec items get no categories", item_map, movies_path)
-    has_users = _companion_present(users_path, "ingest.ml1m_users", cfg.ml1m_users is not None)
-    if _companion_present(user_map, "", False) and has_users:
+    has_users = _companion_present(users_path, "ingest.ml1m_users" if cfg.ml1m_users else None)
+    if _companion_present(user_map) and has_users:  # the user id map has no key: always beside the file
         umap = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
         users = umap.join(_ml1m_users(spark, users_path), "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
     else:
@@ -457,13 +458,15 @@ def _ml1m_files(cfg: IngestConfig) -> List[str]:
             cfg.ml1m_users or os.path.join(cfg.path, "users.dat")]
 
 
-def _companion_present(path: str, key: str, named: bool) -> bool:
-    """Whether a companion file is there to read. One its key names (``named``) must be: a misspelt
-    path was a warning (SASRec) or nothing at all (ml1m users), and the features went without a word.
-    A URI is taken as there: Spark reads it, and a missing one fails that read, naming it."""
-    if "://" in path or os.path.exists(path):
+def _companion_present(path: str, key: Optional[str] = None) -> bool:
+    """Whether a companion file is there to read. ``key``: the config key that named it, if one did;
+    then it must be there (a misspelt path was a warning for SASRec and nothing at all for ml1m's
+    users, and the genres or the user features went without a word).
+    A URI (``s3://``, ``dbfs:/``, ``file:/``) is taken as there: Spark reads it, and a missing one fails
+    that read, naming it."""
+    if is_uri(path) or path.startswith("file:") or os.path.exists(path):
         return True
-    if named:
+    if key is not None:
         raise MissingInput(f"{key}={path!r}: nothing there (leave the key out to read the file beside "
                            "ingest.path, when there is one)")
     return False

@@ -467,8 +467,8 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
     read from) is given: then any commit after it fails the write with :class:`ConcurrentWriteError`.
     ``refuse_empty``: when ``df`` has no rows, the error it returns is raised and the table keeps the
     rows it had (a stage that found nothing to write must not replace yesterday's output with nothing).
-    Without the Delta jars nothing is committed; with them (Spark commits as it writes) the emptied rows
-    are written back from the version before, as one more version.
+    Without the Delta jars nothing is committed; with them (Spark commits as it writes) the commit is
+    undone by one more version (see :func:`_undo_native`).
     """
     if mode not in WRITE_MODES:
         raise ValueError(f"mode={mode!r}; expected one of {list(WRITE_MODES)}")
@@ -504,15 +504,32 @@ def write_table(spark: SparkSession, df: DataFrame, path: str, mode: str = "over
             if replace_where:
                 written = written.filter(_predicate_column(replace_where))
             if not written.limit(1).count():
-                if before is not None:  # put back what the empty write replaced
-                    old = read_table(spark, path, version=before, delta_mode=delta_mode)
-                    if replace_where:
-                        old = old.filter(_predicate_column(replace_where))
-                    _write_native(spark, old, uri, mode, partition_by, replace_where, overwrite_schema)
-                raise refuse_empty()
+                _undo_native(spark, path, uri, version, before, mode, partition_by, replace_where, overwrite_schema,
+                             delta_mode, refuse_empty())
         return version
     return _write_delta_rs(df, uri, mode, partition_by, replace_where, exists, overwrite_schema, base_version,
                            refuse_empty)
+
+
+def _undo_native(spark: SparkSession, path: str, uri: str, version: int, before: Optional[int], mode: str,
+                 partition_by: list, replace_where: Optional[Mapping[str, object]], overwrite_schema: bool,
+                 delta_mode: str, error: BaseException) -> None:
+    """Raise ``error`` after putting back what the empty commit ``version`` replaced: a RESTORE to
+    ``before`` when no other job has committed since (metadata only: the same files again), else a
+    write of ``before``'s replaced rows. A write that created the table leaves it, empty."""
+    if before is None:
+        raise error
+    try:
+        if DeltaTable(uri).version() == version:
+            spark.sql(f"RESTORE TABLE delta.`{uri}` TO VERSION AS OF {before}").collect()
+        else:  # another job's commit since: restoring the table would undo it too
+            old = read_table(spark, path, version=before, delta_mode=delta_mode)
+            if replace_where:
+                old = old.filter(_predicate_column(replace_where))
+            _write_native(spark, old, uri, mode, partition_by, replace_where, overwrite_schema)
+    except Exception as e:  # noqa: BLE001 - the refusal is the error to see; the failed undo is its cause
+        raise error from e
+    raise error
 
 
 def _check_target(dt: DeltaTable, schema: StructType, uri: str, mode: str, partition_by: list,

@@ -57,11 +57,12 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
 
 def tasks_for(spark: SparkSession, rows: int, rows_per_task: int) -> int:
     """Tasks for work whose cost grows with the rows of an input small in bytes (item ids to embed,
-    ids each given a list of k + 1 rows): at least the cluster's default parallelism, and one per
-    ``rows_per_task``. Given to ``repartition(n, ...)``, which adaptive execution does not coalesce:
-    sized by bytes, 10^7 ids (80 MB) became one to three tasks where AQE coalesces to 64 MB
+    ids each given a list of k + 1 rows): one per ``rows_per_task`` (no floor at the cluster's cores:
+    a small catalogue on a large cluster would be a thousand files and model loads). Given to
+    ``repartition(n, ...)``, which adaptive execution does not coalesce: sized by bytes, 10^7 ids
+    (80 MB) became one to three tasks where AQE coalesces to 64 MB
     (``coalescePartitions.parallelismFirst=false``) or a table was compacted to a few files."""
-    return max(1, spark.sparkContext.defaultParallelism, -(-rows // rows_per_task))
+    return max(1, -(-rows // rows_per_task))
 
 
 def session_settings(cfg: SparkConfig, submitted: bool, given: set) -> dict:

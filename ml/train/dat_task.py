@@ -48,8 +48,8 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
         # not an error (Taobao has no user features, and the default names MovieLens'), but said: the
         # query tower trains on ids alone
         log.warning("dat.user_fields=%s: %s has no users, so the query tower has no user features (ids "
-                    "only); set dat.user_fields=[] to say so, or give ingest the users' file", list(fields),
-                    users_path)
+                    "only); set dat.user_fields=[] to say so, or ingest a source with its users (ml1m's "
+                    "users.dat)", list(fields), users_path)
         return feats[:, :0], ()
     if t.column("user_id").null_count:  # to_numpy would make them floats, and then some other id
         raise InvalidInput(f"{users_path}: {t.column('user_id').null_count:,} rows with a null user_id "

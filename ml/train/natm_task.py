@@ -73,6 +73,12 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     vocab = load_vocab(cfg.table_path("noise_q"))
     cats, n_cats = load_categories(cfg.table_path("items"), vocab) if cfg.natm.use_categories else (None, 0)
     item, nbr, weight, rank = load_graph(cfg.table_path("item_graph"), vocab)
+    if cfg.natm.num_neighbors and not len(item):  # every neighbour slot padding: NATM without its graph
+        g = cfg.graph
+        raise InvalidInput(f"item_graph has no edge between training items: no pair of items within graph.window="
+                           f"{g.window} reaches graph.min_count={g.min_count}, so NATM's neighbours would all be "
+                           "padding: lower graph.min_count or widen graph.window, or set natm.num_neighbors=0 "
+                           "for NATM without its graph")
     table = build_neighbor_table(vocab.size, item, nbr, weight, rank, cfg.natm.num_neighbors,
                                  cfg.natm.weight_buckets, cats)
     mcfg = natm_config(cfg, vocab.size, n_cats)

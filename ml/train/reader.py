@@ -50,6 +50,7 @@ import heapq
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -306,8 +307,6 @@ class DeltaBatchDataset(IterableDataset):
 
         if len(files) < 4:
             return [u for f in files for u in footer(f)]
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
             return [u for units in pool.map(footer, files) for u in units]  # map keeps the files' order
 

@@ -152,23 +152,28 @@ def test_per_user_counts_each_user_once_per_edge_at_its_nearest_distance(spark):
     assert e[(1, 2)] == (1.0, 1, 1) and e[(9, 1)] == (0.5, 1, 2)
 
 
-def test_graph_job_that_finds_no_edge_keeps_the_last_graph(spark, tmp_path):
-    # a min_count above every pair's count: before, item_graph was replaced by an empty table, and NATM
-    # then trained on padding neighbours after one INFO line
+def test_an_empty_graph_is_written_with_a_warning_and_natm_refuses_to_train_on_it(spark, tmp_path, caplog):
+    # a min_count above every pair's count: the graph job writes what the settings give (the other
+    # models' pipelines run on), and NATM, whose neighbour slots would all be padding, stops naming
+    # the keys (before: it trained on padding after an INFO line "0 graph edges")
+    import pyarrow as pa
     import pytest
+    from deltalake import write_deltalake
 
     from jobs import graph as graph_job
     from ml.config import load_config
     from ml.data import io
     from ml.errors import InvalidInput
+    from ml.train.natm_task import build_natm
 
-    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "graph.window=1"])
+    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "graph.window=1", "graph.min_count=3", "model=natm"])
     io.write_table(spark, _seqs(spark, [(1, [1, 2, 3]), (2, [1, 2])]), cfg.table_path(S.T_SEQUENCES))
-    assert graph_job.run(cfg, spark)["edges"] == 2
-    versions = [io.table_version(cfg.table_path(t)) for t in (S.T_ITEM_GRAPH, S.T_ITEM_COUNTS)]
-    strict = load_config(None, [f"warehouse={tmp_path / 'wh'}", "graph.window=1", "graph.min_count=3"])
-    with pytest.raises(InvalidInput, match=r"item_graph: no edge: no pair of items within graph.window=1 .*reaches "
-                                           r"graph.min_count=3: lower graph.min_count .*left as they were"):
-        graph_job.run(strict, spark)
-    assert [io.table_version(cfg.table_path(t)) for t in (S.T_ITEM_GRAPH, S.T_ITEM_COUNTS)] == versions
-    assert io.read_table(spark, cfg.table_path(S.T_ITEM_GRAPH)).count() == 2
+    with caplog.at_level("WARNING", logger="jobs.graph"):
+        assert graph_job.run(cfg, spark)["edges"] == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "item_graph is empty: no pair of items within graph.window=1 reaches graph.min_count=3 (NATM cannot train "
+        "on it)"]
+    write_deltalake(cfg.table_path("noise_q"), pa.table({"item_id": pa.array([1, 2, 3], pa.int64())}))
+    with pytest.raises(InvalidInput, match=r"item_graph has no edge between training items: .*graph.window=1 "
+                                           r"reaches graph.min_count=3, .*or set natm.num_neighbors=0"):
+        build_natm(cfg)

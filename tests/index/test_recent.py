@@ -60,7 +60,7 @@ def test_a_hot_trigger_is_joined_in_salts_and_gives_the_same_lists(spark, monkey
     plain = fuse_recent(seqs, _i2i(spark, LISTS), cfg, "m_recent")
     assert "_salt" not in plain._jdf.queryExecution().optimizedPlan().toString()
     expected = sorted(tuple(r) for r in plain.collect())
-    monkeypatch.setattr(recent_mod, "HOT_TRIGGER_ROWS", 4)  # item 3: 30 rows, 8 salts; item 2: 3 salts
+    monkeypatch.setattr(recent_mod, "HOT_TRIGGER_ROWS", 4)  # item 3: 37 rows, 10 salts; item 2: 18, 5 salts
     salted = fuse_recent(seqs, _i2i(spark, LISTS), cfg, "m_recent")
     plan = salted._jdf.queryExecution().optimizedPlan().toString()
     assert "_salt" in plan and "xxhash64(recent-salt" in plan
@@ -194,6 +194,7 @@ def test_baseline_lists_are_spread_by_their_rows_not_by_the_ids_bytes(spark, war
         baseline.run(cfg, spark, model)
         lists = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).where(F.col(S.MODEL) == model)
         assert lists.count() == 40 * 20  # every item a full list (cooc: most of it filled from the popular items)
-        # pop: the five tasks; cooc: the graph's part (2 shuffle partitions here) and the fill-ins' five
+        # pop: the five tasks; cooc: the fill-ins' five and the graph's part (at most 2 shuffle partitions
+        # here). Before: as many as adaptive execution coalesced the ids' bytes to (2 files, and 2 + 2)
         files = len(DeltaTable(cfg.table_path(S.T_I2I_TOPK)).file_uris([(S.MODEL, "=", model)]))
-        assert 3 <= files <= 7, (model, files)
+        assert 5 <= files <= (5 if model == "pop" else 7), (model, files)

@@ -21,7 +21,7 @@ TINY = ["generate.num_users=200", "generate.num_items=300", "generate.actions_pe
         "natm.mlm_weight=0.1"]
 
 
-def test_samples_then_natm_training_and_resume(spark, warehouse):
+def test_samples_then_natm_training_and_resume(spark, warehouse, monkeypatch):
     cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=cooc",
                                                          "eval.compare_to=[]"])
     pipeline.run(cfg, spark)  # the tables up to the graph (a baseline's pipeline trains nothing)
@@ -156,12 +156,8 @@ def test_samples_then_natm_training_and_resume(spark, warehouse):
     from ml.data import io
 
     n_trained = io.read_table(spark, more.table_path("noise_q")).count()
-    per_task = embed.ITEMS_PER_TASK
-    embed.ITEMS_PER_TASK = -(-n_trained // 5)  # five tasks' worth of items
-    try:
-        emb = embed.run(more, spark)
-    finally:
-        embed.ITEMS_PER_TASK = per_task
+    monkeypatch.setattr(embed, "ITEMS_PER_TASK", -(-n_trained // 5))  # five tasks' worth of items
+    emb = embed.run(more, spark)
     assert emb["items"] == n_trained == vocab.size  # the training items, each with its vector
     # the items are spread by their number, not by noise_q's files (at most 2 here: 2 shuffle partitions)
     from deltalake import DeltaTable

@@ -248,7 +248,7 @@ def test_user_fields_without_a_users_table_train_on_ids_with_a_warning(tmp_path,
     assert tuple(feats.shape) == (3, 0) and sizes == ()
     assert [r.getMessage() for r in caplog.records] == [
         f"dat.user_fields=['gender', 'age']: {tmp_path / 'users'} has no users, so the query tower has no user "
-        "features (ids only); set dat.user_fields=[] to say so, or give ingest the users' file"]
+        "features (ids only); set dat.user_fields=[] to say so, or ingest a source with its users (ml1m's users.dat)"]
 
 
 def test_one_sided_artifacts_give_the_same_vectors_without_the_other_sides_tables(tmp_path):
