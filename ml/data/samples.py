@@ -72,7 +72,10 @@ def _noise_arrays(q: DataFrame, attr: Optional[str] = None) -> Tuple[np.ndarray,
     nullable long would come back from pandas as a float."""
     cols = [S.ITEM_ID, "q"] + ([F.coalesce(attr, F.lit(0)).alias("_a"), F.col(attr).isNull().alias("_null")]
                                if attr else [])
-    pdf = q.select(*cols).orderBy(S.ITEM_ID).toPandas()  # bounded by the catalogue, not by the action count
+    # bounded by the catalogue, not by the action count; sorted here (ids are unique, checked below): a
+    # global orderBy was a sampling job and a range shuffle of every item before the collect
+    pdf = q.select(*cols).toPandas()
+    pdf = pdf.iloc[np.argsort(pdf[S.ITEM_ID].to_numpy(np.int64), kind="stable")].reset_index(drop=True)
     if pdf.empty:
         raise InvalidInput("cannot draw negatives: noise_q has no items (the sequences table is empty)")
     ids = pdf[S.ITEM_ID].to_numpy(np.int64)
