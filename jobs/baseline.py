@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-
 from pyspark.sql import DataFrame
 
 from ml import schemas as S

@@ -102,6 +102,17 @@ def test_a_value_of_the_wrong_type_fails_when_read_naming_the_key_and_the_type(o
         load_config(None, [override])
 
 
+def test_the_generators_forbidden_table_names_are_every_table_the_stages_write():
+    # config keeps its own list (it imports no pyspark); a table added to ml.schemas must join it
+    from ml import schemas as S
+    from ml.config import _PIPELINE_TABLES
+    from ml.data import samples
+
+    written = {v for k, v in vars(S).items() if k.startswith("T_")}
+    written |= {samples.T_SAMPLES_NATM, samples.T_SAMPLES_DAT, samples.T_NOISE_Q}
+    assert written <= _PIPELINE_TABLES, sorted(written - _PIPELINE_TABLES)
+
+
 def test_settings_that_fail_together_name_both_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"eval.ks=\[1, 5, 10, 50, 100\] goes up to 100, but recent.k=10 .*raise "
                                           "recent.k"):
