@@ -115,5 +115,6 @@ def unreadable_file(e: BaseException) -> Optional[UnreadableFile]:
 
 def print_tables(cfg: Config, names: Sequence[str]) -> None:
     """Tell the user where the job's output tables are."""
+    width = max([18, *map(len, names)])
     for n in names:
-        print(f"  {n:<18} {cfg.table_path(n)}")
+        print(f"  {n:<{width}} {cfg.table_path(n)}")

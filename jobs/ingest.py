@@ -1,4 +1,5 @@
-"""Raw logs -> ``actions`` (+ ``actions_rejected``, ``items``, ``users`` where the source has them, ``id_keys``).
+"""Raw logs -> ``actions`` (+ ``actions_rejected``, ``items``, ``users`` where the source has them, ``id_keys``,
+``companions_rejected``).
 
     python -m jobs.ingest --conf conf/ml1m_natm.yaml
     python -m jobs.ingest --set ingest.format=taobao --set ingest.path=UserBehavior.csv
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Sequence
 
 from pyspark import StorageLevel
@@ -62,7 +64,11 @@ def run(cfg: Config, spark=None) -> dict:
     users = src.users if src.users is not None else spark.createDataFrame([], S.USERS_TABLE)
     io.write_table(spark, users.select(*[F.col(f.name).cast(f.dataType) for f in S.USERS_TABLE.fields]),
                    cfg.table_path(S.T_USERS), mode="overwrite", delta_mode=mode, overwrite_schema=True)
-    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS, S.T_ID_KEYS]
+    # Always written, empty when the source has no companion files (or all their lines were read)
+    companions = src.rejected if src.rejected is not None else spark.createDataFrame([], S.COMPANIONS_REJECTED)
+    io.write_table(spark, companions.select(*[F.col(f.name).cast(f.dataType) for f in S.COMPANIONS_REJECTED.fields]),
+                   cfg.table_path(S.T_COMPANIONS_REJECTED), mode="overwrite", delta_mode=mode, overwrite_schema=True)
+    tables = [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS, S.T_ID_KEYS, S.T_COMPANIONS_REJECTED]
     collisions = id_collisions(keys) if ic.string_ids else {}
     for kind, n in sorted(collisions.items()):
         log.warning("ingest.string_ids: %d %s ids were hashed from more than one key (their actions are one %s's; "
@@ -75,7 +81,10 @@ def run(cfg: Config, spark=None) -> dict:
                         F.max(S.TS).alias("last")).first()
     rejected = {r[S.REASON]: r["count"] for r in io.read_table(
         spark, cfg.table_path(S.T_ACTIONS_REJECTED), delta_mode=mode).groupBy(S.REASON).count().collect()}
+    companion_lines = {(r["file"], r[S.REASON]): r["count"] for r in io.read_table(  # a few files and reasons
+        spark, cfg.table_path(S.T_COMPANIONS_REJECTED), delta_mode=mode).groupBy("file", S.REASON).count().collect()}
     out = {"actions": stats["n"], "users": stats["u"], "items": stats["i"], "rejected": rejected,
+           "companion_lines_rejected": companion_lines,
            "input_rows": stats["n"] + sum(rejected.values()), "tables": tables, "id_collisions": collisions}
     log.info("ingested %s: %d input rows -> %d actions (about %d users, %d items); rejected %s",
              ic.format, out["input_rows"], out["actions"], out["users"], out["items"], rejected or "none")
@@ -160,6 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"(about {out['users']:,} users, {out['items']:,} items)")
     for reason, n in sorted(out["rejected"].items()):
         print(f"  rejected {reason:<18} {n:,}")
+    for (file, reason), n in sorted(out["companion_lines_rejected"].items()):
+        print(f"  {os.path.basename(file)}: {n:,} lines left out ({reason})")
     print_tables(cfg, out["tables"])
 
 

@@ -71,8 +71,9 @@ def _stage_io(cfg: Config, stage: str) -> tuple[list, list, list]:
                   "baseline.nprobe"]
     return {
         "generate": (["seed", "generate"], [], [cfg.generate.table]),
-        "ingest": (["ingest", "generate.table"], ["@source"], [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS,
-                                                                S.T_USERS] + ([S.T_ID_KEYS] if cfg.ingest.string_ids else [])),
+        "ingest": (["ingest", "generate.table"], ["@source"],
+                   [S.T_ACTIONS, S.T_ACTIONS_REJECTED, S.T_ITEMS, S.T_USERS, S.T_COMPANIONS_REJECTED]
+                   + ([S.T_ID_KEYS] if cfg.ingest.string_ids else [])),
         "sequences": (["sequences"], [S.T_ACTIONS], [S.T_SEQUENCES, S.T_EVAL_TARGETS]),
         "graph": (["graph"], [S.T_SEQUENCES], [S.T_ITEM_GRAPH, S.T_ITEM_COUNTS]),
         "samples": (["seed", *[f"samples.{k}" for k in dataclasses.asdict(cfg.samples) if k not in SAMPLES_GUARDS]],

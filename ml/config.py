@@ -85,8 +85,8 @@ class SparkConfig:
 MIN_RETENTION_HOURS = 24
 # what the stages write under the warehouse (ml.schemas' T_* and the samples job's tables), and its folders
 _PIPELINE_TABLES = frozenset({
-    "actions", "actions_rejected", "items", "users", "id_keys", "sequences", "eval_targets", "item_graph",
-    "item_counts", "noise_q", "samples_natm", "samples_dat", "item_embeddings", "user_embeddings", "i2i_topk",
+    "actions", "actions_rejected", "companions_rejected", "items", "users", "id_keys", "sequences", "eval_targets",
+    "item_graph", "item_counts", "noise_q", "samples_natm", "samples_dat", "item_embeddings", "user_embeddings", "i2i_topk",
     "u2i_topk", "metrics", "metrics_paired", "models", "checkpoints", "report"})
 
 

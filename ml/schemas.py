@@ -53,6 +53,14 @@ ACTIONS_REJECTED = StructType([
     StructField(REASON, StringType(), False),
 ])
 
+# The lines of the source's companion files (movies.dat, users.dat, the SASRec id maps) that ingest left
+# out: the file, the line as read, and why (malformed_line, duplicate_id).
+COMPANIONS_REJECTED = StructType([
+    StructField("file", StringType(), False),
+    StructField("line", StringType(), True),
+    StructField(REASON, StringType(), False),
+])
+
 ITEMS_TABLE = StructType([
     StructField(ITEM_ID, LongType(), False),
     StructField(CATEGORY_ID, LongType(), True),
@@ -168,6 +176,7 @@ ID_KEYS = StructType([
 # Canonical table names under the warehouse.
 T_ACTIONS = "actions"
 T_ACTIONS_REJECTED = "actions_rejected"
+T_COMPANIONS_REJECTED = "companions_rejected"
 T_ITEMS = "items"
 T_USERS = "users"
 T_ID_KEYS = "id_keys"

@@ -15,13 +15,14 @@ import os
 import re
 from dataclasses import dataclass
 from functools import reduce
-from typing import List, Optional
+from typing import List, Optional, Tuple
 from urllib.parse import unquote
 
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
+from pyspark.sql.window import Window
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from ml import schemas as S
@@ -61,6 +62,8 @@ class RawSource:
     users: Optional[DataFrame] = None
     behaviors: Optional[list] = None  # allowed behaviour values imposed by the format
     ts_unit: str = "s"
+    # the companion files' lines left out (``companions_rejected``: file, line, reason); None: no companions
+    rejected: Optional[DataFrame] = None
 
 
 def _raw_select(df: DataFrame, mapping: dict, corrupt_col: Optional[str] = None) -> DataFrame:
@@ -315,40 +318,56 @@ def read_taobao(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     return RawSource(actions, behaviors=cfg.behaviors or TAOBAO_BEHAVIORS, ts_unit="s")
 
 
-def _companion_rows(df: DataFrame, path: str, ids: List[str], values: List[str]) -> DataFrame:
-    """A companion file's lines (from :func:`read_csv_lines`) -> one row per ``ids[0]``, ids as BIGINT.
+MALFORMED_LINE = "malformed_line"  # companion lines: wrong field count, or an id that is not a whole number
+DUPLICATE_ID = "duplicate_id"  # companion lines for an id an earlier (smaller) line already gives
+
+
+def _companion_rows(df: DataFrame, path: str, ids: List[str], values: List[str],
+                    sep: str) -> Tuple[DataFrame, DataFrame]:
+    """A companion file's lines (from :func:`read_csv_lines`) -> (one row per ``ids[0]``, ids as
+    BIGINT; the lines left out, as ``companions_rejected`` rows).
 
     A line with the wrong field count or an id that is not a whole number (a header, a garbled line)
-    is left out, and a second line for an id already listed loses to the smallest of its lines (by
-    ``values``, so the pick does not depend on the order lines are read): both are counted and logged,
-    and a file with lines but none usable is a :class:`SourceSchemaError`. The ids are try-cast, so
-    the result is the same whether ``spark.sql.ansi.enabled`` is on (a plain cast fails the job on one
-    such line) or off (a plain cast makes it null and a filter dropped it unseen). One pass over the
-    file for the counts, one per later use: a companion file is a catalogue, not the action log.
+    is left out as ``malformed_line``, and a second line for an id already listed loses to the
+    smallest of its lines (by ``values``, then the line, so the pick does not depend on the order
+    lines are read) as ``duplicate_id``: both are counted, logged and kept with the file's path and
+    the line (as read: its fields joined by ``sep`` where it split into them), and a file with lines
+    but none usable is a :class:`SourceSchemaError`. The ids are try-cast, so the result is the same
+    whether ``spark.sql.ansi.enabled`` is on (a plain cast fails the job on one such line) or off (a
+    plain cast makes it null and a filter dropped it unseen). One pass over the file for the counts,
+    one per later use: a companion file is a catalogue, not the action log.
     """
-    typed = df.select(*[to_long(c).alias(c) for c in ids], *values, _CORRUPT)
+    fields = [*ids, *values]
+    line = F.coalesce(F.col(_CORRUPT), F.concat_ws(sep, *[F.col(f"`{c}`") for c in fields]))
+    typed = df.select(*[to_long(c).alias(c) for c in ids], *values, line.alias("_line"), _CORRUPT)
     good = reduce(lambda a, b: a & b, [F.col(c).isNotNull() for c in ids], F.col(_CORRUPT).isNull())
     key = ids[0]
-    grouped = (typed.groupBy(F.when(good, F.col(key)).alias(key))
-               .agg(F.count(F.lit(1)).alias("_n"), F.min(F.struct(*ids[1:], *values)).alias("_v")))
-    c = grouped.agg(F.sum(F.when(F.col(key).isNull(), F.col("_n"))).alias("bad"),
-                    F.sum(F.when(F.col(key).isNotNull(), F.col("_n") - 1)).alias("dup"),
-                    F.count(key).alias("ids")).first()
+    # the malformed lines share one null window partition; a catalogue's few, not a skew that matters
+    first = Window.partitionBy(F.when(good, F.col(key))).orderBy(*ids[1:], *values, "_line")
+    reason = F.when(~good, F.lit(MALFORMED_LINE)).when(F.row_number().over(first) > 1, F.lit(DUPLICATE_ID))
+    ranked = typed.withColumn(S.REASON, reason)
+    c = ranked.agg(F.sum((F.col(S.REASON) == MALFORMED_LINE).cast("long")).alias("bad"),
+                   F.sum((F.col(S.REASON) == DUPLICATE_ID).cast("long")).alias("dup"),
+                   F.count(F.when(F.col(S.REASON).isNull(), 1)).alias("ids")).first()
     bad, dup = c["bad"] or 0, c["dup"] or 0
     if bad and not c["ids"]:
         raise SourceSchemaError(f"{path}: none of its {bad:,} lines has the expected fields "
-                                f"{[*ids, *values]} with whole-number ids {ids}")
+                                f"{fields} with whole-number ids {ids}")
     if bad or dup:
         log.warning("%s: %d lines left out (wrong field count or an id %s that is not a whole number), "
-                    "%d lines for ids already listed (the smallest line of each id kept)", path, bad, ids, dup)
-    return grouped.where(F.col(key).isNotNull()).select(key, "_v.*")
+                    "%d lines for ids already listed (the smallest line of each id kept); the lines are in "
+                    "%s", path, bad, ids, dup, S.T_COMPANIONS_REJECTED)
+    rejected = ranked.where(F.col(S.REASON).isNotNull()).select(
+        F.lit(path).alias("file"), F.col("_line").alias("line"), S.REASON)
+    return ranked.where(F.col(S.REASON).isNull()).select(*fields), rejected
 
 
-def _ml1m_movies(spark: SparkSession, path: str) -> DataFrame:
-    """movies.dat -> (movie_id, title, genres array), one row per movie. Latin-1, ``::``-separated."""
+def _ml1m_movies(spark: SparkSession, path: str) -> Tuple[DataFrame, DataFrame]:
+    """movies.dat -> (movie_id, title, genres array), one row per movie, and the lines left out.
+    Latin-1, ``::``-separated."""
     df = read_csv_lines(spark, path, ["movie_id", "title", "genres"], "::", header=False, encoding="ISO-8859-1")
-    return (_companion_rows(df, path, ["movie_id"], ["title", "genres"])
-            .select("movie_id", "title", F.split("genres", r"\|").alias("genres")))
+    movies, rejected = _companion_rows(df, path, ["movie_id"], ["title", "genres"], "::")
+    return movies.select("movie_id", "title", F.split("genres", r"\|").alias("genres")), rejected
 
 
 def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
@@ -381,13 +400,13 @@ def items_from_movies(spark: SparkSession, movies: DataFrame) -> DataFrame:
                     F.create_map(F.lit("genres"), F.array_join("genres", "|")).alias(S.FEATURES)))
 
 
-def _ml1m_users(spark: SparkSession, path: str) -> DataFrame:
-    """users.dat -> (orig_user_id, features map), one row per user."""
+def _ml1m_users(spark: SparkSession, path: str) -> Tuple[DataFrame, DataFrame]:
+    """users.dat -> (orig_user_id, features map), one row per user, and the lines left out."""
     cols = ["user_id", "gender", "age", "occupation", "zip"]
     df = read_csv_lines(spark, path, cols, "::", header=False, encoding="ISO-8859-1")
-    return _companion_rows(df, path, cols[:1], cols[1:]).select(
-        F.col("user_id").alias("orig_user_id"),
-        F.create_map(*[x for c in cols[1:] for x in (F.lit(c), F.col(c))]).alias(S.FEATURES))
+    users, rejected = _companion_rows(df, path, cols[:1], cols[1:], "::")
+    return users.select(F.col("user_id").alias("orig_user_id"),
+                        F.create_map(*[x for c in cols[1:] for x in (F.lit(c), F.col(c))]).alias(S.FEATURES)), rejected
 
 
 def _with_item_categories(actions: DataFrame, items: DataFrame) -> DataFrame:
@@ -404,15 +423,16 @@ def read_ml1m(spark: SparkSession, cfg: IngestConfig) -> RawSource:
                         encoding="ISO-8859-1")
     actions = df.select("user_id", "item_id", "ts", F.col("rating").alias(S.BEHAVIOR),
                         F.lit(None).cast("string").alias(S.CATEGORY_ID), F.col(_CORRUPT).alias(S.RAW_RECORD))
-    movies = _ml1m_movies(spark, movies_path).withColumnRenamed("movie_id", S.ITEM_ID)
-    items = items_from_movies(spark, movies)
+    movies, rejected = _ml1m_movies(spark, movies_path)
+    items = items_from_movies(spark, movies.withColumnRenamed("movie_id", S.ITEM_ID))
     users = None
     if _companion_present(users_path, "ingest.ml1m_users" if cfg.ml1m_users else None):
-        users = _ml1m_users(spark, users_path).withColumnRenamed("orig_user_id", S.USER_ID)
+        users, bad_users = _ml1m_users(spark, users_path)
+        users, rejected = users.withColumnRenamed("orig_user_id", S.USER_ID), rejected.unionByName(bad_users)
     else:
         log.warning("no %s: MovieLens users get no features (gender, age, occupation)", users_path)
     return RawSource(_with_item_categories(actions, items), items=items, users=users,
-                     behaviors=cfg.behaviors, ts_unit="s")
+                     behaviors=cfg.behaviors, ts_unit="s", rejected=rejected)
 
 
 def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
@@ -433,11 +453,13 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         F.lit(None).cast("string").alias(S.RAW_RECORD))
     item_map, movies_path, user_map, users_path = _sasrec_companions(cfg)
     items = users = None
+    rejected = []  # the companions' lines left out
     # (both checked, so that a key naming a file that is not there is an error, not a warning)
     has_map = _companion_present(item_map, "ingest.sasrec_item_map" if cfg.sasrec_item_map else None)
     if _companion_present(movies_path, "ingest.sasrec_movies" if cfg.sasrec_movies else None) and has_map:
-        imap = _id_map(spark, item_map, "sas_id", "movie_id")
-        movies = _ml1m_movies(spark, movies_path)
+        imap, bad_map = _id_map(spark, item_map, "sas_id", "movie_id")
+        movies, bad_movies = _ml1m_movies(spark, movies_path)
+        rejected += [bad_map, bad_movies]
         joined = imap.join(movies, "movie_id", "left").select(F.col("sas_id").alias(S.ITEM_ID), "title", "genres")
         items = items_from_movies(spark, joined)
         actions = _with_item_categories(actions, items)
@@ -445,11 +467,14 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
         log.warning("no %s / %s: SASRec items get no categories", item_map, movies_path)
     has_users = _companion_present(users_path, "ingest.ml1m_users" if cfg.ml1m_users else None)
     if _companion_present(user_map) and has_users:  # the user id map has no key: always beside the file
-        umap = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
-        users = umap.join(_ml1m_users(spark, users_path), "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
+        umap, bad_map = _id_map(spark, user_map, S.USER_ID, "orig_user_id")
+        features, bad_users = _ml1m_users(spark, users_path)
+        users = umap.join(features, "orig_user_id", "left").select(S.USER_ID, S.FEATURES)
+        rejected += [bad_map, bad_users]
     else:
         log.warning("no %s / %s: SASRec users get no features", user_map, users_path)
-    return RawSource(actions, items=items, users=users, behaviors=cfg.behaviors, ts_unit="s")
+    return RawSource(actions, items=items, users=users, behaviors=cfg.behaviors, ts_unit="s",
+                     rejected=reduce(DataFrame.unionByName, rejected) if rejected else None)
 
 
 def _ml1m_files(cfg: IngestConfig) -> List[str]:
@@ -492,10 +517,11 @@ def source_files(cfg: IngestConfig) -> List[str]:
     return [cfg.path]
 
 
-def _id_map(spark: SparkSession, path: str, left: str, right: str) -> DataFrame:
-    """A SASRec id map (``left right`` per line) -> one ``right`` per ``left`` (see :func:`_companion_rows`)."""
+def _id_map(spark: SparkSession, path: str, left: str, right: str) -> Tuple[DataFrame, DataFrame]:
+    """A SASRec id map (``left right`` per line) -> one ``right`` per ``left``, and the lines left out
+    (see :func:`_companion_rows`)."""
     df = read_csv_lines(spark, path, [left, right], " ", header=False)
-    return _companion_rows(df, path, [left, right], [])
+    return _companion_rows(df, path, [left, right], [], " ")
 
 
 def read_source(spark: SparkSession, cfg: IngestConfig, default_path: str, delta_mode: str = "auto") -> RawSource:

@@ -1,4 +1,5 @@
 """Every input format -> the same typed actions; bad rows kept with a reason; nothing lost."""
+import os
 import re
 
 import pytest
@@ -560,6 +561,9 @@ def test_a_film_listed_twice_is_one_items_row_and_no_rating_is_doubled(spark, tm
     assert src.items.count() == len(items) == 3
     assert items[2] == ("Café (1996)", "Comedy")  # the smaller line, whatever order the lines are read in
     assert "movies.dat: 0 lines left out" in caplog.text and "1 lines for ids already listed" in caplog.text
+    # the losing line is kept, with its file and reason
+    assert [tuple(r) for r in src.rejected.collect()] == [(str(d / "movies.dat"), "2::Café, again (1996)::Drama",
+                                                            "duplicate_id")]
 
 
 def test_a_sas_id_mapped_twice_is_one_items_row(spark, tmp_path):
@@ -602,6 +606,13 @@ def test_unreadable_companion_lines_are_counted_and_left_out_whatever_ansi(spark
         spark.conf.set("spark.sql.ansi.enabled", previous)
     assert "movies.dat: 2 lines left out" in caplog.text and "users.dat: 1 lines left out" in caplog.text
     assert "sas_to_original_items.txt: 2 lines left out" in caplog.text
+    # every line left out is kept: the file, the line as read, the reason
+    rows = sorted((os.path.basename(r.file), r.line, r.reason) for r in src.rejected.unionByName(sas_src.rejected).collect())
+    assert rows == [("movies.dat", "4::Two fields only", "malformed_line"),
+                    ("movies.dat", "movieId::title::genres", "malformed_line"),
+                    ("sas_to_original_items.txt", "2 x", "malformed_line"),
+                    ("sas_to_original_items.txt", "sas orig", "malformed_line"),
+                    ("users.dat", "UserID::Gender::Age::Occupation::Zip", "malformed_line")]
 
 
 def test_a_companion_file_without_a_usable_line_is_an_error_naming_it(spark, tmp_path):
