@@ -181,11 +181,22 @@ def write_report(out_dir: str, rows: Sequence[dict], ks: Sequence[int], table_te
         for name, caption, png in figures:
             if png is None:
                 continue
-            with open(os.path.join(local, name), "wb") as f:
-                f.write(png)
+            _replace(os.path.join(local, name), png)
             data = base64.b64encode(png).decode()
             parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>")
         parts.append("</body></html>")
-        with open(os.path.join(local, "report.html"), "w") as f:
-            f.write("\n".join(parts))
+        _replace(os.path.join(local, "report.html"), "\n".join(parts).encode())
     return os.path.join(out_dir, "report.html")
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a killed run leaves the previous file, not half a new one
+    (written beside it, then renamed over it, which is atomic on one file system)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
