@@ -164,8 +164,28 @@ def _quiet_loggers(spark: SparkSession, log_level: str = "WARN") -> None:
         if local and log_level.upper() in ("WARN", "ERROR", "FATAL", "OFF"):
             for name in LOCAL_TASK_LOGGERS:
                 configurator.setLevel(name, level.OFF)
+            _load_quietly(jvm, SKETCH_MEMORY_CLASS)
     except Exception as e:  # another logging backend: the trace stays, nothing else changes
         log.debug("could not quiet Spark's loggers: %s", e)
+
+
+# Spark's shaded DataSketches (the HLL sketches of ingest's counts) prints "Warning: Java versions >
+# Java 11 can only operate in restricted mode where no off-heap operations are allowed!" to stderr
+# from this class's static initialiser, on every JVM newer than 11 and with no setting to turn it
+# off; the sketches are on the heap and never need off-heap memory, so the line says nothing to act on.
+SKETCH_MEMORY_CLASS = "org.apache.datasketches.memory.internal.ResourceImpl"
+
+
+def _load_quietly(jvm, name: str) -> None:
+    """Load (and initialise) JVM class ``name`` with the JVM's stderr swallowed: in a local session
+    the driver's JVM is the executors', so it is not printed again. Any failure leaves stderr as it was."""
+    system = jvm.java.lang.System
+    err = system.err
+    system.setErr(jvm.java.io.PrintStream(jvm.java.io.OutputStream.nullOutputStream()))
+    try:
+        jvm.java.lang.Class.forName(name)
+    finally:
+        system.setErr(err)
 
 
 SHIP_PREFIX = "i2i-ship-"

@@ -58,7 +58,7 @@ def test_under_spark_submit_the_cluster_keeps_its_ui_and_shuffle_partitions():
     assert "spark.sql.shuffle.partitions" not in session_settings(named, True, {"spark.sql.shuffle.partitions"})
 
 
-def test_a_local_session_starts_without_spark_notices_about_itself():
+def test_a_local_session_starts_without_spark_notices_about_itself_or_its_sketches():
     # before: "Using Spark's default log4j profile" (twice), "Setting default log level to WARN" and
     # its hint, and the missing native Hadoop library's WARN, on every job's first lines
     from ml.config import SparkConfig
@@ -70,8 +70,13 @@ def test_a_local_session_starts_without_spark_notices_about_itself():
     assert "spark.driver.extraJavaOptions" not in session_settings(SparkConfig(), submitted=True, given=set())
     own = SparkConfig(conf={"spark.driver.extraJavaOptions": "-Dx=1"})  # the user's options replace ours
     assert session_settings(own, submitted=False, given=set())["spark.driver.extraJavaOptions"] == "-Dx=1"
+    # and ingest's HLL sketches no longer print DataSketches' "Java versions > Java 11" line to stderr
     code = ("from ml.config import SparkConfig\nfrom ml.data.session import get_spark\n"
-            "s = get_spark(SparkConfig(log_level='ERROR')); assert s.range(3).count() == 3")
+            "from pyspark.sql import functions as F\n"
+            "s = get_spark(SparkConfig(log_level='ERROR')); assert s.range(3).count() == 3\n"
+            "assert s.range(3).agg(F.hll_sketch_estimate(F.hll_sketch_agg('id', 14))).first()[0] == 3\n"
+            "s.sparkContext._jvm.java.lang.System.err.println('stderr after the sketches')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
-    for notice in ("default log4j profile", "Setting default log level", "NativeCodeLoader"):
+    for notice in ("default log4j profile", "Setting default log level", "NativeCodeLoader", "Java versions > Java 11"):
         assert notice not in err, err
+    assert "stderr after the sketches" in err  # the JVM's stderr is back once the class is loaded
