@@ -13,7 +13,7 @@ import runpy
 import sys
 
 JOBS = ("generate", "ingest", "sequences", "graph", "baseline", "evaluate", "samples", "train", "embed", "topk",
-        "recent", "pipeline")
+        "recent", "pipeline", "vacuum")
 
 
 def main(argv=None) -> None:

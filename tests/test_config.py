@@ -231,7 +231,7 @@ def test_pipeline_state_that_cannot_be_read_means_rerun(tmp_path):
 def test_submit_entry_rejects_an_unknown_job():
     from jobs import submit
 
-    with pytest.raises(SystemExit, match=r"JOB is one of generate, .*pipeline \(got 'trian'\)"):
+    with pytest.raises(SystemExit, match=r"JOB is one of generate, .*pipeline, vacuum \(got 'trian'\)"):
         submit.main(["trian"])
 
 
