@@ -21,7 +21,7 @@ from ml.data import io
 from ml.data.ingest import category_names
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
-from ml.eval.metrics import (check_lists, format_paired, format_table, paired_comparisons, score_lists,
+from ml.eval.metrics import (format_paired, format_table, paired_comparisons, score_lists, target_ranks,
                              targets_fingerprint)
 
 from jobs._cli import command, parse, print_tables
@@ -82,37 +82,42 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             if explicit:  # asked for on the command line: an error; from the config (nightly): a warning
                 raise InvalidInput(f"--compare-to: {msg}")
             log.warning("eval.compare_to: %s; no comparison with it", msg)
-    # the lists each comparison will read, then one check of every model's lists per table
+    # the lists each comparison will read
     compared = {m: [_like_for_like(m, b, base, lists, model_lists) for b, base in baselines.items()
                     if m != b and base] for m in models}
     used = set(models) | {b for pairs in compared.values() for b, _ in pairs}
-    for kind, path, version in sources:
-        checked = sorted(used & present[kind])
-        if checked:
-            check_lists(io.read_table(spark, path, version=version, delta_mode=mode, partitions={S.MODEL: checked}),
-                        kind, None, targets)
     targets_id = targets_fingerprint(targets)
-    # every model's lists, of both kinds, scored in one pass over the eval targets
+    # every list an eval target reads, of every model scored or compared, checked and looked up in one
+    # pass per table; the ranks (one row per eval target and list that holds it) serve the metrics and
+    # the comparisons both
     parts = []
     for kind, path, version in sources:
-        scored = [m for m in models if m in present[kind]]
-        if scored:
+        read = sorted(used & present[kind])
+        if read:
             parts.append((kind, io.read_table(spark, path, version=version, delta_mode=mode,
-                                              partitions={S.MODEL: scored}), scored))
-    metrics = score_lists(targets, parts, list(cfg.eval.ks), items, run_ts, targets_id)
-    # every comparison, of every model, in one pass: (model, kind) against (baseline, kind) lists
-    frames, pairs = {}, []
-    for m in models:
-        done = set()
-        for b, base in compared[m]:
-            if b in done:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
-                continue
-            done.add(b)
-            for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
-                bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
-                frames[(m, kind)], frames[(b, bkind)] = t, bt
-                pairs.append(((m, kind), (b, bkind)))
-    by_pair = paired_comparisons(targets, frames, pairs, list(cfg.eval.ks), run_ts) if pairs else []
+                                              partitions={S.MODEL: read}), read))
+    ranks = target_ranks(targets, parts, persist=True)
+    try:
+        # every model's lists, of both kinds, scored in one aggregation
+        scored = [(kind, t, [m for m in models if m in read]) for kind, t, read in parts]
+        metrics = score_lists(targets, [p for p in scored if p[2]], list(cfg.eval.ks), items, run_ts, targets_id,
+                              ranks=ranks).localCheckpoint()
+        # every comparison, of every model, in one more: (model, kind) against (baseline, kind) lists
+        frames, pairs = {}, []
+        for m in models:
+            done = set()
+            for b, base in compared[m]:
+                if b in done:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
+                    continue
+                done.add(b)
+                for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
+                    bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
+                    frames[(m, kind)], frames[(b, bkind)] = t, bt
+                    pairs.append(((m, kind), (b, bkind)))
+        by_pair = (paired_comparisons(targets, frames, pairs, list(cfg.eval.ks), run_ts, ranks=ranks)
+                   if pairs else [])
+    finally:
+        ranks.unpersist()
     _add_targets_column(spark, cfg)
     version = io.write_table(spark, metrics, cfg.table_path(S.T_METRICS), mode="overwrite", partition_by=[S.MODEL],
                              replace_where={S.MODEL: list(models)}, delta_mode=mode)

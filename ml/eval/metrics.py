@@ -11,24 +11,13 @@ import math
 from fractions import Fraction
 from typing import List, Mapping, Optional, Sequence, Tuple
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ml import schemas as S
 from ml.errors import InvalidInput
 from ml.eval.offline import p_text, paired_stats
-
-
-def _lists(topk: DataFrame, kind: str, rank_col: str, with_model: bool = False) -> Tuple[DataFrame, List[str]]:
-    """A model's lists as (join keys..., rank_col[, model]) for a join onto ``eval_targets``."""
-    model = [S.MODEL] if with_model else []
-    if kind == "i2i":
-        return topk.select(F.col(S.ITEM_ID).alias(S.TRIGGER_ITEM), F.col(S.NEIGHBOR_ID).alias(S.TARGET_ITEM),
-                           F.col(S.RANK).alias(rank_col), *model), [S.TRIGGER_ITEM, S.TARGET_ITEM]
-    if kind == "u2i":
-        return topk.select(S.USER_ID, F.col(S.ITEM_ID).alias(S.TARGET_ITEM),
-                           F.col(S.RANK).alias(rank_col), *model), [S.USER_ID, S.TARGET_ITEM]
-    raise ValueError(f"kind={kind!r}; expected i2i or u2i")
 
 
 _RECIPROCAL = "decimal(20,18)"
@@ -69,10 +58,24 @@ def check_lists(topk: DataFrame, kind: str, model: Optional[str], eval_targets: 
     the trigger in its own list (a target equal to its trigger would be a hit). ``model``: the name
     the lists go by; None: every model in ``topk``'s ``model`` column, each list checked within its
     model. One more pass over the lists: a semi-join on the eval targets' keys, then one aggregation
-    over at most models x eval users x K rows."""
-    key, item = (S.ITEM_ID, S.NEIGHBOR_ID) if kind == "i2i" else (S.USER_ID, S.ITEM_ID)
-    wanted = eval_targets.select(F.col(S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID).alias(key)).distinct()
+    over at most models x eval users x K rows. (:func:`target_ranks` makes the same checks in the
+    pass that scores the lists.)"""
     named = topk.withColumn(S.MODEL, F.lit(model)) if model is not None else topk
+    _refuse_bad_lists(_per_list(named, kind, eval_targets), kind)
+
+
+def _list_key(kind: str) -> Tuple[str, str]:
+    """(the column a list is keyed by, its items' column) in the lists table of ``kind``."""
+    if kind not in ("i2i", "u2i"):
+        raise ValueError(f"kind={kind!r}; expected i2i or u2i")
+    return (S.ITEM_ID, S.NEIGHBOR_ID) if kind == "i2i" else (S.USER_ID, S.ITEM_ID)
+
+
+def _per_list(named: DataFrame, kind: str, eval_targets: DataFrame) -> DataFrame:
+    """One row per (model, list) an eval target reads: the model, the list's key and ``why`` the list
+    cannot be scored (null: it can)."""
+    key, item = _list_key(kind)
+    wanted = eval_targets.select(F.col(S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID).alias(key)).distinct()
     per = named.join(wanted, key, "left_semi").groupBy(S.MODEL, key).agg(
         F.count(F.lit(1)).alias("n"), F.size(F.array_distinct(F.collect_list(item))).alias("items"),
         F.size(F.array_distinct(F.collect_list(S.RANK))).alias("ranks"), F.min(S.RANK).alias("lo"),
@@ -83,7 +86,14 @@ def check_lists(topk: DataFrame, kind: str, model: Optional[str], eval_targets: 
               .when((F.col("ranks") < F.col("n")) | (F.col("lo") != 1) | (F.col("hi") != F.col("n")),
                     "ranks other than 1..n (repeated, missing, null, or below 1)")
               .when(F.col("scored") < F.col("n"), "a null or NaN score"))
-    bad = (per.select(S.MODEL, key, reason.alias("why")).where(F.col("why").isNotNull())
+    return per.select(S.MODEL, key, reason.alias("why"))
+
+
+def _refuse_bad_lists(per: DataFrame, kind: str) -> None:
+    """:class:`InvalidInput` naming each model with lists :func:`_per_list` found unscorable, why,
+    how many and an example."""
+    key, _ = _list_key(kind)
+    bad = (per.where(F.col("why").isNotNull())
            .groupBy(S.MODEL, "why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example"))
            .collect())  # <= 4 rows per model
     if bad:
@@ -95,6 +105,43 @@ def check_lists(topk: DataFrame, kind: str, model: Optional[str], eval_targets: 
         raise InvalidInput(f"{table}, {what}; each list must hold distinct items at ranks 1..n "
                            f"with a score{', without the item itself' if kind == 'i2i' else ''}: rerun its "
                            "topk (or recent) stage")
+
+
+_TARGET = [S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM]
+
+
+def target_ranks(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, Sequence[str]]],
+                 persist: bool = False, check: bool = True) -> DataFrame:
+    """Every eval target's rank in every list it reads: ``model, kind, user_id, trigger_item,
+    target_item, w, rank``, one row per distinct target (``w``: how many times ``eval_targets`` lists
+    it; each is a user) and model whose list holds the target (a miss has no row: it adds 0 to every
+    sum). ``parts``: (kind, lists with a ``model`` column, the models to take from them), as
+    :func:`score_lists` takes them. Both :func:`score_lists` and :func:`paired_comparisons` take the
+    result (``ranks``), so the evaluation job joins the lists with the targets once, not once per use.
+
+    ``check``: first :func:`check_lists`' checks of the lists the targets read (one more pass), and
+    :class:`InvalidInput` naming the model whose lists cannot be scored; without it (as
+    :func:`score_lists` and :func:`paired_comparisons` read lists on their own) a list holding the
+    target twice would count it twice. ``persist``: the result is cached (MEMORY_AND_DISK) and
+    computed before it is returned; the caller unpersists it."""
+    weighted = eval_targets.groupBy(*_TARGET).agg(F.count(F.lit(1)).alias("w"))
+    ranks = None
+    for kind, topk, models in parts:
+        key, item = _list_key(kind)
+        lists = topk.where(F.col(S.MODEL).isin(*models))
+        if check:
+            _refuse_bad_lists(_per_list(lists, kind, eval_targets), kind)
+        target_key = S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID
+        r = (weighted.join(lists.select(S.MODEL, F.col(key).alias(target_key), F.col(item).alias(S.TARGET_ITEM),
+                                        S.RANK), [target_key, S.TARGET_ITEM])
+             .select(S.MODEL, F.lit(kind).alias("kind"), *_TARGET, "w", S.RANK))
+        ranks = r if ranks is None else ranks.unionByName(r)
+    if ranks is None:
+        raise ValueError("target_ranks: no lists")
+    if persist:
+        ranks = ranks.persist(StorageLevel.MEMORY_AND_DISK)
+        ranks.count()
+    return ranks
 
 
 def targets_fingerprint(eval_targets: DataFrame) -> str:
@@ -120,9 +167,10 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
 
 def score_lists(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, Sequence[str]]], ks: Sequence[int],
                 items: Optional[DataFrame] = None, run_ts: Optional[dt.datetime] = None,
-                targets_id: Optional[str] = None) -> DataFrame:
+                targets_id: Optional[str] = None, ranks: Optional[DataFrame] = None) -> DataFrame:
     """Metrics rows in the ``metrics`` contract: overall, plus per target category when ``items`` given,
-    for every model of every part, all from one aggregation (a join of the eval targets per part).
+    for every model of every part, all from one aggregation over :func:`target_ranks` of the parts
+    (``ranks``, when the caller has them already, for these parts or more).
 
     ``parts``: (kind, lists, models): kind="i2i" scores ``i2i_topk`` rows (metrics "pre", "mrr"),
     kind="u2i" ``u2i_topk`` rows against the same targets (metrics "u2i_hr", "u2i_mrr"); the lists'
@@ -131,26 +179,24 @@ def score_lists(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, S
     (its length is the largest K written). ``targets_id`` (:func:`targets_fingerprint`) goes with every
     row, so that a report can tell which models were scored on which targets.
 
-    Only the hits leave the joins: a miss adds 0 to every sum, and each mean is its sum over the eval
-    users (the same value, to the bit, as a mean over a left join with the misses in it). The overall
-    and the per-category sums come from one aggregation (grouping sets).
+    Only the hits are summed: a miss adds 0 to every sum, and each mean is its sum over the eval
+    users (the same value, to the bit, as a mean over a left join with the misses in it). A target
+    listed w times counts w times. The overall and the per-category sums come from one aggregation
+    (grouping sets).
     """
     spark = eval_targets.sparkSession
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
-    hits = None
-    for kind, topk, models in parts:
-        lists, keys = _lists(topk, kind, S.RANK, with_model=True)
-        # one row per (target, model) hit: the join cannot repeat one, since each list holds an item
-        # once (check_lists)
-        h = (eval_targets.select(*keys).join(lists.where(F.col(S.MODEL).isin(*models)), keys)
-             .select(S.MODEL, F.lit(kind).alias("kind"), S.TARGET_ITEM, S.RANK))
-        hits = h if hits is None else hits.unionByName(h)
-    if hits is None:
+    if not parts:
         raise ValueError("score_lists: no lists to score")
-    names = spark.createDataFrame(list(dict.fromkeys((m, kind) for kind, _, models in parts for m in models)),
-                                  f"{S.MODEL} string, kind string")
-    sums = [F.sum(_reciprocal(S.RANK)).alias("rr")] + [F.count(F.when(F.col(S.RANK) <= k, 1)).alias(f"hit_{k}")
-                                                        for k in ks]
+    pairs = list(dict.fromkeys((m, kind) for kind, _, models in parts for m in models))
+    names = spark.createDataFrame(pairs, f"{S.MODEL} string, kind string")
+    ranks = ranks if ranks is not None else target_ranks(eval_targets, parts, check=False)
+    hits = ranks.join(F.broadcast(names), [S.MODEL, "kind"], "left_semi")
+    w = F.col("w")
+    # w as a decimal(10,0): a decimal(20,18) times a long (a decimal(20,0)) would round each
+    # reciprocal rank to 15 places; times a decimal(10,0) the products are exact
+    sums = [F.sum(_reciprocal(S.RANK) * w.cast("decimal(10,0)")).alias("rr")] + [
+        F.sum(F.when(F.col(S.RANK) <= k, w).otherwise(0)).alias(f"hit_{k}") for k in ks]
     users = eval_targets.select(S.TARGET_ITEM)
     if items is None:
         hit_sums = hits.groupBy(S.MODEL, "kind").agg(*sums).withColumn(S.CATEGORY_ID, F.lit(None).cast("long"))
@@ -201,7 +247,7 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
 
 def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], DataFrame],
                        pairs: Sequence[Tuple[Tuple[str, str], Tuple[str, str]]], ks: Sequence[int],
-                       run_ts: Optional[dt.datetime] = None) -> List[List[dict]]:
+                       run_ts: Optional[dt.datetime] = None, ranks: Optional[DataFrame] = None) -> List[List[dict]]:
     """Models against baselines on the same eval targets, user by user: for each of ``pairs``, rows
     of the ``metrics_paired`` contract, one per Pre@K and one for MRR. ``lists``: {(name, kind):
     lists} (kind "i2i": ``i2i_topk`` rows, "u2i": ``u2i_topk`` rows); ``pairs``: ((model, kind),
@@ -215,27 +261,23 @@ def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], 
     because the two models see the same users: most of the user-to-user spread cancels, and the
     interval says whether a difference of a few tenths of a percent is more than noise.
 
-    One pass for every pair: the targets joined once per list kind with all the lists of that kind,
-    each target's ranks side by side (only targets some list hits: a target no list hits adds 0 to
-    every sum), then one aggregation; no per-user rows leave Spark.
+    One pass for every pair: each target's ranks in every list side by side, from :func:`target_ranks`
+    (``ranks``: (model, kind) as ``lists``' keys; computed from ``lists`` when not given), only
+    targets some list hits (a target no list hits adds 0 to every sum), then one aggregation; no
+    per-user rows leave Spark. A target listed twice in ``eval_targets`` counts twice, as in
+    :func:`score_lists`.
     """
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     ids = {key: i for i, key in enumerate(dict.fromkeys(k for pair in pairs for k in pair))}
-    target = [S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM]
-    # a target listed twice counts twice, as in score_lists: each distinct target with its count w
-    weighted = eval_targets.groupBy(*target).agg(F.count(F.lit(1)).alias("w"))
-    ranks = None
-    for kind in dict.fromkeys(k for _, k in ids):
-        tagged = None
-        for key, i in ids.items():
-            if key[1] == kind:
-                t, keys = _lists(lists[key], kind, S.RANK)
-                t = t.withColumn("list", F.lit(i))
-                tagged = t if tagged is None else tagged.unionByName(t)
-        r = weighted.join(tagged, keys).select(*target, "w", "list", S.RANK)
-        ranks = r if ranks is None else ranks.unionByName(r)
+    if ranks is None:
+        ranks = target_ranks(eval_targets, [(kind, lists[(name, kind)].withColumn(S.MODEL, F.lit(name)), [name])
+                                            for name, kind in ids], check=False)
+    spark = eval_targets.sparkSession
+    tags = spark.createDataFrame([(name, kind, i) for (name, kind), i in ids.items()],
+                                 f"{S.MODEL} string, kind string, list int")
+    tagged = ranks.join(F.broadcast(tags), [S.MODEL, "kind"]).select(*_TARGET, "w", "list", S.RANK)
     # each target's rank in every list (null: not in it), targets hit by some list only
-    wide = ranks.groupBy(*target, "w").pivot("list", list(ids.values())).agg(F.min(S.RANK))
+    wide = tagged.groupBy(*_TARGET, "w").pivot("list", list(ids.values())).agg(F.min(S.RANK))
     # Exact sums (integers; decimals for MRR), the mean and spread taken from them on the driver: a rerun
     # gives the same bits whatever order the shuffle merges partial sums in.
     aggs, metrics = [], [*ks, None]

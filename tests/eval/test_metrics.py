@@ -9,7 +9,7 @@ from ml.data.baselines import cooccurrence_topk, popularity_topk
 from ml.data.graph import item_counts
 from ml.errors import InvalidInput
 from ml.eval.metrics import (check_lists, compute_metrics, format_paired, format_table, paired_comparison,
-                             paired_comparisons, score_lists)
+                             paired_comparisons, score_lists, target_ranks)
 
 
 def _topk(spark, rows, model="m"):
@@ -539,3 +539,34 @@ def test_format_paired_ratio_is_model_over_baseline(spark):
     end = lines[1].index("ratio") + len("ratio")  # the columns are right-aligned under their names
     ratios = {line.split()[0]: line[end - 8:end].strip() for line in lines[2:]}
     assert ratios == {"Pre@1": "1.000", "Pre@2": "1.333", "MRR": "1.200"}
+
+
+def test_the_ranks_found_once_serve_the_metrics_and_the_comparisons(spark):
+    # the evaluation job joins the lists with the targets once (target_ranks, checked and cached) and
+    # hands the ranks to both: the same rows as each function reading the lists on its own
+    a = _topk(spark, [(1, 3, 1), (1, 2, 2), (5, 6, 1), (5, 7, 2)], "a")
+    b = _topk(spark, [(1, 2, 1), (1, 3, 2), (8, 2, 1)], "b")
+    targets = spark.createDataFrame([(1, 1, 3, 0, 1), (2, 1, 2, 0, 1), (3, 5, 6, 0, 1), (4, 8, 2, 0, 1),
+                                     (5, 5, 7, 0, 1), (5, 5, 7, 0, 1)], S.EVAL_TARGETS)  # user 5 twice: counts twice
+    parts = [("i2i", a.unionByName(b), ["a", "b"])]
+    ranks = target_ranks(targets, parts, persist=True)
+    try:
+        assert sorted((r.model, r.user_id, r.w, r.rank) for r in ranks.collect()) == [
+            ("a", 1, 1, 1), ("a", 2, 1, 2), ("a", 3, 1, 1), ("a", 5, 2, 2), ("b", 1, 1, 2), ("b", 2, 1, 1), ("b", 4, 1, 1)]
+
+        def rows(df):
+            return sorted(tuple(r[c] for c in ("model", "metric", "k", "value", "n_users")) for r in df.collect())
+        assert rows(score_lists(targets, parts, [1, 2], ranks=ranks)) == rows(score_lists(targets, parts, [1, 2]))
+        lists = {("a", "i2i"): a, ("b", "i2i"): b}
+        pair = [(("a", "i2i"), ("b", "i2i"))]
+
+        def strip(prs):
+            return [{k: v for k, v in r.items() if k != S.RUN_TS} for r in prs[0]]
+        assert strip(paired_comparisons(targets, lists, pair, [1, 2], ranks=ranks)) == strip(
+            paired_comparisons(targets, lists, pair, [1, 2]))
+    finally:
+        ranks.unpersist()
+    # the checks come first: a list with the trigger in it is refused, naming the model
+    bad = a.unionByName(_topk(spark, [(1, 1, 1)], "c"))
+    with pytest.raises(InvalidInput, match=r"model 'c': 1 lists with its own item in the list"):
+        target_ranks(targets, [("i2i", bad, ["a", "c"])])
