@@ -426,7 +426,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(res["evaluate"]["paired"])
         print(f"report: {res['evaluate']['report']}")
     print("tables:")
+    companions = [S.T_COMPANIONS_REJECTED] if cfg.ingest.format in ("ml1m", "sasrec") else []  # formats with companion files
     print_tables(cfg, ["actions", "actions_rejected", "items", "users"] + (["id_keys"] if cfg.ingest.string_ids else [])
+                 + companions
                  + ["sequences", "eval_targets", "item_graph",
                        "item_counts"] + ([] if cfg.model in baseline.BASELINES else
                                          ["samples_natm", "samples_dat", "noise_q", "item_embeddings"])
