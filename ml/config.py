@@ -122,14 +122,16 @@ class GenerateConfig:
     popularity_exponent: float = 2.0  # skew of cluster / noise-item popularity (higher = more skewed)
     bad_row_fraction: float = 0.0  # share of deliberately broken rows (to exercise ingestion)
     duplicate_fraction: float = 0.0  # share of exact duplicate events
-    partitions: int = 8
+    # tasks that generate the log; null: one per GENERATE_ROWS_PER_TASK expected actions, at least 8
+    # (8 tasks for 10^9 actions were 125M rows each; the rows are the same for any number)
+    partitions: Optional[int] = None
     table: str = "raw_actions"  # table under the warehouse the generator writes
 
     def __post_init__(self) -> None:
         for key in ("num_users", "num_items", "num_categories", "actions_per_user", "cluster_size",
-                    "session_length", "max_actions_per_user", "partitions", "activity_alpha",
-                    "popularity_exponent"):
+                    "session_length", "max_actions_per_user", "activity_alpha", "popularity_exponent"):
             _check_positive(f"generate.{key}", getattr(self, key))
+        _check_positive("generate.partitions", self.partitions, allow_none=True)
         _check_positive("generate.min_actions_per_user", self.min_actions_per_user, allow_zero=True)
         for key in ("stay_prob", "bad_row_fraction", "duplicate_fraction"):
             v = getattr(self, key)
@@ -146,6 +148,16 @@ class GenerateConfig:
             raise ConfigError(f"generate.table={self.table!r} must be a table name (a letter, then letters, digits or _) under "
                               f"the warehouse, not one of the pipeline's own tables {sorted(_PIPELINE_TABLES)}")
 
+
+    @property
+    def num_partitions(self) -> int:
+        """``partitions``, or one task per GENERATE_ROWS_PER_TASK expected actions (at least 8)."""
+        if self.partitions is not None:
+            return int(self.partitions)
+        return max(8, math.ceil(self.num_users * self.actions_per_user / GENERATE_ROWS_PER_TASK))
+
+
+GENERATE_ROWS_PER_TASK = 2_000_000
 
 INPUT_FORMATS = ("csv", "parquet", "delta", "ml1m", "sasrec", "taobao")
 # the formats whose columns, id types and ts unit are the source's own (the others fix them)

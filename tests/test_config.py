@@ -501,3 +501,14 @@ def test_the_debug_log_of_a_read_failure_holds_sparks_trace(caplog):
         job()
     rec = [r for r in caplog.records if r.exc_info]
     assert rec and isinstance(rec[0].exc_info[1].__cause__, RuntimeError)
+
+
+def test_the_generator_sizes_its_tasks_by_the_actions_it_makes():
+    # before: 8 tasks whatever the size (the README's 2M-user example: 12.5M rows per task)
+    from ml.config import GenerateConfig
+
+    assert GenerateConfig().num_partitions == 8  # the default's 1M actions
+    assert GenerateConfig(num_users=2_000_000).num_partitions == 50
+    assert GenerateConfig(num_users=2_000_000, partitions=3).num_partitions == 3  # a set number is kept
+    with pytest.raises(ConfigError, match=r"generate.partitions=0 must be a number > 0"):
+        GenerateConfig(partitions=0)

@@ -65,7 +65,7 @@ def generate_actions(spark: SparkSession, cfg: GenerateConfig, seed: int) -> Dat
     alpha = cfg.activity_alpha
     mean_extra = max(cfg.actions_per_user - cfg.min_actions_per_user, 1.0)
     x_m = mean_extra * (alpha - 1) / alpha if alpha > 1 else mean_extra / 2
-    users = spark.range(1, cfg.num_users + 1, numPartitions=cfg.partitions).withColumnRenamed("id", S.USER_ID)
+    users = spark.range(1, cfg.num_users + 1, numPartitions=cfg.num_partitions).withColumnRenamed("id", S.USER_ID)
     uid = F.col(S.USER_ID)
     pareto = x_m * F.pow(1.0 - _uniform(seed, "activity", uid), -1.0 / alpha)
     n_actions = F.least(F.lit(cfg.max_actions_per_user),
