@@ -188,6 +188,9 @@ def _path_state(path: str) -> object:
 # change nothing the stage does, so they are left out of its fingerprint (with them in, an upgrade
 # reran every stage of every warehouse once, training included).
 ADDED_AT_DEFAULT = {"ingest.string_ids": False}
+# Outputs added to a stage after warehouses were built: a state saved before them does not list them,
+# and is compared without them (else an upgrade reran the stage and every stage after it, once).
+ADDED_OUTPUTS = {S.T_COMPANIONS_REJECTED}
 
 
 def _fingerprint(cfg: Config, stage: str) -> Optional[dict]:
@@ -222,7 +225,8 @@ def _up_to_date(cfg: Config, stage: str) -> bool:
         saved = json.load(open(_state_file(cfg, stage)))
     except (OSError, ValueError):
         return False
-    outputs = _stage_io(cfg, stage)[2]
+    outputs, before = _stage_io(cfg, stage)[2], saved.get("outputs") or {}
+    outputs = [o for o in outputs if o in before or o not in ADDED_OUTPUTS]
     return (saved.get("fingerprint") == json.loads(json.dumps(_fingerprint(cfg, stage)))
             and saved.get("outputs") == {o: _state(cfg, o) for o in outputs})
 

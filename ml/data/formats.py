@@ -338,7 +338,8 @@ def _companion_rows(df: DataFrame, path: str, ids: List[str], values: List[str],
     one per later use: a companion file is a catalogue, not the action log.
     """
     fields = [*ids, *values]
-    line = F.coalesce(F.col(_CORRUPT), F.concat_ws(sep, *[F.col(f"`{c}`") for c in fields]))
+    # (an empty field is read as null, which concat_ws would skip: as "", the line keeps its fields)
+    line = F.coalesce(F.col(_CORRUPT), F.concat_ws(sep, *[F.coalesce(F.col(f"`{c}`"), F.lit("")) for c in fields]))
     typed = df.select(*[to_long(c).alias(c) for c in ids], *values, line.alias("_line"), _CORRUPT)
     good = reduce(lambda a, b: a & b, [F.col(c).isNotNull() for c in ids], F.col(_CORRUPT).isNull())
     key = ids[0]

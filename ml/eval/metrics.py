@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
@@ -110,14 +111,32 @@ def _refuse_bad_lists(per: DataFrame, kind: str) -> None:
 _TARGET = [S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM]
 
 
+@dataclass(frozen=True)
+class TargetRanks:
+    """:func:`target_ranks`' rows and the (model, kind) lists they were found in: a list the rows do
+    not cover would read as all misses, so the functions that take them refuse it instead."""
+    rows: DataFrame
+    lists: FrozenSet[Tuple[str, str]]
+
+    def require(self, wanted, what: str) -> None:
+        missing = sorted(set(wanted) - self.lists)
+        if missing:
+            raise ValueError(f"{what}: the ranks given were not found in the lists of {missing} "
+                             f"(they cover {sorted(self.lists)})")
+
+    def unpersist(self) -> None:
+        self.rows.unpersist()
+
+
 def target_ranks(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, Sequence[str]]],
-                 persist: bool = False, check: bool = True) -> DataFrame:
+                 persist: bool = False, check: bool = True) -> TargetRanks:
     """Every eval target's rank in every list it reads: ``model, kind, user_id, trigger_item,
     target_item, w, rank``, one row per distinct target (``w``: how many times ``eval_targets`` lists
     it; each is a user) and model whose list holds the target (a miss has no row: it adds 0 to every
     sum). ``parts``: (kind, lists with a ``model`` column, the models to take from them), as
     :func:`score_lists` takes them. Both :func:`score_lists` and :func:`paired_comparisons` take the
-    result (``ranks``), so the evaluation job joins the lists with the targets once, not once per use.
+    result (``ranks``, a :class:`TargetRanks`), so the evaluation job joins the lists with the targets
+    once, not once per use.
 
     ``check``: first :func:`check_lists`' checks of the lists the targets read (one more pass), and
     :class:`InvalidInput` naming the model whose lists cannot be scored; without it (as
@@ -140,8 +159,12 @@ def target_ranks(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, 
         raise ValueError("target_ranks: no lists")
     if persist:
         ranks = ranks.persist(StorageLevel.MEMORY_AND_DISK)
-        ranks.count()
-    return ranks
+        try:
+            ranks.count()
+        except BaseException:
+            ranks.unpersist()
+            raise
+    return TargetRanks(ranks, frozenset((m, kind) for kind, _, models in parts for m in models))
 
 
 def targets_fingerprint(eval_targets: DataFrame) -> str:
@@ -167,7 +190,7 @@ def compute_metrics(eval_targets: DataFrame, topk: DataFrame, ks: Sequence[int],
 
 def score_lists(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, Sequence[str]]], ks: Sequence[int],
                 items: Optional[DataFrame] = None, run_ts: Optional[dt.datetime] = None,
-                targets_id: Optional[str] = None, ranks: Optional[DataFrame] = None) -> DataFrame:
+                targets_id: Optional[str] = None, ranks: Optional[TargetRanks] = None) -> DataFrame:
     """Metrics rows in the ``metrics`` contract: overall, plus per target category when ``items`` given,
     for every model of every part, all from one aggregation over :func:`target_ranks` of the parts
     (``ranks``, when the caller has them already, for these parts or more).
@@ -191,7 +214,8 @@ def score_lists(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, S
     pairs = list(dict.fromkeys((m, kind) for kind, _, models in parts for m in models))
     names = spark.createDataFrame(pairs, f"{S.MODEL} string, kind string")
     ranks = ranks if ranks is not None else target_ranks(eval_targets, parts, check=False)
-    hits = ranks.join(F.broadcast(names), [S.MODEL, "kind"], "left_semi")
+    ranks.require(pairs, "score_lists")
+    hits = ranks.rows.join(F.broadcast(names), [S.MODEL, "kind"], "left_semi")
     w = F.col("w")
     # w as a decimal(10,0): a decimal(20,18) times a long (a decimal(20,0)) would round each
     # reciprocal rank to 15 places; times a decimal(10,0) the products are exact
@@ -247,7 +271,7 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
 
 def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], DataFrame],
                        pairs: Sequence[Tuple[Tuple[str, str], Tuple[str, str]]], ks: Sequence[int],
-                       run_ts: Optional[dt.datetime] = None, ranks: Optional[DataFrame] = None) -> List[List[dict]]:
+                       run_ts: Optional[dt.datetime] = None, ranks: Optional[TargetRanks] = None) -> List[List[dict]]:
     """Models against baselines on the same eval targets, user by user: for each of ``pairs``, rows
     of the ``metrics_paired`` contract, one per Pre@K and one for MRR. ``lists``: {(name, kind):
     lists} (kind "i2i": ``i2i_topk`` rows, "u2i": ``u2i_topk`` rows); ``pairs``: ((model, kind),
@@ -272,10 +296,11 @@ def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], 
     if ranks is None:
         ranks = target_ranks(eval_targets, [(kind, lists[(name, kind)].withColumn(S.MODEL, F.lit(name)), [name])
                                             for name, kind in ids], check=False)
+    ranks.require(ids, "paired_comparisons")
     spark = eval_targets.sparkSession
     tags = spark.createDataFrame([(name, kind, i) for (name, kind), i in ids.items()],
                                  f"{S.MODEL} string, kind string, list int")
-    tagged = ranks.join(F.broadcast(tags), [S.MODEL, "kind"]).select(*_TARGET, "w", "list", S.RANK)
+    tagged = ranks.rows.join(F.broadcast(tags), [S.MODEL, "kind"]).select(*_TARGET, "w", "list", S.RANK)
     # each target's rank in every list (null: not in it), targets hit by some list only
     wide = tagged.groupBy(*_TARGET, "w").pivot("list", list(ids.values())).agg(F.min(S.RANK))
     # Exact sums (integers; decimals for MRR), the mean and spread taken from them on the driver: a rerun

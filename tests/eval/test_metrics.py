@@ -551,12 +551,17 @@ def test_the_ranks_found_once_serve_the_metrics_and_the_comparisons(spark):
     parts = [("i2i", a.unionByName(b), ["a", "b"])]
     ranks = target_ranks(targets, parts, persist=True)
     try:
-        assert sorted((r.model, r.user_id, r.w, r.rank) for r in ranks.collect()) == [
+        assert sorted((r.model, r.user_id, r.w, r.rank) for r in ranks.rows.collect()) == [
             ("a", 1, 1, 1), ("a", 2, 1, 2), ("a", 3, 1, 1), ("a", 5, 2, 2), ("b", 1, 1, 2), ("b", 2, 1, 1), ("b", 4, 1, 1)]
 
         def rows(df):
             return sorted(tuple(r[c] for c in ("model", "metric", "k", "value", "n_users")) for r in df.collect())
-        assert rows(score_lists(targets, parts, [1, 2], ranks=ranks)) == rows(score_lists(targets, parts, [1, 2]))
+        scored = rows(score_lists(targets, parts, [1, 2], ranks=ranks))
+        assert scored == rows(score_lists(targets, parts, [1, 2]))
+        # by hand, over the 6 target rows: a hits users 1, 3 at rank 1 and 2, 5, 5 at rank 2; b 2, 4 / 1
+        assert [(m, metric, k, v) for m, metric, k, v, n in scored if n == 6] == [
+            ("a", "mrr", None, pytest.approx(3.5 / 6, rel=1e-15)), ("a", "pre", 1, 2 / 6), ("a", "pre", 2, 5 / 6),
+            ("b", "mrr", None, pytest.approx(2.5 / 6, rel=1e-15)), ("b", "pre", 1, 2 / 6), ("b", "pre", 2, 3 / 6)]
         lists = {("a", "i2i"): a, ("b", "i2i"): b}
         pair = [(("a", "i2i"), ("b", "i2i"))]
 
@@ -564,6 +569,12 @@ def test_the_ranks_found_once_serve_the_metrics_and_the_comparisons(spark):
             return [{k: v for k, v in r.items() if k != S.RUN_TS} for r in prs[0]]
         assert strip(paired_comparisons(targets, lists, pair, [1, 2], ranks=ranks)) == strip(
             paired_comparisons(targets, lists, pair, [1, 2]))
+        # ranks not found in a list asked for would score it as all misses: refused
+        only_a = target_ranks(targets, [("i2i", a, ["a"])])
+        with pytest.raises(ValueError, match=r"score_lists: the ranks given were not found in the lists of \[\('b', 'i2i'\)\]"):
+            score_lists(targets, parts, [1], ranks=only_a)
+        with pytest.raises(ValueError, match=r"paired_comparisons: .*\[\('b', 'i2i'\)\]"):
+            paired_comparisons(targets, lists, pair, [1], ranks=only_a)
     finally:
         ranks.unpersist()
     # the checks come first: a list with the trigger in it is refused, naming the model

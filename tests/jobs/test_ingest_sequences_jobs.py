@@ -25,14 +25,15 @@ def test_reingest_from_a_source_without_users_empties_the_users_and_companion_ta
     (sas / "train.txt").write_text("1 2 3\n2 3 4\n")
     (sas / "sas_to_original_users.txt").write_text("1 10\n2 20\n")
     (sas / "users.dat").write_text("UserID::Gender::Age::Occupation::Zip\n10::F::25::3::12345\n20::M::35::7::54321\n"
-                                   "20::M::45::7::54321\n")
+                                   "20::M::45::7::\n")
     base = [f"warehouse={tmp_path / 'wh'}"]
     out = ingest.run(load_config(None, base + ["ingest.format=sasrec", f"ingest.path={sas / 'train.txt'}"]), spark)
     cfg = load_config(None, base + ["ingest.format=csv", f"ingest.path={_csv(tmp_path)}"])
     assert io.read_table(spark, cfg.table_path(S.T_USERS)).count() == 2
-    # the companion lines left out are a table, like the actions rejected: the header, and user 20's later line
+    # the companion lines left out are a table, like the actions rejected: the header, and user 20's later
+    # line (its empty zip kept as an empty field)
     lines = sorted((r.line, r.reason) for r in io.read_table(spark, cfg.table_path(S.T_COMPANIONS_REJECTED)).collect())
-    assert lines == [("20::M::45::7::54321", "duplicate_id"), ("UserID::Gender::Age::Occupation::Zip", "malformed_line")]
+    assert lines == [("20::M::45::7::", "duplicate_id"), ("UserID::Gender::Age::Occupation::Zip", "malformed_line")]
     assert out["companion_lines_rejected"] == {(str(sas / "users.dat"), "duplicate_id"): 1,
                                                (str(sas / "users.dat"), "malformed_line"): 1}
     out = ingest.run(cfg, spark)

@@ -387,6 +387,25 @@ def test_a_key_added_at_its_default_leaves_the_stage_fingerprint_as_it_was(tmp_p
     assert S.T_ID_KEYS not in _stage_io(load_config(None, base), "ingest")[2]
 
 
+def test_an_output_added_to_a_stage_leaves_a_warehouse_built_before_it_up_to_date(tmp_path):
+    # companions_rejected came after warehouses were built: their ingest state does not list it, and
+    # comparing the outputs with it reran ingest, so every stage after it, training included
+    from jobs.pipeline import _fingerprint, _record, _state_file, _up_to_date
+
+    (tmp_path / "log.csv").write_text("user_id,item_id,ts\n1,2,3\n")
+    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={tmp_path / 'log.csv'}"])
+    _record(cfg, "ingest", _fingerprint(cfg, "ingest"))
+    assert _up_to_date(cfg, "ingest")
+    saved = json.load(open(_state_file(cfg, "ingest")))
+    assert S.T_COMPANIONS_REJECTED in saved["outputs"]
+    del saved["outputs"][S.T_COMPANIONS_REJECTED]  # as an ingest recorded before the table existed
+    json.dump(saved, open(_state_file(cfg, "ingest"), "w"))
+    assert _up_to_date(cfg, "ingest")
+    saved["outputs"][S.T_ACTIONS] = ["another table", 3]  # an output it listed still counts
+    json.dump(saved, open(_state_file(cfg, "ingest"), "w"))
+    assert not _up_to_date(cfg, "ingest")
+
+
 def test_two_pipelines_recording_one_stage_at_once_both_succeed(tmp_path):
     # the cooc pipeline and a learned model's baselines stage both record topk-cooc: one temporary
     # file name for both made a rename fail ("No such file or directory: ...topk-cooc.json.tmp")
