@@ -39,9 +39,13 @@ def run(cfg: Config, spark=None) -> dict:
         if not users["kept"]:
             _no_users(actions, cfg)
         sequences, targets = split_user_events(events, cfg.sequences)
-        io.write_table(spark, sequences, cfg.table_path(S.T_SEQUENCES), mode="overwrite", delta_mode=mode,
-                       overwrite_schema=True)
+        # The targets first: a run killed between the two commits then leaves new targets beside the
+        # previous training sequences, which end before them. The other order left the previous
+        # targets beside new sequences that hold them, each user's old last item now a training
+        # action: the graph and the models would learn the very transitions they are scored on.
         io.write_table(spark, targets, cfg.table_path(S.T_EVAL_TARGETS), mode="overwrite", delta_mode=mode,
+                       overwrite_schema=True)
+        io.write_table(spark, sequences, cfg.table_path(S.T_SEQUENCES), mode="overwrite", delta_mode=mode,
                        overwrite_schema=True)
     finally:
         events.unpersist()

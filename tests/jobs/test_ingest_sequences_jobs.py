@@ -160,3 +160,34 @@ def test_a_csv_folder_whose_files_order_the_columns_differently_is_an_error_nami
                                                 r"source was read with \(user_id, item_id, ts, the first file's\)"):
         ingest.run(cfg, spark)
     assert not io.table_exists(cfg.table_path(S.T_ACTIONS))
+
+
+def test_a_sequences_run_killed_between_its_commits_leaks_no_eval_target_into_training(spark, tmp_path, monkeypatch):
+    # before: sequences was committed first, so a kill before eval_targets' commit left the previous
+    # targets beside new sequences in which each user's previous last item is a training action
+    from ml.data import io as data_io
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{u * 10 + t},{t}\n" for u in (1, 2, 3) for t in range(4)))
+    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={log}"])
+    ingest.run(cfg, spark)
+    sequences.run(cfg, spark)
+    with open(log, "a") as f:  # the next night: one more action per user
+        f.write("".join(f"{u},{u * 10 + 4},4\n" for u in (1, 2, 3)))
+    ingest.run(cfg, spark)
+    write, commits = data_io.write_table, []
+
+    def killed_after_one_commit(*args, **kwargs):
+        if commits:
+            raise KeyboardInterrupt
+        commits.append(args[2])
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(data_io, "write_table", killed_after_one_commit)
+    with pytest.raises(KeyboardInterrupt):
+        sequences.run(cfg, spark)
+    monkeypatch.setattr(data_io, "write_table", write)
+    assert commits == [cfg.table_path(S.T_EVAL_TARGETS)]
+    last_training_ts = {r.user_id: max(r.timestamps) for r in io.read_table(spark, cfg.table_path(S.T_SEQUENCES)).collect()}
+    targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS)).collect()
+    assert len(targets) == 3 and all(t.target_ts > last_training_ts[t.user_id] for t in targets)
