@@ -56,9 +56,8 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
                for kind, path, version in sources}
 
     def model_lists(model: str) -> list:
-        """[(kind, lists)]: the model's lists in each table it has rows in (none: an empty list)."""
-        return [(kind, io.read_table(spark, path, version=v, delta_mode=mode, partitions={S.MODEL: [model]}))
-                for kind, path, v in sources if model in present[kind]]
+        """The kinds of list table the model has rows in (none: an empty list)."""
+        return [kind for kind, _, _ in sources if model in present[kind]]
 
     run_ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     # Every model and baseline is checked, and every metric and comparison computed, before anything
@@ -103,18 +102,16 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
         metrics = score_lists(targets, [p for p in scored if p[2]], list(cfg.eval.ks), items, run_ts, targets_id,
                               ranks=ranks).localCheckpoint()
         # every comparison, of every model, in one more: (model, kind) against (baseline, kind) lists
-        frames, pairs = {}, []
+        pairs = []
         for m in models:
             done = set()
             for b, base in compared[m]:
                 if b in done:  # asked for both cooc and cooc_recent: one comparison with cooc_recent
                     continue
                 done.add(b)
-                for kind, t in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
-                    bkind, bt = next(((k, x) for k, x in base if k == kind), base[0])
-                    frames[(m, kind)], frames[(b, bkind)] = t, bt
-                    pairs.append(((m, kind), (b, bkind)))
-        by_pair = (paired_comparisons(targets, frames, pairs, list(cfg.eval.ks), run_ts, ranks=ranks)
+                for kind in lists[m]:  # the baseline's lists of the same kind when it has them, else its first
+                    pairs.append(((m, kind), (b, kind if kind in base else base[0])))
+        by_pair = (paired_comparisons(targets, None, pairs, list(cfg.eval.ks), run_ts, ranks=ranks)
                    if pairs else [])
     finally:
         ranks.unpersist()

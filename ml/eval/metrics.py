@@ -65,18 +65,19 @@ def check_lists(topk: DataFrame, kind: str, model: Optional[str], eval_targets: 
     _refuse_bad_lists(_per_list(named, kind, eval_targets), kind)
 
 
-def _list_key(kind: str) -> Tuple[str, str]:
-    """(the column a list is keyed by, its items' column) in the lists table of ``kind``."""
+def _list_key(kind: str) -> Tuple[str, str, str]:
+    """(the column a list is keyed by, its items' column) in the lists table of ``kind``, and the
+    eval targets' column that names the list a target reads."""
     if kind not in ("i2i", "u2i"):
         raise ValueError(f"kind={kind!r}; expected i2i or u2i")
-    return (S.ITEM_ID, S.NEIGHBOR_ID) if kind == "i2i" else (S.USER_ID, S.ITEM_ID)
+    return (S.ITEM_ID, S.NEIGHBOR_ID, S.TRIGGER_ITEM) if kind == "i2i" else (S.USER_ID, S.ITEM_ID, S.USER_ID)
 
 
 def _per_list(named: DataFrame, kind: str, eval_targets: DataFrame) -> DataFrame:
     """One row per (model, list) an eval target reads: the model, the list's key and ``why`` the list
     cannot be scored (null: it can)."""
-    key, item = _list_key(kind)
-    wanted = eval_targets.select(F.col(S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID).alias(key)).distinct()
+    key, item, target_key = _list_key(kind)
+    wanted = eval_targets.select(F.col(target_key).alias(key)).distinct()
     per = named.join(wanted, key, "left_semi").groupBy(S.MODEL, key).agg(
         F.count(F.lit(1)).alias("n"), F.size(F.array_distinct(F.collect_list(item))).alias("items"),
         F.size(F.array_distinct(F.collect_list(S.RANK))).alias("ranks"), F.min(S.RANK).alias("lo"),
@@ -93,7 +94,7 @@ def _per_list(named: DataFrame, kind: str, eval_targets: DataFrame) -> DataFrame
 def _refuse_bad_lists(per: DataFrame, kind: str) -> None:
     """:class:`InvalidInput` naming each model with lists :func:`_per_list` found unscorable, why,
     how many and an example."""
-    key, _ = _list_key(kind)
+    key = _list_key(kind)[0]
     bad = (per.where(F.col("why").isNotNull())
            .groupBy(S.MODEL, "why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example"))
            .collect())  # <= 4 rows per model
@@ -146,11 +147,10 @@ def target_ranks(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, 
     weighted = eval_targets.groupBy(*_TARGET).agg(F.count(F.lit(1)).alias("w"))
     ranks = None
     for kind, topk, models in parts:
-        key, item = _list_key(kind)
+        key, item, target_key = _list_key(kind)
         lists = topk.where(F.col(S.MODEL).isin(*models))
         if check:
             _refuse_bad_lists(_per_list(lists, kind, eval_targets), kind)
-        target_key = S.TRIGGER_ITEM if kind == "i2i" else S.USER_ID
         r = (weighted.join(lists.select(S.MODEL, F.col(key).alias(target_key), F.col(item).alias(S.TARGET_ITEM),
                                         S.RANK), [target_key, S.TARGET_ITEM])
              .select(S.MODEL, F.lit(kind).alias("kind"), *_TARGET, "w", S.RANK))
@@ -269,13 +269,13 @@ def paired_comparison(eval_targets: DataFrame, topk: DataFrame, baseline_topk: D
     return paired_comparisons(eval_targets, lists, [((model, kind), (baseline, baseline_kind))], ks, run_ts)[0]
 
 
-def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], DataFrame],
+def paired_comparisons(eval_targets: DataFrame, lists: Optional[Mapping[Tuple[str, str], DataFrame]],
                        pairs: Sequence[Tuple[Tuple[str, str], Tuple[str, str]]], ks: Sequence[int],
                        run_ts: Optional[dt.datetime] = None, ranks: Optional[TargetRanks] = None) -> List[List[dict]]:
     """Models against baselines on the same eval targets, user by user: for each of ``pairs``, rows
     of the ``metrics_paired`` contract, one per Pre@K and one for MRR. ``lists``: {(name, kind):
-    lists} (kind "i2i": ``i2i_topk`` rows, "u2i": ``u2i_topk`` rows); ``pairs``: ((model, kind),
-    (baseline, kind)) keys of ``lists``.
+    lists} (kind "i2i": ``i2i_topk`` rows, "u2i": ``u2i_topk`` rows), read only without ``ranks``
+    (None then); ``pairs``: ((model, kind), (baseline, kind)) keys of ``lists`` (or of ``ranks``).
 
     Each target gets both models' values (hit within K, or reciprocal rank; 0 for a miss, as in
     :func:`score_lists`); the difference d = model - baseline is averaged over all targets, with
@@ -294,6 +294,8 @@ def paired_comparisons(eval_targets: DataFrame, lists: Mapping[Tuple[str, str], 
     run_ts = run_ts or dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     ids = {key: i for i, key in enumerate(dict.fromkeys(k for pair in pairs for k in pair))}
     if ranks is None:
+        if lists is None:
+            raise ValueError("paired_comparisons: neither lists nor ranks")
         ranks = target_ranks(eval_targets, [(kind, lists[(name, kind)].withColumn(S.MODEL, F.lit(name)), [name])
                                             for name, kind in ids], check=False)
     ranks.require(ids, "paired_comparisons")
