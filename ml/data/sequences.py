@@ -46,11 +46,19 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
     # sort_array on (ts, µs, item_id) structs: time order with an explicit, stable tie-break.
     event = F.struct(F.col(S.TS).alias("t"), F.col("_f").alias("f"), F.col(S.ITEM_ID).alias("i"))
     bound = _events_needed(cfg)
-    if bound and has_top_k_aggregate(actions):
+    if bound and bound <= MAX_BY_K_LIMIT and has_top_k_aggregate(actions):
         # Only the most recent `bound` events can reach the tables: a bounded top-k aggregate keeps
         # at most that many per user in each task, so a bot with 10^8 events is not one 2 GB row.
         collected = F.max_by(event, event, bound)
-    else:
+    elif bound:
+        # The same cut without that aggregate (Spark 4.0/4.1, or a bound over its limit): each user's
+        # events numbered from the most recent by a window (a sort that spills, not an array), and
+        # only the first `bound` collected; the count still sees them all.
+        recent = Window.partitionBy(S.USER_ID).orderBy(F.col(S.TS).desc(), F.col("_f").desc(),
+                                                       F.col(S.ITEM_ID).desc())
+        actions = actions.withColumn("_r", F.row_number().over(recent))
+        collected = F.collect_list(F.when(F.col("_r") <= bound, event))  # nulls are not collected
+    else:  # no max_length: every event is wanted (the config's choice, README "Sequences")
         collected = F.collect_list(event)
     events = actions.groupBy(S.USER_ID).agg(F.sort_array(collected).alias("ev"), F.count(F.lit(1)).alias("total"))
     if cfg.holdout > 1:  # validation split: the last holdout-1 actions are never seen
@@ -92,7 +100,7 @@ def _events_needed(cfg: SequencesConfig) -> int | None:
     """How many of a user's most recent events the tables can use (None: all of them): the last
     ``max_length`` training items, the target and the held-out ones (``min_length`` is checked on
     the user's full count; repeats are collapsed before)."""
-    if not cfg.max_length or cfg.max_length + cfg.holdout > MAX_BY_K_LIMIT:
+    if not cfg.max_length:
         return None
     return cfg.max_length + cfg.holdout
 

@@ -101,11 +101,21 @@ def test_bounded_collection_gives_the_same_tables_as_collecting_everything(spark
     for kw in (dict(max_length=3), dict(max_length=5, holdout=2), dict(max_length=1, min_length=4),
                dict(max_length=4, collapse_repeats=True)):
         bounded = _collect(spark, rows, **kw)
+        # Spark 4.0/4.1 (no bounded top-k aggregate): the same bound by a window
         monkeypatch.setattr(seqmod, "has_top_k_aggregate", lambda df: False)
-        full = _collect(spark, rows, **kw)
+        windowed = _collect(spark, rows, **kw)
         monkeypatch.undo()
-        assert bounded == full, kw
+        monkeypatch.setattr(seqmod, "MAX_BY_K_LIMIT", 2)  # a bound over the aggregate's limit: the window too
+        over_limit = _collect(spark, rows, **kw)
+        monkeypatch.undo()
+        assert bounded == windowed == over_limit == _reference(rows, **kw), kw
     assert seqmod._events_needed(SequencesConfig(max_length=3, holdout=2)) == 5
+    assert seqmod._events_needed(SequencesConfig(max_length=None)) is None
+    # and what each user's aggregation holds is bounded there too (it held every event: a bot's 10^8
+    # events one multi-GB array), while the count still sees every event
+    monkeypatch.setattr(seqmod, "has_top_k_aggregate", lambda df: False)
+    held = seqmod.user_events(_acts(spark, [(1, i, i) for i in range(50)]), SequencesConfig(max_length=3)).collect()
+    assert [(r["m"], r["n"]) for r in held] == [(4, 50)]
     _, tgt = _collect(spark, [(1, i, i) for i in range(50)], max_length=2)
     assert tgt[1][3] == 49  # history_length counts every action before the target
 
