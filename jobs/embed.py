@@ -86,8 +86,9 @@ def run(cfg: Config, spark=None) -> dict:
     n_items = items.count()  # Parquet footers
     # one task per ITEMS_PER_TASK items: noise_q is small in bytes, so its files (one per task that
     # wrote it, or a compacted few) can be far fewer than the encoder's work needs (a vector is the
-    # same bits in any batch: widen_to_float64)
-    spread = items.repartition(tasks_for(spark, n_items, ITEMS_PER_TASK), S.ITEM_ID)
+    # same bits in any batch but for ~10^-9 of the values: widen_to_float64), sorted within each task,
+    # so which items share a batch does not follow the order the shuffle fetched its blocks in
+    spread = items.repartition(tasks_for(spark, n_items, ITEMS_PER_TASK), S.ITEM_ID).sortWithinPartitions(S.ITEM_ID)
     emb = spread.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)
     out = {"items": n, "run_id": run_id, "skipped_items": n_items - n, "untrained_items": 0}

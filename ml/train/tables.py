@@ -19,7 +19,9 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 from deltalake import DeltaTable
 
@@ -54,11 +56,12 @@ def agreed_versions(paths: Sequence[str]) -> Dict[str, int]:
 
 
 def read_columns(path: str, columns: list, version: Optional[int] = None,
-                 partitions: Optional[list | dict] = None) -> pa.Table:
+                 partitions: Optional[list | dict] = None, rows: Optional["pc.Expression"] = None) -> pa.Table:
     """The given columns of a Delta snapshot (``version``, else the one pinned by
     :func:`pinned_versions`, else the latest); ``partitions`` (``[("model", "=", "natm")]``, or
     ``{"model": ["natm"]}`` as :func:`ml.data.io.read_table` takes it) reads only the files of those
-    partitions."""
+    partitions; ``rows`` (an Arrow expression) keeps only the rows it holds for, as the files are
+    scanned (what is held in memory is those rows, not the table)."""
     if not DeltaTable.is_deltatable(path):
         raise MissingInput(f"no Delta table at {path} (has its producing job run?)")
     version = _PINNED.get(path) if version is None else version
@@ -67,7 +70,10 @@ def read_columns(path: str, columns: list, version: Optional[int] = None,
     if isinstance(partitions, dict):
         partitions = [(k, "in", list(v)) for k, v in partitions.items()]
     # delta-rs's filters prune the files by their partition values (its `partitions` is deprecated)
-    return pa.table(dt.to_pyarrow_table(columns=columns, filters=partitions or None, filesystem=table_filesystem(path)))
+    filters = partitions or None
+    if rows is not None:
+        filters = rows if filters is None else pq.filters_to_expression(filters) & rows
+    return pa.table(dt.to_pyarrow_table(columns=columns, filters=filters, filesystem=table_filesystem(path)))
 
 
 def table_filesystem(path: str) -> pafs.FileSystem:
@@ -150,7 +156,10 @@ def load_categories(items_path: Optional[str], vocab: Vocab):
     without a training action would be an embedding row that nothing trains."""
     if not items_path or not DeltaTable.is_deltatable(items_path):
         return None, 0
-    t = read_columns(items_path, ["item_id", "category_id"])
+    # only the vocabulary's rows are kept as the table is scanned: ``items`` lists the whole catalogue
+    # (held-out targets, other behaviours, short users' items), which samples.max_items does not bound,
+    # and every training rank reads it
+    t = read_columns(items_path, ["item_id", "category_id"], rows=pc.field("item_id").isin(vocab.ids.numpy()))
     idx = vocab.index(torch.from_numpy(t.column("item_id").to_numpy().copy())).numpy()
     trained = idx > 0
     col = t.column("category_id")

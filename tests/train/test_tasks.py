@@ -191,6 +191,12 @@ def test_read_columns_reads_partitions_with_escaped_values_through_arrows_filesy
     assert one.column("id").to_pylist() == [2]
     # io.read_table's spelling of the same filter
     assert sorted(read_columns(path, ["id"], partitions={"s": ["x/y%z", "plain"]}).column("id").to_pylist()) == [2, 3]
+    # a row filter alone, and with a partition filter (both hold)
+    import pyarrow.compute as pc
+
+    assert sorted(read_columns(path, ["id"], rows=pc.field("id").isin([1, 3, 9])).column("id").to_pylist()) == [1, 3]
+    assert read_columns(path, ["id"], partitions={"s": ["x/y%z", "plain"]},
+                        rows=pc.field("id").isin([1, 3])).column("id").to_pylist() == [3]
     assert read_columns(f"file://{path}", ["id"]).num_rows == 3
     assert read_columns(f"file:{path}", ["id"]).num_rows == 3  # Spark's spelling
     spaced = str(tmp_path / "a b")
