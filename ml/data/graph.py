@@ -16,17 +16,20 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from decimal import Decimal
 from functools import reduce
 from typing import List, Tuple
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql.types import DecimalType
 
 from ml import schemas as S
 from ml.config import GraphConfig
 
 MAX_BY_K_LIMIT = 100_000  # Spark rejects max_by(.., k) with k above this
 MAX_EXACT_SCALE = 2**31  # integer weight units while lcm(1..window) stays under this (window <= 22)
+DECIMAL_PLACES = 18  # beyond it, 1/d as decimal(38, 18): sums up to 10^20, in any order the same
 UNITS = "units"
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ def weight_scale(window: int, decay: bool) -> int:
     so two edges of equal weight and count could be ranked by rounding noise instead of by id, and
     differently on a rerun whose shuffle delivered rows in another order. L = lcm(1..window) with
     decay (60 for window 5), 1 without; 0 where that lcm exceeds ``MAX_EXACT_SCALE`` (decay with a
-    window over 22), and the pairs then carry float 1/d weights.
+    window over 22), and the pairs then carry 1/d rounded to ``DECIMAL_PLACES`` places as decimals,
+    whose sums are also the same in any order (not exact: 1/3 is rounded once per pair).
     """
     if not decay:
         return 1
@@ -70,7 +74,7 @@ def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symme
     out = None
     for d in range(1, window + 1):
         zipped = F.arrays_zip(F.slice(S.ITEMS, 1, n - d).alias("a"), F.slice(S.ITEMS, d + 1, n - d).alias("b"))
-        units = F.lit((scale // d if scale else 1.0 / d) if decay else 1)
+        units = F.lit((scale // d if scale else _decimal_reciprocal(d)) if decay else 1)
         user = [S.USER_ID] if keep_user else []
         pairs = (sequences.where(n > d).select(*user, F.explode(zipped).alias("p"))
                  .select(*user, F.col("p.a").alias(S.ITEM_ID), F.col("p.b").alias(S.NEIGHBOR_ID))
@@ -85,9 +89,15 @@ def windowed_pairs(sequences: DataFrame, window: int, decay: bool = False, symme
     return out
 
 
+def _decimal_reciprocal(d: int) -> Column:
+    """1/d rounded to :data:`DECIMAL_PLACES` places, as a decimal(38, DECIMAL_PLACES) literal."""
+    places = Decimal(1).scaleb(-DECIMAL_PLACES)
+    return F.lit((Decimal(1) / Decimal(d)).quantize(places)).cast(DecimalType(38, DECIMAL_PLACES))
+
+
 def aggregate_edges(pairs: DataFrame, scale: int, min_count: int = 1, per_user: bool = False) -> DataFrame:
     """Sum :func:`windowed_pairs` rows into edges ``(item_id, neighbor_id, weight, count)``, weight =
-    units / ``scale`` (from :func:`weight_scale`; 0: the units are float weights already); drop
+    units / ``scale`` (from :func:`weight_scale`; 0: the units are decimal weights already); drop
     edges seen fewer than ``min_count`` times. ``per_user`` (pairs with ``user_id``): each user adds
     an edge once, at its nearest distance, so ``count`` is the number of users (a user alternating
     between two items added to their edge at every step, and alone met any ``min_count``)."""
@@ -105,9 +115,10 @@ def cooccurrence_edges(sequences: DataFrame, window: int, decay: bool = False, s
     """``sequences`` -> every edge ``(item_id, neighbor_id, weight, count)`` of the windowed graph."""
     scale = weight_scale(window, decay)
     if not scale:
-        log.warning("co-occurrence: window=%d with decay: lcm(1..%d) is over 2^31, so the weights are float "
-                    "sums of 1/d, not exact; equal weights can differ in the last bits (and rank by that, "
-                    "not by count and id). Windows up to 22 are exact.", window, window)
+        log.warning("co-occurrence: window=%d with decay: lcm(1..%d) is over 2^31, so the weights are sums of "
+                    "1/d rounded to %d decimal places, not exact (the same on every run, in any order); two "
+                    "edges of equal true weight can differ in the last place and rank by that, not by count and "
+                    "id. Windows up to 22 are exact.", window, window, DECIMAL_PLACES)
     return aggregate_edges(windowed_pairs(sequences, window, decay, symmetric, keep_user=per_user), scale,
                            min_count, per_user)
 

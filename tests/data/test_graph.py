@@ -74,11 +74,15 @@ def test_decayed_weights_are_exact_so_ties_fall_to_the_id(spark):
     assert graph.weight_scale(22, True) == 232_792_560 and graph.weight_scale(23, True) == 0  # float weights
 
 
-def test_decay_beyond_exact_window_sums_float_weights(spark, caplog):
+def test_decay_beyond_exact_window_sums_rounded_decimals_the_same_in_any_order(spark, caplog):
     with caplog.at_level(logging.WARNING, logger="ml.data.graph"):
         e = _edges(spark, [(1, [1, 2, 3]), (2, [1, 3])], window=23, decay=True)
     assert e[(1, 3)] == (1.5, 2, 1) and e[(1, 2)] == (1.0, 1, 2)
     assert "window=23 with decay" in caplog.text and "not exact" in caplog.text  # said, not silent
+    # 1/2 + 1/3 + 1/6 (distances 2, 3 and 6 in three users): as floats 0.9999999999999999 or 1.0 by the
+    # order the shuffle adds them in; as decimals rounded to 18 places 1.0 in every order
+    e = _edges(spark, [(1, [7, 10, 8]), (2, [7, 11, 12, 8]), (3, [7, 13, 14, 15, 16, 17, 8])], window=23, decay=True)
+    assert e[(7, 8)][:2] == (1.0, 3)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ml.data.graph"):
         _edges(spark, [(1, [1, 2, 3])], window=22, decay=True)
