@@ -44,6 +44,31 @@ def test_topk_refuses_non_finite_vectors_and_reads_one_vector_column(spark, ware
     assert io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).count() == 6
 
 
+def test_asymmetric_lists_rank_candidate_vectors_by_the_trigger_vector(spark, warehouse):
+    # Separate encoders (the shipped NATM configs): the index holds the candidate vectors, the queries
+    # are the trigger vectors. The lists must be those of T @ C.T, the item itself excluded, ties to the
+    # smaller id; C @ T.T (the sides swapped) gives other lists, so a swap cannot pass unseen.
+    cfg = load_config(None, [f"warehouse={warehouse}", "model=natm"])
+    rng = np.random.default_rng(7)
+    n, k = 30, 5
+    unit = lambda m: (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    t, c = unit(rng.standard_normal((n, 8))), unit(rng.standard_normal((n, 8)))
+    ids = np.arange(n) * 3 + 11
+    _write(spark, cfg, [(int(ids[i]), "natm", t[i].tolist(), c[i].tolist(), "r1") for i in range(n)])
+    topk.run(cfg, spark, k=k)
+    got = {(r.item_id, r.rank): r.neighbor_id
+           for r in io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).where("model = 'natm'").collect()}
+
+    def lists(q, index):
+        s = q @ index.T
+        np.fill_diagonal(s, -np.inf)
+        order = np.lexsort((np.broadcast_to(ids, s.shape), -s), axis=1)[:, :k]
+        return {(int(ids[i]), r + 1): int(ids[order[i, r]]) for i in range(n) for r in range(k)}
+
+    assert got == lists(t, c)
+    assert got != lists(c, t) and got != lists(t, t)
+
+
 def test_check_finite_names_the_ids():
     check_finite(np.ones((3, 2), np.float32), np.array([1, 2, 3]), "v")
     with pytest.raises(InvalidInput, match=r"v: 2 of 3 vectors .* ids \[5, 7\]"):
