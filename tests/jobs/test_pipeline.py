@@ -190,6 +190,17 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     assert io.read_table(spark, tables[0]).where("model = 'cooc' AND category_id IS NULL").count() == \
         len(cfg.eval.ks) + 1  # the model named twice is scored once
 
+    # --from STAGE (the README's advice after fixing an input): the stages before it neither run nor
+    # count as skipped, it and every later one run although up to date, and the tables before it stay
+    versions = {t: io.table_version(cfg.table_path(t)) for t in (S.T_SEQUENCES, S.T_ITEM_GRAPH, S.T_I2I_TOPK,
+                                                                 S.T_U2I_TOPK)}
+    assert pipeline.run(cfg, spark)["skipped"] == ["generate", "ingest", "sequences", "graph", "topk", "recent"]
+    again = pipeline.run(cfg, spark, start_from="topk")
+    assert again["skipped"] == [] and set(again) == {"topk", "recent", "evaluate", "skipped"}
+    assert {t: io.table_version(cfg.table_path(t)) for t in versions} == {
+        **versions, S.T_I2I_TOPK: versions[S.T_I2I_TOPK] + 1, S.T_U2I_TOPK: versions[S.T_U2I_TOPK] + 1}
+    assert pipeline.run(cfg, spark)["skipped"][-2:] == ["topk", "recent"]  # and recorded as up to date
+
 # What `python -m jobs.pipeline` prints (tables, counts, metrics, the paired comparison) is checked by
 # tests/test_spark_submit.py: jobs/submit.py runs the same __main__ (under spark-submit's session),
 # and the packed environment's executors embed the items there.
