@@ -1,5 +1,6 @@
 """The main job end to end on tiny synthetic data: CLI, tables, rerun determinism."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -455,13 +456,24 @@ def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, 
     import threading
 
     cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={tmp_path / 'wh'}"])
-    recorded, runs, started = [], [], threading.Event()
+    recorded, runs, started, waiting = [], [], threading.Event(), threading.Event()
 
     def graph_job(cfg, spark, **kwargs):
         runs.append(threading.current_thread().name)
         started.set()
-        threading.Event().wait(0.5)  # the first pipeline's graph takes a while
+        # the first pipeline's graph lasts until the second says it waits for it (a fixed pause let a
+        # slow second thread arrive after the first had recorded, and skip without the lock)
+        waiting.wait(60)
         return {"edges": 1}
+
+    class Waiting(logging.Handler):
+        def emit(self, record):
+            if "waiting for another pipeline" in record.getMessage():
+                waiting.set()
+
+    handler, plog = Waiting(), logging.getLogger("jobs.pipeline")
+    plog.addHandler(handler)
+    monkeypatch.setattr(plog, "level", logging.INFO)
 
     monkeypatch.setattr(pipeline.graph, "run", graph_job)
     monkeypatch.setattr(pipeline, "_fingerprint", lambda cfg, stage: {"stage": stage})
@@ -477,7 +489,9 @@ def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, 
     started.wait(10)
     second = threading.Thread(target=one, args=("second",), name="second")
     second.start()
-    first.join(10), second.join(10)
+    first.join(90), second.join(90)
+    plog.removeHandler(handler)
+    assert waiting.is_set()  # the second pipeline met the first's lock
     assert runs == ["first"] and results == {"first": {"edges": 1}, "second": None}  # waited, then skipped
     assert os.path.exists(pipeline._state_file(cfg, "graph") + ".lock")
     # a URI warehouse keeps no state and takes no lock
