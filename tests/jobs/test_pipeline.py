@@ -202,6 +202,22 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
         **versions, S.T_I2I_TOPK: versions[S.T_I2I_TOPK] + 1, S.T_U2I_TOPK: versions[S.T_U2I_TOPK] + 1}
     assert pipeline.run(cfg, spark)["skipped"][-2:] == ["topk", "recent"]  # and recorded as up to date
 
+    # a model with a user tower, in the same warehouse: its samples, training, both sides' vectors, its
+    # u2i lists and their fused twin (model two_tower_recent) are stages of their own, scored, and a
+    # rerun skips them all; the cooc rows stay
+    tower = load_config(ROOT / "conf" / "synthetic.yaml", [
+        f"warehouse={warehouse}", *TINY, "model=two_tower", "eval.compare_to=[]", "train.max_steps=3",
+        "dat.hidden=[16, 8]"])
+    first = pipeline.run(tower, spark)
+    assert first["skipped"] == ["generate", "ingest", "sequences", "graph"] and first["embed"]["users"] == 300
+    u2i_models = {r.model for r in io.read_table(spark, tower.table_path(S.T_U2I_TOPK)).select(S.MODEL).distinct()
+                  .collect()}
+    assert u2i_models == {"cooc_recent", "two_tower", "two_tower_recent"}
+    scored = {(r["model"], r["metric"]) for r in first["evaluate"]["rows"]}
+    assert {("two_tower", "u2i_hr"), ("two_tower", "pre"), ("two_tower_recent", "u2i_hr")} <= scored
+    assert pipeline.run(tower, spark)["skipped"] == ["generate", "ingest", "sequences", "graph", "samples", "train",
+                                                     "embed", "topk", "recent"]
+
 # What `python -m jobs.pipeline` prints (tables, counts, metrics, the paired comparison) is checked by
 # tests/test_spark_submit.py: jobs/submit.py runs the same __main__ (under spark-submit's session),
 # and the packed environment's executors embed the items there.
