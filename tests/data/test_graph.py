@@ -71,7 +71,7 @@ def test_decayed_weights_are_exact_so_ties_fall_to_the_id(spark):
     e = _edges(spark, rows, window=6, decay=True)
     assert e[(1, 5)] == (1.0, 3, 1) and e[(1, 9)] == (1.0, 3, 2)
     assert graph.weight_scale(6, True) == 60 and graph.weight_scale(6, False) == 1
-    assert graph.weight_scale(22, True) == 232_792_560 and graph.weight_scale(23, True) == 0  # float weights
+    assert graph.weight_scale(22, True) == 232_792_560 and graph.weight_scale(23, True) == 0  # decimal weights
 
 
 def test_decay_beyond_exact_window_sums_rounded_decimals_the_same_in_any_order(spark, caplog):
@@ -81,8 +81,11 @@ def test_decay_beyond_exact_window_sums_rounded_decimals_the_same_in_any_order(s
     assert "window=23 with decay" in caplog.text and "not exact" in caplog.text  # said, not silent
     # 1/2 + 1/3 + 1/6 (distances 2, 3 and 6 in three users): as floats 0.9999999999999999 or 1.0 by the
     # order the shuffle adds them in; as decimals rounded to 18 places 1.0 in every order
-    e = _edges(spark, [(1, [7, 10, 8]), (2, [7, 11, 12, 8]), (3, [7, 13, 14, 15, 16, 17, 8])], window=23, decay=True)
-    assert e[(7, 8)][:2] == (1.0, 3)
+    # (7, 9) the same from three more users: equal weight and count, so the smaller id ranks first, and
+    # both above the weight-1.0 edges of count 1 (a float sum a little under 1 ranked below all of them)
+    e = _edges(spark, [(1, [7, 10, 8]), (2, [7, 11, 12, 8]), (3, [7, 13, 14, 15, 16, 17, 8]),
+                       (4, [7, 18, 9]), (5, [7, 19, 20, 9]), (6, [7, 21, 22, 23, 24, 25, 9])], window=23, decay=True)
+    assert e[(7, 8)] == (1.0, 3, 1) and e[(7, 9)] == (1.0, 3, 2)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ml.data.graph"):
         _edges(spark, [(1, [1, 2, 3])], window=22, decay=True)

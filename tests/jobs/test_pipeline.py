@@ -466,7 +466,7 @@ def test_two_pipelines_recording_one_stage_at_once_both_succeed(tmp_path):
     assert os.listdir(os.path.dirname(pipeline._state_file(cfg, "topk"))) == ["topk-cooc.json"]  # no leftovers
 
 
-def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, monkeypatch):
+def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, monkeypatch, caplog):
     # two pipelines (two models) started together on a fresh warehouse both ran ingest, graph, ...,
     # and neither recorded the stages the other wrote last: the next run redid everything
     import threading
@@ -488,8 +488,6 @@ def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, 
                 waiting.set()
 
     handler, plog = Waiting(), logging.getLogger("jobs.pipeline")
-    plog.addHandler(handler)
-    monkeypatch.setattr(plog, "level", logging.INFO)
 
     monkeypatch.setattr(pipeline.graph, "run", graph_job)
     monkeypatch.setattr(pipeline, "_fingerprint", lambda cfg, stage: {"stage": stage})
@@ -500,13 +498,19 @@ def test_a_second_pipeline_waits_for_a_shared_stage_and_then_skips_it(tmp_path, 
     def one(name):
         results[name] = pipeline._run_stage(cfg, "graph", None, forced=False)
 
-    first = threading.Thread(target=one, args=("first",), name="first")
-    first.start()
-    started.wait(10)
-    second = threading.Thread(target=one, args=("second",), name="second")
-    second.start()
-    first.join(90), second.join(90)
-    plog.removeHandler(handler)
+    # setLevel (through caplog), not the attribute: the logger caches which levels are on, and an
+    # earlier test's INFO record at WARNING left "off" there
+    with caplog.at_level(logging.INFO, logger="jobs.pipeline"):
+        plog.addHandler(handler)
+        try:
+            first = threading.Thread(target=one, args=("first",), name="first")
+            first.start()
+            started.wait(10)
+            second = threading.Thread(target=one, args=("second",), name="second")
+            second.start()
+            first.join(90), second.join(90)
+        finally:
+            plog.removeHandler(handler)
     assert waiting.is_set()  # the second pipeline met the first's lock
     assert runs == ["first"] and results == {"first": {"edges": 1}, "second": None}  # waited, then skipped
     assert os.path.exists(pipeline._state_file(cfg, "graph") + ".lock")
