@@ -33,9 +33,12 @@ class DATTrainer(nn.Module):
 def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Tensor, tuple]:
     """(U+1, fields) category indices from ``users.features`` (0 = unknown) and each field's size.
 
-    A field's levels are its distinct values in sorted order (codes 1..n); a user without the field,
-    or not in the vocabulary, keeps 0; a map listing a key twice gives its last value. Arrow compute
-    over the map column, no Python object per user: 10^7 users are a second, not minutes and GBs.
+    A field's levels are the distinct values of the vocabulary's users in sorted order (codes 1..n; a
+    value only other users have would be an embedding row that nothing trains); a user without the
+    field keeps 0; a map listing a key twice gives its last value. Only the vocabulary's rows are kept
+    as the table is scanned: ``users`` lists every user of the source, which samples.max_users does
+    not bound, and every training rank reads it. Arrow compute over the map column, no Python object
+    per user: 10^7 users are a second, not minutes and GBs.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -43,17 +46,20 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
     feats = torch.zeros(vocab.size + 1, len(fields), dtype=torch.long)
     if not fields:
         return feats[:, :0], ()
-    t = read_columns(users_path, ["user_id", "features"]) if DeltaTable.is_deltatable(users_path) else None
+    t = None
+    if DeltaTable.is_deltatable(users_path):
+        nulls = read_columns(users_path, ["user_id"], rows=pc.field("user_id").is_null()).num_rows
+        if nulls:  # to_numpy would make them floats, and then some other id
+            raise InvalidInput(f"{users_path}: {nulls:,} rows with a null user_id (the users contract has none): "
+                               "rerun jobs.ingest")
+        t = read_columns(users_path, ["user_id", "features"], rows=pc.field("user_id").isin(vocab.ids.numpy()))
     if t is None or t.num_rows == 0:  # the source had no users (ingest writes the table empty)
         # not an error (Taobao has no user features, and the default names MovieLens'), but said: the
         # query tower trains on ids alone
-        log.warning("dat.user_fields=%s: %s has no users, so the query tower has no user features (ids "
-                    "only); set dat.user_fields=[] to say so, or ingest a source with its users (ml1m's "
-                    "users.dat)", list(fields), users_path)
+        log.warning("dat.user_fields=%s: %s has no users of the training sequences, so the query tower has no "
+                    "user features (ids only); set dat.user_fields=[] to say so, or ingest a source with its users "
+                    "(ml1m's users.dat)", list(fields), users_path)
         return feats[:, :0], ()
-    if t.column("user_id").null_count:  # to_numpy would make them floats, and then some other id
-        raise InvalidInput(f"{users_path}: {t.column('user_id').null_count:,} rows with a null user_id "
-                           "(the users contract has none): rerun jobs.ingest")
     idx = vocab.index(torch.from_numpy(t.column("user_id").to_numpy().astype(np.int64)))
     known = idx > 0
     maps = t.column("features")  # chunked as read: no concatenated copy
@@ -64,7 +70,7 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
         levels = pc.unique(values.drop_null())
         if not len(levels):  # a misspelt field would be a feature that is always 0, trained on nothing
             present = pc.unique(pa.chunked_array([c.keys for c in maps.chunks], key_type).drop_null())
-            raise InvalidInput(f"dat.user_fields: {f!r} has a value in no row of {users_path} (its users' features "
+            raise InvalidInput(f"dat.user_fields: {f!r} has a value for no training user in {users_path} (their features "
                                f"are {sorted(present.to_pylist())[:20]}): fix or drop it in dat.user_fields")
         levels = levels.take(pc.sort_indices(levels))
         code = pc.fill_null(pc.index_in(values, value_set=levels), -1).to_numpy(zero_copy_only=False) + 1

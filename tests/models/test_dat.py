@@ -217,11 +217,11 @@ def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
     from ml.train.tables import build_vocab
 
     rows = [(1, {"gender": "F", "age": "25"}), (2, {"gender": "M"}), (3, None), (4, {"age": "35", "occ": "7"}),
-            (9, {"gender": "X"})]  # 9: not a training user, but its value is a level
+            (9, {"gender": "X"}), (10, {"zone": "7"})]  # 9, 10: not training users: no level of theirs
     path = f"{warehouse}/users_codes"
     io.write_table(spark, spark.createDataFrame(rows, "user_id long, features map<string,string>"), path)
     feats, sizes = load_user_features(path, build_vocab(np.array([1, 2, 3, 4, 5])), ["gender", "age", "occ"])
-    assert sizes == (4, 3, 2)  # F, M, X / 25, 35 / 7, each + 1 for unknown
+    assert sizes == (3, 3, 2)  # F, M / 25, 35 / 7, each + 1 for unknown (X only user 9 has: a row nothing trains)
     assert feats.tolist() == [[0, 0, 0], [1, 1, 0], [2, 0, 0], [0, 0, 0], [0, 2, 1], [0, 0, 0]]  # row 0: padding
     # a null user_id (a table not written by ingest) is named, not coded as some other user
     from ml.errors import InvalidInput
@@ -232,9 +232,12 @@ def test_user_features_are_coded_per_field_in_sorted_order(spark, warehouse):
     with pytest.raises(InvalidInput, match="1 rows with a null user_id"):
         load_user_features(bad, build_vocab(np.array([1])), ["gender"])
     # a field no user has (a misspelt dat.user_fields entry) is named, not trained as a feature always 0
-    with pytest.raises(InvalidInput, match=r"dat.user_fields: 'gendre' has a value in no row of .*users_codes \(its "
-                                           r"users' features are \['age', 'gender', 'occ'\]\)"):
+    with pytest.raises(InvalidInput, match=r"dat.user_fields: 'gendre' has a value for no training user in "
+                                           r".*users_codes \(their features are \['age', 'gender'\]\)"):
         load_user_features(path, build_vocab(np.array([1, 2])), ["gender", "gendre"])
+    # nor is a field only other users have a feature of these
+    with pytest.raises(InvalidInput, match=r"'zone' has a value for no training user"):
+        load_user_features(path, build_vocab(np.array([1, 2, 3, 4, 5])), ["zone"])
 
 
 def test_user_fields_without_a_users_table_train_on_ids_with_a_warning(tmp_path, caplog):
@@ -247,7 +250,8 @@ def test_user_fields_without_a_users_table_train_on_ids_with_a_warning(tmp_path,
         feats, sizes = load_user_features(str(tmp_path / "users"), build_vocab(np.array([1, 2])), ["gender", "age"])
     assert tuple(feats.shape) == (3, 0) and sizes == ()
     assert [r.getMessage() for r in caplog.records] == [
-        f"dat.user_fields=['gender', 'age']: {tmp_path / 'users'} has no users, so the query tower has no user "
+        f"dat.user_fields=['gender', 'age']: {tmp_path / 'users'} has no users of the training sequences, so the "
+        f"query tower has no user "
         "features (ids only); set dat.user_fields=[] to say so, or ingest a source with its users (ml1m's users.dat)"]
 
 
