@@ -846,3 +846,20 @@ def test_a_diverging_run_stops_naming_the_settings_and_saves_no_checkpoint_of_it
     with pytest.raises(TrainingDiverged, match=r"2 weight tensors \(weight, bias\) hold NaN or inf"):
         train(model, shuffled_batches(x, y, 16), mse_loss, one, CPU, str(tmp_path / "inf"), seed=1)
     assert list_checkpoints(str(tmp_path / "inf")) == []
+
+
+def test_mlflow_asked_for_without_mlflow_installed_logs_json_lines_and_says_so(tmp_path, caplog):
+    import importlib.util
+
+    from ml.train.loop import _MetricsSink
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here: this checks the environment without it")
+    path = tmp_path / "m" / "train_metrics.jsonl"
+    with caplog.at_level("WARNING", logger="ml.train.loop"):
+        sink = _MetricsSink(str(path), use_mlflow=True, enabled=True)
+    assert "train.mlflow=true but mlflow is not installed" in caplog.text
+    sink.emit({"event": "train", "step": 3, "loss": 1.5})
+    assert [json.loads(l) for l in path.read_text().splitlines()] == [{"event": "train", "step": 3, "loss": 1.5}]
+    _MetricsSink(str(tmp_path / "other.jsonl"), use_mlflow=True, enabled=False).emit({"event": "train", "step": 1})
+    assert not (tmp_path / "other.jsonl").exists()  # ranks other than 0 write nothing
