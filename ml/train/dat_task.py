@@ -48,11 +48,12 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
         return feats[:, :0], ()
     t = None
     if DeltaTable.is_deltatable(users_path):
-        nulls = read_columns(users_path, ["user_id"], rows=pc.field("user_id").is_null()).num_rows
-        if nulls:  # to_numpy would make them floats, and then some other id
-            raise InvalidInput(f"{users_path}: {nulls:,} rows with a null user_id (the users contract has none): "
-                               "rerun jobs.ingest")
-        t = read_columns(users_path, ["user_id", "features"], rows=pc.field("user_id").isin(vocab.ids.numpy()))
+        # one scan: the vocabulary's rows, and any null id (checked, not left out)
+        uid = pc.field("user_id")
+        t = read_columns(users_path, ["user_id", "features"], rows=uid.isin(vocab.ids.numpy()) | uid.is_null())
+        if t.column("user_id").null_count:  # to_numpy would make them floats, and then some other id
+            raise InvalidInput(f"{users_path}: {t.column('user_id').null_count:,} rows with a null user_id "
+                               "(the users contract has none): rerun jobs.ingest")
     if t is None or t.num_rows == 0:  # the source had no users (ingest writes the table empty)
         # not an error (Taobao has no user features, and the default names MovieLens'), but said: the
         # query tower trains on ids alone
@@ -60,8 +61,7 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
                     "user features (ids only); set dat.user_fields=[] to say so, or ingest a source with its users "
                     "(ml1m's users.dat)", list(fields), users_path)
         return feats[:, :0], ()
-    idx = vocab.index(torch.from_numpy(t.column("user_id").to_numpy().astype(np.int64)))
-    known = idx > 0
+    idx = vocab.index(torch.from_numpy(t.column("user_id").to_numpy().astype(np.int64)))  # all known (the filter)
     maps = t.column("features")  # chunked as read: no concatenated copy
     key_type = maps.type.key_type
     sizes = []
@@ -75,7 +75,7 @@ def load_user_features(users_path: str, vocab: Vocab, fields) -> tuple[torch.Ten
         levels = levels.take(pc.sort_indices(levels))
         code = pc.fill_null(pc.index_in(values, value_set=levels), -1).to_numpy(zero_copy_only=False) + 1
         col = torch.from_numpy(code.astype(np.int64))
-        feats[idx[known], j] = col[known]
+        feats[idx, j] = col
         sizes.append(len(levels) + 1)
     return feats, tuple(sizes)
 

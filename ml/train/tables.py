@@ -160,14 +160,13 @@ def load_categories(items_path: Optional[str], vocab: Vocab):
     # (held-out targets, other behaviours, short users' items), which samples.max_items does not bound,
     # and every training rank reads it
     t = read_columns(items_path, ["item_id", "category_id"], rows=pc.field("item_id").isin(vocab.ids.numpy()))
-    idx = vocab.index(torch.from_numpy(t.column("item_id").to_numpy().copy())).numpy()
-    trained = idx > 0
+    idx = vocab.index(torch.from_numpy(t.column("item_id").to_numpy().copy())).numpy()  # all known (the filter)
     col = t.column("category_id")
-    has = ~col.is_null().to_numpy(zero_copy_only=False)[trained]  # negative ids are ids (hashed keys are signed)
-    cats = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[trained]
+    has = ~col.is_null().to_numpy(zero_copy_only=False)  # negative ids are ids (hashed keys are signed)
+    cats = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     known = np.unique(cats[has])
     cat_index = np.searchsorted(known, cats) + 1  # 1..C
     cat_index[~has] = 0
     out = torch.zeros(vocab.size + 1, dtype=torch.long)
-    out[torch.from_numpy(idx[trained])] = torch.from_numpy(cat_index)
+    out[torch.from_numpy(idx)] = torch.from_numpy(cat_index)
     return out, int(len(known))
