@@ -1,10 +1,12 @@
-"""Model artifact + catalogue -> ``item_embeddings`` (item_id, model, vector, candidate_vector, run_id);
-for DAT / two-tower also ``user_embeddings`` (user_id, model, vector, run_id) from the query tower.
+"""Model artifact + the training items (``noise_q``) -> ``item_embeddings`` (item_id, model, vector,
+candidate_vector, run_id); for DAT / two-tower also ``user_embeddings`` (user_id, model, vector, run_id)
+from the query tower.
 
     python -m jobs.embed --conf conf/ml1m_natm.yaml
 
-Scores every item (and user) in Spark tasks (the model is loaded once per executor process);
-rerunning one model replaces only its partition.
+Scores every item of the training data (the model's vocabulary; a catalogue item that no training
+sequence holds gets no vector) and, for DAT / two-tower, every user of ``sequences``, in Spark tasks
+(the model is loaded once per executor process); rerunning one model replaces only its partition.
 """
 from __future__ import annotations
 
@@ -90,7 +92,13 @@ def run(cfg: Config, spark=None) -> dict:
     # so which items share a batch does not follow the order the shuffle fetched its blocks in
     spread = items.repartition(tasks_for(spark, n_items, ITEMS_PER_TASK), S.ITEM_ID).sortWithinPartitions(S.ITEM_ID)
     emb = spread.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
-    _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode)
+    # a model that knows none of the training items (trained on other data: a re-ingest and samples
+    # without training) would leave an empty partition in place of its vectors
+    _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode,
+                                      refuse_empty=lambda: InvalidInput(
+                                          f"none of noise_q's {n_items} items is in model {cfg.model}'s vocabulary "
+                                          f"(trained on other data?): retrain (jobs.train --conf ... model={cfg.model}) "
+                                          f"first; item_embeddings[{cfg.model}] is left as it was"))
     out = {"items": n, "run_id": run_id, "skipped_items": n_items - n, "untrained_items": 0}
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
     _log_skipped(out["skipped_items"], "items", "noise_q", cfg.model)
@@ -105,7 +113,11 @@ def run(cfg: Config, spark=None) -> dict:
         users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
         uemb = users.mapInPandas(embed_partitions(os.path.basename(user_side), cfg.model, run_id, side="user"),
                                  USER_EMBEDDINGS)
-        _, out["users"] = io.replace_model_partition(spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), cfg.model, mode)
+        _, out["users"] = io.replace_model_partition(
+            spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), cfg.model, mode,
+            refuse_empty=lambda: InvalidInput(
+                f"none of the users of sequences is in model {cfg.model}'s vocabulary (trained on other data?): "
+                f"retrain first; user_embeddings[{cfg.model}] is left as it was"))
         out["skipped_users"] = users.count() - out["users"]
         log.info("user_embeddings[%s]: %d users (run %s)", cfg.model, out["users"], run_id)
         _log_skipped(out["skipped_users"], "users", S.T_SEQUENCES, cfg.model)

@@ -42,14 +42,16 @@ def model_dir(cfg: Config) -> str:
 
 
 def checkpoint_dir(cfg: Config) -> str:
-    """``train.checkpoint_dir``, else <warehouse>/checkpoints/<model>; a local or mounted folder: under
-    a URI warehouse, <temp>/spark-i2i-<uid>/<warehouse, quoted>/checkpoints/<model> on this machine."""
+    """``train.checkpoint_dir``/<model>, else <warehouse>/checkpoints/<model>; a local or mounted folder:
+    under a URI warehouse, <temp>/spark-i2i-<uid>/<warehouse, quoted>/checkpoints/<model> on this
+    machine. One folder per model: a run that does not continue the folder's checkpoint clears it, so
+    models sharing one (a ``checkpoint_dir`` set in a config the others inherit) cleared each other's."""
     if cfg.train.checkpoint_dir:
         local = files.local_path(cfg.train.checkpoint_dir)
         if local is None:
             raise ConfigError(f"train.checkpoint_dir={cfg.train.checkpoint_dir!r} is a URI; expected a local or "
                               "mounted folder (checkpoints are written with atomic renames)")
-        return local
+        return os.path.join(local, cfg.model)
     return files.local_path(cfg.table_path(os.path.join("checkpoints", cfg.model))) or os.path.join(
         _local_state(cfg), "checkpoints", cfg.model)
 
@@ -80,7 +82,11 @@ def run_settings(cfg: Config, samples_version: int, versions: Mapping[str, int])
     from dataclasses import asdict
 
     section = "natm" if cfg.model == "natm" else "dat"
-    out: dict = {"model": cfg.model, "seed": cfg.seed}
+    # the warehouse too: two warehouses (the test and the validation split) sit at the same table
+    # versions after the same jobs, and a checkpoint folder outside them is shared
+    local = files.local_path(cfg.warehouse)
+    out: dict = {"model": cfg.model, "seed": cfg.seed,
+                 "warehouse": os.path.abspath(local) if local is not None else cfg.warehouse}
     out.update({f"train.{k}": v for k, v in asdict(cfg.train).items() if k not in _NOT_SETTINGS})
     out.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
     out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items() if k not in SAMPLES_GUARDS})
@@ -88,7 +94,19 @@ def run_settings(cfg: Config, samples_version: int, versions: Mapping[str, int])
         version = samples_version if table.startswith("samples_") else versions.get(cfg.table_path(table))
         if version is not None:
             out[f"{table} version"] = version
+    # and the side tables' ids (Delta's metaData id; those ``versions`` found): a warehouse rebuilt in
+    # the same place, from other data, reaches the same versions
+    ids = table_ids({t: cfg.table_path(t) for t in _INPUTS[section] if cfg.table_path(t) in versions})
+    if ids:
+        out["table ids"] = ids
     return json.loads(json.dumps(out, default=str))  # plain JSON types, as a checkpoint stores them
+
+
+def table_ids(paths: Mapping[str, str]) -> dict:
+    """{name: the Delta table's id} of the tables ``paths`` ({name: path}) names."""
+    from deltalake import DeltaTable
+
+    return {name: DeltaTable(p).metadata().id for name, p in paths.items()}
 
 
 def publish(mdir: str, save_model: Callable[[str], None], metrics_path: str, run: dict) -> None:

@@ -187,7 +187,7 @@ class IngestConfig:
     # formats.SPARK_CHARSETS); bytes it cannot decode read as U+FFFD, and a string id holding one is a bad id row
     csv_encoding: str = "UTF-8"
     allow_extra_columns: bool = False  # source columns not in the mapping: error unless True
-    # ids that are strings (SKUs, UUIDs): user_id and item_id are hashed to BIGINT (Spark's xxhash64 of
+    # ids that are strings (SKUs, UUIDs): user_id, item_id and category_id are hashed to BIGINT (Spark's xxhash64 of
     # the text stripped of white space at both ends: the same id for the same key on every run and
     # cluster), and each key is kept with its id in the table id_keys. csv, parquet and delta only
     string_ids: bool = False
@@ -225,6 +225,18 @@ class IngestConfig:
         if self.columns and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
+        if self.format not in MAPPED_FORMATS:
+            # the fixed formats read their own separator, encoding and ts unit: a value set here was
+            # ignored, and a Taobao file in ms came out as every row bad_ts with no word of this key
+            default = IngestConfig.__dataclass_fields__
+            ignored = [k for k in ("ts_unit", "ts_format", "csv_header", "csv_sep", "csv_schema", "csv_encoding")
+                       if getattr(self, k) != default[k].default]
+            if ignored:
+                k = ignored[0]
+                raise ConfigError(f"ingest.{k}={getattr(self, k)!r}: ingest.format={self.format!r} has a fixed layout "
+                                  "(see README, Input formats: its separator, character set and ts in seconds); "
+                                  f"ingest.{k} is for csv, parquet and delta sources. A file in another layout: "
+                                  "ingest.format=csv with ingest.columns")
         if self.string_ids and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.string_ids=true is for csv, parquet and delta sources; ingest.format="
                               f"{self.format!r} has integer ids")
@@ -359,7 +371,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SamplesConfig:
-    """``sequences`` (+ ``item_graph``, ``items``, ``users``) -> ``samples_natm``, ``samples_dat``."""
+    """``sequences`` (+ ``items``, ``users``) -> ``samples_natm``, ``samples_dat``, ``noise_q``."""
 
     num_negatives: int = 9  # k negatives per NATM positive (paper's best ~9)
     noise: str = "unigram"  # q(.): "unigram" (count^alpha) or "uniform" over training items
@@ -402,14 +414,16 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = 1.0  # max global grad norm; None disables
     checkpoint_every: int = 500  # steps; a checkpoint is also written at each epoch end
-    checkpoint_dir: Optional[str] = None  # default: <warehouse>/checkpoints/<model> (a URI warehouse: see jobs/train.py)
+    # checkpoints go to <checkpoint_dir>/<model>; default: <warehouse>/checkpoints/<model> (a URI warehouse: see jobs/train.py)
+    checkpoint_dir: Optional[str] = None
     launcher: str = "local"  # local (one process) | torchrun | distributor (pyspark TorchDistributor)
     num_processes: int = 1  # DDP world size for torchrun / distributor
     # distributor: true = the processes run on the driver (a laptop, a single-node cluster); false =
     # on the executors, in a barrier stage (GPU executors when the cluster schedules GPUs)
     distributor_local: bool = True
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    # mixed precision: auto = bf16 autocast on GPU, fp32 on CPU; bf16 = bf16 autocast on CPU too (where
+    # mixed precision: auto = bf16 autocast on a GPU with native bf16 (compute capability 8.0+; an older
+    # one trains in fp32, with a warning), fp32 on CPU; bf16 = bf16 autocast on CPU too (where
     # the CPU has native bf16: AVX512-BF16 or AMX; else fp32 with a warning); off = fp32 everywhere.
     # YAML true / false (or on / off) mean auto / off. The weights and optimizer stay fp32 either way.
     amp: Any = "auto"
@@ -652,6 +666,14 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if nested:
             raise ConfigError(f"{key}.{nested[0]}={value[nested[0]]!r} must be a single value (a string or a "
                               f"number), not a mapping or a list")
+        if key != "ingest.columns":  # spark.conf: passed on as text (YAML's true as "True", which Spark reads); null unsets
+            return value
+        for k, v in value.items():  # source column names
+            if not isinstance(v, str) or not v:
+                quote = (" (quote it in YAML: YAML reads on/off/yes/no as booleans)" if isinstance(v, bool)
+                         else " (an empty value is no value: give the column's name)" if v is None or v == ""
+                         else " (quote it in YAML)")
+                raise ConfigError(f"{key}.{k}={v!r} must be a column name{quote}")
         return value
     if hint is float and isinstance(value, str):
         try:
@@ -716,6 +738,26 @@ def _is_str_field(hint: Any) -> bool:
 
 
 _YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last value,
+    so a second ``train:`` section would silently drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {first + 1}); "
+                    "merge the two", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(e: yaml.YAMLError, line: bool = True) -> str:
@@ -802,11 +844,17 @@ def _load_yaml(path: Path, _chain: tuple = ()) -> dict:
     if path.resolve() in (p.resolve() for p in _chain):
         raise ConfigError(f"config file {path}: its base: files inherit from it again: "
                           + " -> ".join(str(p) for p in (*_chain, path)))
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file" + (f" (base: of {_chain[-1]})" if _chain else ""))
     try:
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
+        with path.open(encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     bases = data.pop("base", None)

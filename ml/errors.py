@@ -19,3 +19,8 @@ class UnreadableFile(InvalidInput):
 
 class MissingInput(InputError, FileNotFoundError):
     """A table, model or file a job reads is not there (its producing job has not run)."""
+
+
+class UnsupportedTable(InputError, NotImplementedError):
+    """A Delta table uses a feature this reader does not handle (column mapping, deletion vectors):
+    what to do about it, as one line like the other input errors."""

@@ -512,3 +512,58 @@ def test_the_generator_sizes_its_tasks_by_the_actions_it_makes():
     assert GenerateConfig(num_users=2_000_000, partitions=3).num_partitions == 3  # a set number is kept
     with pytest.raises(ConfigError, match=r"generate.partitions=0 must be a number > 0"):
         GenerateConfig(partitions=0)
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    # YAML keeps the last value: a second train: section silently dropped the first one's settings
+    conf = tmp_path / "twice.yaml"
+    conf.write_text("train:\n  epochs: 6\n  lr: 0.002\nnatm:\n  layers: 2\ntrain:\n  batch_size: 512\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml .*key 'train' appears twice in one mapping \(first on line 1\)"
+                                          r".*line 6"):
+        load_config(conf)
+    conf.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice .*first on line 2"):
+        load_config(conf)
+    conf.write_text("train:\n  epochs: 2\nnatm:\n  epochs: 3\n")  # the same name in two mappings is no repeat
+    with pytest.raises(ConfigError, match="unknown key 'natm.epochs'"):
+        load_config(conf)
+
+
+def test_a_config_path_that_is_no_utf8_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .* is not a file"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("ingest:\n  path: /data/caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text .*save it as UTF-8"):
+        load_config(latin)
+    latin.write_bytes("ingest:\n  path: /data/caf\u00e9\n".encode("utf-8"))
+    assert load_config(latin).ingest.path == "/data/caf\u00e9"
+
+
+def test_mapping_values_are_checked_and_a_null_spark_conf_value_unsets_the_key(tmp_path):
+    from ml.data.session import session_settings
+
+    conf = tmp_path / "on.yaml"
+    conf.write_text("ingest:\n  format: csv\n  path: x\n  columns: {user_id: on}\n")
+    with pytest.raises(ConfigError, match=r"ingest.columns.user_id=True must be a column name \(quote it in YAML"):
+        load_config(conf)
+    with pytest.raises(ConfigError, match=r"ingest.columns.user_id=None must be a column name \(an empty value"):
+        load_config(None, ["ingest.format=csv", "ingest.path=x", "ingest.columns.user_id="])
+    assert load_config(None, ["ingest.format=csv", "ingest.path=x", "ingest.columns.user_id=7"]).ingest.columns == {
+        "user_id": "7"}  # a column named 7 (--set takes a string key's text as written)
+    # spark.conf: nothing (or null) is not the text "None" handed to Spark, but no setting at all
+    # (Spark's own default, here the JVM's time zone instead of our UTC); YAML's true is passed as text
+    cfg = load_config(None, ["spark.conf.spark.sql.session.timeZone=", "spark.conf.spark.sql.ansi.enabled=true"])
+    settings = session_settings(cfg.spark, submitted=False, given=set())
+    assert "spark.sql.session.timeZone" not in settings and settings["spark.sql.ansi.enabled"] == "true"
+    assert session_settings(load_config().spark, submitted=False, given=set())["spark.sql.session.timeZone"] == "UTC"
+
+
+@pytest.mark.parametrize("fmt", ["taobao", "ml1m", "sasrec"])
+def test_layout_keys_are_refused_for_the_fixed_formats(fmt):
+    # taobao's ts is seconds: ingest.ts_unit=ms was ignored, and every row came out bad_ts with no word of it
+    for key, value in (("ts_unit", "ms"), ("csv_sep", ";"), ("csv_encoding", "ISO-8859-1"), ("csv_header", "false")):
+        with pytest.raises(ConfigError, match=rf"ingest.{key}=.*ingest.format='{fmt}' has a fixed layout.*"
+                                              rf"ingest.{key} is for csv, parquet and delta"):
+            load_config(None, [f"ingest.format={fmt}", f"ingest.{key}={value}"])
+    assert load_config(None, [f"ingest.format={fmt}", "ingest.ts_unit=s"]).ingest.ts_unit == "s"  # its own: fine

@@ -17,6 +17,8 @@ from urllib.parse import unquote
 import pyarrow as pa
 from deltalake import DeltaTable
 
+from ml.errors import UnsupportedTable
+
 PARTITION_PREFIX = "partition."
 
 
@@ -56,12 +58,12 @@ def check_readable(dt: DeltaTable, table_path: str) -> None:
     """Refuse table features that make the raw Parquet rows differ from the table's rows."""
     mapping = dt.metadata().configuration.get("delta.columnMapping.mode") or "none"
     if mapping != "none":
-        raise NotImplementedError(
+        raise UnsupportedTable(
             f"Delta table {table_path} uses column mapping ({mapping!r}): Parquet column names differ "
             "from the table's; rewrite the table without column mapping, or read it with the Delta "
             "jars (io.delta_mode=native)")
     features = dt.protocol().reader_features or []
     if "deletionVectors" in features and pa.table(dt.deletion_vectors()).num_rows > 0:
-        raise NotImplementedError(
+        raise UnsupportedTable(
             f"Delta table {table_path} has deletion vectors: some Parquet rows are deleted; run "
             "OPTIMIZE/REORG (purge) on the table, or read it with the Delta jars (io.delta_mode=native)")

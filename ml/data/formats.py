@@ -244,6 +244,11 @@ def _float_category(col, exact: int):
 
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
                       delta_mode: str = "auto") -> RawSource:
+    if fmt == "parquet" and _is_delta_table(path):
+        # read as Parquet, a Delta table's folder is every file any version ever wrote: rows deleted or
+        # replaced since come back as live actions
+        raise SourceSchemaError(f"{path} is a Delta table (it has a _delta_log); read it with "
+                                "ingest.format=delta, not as the Parquet files under it")
     df = (io.read_table(spark, path, delta_mode=delta_mode) if fmt == "delta"
           else _read_parquet(spark, path, dict(cfg.columns).get("ts", "ts")))
     mapping = _with_same_names(dict(cfg.columns), df.columns)
@@ -258,6 +263,15 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
     if isinstance(cat_type, _FLOATS):
         df = df.withColumn(cat, _float_category(F.col(f"`{cat}`"), 2 ** 24 if isinstance(cat_type, T.FloatType) else 2 ** 53))
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
+
+
+def _is_delta_table(path: str) -> bool:
+    """Whether ``path`` is a Delta table, as far as delta-rs can tell (False where it cannot open the
+    path: a URI it has no store for is left to Spark)."""
+    try:
+        return io.table_exists(path)
+    except Exception:  # noqa: BLE001 - only the check is lost
+        return False
 
 
 def _read_parquet(spark: SparkSession, path: str, ts_column: str) -> DataFrame:

@@ -58,7 +58,7 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
                                                        F.col(S.ITEM_ID).desc())
         actions = actions.withColumn("_r", F.row_number().over(recent))
         collected = F.collect_list(F.when(F.col("_r") <= bound, event))  # nulls are not collected
-    else:  # no max_length: every event is wanted (the config's choice, README "Sequences")
+    else:  # no max_length: every event is wanted (the config's choice, README "Table contracts", sequences)
         collected = F.collect_list(event)
     events = actions.groupBy(S.USER_ID).agg(F.sort_array(collected).alias("ev"), F.count(F.lit(1)).alias("total"))
     if cfg.holdout > 1:  # validation split: the last holdout-1 actions are never seen

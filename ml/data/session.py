@@ -25,7 +25,8 @@ def get_spark(cfg: SparkConfig | None = None) -> SparkSession:
 
     Under spark-submit the submitter's master and ``--conf`` values win; ``cfg`` fills in the rest.
     Local sessions: UTC, console progress bar off, Arrow on, shuffle partitions from config.
-    An active session is reused untouched apart from the log level: its owner configured it.
+    An active session is reused untouched, its log level too (``spark.log_level`` is not applied): its
+    owner configured it.
     """
     cfg = cfg or SparkConfig()
     active = SparkSession.getActiveSession()
@@ -98,7 +99,9 @@ def session_settings(cfg: SparkConfig, submitted: bool, given: set) -> dict:
         # notices about itself and the native Hadoop library a laptop lacks. Only where the JVM is
         # ours to start; spark.conf's own spark.driver.extraJavaOptions replaces it
         settings["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={_log4j2_file()}"
-    settings.update({k: str(v) for k, v in cfg.conf.items()})
+    # a null value unsets the key: Spark's own default, not ours (e.g. the JVM's time zone, not UTC)
+    settings.update({k: str(v) for k, v in cfg.conf.items() if v is not None})
+    settings = {k: v for k, v in settings.items() if cfg.conf.get(k, "") is not None}
     return {k: v for k, v in settings.items() if k not in given}
 
 

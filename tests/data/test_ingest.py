@@ -791,3 +791,19 @@ def test_undecodable_bytes_make_a_bad_key_and_csv_encoding_reads_them(spark, tmp
         with pytest.raises(ConfigError, match=f"ingest.csv_encoding='{name}' is not a character set Spark reads "
                                               r"CSV in; expected one of \['utf-8'.*legacy.javaCharsets=true"):
             read_source(spark, IngestConfig(format="csv", path=str(path), csv_encoding=name), "unused")
+
+
+def test_a_delta_table_read_as_parquet_is_refused(spark, tmp_path):
+    # as Parquet, a Delta table's folder is every file any version wrote: the rows version 1 replaced
+    # came back as live actions
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    path = str(tmp_path / "delta_source")
+    write_deltalake(path, pa.table({"user_id": [1, 1], "item_id": [5, 6], "ts": [1700000000, 1700000001]}))
+    write_deltalake(path, pa.table({"user_id": [2], "item_id": [7], "ts": [1700000002]}), mode="overwrite")
+    with pytest.raises(SourceSchemaError, match=r"delta_source is a Delta table \(it has a _delta_log\); read it with "
+                                                r"ingest.format=delta"):
+        read_source(spark, IngestConfig(format="parquet", path=path), "")
+    _, good, bad = _run(spark, IngestConfig(format="delta", path=path))
+    assert good == [(2, 7, 1700000002, None, None)] and bad == []  # the current version only

@@ -126,7 +126,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse, monkeypatch):
     assert folder() == done
     # the pipeline continues a killed run of the same training (same settings, same table versions)
     # from its checkpoint (step 5), where it trained it again from scratch
-    killed_run = {json.loads(line)["run"] for line in open(os.path.join(warehouse, "ck_kill", "train_metrics.jsonl"))}
+    killed_run = {json.loads(line)["run"] for line in open(os.path.join(train.checkpoint_dir(other), "train_metrics.jsonl"))}
     assert train.run(other, resume=train.SAME_RUN)["steps"] == 9
     assert {json.loads(line)["run"] for line in open(os.path.join(mdir, "train_metrics.jsonl"))} == killed_run
     # a finished run's last checkpoint is not continued (it trained nothing and published the old
@@ -269,6 +269,27 @@ def test_samples_then_natm_training_and_resume(spark, warehouse, monkeypatch):
     embedded = {r.item_id for r in io.read_table(spark, c.table_path(S.T_ITEM_EMBEDDINGS))
                 .where("model = 'two_tower'").collect()}
     assert embedded == set(trained_ids)
+    # a model that knows none of noise_q's items (trained on other data: a re-ingest and samples without
+    # training) embeds nothing: refused, and the model's previous vectors stay (they were replaced by
+    # an empty partition). The real job, its tasks' output emptied as such a model's is
+    real = embed.embed_partitions
+
+    def knows_none(*args, **kwargs):
+        score = real(*args, **kwargs)
+
+        def tasks(batches):
+            for out in score(batches):
+                yield out.iloc[0:0]
+        return tasks
+
+    before = table_version(c.table_path(S.T_ITEM_EMBEDDINGS))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embed, "embed_partitions", knows_none)
+        with pytest.raises(InvalidInput, match=rf"none of noise_q's {len(trained_ids)} items is in model two_tower's "
+                                               r"vocabulary .*item_embeddings\[two_tower\] is left as it was"):
+            embed.run(c, spark)
+    assert table_version(c.table_path(S.T_ITEM_EMBEDDINGS)) == before
+    assert io.read_table(spark, c.table_path(S.T_ITEM_EMBEDDINGS)).where("model = 'two_tower'").count() == len(trained_ids)
     res = topk.run(c, spark, k=5)
     assert res["rows"] == 5 * len(trained_ids) and res["u2i_rows"] == 5 * users.size
 
@@ -335,3 +356,40 @@ def test_samples_then_natm_training_and_resume(spark, warehouse, monkeypatch):
     with pytest.raises(ValueError, match=r"samples_natm \(version \d+\) has no rows: nothing to train on"):
         train.run(more)
     assert (os.path.getmtime(artifact), sorted(os.listdir(train.checkpoint_dir(more)))) == kept
+
+
+def test_a_set_checkpoint_dir_holds_one_folder_per_model_and_settings_name_the_warehouse(tmp_path, monkeypatch):
+    # a train.checkpoint_dir set in ml1m_natm.yaml is inherited by ml1m_dat / ml1m_two_tower: one
+    # folder for all three, and a run that does not continue the folder's checkpoint clears it, so the
+    # two-tower's first run deleted a killed NATM run's checkpoints
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    shared = [f"train.checkpoint_dir={tmp_path}/ck"]
+    dirs = {m: train.checkpoint_dir(load_config(ROOT / "conf" / "synthetic.yaml", [*shared, f"model={m}"]))
+            for m in ("natm", "dat", "two_tower")}
+    assert dirs == {m: str(tmp_path / "ck" / m) for m in dirs}
+    # the validation split's warehouse reaches the same table versions as the test split's: the settings
+    # a checkpoint is continued under name the warehouse (absolute) and the tables' ids
+    test_wh, val_wh = tmp_path / "test_wh", tmp_path / "val_wh"
+    settings = {}
+    for wh in (test_wh, val_wh):
+        write_deltalake(str(wh / "noise_q"), pa.table({"item_id": [1, 2], "q": [0.5, 0.5]}))
+        cfg = load_config(ROOT / "conf" / "synthetic.yaml", [*shared, f"warehouse={wh}"])
+        settings[wh] = train.run_settings(cfg, 0, {cfg.table_path("noise_q"): 0})
+        assert settings[wh]["warehouse"] == str(wh) and settings[wh]["noise_q version"] == 0
+    a, b = settings[test_wh], settings[val_wh]
+    assert a["table ids"]["noise_q"] != b["table ids"]["noise_q"]
+    assert {k for k in a if a[k] != b.get(k)} == {"warehouse", "table ids"}
+    # the same warehouse rebuilt in place (another table at the same version): another id
+    import shutil
+
+    shutil.rmtree(test_wh / "noise_q")
+    write_deltalake(str(test_wh / "noise_q"), pa.table({"item_id": [3], "q": [1.0]}))
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [*shared, f"warehouse={test_wh}"])
+    again = train.run_settings(cfg, 0, {cfg.table_path("noise_q"): 0})
+    assert again["table ids"] != a["table ids"] and {k for k in a if a[k] != again.get(k)} == {"table ids"}
+    # relative and absolute spellings of one warehouse are one warehouse
+    monkeypatch.chdir(tmp_path)
+    rel = load_config(ROOT / "conf" / "synthetic.yaml", [*shared, "warehouse=val_wh"])
+    assert train.run_settings(rel, 0, {})["warehouse"] == str(val_wh)
