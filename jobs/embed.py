@@ -96,9 +96,10 @@ def run(cfg: Config, spark=None) -> dict:
     # without training) would leave an empty partition in place of its vectors
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode,
                                       refuse_empty=lambda: InvalidInput(
-                                          f"none of noise_q's {n_items} items is in model {cfg.model}'s vocabulary "
-                                          f"(trained on other data?): retrain (jobs.train --conf ... model={cfg.model}) "
-                                          f"first; item_embeddings[{cfg.model}] is left as it was"))
+                                          (f"none of noise_q's {n_items} items is in model {cfg.model}'s vocabulary "
+                                           f"(trained on other data?): retrain (jobs.train --set model={cfg.model}) first"
+                                           if n_items else "noise_q has no items: rerun jobs.samples")
+                                          + f"; item_embeddings[{cfg.model}] is left as it was"))
     out = {"items": n, "run_id": run_id, "skipped_items": n_items - n, "untrained_items": 0}
     log.info("item_embeddings[%s]: %d items (run %s)", cfg.model, n, run_id)
     _log_skipped(out["skipped_items"], "items", "noise_q", cfg.model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import glob
 import json
 import logging
 import math
@@ -51,6 +52,10 @@ def checkpoint_dir(cfg: Config) -> str:
         if local is None:
             raise ConfigError(f"train.checkpoint_dir={cfg.train.checkpoint_dir!r} is a URI; expected a local or "
                               "mounted folder (checkpoints are written with atomic renames)")
+        if glob.glob(os.path.join(glob.escape(local), "ckpt-*.pt")):
+            log.warning("%s holds checkpoints written before each model got its own subfolder there; this "
+                        "run's are in %s: move them there to resume them (or delete them)", local,
+                        os.path.join(local, cfg.model))
         return os.path.join(local, cfg.model)
     return files.local_path(cfg.table_path(os.path.join("checkpoints", cfg.model))) or os.path.join(
         _local_state(cfg), "checkpoints", cfg.model)
@@ -86,7 +91,7 @@ def run_settings(cfg: Config, samples_version: int, versions: Mapping[str, int])
     # versions after the same jobs, and a checkpoint folder outside them is shared
     local = files.local_path(cfg.warehouse)
     out: dict = {"model": cfg.model, "seed": cfg.seed,
-                 "warehouse": os.path.abspath(local) if local is not None else cfg.warehouse}
+                 "warehouse": os.path.abspath(local) if local is not None else cfg.warehouse.rstrip("/")}
     out.update({f"train.{k}": v for k, v in asdict(cfg.train).items() if k not in _NOT_SETTINGS})
     out.update({f"{section}.{k}": v for k, v in asdict(getattr(cfg, section)).items()})
     out.update({f"samples.{k}": v for k, v in asdict(cfg.samples).items() if k not in SAMPLES_GUARDS})
@@ -145,6 +150,7 @@ def _is_same_run(ckpt_dir: str, settings: dict, cfg: Config, ctx) -> bool:
     pipeline reruns training for trains anew). Rank 0 decides for every rank."""
     from ml.train.checkpoint import latest_checkpoint, read_checkpoint
     from ml.train.distributed import rank0_value
+    from ml.train.loop import differing_settings
 
     def decide() -> bool:
         path = latest_checkpoint(ckpt_dir)
@@ -154,7 +160,9 @@ def _is_same_run(ckpt_dir: str, settings: dict, cfg: Config, ctx) -> bool:
         extra = state["extra"]
         finished = state["epoch"] >= cfg.train.epochs or (
             cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps)
-        same = not finished and extra.get("settings") == settings and extra.get("world_size", 1) == ctx.world_size
+        saved = extra.get("settings")
+        same = (not finished and saved is not None and not differing_settings(saved, settings)
+                and extra.get("world_size", 1) == ctx.world_size)
         log.info("%s: %s", path, "a checkpoint of this training, killed before it finished: continuing it"
                  if same else "not a checkpoint of an unfinished run of this training: starting over")
         return same
@@ -256,7 +264,9 @@ def train_worker(cfg: Config, resume: bool | str) -> dict:
                 # keeps the resumed run's records up to its checkpoint
                 os.makedirs(ckpt_dir, exist_ok=True)
                 files.copy_to_local(published, metrics_path)
-            settings = run_settings(cfg, ds.version, side)
+            # rank 0's for every rank (the table ids are read here; a relative warehouse is resolved
+            # against this process's folder)
+            settings = rank0_value(lambda: run_settings(cfg, ds.version, side))
             if resume == SAME_RUN:
                 resume = _is_same_run(ckpt_dir, settings, cfg, ctx)
             res = train(trainer, make, lambda m, b: m(b), cfg.train, ctx, ckpt_dir, resume=resume, seed=cfg.seed,

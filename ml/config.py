@@ -204,6 +204,19 @@ class IngestConfig:
     def __post_init__(self) -> None:
         _check_choice("ingest.format", self.format, INPUT_FORMATS)
         _check_choice("ingest.ts_unit", self.ts_unit, list(TS_UNITS))
+        if self.format not in MAPPED_FORMATS:
+            # the fixed formats read their own separator, encoding and ts unit: a value set here was
+            # ignored, and a Taobao file in ms came out as every row bad_ts with no word of this key
+            default = IngestConfig.__dataclass_fields__
+            ignored = [k for k in ("ts_unit", "ts_format", "csv_header", "csv_sep", "csv_schema", "csv_encoding")
+                       if getattr(self, k) != default[k].default]
+            if ignored:
+                k = ignored[0]
+                which = "csv" if k.startswith("csv_") else "csv, parquet and delta"
+                raise ConfigError(f"ingest.{k}={getattr(self, k)!r}: ingest.format={self.format!r} has a fixed layout "
+                                  "(see README, Input formats: its own separator, character set and ts); "
+                                  f"ingest.{k} is for {which} sources. A file in another layout: "
+                                  "ingest.format=csv with ingest.columns")
         for name in self.csv_schema or ():
             words = name.split() if isinstance(name, str) else []
             if not words or (len(words) == 2 and words[1].lower().split("(")[0] in _SPARK_TYPE_NAMES):
@@ -225,18 +238,6 @@ class IngestConfig:
         if self.columns and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
-        if self.format not in MAPPED_FORMATS:
-            # the fixed formats read their own separator, encoding and ts unit: a value set here was
-            # ignored, and a Taobao file in ms came out as every row bad_ts with no word of this key
-            default = IngestConfig.__dataclass_fields__
-            ignored = [k for k in ("ts_unit", "ts_format", "csv_header", "csv_sep", "csv_schema", "csv_encoding")
-                       if getattr(self, k) != default[k].default]
-            if ignored:
-                k = ignored[0]
-                raise ConfigError(f"ingest.{k}={getattr(self, k)!r}: ingest.format={self.format!r} has a fixed layout "
-                                  "(see README, Input formats: its separator, character set and ts in seconds); "
-                                  f"ingest.{k} is for csv, parquet and delta sources. A file in another layout: "
-                                  "ingest.format=csv with ingest.columns")
         if self.string_ids and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.string_ids=true is for csv, parquet and delta sources; ingest.format="
                               f"{self.format!r} has integer ids")
@@ -747,6 +748,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: the base class merges it in
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
@@ -844,17 +847,18 @@ def _load_yaml(path: Path, _chain: tuple = ()) -> dict:
     if path.resolve() in (p.resolve() for p in _chain):
         raise ConfigError(f"config file {path}: its base: files inherit from it again: "
                           + " -> ".join(str(p) for p in (*_chain, path)))
-    if not path.is_file():
-        raise ConfigError(f"config file {path} is not a file" + (f" (base: of {_chain[-1]})" if _chain else ""))
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder" + (f" (base: of {_chain[-1]})" if _chain else ""))
     try:
-        with path.open(encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping")
     bases = data.pop("base", None)

@@ -527,14 +527,19 @@ def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
     conf.write_text("train:\n  epochs: 2\nnatm:\n  epochs: 3\n")  # the same name in two mappings is no repeat
     with pytest.raises(ConfigError, match="unknown key 'natm.epochs'"):
         load_config(conf)
+    # YAML's merge keys are no repeat either: the mapping's own keys win over the merged ones, as in YAML
+    conf.write_text("graph:\n  <<: {window: 5, decay: true}\n  window: 3\n")
+    assert (load_config(conf).graph.window, load_config(conf).graph.decay) == (3, True)
+    conf.write_text("graph:\n  <<: [{window: 5}, {decay: true}]\n  top_n: 4\n")
+    assert (load_config(conf).graph.window, load_config(conf).graph.decay, load_config(conf).graph.top_n) == (5, True, 4)
 
 
 def test_a_config_path_that_is_no_utf8_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"config file .* is not a file"):
+    with pytest.raises(ConfigError, match=r"config file .* is a folder"):
         load_config(tmp_path)
     latin = tmp_path / "latin.yaml"
-    latin.write_bytes("ingest:\n  path: /data/caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text .*save it as UTF-8"):
+    latin.write_bytes(("# " + "x" * 20000 + "\ningest:\n  path: /data/caf\u00e9\n").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 20028: .*save it as UTF-8"):
         load_config(latin)
     latin.write_bytes("ingest:\n  path: /data/caf\u00e9\n".encode("utf-8"))
     assert load_config(latin).ingest.path == "/data/caf\u00e9"
@@ -563,7 +568,11 @@ def test_mapping_values_are_checked_and_a_null_spark_conf_value_unsets_the_key(t
 def test_layout_keys_are_refused_for_the_fixed_formats(fmt):
     # taobao's ts is seconds: ingest.ts_unit=ms was ignored, and every row came out bad_ts with no word of it
     for key, value in (("ts_unit", "ms"), ("csv_sep", ";"), ("csv_encoding", "ISO-8859-1"), ("csv_header", "false")):
+        which = "csv" if key.startswith("csv_") else "csv, parquet and delta"
         with pytest.raises(ConfigError, match=rf"ingest.{key}=.*ingest.format='{fmt}' has a fixed layout.*"
-                                              rf"ingest.{key} is for csv, parquet and delta"):
+                                              rf"ingest.{key} is for {which} sources"):
             load_config(None, [f"ingest.format={fmt}", f"ingest.{key}={value}"])
     assert load_config(None, [f"ingest.format={fmt}", "ingest.ts_unit=s"]).ingest.ts_unit == "s"  # its own: fine
+    # csv_schema alone is refused for the format, not first sent to csv_header=false
+    with pytest.raises(ConfigError, match=rf"ingest.csv_schema=.*ingest.format='{fmt}' has a fixed layout"):
+        load_config(None, [f"ingest.format={fmt}", "ingest.csv_schema=[a, b]"])

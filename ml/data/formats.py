@@ -27,7 +27,7 @@ from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from ml import schemas as S
 from ml.config import CANONICAL_FIELDS, ConfigError, IngestConfig
-from ml.data import io
+from ml.data import files, io
 from ml.data.delta_files import is_uri
 from ml.data.ingest import to_long
 from ml.errors import InvalidInput, MissingInput
@@ -244,7 +244,7 @@ def _float_category(col, exact: int):
 
 def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: str,
                       delta_mode: str = "auto") -> RawSource:
-    if fmt == "parquet" and _is_delta_table(path):
+    if fmt == "parquet" and _is_delta_table(spark, path):
         # read as Parquet, a Delta table's folder is every file any version ever wrote: rows deleted or
         # replaced since come back as live actions
         raise SourceSchemaError(f"{path} is a Delta table (it has a _delta_log); read it with "
@@ -265,11 +265,17 @@ def read_table_source(spark: SparkSession, cfg: IngestConfig, path: str, fmt: st
     return RawSource(_raw_select(df, mapping), behaviors=cfg.behaviors, ts_unit=ts_unit)
 
 
-def _is_delta_table(path: str) -> bool:
-    """Whether ``path`` is a Delta table, as far as delta-rs can tell (False where it cannot open the
-    path: a URI it has no store for is left to Spark)."""
+def _is_delta_table(spark: SparkSession, path: str) -> bool:
+    """Whether the folder ``path`` holds a ``_delta_log``: looked up on the local disk, or for a URI
+    through the session's Hadoop file system (the one its read would use; delta-rs would first probe
+    a cloud's metadata service for credentials). False where that cannot be asked (Spark Connect)."""
+    local = files.local_path(path)
+    if local is not None:
+        return os.path.isdir(os.path.join(local, "_delta_log"))
     try:
-        return io.table_exists(path)
+        jvm = spark._jvm
+        log_dir = jvm.org.apache.hadoop.fs.Path(path.rstrip("/") + "/_delta_log")
+        return bool(log_dir.getFileSystem(spark._jsc.hadoopConfiguration()).exists(log_dir))
     except Exception:  # noqa: BLE001 - only the check is lost
         return False
 

@@ -424,6 +424,29 @@ def _check_finite(model: nn.Module, step: int, loss: Optional[float], cfg: Train
 
 
 RUN_LENGTH_KEYS = ("train.epochs", "train.max_steps")  # may change on resume: continue training
+# settings recorded since 2026-12-07: a checkpoint written before has none, and is compared without them
+LATER_KEYS = ("warehouse", "table ids")
+
+
+def differing_settings(saved: dict[str, Any], settings: dict[str, Any]) -> list:
+    """The keys whose values differ between a checkpoint's settings and this run's (a key of
+    :data:`LATER_KEYS` that the checkpoint does not record is not compared)."""
+    keys = set(saved) | {k for k in settings if k not in LATER_KEYS or k in saved}
+    return [k for k in sorted(keys, key=str) if saved.get(k) != settings.get(k)]
+
+
+def _other_warehouse(checkpoint_dir: str, settings: Optional[dict[str, Any]]) -> Optional[str]:
+    """Why this run must not clear ``checkpoint_dir``: its latest checkpoint is another warehouse's
+    (one ``train.checkpoint_dir`` for the test and the validation warehouses); None otherwise."""
+    path = latest_checkpoint(checkpoint_dir) if settings and settings.get("warehouse") else None
+    if path is None:
+        return None
+    theirs = (read_checkpoint(path)["extra"].get("settings") or {}).get("warehouse")
+    if theirs is None or theirs == settings["warehouse"]:
+        return None
+    return (f"{checkpoint_dir} holds checkpoints of a training in another warehouse ({theirs}; this run's: "
+            f"{settings['warehouse']}), which starting over would delete: give each warehouse its own "
+            "train.checkpoint_dir, or delete the folder's checkpoints if that run is not to be continued")
 
 
 def _check_same_settings(path: str, saved: Optional[dict[str, Any]], settings: Optional[dict[str, Any]]) -> None:
@@ -434,7 +457,7 @@ def _check_same_settings(path: str, saved: Optional[dict[str, Any]], settings: O
     if saved is None:
         logger.warning("%s records no run settings (written by an older version); resuming from it unchecked", path)
         return
-    keys = [k for k in sorted(set(saved) | set(settings), key=str) if saved.get(k) != settings.get(k)]
+    keys = differing_settings(saved, settings)
     differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {settings.get(k)!r}" for k in keys]
     length = [d for k, d in zip(keys, differ) if k in RUN_LENGTH_KEYS]
     differ = [d for k, d in zip(keys, differ) if k not in RUN_LENGTH_KEYS]
@@ -505,6 +528,10 @@ def train(model: nn.Module, make_batches: Callable[[int], Iterable[Batch]],
     if ctx.is_main and remove_partial_saves(checkpoint_dir):
         logger.info("removed the partial files of checkpoint saves killed before they finished from %s",
                     checkpoint_dir)
+    if not resume:
+        clash = rank0_value(lambda: _other_warehouse(checkpoint_dir, settings))
+        if clash:
+            raise InvalidInput(clash)
     if not resume and ctx.is_main:
         if metrics_path and os.path.exists(metrics_path):
             os.remove(metrics_path)  # the metrics of this run only (a resume appends to its own)

@@ -793,7 +793,7 @@ def test_undecodable_bytes_make_a_bad_key_and_csv_encoding_reads_them(spark, tmp
             read_source(spark, IngestConfig(format="csv", path=str(path), csv_encoding=name), "unused")
 
 
-def test_a_delta_table_read_as_parquet_is_refused(spark, tmp_path):
+def test_a_delta_table_read_as_parquet_is_refused(spark, tmp_path, monkeypatch):
     # as Parquet, a Delta table's folder is every file any version wrote: the rows version 1 replaced
     # came back as live actions
     import pyarrow as pa
@@ -807,3 +807,9 @@ def test_a_delta_table_read_as_parquet_is_refused(spark, tmp_path):
         read_source(spark, IngestConfig(format="parquet", path=path), "")
     _, good, bad = _run(spark, IngestConfig(format="delta", path=path))
     assert good == [(2, 7, 1700000002, None, None)] and bad == []  # the current version only
+    # a URI is looked up through the session's Hadoop file system (here file://, as s3a:// would be)
+    from ml.data import formats
+
+    monkeypatch.setattr(formats.files, "local_path", lambda p: None)
+    assert formats._is_delta_table(spark, f"file://{path}")
+    assert not formats._is_delta_table(spark, f"file://{tmp_path}")

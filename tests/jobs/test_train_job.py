@@ -1,5 +1,6 @@
 """jobs.samples -> jobs.train (NATM) on tiny synthetic data: artifact, metrics, resume, strata per batch."""
 import json
+import logging
 import os
 
 import pytest
@@ -358,7 +359,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse, monkeypatch):
     assert (os.path.getmtime(artifact), sorted(os.listdir(train.checkpoint_dir(more)))) == kept
 
 
-def test_a_set_checkpoint_dir_holds_one_folder_per_model_and_settings_name_the_warehouse(tmp_path, monkeypatch):
+def test_a_set_checkpoint_dir_holds_one_folder_per_model_and_settings_name_the_warehouse(tmp_path, monkeypatch, caplog):
     # a train.checkpoint_dir set in ml1m_natm.yaml is inherited by ml1m_dat / ml1m_two_tower: one
     # folder for all three, and a run that does not continue the folder's checkpoint clears it, so the
     # two-tower's first run deleted a killed NATM run's checkpoints
@@ -369,6 +370,12 @@ def test_a_set_checkpoint_dir_holds_one_folder_per_model_and_settings_name_the_w
     dirs = {m: train.checkpoint_dir(load_config(ROOT / "conf" / "synthetic.yaml", [*shared, f"model={m}"]))
             for m in ("natm", "dat", "two_tower")}
     assert dirs == {m: str(tmp_path / "ck" / m) for m in dirs}
+    # checkpoints an older version left at the folder's top level are named, to be moved
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "ckpt-000000004.pt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="jobs.train"):
+        train.checkpoint_dir(load_config(ROOT / "conf" / "synthetic.yaml", shared))
+    assert f"{tmp_path / 'ck'} holds checkpoints written before each model got its own subfolder" in caplog.text
     # the validation split's warehouse reaches the same table versions as the test split's: the settings
     # a checkpoint is continued under name the warehouse (absolute) and the tables' ids
     test_wh, val_wh = tmp_path / "test_wh", tmp_path / "val_wh"
@@ -392,4 +399,4 @@ def test_a_set_checkpoint_dir_holds_one_folder_per_model_and_settings_name_the_w
     # relative and absolute spellings of one warehouse are one warehouse
     monkeypatch.chdir(tmp_path)
     rel = load_config(ROOT / "conf" / "synthetic.yaml", [*shared, "warehouse=val_wh"])
-    assert train.run_settings(rel, 0, {})["warehouse"] == str(val_wh)
+    assert train.run_settings(rel, 0, {})["warehouse"] == os.path.join(os.getcwd(), "val_wh")

@@ -262,6 +262,32 @@ def test_a_new_run_never_resumes_an_earlier_runs_checkpoint(tmp_path):
     assert_same_weights(uninterrupted.state_dict(), resumed.state_dict())
 
 
+def test_a_checkpoint_of_another_warehouse_is_not_cleared_and_an_older_one_still_resumes(tmp_path):
+    # one train.checkpoint_dir for the test and the validation warehouses: a run in the second, which
+    # cannot continue the first's killed run, deleted its checkpoints when it started over
+    x, y = regression_data(240)
+    make = shuffled_batches(x, y, 16, seed=3)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, checkpoint_every=4, device="cpu", amp=False)
+    ckpt = str(tmp_path / "ck")
+    test_wh = {"lr": 0.01, "warehouse": "/data/test_wh", "table ids": {"noise_q": "a"}}
+    train(mlp(0), make, mse_loss, dataclasses.replace(cfg, max_steps=8), CPU, ckpt, seed=7, settings=test_wh)
+    kept = list_checkpoints(ckpt)
+    assert kept
+    with pytest.raises(InvalidInput, match=r"holds checkpoints of a training in another warehouse \(/data/test_wh; "
+                                           r"this run's: /data/val_wh\).*its own train.checkpoint_dir"):
+        train(mlp(0), make, mse_loss, cfg, CPU, ckpt, seed=7, settings={**test_wh, "warehouse": "/data/val_wh"})
+    assert list_checkpoints(ckpt) == kept
+    # another table id in the same warehouse: resuming is refused, naming it
+    with pytest.raises(ValueError, match=r"other settings \(table ids: checkpoint \{'noise_q': 'a'\}, this run "
+                                         r"\{'noise_q': 'b'\}\)"):
+        train(mlp(0), make, mse_loss, cfg, CPU, ckpt, seed=7, resume=True,
+              settings={**test_wh, "table ids": {"noise_q": "b"}})
+    # a checkpoint written before the warehouse and table ids were recorded resumes as it did
+    old = str(tmp_path / "old")
+    train(mlp(0), make, mse_loss, dataclasses.replace(cfg, max_steps=8), CPU, old, seed=7, settings={"lr": 0.01})
+    assert train(mlp(0), make, mse_loss, cfg, CPU, old, seed=7, resume=True, settings=test_wh)["steps"] == 30
+
+
 def test_resume_reads_the_checkpoint_on_the_cpu_and_restores_rng_states_held_on_a_device(tmp_path, monkeypatch):
     # Before, the loop read the checkpoint with map_location=<the training device>: on a GPU the
     # numpy RNG key tensor came back on it, and restoring it raised ("can't convert cuda:0 device
