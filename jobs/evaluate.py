@@ -29,6 +29,21 @@ from jobs._cli import command, parse, print_tables
 log = logging.getLogger("jobs.evaluate")
 
 
+def _check_one_split(cfg: Config) -> None:
+    """``eval_targets`` and ``sequences`` are one split, committed one after the other by one run of
+    jobs.sequences: written by two processes, that run was killed between its commits, and the
+    targets may be actions the lists were built from (a targets table of another split beside the
+    sequences). Tables whose commits do not say who wrote them (another writer's) are not checked."""
+    targets, sequences = cfg.table_path(S.T_EVAL_TARGETS), cfg.table_path(S.T_SEQUENCES)
+    if not (io.table_exists(targets) and io.table_exists(sequences)):
+        return
+    a, b = io.last_writer(targets), io.last_writer(sequences)
+    if a is not None and b is not None and a != b:
+        raise InvalidInput(f"{targets} and {sequences} were written by different runs of jobs.sequences (one "
+                           "killed between its two commits?): the targets may not be this split's; rerun "
+                           "jobs.sequences (the pipeline reruns it and the stages after it)")
+
+
 def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
         compare_to: Optional[List[str]] = None, primary: Optional[List[str]] = None) -> dict:
     """Evaluate ``models`` and compare each with the baselines. ``primary``: the models this run
@@ -38,6 +53,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
     models = list(dict.fromkeys(models or default_models(cfg)))  # each once
+    _check_one_split(cfg)
     targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode)
     items = None
     if cfg.eval.per_category and io.table_exists(cfg.table_path(S.T_ITEMS)):

@@ -284,7 +284,15 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
     if not base_cfgs:
         stages.remove("baselines")
     if start_from:  # the stages before it are not run (their records stay as they are)
+        before = [s for s in stages if STAGES.index(s) < STAGES.index(start_from) and s != "baselines"]
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
+        if not is_uri(cfg.warehouse):
+            stale = [s for s in before if not _up_to_date(cfg, s)]
+            if stale:  # a run killed in one of them, a table written by hand, a changed input: said, not refused
+                log.warning("--from %s: %s, not run, %s not up to date (a run killed in %s, an output written "
+                            "since, or a changed input or config); the stages from %s read %s tables as they are",
+                            start_from, ", ".join(stale), "is" if len(stale) == 1 else "are",
+                            "it" if len(stale) == 1 else "them", start_from, "its" if len(stale) == 1 else "their")
     if "train" in stages and (force or start_from is not None or not _up_to_date(cfg, "train")):
         # before ingest … samples have run for minutes; not when training is up to date (a model trained
         # on a GPU box, its lists rebuilt on a laptop); _run_stage checks again should earlier stages

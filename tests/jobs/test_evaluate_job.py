@@ -101,3 +101,19 @@ def test_the_report_takes_to_the_driver_only_the_rows_it_shows(spark, cfg, monke
     overall = io.read_table(spark, cfg.table_path(S.T_METRICS)).where(F.col(S.CATEGORY_ID).isNull()).count()
     assert sum(r[S.CATEGORY_ID] is None for r in seen["rows"]) == overall > 0
     assert names == [cats]
+
+
+def test_targets_and_sequences_of_two_runs_of_the_sequences_job_are_refused(spark, cfg, monkeypatch):
+    # jobs.sequences commits eval_targets, then sequences: killed between the two, the targets are
+    # another split's than the sequences the lists were built from, and were scored as if they were not
+    from ml.errors import InvalidInput
+
+    seqs = spark.createDataFrame([(1, [1], [0], 1), (2, [5], [0], 1), (3, [5], [0], 1)], S.SEQUENCES)
+    monkeypatch.setattr(io, "PROCESS_ID", "another-process")  # the sequences job that was killed
+    io.write_table(spark, seqs, cfg.table_path(S.T_SEQUENCES))
+    monkeypatch.undo()
+    with pytest.raises(InvalidInput, match=r"eval_targets and .*sequences were written by different runs of "
+                                           r"jobs.sequences .*rerun jobs.sequences"):
+        evaluate.run(cfg, spark, ["dat"])
+    io.write_table(spark, seqs, cfg.table_path(S.T_SEQUENCES), mode="overwrite")  # one run wrote both
+    assert evaluate.run(cfg, spark, ["dat"])["rows"]

@@ -125,7 +125,7 @@ def test_pipeline_tables_and_rerun_is_identical(spark, warehouse):
     assert io.read_table(spark, cfg.table_path(S.T_SEQUENCES), version=0).count() == len(snapshot)
 
 
-def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehouse):
+def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehouse, caplog):
     cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", *TINY, "model=cooc",
                                                          "eval.compare_to=[]"])
     pipeline.run(cfg, spark)  # a baseline's pipeline: no samples, training or embedding
@@ -224,6 +224,13 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     scored = {(r["model"], r["metric"]) for r in first["evaluate"]["rows"]}
     assert {("two_tower", "u2i_hr"), ("two_tower", "pre"), ("two_tower_recent", "u2i_hr")} <= scored
     assert all(pipeline._up_to_date(tower, st) for st in ("samples", "train", "embed", "topk", "recent"))
+    # --from a later stage says which earlier stages, not run, are not up to date (here the graph,
+    # rewritten behind the pipeline's back as a killed run would leave it): it reads them as they are
+    io.write_table(spark, io.read_table(spark, tower.table_path(S.T_ITEM_GRAPH)), tower.table_path(S.T_ITEM_GRAPH))
+    with caplog.at_level(logging.WARNING, logger="jobs.pipeline"):
+        pipeline.run(tower, spark, start_from="evaluate")
+    assert ("--from evaluate: graph, not run, is not up to date (a run killed in it, an output written since, or a "
+            "changed input or config); the stages from evaluate read its tables as they are") in caplog.text
 
 # What `python -m jobs.pipeline` prints (tables, counts, metrics, the paired comparison) is checked by
 # tests/test_spark_submit.py: jobs/submit.py runs the same __main__ (under spark-submit's session),
