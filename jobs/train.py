@@ -293,6 +293,25 @@ def train_worker(cfg: Config, resume: bool | str) -> dict:
         cleanup()
 
 
+def _check_one_samples_run(cfg: Config) -> None:
+    """The samples and ``noise_q`` (the vocabulary, the negatives' distribution) are committed one
+    after the other by one run of jobs.samples: written by two processes, that run was killed
+    between its commits, and the model would train on samples of another vocabulary (items only one
+    of them has: untrained rows, embedded and ranked). Tables whose commits do not say who wrote
+    them (another writer's) are not checked."""
+    from ml.data import io
+
+    section = "natm" if cfg.model == "natm" else "dat"
+    q, samples = cfg.table_path("noise_q"), cfg.table_path(f"samples_{section}")
+    if not (io.table_exists(q) and io.table_exists(samples)):
+        return  # the reader says what is missing
+    a, b = io.last_writer(q), io.last_writer(samples)
+    if a is not None and b is not None and a != b:
+        raise InvalidInput(f"{samples} and {q} were written by different runs of jobs.samples (one killed between "
+                           "its commits?): the samples may be of another vocabulary; rerun jobs.samples (the "
+                           "pipeline reruns it)")
+
+
 def run(cfg: Config, resume: bool | str = False) -> dict:
     """Train ``cfg.model``. ``resume``: True continues the latest checkpoint (refused if another run
     wrote it), reading the tables at the versions it trained on; :data:`SAME_RUN` continues it only
@@ -306,6 +325,8 @@ def run(cfg: Config, resume: bool | str = False) -> dict:
         from ml.data.session import get_spark
 
         get_spark(cfg.spark)
+    if resume is not True:  # a resumed run reads the versions its checkpoint trained on
+        _check_one_samples_run(cfg)
     t = time.time()
     res = launch(train_worker, cfg.train, cfg, resume)
     _release_gpu_memory()

@@ -400,3 +400,20 @@ def test_a_set_checkpoint_dir_holds_one_folder_per_model_and_settings_name_the_w
     monkeypatch.chdir(tmp_path)
     rel = load_config(ROOT / "conf" / "synthetic.yaml", [*shared, "warehouse=val_wh"])
     assert train.run_settings(rel, 0, {})["warehouse"] == os.path.join(os.getcwd(), "val_wh")
+
+
+def test_samples_and_noise_q_of_two_runs_of_the_samples_job_are_refused(spark, warehouse, monkeypatch):
+    # jobs.samples commits noise_q, then samples_natm and samples_dat: killed between them, a model
+    # trained on the old samples with the new vocabulary (new items: untrained rows, embedded and ranked)
+    from ml.data import io
+
+    cfg = load_config(ROOT / "conf" / "synthetic.yaml", [f"warehouse={warehouse}", "model=natm"])
+    q = spark.createDataFrame([(1, 0.5), (2, 0.5)], "item_id bigint, q double")
+    monkeypatch.setattr(io, "PROCESS_ID", "the-killed-run")
+    io.write_table(spark, q, cfg.table_path("samples_natm"))  # any rows: the check reads the commits only
+    monkeypatch.undo()
+    io.write_table(spark, q, cfg.table_path("noise_q"))
+    with pytest.raises(InvalidInput, match=r"samples_natm and .*noise_q were written by different runs of jobs.samples"):
+        train.run(cfg)
+    with pytest.raises(InvalidInput, match=r"samples_natm and .*noise_q were written"):
+        train.run(cfg, resume=train.SAME_RUN)
