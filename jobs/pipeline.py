@@ -231,6 +231,20 @@ def _up_to_date(cfg: Config, stage: str) -> bool:
             and saved.get("outputs") == {o: _state(cfg, o) for o in outputs})
 
 
+def _outputs_changed(cfg: Config, stage: str) -> bool:
+    """Whether ``stage``'s output tables are no longer those its last finished run recorded (a run
+    killed between its commits leaves some new); False without a record (its jobs run by hand, a
+    URI warehouse) or where they cannot be read now. Inputs are not compared: a source only the
+    cluster sees is always "changed"."""
+    if is_uri(cfg.warehouse):
+        return False
+    try:
+        saved = json.load(open(_state_file(cfg, stage))).get("outputs") or {}
+        return any(saved[o] != json.loads(json.dumps(_state(cfg, o), default=str)) for o in saved)
+    except Exception:  # noqa: BLE001 - only the warning is lost
+        return False
+
+
 def _record(cfg: Config, stage: str, fingerprint: Optional[dict]) -> None:
     if is_uri(cfg.warehouse):  # no state kept there (_fingerprint)
         return
@@ -286,13 +300,12 @@ def run(cfg: Config, spark=None, start_from: Optional[str] = None, force: bool =
     if start_from:  # the stages before it are not run (their records stay as they are)
         before = [s for s in stages if STAGES.index(s) < STAGES.index(start_from) and s != "baselines"]
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(start_from)]
-        if not is_uri(cfg.warehouse):
-            stale = [s for s in before if not _up_to_date(cfg, s)]
-            if stale:  # a run killed in one of them, a table written by hand, a changed input: said, not refused
-                log.warning("--from %s: %s, not run, %s not up to date (a run killed in %s, an output written "
-                            "since, or a changed input or config); the stages from %s read %s tables as they are",
-                            start_from, ", ".join(stale), "is" if len(stale) == 1 else "are",
-                            "it" if len(stale) == 1 else "them", start_from, "its" if len(stale) == 1 else "their")
+        changed = [s for s in before if _outputs_changed(cfg, s)]
+        if changed:  # a run killed in one of them, or a table written by hand: said, not refused
+            log.warning("--from %s: the tables of %s, not run, are not those %s last finished run wrote (a run "
+                        "killed before it finished, or a table written since); the stages from %s read them as "
+                        "they are", start_from, ", ".join(changed), "its" if len(changed) == 1 else "each one's",
+                        start_from)
     if "train" in stages and (force or start_from is not None or not _up_to_date(cfg, "train")):
         # before ingest … samples have run for minutes; not when training is up to date (a model trained
         # on a GPU box, its lists rebuilt on a laptop); _run_stage checks again should earlier stages

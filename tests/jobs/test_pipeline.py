@@ -229,8 +229,8 @@ def test_pipeline_baselines_beat_popularity_on_planted_structure(spark, warehous
     io.write_table(spark, io.read_table(spark, tower.table_path(S.T_ITEM_GRAPH)), tower.table_path(S.T_ITEM_GRAPH))
     with caplog.at_level(logging.WARNING, logger="jobs.pipeline"):
         pipeline.run(tower, spark, start_from="evaluate")
-    assert ("--from evaluate: graph, not run, is not up to date (a run killed in it, an output written since, or a "
-            "changed input or config); the stages from evaluate read its tables as they are") in caplog.text
+    assert ("--from evaluate: the tables of graph, not run, are not those its last finished run wrote (a run killed "
+            "before it finished, or a table written since); the stages from evaluate read them as they are") in caplog.text
 
 # What `python -m jobs.pipeline` prints (tables, counts, metrics, the paired comparison) is checked by
 # tests/test_spark_submit.py: jobs/submit.py runs the same __main__ (under spark-submit's session),
