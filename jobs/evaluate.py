@@ -35,13 +35,7 @@ def _check_one_split(cfg: Config) -> None:
     targets may be actions the lists were built from (a targets table of another split beside the
     sequences). Tables whose commits do not say who wrote them (another writer's) are not checked."""
     targets, sequences = cfg.table_path(S.T_EVAL_TARGETS), cfg.table_path(S.T_SEQUENCES)
-    try:
-        if not (io.table_exists(targets) and io.table_exists(sequences)):
-            return
-        a, b = io.last_writer(targets), io.last_writer(sequences)
-    except Exception:  # noqa: BLE001 - delta-rs cannot read the logs here (a URI Spark reads with its own
-        return  # credentials): the check is lost, not the evaluation
-    if a is not None and b is not None and a != b:
+    if io.written_by_two_processes(targets, sequences):
         raise InvalidInput(f"{targets} and {sequences} were written by different runs of jobs.sequences (one "
                            "killed between its two commits?): the targets may not be this split's; rerun "
                            "jobs.sequences (the pipeline reruns it and the stages after it)")

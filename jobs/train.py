@@ -303,13 +303,7 @@ def _check_one_samples_run(cfg: Config) -> None:
 
     section = "natm" if cfg.model == "natm" else "dat"
     q, samples = cfg.table_path("noise_q"), cfg.table_path(f"samples_{section}")
-    try:
-        if not (io.table_exists(q) and io.table_exists(samples)):
-            return  # the reader says what is missing
-        a, b = io.last_writer(q), io.last_writer(samples)
-    except Exception:  # noqa: BLE001 - delta-rs cannot read the logs from here (credentials only the
-        return  # executors have, for training there): the check is lost, not the training
-    if a is not None and b is not None and a != b:
+    if io.written_by_two_processes(q, samples):
         raise InvalidInput(f"{samples} and {q} were written by different runs of jobs.samples (one killed between "
                            "its commits?): the samples may be of another vocabulary; rerun jobs.samples (the "
                            "pipeline reruns it)")

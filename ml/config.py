@@ -235,6 +235,11 @@ class IngestConfig:
             if k not in CANONICAL_FIELDS:  # the key is ours, the value the source's column
                 raise ConfigError(f"ingest.columns.{k}={v!r}: {k!r} is not a field; expected one of "
                                   f"{list(CANONICAL_FIELDS)} (each mapped to a column of the source)")
+            if not isinstance(v, str) or not v:
+                quote = (" (quote it in YAML: YAML reads on/off/yes/no as booleans)" if isinstance(v, bool)
+                         else " (an empty value is no value: give the column's name)" if v is None or v == ""
+                         else " (quote it in YAML)")
+                raise ConfigError(f"ingest.columns.{k}={v!r} must be a column name{quote}")
         if self.columns and self.format not in MAPPED_FORMATS:
             raise ConfigError(f"ingest.columns={dict(self.columns)!r}: ingest.format={self.format!r} has fixed "
                               "columns (see README, Input formats); ingest.columns is for csv, parquet and delta")
@@ -667,14 +672,6 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if nested:
             raise ConfigError(f"{key}.{nested[0]}={value[nested[0]]!r} must be a single value (a string or a "
                               f"number), not a mapping or a list")
-        if key != "ingest.columns":  # spark.conf: passed on as text (YAML's true as "True", which Spark reads); null unsets
-            return value
-        for k, v in value.items():  # source column names
-            if not isinstance(v, str) or not v:
-                quote = (" (quote it in YAML: YAML reads on/off/yes/no as booleans)" if isinstance(v, bool)
-                         else " (an empty value is no value: give the column's name)" if v is None or v == ""
-                         else " (quote it in YAML)")
-                raise ConfigError(f"{key}.{k}={v!r} must be a column name{quote}")
         return value
     if hint is float and isinstance(value, str):
         try:

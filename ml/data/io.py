@@ -193,6 +193,20 @@ def last_writer(path: str) -> Optional[str]:
     return None if info is None else info.get(PROCESS_KEY)
 
 
+def written_by_two_processes(path_a: str, path_b: str) -> bool:
+    """Whether the latest data commits of two tables that one job commits one after the other were
+    made by two processes (that job killed between its commits, and rerun only in part). False when
+    either table is absent, a commit does not name its writer (another writer's), or delta-rs cannot
+    read the logs from here (a URI whose credentials only Spark or the executors have)."""
+    try:
+        if not (table_exists(path_a) and table_exists(path_b)):
+            return False
+        a, b = last_writer(path_a), last_writer(path_b)
+    except Exception:  # noqa: BLE001 - the check is lost, not the job
+        return False
+    return a is not None and b is not None and a != b
+
+
 def table_version(path: str) -> int:
     """Latest committed version of the table at ``path``."""
     _require_table(path)

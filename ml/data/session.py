@@ -99,9 +99,11 @@ def session_settings(cfg: SparkConfig, submitted: bool, given: set) -> dict:
         # notices about itself and the native Hadoop library a laptop lacks. Only where the JVM is
         # ours to start; spark.conf's own spark.driver.extraJavaOptions replaces it
         settings["spark.driver.extraJavaOptions"] = f"-Dlog4j2.configurationFile={_log4j2_file()}"
-    # a null value unsets the key: Spark's own default, not ours (e.g. the JVM's time zone, not UTC)
-    settings.update({k: str(v) for k, v in cfg.conf.items() if v is not None})
-    settings = {k: v for k, v in settings.items() if cfg.conf.get(k, "") is not None}
+    for k, v in cfg.conf.items():  # a null value unsets the key: Spark's own default, not ours (e.g. the
+        if v is None:  # JVM's time zone, not UTC)
+            settings.pop(k, None)
+        else:
+            settings[k] = str(v)
     return {k: v for k, v in settings.items() if k not in given}
 
 
