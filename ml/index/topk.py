@@ -51,41 +51,45 @@ def build_index(vectors: np.ndarray, kind: str = "auto", exact_max: int = 200_00
         index.nprobe = min(nprobe, nlist)
     else:
         index.add(x)
+    if kind == "ivf":
+        index.make_direct_map()  # position -> vector, for search_topk's rescoring
     log.info("faiss %s index: %d x %d", kind, n, d)
     return index
 
 
-MAX_TIED_EXTRA = 1024  # hits searched beyond 2(k+1) to place ties at the k-th score (search_topk)
+MAX_TIED_EXTRA = 1024  # hits searched beyond 2 x the first search's to place ties at the k-th score (search_topk)
+EXTRA_HITS = 8  # hits searched beyond k (+1 for the query itself) at first: the margin that settles most cuts
+_RESCORE_FLOATS = 1 << 22  # float64 values gathered at once to rescore hits (32 MiB)
 
 
 def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.ndarray], k: int,
                 ) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k index positions and scores per query, excluding the query's own position.
 
-    Ties in score go to the smaller position, also at the k-th place. Faiss orders equal scores
-    as it meets them, and returns an arbitrary subset of the items tied at its last place; so the
-    hits are sorted by (score, position) before the self hit (or, where the query's own position is
-    not among them, the weakest) is dropped, and a query whose k-th kept score equals the weakest
-    score Faiss returned is searched again with twice the hits until it does not (or the index is
-    exhausted): an equal-scored item of smaller position that Faiss left out is not lost. The
-    search stops at twice the first search's hits + :data:`MAX_TIED_EXTRA`: in a larger group of equal
-    scores (many identical vectors) the cut is among those. Positions -1 (fewer hits than k, with IVF) come last.
+    A query's hits and scores do not depend on the queries searched beside it, nor on the CPU's
+    BLAS: Faiss's float32 products differ in their last bits with the batch size (on an AVX-512 AMD
+    EPYC, 294 of 600 256-d queries' scores alone vs in one batch, and at batch sizes 16 to 333 too),
+    and so would a near-tie's order. Faiss only finds the candidates; each hit is rescored as a
+    float64 sum of the float32 products (exact products; rounded to float32 once), the same bits
+    in any batch. Faiss's error bounds where the cut can fall: a query whose k-th kept score is not
+    above the weakest score Faiss returned by more than that bound (d x 2^-24 x |q| x the hits'
+    largest norm) is searched again with twice the hits, until it is (or the index is exhausted), so
+    an item Faiss ranked just below its last hit is never lost.
+
+    Ties in score go to the smaller position, also at the k-th place; Faiss returns an arbitrary
+    subset of the items tied at its last place, and the same search again settles it. The searches
+    stop at twice the first search's hits + :data:`MAX_TIED_EXTRA`: in a larger group of equal scores
+    (many identical vectors) the cut is among those. Positions -1 (fewer hits than k, with IVF) come last.
     """
-    # Faiss computes inner products with BLAS from a batch size on (nq x d >= 128,000 in faiss 1.15)
-    # and pair by pair below it, and the two differ in the last bits (every row of 600 256-d queries,
-    # by up to 8e-7): a query's scores, and the order of its near-ties, depended on how many queries
-    # shared its batch. Always BLAS: the same bits in every batch size (tested); as fast or faster from
-    # 16 queries a search on (the job's searches hold thousands), 3x slower for a query alone.
-    faiss.cvar.distance_compute_blas_threshold = 0
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if k <= 0 or not len(q):
         return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
-    fetch = k + (query_pos is not None)
+    fetch = k + (query_pos is not None) + EXTRA_HITS
     pos, scores, last = _cut(index, q, query_pos, k, fetch)
     rows = np.arange(len(q))
     most = min(index.ntotal, 2 * fetch + MAX_TIED_EXTRA)
     while fetch < most:
-        rows = rows[(pos[rows, k - 1] >= 0) & (scores[rows, k - 1] == last[rows])]
+        rows = rows[(pos[rows, k - 1] >= 0) & (scores[rows, k - 1] <= last[rows])]
         if not len(rows):
             break
         fetch = min(2 * fetch, most)
@@ -96,13 +100,44 @@ def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.
 
 def _cut(index: faiss.Index, q: np.ndarray, query_pos: Optional[np.ndarray], k: int, fetch: int,
          ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first k of ``fetch`` hits by (score desc, position asc) without the query's own position,
-    and the weakest score returned (NaN where Faiss returned fewer than ``fetch``: nothing was left)."""
-    scores, pos = index.search(q, fetch)
+    """The first k of ``fetch`` hits by (exact score desc, position asc) without the query's own
+    position, and the score a kept hit must be above to be sure of its place: Faiss's weakest score
+    plus its error bound (NaN where Faiss returned fewer than ``fetch``: nothing was left)."""
+    approx, pos = index.search(q, fetch)
     valid = pos >= 0
-    order = np.lexsort((np.where(valid, pos, np.iinfo(np.int64).max), -np.where(valid, scores, -np.inf)), axis=1)
+    exact, largest_norm = _rescore(index, q, pos, valid)
+    scores = np.where(valid, exact.astype(np.float32), -np.inf)
+    order = np.lexsort((np.where(valid, pos, np.iinfo(np.int64).max), -scores), axis=1)
     pos, scores = np.take_along_axis(pos, order, 1), np.take_along_axis(scores, order, 1)
-    last = np.where(pos[:, -1] >= 0, scores[:, -1], np.nan)
+    # Faiss's float32 sum of d products errs by at most d x 2^-24 x |q| |x| (+ the rounding of ours)
+    bound = (q.shape[1] + 4) * 2.0 ** -24 * np.linalg.norm(q.astype(np.float64), axis=1) * largest_norm
+    last = np.where(valid[:, -1], approx[:, -1] + bound, np.nan)
     drop = (pos == query_pos[:, None]) & (pos >= 0) if query_pos is not None else np.zeros(pos.shape, bool)
     keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the hits in order, the self hit moved past the k-th
     return np.take_along_axis(pos, keep, 1), np.take_along_axis(scores, keep, 1), last
+
+
+def _rescore(index: faiss.Index, q: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Each hit's inner product with its query as a float64 sum of float32 products (exact), summed
+    in one order whatever the batch; and per query the largest norm among its hits (the catalogue's,
+    for L2-normalised vectors). Invalid hits (-1) score 0."""
+    n, fetch = pos.shape
+    exact, largest = np.zeros((n, fetch)), np.zeros(n)
+    step = max(1, _RESCORE_FLOATS // max(1, fetch * q.shape[1]))
+    for s in range(0, n, step):
+        p, v = pos[s:s + step], valid[s:s + step]
+        x = _vectors(index, np.where(v, p, 0).ravel()).astype(np.float64).reshape(*p.shape, -1)
+        x[~v] = 0.0
+        exact[s:s + step] = (x * q[s:s + step, None, :].astype(np.float64)).sum(axis=2)
+        largest[s:s + step] = np.sqrt((x * x).sum(axis=2).max(axis=1, initial=0.0))
+    return exact, largest
+
+
+def _vectors(index: faiss.Index, positions: np.ndarray) -> np.ndarray:
+    """The stored vectors at ``positions``: a flat index's own array, an IVF's through its direct map
+    (:func:`build_index` makes it; made here for an IVF index built elsewhere)."""
+    if isinstance(index, faiss.IndexFlat):
+        return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)[positions]
+    if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
+        index.make_direct_map()
+    return index.reconstruct_batch(positions)
