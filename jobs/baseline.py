@@ -39,6 +39,7 @@ def catalogue(spark, cfg: Config, counts) -> tuple[DataFrame, int]:
     return items.repartition(tasks, S.ITEM_ID).distinct(), tasks  # the distinct keeps these partitions
 
 
+@io.job_run
 def run(cfg: Config, spark=None, model: Optional[str] = None) -> dict:
     model = model or cfg.model
     if model not in BASELINES:

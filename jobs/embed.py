@@ -48,6 +48,7 @@ USER_EMBEDDINGS = StructType([
 ])
 
 
+@io.job_run
 def run(cfg: Config, spark=None) -> dict:
     if cfg.model in BASELINES:
         raise InvalidInput(f"model={cfg.model!r} is a baseline: it has no embeddings (its i2i_topk rows come "

@@ -31,16 +31,29 @@ log = logging.getLogger("jobs.evaluate")
 
 def _check_one_split(cfg: Config) -> None:
     """``eval_targets`` and ``sequences`` are one split, committed one after the other by one run of
-    jobs.sequences: written by two processes, that run was killed between its commits, and the
+    jobs.sequences: written by two runs, that run was killed between its commits, and the
     targets may be actions the lists were built from (a targets table of another split beside the
     sequences). Tables whose commits do not say who wrote them (another writer's) are not checked."""
     targets, sequences = cfg.table_path(S.T_EVAL_TARGETS), cfg.table_path(S.T_SEQUENCES)
-    if io.written_by_two_processes(targets, sequences):
+    if io.written_by_two_runs(targets, sequences):
         raise InvalidInput(f"{targets} and {sequences} were written by different runs of jobs.sequences (one "
                            "killed between its two commits?): the targets may not be this split's; rerun "
                            "jobs.sequences (the pipeline reruns it and the stages after it)")
 
 
+def _check_one_topk_run(cfg: Config, models: List[str]) -> None:
+    """A model's ``i2i_topk`` and ``u2i_topk`` lists (DAT, two-tower) are committed one after the
+    other by one run of jobs.topk: written by two runs, that run was killed between its commits (or
+    found no user vectors), and one kind of list is another model's, scored as this one's."""
+    i2i, u2i = cfg.table_path(S.T_I2I_TOPK), cfg.table_path(S.T_U2I_TOPK)
+    for m in models:
+        if io.written_by_two_runs(i2i, u2i, {S.MODEL: m}):
+            raise InvalidInput(f"i2i_topk and u2i_topk of model {m!r} were written by different runs (jobs.topk "
+                               "killed between its two commits?): one kind of list is of other vectors; rerun "
+                               f"jobs.topk for model={m} (the pipeline reruns it)")
+
+
+@io.job_run
 def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
         compare_to: Optional[List[str]] = None, primary: Optional[List[str]] = None) -> dict:
     """Evaluate ``models`` and compare each with the baselines. ``primary``: the models this run
@@ -98,6 +111,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     compared = {m: [_like_for_like(m, b, base, lists, model_lists) for b, base in baselines.items()
                     if m != b and base] for m in models}
     used = set(models) | {b for pairs in compared.values() for b, _ in pairs}
+    _check_one_topk_run(cfg, sorted(m for m in used if len(lists.get(m) or model_lists(m)) == 2))
     targets_id = targets_fingerprint(targets)
     # every list an eval target reads, of every model scored or compared, checked and looked up in one
     # pass per table; the ranks (one row per eval target and list that holds it) serve the metrics and

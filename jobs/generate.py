@@ -18,6 +18,7 @@ from jobs._cli import command, parse, print_tables
 log = logging.getLogger("jobs.generate")
 
 
+@io.job_run
 def run(cfg: Config, spark=None) -> dict:
     spark = spark or get_spark(cfg.spark)
     start = time.time()

@@ -21,6 +21,7 @@ from jobs._cli import command, parse, print_tables
 log = logging.getLogger("jobs.graph")
 
 
+@io.job_run
 def run(cfg: Config, spark=None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode, g = cfg.io.delta_mode, cfg.graph

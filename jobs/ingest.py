@@ -28,6 +28,7 @@ from jobs._cli import command, parse, print_tables
 log = logging.getLogger("jobs.ingest")
 
 
+@io.job_run
 def run(cfg: Config, spark=None) -> dict:
     """Ingest ``cfg.ingest``; return counts (input rows, actions, rejected by reason; users and items
     approximate: an exact distinct count of billions of actions is a full shuffle only for a log line)."""

@@ -27,6 +27,7 @@ def model_name(cfg: Config) -> str:
     return cfg.model + SUFFIX
 
 
+@io.job_run
 def run(cfg: Config, spark=None) -> dict:
     if cfg.recent.triggers <= 0:
         raise ConfigError("recent.triggers=0: set the number of recent items to fuse (e.g. --set recent.triggers=5)")

@@ -45,6 +45,7 @@ def _check_size(what: str, n: int, limit: int, key: str) -> None:
             f"have the memory, or cut the catalogue upstream (rare items); nothing was written")
 
 
+@io.job_run
 def run(cfg: Config, spark=None, which: Sequence[str] = ("natm", "dat")) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode, sc = cfg.io.delta_mode, cfg.samples

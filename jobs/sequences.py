@@ -22,9 +22,23 @@ from jobs._cli import command, parse, print_tables
 log = logging.getLogger("jobs.sequences")
 
 
+def _check_one_ingest(cfg: Config) -> None:
+    """``actions``, ``items``, ``users`` and ``id_keys`` are committed one after another by one run of
+    jobs.ingest: written by two runs, that run was killed between its commits, and the categories,
+    user features or keys downstream are another source's (its ids plain integers, or hashes)."""
+    actions = cfg.table_path(S.T_ACTIONS)
+    for t in (S.T_ID_KEYS, S.T_ITEMS, S.T_USERS):
+        if io.written_by_two_runs(actions, cfg.table_path(t)):
+            raise InvalidInput(f"{actions} and {cfg.table_path(t)} were written by different runs of jobs.ingest (one "
+                               "killed between its commits?): the tables may be of two sources; rerun jobs.ingest "
+                               "(the pipeline reruns it and the stages after it)")
+
+
+@io.job_run
 def run(cfg: Config, spark=None) -> dict:
     spark = spark or get_spark(cfg.spark)
     mode = cfg.io.delta_mode
+    _check_one_ingest(cfg)
     actions = io.read_table(spark, cfg.table_path(S.T_ACTIONS), delta_mode=mode)
     # Both tables come from one per-user aggregation of every action (the pipeline's largest shuffle):
     # persisted, the second write reuses it instead of running it again, and the users left out are

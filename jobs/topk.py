@@ -33,6 +33,7 @@ from jobs.embed import T_ITEM_EMBEDDINGS, T_USER_EMBEDDINGS, USER_MODELS
 log = logging.getLogger("jobs.topk")
 
 
+@io.job_run
 def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     import faiss
 

@@ -295,7 +295,7 @@ def train_worker(cfg: Config, resume: bool | str) -> dict:
 
 def _check_one_samples_run(cfg: Config) -> None:
     """The samples and ``noise_q`` (the vocabulary, the negatives' distribution) are committed one
-    after the other by one run of jobs.samples: written by two processes, that run was killed
+    after the other by one run of jobs.samples: written by two runs, that run was killed
     between its commits, and the model would train on samples of another vocabulary (items only one
     of them has: untrained rows, embedded and ranked). Tables whose commits do not say who wrote
     them (another writer's) are not checked."""
@@ -303,7 +303,7 @@ def _check_one_samples_run(cfg: Config) -> None:
 
     section = "natm" if cfg.model == "natm" else "dat"
     q, samples = cfg.table_path("noise_q"), cfg.table_path(f"samples_{section}")
-    if io.written_by_two_processes(q, samples):
+    if io.written_by_two_runs(q, samples):
         raise InvalidInput(f"{samples} and {q} were written by different runs of jobs.samples (one killed between "
                            "its commits?): the samples may be of another vocabulary; rerun jobs.samples (the "
                            "pipeline reruns it)")

@@ -15,7 +15,10 @@ predicate (``replace_where={"model": "natm"}``) and an optional version.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -51,6 +54,9 @@ COMMIT_ATTEMPTS = 10  # a delta-rs commit that lost a race with another job's is
 WRITE_ID_KEY = "spark_i2i.write_id"  # in each delta-rs commit's info: the data folder it committed
 PROCESS_KEY = "spark_i2i.process"  # in each commit's info (native: its userMetadata): the writing process
 PROCESS_ID = uuid.uuid4().hex  # this process's, so that a job can tell its own commits from another's
+RUN_KEY = "spark_i2i.run"  # in each commit's info made inside job_run: that run of the job
+PARTITION_KEY = "spark_i2i.replace_where"  # in a partition replace's commit info: the partition values it replaced
+_RUN: contextvars.ContextVar = contextvars.ContextVar("spark_i2i_run", default=None)
 
 WRITE_MODES = ("append", "overwrite")
 WRITE_TIME = "%Y%m%dT%H%M%S"  # UTC start of a delta-rs write, in its data folder's name (data-<time>-<id>)
@@ -158,22 +164,36 @@ def _commit_keys(info: dict) -> dict:
     return keys
 
 
-def _latest_data_commit(path: str) -> Optional[dict]:
-    """``{"version", PROCESS_KEY}`` (the writer, None when unknown) of the table's newest commit that is not maintenance
-    (:data:`MAINTENANCE_OPERATIONS`). A vacuum by :func:`vacuum_table` records the data version and
-    its writer in its own commits, so they are known after the log entry of that write has expired
-    (the log keeps 30 days): a table whose data is older than that, vacuumed every night, is still
-    the same table."""
+def _latest_data_commit(path: str, partition: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+    """``{"version", PROCESS_KEY, RUN_KEY}`` (the writer and its job run, None when unknown) of the
+    table's newest commit that is not maintenance (:data:`MAINTENANCE_OPERATIONS`). A vacuum by
+    :func:`vacuum_table` records the data version and its writer in its own commits, so they are
+    known after the log entry of that write has expired (the log keeps 30 days): a table whose data
+    is older than that, vacuumed every night, is still the same table. ``partition``: the newest
+    commit that may have written it (a partition replace of other values skipped; no vacuum record)."""
     recorded = None
     for info in DeltaTable(table_uri(path)).history(_HISTORY_SCAN):  # newest first
         keys = _commit_keys(info)
         if info.get("operation") not in MAINTENANCE_OPERATIONS:
+            if partition and not _may_touch(keys, partition):
+                continue
             # the newest data commit still in the log is the truth, also over what a later vacuum
             # recorded: a write can commit between a vacuum's reading of the data version and its commits
-            return {"version": info.get("version"), PROCESS_KEY: keys.get(PROCESS_KEY)}
+            return {"version": info.get("version"), PROCESS_KEY: keys.get(PROCESS_KEY), RUN_KEY: keys.get(RUN_KEY)}
         if recorded is None and DATA_VERSION_KEY in keys:
-            recorded = {"version": int(keys[DATA_VERSION_KEY]), PROCESS_KEY: keys.get(PROCESS_KEY) or None}
-    return recorded  # the log holds no data commit any more (expired): the newest vacuum's record
+            recorded = {"version": int(keys[DATA_VERSION_KEY]), PROCESS_KEY: keys.get(PROCESS_KEY) or None,
+                        RUN_KEY: keys.get(RUN_KEY) or None}
+    return None if partition else recorded  # the log holds no data commit any more (expired): the newest vacuum's record
+
+
+def _may_touch(keys: dict, partition: Mapping[str, str]) -> bool:
+    """Whether a commit with these keys may have written ``partition``: a replace of other values did
+    not; any other commit (a full write, another writer's) may have."""
+    try:
+        replaced = json.loads(keys[PARTITION_KEY])
+    except (KeyError, TypeError, ValueError):
+        return True
+    return all(c not in replaced or str(v) in replaced[c] for c, v in partition.items())
 
 
 def data_version(path: str) -> int:
@@ -193,18 +213,52 @@ def last_writer(path: str) -> Optional[str]:
     return None if info is None else info.get(PROCESS_KEY)
 
 
-def written_by_two_processes(path_a: str, path_b: str) -> bool:
+def job_run(fn: Callable) -> Callable:
+    """Decorate a job's ``run``: every commit it makes carries one id of this call (:data:`RUN_KEY`),
+    which :func:`written_by_two_runs` compares. A call inside another's (a pipeline stage) is a run of its own."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        token = _RUN.set(uuid.uuid4().hex)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _RUN.reset(token)
+
+    return run
+
+
+def _commit_info(write_id: str, replace_where: Optional[Mapping[str, object]]) -> dict:
+    """This project's keys of a write's commit: its write id, process, job run (inside :func:`job_run`)
+    and, for a partition replace, the values it replaced."""
+    info = {WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID}
+    if _RUN.get() is not None:
+        info[RUN_KEY] = _RUN.get()
+    if replace_where:
+        info[PARTITION_KEY] = json.dumps({c: [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+                                          for c, v in replace_where.items()}, sort_keys=True)
+    return info
+
+
+def written_by_two_runs(path_a: str, path_b: str, partition: Optional[Mapping[str, str]] = None) -> bool:
     """Whether the latest data commits of two tables that one job commits one after the other were
-    made by two processes (that job killed between its commits, and rerun only in part). False when
-    either table is absent, a commit does not name its writer (another writer's), or delta-rs cannot
-    read the logs from here (a URI whose credentials only Spark or the executors have)."""
+    made by two runs of it (the job killed between its commits, and rerun only in part).
+    ``partition`` (``{"model": "dat"}``): the latest commits that wrote that partition of each.
+    Compares the commits' job runs (:func:`job_run`); where a commit has none (written before the
+    key, or outside a job), their processes. False when either table is absent, a commit names neither
+    (another writer's), no commit of the partition is among the latest 100, or delta-rs cannot read
+    the logs from here (a URI whose credentials only Spark or the executors have)."""
     try:
         if not (table_exists(path_a) and table_exists(path_b)):
             return False
-        a, b = last_writer(path_a), last_writer(path_b)
+        a, b = _latest_data_commit(path_a, partition), _latest_data_commit(path_b, partition)
     except Exception:  # noqa: BLE001 - the check is lost, not the job
         return False
-    return a is not None and b is not None and a != b
+    if not a or not b:
+        return False
+    if a.get(RUN_KEY) and b.get(RUN_KEY):
+        return a[RUN_KEY] != b[RUN_KEY]
+    return bool(a.get(PROCESS_KEY)) and bool(b.get(PROCESS_KEY)) and a[PROCESS_KEY] != b[PROCESS_KEY]
 
 
 def table_version(path: str) -> int:
@@ -236,8 +290,9 @@ def vacuum_table(spark: Optional[SparkSession], path: str, retention_hours: floa
     except Exception:  # noqa: BLE001 - delta-rs cannot open it (a dbfs: path, a table feature)
         info = {}
     keys = {DATA_VERSION_KEY: str(info["version"])} if info.get("version") is not None else {}
-    if info.get(PROCESS_KEY):
-        keys[PROCESS_KEY] = info[PROCESS_KEY]
+    for key in (PROCESS_KEY, RUN_KEY):
+        if info.get(key):
+            keys[key] = info[key]
     if native:
         confs = {"spark.databricks.delta.retentionDurationCheck.enabled": "false",  # else a week at least
                  "spark.databricks.delta.commitInfo.userMetadata": json.dumps(keys)}
@@ -612,7 +667,7 @@ def _rs_filter(c: str, v: object) -> tuple:
 
 def _write_native(spark, df, uri, mode, partition_by, replace_where, overwrite_schema) -> int:
     # the commit carries a write id, by which its version is found afterwards, as on the delta-rs path
-    meta = json.dumps({PROCESS_KEY: PROCESS_ID, WRITE_ID_KEY: uuid.uuid4().hex})
+    meta = json.dumps(_commit_info(uuid.uuid4().hex, replace_where))
     writer = df.write.format("delta").mode(mode).option("userMetadata", meta)
     if partition_by:
         writer = writer.partitionBy(*partition_by)
@@ -667,12 +722,12 @@ def _write_delta_rs(df: DataFrame, uri: str, mode: str, partition_by: list,
         _remove_dir(staging)  # best effort; uncommitted files are invisible to readers anyway
         raise
     arrow_schema = to_arrow_schema(df.schema, timezone="UTC")
-    # The commit carries its write id and this process's id. delta-rs's own retries are off: a commit
+    # The commit carries its write id, this process and its job run. delta-rs's own retries are off: a commit
     # it retried after another job's moved onto the newer version without checking what that job
     # wrote, so two first writes of one table, or of one new partition, both kept their rows (a
     # doubled table). Here a lost race fails, and the loop below writes again on a fresh snapshot,
     # which replaces what the other job committed where the write replaces anything.
-    props = CommitProperties(custom_metadata={WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID}, max_commit_retries=0)
+    props = CommitProperties(custom_metadata=_commit_info(write_id, replace_where), max_commit_retries=0)
     version = None
     if not exists:
         from deltalake import Schema

@@ -694,3 +694,46 @@ def test_a_write_committed_during_a_vacuum_is_the_data_version_not_what_the_vacu
     assert io.vacuum_table(spark, path, 0, "delta-rs") > 0
     assert [h["operation"] for h in DeltaTable(path).history(3)] == ["VACUUM END", "VACUUM START", "WRITE"]
     assert io.data_version(path) == 2  # the vacuum's commits say 1
+
+
+def test_written_by_two_runs_tells_a_jobs_killed_run_apart_also_in_one_process(spark, warehouse):
+    # A job that commits two tables one after the other, killed between its commits and run again in
+    # part (a notebook kernel: one process). Each job run stamps its commits; comparing processes, as
+    # before, passed this in one process and refused two pipelines' interleaved commits of equal runs.
+    a, b = f"{warehouse}/a", f"{warehouse}/b"
+    df = spark.createDataFrame(ROWS, SCHEMA)
+
+    @io.job_run
+    def job(*paths):
+        for p in paths:
+            io.write_table(spark, df, p, partition_by=["model"], delta_mode="delta-rs")
+
+    job(a, b)
+    assert not io.written_by_two_runs(a, b)
+    job(a)  # killed before b's commit
+    assert io.written_by_two_runs(a, b) and io.written_by_two_runs(b, a)
+    assert not io.written_by_two_runs(a, f"{warehouse}/absent")
+    # a commit made outside a job names its process only: compared by process
+    io.write_table(spark, df, b, partition_by=["model"], delta_mode="delta-rs")
+    assert not io.written_by_two_runs(a, b)
+    # a vacuum keeps the data commit's run
+    job(a, b)
+    io.vacuum_table(spark, a, 0, "delta-rs")
+    assert not io.written_by_two_runs(a, b)
+
+    # per partition (one model's lists in two tables): a replace of another model's partition is not
+    # that model's latest commit, a full write is
+    @io.job_run
+    def model_job(model, *paths):
+        for p in paths:
+            io.replace_model_partition(spark, df.where(F.col("model") == model), p, model, "delta-rs")
+
+    model_job("natm", a, b)
+    model_job("dat", a)  # another model's run, into a only
+    assert not io.written_by_two_runs(a, b, {"model": "natm"})
+    assert io.written_by_two_runs(a, b, {"model": "dat"})
+    assert io.written_by_two_runs(a, b)  # the tables' latest commits are of two runs
+    replaced = json.loads(DeltaTable(a).history(1)[0][io.PARTITION_KEY])
+    assert replaced == {"model": ["dat"]}
+    job(a)  # a full write of a touches every model
+    assert io.written_by_two_runs(a, b, {"model": "natm"})

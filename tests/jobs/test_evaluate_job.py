@@ -117,3 +117,19 @@ def test_targets_and_sequences_of_two_runs_of_the_sequences_job_are_refused(spar
         evaluate.run(cfg, spark, ["dat"])
     io.write_table(spark, seqs, cfg.table_path(S.T_SEQUENCES), mode="overwrite")  # one run wrote both
     assert evaluate.run(cfg, spark, ["dat"])["rows"]
+
+
+def test_lists_of_two_runs_of_the_topk_job_are_refused(spark, cfg):
+    # jobs.topk commits a DAT model's i2i lists, then its u2i lists: killed between the two, the u2i
+    # lists were the previous model's, scored beside the new i2i lists as one model's
+    from ml.errors import InvalidInput
+
+    u2i = io.read_table(spark, cfg.table_path(S.T_U2I_TOPK)).where("model = 'dat'").localCheckpoint()
+    i2i = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).where("model = 'dat'").localCheckpoint()
+    io.job_run(lambda: [io.replace_model_partition(spark, t, cfg.table_path(n), "dat")
+                        for t, n in ((i2i, S.T_I2I_TOPK), (u2i, S.T_U2I_TOPK))])()
+    assert evaluate.run(cfg, spark, ["dat"])["rows"]
+    io.job_run(lambda: io.replace_model_partition(spark, i2i, cfg.table_path(S.T_I2I_TOPK), "dat"))()  # killed there
+    with pytest.raises(InvalidInput, match=r"i2i_topk and u2i_topk of model 'dat' were written by different runs "
+                                           r"\(jobs.topk killed .*rerun jobs.topk for model=dat"):
+        evaluate.run(cfg, spark, ["dat"])

@@ -191,3 +191,34 @@ def test_a_sequences_run_killed_between_its_commits_leaks_no_eval_target_into_tr
     last_training_ts = {r.user_id: max(r.timestamps) for r in io.read_table(spark, cfg.table_path(S.T_SEQUENCES)).collect()}
     targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS)).collect()
     assert len(targets) == 3 and all(t.target_ts > last_training_ts[t.user_id] for t in targets)
+
+
+def test_sequences_refuses_tables_of_two_ingest_runs(spark, tmp_path, monkeypatch):
+    # ingest commits actions, actions_rejected, id_keys, items, users, companions_rejected one after
+    # another: killed after items, the previous source's users (their features) stood beside the new
+    # actions, and sequences went on without a word
+    from ml.data import io as data_io
+    from ml.errors import InvalidInput
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{u * 10 + t},{t}\n" for u in (1, 2, 3) for t in range(4)))
+    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={log}"])
+    ingest.run(cfg, spark)
+    write, commits = data_io.write_table, []
+
+    def killed_after_four_commits(*args, **kwargs):
+        if len(commits) == 4:
+            raise KeyboardInterrupt
+        commits.append(args[2])
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(data_io, "write_table", killed_after_four_commits)
+    with pytest.raises(KeyboardInterrupt):
+        ingest.run(cfg, spark)
+    monkeypatch.setattr(data_io, "write_table", write)
+    assert commits[-1] == cfg.table_path(S.T_ITEMS)
+    with pytest.raises(InvalidInput, match=r"actions and .*users were written by different runs of jobs.ingest.*"
+                                           r"rerun jobs.ingest"):
+        sequences.run(cfg, spark)
+    ingest.run(cfg, spark)
+    assert sequences.run(cfg, spark)["users"] == 3
