@@ -52,7 +52,10 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
         raise InvalidInput(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
     run_ids = sorted(set(t.column("run_id").unique().to_pylist()))
     users = None
-    if cfg.model in USER_MODELS and io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):
+    if cfg.model in USER_MODELS:
+        if not io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):  # the i2i lists alone left the earlier u2i
+            raise InvalidInput(f"{cfg.table_path(T_USER_EMBEDDINGS)} does not exist: model={cfg.model} has a user "
+                               f"tower; run jobs.embed for model={cfg.model} (it writes both vector tables)")
         users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode,
                               partitions={S.MODEL: [cfg.model]})
         # Item and user vectors must come from one model: an embed run killed between its two commits

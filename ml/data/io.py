@@ -55,7 +55,7 @@ WRITE_ID_KEY = "spark_i2i.write_id"  # in each delta-rs commit's info: the data 
 PROCESS_KEY = "spark_i2i.process"  # in each commit's info (native: its userMetadata): the writing process
 PROCESS_ID = uuid.uuid4().hex  # this process's, so that a job can tell its own commits from another's
 RUN_KEY = "spark_i2i.run"  # in each commit's info made inside job_run: that run of the job
-PARTITION_KEY = "spark_i2i.replace_where"  # in a partition replace's commit info: the partition values it replaced
+PARTITION_KEY = "spark_i2i.replace_where"  # in each commit's info: the partition values it replaced ({}: all)
 _RUN: contextvars.ContextVar = contextvars.ContextVar("spark_i2i_run", default=None)
 
 WRITE_MODES = ("append", "overwrite")
@@ -175,8 +175,12 @@ def _latest_data_commit(path: str, partition: Optional[Mapping[str, str]] = None
     for info in DeltaTable(table_uri(path)).history(_HISTORY_SCAN):  # newest first
         keys = _commit_keys(info)
         if info.get("operation") not in MAINTENANCE_OPERATIONS:
-            if partition and not _may_touch(keys, partition):
-                continue
+            if partition:
+                touched = _may_touch(keys, partition)
+                if touched is None:
+                    return None  # a commit that does not say what it wrote (before the key, another writer's)
+                if not touched:
+                    continue
             # the newest data commit still in the log is the truth, also over what a later vacuum
             # recorded: a write can commit between a vacuum's reading of the data version and its commits
             return {"version": info.get("version"), PROCESS_KEY: keys.get(PROCESS_KEY), RUN_KEY: keys.get(RUN_KEY)}
@@ -186,13 +190,14 @@ def _latest_data_commit(path: str, partition: Optional[Mapping[str, str]] = None
     return None if partition else recorded  # the log holds no data commit any more (expired): the newest vacuum's record
 
 
-def _may_touch(keys: dict, partition: Mapping[str, str]) -> bool:
+def _may_touch(keys: dict, partition: Mapping[str, str]) -> Optional[bool]:
     """Whether a commit with these keys may have written ``partition``: a replace of other values did
-    not; any other commit (a full write, another writer's) may have."""
+    not, a write of the whole table may have; None where the commit does not say (a commit made
+    before :data:`PARTITION_KEY`, or another writer's)."""
     try:
         replaced = json.loads(keys[PARTITION_KEY])
     except (KeyError, TypeError, ValueError):
-        return True
+        return None
     return all(c not in replaced or str(v) in replaced[c] for c, v in partition.items())
 
 
@@ -230,13 +235,12 @@ def job_run(fn: Callable) -> Callable:
 
 def _commit_info(write_id: str, replace_where: Optional[Mapping[str, object]]) -> dict:
     """This project's keys of a write's commit: its write id, process, job run (inside :func:`job_run`)
-    and, for a partition replace, the values it replaced."""
+    and the partition values it replaced (none: the whole table, or an append)."""
     info = {WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID}
     if _RUN.get() is not None:
         info[RUN_KEY] = _RUN.get()
-    if replace_where:
-        info[PARTITION_KEY] = json.dumps({c: [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
-                                          for c, v in replace_where.items()}, sort_keys=True)
+    info[PARTITION_KEY] = json.dumps({c: [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+                                      for c, v in (replace_where or {}).items()}, sort_keys=True)  # {}: every partition
     return info
 
 
@@ -244,10 +248,11 @@ def written_by_two_runs(path_a: str, path_b: str, partition: Optional[Mapping[st
     """Whether the latest data commits of two tables that one job commits one after the other were
     made by two runs of it (the job killed between its commits, and rerun only in part).
     ``partition`` (``{"model": "dat"}``): the latest commits that wrote that partition of each.
-    Compares the commits' job runs (:func:`job_run`); where a commit has none (written before the
-    key, or outside a job), their processes. False when either table is absent, a commit names neither
-    (another writer's), no commit of the partition is among the latest 100, or delta-rs cannot read
-    the logs from here (a URI whose credentials only Spark or the executors have)."""
+    Compares the commits' job runs (:func:`job_run`); where neither has one (both written before the
+    key), their processes. False when either table is absent, one commit was made outside a job (a
+    table written by hand) or names no writer (another writer's), the partition's latest commit does
+    not say what it wrote or is not among the latest 100, or delta-rs cannot read the logs from here
+    (a URI whose credentials only Spark or the executors have)."""
     try:
         if not (table_exists(path_a) and table_exists(path_b)):
             return False
@@ -256,8 +261,8 @@ def written_by_two_runs(path_a: str, path_b: str, partition: Optional[Mapping[st
         return False
     if not a or not b:
         return False
-    if a.get(RUN_KEY) and b.get(RUN_KEY):
-        return a[RUN_KEY] != b[RUN_KEY]
+    if a.get(RUN_KEY) or b.get(RUN_KEY):  # one without a run: written outside a job (by hand), not checked
+        return bool(a.get(RUN_KEY)) and bool(b.get(RUN_KEY)) and a[RUN_KEY] != b[RUN_KEY]
     return bool(a.get(PROCESS_KEY)) and bool(b.get(PROCESS_KEY)) and a[PROCESS_KEY] != b[PROCESS_KEY]
 
 
@@ -595,7 +600,11 @@ def _undo_native(spark: SparkSession, path: str, uri: str, version: int, before:
             old = read_table(spark, path, version=before, delta_mode=delta_mode)
             if replace_where:
                 old = old.filter(_predicate_column(replace_where))
-            _write_native(spark, old, uri, mode, partition_by, replace_where, overwrite_schema)
+            token = _RUN.set(None)  # the previous rows, not this run's
+            try:
+                _write_native(spark, old, uri, mode, partition_by, replace_where, overwrite_schema)
+            finally:
+                _RUN.reset(token)
     except Exception as e:  # noqa: BLE001 - the refusal is the error to see; the failed undo is its cause
         raise error from e
     raise error

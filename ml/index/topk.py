@@ -59,7 +59,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", exact_max: int = 200_00
 
 MAX_TIED_EXTRA = 1024  # hits searched beyond 2 x the first search's to place ties at the k-th score (search_topk)
 EXTRA_HITS = 8  # hits searched beyond k (+1 for the query itself) at first: the margin that settles most cuts
-_RESCORE_FLOATS = 1 << 22  # float64 values gathered at once to rescore hits (32 MiB)
+_RESCORE_FLOATS = 1 << 21  # vector values gathered at once to rescore hits (16 MiB in float64, ~60 MiB at the peak)
 
 
 def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.ndarray], k: int,
@@ -73,8 +73,9 @@ def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.
     float64 sum of the float32 products (exact products; rounded to float32 once), the same bits
     in any batch. Faiss's error bounds where the cut can fall: a query whose k-th kept score is not
     above the weakest score Faiss returned by more than that bound (d x 2^-24 x |q| x the hits'
-    largest norm) is searched again with twice the hits, until it is (or the index is exhausted), so
-    an item Faiss ranked just below its last hit is never lost.
+    largest norm: the catalogue's, as its vectors are L2-normalised) is searched again with twice the
+    hits, until it is (or the index is exhausted), so an item Faiss ranked just below its last hit is
+    never lost. An IVF index's lists to scan are chosen by rescored centroid scores the same way.
 
     Ties in score go to the smaller position, also at the k-th place; Faiss returns an arbitrary
     subset of the items tied at its last place, and the same search again settles it. The searches
@@ -84,6 +85,8 @@ def search_topk(index: faiss.Index, queries: np.ndarray, query_pos: Optional[np.
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if k <= 0 or not len(q):
         return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+    if not index.ntotal:
+        return np.full((len(q), k), -1, np.int64), np.full((len(q), k), -np.inf, np.float32)
     fetch = k + (query_pos is not None) + EXTRA_HITS
     pos, scores, last = _cut(index, q, query_pos, k, fetch)
     rows = np.arange(len(q))
@@ -103,7 +106,7 @@ def _cut(index: faiss.Index, q: np.ndarray, query_pos: Optional[np.ndarray], k: 
     """The first k of ``fetch`` hits by (exact score desc, position asc) without the query's own
     position, and the score a kept hit must be above to be sure of its place: Faiss's weakest score
     plus its error bound (NaN where Faiss returned fewer than ``fetch``: nothing was left)."""
-    approx, pos = index.search(q, fetch)
+    approx, pos = _search(index, q, fetch)
     valid = pos >= 0
     exact, largest_norm = _rescore(index, q, pos, valid)
     scores = np.where(valid, exact.astype(np.float32), -np.inf)
@@ -115,6 +118,22 @@ def _cut(index: faiss.Index, q: np.ndarray, query_pos: Optional[np.ndarray], k: 
     drop = (pos == query_pos[:, None]) & (pos >= 0) if query_pos is not None else np.zeros(pos.shape, bool)
     keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the hits in order, the self hit moved past the k-th
     return np.take_along_axis(pos, keep, 1), np.take_along_axis(scores, keep, 1), last
+
+
+def _search(index: faiss.Index, q: np.ndarray, fetch: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Faiss's ``fetch`` best hits. An IVF index's lists to scan are chosen here by the centroids'
+    rescored scores (ties to the smaller list): Faiss's own float32 centroid scores differ with the
+    batch too, and a near-tie at the nprobe-th list would change which lists a query scans."""
+    if not isinstance(index, faiss.IndexIVF):
+        return index.search(q, fetch)
+    nprobe = min(index.nprobe, index.nlist)
+    quantizer = faiss.downcast_index(index.quantizer)
+    _, lists = quantizer.search(q, min(nprobe + EXTRA_HITS, index.nlist))
+    valid = lists >= 0
+    exact = np.where(valid, _rescore(quantizer, q, lists, valid)[0].astype(np.float32), -np.inf)
+    order = np.lexsort((np.where(valid, lists, np.iinfo(np.int64).max), -exact), axis=1)[:, :nprobe]
+    lists, exact = np.take_along_axis(lists, order, 1), np.take_along_axis(exact, order, 1)
+    return index.search_preassigned(q, fetch, lists, exact)
 
 
 def _rescore(index: faiss.Index, q: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

@@ -103,6 +103,12 @@ def test_an_ivf_index_rescored_through_its_direct_map_also_when_built_elsewhere(
     plain.add(x)
     plain.nprobe = 8
     assert np.array_equal(search_topk(plain, x[:50], np.arange(50), k=5)[0], flat_pos)
+    # with some lists probed, the lists scanned are chosen by rescored centroid scores: any batch alike
+    ivf.nprobe = 2
+    pos, scores = search_topk(ivf, x[:50], np.arange(50), k=5)
+    alone = [search_topk(ivf, x[[i]], np.array([i]), k=5) for i in range(50)]
+    assert np.array_equal(np.vstack([p for p, _ in alone]), pos)
+    assert np.array_equal(np.vstack([s for _, s in alone]), scores)
 
 
 def test_the_search_again_for_ties_is_bounded(monkeypatch):
@@ -120,3 +126,44 @@ def test_the_search_again_for_ties_is_bounded(monkeypatch):
     first = 3 + 1 + topk.EXTRA_HITS
     assert fetched[0] == first and max(fetched) == 2 * first + topk.MAX_TIED_EXTRA
     assert search_topk(index, x[:2], None, k=0)[0].shape == (2, 0)
+
+
+class _ErringFaiss:
+    """A flat index whose scores err within Faiss's float32 bound (d x 2^-24 x |q||x|), the way its
+    BLAS blocks can: items nearly tied come back in the reverse of their exact order."""
+
+    def __init__(self, x):
+        self.x, self.ntotal, self.d = x, len(x), x.shape[1]
+
+    def search(self, q, fetch):
+        exact = q.astype(np.float64) @ self.x.astype(np.float64).T
+        near = exact > exact.max(axis=1, keepdims=True) - 1e-5
+        # the near ones scored just under the worst of them, in the reverse of their exact order
+        rank = np.argsort(np.argsort(-np.where(near, exact, -np.inf), axis=1), axis=1)
+        low = np.where(near, exact, np.inf).min(axis=1, keepdims=True)
+        approx = np.where(near, low - (near.sum(axis=1, keepdims=True) - 1 - rank) * 1e-8, exact)
+        pos = np.argsort(-approx, axis=1, kind="stable")[:, :fetch]
+        return np.take_along_axis(approx, pos, 1).astype(np.float32), pos
+
+    def reconstruct_batch(self, positions):
+        return self.x[positions]
+
+
+def test_an_item_faiss_placed_below_its_last_hit_within_its_error_is_found():
+    # 20 items within 2e-6 of the best score (Faiss's bound at d = 64 is 4e-6), scored just under the
+    # worst of them, worst first: the first search's hits (k + 8) hold none of the best, and their exact
+    # scores are all above the weakest score returned; the refetch within the bound finds it
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(64)
+    base /= np.linalg.norm(base)
+    near = base + 1e-4 * rng.standard_normal((20, 64))
+    far = rng.standard_normal((30, 64))
+    x = np.vstack([near, far])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    q = base[None].astype(np.float32)
+    exact = (x.astype(np.float64) @ base).astype(np.float32)
+    assert np.ptp(exact[:20]) < 2e-6
+    erring = _ErringFaiss(x)
+    assert exact.argmax() not in erring.search(q, 1 + 8)[1][0]  # what the first search returns
+    pos, scores = search_topk(erring, q, None, k=1)
+    assert pos.tolist() == [[int(np.lexsort((np.arange(50), -exact))[0])]] and scores[0, 0] == exact.max()

@@ -180,3 +180,13 @@ def test_lists_an_ivf_search_left_short_are_counted_in_a_warning(spark, warehous
     with caplog.at_level("WARNING", logger="jobs.topk"):  # exact search: every list full, no warning
         assert topk.run(load_config(None, [f"warehouse={warehouse}", "model=natm"]), spark, k=20)["rows"] == 1200
     assert not [r for r in caplog.records if "missing" in r.getMessage()]
+
+
+def test_a_user_tower_model_without_user_vectors_writes_no_lists(spark, warehouse):
+    # the i2i lists alone, beside the u2i lists of an earlier run, were one model's lists of two runs
+    cfg = load_config(None, [f"warehouse={warehouse}", "model=dat"])
+    _write(spark, cfg, [(i, "dat", [math.cos(i), math.sin(i)], None, "r1") for i in (1, 2, 3)])
+    with pytest.raises(InvalidInput, match=r"user_embeddings does not exist: model=dat has a user tower; run "
+                                           r"jobs.embed for model=dat"):
+        topk.run(cfg, spark, k=2)
+    assert not io.table_exists(cfg.table_path(S.T_I2I_TOPK))
