@@ -164,6 +164,11 @@ def load_categories(items_path: Optional[str], vocab: Vocab):
     col = t.column("category_id")
     has = ~col.is_null().to_numpy(zero_copy_only=False)  # negative ids are ids (hashed keys are signed)
     cats = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    # an item listed twice (an items table not written by ingest) keeps its smallest category, as the
+    # evaluation's per-category figures do, not whichever row the scan met last
+    first = np.lexsort((cats, ~has, idx))
+    first = first[np.unique(idx[first], return_index=True)[1]]
+    idx, has, cats = idx[first], has[first], cats[first]
     known = np.unique(cats[has])
     cat_index = np.searchsorted(known, cats) + 1  # 1..C
     cat_index[~has] = 0

@@ -235,6 +235,15 @@ def test_load_categories_takes_negative_ids_as_categories_and_null_as_unknown(tm
     # categories of the vocabulary's items only: 9 belongs to item 14 alone, which did not train
     cats, n = load_categories(path, build_vocab([10, 11, 12, 13]))
     assert n == 2 and cats.tolist() == [0, 1, 2, 0, 1]
+    # an item listed twice keeps its smallest category (null only when it has none), in any row order;
+    # a category only its other row held is no category of the vocabulary
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0]):
+        twice = str(tmp_path / f"twice{order[0]}")
+        rows = [(10, 7), (10, 4), (11, None), (11, 8), (12, None)]
+        write_deltalake(twice, pa.table({"item_id": pa.array([rows[i][0] for i in order], pa.int64()),
+                                         "category_id": pa.array([rows[i][1] for i in order], pa.int64())}))
+        cats, n = load_categories(twice, build_vocab([10, 11, 12]))
+        assert n == 2 and cats.tolist() == [0, 1, 2, 0]  # 4 -> 1, 8 -> 2; 7 is no category
 
 
 def test_graph_edges_of_items_outside_the_vocabulary_are_left_out_with_a_count(tmp_path, caplog):
