@@ -463,7 +463,10 @@ def read_sasrec(spark: SparkSession, cfg: IngestConfig) -> RawSource:
     in the line (the format has no clock). Categories come from ``sas_to_original_items.txt`` +
     ``movies.dat`` next to the file (or ``ingest.sasrec_item_map`` / ``ingest.sasrec_movies``).
     """
-    spark.read.text(cfg.path)  # a path with nothing there fails here, as PATH_NOT_FOUND (read_source names it)
+    files = spark.read.text(cfg.path).inputFiles()  # a path with nothing there fails here, as PATH_NOT_FOUND (read_source names it)
+    if len(files) > 1:  # the line numbers, the user ids, would follow the file system's listing order
+        raise InvalidInput(f"ingest.path={cfg.path}: {len(files)} files (e.g. {sorted(files)[:2]}); the sasrec "
+                           "format's user ids are line numbers of one file: concatenate them in their order")
     lines = spark.sparkContext.textFile(cfg.path).zipWithIndex()  # order-preserving, distributed
     df = spark.createDataFrame(lines, "line string, idx long")  # a schema of its own: an empty file has no row to infer from
     df = df.select((F.col("idx") + 1).cast("string").alias(S.USER_ID),

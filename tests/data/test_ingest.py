@@ -381,6 +381,16 @@ def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
                         "unused")
     _write(d, "train_input.txt", "")  # no line: no action (the ingest job then stops, keeping its tables)
     assert _run(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt")))[1:] == ([], [])
+    # lines of several files (a folder, a glob) have no order: user ids would follow the listing's
+    from ml.errors import InvalidInput
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    _write(parts, "a.txt", "3 1 2\n")
+    _write(parts, "b.txt", "2 2\n")
+    for path in (parts, parts / "*.txt"):
+        with pytest.raises(InvalidInput, match=r"2 files .*user ids are line numbers of one file"):
+            read_source(spark, IngestConfig(format="sasrec", path=str(path)), "unused")
 
 
 def test_items_from_actions_takes_most_frequent_category(spark):
