@@ -45,12 +45,15 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     # The index needs every candidate vector in one place: read the model's partition (only its
     # files) with delta-rs, one vector column (n x dim x 4 bytes on the driver, the index as much again).
     part = [(S.MODEL, "=", cfg.model)]
-    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "candidate_vector", "run_id"], partitions=part)
+    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "candidate_vector"], partitions=part)
     if t.num_rows and t.column("candidate_vector").null_count == t.num_rows:  # one vector per item (symmetric)
-        t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector", "run_id"], partitions=part)
+        t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector"], partitions=part)
     if t.num_rows == 0:
         raise InvalidInput(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
-    run_ids = sorted(set(t.column("run_id").unique().to_pylist()))
+    # the run ids by Spark, not in the driver's read: a string per item (0.4 GB at 10^7 items) for one value
+    run_ids = sorted(r[0] for r in io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode,
+                                                 partitions={S.MODEL: [cfg.model]})
+                     .select("run_id").distinct().limit(2).collect())
     users = None
     if cfg.model in USER_MODELS:
         if not io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):  # the i2i lists alone left the earlier u2i

@@ -280,12 +280,15 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
                         F.when(~F.col(pc_null), F.col(pc)).alias(S.CATEGORY_ID), F.lit(1.0).alias(LABEL))
     drawn = F.transform(NEGATIVES, lambda x, i: F.struct(x.alias(S.ITEM_ID), F.col(neg_cat)[i].alias(S.CATEGORY_ID),
                                                           F.lit(0.0).alias(LABEL)))
-    rows = (with_negs.select(S.USER_ID, POSITION, F.explode(F.concat(F.array(positive), drawn)).alias("_n"))
-            .select(S.USER_ID, POSITION, "_n.*"))
+    # the user's features joined once per positive, before the explode: after it, the join shuffled
+    # each row 1 + dat_negatives times, a feature map on each
     if users is not None:
-        rows = rows.join(users.select(S.USER_ID, F.col(S.FEATURES).alias(USER_FEATURES)), S.USER_ID, "left")
+        with_negs = with_negs.join(users.select(S.USER_ID, F.col(S.FEATURES).alias(USER_FEATURES)), S.USER_ID, "left")
     else:
-        rows = rows.withColumn(USER_FEATURES, F.lit(None).cast("map<string,string>"))
+        with_negs = with_negs.withColumn(USER_FEATURES, F.lit(None).cast("map<string,string>"))
+    rows = (with_negs.select(S.USER_ID, POSITION, USER_FEATURES,
+                             F.explode(F.concat(F.array(positive), drawn)).alias("_n"))
+            .select(S.USER_ID, POSITION, USER_FEATURES, "_n.*"))
     # hash order: contiguous rows (and so batches) mix users and categories
     order = F.xxhash64(F.lit(seed), F.lit("order"), S.USER_ID, POSITION, S.ITEM_ID, LABEL)
     # (hash partitions, each sorted by the hash: a range partitioning samples its input in a job of its

@@ -1,11 +1,12 @@
 """Score items and search top-K inside Spark tasks (Arrow ``mapInPandas``).
 
 The trained model and the Faiss index travel to executors as files (``SparkContext.addFile``) and
-are loaded once per executor Python process, cached by path; batches of rows stream through them.
+are loaded once per executor Python process (the latest of each kind kept); batches of rows stream through them.
 Nothing proportional to the catalogue is collected on the driver here.
 """
 from __future__ import annotations
 
+import gc
 from typing import Iterator, Optional
 
 import numpy as np
@@ -13,13 +14,21 @@ import pandas as pd
 
 from ml.errors import InvalidInput
 
-_CACHE: dict = {}
+_CACHE: dict = {}  # kind -> (file name, what was loaded from it)
 
 
-def _cached(key: str, load):
-    if key not in _CACHE:
-        _CACHE[key] = load()
-    return _CACHE[key]
+def _cached(kind: str, key: str, load):
+    """What ``load`` gives for the shipped file ``key``, loaded once per Python worker, which Spark
+    reuses across tasks and jobs. One entry per kind (the model, the index, its ids): file names are
+    unique per run, so a worker that served the item pass, then the user pass, or another model's,
+    kept each one (two towers' tables of 10^7 rows, 2.6 GB each, per worker) until it exited."""
+    held = _CACHE.get(kind)
+    if held is None or held[0] != key:
+        del held
+        _CACHE.pop(kind, None)
+        gc.collect()  # the previous one's memory before the next is loaded
+        _CACHE[kind] = (key, load())
+    return _CACHE[kind][1]
 
 
 def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str = "item", batch_size: int = 4096):
@@ -35,7 +44,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
         import torch
         from pyspark import SparkFiles
 
-        encoders = _cached(artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
+        encoders = _cached("model", artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
         found = encoders["run"]
         if found is not None and found != run_id:
             raise InvalidInput(f"{artifact_name} holds the weights of run {found}, and run.json beside it names "
@@ -148,8 +157,8 @@ def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, s
 
         from ml.index.topk import search_topk
 
-        index = _cached(index_name, lambda: faiss.read_index(SparkFiles.get(index_name)))
-        ids = _cached(ids_name, lambda: np.load(SparkFiles.get(ids_name)))
+        index = _cached("index", index_name, lambda: faiss.read_index(SparkFiles.get(index_name)))
+        ids = _cached("ids", ids_name, lambda: np.load(SparkFiles.get(ids_name)))
         faiss.omp_set_num_threads(1)
         for pdf in batches:
             if pdf.empty:

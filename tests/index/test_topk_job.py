@@ -190,3 +190,31 @@ def test_a_user_tower_model_without_user_vectors_writes_no_lists(spark, warehous
                                            r"jobs.embed for model=dat"):
         topk.run(cfg, spark, k=2)
     assert not io.table_exists(cfg.table_path(S.T_I2I_TOPK))
+
+
+def test_an_executor_keeps_only_the_latest_model_index_and_ids_it_loaded():
+    # Python workers are reused across tasks and jobs, and each run ships files of new names: the
+    # cache kept every run's model and index (the item pass's and the user pass's, every model's)
+    import weakref
+
+    from ml.index import spark_topk
+
+    class Loaded:  # a model or index: something a weak reference can watch
+        pass
+
+    loads = []
+
+    def load(name):
+        loads.append(name)
+        return Loaded()
+
+    spark_topk._CACHE.clear()
+    first = spark_topk._cached("index", "a.faiss", lambda: load("a"))
+    assert spark_topk._cached("index", "a.faiss", lambda: load("a")) is first and loads == ["a"]
+    gone = weakref.ref(first)
+    del first
+    spark_topk._cached("ids", "a-ids.npy", lambda: load("a-ids"))  # another kind stays beside it
+    spark_topk._cached("index", "b.faiss", lambda: load("b"))
+    assert gone() is None and loads == ["a", "a-ids", "b"]
+    assert set(spark_topk._CACHE) == {"index", "ids"} and spark_topk._CACHE["index"][0] == "b.faiss"
+    spark_topk._CACHE.clear()
