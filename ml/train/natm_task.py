@@ -72,7 +72,7 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     """Vocabulary, neighbour table and the model, from the warehouse's tables."""
     vocab = load_vocab(cfg.table_path("noise_q"))
     cats, n_cats = load_categories(cfg.table_path("items"), vocab) if cfg.natm.use_categories else (None, 0)
-    item, nbr, weight, rank = load_graph(cfg.table_path("item_graph"), vocab)
+    item, nbr, weight, rank = load_graph(cfg.table_path("item_graph"), vocab, max_rank=cfg.natm.num_neighbors)
     if cfg.natm.num_neighbors and not len(item):  # every neighbour slot padding: NATM without its graph
         g = cfg.graph
         raise InvalidInput(f"item_graph has no edge between training items: no pair of items within graph.window="

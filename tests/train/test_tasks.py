@@ -264,3 +264,6 @@ def test_graph_edges_of_items_outside_the_vocabulary_are_left_out_with_a_count(t
     assert [r.getMessage() for r in caplog.records] == [
         "item_graph: 1 of 4 edges name items not in noise_q (the training items) and are left out; rerun "
         "jobs.graph and jobs.samples on the same sequences"]
+    # only the ranks the model takes are read (natm.num_neighbors below graph.top_n)
+    item, nbr, weight, rank = load_graph(path, build_vocab([1, 2, 3]), max_rank=1)
+    assert rank.tolist() == [1, 1] and weight.tolist() == [3.0, 2.0] and rank.dtype == torch.int64
