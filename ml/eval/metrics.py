@@ -59,8 +59,8 @@ def check_lists(topk: DataFrame, kind: str, model: Optional[str], eval_targets: 
     the trigger in its own list (a target equal to its trigger would be a hit). ``model``: the name
     the lists go by; None: every model in ``topk``'s ``model`` column, each list checked within its
     model. One more pass over the lists: a semi-join on the eval targets' keys, then one aggregation
-    over at most models x eval users x K rows. (:func:`target_ranks` makes the same checks in the
-    pass that scores the lists.)"""
+    over at most models x eval users x K rows. (:func:`target_ranks` makes the same checks, in a
+    pass of their own over the lists before the join that ranks the targets.)"""
     named = topk.withColumn(S.MODEL, F.lit(model)) if model is not None else topk
     _refuse_bad_lists(_per_list(named, kind, eval_targets), kind)
 
