@@ -65,7 +65,11 @@ def user_events(actions: DataFrame, cfg: SequencesConfig) -> DataFrame:
         events = events.withColumn("ev", F.expr(f"slice(ev, 1, greatest(size(ev) - {cfg.holdout - 1}, 0))"))
     # n: the user's actions up to the target (all of them, also those beyond the bound); m: those in ev
     n = F.greatest(F.col("total") - (cfg.holdout - 1), F.lit(0))
-    return events.withColumn("n", n).withColumn("m", F.size("ev"))
+    # Users in id order within each partition: the aggregation emits them in the order their rows
+    # arrived, and a cluster fetches shuffle blocks in a random order, so the same actions gave
+    # sequences files in another row order each run, and so the NATM samples read from them, and the
+    # training order (another model). Sorted, a file's rows are a function of its users.
+    return events.withColumn("n", n).withColumn("m", F.size("ev")).sortWithinPartitions(S.USER_ID)
 
 
 def kept(cfg: SequencesConfig):

@@ -151,3 +151,15 @@ def test_collapsed_repeats_stay_bounded_and_equal_collapsing_every_event(spark):
     plan = user_events(_acts(spark, rows), SequencesConfig(collapse_repeats=True, max_length=3))._jdf \
         .queryExecution().optimizedPlan().toString()
     assert "max_by" in plan and "collect_list" not in plan
+
+
+def test_each_partition_holds_its_users_in_id_order_whatever_order_their_actions_came_in(spark):
+    # the aggregation emits users in the order their rows arrive; a cluster fetches shuffle blocks in
+    # a random order, so the files' row order (the NATM samples' and the training's) changed per run
+    rows = [(u, 100 + (u * 7 + t) % 13, t) for u in range(60, 0, -1) for t in range(4)]
+    for parts in (1, 3):
+        acts = _acts(spark, rows).repartition(parts)
+        seqs, targets = build_sequences(acts, SequencesConfig(max_length=None))
+        for df in (seqs, targets):
+            per_part = df.select(S.USER_ID).rdd.mapPartitions(lambda it: [[r[0] for r in it]]).collect()
+            assert all(p == sorted(p) for p in per_part) and sum(map(len, per_part)) == 60
