@@ -44,18 +44,22 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     mode, k = cfg.io.delta_mode, k or cfg.baseline.k
     # The index needs every candidate vector in one place: read the model's partition (only its
     # files) with delta-rs, one vector column (n x dim x 4 bytes on the driver, the index as much again).
+    # Every read of the item vectors (the index, the run check, the queries) at one version: an embed
+    # committing meanwhile would give the index one run's vectors and the queries another's.
+    emb = cfg.table_path(T_ITEM_EMBEDDINGS)
+    version = io.table_version(emb) if io.table_exists(emb) else None  # absent: read_columns says so
     part = [(S.MODEL, "=", cfg.model)]
-    t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "candidate_vector"], partitions=part)
+    t = read_columns(emb, ["item_id", "candidate_vector"], version=version, partitions=part)
     if t.num_rows and t.column("candidate_vector").null_count == t.num_rows:  # one vector per item (symmetric)
-        t = read_columns(cfg.table_path(T_ITEM_EMBEDDINGS), ["item_id", "vector"], partitions=part)
+        t = read_columns(emb, ["item_id", "vector"], version=version, partitions=part)
     if t.num_rows == 0:
         raise InvalidInput(f"item_embeddings has no rows for model={cfg.model!r}: run jobs.embed first")
-    # the run ids by Spark, not in the driver's read: a string per item (0.4 GB at 10^7 items) for one value
-    run_ids = sorted(r[0] for r in io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode,
-                                                 partitions={S.MODEL: [cfg.model]})
-                     .select("run_id").distinct().limit(2).collect())
     users = None
     if cfg.model in USER_MODELS:
+        # the run ids by Spark, not in the driver's read: a string per item (0.4 GB at 10^7 items) for one value
+        run_ids = sorted(r[0] for r in io.read_table(spark, emb, version=version, delta_mode=mode,
+                                                     partitions={S.MODEL: [cfg.model]})
+                         .select("run_id").distinct().limit(2).collect())
         if not io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):  # the i2i lists alone left the earlier u2i
             raise InvalidInput(f"{cfg.table_path(T_USER_EMBEDDINGS)} does not exist: model={cfg.model} has a user "
                                f"tower; run jobs.embed for model={cfg.model} (it writes both vector tables)")
@@ -81,7 +85,7 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)
     spark.sparkContext.addFile(ids_file)
-    queries = io.read_table(spark, cfg.table_path(T_ITEM_EMBEDDINGS), delta_mode=mode,
+    queries = io.read_table(spark, emb, version=version, delta_mode=mode,
                             partitions={S.MODEL: [cfg.model]}).select(S.ITEM_ID, "vector")
     topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                  cfg.model), S.I2I_TOPK)

@@ -281,7 +281,7 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
     drawn = F.transform(NEGATIVES, lambda x, i: F.struct(x.alias(S.ITEM_ID), F.col(neg_cat)[i].alias(S.CATEGORY_ID),
                                                           F.lit(0.0).alias(LABEL)))
     # the user's features joined once per positive, before the explode: after it, the join shuffled
-    # each row 1 + dat_negatives times, a feature map on each
+    # and sorted 1 + dat_negatives rows per positive
     if users is not None:
         with_negs = with_negs.join(users.select(S.USER_ID, F.col(S.FEATURES).alias(USER_FEATURES)), S.USER_ID, "left")
     else:

@@ -19,9 +19,10 @@ _CACHE: dict = {}  # kind -> (file name, what was loaded from it)
 
 def _cached(kind: str, key: str, load):
     """What ``load`` gives for the shipped file ``key``, loaded once per Python worker, which Spark
-    reuses across tasks and jobs. One entry per kind (the model, the index, its ids): file names are
-    unique per run, so a worker that served the item pass, then the user pass, or another model's,
-    kept each one (two towers' tables of 10^7 rows, 2.6 GB each, per worker) until it exited."""
+    reuses across tasks and jobs. One entry per kind (a model's artifact, its index, their ids): file
+    names are unique per run, so a worker that served a model's item pass, then its user pass, or its
+    runs night after night, kept each one (two towers' tables of 10^7 rows, 2.6 GB each, per worker)
+    until it exited. Two models searched at once (two notebooks on one cluster) keep one each."""
     held = _CACHE.get(kind)
     if held is None or held[0] != key:
         del held
@@ -44,7 +45,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
         import torch
         from pyspark import SparkFiles
 
-        encoders = _cached("model", artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
+        encoders = _cached(f"model {model_name}", artifact_name, lambda: load_encoders(SparkFiles.get(artifact_name)))
         found = encoders["run"]
         if found is not None and found != run_id:
             raise InvalidInput(f"{artifact_name} holds the weights of run {found}, and run.json beside it names "
@@ -157,8 +158,8 @@ def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, s
 
         from ml.index.topk import search_topk
 
-        index = _cached("index", index_name, lambda: faiss.read_index(SparkFiles.get(index_name)))
-        ids = _cached("ids", ids_name, lambda: np.load(SparkFiles.get(ids_name)))
+        index = _cached(f"index {model_name}", index_name, lambda: faiss.read_index(SparkFiles.get(index_name)))
+        ids = _cached(f"ids {model_name}", ids_name, lambda: np.load(SparkFiles.get(ids_name)))
         faiss.omp_set_num_threads(1)
         for pdf in batches:
             if pdf.empty:

@@ -93,8 +93,8 @@ def build_natm(cfg: Config) -> tuple[NATM, Vocab]:
     cand_emb = id_table() if mcfg.separate_encoders else None  # separate_encoders: a second table
     with seeded_cpu_rng(cfg.seed):  # the rest of the weights: a function of the seed, not of the process
         model = NATM(mcfg, table, item_emb=item_emb, candidate_item_emb=cand_emb)
-    log.info("NATM: %d items, %d categories, %d graph edges, %.2fM parameters", vocab.size, n_cats, len(item),
-             sum(p.numel() for p in model.parameters()) / 1e6)
+    log.info("NATM: %d items, %d categories, %d graph edges (ranks 1..num_neighbors), %.2fM parameters",
+             vocab.size, n_cats, len(item), sum(p.numel() for p in model.parameters()) / 1e6)
     return model, vocab
 
 

@@ -147,6 +147,7 @@ def load_graph(graph_path: str, vocab: Vocab, max_rank: Optional[int] = None):
         cols[name] = torch.from_numpy(t.column(name).to_numpy().astype(np.float32 if name == "weight" else np.int64))
         t = t.drop_columns([name])
     del t
+    pa.default_memory_pool().release_unused()  # the allocator's freed pages back to the system
     item, nbr = vocab.index(cols.pop("item_id")), vocab.index(cols.pop("neighbor_id"))
     keep = (item > 0) & (nbr > 0)
     dropped = int((~keep).sum())

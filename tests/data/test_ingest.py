@@ -381,6 +381,9 @@ def test_sasrec_format_keeps_ids_and_order(spark, tmp_path):
                         "unused")
     _write(d, "train_input.txt", "")  # no line: no action (the ingest job then stops, keeping its tables)
     assert _run(spark, IngestConfig(format="sasrec", path=str(d / "train_input.txt")))[1:] == ([], [])
+
+
+def test_a_sasrec_path_of_several_files_is_refused(spark, tmp_path):
     # lines of several files (a folder, a glob) have no order: user ids would follow the listing's
     from ml.errors import InvalidInput
 

@@ -132,9 +132,10 @@ def test_dat_rows_labels_features(spark):
     pos = {(r.user_id, r.position): r.item_id for r in df.where(F.col(LABEL) == 1.0).collect()}
     for r in df.where(F.col(LABEL) == 0.0).collect():
         assert r.item_id != pos[(r.user_id, r.position)]
-    feats = {(r.user_id, r.label, str(r.user_features)) for r in df.select(S.USER_ID, LABEL, "user_features").collect()}
-    assert {f for u, _, f in feats if u == 1} == {str({"gender": "F"})}  # positives and negatives alike
-    assert {f for u, _, f in feats if u != 1} == {"None"} and {(u, lab) for u, lab, _ in feats if u == 1} == {(1, 0.0), (1, 1.0)}
+    feats = df.select(S.USER_ID, LABEL, "user_features").collect()
+    assert all(r.user_features == {"gender": "F"} for r in feats if r.user_id == 1)  # positives and negatives
+    assert {r.label for r in feats if r.user_id == 1} == {0.0, 1.0}
+    assert all(r.user_features is None for r in feats if r.user_id != 1)
     assert df.where(F.col(S.CATEGORY_ID).isNull()).count() == 0
     df.unpersist()
 
