@@ -162,32 +162,42 @@ def test_a_csv_folder_whose_files_order_the_columns_differently_is_an_error_nami
     assert not io.table_exists(cfg.table_path(S.T_ACTIONS))
 
 
+def _three_users(tmp_path):
+    """A CSV action log of three users with four actions each, and a config that ingests it."""
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{u * 10 + t},{t}\n" for u in (1, 2, 3) for t in range(4)))
+    return log, load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={log}"])
+
+
+def _killed_after(monkeypatch, commits_made: int, run, *args) -> list:
+    """Run ``run(*args)`` killed at its commit after ``commits_made`` commits; the tables it committed."""
+    from ml.data import io as data_io
+
+    write, commits = data_io.write_table, []
+
+    def killed(*a, **kw):
+        if len(commits) == commits_made:
+            raise KeyboardInterrupt
+        commits.append(a[2])
+        return write(*a, **kw)
+
+    monkeypatch.setattr(data_io, "write_table", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    monkeypatch.setattr(data_io, "write_table", write)
+    return commits
+
+
 def test_a_sequences_run_killed_between_its_commits_leaks_no_eval_target_into_training(spark, tmp_path, monkeypatch):
     # before: sequences was committed first, so a kill before eval_targets' commit left the previous
     # targets beside new sequences in which each user's previous last item is a training action
-    from ml.data import io as data_io
-
-    log = tmp_path / "log.csv"
-    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{u * 10 + t},{t}\n" for u in (1, 2, 3) for t in range(4)))
-    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={log}"])
+    log, cfg = _three_users(tmp_path)
     ingest.run(cfg, spark)
     sequences.run(cfg, spark)
     with open(log, "a") as f:  # the next night: one more action per user
         f.write("".join(f"{u},{u * 10 + 4},4\n" for u in (1, 2, 3)))
     ingest.run(cfg, spark)
-    write, commits = data_io.write_table, []
-
-    def killed_after_one_commit(*args, **kwargs):
-        if commits:
-            raise KeyboardInterrupt
-        commits.append(args[2])
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(data_io, "write_table", killed_after_one_commit)
-    with pytest.raises(KeyboardInterrupt):
-        sequences.run(cfg, spark)
-    monkeypatch.setattr(data_io, "write_table", write)
-    assert commits == [cfg.table_path(S.T_EVAL_TARGETS)]
+    assert _killed_after(monkeypatch, 1, sequences.run, cfg, spark) == [cfg.table_path(S.T_EVAL_TARGETS)]
     last_training_ts = {r.user_id: max(r.timestamps) for r in io.read_table(spark, cfg.table_path(S.T_SEQUENCES)).collect()}
     targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS)).collect()
     assert len(targets) == 3 and all(t.target_ts > last_training_ts[t.user_id] for t in targets)
@@ -197,26 +207,11 @@ def test_sequences_refuses_tables_of_two_ingest_runs(spark, tmp_path, monkeypatc
     # ingest commits actions, actions_rejected, id_keys, items, users, companions_rejected one after
     # another: killed after items, the previous source's users (their features) stood beside the new
     # actions, and sequences went on without a word
-    from ml.data import io as data_io
     from ml.errors import InvalidInput
 
-    log = tmp_path / "log.csv"
-    log.write_text("user_id,item_id,ts\n" + "".join(f"{u},{u * 10 + t},{t}\n" for u in (1, 2, 3) for t in range(4)))
-    cfg = load_config(None, [f"warehouse={tmp_path / 'wh'}", "ingest.format=csv", f"ingest.path={log}"])
+    _, cfg = _three_users(tmp_path)
     ingest.run(cfg, spark)
-    write, commits = data_io.write_table, []
-
-    def killed_after_four_commits(*args, **kwargs):
-        if len(commits) == 4:
-            raise KeyboardInterrupt
-        commits.append(args[2])
-        return write(*args, **kwargs)
-
-    monkeypatch.setattr(data_io, "write_table", killed_after_four_commits)
-    with pytest.raises(KeyboardInterrupt):
-        ingest.run(cfg, spark)
-    monkeypatch.setattr(data_io, "write_table", write)
-    assert commits[-1] == cfg.table_path(S.T_ITEMS)
+    assert _killed_after(monkeypatch, 4, ingest.run, cfg, spark)[-1] == cfg.table_path(S.T_ITEMS)
     with pytest.raises(InvalidInput, match=r"actions and .*users were written by different runs of jobs.ingest.*"
                                            r"rerun jobs.ingest"):
         sequences.run(cfg, spark)
