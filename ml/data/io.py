@@ -15,7 +15,6 @@ predicate (``replace_where={"model": "natm"}``) and an optional version.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -237,8 +236,9 @@ def _commit_info(write_id: str, replace_where: Optional[Mapping[str, object]]) -
     """This project's keys of a write's commit: its write id, process, job run (inside :func:`job_run`)
     and the partition values it replaced (none: the whole table, or an append)."""
     info = {WRITE_ID_KEY: write_id, PROCESS_KEY: PROCESS_ID}
-    if _RUN.get() is not None:
-        info[RUN_KEY] = _RUN.get()
+    run = _RUN.get()
+    if run is not None:
+        info[RUN_KEY] = run
     info[PARTITION_KEY] = json.dumps({c: [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
                                       for c, v in (replace_where or {}).items()}, sort_keys=True)  # {}: every partition
     return info

@@ -107,14 +107,11 @@ def _cut(index: faiss.Index, q: np.ndarray, query_pos: Optional[np.ndarray], k: 
     position, and the score a kept hit must be above to be sure of its place: Faiss's weakest score
     plus its error bound (NaN where Faiss returned fewer than ``fetch``: nothing was left)."""
     approx, pos = _search(index, q, fetch)
-    valid = pos >= 0
-    exact, largest_norm = _rescore(index, q, pos, valid)
-    scores = np.where(valid, exact.astype(np.float32), -np.inf)
-    order = np.lexsort((np.where(valid, pos, np.iinfo(np.int64).max), -scores), axis=1)
-    pos, scores = np.take_along_axis(pos, order, 1), np.take_along_axis(scores, order, 1)
+    returned_all = pos[:, -1] >= 0
+    pos, scores, largest_norm = _ranked(index, q, pos)
     # Faiss's float32 sum of d products errs by at most d x 2^-24 x |q| |x| (+ the rounding of ours)
     bound = (q.shape[1] + 4) * 2.0 ** -24 * np.linalg.norm(q.astype(np.float64), axis=1) * largest_norm
-    last = np.where(valid[:, -1], approx[:, -1] + bound, np.nan)
+    last = np.where(returned_all, approx[:, -1] + bound, np.nan)
     drop = (pos == query_pos[:, None]) & (pos >= 0) if query_pos is not None else np.zeros(pos.shape, bool)
     keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the hits in order, the self hit moved past the k-th
     return np.take_along_axis(pos, keep, 1), np.take_along_axis(scores, keep, 1), last
@@ -129,11 +126,19 @@ def _search(index: faiss.Index, q: np.ndarray, fetch: int) -> Tuple[np.ndarray, 
     nprobe = min(index.nprobe, index.nlist)
     quantizer = faiss.downcast_index(index.quantizer)
     _, lists = quantizer.search(q, min(nprobe + EXTRA_HITS, index.nlist))
-    valid = lists >= 0
-    exact = np.where(valid, _rescore(quantizer, q, lists, valid)[0].astype(np.float32), -np.inf)
-    order = np.lexsort((np.where(valid, lists, np.iinfo(np.int64).max), -exact), axis=1)[:, :nprobe]
-    lists, exact = np.take_along_axis(lists, order, 1), np.take_along_axis(exact, order, 1)
-    return index.search_preassigned(q, fetch, lists, exact)
+    lists, exact, _ = _ranked(quantizer, q, lists)
+    return index.search_preassigned(q, fetch, lists[:, :nprobe], exact[:, :nprobe])
+
+
+def _ranked(index: faiss.Index, q: np.ndarray, pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's hits (index positions) rescored (:func:`_rescore`, rounded to float32) and ordered
+    by (score desc, position asc), the -1s last with score -inf; and per query the largest norm among
+    its hits."""
+    valid = pos >= 0
+    exact, largest_norm = _rescore(index, q, pos, valid)
+    scores = np.where(valid, exact.astype(np.float32), -np.inf)
+    order = np.lexsort((np.where(valid, pos, np.iinfo(np.int64).max), -scores), axis=1)
+    return np.take_along_axis(pos, order, 1), np.take_along_axis(scores, order, 1), largest_norm
 
 
 def _rescore(index: faiss.Index, q: np.ndarray, pos: np.ndarray, valid: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
