@@ -126,6 +126,11 @@ def test_the_search_again_for_ties_is_bounded(monkeypatch):
     first = 3 + 1 + topk.EXTRA_HITS
     assert fetched[0] == first and max(fetched) == 2 * first + topk.MAX_TIED_EXTRA
     assert search_topk(index, x[:2], None, k=0)[0].shape == (2, 0)
+    # an empty index: no hit for any query (-1, as Faiss gives), not an error from the rescoring
+    import faiss
+
+    pos, scores = search_topk(faiss.IndexFlatIP(2), x[:2], np.arange(2), k=3)
+    assert pos.tolist() == [[-1] * 3] * 2 and np.isneginf(scores).all()
 
 
 class _ErringFaiss:

@@ -267,3 +267,6 @@ def test_graph_edges_of_items_outside_the_vocabulary_are_left_out_with_a_count(t
     # only the ranks the model takes are read (natm.num_neighbors below graph.top_n)
     item, nbr, weight, rank = load_graph(path, build_vocab([1, 2, 3]), max_rank=1)
     assert rank.tolist() == [1, 1] and weight.tolist() == [3.0, 2.0] and rank.dtype == torch.int64
+    # natm.num_neighbors=0 (NATM without its graph): no edge read, empty tensors of the same kinds
+    item, nbr, weight, rank = load_graph(path, build_vocab([1, 2, 3]), max_rank=0)
+    assert len(item) == len(nbr) == len(weight) == len(rank) == 0 and weight.dtype == torch.float32
