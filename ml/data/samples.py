@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import ArrayType, DoubleType, LongType, StructField, StructType
 
 from ml import schemas as S
@@ -88,18 +89,14 @@ def _noise_arrays(q: DataFrame, attr: Optional[str] = None) -> Tuple[np.ndarray,
     return ids, cdf, pdf["q"].to_numpy(np.float64), values
 
 
-def _nullable(values: Tuple[np.ndarray, np.ndarray], at: np.ndarray) -> np.ndarray:
-    """The attribute of the items at positions ``at``, as Python ints and None (an object array)."""
-    out = values[0][at].astype(object)
-    out[values[1][at]] = None
-    return out
-
-
 def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
-    """Array of n deterministic U[0,1) per row from hashes of (seed, salt, cols, j)."""
-    return F.transform(F.sequence(F.lit(0), F.lit(n - 1)),
-                       lambda j: F.pmod(F.xxhash64(F.lit(seed), F.lit(salt), *cols, j), F.lit(_MASK)).cast("double")
-                       / float(_MASK))
+    """Array of n deterministic U[0,1) per row from hashes of (seed, salt, cols, j), j = 0..n-1 (an INT).
+
+    One expression per draw, not a ``transform`` over ``sequence(0, n - 1)``: Spark evaluates a
+    higher-order function's lambda without code generation, which made the 22 draws of a NATM row 4×
+    the time of reading and exploding the sequences (the same values either way)."""
+    return F.array(*[F.pmod(F.xxhash64(F.lit(seed), F.lit(salt), *cols, F.lit(j)), F.lit(_MASK)).cast("double")
+                     / float(_MASK) for j in range(n)])
 
 
 def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, seed: int, salt: str,
@@ -135,43 +132,52 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
         + ([StructField(attr_of[1], ArrayType(LongType(), True), False)] if attr_of else []))
     names = rows.columns
 
-    def sample(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    n_in = len(names)
+    arrow_schema = to_arrow_schema(out_schema)
+
+    def lists(values: pa.Array, k_: int) -> pa.Array:
+        """(B·k,) values as B lists of k (the offsets of equal lengths; no per-row Python object)."""
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, k_, dtype=np.int32)), values)
+
+    def sample(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         ids_, cdf_, q_ = b_ids.value, b_cdf.value, b_q.value
-        for pdf in batches:
-            if pdf.empty:
+        for batch in batches:
+            b = batch.num_rows
+            if not b:
                 continue
-            u = np.stack(pdf["_u"].to_numpy())  # (B, n_draw)
+            u = batch.column("_u").flatten().to_numpy().reshape(b, n_draw)
             pos = np.minimum(np.searchsorted(cdf_, u, side="right"), len(ids_) - 1)
             cand = ids_[pos]
             ok = np.ones_like(cand, dtype=bool)
-            for c in exclude_cols:
-                ok &= cand != pdf[c].to_numpy(np.int64)[:, None]
+            excl = [batch.column(c).to_numpy() for c in exclude_cols]
+            for e in excl:
+                ok &= cand != e[:, None]
             # first k valid draws per row, vectorised: a stable sort brings valid columns to the front
             order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
             sel = np.take_along_axis(pos, order, axis=1)  # (B, k) positions into ids_
             short = np.flatnonzero(ok.sum(axis=1) < k)
-            for r in short:  # degenerate catalogues only: complete from a per-row seeded generator
-                rng = np.random.default_rng(int(pdf["_rs"].iat[r]) & 0x7FFFFFFFFFFFFFFF)
-                excl = np.isin(ids_, [int(pdf[c].iat[r]) for c in exclude_cols])
-                allowed = np.flatnonzero(~excl)
-                valid = pos[r][ok[r]]
-                sel[r] = np.concatenate([valid, rng.choice(allowed, k - len(valid))])[:k]
-            negs = list(ids_[sel])
-            qn = list(q_[sel])
-            res = pdf[names].copy()
+            if len(short):  # degenerate catalogues only: complete from a per-row seeded generator
+                rs = batch.column("_rs").to_numpy()
+                for r in short:
+                    rng = np.random.default_rng(int(rs[r]) & 0x7FFFFFFFFFFFFFFF)
+                    allowed = np.flatnonzero(~np.isin(ids_, [int(e[r]) for e in excl]))
+                    valid = pos[r][ok[r]]
+                    sel[r] = np.concatenate([valid, rng.choice(allowed, k - len(valid))])[:k]
+            cols = [batch.column(i) for i in range(n_in)]  # the rows' own columns, passed through as they are
             if q_of:
-                item = pdf[q_of[0]].to_numpy(np.int64)
+                item = batch.column(q_of[0]).to_numpy()
                 at = np.minimum(np.searchsorted(ids_, item), len(ids_) - 1)
                 if (ids_[at] != item).any():
                     raise ValueError(f"{q_of[0]} {item[ids_[at] != item][:5].tolist()} not in noise_q")
-                res[q_of[1]] = q_[at]  # noise_q's own value, as the join gave it
-            res[NEGATIVES] = negs
-            res[Q_NEGATIVES] = qn
+                cols.append(pa.array(q_[at]))  # noise_q's own value, as the join gave it
+            flat = sel.ravel()
+            cols += [lists(pa.array(ids_[flat]), k), lists(pa.array(q_[flat]), k)]
             if b_attrs is not None:
-                res[attr_of[1]] = list(_nullable(b_attrs.value, sel))
-            yield res
+                values, nulls = b_attrs.value
+                cols.append(lists(pa.array(values[flat], mask=nulls[flat]), k))
+            yield pa.RecordBatch.from_arrays(cols, schema=arrow_schema)
 
-    return staged.mapInPandas(sample, out_schema)
+    return staged.select(*names, "_u", "_rs").mapInArrow(sample, out_schema)
 
 
 def adjacent_pairs(sequences: DataFrame) -> DataFrame:

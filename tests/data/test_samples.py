@@ -58,6 +58,35 @@ def test_natm_negatives_exclusions_q_and_determinism(spark):
     assert sorted(rows, key=key) != sorted(other, key=key)
 
 
+def test_negatives_are_the_first_valid_inverse_cdf_draws_of_the_documented_hashes(spark):
+    # The draw is part of the table's contract (a rerun, or another version of the code, writes the
+    # same samples): draw j of a row is U = pmod(xxhash64(seed, 'natm', user_id, position, j), 2^52) / 2^52
+    # with j an INT, the item the first cumulative q above U, and the row keeps the first k that are
+    # neither its trigger nor its positive. Computed here one (row, j) at a time, apart from the job.
+    import numpy as np
+
+    seqs = _seqs(spark, SEQS)
+    q = noise_distribution(item_counts(seqs), "unigram", 0.75)
+    k, seed = 3, 7
+    got = {(r.user_id, r.position): r[NEGATIVES]
+           for r in build_natm_samples(spark, seqs, q, SamplesConfig(num_negatives=k), seed=seed).collect()}
+    qs = sorted((r.item_id, r.q) for r in q.collect())
+    ids, cdf = np.array([i for i, _ in qs]), np.cumsum([v for _, v in qs])
+    cdf /= cdf[-1]
+    draws = (adjacent_pairs(seqs).crossJoin(spark.range(2 * k + 4).select(F.col("id").cast("int").alias("j")))
+             .select(S.USER_ID, "position", S.TRIGGER_ITEM, POSITIVE_ITEM, "j",
+                     (F.pmod(F.xxhash64(F.lit(seed), F.lit("natm"), S.USER_ID, "position", "j"), F.lit(2 ** 52))
+                      .cast("double") / float(2 ** 52)).alias("u")).collect())
+    by_row = {}
+    for d in sorted(draws, key=lambda d: d.j):
+        by_row.setdefault((d.user_id, d.position), []).append(d)
+    assert set(by_row) == set(got)
+    for key, ds in by_row.items():
+        drawn = [int(ids[min(np.searchsorted(cdf, d.u, side="right"), len(ids) - 1)]) for d in ds]
+        valid = [i for i in drawn if i not in (ds[0].trigger_item, ds[0][POSITIVE_ITEM])]
+        assert got[key] == valid[:k], key
+
+
 def test_natm_samples_keep_the_sequences_order_with_a_large_noise_table(spark):
     # q(positive) came from a join; with noise_q over the broadcast limit (a large catalogue) that is a
     # sort-merge join, and every output partition came out sorted by positive item, row groups of one
