@@ -182,13 +182,11 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
 
 def adjacent_pairs(sequences: DataFrame) -> DataFrame:
     """(user_id, position, trigger_item, positive_item) for consecutive items a != b."""
-    pairs = F.expr(f"""
-        if(size({S.ITEMS}) > 1,
-           transform(sequence(0, size({S.ITEMS}) - 2),
-                     i -> named_struct('p', i, 'a', {S.ITEMS}[i], 'b', {S.ITEMS}[i + 1])),
-           array())""")
-    return (sequences.select(S.USER_ID, F.explode(pairs).alias("x"))
-            .select(S.USER_ID, F.col("x.p").cast("long").alias(POSITION), F.col("x.a").alias(S.TRIGGER_ITEM),
+    # the sequence zipped with itself shifted by one (code-generated natives; a transform() lambda is not)
+    n = F.size(S.ITEMS)
+    zipped = F.arrays_zip(F.slice(S.ITEMS, 1, n - 1).alias("a"), F.slice(S.ITEMS, 2, n - 1).alias("b"))
+    return (sequences.where(n > 1).select(S.USER_ID, F.posexplode(zipped).alias(POSITION, "x"))
+            .select(S.USER_ID, F.col(POSITION).cast("long").alias(POSITION), F.col("x.a").alias(S.TRIGGER_ITEM),
                     F.col("x.b").alias(POSITIVE_ITEM))
             .where(F.col(S.TRIGGER_ITEM) != F.col(POSITIVE_ITEM)))
 
@@ -282,10 +280,10 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
                                with_categories(q),  # one row per item on either side
                                cfg.dat_negatives, seed, "dat", (S.ITEM_ID,), (S.USER_ID, POSITION),
                                attr_of=(S.CATEGORY_ID, neg_cat))
-    positive = F.struct(F.col(S.ITEM_ID).alias(S.ITEM_ID),
-                        F.when(~F.col(pc_null), F.col(pc)).alias(S.CATEGORY_ID), F.lit(1.0).alias(LABEL))
-    drawn = F.transform(NEGATIVES, lambda x, i: F.struct(x.alias(S.ITEM_ID), F.col(neg_cat)[i].alias(S.CATEGORY_ID),
-                                                          F.lit(0.0).alias(LABEL)))
+    # the positive first, then its negatives zipped with their categories (natives: a transform()
+    # lambda runs without code generation); the label is the position in that array
+    positive = F.struct(F.col(S.ITEM_ID).alias(S.ITEM_ID), F.when(~F.col(pc_null), F.col(pc)).alias(S.CATEGORY_ID))
+    drawn = F.arrays_zip(F.col(NEGATIVES).alias(S.ITEM_ID), F.col(neg_cat).alias(S.CATEGORY_ID))
     # the user's features joined once per positive, before the explode: after it, the join shuffled
     # and sorted 1 + dat_negatives rows per positive
     if users is not None:
@@ -293,8 +291,9 @@ def build_dat_samples(spark: SparkSession, sequences: DataFrame, q: DataFrame, i
     else:
         with_negs = with_negs.withColumn(USER_FEATURES, F.lit(None).cast("map<string,string>"))
     rows = (with_negs.select(S.USER_ID, POSITION, USER_FEATURES,
-                             F.explode(F.concat(F.array(positive), drawn)).alias("_n"))
-            .select(S.USER_ID, POSITION, USER_FEATURES, "_n.*"))
+                             F.posexplode(F.concat(F.array(positive), drawn)).alias("_i", "_n"))
+            .select(S.USER_ID, POSITION, USER_FEATURES, "_n.*",
+                    F.when(F.col("_i") == 0, F.lit(1.0)).otherwise(F.lit(0.0)).alias(LABEL)))
     # hash order: contiguous rows (and so batches) mix users and categories
     order = F.xxhash64(F.lit(seed), F.lit("order"), S.USER_ID, POSITION, S.ITEM_ID, LABEL)
     # (hash partitions, each sorted by the hash: a range partitioning samples its input in a job of its

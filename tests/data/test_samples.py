@@ -180,7 +180,7 @@ def test_dat_rows_carry_their_items_category_negatives_too(spark):
     df = build_dat_samples(spark, seqs, q, _items(spark, 40, category.get), None, cfg, seed=3)
     # the positive and its negatives come from one row: the positives (explode, join with the items,
     # shuffle) are computed once (a union computed them twice)
-    assert df._jdf.queryExecution().optimizedPlan().toString().count("posexplode") == 1
+    assert df._jdf.queryExecution().optimizedPlan().toString().count("posexplode(items") == 1
     rows = df.collect()
     assert {r.label for r in rows} == {0.0, 1.0} and len(rows) == 5 * sum(len(s[1]) for s in SEQS)
     assert all(r.category_id == category[r.item_id] for r in rows)
