@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -428,9 +429,23 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: rank 0 binds it seconds later, and a port the
+    kernel hands out for bind(0) or an outgoing connection (py4j's, Spark's, another test's) could be
+    handed out again in between; one outside that range only an explicit bind takes."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the kernel's pick
+        low = 0
+    rng = random.Random()  # not the tests' seeded generators: two runs on one box should not pick alike
+    for port in ([rng.randrange(max(1024, low // 2), low) for _ in range(50)] if low > 2048 else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 def test_two_process_gloo_ddp_uneven_batches(tmp_path):
