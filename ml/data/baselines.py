@@ -50,11 +50,14 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
     skipping the item itself and its listed neighbours, so a filled item always ranks below every
     real neighbour.
 
-    No per-item sort: the graph's top-k is a bounded aggregate, and a fill-in's rank is computed as
-    :func:`popularity_topk` computes its ranks: n listed + its popularity rank - the entries ranked
-    above it that it skips (those among the 2k + 1 most popular, at most n + 1 per item). Sorting
-    the candidates per item instead (a window over item x (k + 2k + 1) rows) is 3·10¹⁰ rows at 10⁸
-    items and k = 100. ``tasks``: the fill-ins' tasks (see jobs.baseline.catalogue).
+    No per-item sort: the graph's top-k is a bounded aggregate, and an item with n < k neighbours
+    gets its fill-ins as the first k - n of the 2k + 1 popularity ranks it does not skip (its
+    neighbours' and its own, at most n + 1), ranked n + 1, n + 2, ...: only the rows it lacks, from
+    native array functions. Sorting the candidates per item instead (a window over item x (k + 2k + 1)
+    rows) is 3·10¹⁰ rows at 10⁸ items and k = 100; a cross join with the 2k + 1 popular items and a
+    lambda counting the skipped ranks below each (what this did until 2026-12-07) evaluated that
+    lambda, without code generation, on 2k + 1 rows per short item. ``tasks``: the fill-ins' tasks
+    (see jobs.baseline.catalogue).
     """
     k = cfg.k
     edges = cooccurrence_edges(sequences, cfg.window, cfg.decay, cfg.symmetric, cfg.min_count, cfg.per_user)
@@ -72,12 +75,17 @@ def cooccurrence_topk(sequences: DataFrame, catalogue: DataFrame, counts: DataFr
                               F.when(F.col("own").isNull(), F.array().cast("array<int>"))
                               .otherwise(F.array("own"))).alias("skip"))
              .where(F.col("n") < k))
-    if tasks:  # each short item becomes up to 2k + 1 rows: spread by rows, not by the ids' bytes
+    if tasks:  # each short item becomes up to k rows: spread by rows, not by the ids' bytes
         short = short.repartition(tasks, S.ITEM_ID)
-    above = F.size(F.filter("skip", lambda r: r < F.col("pop_rank")))
-    fill = (short.crossJoin(top).where(~F.array_contains("skip", F.col("pop_rank")))
-            .withColumn(S.RANK, F.col("n") + F.col("pop_rank") - above).where(F.col(S.RANK) <= k)
-            .select(S.ITEM_ID, S.NEIGHBOR_ID, (-F.col("pop_rank")).alias(S.SCORE), S.RANK))
+    # The popularity ranks an item does not skip, in order (array_except keeps the first array's order;
+    # the skipped ranks are distinct: listed neighbours and the item itself): the j-th of them is the
+    # item's (n + j)-th entry, as many as its list lacks. Ranks past the catalogue's most popular find
+    # no row in ``top`` and are the last ones, so the ranks stay 1..k without a gap.
+    allowed = F.array_except(F.sequence(F.lit(1), F.lit(2 * k + 1)), F.col("skip"))
+    fill = (short.select(S.ITEM_ID, "n", F.posexplode(F.slice(allowed, 1, F.lit(k) - F.col("n"))).alias("_j", "pop_rank"))
+            .join(top, "pop_rank")
+            .select(S.ITEM_ID, S.NEIGHBOR_ID, (-F.col("pop_rank")).alias(S.SCORE),
+                    (F.col("n") + F.col("_j") + 1).alias(S.RANK)))
     rows = graph.select(S.ITEM_ID, S.NEIGHBOR_ID, F.col(S.WEIGHT).alias(S.SCORE), S.RANK).unionByName(fill)
     return rows.select(F.col(S.ITEM_ID).cast("long"), F.col(S.NEIGHBOR_ID).cast("long"),
                        F.col(S.SCORE).cast("double"), F.col(S.RANK).cast("int"), F.lit("cooc").alias(S.MODEL))
