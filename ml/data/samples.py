@@ -27,6 +27,7 @@ from pyspark.sql.types import ArrayType, DoubleType, LongType, StructField, Stru
 
 from ml import schemas as S
 from ml.config import SamplesConfig
+from ml.data.graph import shifted_pairs
 from ml.errors import InvalidInput
 
 POSITIVE_ITEM = "positive_item"
@@ -135,9 +136,9 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     n_in = len(names)
     arrow_schema = to_arrow_schema(out_schema)
 
-    def lists(values: pa.Array, k_: int) -> pa.Array:
+    def lists(values: pa.Array) -> pa.Array:
         """(B·k,) values as B lists of k (the offsets of equal lengths; no per-row Python object)."""
-        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, k_, dtype=np.int32)), values)
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, k, dtype=np.int32)), values)
 
     def sample(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         ids_, cdf_, q_ = b_ids.value, b_cdf.value, b_q.value
@@ -171,10 +172,10 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
                     raise ValueError(f"{q_of[0]} {item[ids_[at] != item][:5].tolist()} not in noise_q")
                 cols.append(pa.array(q_[at]))  # noise_q's own value, as the join gave it
             flat = sel.ravel()
-            cols += [lists(pa.array(ids_[flat]), k), lists(pa.array(q_[flat]), k)]
+            cols += [lists(pa.array(ids_[flat])), lists(pa.array(q_[flat]))]
             if b_attrs is not None:
                 values, nulls = b_attrs.value
-                cols.append(lists(pa.array(values[flat], mask=nulls[flat]), k))
+                cols.append(lists(pa.array(values[flat], mask=nulls[flat])))
             yield pa.RecordBatch.from_arrays(cols, schema=arrow_schema)
 
     return staged.select(*names, "_u", "_rs").mapInArrow(sample, out_schema)
@@ -182,10 +183,8 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
 
 def adjacent_pairs(sequences: DataFrame) -> DataFrame:
     """(user_id, position, trigger_item, positive_item) for consecutive items a != b."""
-    # the sequence zipped with itself shifted by one (code-generated natives; a transform() lambda is not)
-    n = F.size(S.ITEMS)
-    zipped = F.arrays_zip(F.slice(S.ITEMS, 1, n - 1).alias("a"), F.slice(S.ITEMS, 2, n - 1).alias("b"))
-    return (sequences.where(n > 1).select(S.USER_ID, F.posexplode(zipped).alias(POSITION, "x"))
+    return (sequences.where(F.size(S.ITEMS) > 1)
+            .select(S.USER_ID, F.posexplode(shifted_pairs(1)).alias(POSITION, "x"))
             .select(S.USER_ID, F.col(POSITION).cast("long").alias(POSITION), F.col("x.a").alias(S.TRIGGER_ITEM),
                     F.col("x.b").alias(POSITIVE_ITEM))
             .where(F.col(S.TRIGGER_ITEM) != F.col(POSITIVE_ITEM)))
