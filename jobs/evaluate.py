@@ -21,8 +21,8 @@ from ml.data import io
 from ml.data.ingest import category_names
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
-from ml.eval.metrics import (format_paired, format_table, paired_comparisons, score_lists, target_ranks,
-                             targets_fingerprint)
+from ml.eval.metrics import (format_paired, format_table, paired_comparisons, score_lists, stale_comparisons,
+                             target_ranks, targets_fingerprint)
 
 from jobs._cli import command, parse, print_tables
 
@@ -89,7 +89,8 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     # Every model and baseline is checked, and every metric and comparison computed, before anything
     # is written; then each table gets one commit for all the models (a run that fails before the
     # commits leaves both tables as they were; one killed between them, metrics new and metrics_paired
-    # the earlier run's, both with their run_ts).
+    # the earlier run's, both with their run_ts, until the next evaluation removes the comparisons that
+    # metrics no longer agrees with: _drop_stale_comparisons).
     lists = {}
     for m in models:
         lists[m] = model_lists(m)
@@ -163,6 +164,8 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
         if prs or primary is None or m in primary:
             replaced.append(m)
             all_prs += prs
+    # the other models' comparisons that these metrics no longer agree with go in the same commit
+    replaced, all_prs = _drop_stale_comparisons(cfg, spark, version, replaced, all_prs)
     if replaced and (all_prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED))):
         io.write_table(spark, spark.createDataFrame(all_prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
                        mode="overwrite", partition_by=[S.MODEL, S.BASELINE], replace_where={S.MODEL: replaced},
@@ -172,6 +175,36 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     report = write_evaluation_report(cfg, spark, rows[0][S.N_USERS], targets_id)  # every model's rows: every eval user
     log.info("report: %s", report)
     return {"rows": rows, "table": table, "report": report, "paired": "\n\n".join(paired)}
+
+
+def _drop_stale_comparisons(cfg: Config, spark, version: int, replaced: List[str], rows: List[dict]):
+    """(models whose partitions of metrics_paired to replace, their rows): this run's, plus the models of
+    earlier comparisons that ``metrics`` at ``version`` no longer agrees with
+    (:func:`~ml.eval.metrics.stale_comparisons`: their baseline evaluated again on other lists since,
+    or a run killed between the two commits), each rewritten without those comparisons, which are named
+    in a warning with the command that makes them again."""
+    path = cfg.table_path(S.T_METRICS_PAIRED)
+    if not io.table_exists(path):
+        return replaced, rows
+    mode = cfg.io.delta_mode
+    # models x baselines x (K + 1) rows and models x kinds x (K + 1) rows: small
+    earlier = io.read_table(spark, path, delta_mode=mode)
+    if replaced:
+        earlier = earlier.where(~F.col(S.MODEL).isin(*replaced))
+    kept = [r.asDict() for r in earlier.collect()]
+    if not kept:
+        return replaced, rows
+    overall = [r.asDict() for r in io.read_table(spark, cfg.table_path(S.T_METRICS), version=version, delta_mode=mode)
+               .where(F.col(S.CATEGORY_ID).isNull()).collect()]
+    stale = stale_comparisons(overall, kept)
+    for (m, b, kind), why in sorted(stale.items()):
+        log.warning("metrics_paired: %s vs %s%s no longer agrees with metrics (%s): removed; rerun "
+                    "jobs.evaluate --model %s --compare-to %s to compare them again", m, b,
+                    " u2i" if kind == "u2i" else "", why, m, b)
+    touched = sorted({m for m, _, _ in stale})
+    return ([*replaced, *touched],
+            rows + [r for r in kept if r[S.MODEL] in touched
+                    and (r[S.MODEL], r[S.BASELINE], r["baseline_kind"]) not in stale])
 
 
 def _add_targets_column(spark, cfg: Config) -> None:

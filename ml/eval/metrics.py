@@ -10,7 +10,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
@@ -342,6 +342,36 @@ def paired_comparisons(eval_targets: DataFrame, lists: Optional[Mapping[Tuple[st
                          "ci_low": lo, "ci_high": hi, "p_value": pv,
                          "wins": wins, "losses": losses, S.N_USERS: n, S.RUN_TS: run_ts})
         out.append(rows)
+    return out
+
+
+def stale_comparisons(overall: Sequence[dict], paired: Sequence[dict], tol: float = 1e-9) -> Dict[tuple, str]:
+    """The comparisons of ``metrics_paired`` rows that ``metrics`` no longer agrees with, by
+    (model, baseline, baseline_kind), each with the reason.
+
+    A comparison is stale when the model's or the baseline's value in it (or its eval-user count) is
+    not the value of their latest evaluation in ``overall`` (``metrics`` rows with category_id null):
+    the baseline was evaluated again on other lists (another window, a retrained model), or a run of
+    jobs.evaluate was killed between its two commits, its metrics new and its comparisons the earlier
+    run's. A comparison whose baseline (or model) has no row in ``metrics`` cannot be checked and is
+    kept. Values are compared within ``tol``: the two tables sum the same ranks in other orders. The
+    reason names the first metric (by K, then MRR) that differs."""
+    scored = {(r[S.MODEL], r[S.METRIC], r[S.K]): r for r in overall if r[S.CATEGORY_ID] is None}
+    out: Dict[tuple, str] = {}
+    for r in sorted(paired, key=lambda r: (r[S.MODEL], r[S.BASELINE], r["baseline_kind"], metric_order(r))):
+        key = (r[S.MODEL], r[S.BASELINE], r["baseline_kind"])
+        if key in out:
+            continue
+        hit, mrr = metric_names(r["baseline_kind"])
+        sides = ((r[S.MODEL], (r[S.MODEL], r[S.METRIC], r[S.K]), r[S.VALUE]),
+                 (r[S.BASELINE], (r[S.BASELINE], hit if r[S.K] is not None else mrr, r[S.K]), r["baseline_value"]))
+        for who, at, value in sides:
+            now = scored.get(at)
+            if now is not None and (now[S.N_USERS] != r[S.N_USERS] or abs(now[S.VALUE] - value) > tol):
+                name = " ".join(display_name(*at))
+                out[key] = (f"{name} is {now[S.VALUE]:.4f} over {now[S.N_USERS]:,} eval users in metrics (run "
+                            f"{now[S.RUN_TS]}), {value:.4f} over {r[S.N_USERS]:,} in the comparison (run {r[S.RUN_TS]})")
+                break
     return out
 
 

@@ -583,3 +583,39 @@ def test_the_ranks_found_once_serve_the_metrics_and_the_comparisons(spark):
     bad = a.unionByName(_topk(spark, [(1, 1, 1)], "c"))
     with pytest.raises(InvalidInput, match=r"model 'c': 1 lists with its own item in the list"):
         target_ranks(targets, [("i2i", bad, ["a", "c"])])
+
+
+def test_a_comparison_is_stale_only_where_metrics_has_another_value_for_its_model_or_baseline():
+    from ml.eval.metrics import stale_comparisons
+
+    import datetime as dt
+
+    ts = dt.datetime(2026, 1, 1)
+
+    def row(model, metric, k, value, n=100):
+        return {S.MODEL: model, S.METRIC: metric, S.K: k, S.CATEGORY_ID: None, S.VALUE: value, S.N_USERS: n,
+                S.RUN_TS: ts}
+
+    def pair(model, baseline, kind, metric, k, value, base_value, n=100):
+        return {S.MODEL: model, S.BASELINE: baseline, "baseline_kind": kind, S.METRIC: metric, S.K: k,
+                S.VALUE: value, "baseline_value": base_value, S.N_USERS: n, S.RUN_TS: ts}
+
+    overall = [row("natm", "pre", 1, 0.05), row("natm", "mrr", None, 0.1), row("cooc", "pre", 1, 0.06),
+               row("cooc", "mrr", None, 0.12), row("natm_recent", "u2i_hr", 1, 0.07),
+               {**row("cooc", "pre", 1, 0.9), S.CATEGORY_ID: 3}]  # a category's row is not the overall one
+    same = [pair("natm", "cooc", "i2i", "pre", 1, 0.05, 0.06 + 1e-12), pair("natm", "cooc", "i2i", "mrr", None, 0.1, 0.12)]
+    assert stale_comparisons(overall, same) == {}
+    # a baseline never scored into metrics cannot be checked: kept
+    assert stale_comparisons(overall, [pair("natm", "pop", "i2i", "pre", 1, 0.05, 0.01)]) == {}
+    # the baseline's MRR moved (its lists rebuilt): the comparison is stale, its MRR named
+    moved = [same[0], pair("natm", "cooc", "i2i", "mrr", None, 0.1, 0.11)]
+    assert list(stale_comparisons(overall, moved)) == [("natm", "cooc", "i2i")]
+    assert stale_comparisons(overall, moved)[("natm", "cooc", "i2i")].startswith("cooc MRR is 0.1200 over 100")
+    # a fused list against the baseline's i2i lists: the baseline's i2i row is the one checked
+    fused = [pair("natm_recent", "cooc", "i2i", "u2i_hr", 1, 0.07, 0.06)]
+    assert stale_comparisons(overall, fused) == {}
+    assert list(stale_comparisons(overall, [pair("natm_recent", "cooc", "i2i", "u2i_hr", 1, 0.07, 0.05)])) == [
+        ("natm_recent", "cooc", "i2i")]
+    # scored on other eval users, the same value: stale
+    assert list(stale_comparisons(overall, [pair("natm", "cooc", "i2i", "pre", 1, 0.05, 0.06, n=99)])) == [
+        ("natm", "cooc", "i2i")]

@@ -133,3 +133,56 @@ def test_lists_of_two_runs_of_the_topk_job_are_refused(spark, cfg):
     with pytest.raises(InvalidInput, match=r"i2i_topk and u2i_topk of model 'dat' were written by different runs "
                                            r"\(jobs.topk killed .*rerun jobs.topk for model=dat"):
         evaluate.run(cfg, spark, ["dat"])
+
+
+def _retopk(spark, cfg, model, i2i, u2i):
+    """A model's lists replaced as one run of jobs.topk replaces them (i2i, then u2i)."""
+    io.job_run(lambda: [io.replace_model_partition(spark, _lists(spark, {model: by}, schema), cfg.table_path(t), model)
+                        for by, schema, t in ((i2i, S.I2I_TOPK, S.T_I2I_TOPK), (u2i, S.U2I_TOPK, S.T_U2I_TOPK))])()
+
+
+def test_comparisons_that_metrics_no_longer_agree_with_go_with_the_next_evaluation(spark, cfg, monkeypatch, caplog):
+    evaluate.run(cfg, spark, ["dat"], compare_to=["two_tower"])
+    evaluate.run(cfg, spark, ["two_tower"], compare_to=["dat"])
+    kinds = lambda: {(r.model, r.baseline, r.baseline_kind) for r in _paired(spark, cfg).values()}  # noqa: E731
+    assert kinds() == {("dat", "two_tower", "i2i"), ("dat", "two_tower", "u2i"),
+                       ("two_tower", "dat", "i2i"), ("two_tower", "dat", "u2i")}
+    # two_tower retrained: its i2i lists now hit users 1 and 2 (Pre@1 2/3, was 1/3), its u2i lists as
+    # before. Evaluated alone, comparing nothing: its own comparisons go (it was produced by this run),
+    # and so does dat's i2i comparison with the two_tower lists that are no longer there; dat's u2i one,
+    # whose two_tower lists are the same, stays
+    _retopk(spark, cfg, "two_tower", {1: [2], 5: [6]}, U2I["two_tower"])
+    with caplog.at_level("WARNING", logger="jobs.evaluate"):
+        evaluate.run(cfg, spark, ["two_tower"], compare_to=[])
+    assert kinds() == {("dat", "two_tower", "u2i")}
+    warned = [r.getMessage() for r in caplog.records if "metrics_paired" in r.getMessage()]
+    assert len(warned) == 1 and "dat vs two_tower no longer agrees with metrics" in warned[0], warned
+    assert "two_tower Pre@1 is 0.6667 over 3 eval users in metrics" in warned[0] and "0.3333 over 3 in the comparison" \
+        in warned[0] and "rerun jobs.evaluate --model dat --compare-to two_tower" in warned[0], warned[0]
+    caplog.clear()
+    # a run killed between its two commits: dat's metrics of its new u2i lists written, its comparisons
+    # still the earlier run's; the next evaluation of anything removes them
+    _retopk(spark, cfg, "dat", I2I["dat"], {1: [2], 2: [6], 3: [7]})
+    real_write = io.write_table
+
+    def killed(spark_, df, path, *a, **kw):
+        if path == cfg.table_path(S.T_METRICS_PAIRED):
+            raise KeyboardInterrupt("killed")
+        return real_write(spark_, df, path, *a, **kw)
+
+    monkeypatch.setattr(io, "write_table", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(cfg, spark, ["dat"], compare_to=["two_tower"])
+    monkeypatch.undo()
+    hr1 = io.read_table(spark, cfg.table_path(S.T_METRICS)).where("model = 'dat' AND metric = 'u2i_hr' AND k = 1 "
+                                                                 "AND category_id IS NULL").first().value
+    assert hr1 == pytest.approx(1.0) and _paired(spark, cfg)[("dat", "two_tower", "u2i_hr", 1)].value == pytest.approx(1 / 3)
+    with caplog.at_level("WARNING", logger="jobs.evaluate"):
+        evaluate.run(cfg, spark, ["two_tower"], compare_to=[])
+    assert kinds() == set()
+    warned = [r.getMessage() for r in caplog.records if "metrics_paired" in r.getMessage()]
+    assert len(warned) == 1 and "dat vs two_tower u2i" in warned[0] and "dat u2i Pre@1 is 1.0000" in warned[0], warned
+    # unchanged lists evaluated again keep every comparison (the bystander case of the pipeline's baselines)
+    evaluate.run(cfg, spark, ["dat"], compare_to=["two_tower"])
+    evaluate.run(cfg, spark, ["two_tower", "dat"], compare_to=[], primary=["two_tower"])
+    assert kinds() == {("dat", "two_tower", "i2i"), ("dat", "two_tower", "u2i")}
