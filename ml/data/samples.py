@@ -100,6 +100,28 @@ def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
                      / float(_MASK) for j in range(n)])
 
 
+def draw_excluding(cdf: np.ndarray, excluded: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n positions drawn (with replacement) from the distribution of the normalised ``cdf`` conditioned
+    on not being one of the positions ``excluded``: a uniform over the remaining mass, moved past each
+    excluded item's interval of the CDF it reaches, then the inverse CDF. O(n log items) per call,
+    whatever the catalogue (a mask over the catalogue per row was O(items) for every row a hot item
+    leaves short). At least one position must be allowed."""
+    excluded = np.unique(excluded)
+    lo = np.where(excluded > 0, cdf[np.maximum(excluded - 1, 0)], 0.0)
+    mass = cdf[excluded] - lo
+    out = np.empty(n, dtype=np.int64)
+    todo = np.arange(n)
+    while len(todo):  # a draw moved onto an excluded item's edge by rounding (~1e-16 per draw): drawn again
+        u = rng.random(len(todo)) * (cdf[-1] - mass.sum())
+        for a, m in zip(lo, mass):  # ascending: each move can only reach the later intervals
+            u = np.where(u >= a, u + m, u)
+        got = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+        bad = np.isin(got, excluded)
+        out[todo[~bad]] = got[~bad]
+        todo = todo[bad]
+    return out
+
+
 def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, seed: int, salt: str,
                    exclude_cols: Tuple[str, ...], key_cols: Tuple[str, ...],
                    q_of: Optional[Tuple[str, str]] = None, attr_of: Optional[Tuple[str, str]] = None) -> DataFrame:
@@ -110,8 +132,10 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     put their rows in one task).
 
     2k+4 candidate draws per row (with replacement, as in NCE) come from hashes of ``key_cols``; the
-    first k valid ones are kept. A row left short (only in tiny catalogues) is completed by a
-    per-row seeded generator, uniformly over the allowed items.
+    first k valid ones are kept: draws from q conditioned on the allowed items. A row left short
+    (when the excluded items hold much of q: a tiny catalogue, or one hot item beside the trigger) is
+    completed by a per-row seeded generator from the same conditional q (:func:`draw_excluding`;
+    until 2026-12-08 uniformly over the allowed items, which the recorded q did not describe).
     """
     ids, cdf, stored, attrs = _noise_arrays(q, attr_of[0] if attr_of else None)
     if len(ids) <= len(exclude_cols):
@@ -157,13 +181,14 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
             order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
             sel = np.take_along_axis(pos, order, axis=1)  # (B, k) positions into ids_
             short = np.flatnonzero(ok.sum(axis=1) < k)
-            if len(short):  # degenerate catalogues only: complete from a per-row seeded generator
+            if len(short):  # the excluded items hold much of q: complete from a per-row seeded generator
                 rs = batch.column("_rs").to_numpy()
                 for r in short:
                     rng = np.random.default_rng(int(rs[r]) & 0x7FFFFFFFFFFFFFFF)
-                    allowed = np.flatnonzero(~np.isin(ids_, [int(e[r]) for e in excl]))
+                    out = np.array([int(e[r]) for e in excl], dtype=np.int64)
+                    at = np.minimum(np.searchsorted(ids_, out), len(ids_) - 1)
                     valid = pos[r][ok[r]]
-                    sel[r] = np.concatenate([valid, rng.choice(allowed, k - len(valid))])[:k]
+                    sel[r] = np.concatenate([valid, draw_excluding(cdf_, at[ids_[at] == out], k - len(valid), rng)])
             cols = [batch.column(i) for i in range(n_in)]  # the rows' own columns, passed through as they are
             if q_of:
                 item = batch.column(q_of[0]).to_numpy()

@@ -36,6 +36,25 @@ def test_adjacent_pairs_skip_repeats_and_single_action_users(spark):
     assert sorted((r.trigger_item, r.positive_item) for r in pairs.collect()) == [(1, 2), (2, 3), (5, 6)]
 
 
+def test_rows_the_excluded_items_leave_short_are_completed_from_q_on_the_other_items(spark):
+    # q from counts 50, 40, 9, 1 (alpha 0.75): every row's trigger and positive (items 1 and 2) hold 85 %
+    # of it, so nearly every row is short of 9 valid draws among its 22. The rest must come from q
+    # conditioned on items 3 and 4 (0.839 / 0.161), as the valid draws do; the uniform completion of
+    # before gave item 3 about 0.63 of the negatives
+    counts = spark.createDataFrame([(1, 50), (2, 40), (3, 9), (4, 1)], "item_id long, count long")
+    q = noise_distribution(counts, "unigram", 0.75).cache()
+    qd = {r.item_id: r.q for r in q.collect()}
+    seqs = _seqs(spark, [(u, [1, 2]) for u in range(1, 2001)])
+    rows = build_natm_samples(spark, seqs, q, SamplesConfig(num_negatives=9), seed=5).collect()
+    negatives = [n for r in rows for n in r[NEGATIVES]]
+    assert len(rows) == 2000 and len(negatives) == 18000 and set(negatives) == {3, 4}
+    assert all(r[Q_NEGATIVES] == [qd[n] for n in r[NEGATIVES]] for r in rows)
+    share = negatives.count(3) / len(negatives)
+    assert share == pytest.approx(qd[3] / (qd[3] + qd[4]), abs=0.015), share  # sd 0.003
+    again = build_natm_samples(spark, seqs, q, SamplesConfig(num_negatives=9), seed=5).collect()
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, again))  # the completion is seeded per row
+
+
 SEQS = [(u, [(u * 7 + i) % 40 + 1 for i in range(12)]) for u in range(1, 30)]
 
 
