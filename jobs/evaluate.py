@@ -64,7 +64,11 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     mode = cfg.io.delta_mode
     models = list(dict.fromkeys(models or default_models(cfg)))  # each once
     _check_one_split(cfg)
-    targets = io.read_table(spark, cfg.table_path(S.T_EVAL_TARGETS), delta_mode=mode)
+    # at one version: with the Delta jars an unpinned DataFrame reads the latest version at each action,
+    # and the fingerprint, the ranks and the user counts are several (a sequences run committing in
+    # between would divide one split's hits by the other's users)
+    targets_path = cfg.table_path(S.T_EVAL_TARGETS)
+    targets = io.read_table(spark, targets_path, version=io.table_version(targets_path), delta_mode=mode)
     items = None
     if cfg.eval.per_category and io.table_exists(cfg.table_path(S.T_ITEMS)):
         items = io.read_table(spark, cfg.table_path(S.T_ITEMS), delta_mode=mode)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from ml import schemas as S
 from ml.config import Config
 from ml.data import io
-from ml.data.session import get_spark, ship_path
+from ml.data.session import get_spark, ship_path, tasks_for
 from ml.errors import InvalidInput
 from ml.index.spark_topk import check_finite, search_partitions
 from ml.index.topk import build_index
@@ -31,6 +31,7 @@ from jobs.baseline import BASELINES
 from jobs.embed import T_ITEM_EMBEDDINGS, T_USER_EMBEDDINGS, USER_MODELS
 
 log = logging.getLogger("jobs.topk")
+QUERIES_PER_TASK = 20_000  # items (or users) searched per task, at least: as jobs.embed embeds them
 
 
 @io.job_run
@@ -63,7 +64,11 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
         if not io.table_exists(cfg.table_path(T_USER_EMBEDDINGS)):  # the i2i lists alone left the earlier u2i
             raise InvalidInput(f"{cfg.table_path(T_USER_EMBEDDINGS)} does not exist: model={cfg.model} has a user "
                                f"tower; run jobs.embed for model={cfg.model} (it writes both vector tables)")
-        users = io.read_table(spark, cfg.table_path(T_USER_EMBEDDINGS), delta_mode=mode,
+        # at one version, as the items: the run check below and the search are two reads, and with the
+        # Delta jars an unpinned DataFrame reads the latest version at each (an embed run committing in
+        # between would pass the check with the earlier users and search with the later ones)
+        user_path = cfg.table_path(T_USER_EMBEDDINGS)
+        users = io.read_table(spark, user_path, version=io.table_version(user_path), delta_mode=mode,
                               partitions={S.MODEL: [cfg.model]})
         # Item and user vectors must come from one model: an embed run killed between its two commits
         # would otherwise pair this run's items with the previous run's users, without a word.
@@ -85,8 +90,9 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     np.save(ids_file, ids)
     spark.sparkContext.addFile(index_file)
     spark.sparkContext.addFile(ids_file)
-    queries = io.read_table(spark, emb, version=version, delta_mode=mode,
-                            partitions={S.MODEL: [cfg.model]}).select(S.ITEM_ID, "vector")
+    queries = spread(spark, io.read_table(spark, emb, version=version, delta_mode=mode,
+                                          partitions={S.MODEL: [cfg.model]}).select(S.ITEM_ID, "vector"),
+                     len(ids), S.ITEM_ID)
     topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                  cfg.model), S.I2I_TOPK)
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode,
@@ -102,11 +108,20 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
                     "baseline.index=flat", cfg.model, full - n, full, k, index_type, b.nprobe)
     out = {"rows": n, "items": len(ids), "version": version}
     if users is not None:
-        u2i = users.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
+        u2i = spread(spark, users, users.count(), S.USER_ID).mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
                                                   cfg.model, side="user"), S.U2I_TOPK)
         _, out["u2i_rows"] = io.replace_model_partition(spark, u2i, cfg.table_path(S.T_U2I_TOPK), cfg.model, mode)
         log.info("u2i_topk[%s]: %d rows (k=%d)", cfg.model, out["u2i_rows"], k)
     return out
+
+
+def spread(spark, queries, n: int, key: str):
+    """``queries`` in at least one task per :data:`QUERIES_PER_TASK` of their ``n`` rows. The read's
+    tasks follow the table's files: after a compaction (OPTIMIZE) a catalogue of 200,000 64-d vectors
+    is one 51 MB file, one task, and one core would search for every item while the others wait.
+    Repartitioned (by ``key``, a shuffle of the vectors) only then; the lists are the same either way."""
+    wanted = tasks_for(spark, n, QUERIES_PER_TASK)
+    return queries if queries.rdd.getNumPartitions() >= wanted else queries.repartition(wanted, key)
 
 
 def candidate_vectors(t, where: str, model: str):

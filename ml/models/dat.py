@@ -155,12 +155,16 @@ def _covariance(x: torch.Tensor) -> torch.Tensor:
 def category_alignment_loss(p_v: torch.Tensor, categories: torch.Tensor, min_items: int = 4) -> torch.Tensor:
     """Σ_c ||Cov(major) - Cov(c)||_F² over the batch's categories with >= ``min_items`` items.
 
+    ``categories`` are category indices, 0 = unknown (an item without a category in ``items``): those
+    items are in no category. As a group of their own they were the major category of any batch
+    where most items lack one, and every real category was pulled towards that mixture.
+
     Computed in fp32 whatever the autocast: under bf16 autocast each of these small matmuls paid
     for casts that cost more than the matmul (DAT trained no faster in bf16 than in fp32), and a
     difference of covariances is where bf16's 8-bit mantissa would show."""
     with torch.autocast(p_v.device.type, enabled=False):
         x = p_v.float()
-        cats, counts = torch.unique(categories, return_counts=True)
+        cats, counts = torch.unique(categories[categories != 0], return_counts=True)
         keep = counts >= min_items
         cats, counts = cats[keep], counts[keep]
         if len(cats) < 2:

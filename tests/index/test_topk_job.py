@@ -69,6 +69,28 @@ def test_asymmetric_lists_rank_candidate_vectors_by_the_trigger_vector(spark, wa
     assert got != lists(c, t) and got != lists(t, t)
 
 
+def test_queries_of_a_compacted_table_are_spread_over_tasks_with_the_same_lists(spark, warehouse, monkeypatch):
+    # item_embeddings compacted to one file (OPTIMIZE) was one search task for the whole catalogue
+    cfg = load_config(None, [f"warehouse={warehouse}", "model=natm"])
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((40, 8))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    df = spark.createDataFrame([(i, "natm", v[i].tolist(), None, "r1") for i in range(40)], ITEM_EMBEDDINGS)
+    io.replace_model_partition(spark, df.coalesce(1), cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, cfg.io.delta_mode)
+    topk.run(cfg, spark, k=4)
+    one = io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).collect()
+    spread = []
+    monkeypatch.setattr(topk, "QUERIES_PER_TASK", 7)  # 40 items: 6 tasks
+    real = topk.spread
+    monkeypatch.setattr(topk, "spread", lambda *a: spread.append(real(*a)) or spread[-1])
+    topk.run(cfg, spark, k=4)
+    assert [q.rdd.getNumPartitions() for q in spread] == [6]
+    assert sorted(io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).collect()) == sorted(one) and len(one) == 160
+    # a read with as many tasks already is left as it is (no shuffle of the vectors)
+    monkeypatch.setattr(topk, "QUERIES_PER_TASK", 40)
+    assert real(spark, df.coalesce(1), 40, S.ITEM_ID).rdd.getNumPartitions() == 1
+
+
 def test_check_finite_names_the_ids():
     check_finite(np.ones((3, 2), np.float32), np.array([1, 2, 3]), "v")
     with pytest.raises(InvalidInput, match=r"v: 2 of 3 vectors .* ids \[5, 7\]"):

@@ -60,6 +60,13 @@ def test_category_alignment_loss():
     c1 = torch.cov(other[:8].T)
     c2 = torch.cov(other[8:].T)
     assert category_alignment_loss(other, cats).item() == pytest.approx(((c1 - c2) ** 2).sum().item(), rel=1e-5)
+    # items of unknown category (index 0) are in none, however many: with 12 of them beside the two
+    # categories the loss is the two categories' (as a group they were the major one)
+    unknown = torch.cat([other, 5 * torch.randn(12, 4)])
+    with_unknown = torch.cat([cats, torch.zeros(12, dtype=torch.long)])
+    assert category_alignment_loss(unknown, with_unknown).item() == pytest.approx(
+        category_alignment_loss(other, cats).item(), rel=1e-6)
+    assert category_alignment_loss(unknown[8:], with_unknown[8:]).item() == 0.0  # one known category left
 
 
 def _cal_by_loop(p_v, categories, min_items):
