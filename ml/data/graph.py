@@ -133,9 +133,10 @@ def cooccurrence_edges(sequences: DataFrame, window: int, decay: bool = False, s
 
 def top_n_neighbours(edges: DataFrame, n: int) -> DataFrame:
     """Keep the ``n`` heaviest neighbours per item, rank 1..n; ties: larger count, then smaller id."""
-    # The ordering is unique per neighbour (it ends in -neighbor_id), so the top n and their order
-    # are fully determined, whichever plan top_k_per_key picks.
-    order = [F.col(S.WEIGHT), F.col(S.COUNT), -F.col(S.NEIGHBOR_ID)]
+    # The ordering is unique per neighbour (it ends in ~neighbor_id = -neighbor_id - 1, decreasing in
+    # the id like the negation, which overflows for -2^63), so the top n and their order are fully
+    # determined, whichever plan top_k_per_key picks.
+    order = [F.col(S.WEIGHT), F.col(S.COUNT), F.bitwise_not(F.col(S.NEIGHBOR_ID))]
     ranked = top_k_per_key(edges, S.ITEM_ID, order, [S.NEIGHBOR_ID, S.WEIGHT, S.COUNT], n)
     return ranked.select(F.col(S.ITEM_ID).cast("long"), F.col(S.NEIGHBOR_ID).cast("long"),
                          F.col(S.WEIGHT).cast("double"), F.col(S.COUNT).cast("long"), F.col(S.RANK).cast("int"))

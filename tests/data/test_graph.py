@@ -57,6 +57,10 @@ def test_top_n_ties_broken_by_count_then_id(spark):
     rows = [(1, [1, 5]), (2, [1, 3]), (3, [1, 4]), (4, [1, 9]), (5, [1, 9])]
     e = _edges(spark, rows, window=1, top_n=3)
     assert [k[1] for k, v in sorted(e.items(), key=lambda kv: kv[1][2]) if k[0] == 1] == [9, 3, 4]
+    # the extreme BIGINT ids rank as ids (negating -2^63 overflows: an error under ANSI, else the largest)
+    lo, hi = -(2 ** 63), 2 ** 63 - 1
+    e = _edges(spark, [(1, [1, hi]), (2, [1, 0]), (3, [1, lo])], window=1, top_n=3)
+    assert [k[1] for k, v in sorted(e.items(), key=lambda kv: kv[1][2]) if k[0] == 1] == [lo, 0, hi]
     # decayed weight ties: count decides (2 x 0.5 = 1 x 1.0)
     e = _edges(spark, [(1, [1, 7, 8]), (2, [1, 6, 8]), (3, [1, 6])], window=2, decay=True, top_n=3)
     assert e[(1, 6)][2] == 1 and e[(1, 8)][2] == 2 and e[(1, 7)][2] == 3  # 6: 2.0; 8: 1.0 (count 2); 7: 1.0 (count 1)
