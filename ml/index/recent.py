@@ -68,7 +68,8 @@ def fuse_recent(sequences: DataFrame, i2i: DataFrame, cfg: RecentConfig, model: 
                                            F.lit(1).alias(SEEN))).repartition(S.USER_ID)
     scores = (rows.groupBy(S.USER_ID, S.ITEM_ID).agg(F.sum(UNITS).alias(UNITS), F.max(SEEN).alias(SEEN))
               .where(F.col(SEEN) == 0))
-    top = top_k_per_key(scores, S.USER_ID, [F.col(UNITS), -F.col(S.ITEM_ID)], [S.ITEM_ID, UNITS], cfg.k)
+    top = top_k_per_key(scores, S.USER_ID, [F.col(UNITS), F.bitwise_not(F.col(S.ITEM_ID))],  # ties: the smaller id
+                        [S.ITEM_ID, UNITS], cfg.k)  # (~id = -id - 1: -id overflows for -2^63)
     return top.select(F.col(S.USER_ID).cast("long"), F.col(S.ITEM_ID).cast("long"),
                       (F.col(UNITS) / F.lit(SCORE_UNITS)).cast("double").alias(S.SCORE),
                       F.col(S.RANK).cast("int"), F.lit(model).alias(S.MODEL))

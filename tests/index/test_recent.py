@@ -88,7 +88,8 @@ def test_one_shuffle_by_user_for_the_sums_the_exclusion_and_the_top_k(spark, exc
     assert len([x for x in shuffles if "user_id" in x]) == 1 and not [x for x in shuffles if "item_id" in x]
 
 
-def test_equal_rank_multisets_tie_exactly_and_the_smaller_id_wins(spark):
+@pytest.mark.parametrize("small", [99, -(2 ** 63)])  # -2^63: the smallest BIGINT, whose negation overflows
+def test_equal_rank_multisets_tie_exactly_and_the_smaller_id_wins(spark, small):
     # Items 100 and 99 hold ranks 1..5 in the lists of the last five items, in different orders.
     # The real sums are equal; summed as floats they can differ in the last bit (1/11 + ... + 1/15
     # is 0.38926073926073923 in one order, 0.3892607392607393 in another), and the order Spark adds
@@ -97,12 +98,12 @@ def test_equal_rank_multisets_tie_exactly_and_the_smaller_id_wins(spark):
     lists = {}
     for step, trigger in enumerate([5, 4, 3, 2, 1]):  # item 5 is the last one (step 0)
         row = [200 + 10 * trigger + r for r in range(1, 6)]
-        row[rank_100[step] - 1], row[rank_99[step] - 1] = 100, 99
+        row[rank_100[step] - 1], row[rank_99[step] - 1] = 100, small
         lists[trigger] = row
     out = fuse_recent(_seqs(spark, [(1, [1, 2, 3, 4, 5])]), _i2i(spark, lists),
                       RecentConfig(triggers=5, decay=1.0, rrf_k=10.0, k=2), "m_recent").collect()
     top = sorted(out, key=lambda r: r.rank)
-    assert [r.item_id for r in top] == [99, 100] and top[0].score == top[1].score
+    assert [r.item_id for r in top] == [small, 100] and top[0].score == top[1].score
 
 
 def test_top_k_aggregate_and_window_give_the_same_fused_rows(spark, monkeypatch):
