@@ -128,6 +128,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             parts.append((kind, io.read_table(spark, path, version=version, delta_mode=mode,
                                               partitions={S.MODEL: read}), read))
     ranks = target_ranks(targets, parts, persist=True)
+    _warn_short_lists(ranks.longest, max(cfg.eval.ks))
     try:
         # every model's lists, of both kinds, scored in one aggregation
         scored = [(kind, t, [m for m in models if m in read]) for kind, t, read in parts]
@@ -179,6 +180,19 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
     report = write_evaluation_report(cfg, spark, rows[0][S.N_USERS], targets_id)  # every model's rows: every eval user
     log.info("report: %s", report)
     return {"rows": rows, "table": table, "report": report, "paired": "\n\n".join(paired)}
+
+
+def _warn_short_lists(longest: dict, k: int) -> None:
+    """A model whose lists (those the eval targets read) all hold fewer than the largest K items
+    scores the same at every K past its lists' length: Pre@100 of 10-item lists is their Pre@10, and a
+    comparison with 100-item lists is between unequal lists. Named in a warning (not an error: in a
+    catalogue of fewer than K + 1 items every list is short)."""
+    for (m, kind), n in sorted(longest.items()):
+        if n < k:
+            stage = "recent stage with recent.k" if m.endswith("_recent") else "topk (or baseline) stage with baseline.k"
+            log.warning("%s: its %s lists hold at most %d items, and eval.ks goes to %d: its metrics at K > %d "
+                        "are those of the %d-item lists (rerun its %s >= %d; fine where the catalogue has "
+                        "no more items)", m, kind, n, k, n, n, stage, k)
 
 
 def _drop_stale_comparisons(cfg: Config, spark, version: int, replaced: List[str], rows: List[dict]):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
@@ -74,8 +74,8 @@ def _list_key(kind: str) -> Tuple[str, str, str]:
 
 
 def _per_list(named: DataFrame, kind: str, eval_targets: DataFrame) -> DataFrame:
-    """One row per (model, list) an eval target reads: the model, the list's key and ``why`` the list
-    cannot be scored (null: it can)."""
+    """One row per (model, list) an eval target reads: the model, the list's key, ``why`` the list
+    cannot be scored (null: it can) and its length ``n``."""
     key, item, target_key = _list_key(kind)
     wanted = eval_targets.select(F.col(target_key).alias(key)).distinct()
     per = named.join(wanted, key, "left_semi").groupBy(S.MODEL, key).agg(
@@ -88,16 +88,17 @@ def _per_list(named: DataFrame, kind: str, eval_targets: DataFrame) -> DataFrame
               .when((F.col("ranks") < F.col("n")) | (F.col("lo") != 1) | (F.col("hi") != F.col("n")),
                     "ranks other than 1..n (repeated, missing, null, or below 1)")
               .when(F.col("scored") < F.col("n"), "a null or NaN score"))
-    return per.select(S.MODEL, key, reason.alias("why"))
+    return per.select(S.MODEL, key, reason.alias("why"), "n")
 
 
-def _refuse_bad_lists(per: DataFrame, kind: str) -> None:
+def _refuse_bad_lists(per: DataFrame, kind: str) -> Dict[str, int]:
     """:class:`InvalidInput` naming each model with lists :func:`_per_list` found unscorable, why,
-    how many and an example."""
+    how many and an example; else {model: items in its longest list}."""
     key = _list_key(kind)[0]
-    bad = (per.where(F.col("why").isNotNull())
-           .groupBy(S.MODEL, "why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example"))
-           .collect())  # <= 4 rows per model
+    rows = (per.groupBy(S.MODEL, "why").agg(F.count(F.lit(1)).alias("lists"), F.min(key).alias("example"),
+                                            F.max("n").alias("longest"))
+            .collect())  # <= 5 rows per model
+    bad = [r for r in rows if r["why"] is not None]
     if bad:
         by_model: dict = {}
         for r in sorted(bad, key=lambda r: (r[S.MODEL], r["why"])):
@@ -107,6 +108,7 @@ def _refuse_bad_lists(per: DataFrame, kind: str) -> None:
         raise InvalidInput(f"{table}, {what}; each list must hold distinct items at ranks 1..n "
                            f"with a score{', without the item itself' if kind == 'i2i' else ''}: rerun its "
                            "topk (or recent) stage")
+    return {r[S.MODEL]: r["longest"] for r in rows}
 
 
 _TARGET = [S.USER_ID, S.TRIGGER_ITEM, S.TARGET_ITEM]
@@ -118,6 +120,8 @@ class TargetRanks:
     not cover would read as all misses, so the functions that take them refuse it instead."""
     rows: DataFrame
     lists: FrozenSet[Tuple[str, str]]
+    longest: Mapping[Tuple[str, str], int] = field(default_factory=dict)  # (model, kind): items in the
+    # longest list the targets read (checked lists only)
 
     def require(self, wanted, what: str) -> None:
         missing = sorted(set(wanted) - self.lists)
@@ -145,12 +149,13 @@ def target_ranks(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, 
     target twice would count it twice. ``persist``: the result is cached (MEMORY_AND_DISK) and
     computed before it is returned; the caller unpersists it."""
     weighted = eval_targets.groupBy(*_TARGET).agg(F.count(F.lit(1)).alias("w"))
-    ranks = None
+    ranks, longest = None, {}
     for kind, topk, models in parts:
         key, item, target_key = _list_key(kind)
         lists = topk.where(F.col(S.MODEL).isin(*models))
         if check:
-            _refuse_bad_lists(_per_list(lists, kind, eval_targets), kind)
+            longest.update({(m, kind): n for m, n in _refuse_bad_lists(_per_list(lists, kind, eval_targets),
+                                                                       kind).items()})
         r = (weighted.join(lists.select(S.MODEL, F.col(key).alias(target_key), F.col(item).alias(S.TARGET_ITEM),
                                         S.RANK), [target_key, S.TARGET_ITEM])
              .select(S.MODEL, F.lit(kind).alias("kind"), *_TARGET, "w", S.RANK))
@@ -164,7 +169,7 @@ def target_ranks(eval_targets: DataFrame, parts: Sequence[Tuple[str, DataFrame, 
         except BaseException:
             ranks.unpersist()
             raise
-    return TargetRanks(ranks, frozenset((m, kind) for kind, _, models in parts for m in models))
+    return TargetRanks(ranks, frozenset((m, kind) for kind, _, models in parts for m in models), longest)
 
 
 def targets_fingerprint(eval_targets: DataFrame) -> str:

@@ -186,3 +186,18 @@ def test_comparisons_that_metrics_no_longer_agree_with_go_with_the_next_evaluati
     evaluate.run(cfg, spark, ["dat"], compare_to=["two_tower"])
     evaluate.run(cfg, spark, ["two_tower", "dat"], compare_to=[], primary=["two_tower"])
     assert kinds() == {("dat", "two_tower", "i2i"), ("dat", "two_tower", "u2i")}
+
+
+def test_lists_shorter_than_the_largest_k_are_named_in_a_warning(spark, cfg, caplog):
+    # the fixture's lists hold 1 item, eval.ks goes to 2: HR@2 of a 1-item list is its HR@1
+    with caplog.at_level("WARNING", logger="jobs.evaluate"):
+        evaluate.run(cfg, spark, ["dat"], compare_to=["two_tower"])
+    warned = sorted(r.getMessage() for r in caplog.records if "lists hold at most" in r.getMessage())
+    assert len(warned) == 4, warned  # dat and two_tower (the baseline's lists too), i2i and u2i
+    assert warned[0].startswith("dat: its i2i lists hold at most 1 items, and eval.ks goes to 2") and \
+        "rerun its topk (or baseline) stage with baseline.k >= 2" in warned[0], warned[0]
+    caplog.clear()
+    two = load_config(None, [f"warehouse={cfg.warehouse}", "eval.ks=[1]", "baseline.k=1", "eval.compare_to=[]"])
+    with caplog.at_level("WARNING", logger="jobs.evaluate"):
+        evaluate.run(two, spark, ["dat"])
+    assert not [r for r in caplog.records if "lists hold at most" in r.getMessage()]
