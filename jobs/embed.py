@@ -92,7 +92,8 @@ def run(cfg: Config, spark=None) -> dict:
     # same bits in any batch but for ~10^-9 of the values: widen_to_float64), sorted within each task,
     # so which items share a batch does not follow the order the shuffle fetched its blocks in
     spread = items.repartition(tasks_for(spark, n_items, ITEMS_PER_TASK), S.ITEM_ID).sortWithinPartitions(S.ITEM_ID)
-    emb = spread.mapInPandas(embed_partitions(os.path.basename(shipped), cfg.model, run_id), ITEM_EMBEDDINGS)
+    emb = spread.mapInArrow(embed_partitions(os.path.basename(shipped), cfg.model, run_id, ITEM_EMBEDDINGS),
+                            ITEM_EMBEDDINGS)
     # a model that knows none of the training items (trained on other data: a re-ingest and samples
     # without training) would leave an empty partition in place of its vectors
     _, n = io.replace_model_partition(spark, emb, cfg.table_path(T_ITEM_EMBEDDINGS), cfg.model, mode,
@@ -113,8 +114,8 @@ def run(cfg: Config, spark=None) -> dict:
                      out["untrained_items"])
     if cfg.model in USER_MODELS:
         users = io.read_table(spark, cfg.table_path(S.T_SEQUENCES), delta_mode=mode).select(S.USER_ID)
-        uemb = users.mapInPandas(embed_partitions(os.path.basename(user_side), cfg.model, run_id, side="user"),
-                                 USER_EMBEDDINGS)
+        uemb = users.mapInArrow(embed_partitions(os.path.basename(user_side), cfg.model, run_id, USER_EMBEDDINGS,
+                                                 side="user"), USER_EMBEDDINGS)
         _, out["users"] = io.replace_model_partition(
             spark, uemb, cfg.table_path(T_USER_EMBEDDINGS), cfg.model, mode,
             refuse_empty=lambda: InvalidInput(

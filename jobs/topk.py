@@ -93,8 +93,8 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
     queries = spread(spark, io.read_table(spark, emb, version=version, delta_mode=mode,
                                           partitions={S.MODEL: [cfg.model]}).select(S.ITEM_ID, "vector"),
                      len(ids), S.ITEM_ID)
-    topk = queries.mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
-                                                 cfg.model), S.I2I_TOPK)
+    topk = queries.mapInArrow(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
+                                                cfg.model, S.I2I_TOPK), S.I2I_TOPK)
     version, n = io.replace_model_partition(spark, topk, cfg.table_path(S.T_I2I_TOPK), cfg.model, mode,
                                             refuse_empty=lambda: InvalidInput(
                                                 f"i2i_topk[{cfg.model}]: no item has a list: the model has vectors "
@@ -108,8 +108,9 @@ def run(cfg: Config, spark=None, k: Optional[int] = None) -> dict:
                     "baseline.index=flat", cfg.model, full - n, full, k, index_type, b.nprobe)
     out = {"rows": n, "items": len(ids), "version": version}
     if users is not None:
-        u2i = spread(spark, users, users.count(), S.USER_ID).mapInPandas(search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k,
-                                                  cfg.model, side="user"), S.U2I_TOPK)
+        u2i = spread(spark, users, users.count(), S.USER_ID).mapInArrow(
+            search_partitions(os.path.basename(index_file), os.path.basename(ids_file), k, cfg.model, S.U2I_TOPK,
+                              side="user"), S.U2I_TOPK)
         _, out["u2i_rows"] = io.replace_model_partition(spark, u2i, cfg.table_path(S.T_U2I_TOPK), cfg.model, mode)
         log.info("u2i_topk[%s]: %d rows (k=%d)", cfg.model, out["u2i_rows"], k)
     return out

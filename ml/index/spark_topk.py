@@ -1,4 +1,5 @@
-"""Score items and search top-K inside Spark tasks (Arrow ``mapInPandas``).
+"""Score items and search top-K inside Spark tasks (``mapInArrow``: vectors in and out as one flat
+numpy array per batch, no Python object per row).
 
 The trained model and the Faiss index travel to executors as files (``SparkContext.addFile``) and
 are loaded once per executor Python process (the latest of each kind kept); batches of rows stream through them.
@@ -10,7 +11,7 @@ import gc
 from typing import Iterator, Optional
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
 from ml.errors import InvalidInput
 
@@ -32,16 +33,20 @@ def _cached(kind: str, key: str, load):
     return _CACHE[kind][1]
 
 
-def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str = "item", batch_size: int = 4096):
-    """mapInPandas function.
+def embed_partitions(artifact_name: str, model_name: str, run_id: str, schema, side: str = "item",
+                     batch_size: int = 4096):
+    """mapInArrow function; ``schema``: the Spark schema of the rows it yields.
 
     side="item": (item_id) rows -> (item_id, model, vector, candidate_vector, run_id);
     side="user" (DAT / two-tower): (user_id) rows -> (user_id, model, vector, run_id), the query tower.
     Ids not in the model's vocabulary are skipped (their count is the input minus the output).
     """
-    key = "item_id" if side == "item" else "user_id"
+    from pyspark.sql.pandas.types import to_arrow_schema
 
-    def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    key = "item_id" if side == "item" else "user_id"
+    out_schema = to_arrow_schema(schema)
+
+    def fn(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import torch
         from pyspark import SparkFiles
 
@@ -55,21 +60,44 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, side: str
             raise InvalidInput(f"{artifact_name}: this model has no {side} tower")
         encode, vocab, same = encoders[side]
         torch.set_num_threads(1)
-        for pdf in batches:
-            ids = torch.from_numpy(pdf[key].to_numpy(np.int64))
+        for batch in batches:
+            ids = torch.from_numpy(batch.column(key).to_numpy().astype(np.int64))
             idx = vocab.index(ids)
             known = idx > 0
-            if not known.any():
+            n = int(known.sum())
+            if not n:
                 continue
             trig, cand = encode(idx[known], batch_size)
-            out = {key: ids[known].numpy(), "model": model_name, "vector": list(trig.numpy().astype(np.float32))}
+            cols = {key: pa.array(ids[known].numpy()), "model": pa.array([model_name] * n),
+                    "vector": vectors(trig.numpy()), "run_id": pa.array([run_id] * n)}
             if side == "item":
-                out["candidate_vector"] = ([None] * int(known.sum()) if same
-                                           else list(cand.numpy().astype(np.float32)))
-            out["run_id"] = run_id
-            yield pd.DataFrame(out)
+                cols["candidate_vector"] = (pa.nulls(n, out_schema.field("candidate_vector").type) if same
+                                            else vectors(cand.numpy()))
+            yield pa.RecordBatch.from_arrays([cols[f.name] for f in out_schema], schema=out_schema)
 
     return fn
+
+
+def vectors(m: np.ndarray) -> pa.ListArray:
+    """(n, d) array -> n lists of d float32 (the offsets of equal lengths over one flat buffer)."""
+    n, d = m.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)),
+                                    pa.array(np.ascontiguousarray(m, dtype=np.float32).ravel()))
+
+
+def matrix(lists: pa.Array, what: str) -> np.ndarray:
+    """n lists of d numbers (a batch's vector column) -> (n, d) float32, one copy; lists of unequal
+    lengths (or null ones) are :class:`InvalidInput` naming ``what``."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    n = len(lists)
+    if lists.null_count:
+        raise InvalidInput(f"{what}: {lists.null_count:,} null vectors")
+    lengths = np.diff(lists.offsets.to_numpy())
+    if n and (lengths != lengths[0]).any():
+        raise InvalidInput(f"{what}: vectors of {sorted(set(lengths.tolist()))[:5]} dimensions in one table")
+    d = int(lengths[0]) if n else 0
+    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, d)
 
 
 def run_tag(meta: dict) -> Optional[str]:
@@ -145,14 +173,17 @@ def check_finite(vectors: np.ndarray, ids: np.ndarray, what: str) -> None:
                            "retrain (check the training loss) and rerun jobs.embed")
 
 
-def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, side: str = "item"):
-    """mapInPandas function.
+def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, schema, side: str = "item"):
+    """mapInArrow function; ``schema``: the Spark schema of the rows it yields.
 
     side="item": (item_id, vector) query rows -> i2i_topk rows, the item itself excluded;
     side="user": (user_id, vector) query rows -> u2i_topk rows (user_id, item_id, score, rank, model).
     """
+    from pyspark.sql.pandas.types import to_arrow_schema
 
-    def fn(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    out_schema = to_arrow_schema(schema)
+
+    def fn(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import faiss
         from pyspark import SparkFiles
 
@@ -161,11 +192,11 @@ def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, s
         index = _cached(f"index {model_name}", index_name, lambda: faiss.read_index(SparkFiles.get(index_name)))
         ids = _cached(f"ids {model_name}", ids_name, lambda: np.load(SparkFiles.get(ids_name)))
         faiss.omp_set_num_threads(1)
-        for pdf in batches:
-            if pdf.empty:
+        for batch in batches:
+            if not batch.num_rows:
                 continue
-            q_ids = pdf["item_id" if side == "item" else "user_id"].to_numpy(np.int64)
-            q = np.stack(pdf["vector"].to_numpy()).astype(np.float32)
+            q_ids = batch.column("item_id" if side == "item" else "user_id").to_numpy().astype(np.int64)
+            q = matrix(batch.column("vector"), f"{side} query vectors of model {model_name}")
             check_finite(q, q_ids, f"{side} query vectors of model {model_name}")
             pos_self = None
             if side == "item":
@@ -175,10 +206,11 @@ def search_partitions(index_name: str, ids_name: str, k: int, model_name: str, s
             pos, scores = search_topk(index, q, pos_self, k)
             valid = pos >= 0
             rows = np.repeat(q_ids, k)[valid.ravel()]
-            cols = ("item_id", "neighbor_id") if side == "item" else ("user_id", "item_id")
-            yield pd.DataFrame({cols[0]: rows, cols[1]: ids[pos[valid]],
-                                "score": scores[valid].astype(np.float64),
-                                "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(q_ids))[valid.ravel()],
-                                "model": model_name})
+            names = ("item_id", "neighbor_id") if side == "item" else ("user_id", "item_id")
+            cols = {names[0]: pa.array(rows), names[1]: pa.array(ids[pos[valid]]),
+                    "score": pa.array(scores[valid].astype(np.float64)),
+                    "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), len(q_ids))[valid.ravel()]),
+                    "model": pa.array([model_name] * len(rows))}
+            yield pa.RecordBatch.from_arrays([cols[f.name] for f in out_schema], schema=out_schema)
 
     return fn

@@ -240,3 +240,22 @@ def test_an_executor_keeps_only_the_latest_model_index_and_ids_it_loaded():
     assert gone() is None and loads == ["a", "a-ids", "b"]
     assert set(spark_topk._CACHE) == {"index", "ids"} and spark_topk._CACHE["index"][0] == "b.faiss"
     spark_topk._CACHE.clear()
+
+
+def test_vector_columns_go_to_numpy_and_back_as_one_flat_buffer():
+    import pyarrow as pa
+
+    from ml.index.spark_topk import matrix, vectors
+
+    m = np.arange(12, dtype=np.float32).reshape(4, 3)
+    col = vectors(m)
+    assert col.to_pylist() == m.tolist()
+    np.testing.assert_array_equal(matrix(col, "v"), m)
+    np.testing.assert_array_equal(matrix(col.slice(1, 2), "v"), m[1:3])  # a slice's offsets start past 0
+    chunked = pa.chunked_array([col.slice(0, 1), col.slice(1, 3)])
+    np.testing.assert_array_equal(matrix(chunked, "v"), m)
+    assert matrix(vectors(np.zeros((0, 3))), "v").shape == (0, 0)
+    with pytest.raises(InvalidInput, match=r"user query vectors: vectors of \[2, 3\] dimensions in one table"):
+        matrix(pa.array([[1.0, 2.0, 3.0], [1.0, 2.0]], pa.list_(pa.float32())), "user query vectors")
+    with pytest.raises(InvalidInput, match="v: 1 null vectors"):
+        matrix(pa.array([[1.0], None], pa.list_(pa.float32())), "v")

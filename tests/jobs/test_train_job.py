@@ -280,7 +280,7 @@ def test_samples_then_natm_training_and_resume(spark, warehouse, monkeypatch):
 
         def tasks(batches):
             for out in score(batches):
-                yield out.iloc[0:0]
+                yield out.slice(0, 0)
         return tasks
 
     before = table_version(c.table_path(S.T_ITEM_EMBEDDINGS))
