@@ -21,8 +21,8 @@ from ml.data import io
 from ml.data.ingest import category_names
 from ml.data.session import get_spark
 from ml.errors import InvalidInput
-from ml.eval.metrics import (format_paired, format_table, paired_comparisons, score_lists, stale_comparisons,
-                             target_ranks, targets_fingerprint)
+from ml.eval.metrics import (comparison_key, comparison_name, format_paired, format_table, paired_comparisons,
+                             score_lists, stale_comparisons, target_ranks, targets_fingerprint)
 
 from jobs._cli import command, parse, print_tables
 
@@ -215,14 +215,12 @@ def _drop_stale_comparisons(cfg: Config, spark, version: int, replaced: List[str
     overall = [r.asDict() for r in io.read_table(spark, cfg.table_path(S.T_METRICS), version=version, delta_mode=mode)
                .where(F.col(S.CATEGORY_ID).isNull()).collect()]
     stale = stale_comparisons(overall, kept)
-    for (m, b, kind), why in sorted(stale.items()):
-        log.warning("metrics_paired: %s vs %s%s no longer agrees with metrics (%s): removed; rerun "
-                    "jobs.evaluate --model %s --compare-to %s to compare them again", m, b,
-                    " u2i" if kind == "u2i" else "", why, m, b)
-    touched = sorted({m for m, _, _ in stale})
+    for key, why in sorted(stale.items()):
+        log.warning("metrics_paired: %s no longer agrees with metrics (%s): removed; rerun jobs.evaluate "
+                    "--model %s --compare-to %s to compare them again", comparison_name(key), why, key[0], key[2])
+    touched = sorted({key[0] for key in stale})
     return ([*replaced, *touched],
-            rows + [r for r in kept if r[S.MODEL] in touched
-                    and (r[S.MODEL], r[S.BASELINE], r["baseline_kind"]) not in stale])
+            rows + [r for r in kept if r[S.MODEL] in touched and comparison_key(r) not in stale])
 
 
 def _add_targets_column(spark, cfg: Config) -> None:

@@ -350,21 +350,36 @@ def paired_comparisons(eval_targets: DataFrame, lists: Optional[Mapping[Tuple[st
     return out
 
 
+def comparison_key(row: dict) -> Tuple[str, str, str, str]:
+    """(model, the model's list kind, baseline, the baseline's list kind) of a ``metrics_paired`` row:
+    one comparison, whose rows are its K's and MRR. A model with i2i and u2i lists compared with a
+    baseline that has i2i lists only makes two."""
+    return (row[S.MODEL], "u2i" if row[S.METRIC].startswith("u2i_") else "i2i", row[S.BASELINE], row["baseline_kind"])
+
+
+def comparison_name(key: Tuple[str, str, str, str]) -> str:
+    """"natm vs cooc", "dat u2i vs two_tower u2i": as :func:`format_paired` heads it."""
+    m, mk, b, bk = key
+    return f"{m}{' u2i' if mk == 'u2i' else ''} vs {b}{' u2i' if bk == 'u2i' else ''}"
+
+
 def stale_comparisons(overall: Sequence[dict], paired: Sequence[dict], tol: float = 1e-9) -> Dict[tuple, str]:
     """The comparisons of ``metrics_paired`` rows that ``metrics`` no longer agrees with, by
-    (model, baseline, baseline_kind), each with the reason.
+    :func:`comparison_key`, each with the reason.
 
     A comparison is stale when the model's or the baseline's value in it (or its eval-user count) is
-    not the value of their latest evaluation in ``overall`` (``metrics`` rows with category_id null):
-    the baseline was evaluated again on other lists (another window, a retrained model), or a run of
-    jobs.evaluate was killed between its two commits, its metrics new and its comparisons the earlier
-    run's. A comparison whose baseline (or model) has no row in ``metrics`` cannot be checked and is
-    kept. Values are compared within ``tol``: the two tables sum the same ranks in other orders. The
-    reason names the first metric (by K, then MRR) that differs."""
+    not the value of a later (or the same) evaluation of theirs in ``overall`` (``metrics`` rows with
+    category_id null): the baseline was evaluated again on other lists (another window, a retrained
+    model), or a run of jobs.evaluate was killed between its two commits, its metrics new and its
+    comparisons the earlier run's. A side whose ``metrics`` row is older than the comparison says
+    nothing about it (a baseline is compared with, not scored: its row can predate lists or eval
+    targets the comparison read), nor one with no row. Values are compared within ``tol``: the two
+    tables sum the same ranks in other orders. The reason names the first metric (by K, then MRR)
+    that differs."""
     scored = {(r[S.MODEL], r[S.METRIC], r[S.K]): r for r in overall if r[S.CATEGORY_ID] is None}
     out: Dict[tuple, str] = {}
-    for r in sorted(paired, key=lambda r: (r[S.MODEL], r[S.BASELINE], r["baseline_kind"], metric_order(r))):
-        key = (r[S.MODEL], r[S.BASELINE], r["baseline_kind"])
+    for r in sorted(paired, key=lambda r: (comparison_key(r), metric_order(r))):
+        key = comparison_key(r)
         if key in out:
             continue
         hit, mrr = metric_names(r["baseline_kind"])
@@ -372,7 +387,9 @@ def stale_comparisons(overall: Sequence[dict], paired: Sequence[dict], tol: floa
                  (r[S.BASELINE], (r[S.BASELINE], hit if r[S.K] is not None else mrr, r[S.K]), r["baseline_value"]))
         for who, at, value in sides:
             now = scored.get(at)
-            if now is not None and (now[S.N_USERS] != r[S.N_USERS] or abs(now[S.VALUE] - value) > tol):
+            if now is None or now[S.RUN_TS] < r[S.RUN_TS]:
+                continue
+            if now[S.N_USERS] != r[S.N_USERS] or abs(now[S.VALUE] - value) > tol:
                 name = " ".join(display_name(*at))
                 out[key] = (f"{name} is {now[S.VALUE]:.4f} over {now[S.N_USERS]:,} eval users in metrics (run "
                             f"{now[S.RUN_TS]}), {value:.4f} over {r[S.N_USERS]:,} in the comparison (run {r[S.RUN_TS]})")

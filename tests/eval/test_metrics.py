@@ -609,13 +609,23 @@ def test_a_comparison_is_stale_only_where_metrics_has_another_value_for_its_mode
     assert stale_comparisons(overall, [pair("natm", "pop", "i2i", "pre", 1, 0.05, 0.01)]) == {}
     # the baseline's MRR moved (its lists rebuilt): the comparison is stale, its MRR named
     moved = [same[0], pair("natm", "cooc", "i2i", "mrr", None, 0.1, 0.11)]
-    assert list(stale_comparisons(overall, moved)) == [("natm", "cooc", "i2i")]
-    assert stale_comparisons(overall, moved)[("natm", "cooc", "i2i")].startswith("cooc MRR is 0.1200 over 100")
+    assert list(stale_comparisons(overall, moved)) == [("natm", "i2i", "cooc", "i2i")]
+    assert stale_comparisons(overall, moved)[("natm", "i2i", "cooc", "i2i")].startswith("cooc MRR is 0.1200 over 100")
     # a fused list against the baseline's i2i lists: the baseline's i2i row is the one checked
     fused = [pair("natm_recent", "cooc", "i2i", "u2i_hr", 1, 0.07, 0.06)]
     assert stale_comparisons(overall, fused) == {}
     assert list(stale_comparisons(overall, [pair("natm_recent", "cooc", "i2i", "u2i_hr", 1, 0.07, 0.05)])) == [
-        ("natm_recent", "cooc", "i2i")]
+        ("natm_recent", "u2i", "cooc", "i2i")]
     # scored on other eval users, the same value: stale
     assert list(stale_comparisons(overall, [pair("natm", "cooc", "i2i", "pre", 1, 0.05, 0.06, n=99)])) == [
-        ("natm", "cooc", "i2i")]
+        ("natm", "i2i", "cooc", "i2i")]
+    # a baseline row older than the comparison (a baseline is compared with, not scored: its row can
+    # predate the lists the comparison read) says nothing about it; as new or newer, it does
+    later = [{**p, S.RUN_TS: dt.datetime(2026, 2, 1)} for p in moved]
+    assert stale_comparisons(overall, later) == {}
+    assert list(stale_comparisons([{**r, S.RUN_TS: dt.datetime(2026, 2, 1)} for r in overall], later)) == [
+        ("natm", "i2i", "cooc", "i2i")]
+    # a model with i2i and u2i lists against a baseline with i2i lists: two comparisons, one stale
+    both = [pair("dat", "cooc", "i2i", "pre", 1, 0.3, 0.06), pair("dat", "cooc", "i2i", "u2i_hr", 1, 0.2, 0.05)]
+    dat = [row("dat", "pre", 1, 0.3), row("dat", "u2i_hr", 1, 0.2)]
+    assert list(stale_comparisons(overall + dat, both)) == [("dat", "u2i", "cooc", "i2i")]

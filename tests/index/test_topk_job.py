@@ -87,8 +87,10 @@ def test_queries_of_a_compacted_table_are_spread_over_tasks_with_the_same_lists(
     assert [q.rdd.getNumPartitions() for q in spread] == [6]
     assert sorted(io.read_table(spark, cfg.table_path(S.T_I2I_TOPK)).collect()) == sorted(one) and len(one) == 160
     # a read with as many tasks already is left as it is (no shuffle of the vectors)
-    monkeypatch.setattr(topk, "QUERIES_PER_TASK", 40)
-    assert real(spark, df.coalesce(1), 40, S.ITEM_ID).rdd.getNumPartitions() == 1
+    three = df.repartition(3)
+    assert real(spark, three, 40, S.ITEM_ID) is not three  # 40 items: 6 tasks wanted, 3 given
+    monkeypatch.setattr(topk, "QUERIES_PER_TASK", 14)
+    assert real(spark, three, 40, S.ITEM_ID) is three  # 3 wanted
 
 
 def test_check_finite_names_the_ids():
