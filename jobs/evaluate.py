@@ -170,7 +170,7 @@ def run(cfg: Config, spark=None, models: Optional[List[str]] = None,
             replaced.append(m)
             all_prs += prs
     # the other models' comparisons that these metrics no longer agree with go in the same commit
-    replaced, all_prs = _drop_stale_comparisons(cfg, spark, version, replaced, all_prs)
+    replaced, all_prs = _drop_stale_comparisons(cfg, spark, version, rows, replaced, all_prs)
     if replaced and (all_prs or io.table_exists(cfg.table_path(S.T_METRICS_PAIRED))):
         io.write_table(spark, spark.createDataFrame(all_prs, S.METRICS_PAIRED), cfg.table_path(S.T_METRICS_PAIRED),
                        mode="overwrite", partition_by=[S.MODEL, S.BASELINE], replace_where={S.MODEL: replaced},
@@ -195,12 +195,14 @@ def _warn_short_lists(longest: dict, k: int) -> None:
                         "no more items)", m, kind, n, k, n, n, stage, k)
 
 
-def _drop_stale_comparisons(cfg: Config, spark, version: int, replaced: List[str], rows: List[dict]):
+def _drop_stale_comparisons(cfg: Config, spark, version: int, scored: List[dict], replaced: List[str],
+                            rows: List[dict]):
     """(models whose partitions of metrics_paired to replace, their rows): this run's, plus the models of
     earlier comparisons that ``metrics`` at ``version`` no longer agrees with
     (:func:`~ml.eval.metrics.stale_comparisons`: their baseline evaluated again on other lists since,
     or a run killed between the two commits), each rewritten without those comparisons, which are named
-    in a warning with the command that makes them again."""
+    in a warning with the command that makes them again. ``scored``: this run's overall ``metrics``
+    rows, as written at ``version``; those of the other models the comparisons name are read."""
     path = cfg.table_path(S.T_METRICS_PAIRED)
     if not io.table_exists(path):
         return replaced, rows
@@ -212,8 +214,12 @@ def _drop_stale_comparisons(cfg: Config, spark, version: int, replaced: List[str
     kept = [r.asDict() for r in earlier.collect()]
     if not kept:
         return replaced, rows
-    overall = [r.asDict() for r in io.read_table(spark, cfg.table_path(S.T_METRICS), version=version, delta_mode=mode)
-               .where(F.col(S.CATEGORY_ID).isNull()).collect()]
+    others = sorted({m for r in kept for m in (r[S.MODEL], r[S.BASELINE])} - {r[S.MODEL] for r in scored})
+    overall = list(scored)
+    if others:
+        overall += [r.asDict() for r in io.read_table(spark, cfg.table_path(S.T_METRICS), version=version,
+                                                      delta_mode=mode, partitions={S.MODEL: others})
+                    .where(F.col(S.CATEGORY_ID).isNull()).collect()]
     stale = stale_comparisons(overall, kept)
     for key, why in sorted(stale.items()):
         log.warning("metrics_paired: %s no longer agrees with metrics (%s): removed; rerun jobs.evaluate "
@@ -300,9 +306,9 @@ def write_evaluation_report(cfg: Config, spark, n_users: int, targets_id: str) -
         paired = [r.asDict() for r in table.collect()]
         groups: dict = {}
         for r in paired:
-            groups.setdefault((r[S.MODEL], r[S.BASELINE], r[S.METRIC].startswith("u2i_")), []).append(r)
+            groups.setdefault(comparison_key(r), []).append(r)
         paired_text = "\n\n".join(format_paired(g)
-                                   for _, g in sorted(groups.items()))
+                                   for _, g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])))
     table_text = format_table(overall, list(cfg.eval.ks))
     # metrics keeps each model's latest evaluation: a model not scored since the eval targets changed
     # would sit beside the others on other users

@@ -27,6 +27,7 @@ from pyspark.sql.types import ArrayType, DoubleType, LongType, StructField, Stru
 
 from ml import schemas as S
 from ml.config import SamplesConfig
+from ml.data.arrays import fixed_lists
 from ml.data.graph import shifted_pairs
 from ml.errors import InvalidInput
 
@@ -100,6 +101,17 @@ def _uniforms(seed: int, salt: str, n: int, *cols) -> F.Column:
                      / float(_MASK) for j in range(n)])
 
 
+def _inverse_cdf(cdf: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Positions drawn by uniforms ``u`` through the normalised ``cdf`` (the last one for u at 1)."""
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+
+
+def _positions(ids: np.ndarray, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions of ``x`` in the sorted ``ids``, whether each is there)."""
+    at = np.minimum(np.searchsorted(ids, x), len(ids) - 1)
+    return at, ids[at] == x
+
+
 def draw_excluding(cdf: np.ndarray, excluded: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """n positions drawn (with replacement) from the distribution of the normalised ``cdf`` conditioned
     on not being one of the positions ``excluded``: a uniform over the remaining mass, moved past each
@@ -115,7 +127,7 @@ def draw_excluding(cdf: np.ndarray, excluded: np.ndarray, n: int, rng: np.random
         u = rng.random(len(todo)) * (cdf[-1] - mass.sum())
         for a, m in zip(lo, mass):  # ascending: each move can only reach the later intervals
             u = np.where(u >= a, u + m, u)
-        got = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+        got = _inverse_cdf(cdf, u)
         bad = np.isin(got, excluded)
         out[todo[~bad]] = got[~bad]
         todo = todo[bad]
@@ -160,10 +172,6 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
     n_in = len(names)
     arrow_schema = to_arrow_schema(out_schema)
 
-    def lists(values: pa.Array) -> pa.Array:
-        """(B·k,) values as B lists of k (the offsets of equal lengths; no per-row Python object)."""
-        return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, k, dtype=np.int32)), values)
-
     def sample(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         ids_, cdf_, q_ = b_ids.value, b_cdf.value, b_q.value
         for batch in batches:
@@ -171,7 +179,7 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
             if not b:
                 continue
             u = batch.column("_u").flatten().to_numpy().reshape(b, n_draw)
-            pos = np.minimum(np.searchsorted(cdf_, u, side="right"), len(ids_) - 1)
+            pos = _inverse_cdf(cdf_, u)
             cand = ids_[pos]
             ok = np.ones_like(cand, dtype=bool)
             excl = [batch.column(c).to_numpy() for c in exclude_cols]
@@ -185,22 +193,21 @@ def draw_negatives(spark: SparkSession, rows: DataFrame, q: DataFrame, k: int, s
                 rs = batch.column("_rs").to_numpy()
                 for r in short:
                     rng = np.random.default_rng(int(rs[r]) & 0x7FFFFFFFFFFFFFFF)
-                    out = np.array([int(e[r]) for e in excl], dtype=np.int64)
-                    at = np.minimum(np.searchsorted(ids_, out), len(ids_) - 1)
+                    at, found = _positions(ids_, np.array([int(e[r]) for e in excl], dtype=np.int64))
                     valid = pos[r][ok[r]]
-                    sel[r] = np.concatenate([valid, draw_excluding(cdf_, at[ids_[at] == out], k - len(valid), rng)])
+                    sel[r] = np.concatenate([valid, draw_excluding(cdf_, at[found], k - len(valid), rng)])
             cols = [batch.column(i) for i in range(n_in)]  # the rows' own columns, passed through as they are
             if q_of:
                 item = batch.column(q_of[0]).to_numpy()
-                at = np.minimum(np.searchsorted(ids_, item), len(ids_) - 1)
-                if (ids_[at] != item).any():
-                    raise ValueError(f"{q_of[0]} {item[ids_[at] != item][:5].tolist()} not in noise_q")
+                at, found = _positions(ids_, item)
+                if not found.all():
+                    raise ValueError(f"{q_of[0]} {item[~found][:5].tolist()} not in noise_q")
                 cols.append(pa.array(q_[at]))  # noise_q's own value, as the join gave it
             flat = sel.ravel()
-            cols += [lists(pa.array(ids_[flat])), lists(pa.array(q_[flat]))]
+            cols += [fixed_lists(ids_[flat], k), fixed_lists(q_[flat], k)]
             if b_attrs is not None:
                 values, nulls = b_attrs.value
-                cols.append(lists(pa.array(values[flat], mask=nulls[flat])))
+                cols.append(fixed_lists(pa.array(values[flat], mask=nulls[flat]), k))
             yield pa.RecordBatch.from_arrays(cols, schema=arrow_schema)
 
     return staged.select(*names, "_u", "_rs").mapInArrow(sample, out_schema)

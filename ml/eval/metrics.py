@@ -403,10 +403,9 @@ def format_paired(rows: Sequence[dict]) -> str:
         return ""
     rows = sorted(rows, key=metric_order)
     r0 = rows[0]
-    m, n = display_name(r0[S.MODEL], r0[S.METRIC], r0[S.K])[0], r0[S.N_USERS]
-    b = r0[S.BASELINE] + (" u2i" if r0["baseline_kind"] == "u2i" else "")
     w = max(11, len(r0[S.MODEL]) + 2, len(r0[S.BASELINE]) + 2)  # the two value columns, named by model
-    lines = [f"{m} vs {b}, paired over {n:,} eval users (95 % interval of the difference; run {r0[S.RUN_TS]})",
+    lines = [f"{comparison_name(comparison_key(r0))}, paired over {r0[S.N_USERS]:,} eval users (95 % interval of "
+             f"the difference; run {r0[S.RUN_TS]})",
              f"{'metric':<9}{r0[S.MODEL]:>{w}}{r0[S.BASELINE]:>{w}}{'diff':>10}{'95 % interval':>22}{'ratio':>8}"
              f"{'wins':>8}{'losses':>8}{'p':>8}"]
     for r in rows:

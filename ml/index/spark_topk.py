@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from ml.data.arrays import fixed_lists
 from ml.errors import InvalidInput
 
 _CACHE: dict = {}  # kind -> (file name, what was loaded from it)
@@ -80,9 +81,7 @@ def embed_partitions(artifact_name: str, model_name: str, run_id: str, schema, s
 
 def vectors(m: np.ndarray) -> pa.ListArray:
     """(n, d) array -> n lists of d float32 (the offsets of equal lengths over one flat buffer)."""
-    n, d = m.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)),
-                                    pa.array(np.ascontiguousarray(m, dtype=np.float32).ravel()))
+    return fixed_lists(np.ascontiguousarray(m, dtype=np.float32).ravel(), m.shape[1])
 
 
 def matrix(lists: pa.Array, what: str) -> np.ndarray:
